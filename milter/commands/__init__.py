@@ -1,0 +1,1 @@
+"""Sub-commands of the `milter` CLI, one module each."""

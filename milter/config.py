@@ -1,0 +1,251 @@
+"""TOML configuration: documented defaults, one frozen dataclass per table, errors that name the key.
+
+Every key has a default, so an empty file (or none) is a working configuration: the shipped model,
+SQLite under ./var, loopback ports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from milter.errors import ConfigError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "current.onnx"
+
+
+@dataclass(frozen=True)
+class ClassThresholds:
+    """Score (probability of the class) at or above which each action applies; None disables it."""
+
+    tag: float | None = None
+    quarantine: float | None = None
+    reject: float | None = None
+
+
+@dataclass(frozen=True)
+class DomainRule:
+    """Per recipient-domain override of the thresholds (Mailman-style: one small rule)."""
+
+    domain: str
+    spam: ClassThresholds | None = None
+    bec: ClassThresholds | None = None
+    action_override: str | None = None  # e.g. "tag" to never quarantine for this domain
+
+
+@dataclass(frozen=True)
+class Lists:
+    allow_senders: tuple[str, ...] = ()
+    allow_domains: tuple[str, ...] = ()
+    allow_ips: tuple[str, ...] = ()
+    deny_senders: tuple[str, ...] = ()
+    deny_domains: tuple[str, ...] = ()
+    deny_ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    # None: take the thresholds chosen at training time from the model's metadata.
+    spam: ClassThresholds | None = None
+    bec: ClassThresholds | None = None
+    subject_prefix: str | None = None
+    on_error: str = "tempfail"  # or "accept": accept and tag "unscanned" when scanning fails
+    protected_domains: tuple[str, ...] = ()
+    protected_names: tuple[str, ...] = ()
+    domains: tuple[DomainRule, ...] = ()
+    lists: Lists = field(default_factory=Lists)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path = DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:10025"
+    downstream: str = "127.0.0.1:10026"
+    mode: str = "after-queue"  # or "before-queue" (smtpd_proxy_filter)
+    workers: int = 2
+    max_message_size: int = 25 * 1024 * 1024
+    max_sessions: int = 200
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    downstream_timeout: float = 60.0
+    batch_max: int = 32
+    batch_wait_ms: float = 2.0
+    metrics_listen: str | None = "127.0.0.1:9925"
+    hostname: str = "milter.localdomain"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "sqlite:///var/milter.db"
+    retention_days: int = 30
+    keep_feature_vectors: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+def _thresholds(key: str, raw: Any) -> ClassThresholds:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a table with tag / quarantine / reject")
+    out: dict[str, float | None] = {}
+    for name, value in raw.items():
+        sub = f"{key}.{name}"
+        if name not in ("tag", "quarantine", "reject"):
+            raise ConfigError(sub, "unknown key (expected tag, quarantine or reject)")
+        if value is False:
+            out[name] = None
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise ConfigError(sub, f"must be a number between 0 and 1 or false, got {value!r}")
+        out[name] = float(value)
+    return ClassThresholds(**out)
+
+
+def _table(key: str, raw: Any) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a table")
+    return raw
+
+
+def _simple(cls: type, key: str, raw: Mapping[str, Any], base: Any) -> Any:
+    """Fill a flat dataclass from a table, checking key names and value types against the defaults."""
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(cls)}
+    for name, value in raw.items():
+        sub = f"{key}.{name}"
+        if name not in known:
+            raise ConfigError(sub, f"unknown key (known: {', '.join(sorted(known))})")
+        default = getattr(base, name)
+        values[name] = _coerce(sub, value, default)
+    return replace(base, **values)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(key, f"must be a non-negative integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ConfigError(key, f"must be a non-negative number, got {value!r}")
+        return float(value)
+    if isinstance(default, Path):
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a path string, got {value!r}")
+        return Path(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"must be a list of strings, got {value!r}")
+        return tuple(value)
+    if default is None or isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(key, "unsupported value")
+
+
+def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
+    base = PolicyConfig()
+    flat = {k: v for k, v in raw.items() if k not in ("spam", "bec", "domain", "lists")}
+    pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)
+    if pol.on_error not in ("tempfail", "accept"):
+        raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
+    if "spam" in raw:
+        pol = replace(pol, spam=_thresholds("policy.spam", raw["spam"]))
+    if "bec" in raw:
+        pol = replace(pol, bec=_thresholds("policy.bec", raw["bec"]))
+    if "lists" in raw:
+        lists: Lists = _simple(Lists, "policy.lists", _table("policy.lists", raw["lists"]), Lists())
+        for ip_key in ("allow_ips", "deny_ips"):
+            for i, net in enumerate(getattr(lists, ip_key)):
+                try:
+                    ipaddress.ip_network(net, strict=False)
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"policy.lists.{ip_key}[{i}]", f"not an IP address or CIDR: {net!r}") from exc
+        pol = replace(pol, lists=lists)
+    rules = []
+    for i, item in enumerate(raw.get("domain", [])):
+        key = f"policy.domain[{i}]"
+        item = _table(key, item)
+        if not isinstance(item.get("domain"), str):
+            raise ConfigError(f"{key}.domain", "required string")
+        unknown = set(item) - {"domain", "spam", "bec", "action_override"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key")
+        override = item.get("action_override")
+        if override is not None and override not in ("accept", "tag", "quarantine"):
+            raise ConfigError(f"{key}.action_override", "must be accept, tag or quarantine")
+        rules.append(DomainRule(
+            domain=item["domain"].lower(),
+            spam=_thresholds(f"{key}.spam", item["spam"]) if "spam" in item else None,
+            bec=_thresholds(f"{key}.bec", item["bec"]) if "bec" in item else None,
+            action_override=override,
+        ))
+    return replace(pol, domains=tuple(rules))
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    cfg = Config()
+    known = {"model", "policy", "server", "store"}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(name, f"unknown table (known: {', '.join(sorted(known))})")
+    if "model" in raw:
+        cfg = replace(cfg, model=_simple(ModelConfig, "model", _table("model", raw["model"]), ModelConfig()))
+    if "policy" in raw:
+        cfg = replace(cfg, policy=_policy(_table("policy", raw["policy"])))
+    if "server" in raw:
+        server = _simple(ServerConfig, "server", _table("server", raw["server"]), ServerConfig())
+        if server.mode not in ("after-queue", "before-queue"):
+            raise ConfigError("server.mode", f"must be 'after-queue' or 'before-queue', got {server.mode!r}")
+        for key in ("listen", "downstream"):
+            _host_port(f"server.{key}", getattr(server, key))
+        cfg = replace(cfg, server=server)
+    if "store" in raw:
+        cfg = replace(cfg, store=_simple(StoreConfig, "store", _table("store", raw["store"]), StoreConfig()))
+    return cfg
+
+
+def _host_port(key: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def host_port(value: str, key: str = "address") -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 in brackets allowed); ConfigError naming `key` otherwise."""
+    return _host_port(key, value)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read a TOML file; None gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+    return parse_config(raw)

@@ -1,0 +1,71 @@
+"""One error hierarchy, mapped to SMTP replies in one place (`smtp_reply`).
+
+Every failure the gateway can meet is one of these classes; the front ends never invent reply codes.
+"""
+
+from __future__ import annotations
+
+
+class MilterError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    #: SMTP reply for a message that hit this error (code, enhanced status, text).
+    smtp_code: int = 451
+    smtp_status: str = "4.3.0"
+    smtp_text: str = "Internal error, try again later"
+
+
+class ConfigError(MilterError):
+    """Broken configuration; the message names the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config key {key!r}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class ModelError(MilterError):
+    """Model missing, corrupt, or failing at inference."""
+
+    smtp_text = "Content scanner unavailable, try again later"
+
+
+class SchemaMismatchError(ModelError):
+    """A model trained for another feature schema than the code computes; refused at load."""
+
+
+class ScanError(MilterError):
+    """Parsing or feature extraction failed in a way that is not a property of the message."""
+
+
+class DeliveryError(MilterError):
+    """Downstream relay unreachable, timed out, or answered with an error."""
+
+    smtp_status = "4.4.1"
+    smtp_text = "Downstream relay unavailable, try again later"
+
+    def __init__(self, message: str, code: int = 451, status: str = "4.4.1", text: str | None = None) -> None:
+        super().__init__(message)
+        self.smtp_code = code
+        self.smtp_status = status
+        if text is not None:
+            self.smtp_text = text
+
+
+class StoreError(MilterError):
+    """The verdict / quarantine store could not commit."""
+
+    smtp_text = "Quarantine store unavailable, try again later"
+
+
+class MessageTooBig(MilterError):
+    smtp_code = 552
+    smtp_status = "5.3.4"
+    smtp_text = "Message too big for system"
+
+
+def smtp_reply(exc: BaseException) -> str:
+    """The one place an exception becomes an SMTP reply line."""
+    if isinstance(exc, MilterError):
+        return f"{exc.smtp_code} {exc.smtp_status} {exc.smtp_text}"
+    return "451 4.3.0 Internal error, try again later"

@@ -1,0 +1,36 @@
+"""What feature extraction returns besides the vector: a small, picklable summary of the message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    """Header facts the policy, the store and the CLI need (decoded, never raw bytes)."""
+
+    message_id: str | None
+    subject: str | None
+    from_addr: str | None  # addr-spec of the (first) From address, lower-cased
+    from_display: str | None  # display name of From, decoded
+    from_domain: str | None
+    reply_to_addr: str | None
+    to_addrs: tuple[str, ...]
+    date: str | None
+    defects: tuple[str, ...]  # parser defect class names, de-duplicated
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """Result of feature extraction for one message: vector in schema order, summary, fired signals.
+
+    `signals` are short human-readable reasons for the suspicious indicators that fired
+    (for example "Reply-To domain differs from From domain"); they feed the verdict's reasons.
+    """
+
+    vector: npt.NDArray[np.float32]
+    summary: MessageSummary
+    signals: tuple[str, ...]

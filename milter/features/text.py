@@ -1,0 +1,133 @@
+"""Body text: shape statistics, payment / urgency language, and hashed word uni- and bigrams.
+
+Tokens are hashed with CRC-32 (stable across processes, unlike `hash()`) into `HASH_BUCKETS` slots.
+Before hashing, digits become '0' (years and dates in the text say which corpus a message came from),
+URLs and e-mail addresses are removed (they have their own features, and the corpora's placeholder
+addresses would otherwise leak the source), and a short list of corpus identifiers is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import zlib
+from collections import Counter
+
+from milter.features import lexicon
+from milter.features.context import Context
+
+HASH_BUCKETS = 1024
+MAX_TOKENS = 2000
+MAX_TEXT = 12_000  # characters of body text read; the start of a message carries its intent
+
+STAT_NAMES: tuple[str, ...] = (
+    "txt_len_log", "txt_words_log", "txt_upper_ratio", "txt_digit_ratio", "txt_nonascii_ratio",
+    "txt_excl", "txt_currency", "txt_distinct_ratio", "txt_avg_word_len", "txt_lines_log", "txt_empty",
+    "txt_replacement_chars",
+)
+LANG_NAMES: tuple[str, ...] = tuple(f"lang_{name}" for name in lexicon.LANGUAGE)
+HASH_NAMES: tuple[str, ...] = tuple(f"tok_{i:04d}" for i in range(HASH_BUCKETS))
+
+# Words that name the corpora or their collectors rather than saying anything about a message.
+CORPUS_STOPWORDS = frozenset({
+    "enron", "ect", "hou", "ees", "enronxgate", "corp", "vince", "kaminski", "sbeck", "thyme", "lokay",
+    "farmer", "kitchen", "williams", "taint", "sourceforge", "spamassassin", "phishing", "pot", "lfdr",
+    "jailhouse", "openwrt", "samba", "iscsi", "usrp", "ettus", "ksummit", "cip", "javamail", "evans",
+})
+
+_TOKEN = re.compile(r"[^\W_]{2,24}|0")
+_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_LOWER = b"abcdefghijklmnopqrstuvwxyz"
+_DIGITS = re.compile(r"\d+")
+
+
+def stat_features(ctx: Context) -> list[float]:
+    text = ctx.body_text[:MAX_TEXT]
+    if not text.strip():
+        return [0.0] * (len(STAT_NAMES) - 2) + [1.0, 0.0]
+    words = text.split()
+    # counting through bytes.translate runs in C; a per-character generator costs milliseconds here
+    data = text.encode("utf-8", "replace")
+    ascii_only = text.encode("ascii", "ignore")
+    upper = len(ascii_only) - len(ascii_only.translate(None, _UPPER))
+    letters = upper + len(ascii_only) - len(ascii_only.translate(None, _LOWER))
+    digits = len(ascii_only) - len(ascii_only.translate(None, b"0123456789"))
+    n = len(text)
+    return [
+        math.log1p(len(ctx.body_text)), math.log1p(len(words)), upper / letters if letters else 0.0,
+        digits / n, (n - len(ascii_only)) / n, float(text.count("!")),
+        float(sum(text.count(c) for c in "$€£¥₹")), len(set(words)) / len(words) if words else 0.0,
+        (len(data) - data.count(b" ")) / len(words) if words else 0.0, math.log1p(text.count("\n")), 0.0,
+        float(text.count("\ufffd")),
+    ]
+
+
+def language_features(ctx: Context, toks: list[str]) -> tuple[list[float], list[str]]:
+    counts = dict.fromkeys(lexicon.LANGUAGE, 0)
+    for i, tok in enumerate(toks):
+        lengths = _FIRST_WORDS.get(tok)
+        if lengths is None:
+            continue
+        for n in lengths:
+            group = _PHRASES.get(tuple(toks[i:i + n]))
+            if group is not None:
+                counts[group] += 1
+    signals = []
+    if counts["giftcard"] and (counts["availability"] or counts["urgency"] or counts["secrecy"]):
+        signals.append("asks for gift cards with urgency or secrecy")
+    if counts["bank_change"]:
+        signals.append("mentions changed bank or payroll details")
+    if counts["payment"] and counts["urgency"] and counts["secrecy"]:
+        signals.append("payment request with urgency and secrecy")
+    if counts["credentials"] >= 2 and ctx.links:
+        signals.append("asks to log in or verify an account through a link")
+    return [math.log1p(c) for c in counts.values()], signals
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens with digit runs as "0"; URLs and addresses removed."""
+    kept = " ".join(w for w in text[:MAX_TEXT].split() if "@" not in w and "://" not in w
+                    and not w.startswith(("www.", "<www.")))
+    return _TOKEN.findall(_DIGITS.sub("0", kept.lower()))
+
+
+def tokens(text: str) -> list[str]:
+    """The unigrams the hasher sees (bigrams are joined pairs of these)."""
+    return [t for t in words(text) if t not in CORPUS_STOPWORDS]
+
+
+def bucket(token: str) -> int:
+    return zlib.crc32(token.encode("utf-8", "replace")) % HASH_BUCKETS
+
+
+def hash_features(toks: list[str]) -> list[float]:
+    counts = [0] * HASH_BUCKETS
+    grams = Counter(toks)
+    grams.update(map(" ".join, itertools.pairwise(toks)))
+    for gram, n in grams.items():  # hash each distinct n-gram once
+        counts[zlib.crc32(gram.encode("utf-8", "replace")) % HASH_BUCKETS] += n
+    # log scaling keeps a long newsletter from drowning the tree splits in raw counts
+    return [math.log1p(c) if c else 0.0 for c in counts]
+
+
+def text_features(ctx: Context) -> tuple[list[float], list[str]]:
+    """Language counts and hashed n-grams share one tokenisation of subject + body."""
+    all_words = words(ctx.parsed.subject + "\n" + ctx.body_text)
+    lang, signals = language_features(ctx, all_words)
+    toks = [t for t in all_words[:MAX_TOKENS] if t not in CORPUS_STOPWORDS]
+    return lang + hash_features(toks), signals
+
+
+def _phrase_tables() -> tuple[dict[tuple[str, ...], str], dict[str, tuple[int, ...]]]:
+    phrases: dict[tuple[str, ...], str] = {}
+    for group, items in lexicon.LANGUAGE.items():
+        for phrase in items:
+            phrases[tuple(_TOKEN.findall(_DIGITS.sub("0", phrase)))] = group
+    first: dict[str, set[int]] = {}
+    for key in phrases:
+        first.setdefault(key[0], set()).add(len(key))
+    return phrases, {w: tuple(sorted(ns)) for w, ns in first.items()}
+
+
+_PHRASES, _FIRST_WORDS = _phrase_tables()
