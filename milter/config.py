@@ -179,7 +179,8 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
                     ipaddress.ip_network(net, strict=False)
                 except ValueError as exc:
                     raise ConfigError(
-                        f"policy.lists.{ip_key}[{i}]", f"not an IP address or CIDR: {net!r}") from exc
+                        f"policy.lists.{ip_key}[{i}]", f"not an IP address or CIDR: {net!r}"
+                    ) from exc
         pol = replace(pol, lists=lists)
     rules = []
     for i, item in enumerate(raw.get("domain", [])):
@@ -193,12 +194,14 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
         override = item.get("action_override")
         if override is not None and override not in ("accept", "tag", "quarantine"):
             raise ConfigError(f"{key}.action_override", "must be accept, tag or quarantine")
-        rules.append(DomainRule(
-            domain=item["domain"].lower(),
-            spam=_thresholds(f"{key}.spam", item["spam"]) if "spam" in item else None,
-            bec=_thresholds(f"{key}.bec", item["bec"]) if "bec" in item else None,
-            action_override=override,
-        ))
+        rules.append(
+            DomainRule(
+                domain=item["domain"].lower(),
+                spam=_thresholds(f"{key}.spam", item["spam"]) if "spam" in item else None,
+                bec=_thresholds(f"{key}.bec", item["bec"]) if "bec" in item else None,
+                action_override=override,
+            )
+        )
     return replace(pol, domains=tuple(rules))
 
 

@@ -54,7 +54,7 @@ class ParsedMessage:
     content_types: tuple[str, ...]  # every part's content type, in walk order
     max_depth: int
     defects: tuple[str, ...]
-    raw_size: int
+    raw_size: int  # bytes after the header block, line endings normalised
 
     def get(self, name: str) -> str | None:
         """First value of a header (case-insensitive), or None."""
@@ -106,7 +106,7 @@ def parse(raw: bytes) -> ParsedMessage:
     except Exception as exc:  # pragma: no cover - the feed parser is very tolerant
         return _fallback(data, f"ParseFailure:{type(exc).__name__}")
     try:
-        return _from_message(msg, len(raw))
+        return _from_message(msg, _body_size(data))
     except RecursionError:
         return _fallback(data, "RecursionLimit")
     except Exception as exc:
@@ -125,29 +125,39 @@ def _from_message(msg: Message, raw_size: int) -> ParsedMessage:
     while stack and len(ctypes) < MAX_PARTS:
         part, depth = stack.pop()
         max_depth = max(max_depth, depth)
-        defects.update(type(d).__name__ for d in part.defects)
         ctype = part.get_content_type()
         ctypes.append(ctype)
         if part.is_multipart():
             payload = part.get_payload()
             if isinstance(payload, list):
-                stack.extend((p, depth + 1) for p in reversed(payload))
-            continue
-        _leaf(part, ctype, text, html, attachments, defects)
+                stack.extend((p, depth + 1) for p in reversed(payload) if isinstance(p, Message))
+        else:
+            _leaf(part, ctype, text, html, attachments, defects)
+        # read after decoding: get_payload(decode=True) records base64 defects on the part
+        defects.update(type(d).__name__ for d in part.defects)
     if stack:
         defects.add("TooManyParts")
     subject = decode_words(_unfold(msg.get("subject", "") or "")) if "subject" in msg else ""
     return ParsedMessage(
-        headers=headers, subject=subject,
-        text="\n".join(text)[:MAX_BODY_CHARS], html="\n".join(html)[:MAX_BODY_CHARS],
-        attachments=tuple(attachments), content_types=tuple(ctypes), max_depth=max_depth,
-        defects=tuple(sorted(defects)), raw_size=raw_size,
+        headers=headers,
+        subject=subject,
+        text="\n".join(text)[:MAX_BODY_CHARS],
+        html="\n".join(html)[:MAX_BODY_CHARS],
+        attachments=tuple(attachments),
+        content_types=tuple(ctypes),
+        max_depth=max_depth,
+        defects=tuple(sorted(defects)),
+        raw_size=raw_size,
     )
 
 
 def _leaf(
-    part: Message, ctype: str, text: list[str], html: list[str],
-    attachments: list[Attachment], defects: set[str],
+    part: Message,
+    ctype: str,
+    text: list[str],
+    html: list[str],
+    attachments: list[Attachment],
+    defects: set[str],
 ) -> None:
     filename = _filename(part)
     disposition = (part.get_content_disposition() or "").lower()
@@ -189,6 +199,12 @@ def _decode_text(part: Message, payload: bytes, defects: set[str]) -> str:
     return payload.decode("latin-1")  # every byte decodes; better than losing the text
 
 
+def _body_size(data: bytes) -> int:
+    """Size after the header block: trace headers added in transit (and CRLF) must not change it."""
+    end = data.find(b"\n\n")
+    return len(data) - end - 2 if end >= 0 else 0
+
+
 def _unfold(value: object) -> str:
     return str(value).replace("\r", "").replace("\n", "")
 
@@ -206,7 +222,13 @@ def _fallback(data: bytes, defect: str) -> ParsedMessage:
             headers.append((name.strip().lower(), value.strip()))
     subject = next((v for k, v in headers if k == "subject"), "")
     return ParsedMessage(
-        headers=tuple(headers), subject=decode_words(subject),
-        text=body[:MAX_BODY_CHARS].decode("utf-8", "replace"), html="", attachments=(),
-        content_types=("text/plain",), max_depth=0, defects=(defect,), raw_size=len(data),
+        headers=tuple(headers),
+        subject=decode_words(subject),
+        text=body[:MAX_BODY_CHARS].decode("utf-8", "replace"),
+        html="",
+        attachments=(),
+        content_types=("text/plain",),
+        max_depth=0,
+        defects=(defect,),
+        raw_size=_body_size(data),
     )

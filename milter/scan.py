@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from milter.classifier import Classifier
+from milter.config import Config
 from milter.features import Protected, extract
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
@@ -51,11 +53,18 @@ class Scanner:
         for ext, env, row in zip(items, envelopes, probs, strict=True):
             scores = Scores(ham=float(row[0]), spam=float(row[1]), bec=float(row[2]))
             decision = self.policy.decide(scores, ext, env)
-            out.append(ScanResult(
-                verdict=decision.verdict, action=decision.action, scores=scores,
-                reasons=decision.reasons, model=self.classifier.name, summary=ext.summary,
-                vector=ext.vector, subject_prefix=decision.subject_prefix,
-            ))
+            out.append(
+                ScanResult(
+                    verdict=decision.verdict,
+                    action=decision.action,
+                    scores=scores,
+                    reasons=decision.reasons,
+                    model=self.classifier.name,
+                    summary=ext.summary,
+                    vector=ext.vector,
+                    subject_prefix=decision.subject_prefix,
+                )
+            )
         return out
 
     def predict(self, items: Sequence[Extracted]) -> npt.NDArray[np.float32]:
@@ -67,3 +76,9 @@ class Scanner:
         envs = list(envelopes) if envelopes is not None else [Envelope()] * len(raws)
         items = [prepare(raw, env, self.policy.protected) for raw, env in zip(raws, envs, strict=True)]
         return self.decide(items, envs, self.predict(items))
+
+
+def build_scanner(cfg: Config, model_path: Path | None = None) -> Scanner:
+    """Load the model named by the config (or `model_path`) and the policy around its thresholds."""
+    classifier = Classifier.load(model_path or cfg.model.path)
+    return Scanner(classifier, Policy(cfg.policy, classifier.metadata.thresholds))

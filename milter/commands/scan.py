@@ -1,11 +1,174 @@
-"""`milter scan` (placeholder until implemented)."""
+"""`milter scan [--json] PATH...`: classify files, folders of .eml, mbox files or stdin (`-`).
+
+With --json, exactly one JSON object per line per message:
+  {"path", "verdict", "action", "scores": {"ham", "spam", "bec"}, "reasons": [...], "model"}
+and {"path", "error"} for input that could not be read or scanned; the scan goes on and the exit status
+is 1 when any message failed (2 for a bad model or configuration).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
 import click
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from milter.config import load_config
+from milter.errors import ConfigError, ModelError
+from milter.features import Protected
+from milter.features.summary import Extracted
+from milter.scan import Scanner, ScanResult, build_scanner, prepare
+from milter.sources import Item, expand, read_items
+from milter.types import Envelope
+
+BATCH = 64
+PROGRESS_MIN = 200  # show a progress bar on stderr from this many files
 
 
 @click.command("scan")
-def scan() -> None:
-    """Not implemented yet."""
-    raise click.ClickException("not implemented yet")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per message.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), help="ONNX model (default: shipped).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes for parsing and feature extraction.",
+)
+def scan(
+    paths: tuple[str, ...], as_json: bool, config_path: Path | None, model_path: Path | None, workers: int
+) -> None:
+    """Classify messages and print verdict, action, scores and reasons."""
+    try:
+        cfg = load_config(config_path)
+        scanner = build_scanner(cfg, model_path)
+    except (ConfigError, ModelError) as exc:
+        click.echo(f"milter scan: {exc}", err=True)
+        sys.exit(2)
+    files = expand(list(paths))
+    bar = tqdm(total=len(files), unit="file", file=sys.stderr, disable=len(files) < PROGRESS_MIN)
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for item_batch in _batches(read_items(files), BATCH):
+            for row in _scan_batch(scanner, item_batch, pool):
+                failed += "error" in row
+                if as_json:
+                    click.echo(json.dumps(row, ensure_ascii=False))
+                else:
+                    rows.append(row)
+            bar.update(len({i.path.split("#")[0] for i in item_batch}))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
+    if not as_json:
+        _print_table(rows)
+    sys.exit(1 if failed else 0)
+
+
+def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _scan_batch(
+    scanner: Scanner, items: list[Item], pool: ProcessPoolExecutor | None
+) -> list[dict[str, Any]]:
+    good = [i for i in items if i.raw is not None]
+    protected = scanner.policy.protected
+    raws = [i.raw for i in good if i.raw is not None]
+    prepared: list[Extracted | BaseException] = []
+    if pool is not None:
+        futures = [pool.submit(prepare, raw, None, protected) for raw in raws]
+        prepared = [_outcome(f) for f in futures]
+    else:
+        prepared = [_safe_prepare(raw, protected) for raw in raws]
+    ok = [(item, ext) for item, ext in zip(good, prepared, strict=True) if isinstance(ext, Extracted)]
+    results: dict[str, ScanResult] = {}
+    if ok:
+        exts = [ext for _, ext in ok]
+        envs = [Envelope()] * len(exts)
+        for (item, _), res in zip(ok, scanner.decide(exts, envs, scanner.predict(exts)), strict=True):
+            results[item.path] = res
+    rows = []
+    errors = {
+        item.path: ext for item, ext in zip(good, prepared, strict=True) if isinstance(ext, BaseException)
+    }
+    for item in items:
+        if item.error is not None:
+            rows.append({"path": item.path, "error": item.error})
+        elif item.path in errors:
+            rows.append({"path": item.path, "error": f"scan failed: {errors[item.path]!r}"})
+        else:
+            rows.append(result_row(item.path, results[item.path]))
+    return rows
+
+
+def _safe_prepare(raw: bytes, protected: Protected) -> Extracted | BaseException:
+    try:
+        return prepare(raw, None, protected)
+    except Exception as exc:  # extraction is built not to raise; if it does, report and go on
+        return exc
+
+
+def _outcome(future: Any) -> Extracted | BaseException:
+    try:
+        result: Extracted = future.result()
+    except Exception as exc:
+        return exc
+    return result
+
+
+def result_row(path: str, res: ScanResult) -> dict[str, Any]:
+    return {
+        "path": path,
+        "verdict": res.verdict.value,
+        "action": res.action.value,
+        "scores": {k: round(v, 6) for k, v in res.scores.as_dict().items()},
+        "reasons": list(res.reasons),
+        "model": res.model,
+    }
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    console = Console()
+    table = Table(show_lines=False)
+    for col in ("path", "verdict", "action", "ham", "spam", "bec", "top reason"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["path"], "[red]error[/red]", "", "", "", "", row["error"])
+            continue
+        s = row["scores"]
+        table.add_row(
+            row["path"],
+            row["verdict"],
+            row["action"],
+            f"{s['ham']:.3f}",
+            f"{s['spam']:.3f}",
+            f"{s['bec']:.3f}",
+            row["reasons"][0] if row["reasons"] else "",
+        )
+    console.print(table)
+    verdicts = Counter(r.get("verdict", "error") for r in rows)
+    actions = Counter(r["action"] for r in rows if "action" in r)
+    console.print(
+        f"{len(rows)} messages: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
+        + " | actions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(actions.items()))
+    )

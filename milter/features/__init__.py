@@ -78,7 +78,7 @@ def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected |
             log.exception("feature group %s failed", names[0])
             vector[0] = 1.0
             values, sig = [0.0] * len(names), [f"feature_error in {names[0].split('_')[0]} group"]
-        vector[pos:pos + len(names)] = values
+        vector[pos : pos + len(names)] = values
         signals.extend(sig)
         pos += len(names)
     return Extracted(vector=vector, summary=summarise(parsed, ctx), signals=tuple(signals))

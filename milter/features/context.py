@@ -87,12 +87,17 @@ def build(parsed: ParsedMessage, envelope: Envelope, protected: Protected) -> Co
     for url in URL_RE.findall(parsed.text[:100_000]):
         links.append(parse_link(url.rstrip(".,;:!?")))
     return Context(
-        parsed=parsed, envelope=envelope, protected=protected,
-        sender=address(*froms[0]) if froms else None, from_count=len(froms),
+        parsed=parsed,
+        envelope=envelope,
+        protected=protected,
+        sender=address(*froms[0]) if froms else None,
+        from_count=len(froms),
         reply_to=address(*reply[0]) if reply else None,
         # counting '@' is enough for a count and avoids parsing thousand-address lists
         to_count=sum(v.count("@") for v in parsed.get_all("to")),
         cc_count=sum(v.count("@") for v in parsed.get_all("cc")),
-        links=tuple(links[:500]), html_text=html_text,
-        body_text=parsed.text if parsed.text.strip() else html_text, html_tree=tree,
+        links=tuple(links[:500]),
+        html_text=html_text,
+        body_text=parsed.text if parsed.text.strip() else html_text,
+        html_tree=tree,
     )

@@ -15,11 +15,38 @@ import tldextract
 
 _EXTRACT = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
-_SKELETON = str.maketrans({
-    "0": "o", "1": "l", "3": "e", "5": "s", "@": "a", "$": "s", "|": "l", "!": "i",
-    "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j", "ѕ": "s",
-    "ԁ": "d", "ɡ": "g", "һ": "h", "ӏ": "l", "α": "a", "ο": "o", "ν": "v", "τ": "t", "ι": "i", "κ": "k",
-})
+_SKELETON = str.maketrans(
+    {
+        "0": "o",
+        "1": "l",
+        "3": "e",
+        "5": "s",
+        "@": "a",
+        "$": "s",
+        "|": "l",
+        "!": "i",
+        "а": "a",
+        "е": "e",
+        "о": "o",
+        "р": "p",
+        "с": "c",
+        "у": "y",
+        "х": "x",
+        "і": "i",
+        "ј": "j",
+        "ѕ": "s",
+        "ԁ": "d",
+        "ɡ": "g",
+        "һ": "h",
+        "ӏ": "l",
+        "α": "a",
+        "ο": "o",
+        "ν": "v",
+        "τ": "t",
+        "ι": "i",
+        "κ": "k",
+    }
+)
 
 
 @lru_cache(maxsize=65536)
@@ -94,7 +121,7 @@ def lookalike_of(domain: str, protected: tuple[str, ...]) -> str | None:
         tname = target.split(".", 1)[0]
         if len(tname) < 4:
             continue  # short names give too many accidental near-matches
-        if skel == skeleton(tname) or edit_distance(name, tname) <= (1 if len(tname) < 7 else 2):
+        if skel == skeleton(tname) or edit_distance(name, tname) <= (1 if len(tname) < 9 else 2):
             return target
         if _contains_word(name, tname):  # paypal-secure, microsoft-support
             return target
@@ -102,7 +129,7 @@ def lookalike_of(domain: str, protected: tuple[str, ...]) -> str | None:
 
 
 def _contains_word(name: str, word: str) -> bool:
-    """`word` inside `name` as a hyphen-delimited piece or prefix/suffix (not 'pineapple' for 'apple')."""
+    """`word` starting `name` or hyphen-delimited in it (paypalsecure, secure-paypal; not pineapple)."""
     if name == word or word not in name:
         return False
-    return name.startswith(word) or name.endswith(word) or f"-{word}" in name or f"{word}-" in name
+    return name.startswith(word) or f"-{word}" in name or f"{word}-" in name

@@ -14,18 +14,37 @@ from milter.features.context import Address, Context, Protected
 from milter.features.domains import lookalike_of, split_host, to_unicode
 
 NAMES: tuple[str, ...] = (
-    "id_display_has_address", "id_display_address_differs", "id_display_domain_differs",
-    "id_freemail", "id_freemail_org_display", "id_reply_to_freemail", "id_brand_in_display_not_domain",
-    "id_brand_in_domain_not_own", "id_lookalike_protected", "id_punycode", "id_mixed_script",
-    "id_local_len", "id_local_digits_ratio", "id_local_random", "id_domain_len", "id_domain_hyphens",
-    "id_domain_digits", "id_subdomain_depth", "id_suspicious_tld", "id_display_len",
-    "id_display_all_caps", "id_display_has_title", "id_protected_domain_sender",
+    "id_display_has_address",
+    "id_display_address_differs",
+    "id_display_domain_differs",
+    "id_freemail",
+    "id_freemail_org_display",
+    "id_reply_to_freemail",
+    "id_brand_in_display_not_domain",
+    "id_brand_in_domain_not_own",
+    "id_lookalike_protected",
+    "id_punycode",
+    "id_mixed_script",
+    "id_local_len",
+    "id_local_digits_ratio",
+    "id_local_random",
+    "id_domain_len",
+    "id_domain_hyphens",
+    "id_domain_digits",
+    "id_subdomain_depth",
+    "id_suspicious_tld",
+    "id_display_len",
+    "id_display_all_caps",
+    "id_display_has_title",
+    "id_protected_domain_sender",
 )
 
 _ADDR_IN_DISPLAY = re.compile(r"[\w.+-]+@([\w-]+\.)+[\w-]+")
 _ORG_WORDS = re.compile(
     r"\b(inc|llc|ltd|gmbh|corp|bank|support|team|service|services|department|security|billing|"
-    r"account|accounts|admin|administrator|helpdesk|it desk|payroll|finance|hr|customer care)\b", re.I)
+    r"account|accounts|admin|administrator|helpdesk|it desk|payroll|finance|hr|customer care)\b",
+    re.I,
+)
 _TITLES = re.compile(r"\b(ceo|cfo|coo|president|director|chairman|manager|vp|head of|founder)\b", re.I)
 _VOWELS = set("aeiou")
 
@@ -56,17 +75,28 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     local = s.addr.partition("@")[0]
     sub, _, suffix = split_host(s.host)
     values = [
-        float(bool(shown)), float(display_differs),
+        float(bool(shown)),
+        float(display_differs),
         float(bool(shown_domain) and shown_domain != s.domain),
-        float(freemail), float(org_display),
+        float(freemail),
+        float(org_display),
         float(ctx.reply_to is not None and ctx.reply_to.domain in lexicon.FREEMAIL and not freemail),
-        float(bool(brand_display)), float(bool(brand_domain)), float(bool(lookalike)),
-        float("xn--" in s.host), float(_mixed_script(to_unicode(s.host))),
-        float(len(local)), sum(c.isdigit() for c in local) / len(local) if local else 0.0,
-        float(_random_looking(local)), float(len(s.domain)), float(s.domain.count("-")),
-        float(sum(c.isdigit() for c in s.domain)), float(sub.count(".") + 1 if sub else 0),
-        float(suffix.rpartition(".")[2] in lexicon.SUSPICIOUS_TLDS), float(len(s.display)),
-        float(len(s.display) > 3 and s.display.isupper()), float(bool(_TITLES.search(s.display))),
+        float(bool(brand_display)),
+        float(bool(brand_domain)),
+        float(bool(lookalike)),
+        float("xn--" in s.host),
+        float(_mixed_script(to_unicode(s.host))),
+        float(len(local)),
+        sum(c.isdigit() for c in local) / len(local) if local else 0.0,
+        float(_random_looking(local)),
+        float(len(s.domain)),
+        float(s.domain.count("-")),
+        float(sum(c.isdigit() for c in s.domain)),
+        float(sub.count(".") + 1 if sub else 0),
+        float(suffix.rpartition(".")[2] in lexicon.SUSPICIOUS_TLDS),
+        float(len(s.display)),
+        float(len(s.display) > 3 and s.display.isupper()),
+        float(bool(_TITLES.search(s.display))),
         float(s.domain in ctx.protected.domains),
     ]
     return values, signals

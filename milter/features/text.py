@@ -22,19 +22,57 @@ MAX_TOKENS = 2000
 MAX_TEXT = 12_000  # characters of body text read; the start of a message carries its intent
 
 STAT_NAMES: tuple[str, ...] = (
-    "txt_len_log", "txt_words_log", "txt_upper_ratio", "txt_digit_ratio", "txt_nonascii_ratio",
-    "txt_excl", "txt_currency", "txt_distinct_ratio", "txt_avg_word_len", "txt_lines_log", "txt_empty",
+    "txt_len_log",
+    "txt_words_log",
+    "txt_upper_ratio",
+    "txt_digit_ratio",
+    "txt_nonascii_ratio",
+    "txt_excl",
+    "txt_currency",
+    "txt_distinct_ratio",
+    "txt_avg_word_len",
+    "txt_lines_log",
+    "txt_empty",
     "txt_replacement_chars",
 )
 LANG_NAMES: tuple[str, ...] = tuple(f"lang_{name}" for name in lexicon.LANGUAGE)
 HASH_NAMES: tuple[str, ...] = tuple(f"tok_{i:04d}" for i in range(HASH_BUCKETS))
 
 # Words that name the corpora or their collectors rather than saying anything about a message.
-CORPUS_STOPWORDS = frozenset({
-    "enron", "ect", "hou", "ees", "enronxgate", "corp", "vince", "kaminski", "sbeck", "thyme", "lokay",
-    "farmer", "kitchen", "williams", "taint", "sourceforge", "spamassassin", "phishing", "pot", "lfdr",
-    "jailhouse", "openwrt", "samba", "iscsi", "usrp", "ettus", "ksummit", "cip", "javamail", "evans",
-})
+CORPUS_STOPWORDS = frozenset(
+    {
+        "enron",
+        "ect",
+        "hou",
+        "ees",
+        "enronxgate",
+        "corp",
+        "vince",
+        "kaminski",
+        "sbeck",
+        "thyme",
+        "lokay",
+        "farmer",
+        "kitchen",
+        "williams",
+        "taint",
+        "sourceforge",
+        "spamassassin",
+        "phishing",
+        "pot",
+        "lfdr",
+        "jailhouse",
+        "openwrt",
+        "samba",
+        "iscsi",
+        "usrp",
+        "ettus",
+        "ksummit",
+        "cip",
+        "javamail",
+        "evans",
+    }
+)
 
 _TOKEN = re.compile(r"[^\W_]{2,24}|0")
 _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -55,10 +93,17 @@ def stat_features(ctx: Context) -> list[float]:
     digits = len(ascii_only) - len(ascii_only.translate(None, b"0123456789"))
     n = len(text)
     return [
-        math.log1p(len(ctx.body_text)), math.log1p(len(words)), upper / letters if letters else 0.0,
-        digits / n, (n - len(ascii_only)) / n, float(text.count("!")),
-        float(sum(text.count(c) for c in "$€£¥₹")), len(set(words)) / len(words) if words else 0.0,
-        (len(data) - data.count(b" ")) / len(words) if words else 0.0, math.log1p(text.count("\n")), 0.0,
+        math.log1p(len(ctx.body_text)),
+        math.log1p(len(words)),
+        upper / letters if letters else 0.0,
+        digits / n,
+        (n - len(ascii_only)) / n,
+        float(text.count("!")),
+        float(sum(text.count(c) for c in "$€£¥₹")),
+        len(set(words)) / len(words) if words else 0.0,
+        (len(data) - data.count(b" ")) / len(words) if words else 0.0,
+        math.log1p(text.count("\n")),
+        0.0,
         float(text.count("\ufffd")),
     ]
 
@@ -70,7 +115,7 @@ def language_features(ctx: Context, toks: list[str]) -> tuple[list[float], list[
         if lengths is None:
             continue
         for n in lengths:
-            group = _PHRASES.get(tuple(toks[i:i + n]))
+            group = _PHRASES.get(tuple(toks[i : i + n]))
             if group is not None:
                 counts[group] += 1
     signals = []
@@ -87,8 +132,11 @@ def language_features(ctx: Context, toks: list[str]) -> tuple[list[float], list[
 
 def words(text: str) -> list[str]:
     """Lower-cased word tokens with digit runs as "0"; URLs and addresses removed."""
-    kept = " ".join(w for w in text[:MAX_TEXT].split() if "@" not in w and "://" not in w
-                    and not w.startswith(("www.", "<www.")))
+    kept = " ".join(
+        w
+        for w in text[:MAX_TEXT].split()
+        if "@" not in w and "://" not in w and not w.startswith(("www.", "<www."))
+    )
     return _TOKEN.findall(_DIGITS.sub("0", kept.lower()))
 
 

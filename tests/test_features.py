@@ -1,0 +1,165 @@
+"""Parsing and feature extraction on real and hand-made fixtures, malformed mail included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from milter.features import SCHEMA, Protected, extract
+from milter.features.domains import lookalike_of, split_host
+from milter.features.text import CORPUS_STOPWORDS, tokens
+from milter.parse import parse
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+ALL = sorted(p for p in FIXTURES.rglob("*.eml"))
+PROTECTED = Protected(domains=("example.com",), names=("Jane Smith", "Robert Brown"))
+
+
+def feat(vector: np.ndarray, name: str) -> float:
+    return float(vector[SCHEMA.names.index(name)])
+
+
+def load(rel: str) -> bytes:
+    return (FIXTURES / rel).read_bytes()
+
+
+def test_schema_is_named_unique_and_hashed() -> None:
+    assert len(set(SCHEMA.names)) == len(SCHEMA.names)
+    assert len(SCHEMA.digest) == 16
+    forbidden = ("received", "gmail", "list_", "mailer", "year", "exchange")
+    assert not [n for n in SCHEMA.names if any(f in n for f in forbidden)]
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(FIXTURES)))
+def test_every_fixture_extracts_a_finite_vector(path: Path) -> None:
+    ext = extract(path.read_bytes(), None, PROTECTED)
+    assert ext.vector.dtype == np.float32
+    assert ext.vector.shape == (len(SCHEMA),)
+    assert np.isfinite(ext.vector).all()
+    assert ext.vector[0] == 0.0, f"a feature group failed on {path.name}: {ext.signals}"
+
+
+def test_line_endings_do_not_change_features() -> None:
+    raw = load("bec/bec-gift-card-ceo.eml").replace(b"\r\n", b"\n")
+    lf = extract(raw).vector
+    crlf = extract(raw.replace(b"\n", b"\r\n")).vector
+    np.testing.assert_array_equal(lf, crlf)
+
+
+def test_receiving_side_headers_do_not_change_features() -> None:
+    raw = load("bec/ham-meeting.eml").replace(b"\r\n", b"\n")
+    trace = (
+        b"Received: from mx.example.net (1.2.3.4) by mail.protection.outlook.com\n"
+        b"X-MS-Exchange-Organization-SCL: 9\nAuthentication-Results: spf=fail\n"
+        b"List-Id: <x.lists.example.org>\nX-Mailer: Microsoft Outlook Express 6.00.2600\n"
+        b"X-Gmail-Labels: Spam\n"
+    )
+    assert np.array_equal(extract(raw).vector, extract(trace + raw).vector)
+
+
+def test_malformed_mime_becomes_defect_features() -> None:
+    v = extract(load("edge/mime-missing-close-boundary.eml")).vector
+    assert feat(v, "mime_defects") >= 1
+    assert feat(v, "mime_defect_boundary") == 1.0
+    broken = parse(load("edge/mime-broken-base64.eml"))
+    assert broken.defects, "broken base64 must be reported as a defect"
+
+
+def test_deep_nesting_and_huge_header_do_not_crash() -> None:
+    deep = parse(load("edge/deep-nesting-60.eml"))
+    assert deep.max_depth >= 50
+    huge = extract(load("edge/huge-subject.eml"))
+    assert feat(huge.vector, "hdr_subject_len") > 100_000
+
+
+def test_eight_bit_garbage_header_is_flagged() -> None:
+    v = extract(load("edge/header-8bit-latin1.eml")).vector
+    assert feat(v, "hdr_8bit_raw") == 1.0
+
+
+def test_unknown_charset_is_decoded_and_flagged() -> None:
+    p = parse(load("edge/charset-unknown.eml"))
+    assert "UnknownCharset" in p.defects
+    assert p.text.strip()
+
+
+def test_display_name_with_other_address() -> None:
+    ext = extract(load("bec/bec-display-name-address.eml"), None, PROTECTED)
+    assert feat(ext.vector, "id_display_address_differs") == 1.0
+    assert any("display name shows" in s for s in ext.signals)
+
+
+def test_freemail_with_executive_title() -> None:
+    ext = extract(load("bec/bec-display-name-freemail.eml"), None, PROTECTED)
+    assert feat(ext.vector, "id_freemail") == 1.0
+    assert feat(ext.vector, "id_freemail_org_display") == 1.0
+
+
+@pytest.mark.parametrize("name", ["bec-lookalike-digit.eml", "bec-lookalike-rn.eml", "bec-lookalike-punycode.eml"])
+def test_lookalike_of_protected_domain(name: str) -> None:
+    ext = extract(load(f"bec/{name}"), None, PROTECTED)
+    assert feat(ext.vector, "id_lookalike_protected") == 1.0, ext.summary.from_domain
+    # the same message with no protected domains configured is not a lookalike of example.com
+    plain = extract(load(f"bec/{name}"), None, Protected())
+    assert feat(plain.vector, "id_lookalike_protected") == 0.0
+
+
+def test_lookalike_rules() -> None:
+    protected = ("example.com", "paypal.com")
+    assert lookalike_of("examp1e.com", protected) == "example.com"
+    assert lookalike_of("exarnple.com", protected) == "example.com"
+    assert lookalike_of("paypal-secure.net", protected) == "paypal.com"
+    assert lookalike_of("example.com", protected) is None
+    assert lookalike_of("sample.org", protected) is None
+    assert lookalike_of("pineapple.com", ("apple.com",)) is None
+    assert split_host("mail.acme.co.uk")[1] == "acme.co.uk"
+
+
+def test_payment_language() -> None:
+    gift = extract(load("bec/bec-gift-card-ceo.eml"), None, PROTECTED)
+    assert feat(gift.vector, "lang_giftcard") > 0
+    bank = extract(load("bec/bec-invoice-bank-change.eml"), None, PROTECTED)
+    assert feat(bank.vector, "lang_bank_change") > 0
+    assert any("bank" in s for s in bank.signals)
+    ham = extract(load("bec/ham-colleague-lunch.eml"), None, PROTECTED)
+    assert feat(ham.vector, "lang_giftcard") == 0 and feat(ham.vector, "lang_bank_change") == 0
+
+
+def test_html_link_mismatch_and_form() -> None:
+    ext = extract(load("edge/html-link-mismatch-form.eml"))
+    assert feat(ext.vector, "html_link_text_mismatch") >= 1
+    assert feat(ext.vector, "html_forms") >= 1
+    assert any("link text shows" in s for s in ext.signals)
+
+
+def test_attachment_features() -> None:
+    v = extract(load("edge/attachment-double-extension.eml")).vector
+    assert feat(v, "att_double_ext") == 1.0
+    assert feat(v, "att_executable") == 1.0
+    assert feat(extract(load("edge/attachment-docm.eml")).vector, "att_macro_office") == 1.0
+    assert feat(extract(load("edge/attachment-zip.eml")).vector, "att_archive") == 1.0
+
+
+def test_tokens_drop_digits_urls_addresses_and_corpus_names() -> None:
+    toks = tokens("Meeting 2001-10-03 with Enron at http://taint.org/x, mail jm@example.sourceforge.net")
+    assert "2001" not in toks and "0" in toks
+    assert not CORPUS_STOPWORDS.intersection(toks)
+    assert "taint" not in toks and "sourceforge" not in toks
+    assert "meeting" in toks
+
+
+def test_summary_fields() -> None:
+    ext = extract(load("bec/bec-gift-card-ceo.eml"), None, PROTECTED)
+    s = ext.summary
+    assert s.from_addr and "@" in s.from_addr
+    assert s.subject
+    assert s.message_id and s.message_id.startswith("<")
+
+
+def test_empty_and_headerless_input() -> None:
+    for raw in (b"", b"\n", b"garbage without headers", b"\x00\xff\xfe" * 100):
+        ext = extract(raw)
+        assert ext.vector.shape == (len(SCHEMA),)
+        assert np.isfinite(ext.vector).all()
