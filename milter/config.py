@@ -251,4 +251,8 @@ def load_config(path: Path | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
-    return parse_config(raw)
+    cfg = parse_config(raw)
+    if not cfg.model.path.is_absolute() and "path" in raw.get("model", {}):
+        # a relative model path means "next to this config file", not "wherever the service started"
+        cfg = replace(cfg, model=replace(cfg.model, path=(path.parent / cfg.model.path).resolve()))
+    return cfg

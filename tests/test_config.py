@@ -1,0 +1,70 @@
+"""Configuration: defaults, overrides, and errors that name the broken key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from milter.cli import main
+from milter.config import DEFAULT_MODEL, load_config, parse_config
+from milter.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "milter.example.toml"
+
+
+def test_defaults_need_no_file() -> None:
+    cfg = load_config(None)
+    assert cfg.model.path == DEFAULT_MODEL
+    assert cfg.server.listen.startswith("127.0.0.1:")
+    assert cfg.store.url.startswith("sqlite:")
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg.policy.protected_domains == ("example.com",)
+    assert cfg.policy.domains[0].action_override == "tag"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"policy": {"spam": {"quarantine": 7}}}, "policy.spam.quarantine"),
+        ({"policy": {"spam": {"quarantin": 0.5}}}, "policy.spam.quarantin"),
+        ({"policy": {"on_error": "drop"}}, "policy.on_error"),
+        ({"policy": {"lists": {"deny_ips": ["10.0.0.0/8", "nonsense"]}}}, "policy.lists.deny_ips[1]"),
+        ({"server": {"listen": "localhost"}}, "server.listen"),
+        ({"server": {"workers": "two"}}, "server.workers"),
+        ({"server": {"mode": "sideways"}}, "server.mode"),
+        ({"store": {"retention_days": -1}}, "store.retention_days"),
+        ({"serverr": {}}, "serverr"),
+        ({"policy": {"domain": [{"spam": {"tag": 0.1}}]}}, "policy.domain[0].domain"),
+    ],
+)
+def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.key == key
+    assert repr(key) in str(info.value)
+
+
+def test_relative_model_path_is_relative_to_the_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "etc" / "milter.toml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text('[model]\npath = "models/m.onnx"\n')
+    assert load_config(cfg_file).model.path == tmp_path / "etc" / "models" / "m.onnx"
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nmax_sessions = 1.5\n")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(bad)])
+    assert result.exit_code == 1
+    assert "server.max_sessions" in result.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    result = CliRunner().invoke(main, ["check-config", "--config", str(broken)])
+    assert result.exit_code == 1 and "not valid TOML" in result.output
+    ok = CliRunner().invoke(main, ["check-config", "--config", str(EXAMPLE)])
+    assert ok.exit_code == 0, ok.output

@@ -1,0 +1,108 @@
+"""`milter scan` contract: one JSON object per line per message, errors reported and counted."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from milter.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+KEYS = {"path", "verdict", "action", "scores", "reasons", "model"}
+
+
+def rows(output: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def check_row(row: dict[str, object]) -> None:
+    assert set(row) == KEYS, row
+    assert row["verdict"] in ("ham", "spam", "bec")
+    assert row["action"] in ("accept", "tag", "quarantine", "reject")
+    scores = row["scores"]
+    assert isinstance(scores, dict) and set(scores) == {"ham", "spam", "bec"}
+    assert abs(sum(scores.values()) - 1.0) < 1e-3
+    assert isinstance(row["reasons"], list) and all(isinstance(r, str) for r in row["reasons"])
+    assert isinstance(row["model"], str) and row["model"]
+
+
+def test_scan_json_on_fixture_folder_subprocess() -> None:
+    """The README's example, run as a user would: the real console script over all fixtures."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "milter"), "scan", "--json", str(FIXTURES)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    out = rows(proc.stdout)
+    emls = sorted(FIXTURES.rglob("*.eml"))
+    assert len(out) == len(emls)
+    errors = [r for r in out if "error" in r]
+    # only the zero-byte fixture is not a message
+    assert [Path(str(r["path"])).name for r in errors] == ["empty-message.eml"]
+    assert proc.returncode == 1
+    for row in out:
+        if "error" not in row:
+            check_row(row)
+
+
+def test_scan_clean_input_exits_zero_and_reads_stdin() -> None:
+    raw = (FIXTURES / "bec" / "ham-meeting.eml").read_bytes()
+    result = CliRunner().invoke(main, ["scan", "--json", "-"], input=raw)
+    assert result.exit_code == 0, result.output
+    (row,) = rows(result.stdout)
+    check_row(row)
+    assert row["path"] == "-"
+
+
+def test_unreadable_file_gets_error_line_and_scan_goes_on(tmp_path: Path) -> None:
+    good = FIXTURES / "bec" / "ham-meeting.eml"
+    result = CliRunner().invoke(main, ["scan", "--json", str(tmp_path / "missing.eml"), str(good)])
+    out = rows(result.stdout)
+    assert result.exit_code == 1
+    assert out[0]["path"].endswith("missing.eml") and "error" in out[0]
+    check_row(out[1])
+
+
+def test_mbox_messages_are_scanned_one_by_one(tmp_path: Path) -> None:
+    box_path = tmp_path / "inbox.mbox"
+    box = mailbox.mbox(str(box_path))
+    picks = sorted((FIXTURES / "bec").glob("*.eml"))[:3]
+    for p in picks:
+        box.add(p.read_bytes())
+    box.close()
+    result = CliRunner().invoke(main, ["scan", "--json", str(box_path)])
+    out = rows(result.stdout)
+    assert [r["path"] for r in out] == [f"{box_path}#{i}" for i in range(3)]
+    for row in out:
+        check_row(row)
+
+
+def test_bec_fixtures_with_protected_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "milter.toml"
+    cfg.write_text('[policy]\nprotected_domains = ["example.com"]\nprotected_names = ["Jane Smith", "Robert Brown"]\n')
+    result = CliRunner().invoke(main, ["scan", "--json", "--config", str(cfg), str(FIXTURES / "bec")])
+    out = {Path(str(r["path"])).name: r for r in rows(result.stdout)}
+    bec = [n for n in out if n.startswith("bec-")]
+    ham = [n for n in out if n.startswith("ham-")]
+    caught = [n for n in bec if out[n]["verdict"] == "bec" or out[n]["action"] != "accept"]
+    assert len(caught) >= len(bec) - 1, {n: out[n]["verdict"] for n in bec}
+    assert all(out[n]["action"] in ("accept", "tag") for n in ham), {n: out[n] for n in ham}
+
+
+def test_table_output_has_summary() -> None:
+    result = CliRunner().invoke(main, ["scan", str(FIXTURES / "bec")])
+    assert result.exit_code == 0, result.output
+    assert "messages:" in result.output
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[policy.spam]\nquarantine = 7\n")
+    result = CliRunner().invoke(main, ["scan", "--config", str(cfg), str(FIXTURES / "bec")])
+    assert result.exit_code == 2
+    assert "policy.spam.quarantine" in result.output
