@@ -1,0 +1,115 @@
+"""SQLAlchemy 2.0 ORM models of the verdict / quarantine store: every table lives in this module.
+
+`messages` holds one row per scanned message (the verdict, cheap to list); `quarantine` holds the raw
+bytes of quarantined messages only, so listing verdicts never drags message bodies off disk.
+Alembic migrations in milter/migrations/versions/ must mirror these definitions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so that migrations (and SQLite batch mode) can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    SQLite has no time zones: values are stored as naive UTC there and given back as aware UTC, so
+    comparisons (purge cut-offs) and round trips behave the same as on PostgreSQL's timestamptz.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
+
+
+class Message(Base):
+    """The verdict for one scanned message, plus the learning-loop label once someone gives one."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(index=True)
+    queue_id: Mapped[str | None] = mapped_column(String(64))
+    mail_from: Mapped[str | None] = mapped_column(Text)
+    rcpt_tos: Mapped[list[str]] = mapped_column(JSON)
+    client_addr: Mapped[str | None] = mapped_column(String(64))
+    client_name: Mapped[str | None] = mapped_column(Text)
+    helo: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(String(500), index=True)
+    from_addr: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    verdict: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16), index=True)
+    score_ham: Mapped[float] = mapped_column(Float)
+    score_spam: Mapped[float] = mapped_column(Float)
+    score_bec: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[list[str]] = mapped_column(JSON)
+    model: Mapped[str] = mapped_column(String(200))
+    # float32 little-endian, in the feature schema's order; NULL when vectors are not kept.
+    feature_vector: Mapped[bytes | None] = mapped_column(LargeBinary)
+    schema_digest: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str | None] = mapped_column(String(16))
+    label_source: Mapped[str | None] = mapped_column(String(64))
+    labelled_at: Mapped[datetime | None] = mapped_column()
+
+    quarantine: Mapped[Quarantine | None] = relationship(
+        back_populates="message", cascade="all, delete-orphan", passive_deletes=True, uselist=False
+    )
+
+
+class Quarantine(Base):
+    """Raw bytes of a quarantined message; `raw` becomes NULL once deleted by an operator."""
+
+    __tablename__ = "quarantine"
+
+    message_pk: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    released_at: Mapped[datetime | None] = mapped_column()
+    deleted_at: Mapped[datetime | None] = mapped_column()
+
+    message: Mapped[Message] = relationship(back_populates="quarantine")

@@ -1,0 +1,102 @@
+"""Frozen value types the store hands out; ORM objects never leave a session."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import numpy.typing as npt
+
+from milter.types import CLASS_NAMES, Scores
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One verdict, with its quarantine state when the message was quarantined."""
+
+    id: int
+    received_at: datetime
+    queue_id: str | None
+    mail_from: str | None
+    rcpt_tos: tuple[str, ...]
+    client_addr: str | None
+    client_name: str | None
+    helo: str | None
+    message_id: str | None
+    from_addr: str | None
+    subject: str | None
+    verdict: str
+    action: str
+    scores: Scores
+    reasons: tuple[str, ...]
+    model: str
+    schema_digest: str
+    label: str | None
+    label_source: str | None
+    labelled_at: datetime | None
+    quarantined: bool
+    size: int | None
+    released_at: datetime | None
+    deleted_at: datetime | None
+
+    def as_json(self) -> dict[str, object]:
+        """JSON-ready mapping (ISO 8601 UTC times); the CLI's `--json` line format."""
+
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        return {
+            "id": self.id, "received_at": iso(self.received_at), "queue_id": self.queue_id,
+            "message_id": self.message_id, "verdict": self.verdict, "action": self.action,
+            "scores": self.scores.as_dict(), "from": self.from_addr, "subject": self.subject,
+            "mail_from": self.mail_from, "rcpt_tos": list(self.rcpt_tos),
+            "client_addr": self.client_addr, "client_name": self.client_name, "helo": self.helo,
+            "reasons": list(self.reasons), "model": self.model, "label": self.label,
+            "label_source": self.label_source, "labelled_at": iso(self.labelled_at),
+            "quarantined": self.quarantined, "size": self.size,
+            "released_at": iso(self.released_at), "deleted_at": iso(self.deleted_at),
+        }
+
+
+@dataclass(frozen=True)
+class LabelledExample:
+    id: int
+    message_id: str | None
+    label: str
+    label_source: str | None
+    schema_digest: str
+    vector: npt.NDArray[np.float32]  # read-only
+
+
+@dataclass(frozen=True)
+class PurgeCounts:
+    messages: int  # verdict rows deleted (labelled rows are kept for retraining)
+    quarantined: int  # quarantined messages whose raw bytes were deleted
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    messages: int
+    quarantined: int  # raw bytes still held
+    released: int
+    labelled: int
+    by_verdict: Mapping[str, int]
+    by_action: Mapping[str, int]
+    oldest: datetime | None
+    newest: datetime | None
+
+
+def training_arrays(
+    examples: Sequence[LabelledExample],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """(X, y) for retraining, y as indices into CLASS_NAMES; all examples must share one schema."""
+    digests = {e.schema_digest for e in examples}
+    if len(digests) > 1:
+        raise ValueError(f"examples span several feature schemas: {sorted(digests)}")
+    if not examples:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    x = np.stack([e.vector for e in examples]).astype(np.float32, copy=False)
+    y = np.array([CLASS_NAMES.index(e.label) for e in examples], dtype=np.int64)
+    return x, y

@@ -1,0 +1,244 @@
+"""The verdict / quarantine store: synchronous API over SQLAlchemy (the gateway uses asyncio.to_thread).
+
+Every method is one short transaction on its own session and returns frozen rows, so nothing
+bound to a session or a thread escapes. Every database failure surfaces as StoreError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from alembic.util import CommandError
+from sqlalchemy import CursorResult, Engine, delete, exists, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import InstrumentedAttribute, Session, defer, sessionmaker
+
+from milter.errors import StoreError
+from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
+from milter.store.mapping import new_message, to_row, vector_from_bytes
+from milter.store.migrate import upgrade
+from milter.store.models import Message, Quarantine
+from milter.store.rows import LabelledExample, MessageRow, PurgeCounts, StoreStats
+from milter.types import CLASS_NAMES, Envelope
+
+if TYPE_CHECKING:
+    from milter.scan import ScanResult
+
+PURGE_BATCH = 2000  # rows per purge transaction: short write locks, so record() never waits long
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise StoreError(f"{what}: {describe(exc)}") from exc
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount) if isinstance(result, CursorResult) else 0
+
+
+class Store:
+    """Use `Store.open(url)`; close() (or a with block) releases the connections."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write = sessionmaker(engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, busy_timeout_ms: int = 10_000, connect_timeout_s: int = 10) -> Store:
+        """Connect and bring the schema to the shipped head revision; StoreError on any failure."""
+        where = safe_url(url)
+        try:
+            engine = make_engine(url, busy_timeout_ms, connect_timeout_s)
+        except (SQLAlchemyError, OSError, ImportError) as exc:
+            raise StoreError(f"cannot open store {where}: {describe(exc)}") from exc
+        try:
+            with engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:
+                upgrade(conn)
+        except (SQLAlchemyError, OSError, CommandError) as exc:
+            engine.dispose()
+            raise StoreError(f"cannot open store {where}: {describe(exc)}") from exc
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def record(
+        self,
+        result: ScanResult,
+        envelope: Envelope,
+        raw: bytes | None,
+        schema_digest: str,
+        keep_vector: bool = True,
+        received_at: datetime | None = None,
+    ) -> int:
+        """Store one verdict (and the raw message when quarantining) atomically; the id once committed."""
+        msg = new_message(result, envelope, schema_digest, keep_vector, received_at or _now())
+        if raw is not None:
+            msg.quarantine = Quarantine(raw=raw, size=len(raw))
+        with _guard("cannot record verdict"), self._write.begin() as s:
+            s.add(msg)
+            s.flush()
+            pk = msg.id
+        return pk
+
+    def mark_released(self, id: int) -> bool:
+        """True when the message was held (not deleted, not yet released) and is now marked released."""
+        stmt = (
+            update(Quarantine)
+            .where(Quarantine.message_pk == id, Quarantine.released_at.is_(None),
+                   Quarantine.deleted_at.is_(None))
+            .values(released_at=_now())
+        )
+        with _guard("cannot mark released"), self._write.begin() as s:
+            return _rowcount(s.execute(stmt)) == 1
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Drop the raw bytes of quarantined messages (the verdicts stay); how many were deleted."""
+        if not ids:
+            return 0
+        stmt = (
+            update(Quarantine)
+            .where(Quarantine.message_pk.in_(list(ids)), Quarantine.deleted_at.is_(None))
+            .values(raw=None, deleted_at=_now())
+        )
+        with _guard("cannot delete"), self._write.begin() as s:
+            return _rowcount(s.execute(stmt))
+
+    def set_label(self, ref: int | str, label: str, source: str) -> int:
+        """Label by row id (int) or Message-ID (str, every copy); how many rows were labelled."""
+        if label not in CLASS_NAMES:
+            raise ValueError(f"label must be one of {', '.join(CLASS_NAMES)}, got {label!r}")
+        cond = Message.id == ref if isinstance(ref, int) else Message.message_id == ref
+        stmt = update(Message).where(cond).values(label=label, label_source=source, labelled_at=_now())
+        with _guard("cannot set label"), self._write.begin() as s:
+            return _rowcount(s.execute(stmt))
+
+    def purge(self, older_than_days: int) -> PurgeCounts:
+        """Delete verdicts and quarantined bytes older than the retention; labelled verdicts stay."""
+        if older_than_days < 0:
+            raise ValueError("older_than_days must not be negative")
+        cutoff = _now() - timedelta(days=older_than_days)
+        held = exists().where(Quarantine.message_pk == Message.id)
+        pick = (
+            select(Message.id)
+            .where(Message.received_at < cutoff, or_(Message.label.is_(None), held))
+            .order_by(Message.id)
+            .limit(PURGE_BATCH)
+        )
+        messages = quarantined = 0
+        with _guard("cannot purge"):
+            while True:
+                with self._write.begin() as s:
+                    ids = list(s.scalars(pick))
+                    if not ids:
+                        break
+                    held_rows = delete(Quarantine).where(Quarantine.message_pk.in_(ids))
+                    quarantined += _rowcount(s.execute(held_rows))
+                    gone = delete(Message).where(Message.id.in_(ids), Message.label.is_(None))
+                    messages += _rowcount(s.execute(gone))
+        return PurgeCounts(messages=messages, quarantined=quarantined)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get(self, id: int) -> MessageRow | None:
+        stmt = (
+            select(Message, Quarantine)
+            .outerjoin(Quarantine, Quarantine.message_pk == Message.id)
+            .where(Message.id == id)
+            .options(defer(Message.feature_vector), defer(Quarantine.raw))
+        )
+        with _guard("cannot read verdict"), self._read() as s:
+            hit = s.execute(stmt).first()
+            return to_row(hit[0], hit[1]) if hit is not None else None
+
+    def get_raw(self, id: int) -> bytes | None:
+        """The quarantined bytes; None when not quarantined or deleted."""
+        with _guard("cannot read quarantined message"), self._read() as s:
+            return s.scalar(select(Quarantine.raw).where(Quarantine.message_pk == id))
+
+    def quarantine_list(
+        self,
+        since: datetime | None = None,
+        verdict: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        include_deleted: bool = False,
+    ) -> list[MessageRow]:
+        """Quarantined messages, newest first, without their bytes."""
+        stmt = (
+            select(Message, Quarantine)
+            .join(Quarantine, Quarantine.message_pk == Message.id)
+            .options(defer(Message.feature_vector), defer(Quarantine.raw))
+            .order_by(Message.received_at.desc(), Message.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        if since is not None:
+            stmt = stmt.where(Message.received_at >= since)
+        if verdict is not None:
+            stmt = stmt.where(Message.verdict == verdict)
+        if not include_deleted:
+            stmt = stmt.where(Quarantine.deleted_at.is_(None))
+        with _guard("cannot list quarantine"), self._read() as s:
+            return [to_row(m, q) for m, q in s.execute(stmt)]
+
+    def labelled_examples(self, schema_digest: str | None = None) -> list[LabelledExample]:
+        """Labelled verdicts that kept their feature vector, oldest first (see rows.training_arrays)."""
+        stmt = (
+            select(Message.id, Message.message_id, Message.label, Message.label_source,
+                   Message.schema_digest, Message.feature_vector)
+            .where(Message.label.is_not(None), Message.feature_vector.is_not(None))
+            .order_by(Message.id)
+        )
+        if schema_digest is not None:
+            stmt = stmt.where(Message.schema_digest == schema_digest)
+        with _guard("cannot read labelled examples"), self._read() as s:
+            return [
+                LabelledExample(id=i, message_id=mid, label=lab or "", label_source=src,
+                                schema_digest=dig, vector=vector_from_bytes(vec or b""))
+                for i, mid, lab, src, dig, vec in s.execute(stmt)
+            ]
+
+    def stats(self) -> StoreStats:
+        with _guard("cannot read statistics"), self._read() as s:
+            return _stats(s)
+
+
+def _counts(s: Session, column: InstrumentedAttribute[str]) -> dict[str, int]:
+    return {key: int(n) for key, n in s.execute(select(column, func.count()).group_by(column))}
+
+
+def _stats(s: Session) -> StoreStats:
+    count, oldest, newest = s.execute(
+        select(func.count(Message.id), func.min(Message.received_at), func.max(Message.received_at))
+    ).one()
+    n_quarantine = select(func.count()).select_from(Quarantine)
+    held = s.scalar(n_quarantine.where(Quarantine.deleted_at.is_(None)))
+    released = s.scalar(n_quarantine.where(Quarantine.released_at.is_not(None)))
+    labelled = s.scalar(select(func.count()).select_from(Message).where(Message.label.is_not(None)))
+    by_verdict = _counts(s, Message.verdict)
+    by_action = _counts(s, Message.action)
+    return StoreStats(
+        messages=int(count), quarantined=int(held or 0), released=int(released or 0),
+        labelled=int(labelled or 0), by_verdict=by_verdict, by_action=by_action,
+        oldest=oldest, newest=newest,
+    )
