@@ -7,6 +7,7 @@ kernel for tree ensembles, so a LightGBM graph runs its TreeEnsemble node on the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -84,12 +85,13 @@ class Classifier:
     def load(cls, path: Path, providers: tuple[str, ...] | None = None) -> Classifier:
         meta = load_metadata(metadata_path(path))
         check_schema(meta)
+        data = _read_checked(path, meta)
         wanted = providers or _default_providers()
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1  # one thread a worker: parallelism comes from worker processes
         options.inter_op_num_threads = 1
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=list(wanted))
+            session = ort.InferenceSession(data, sess_options=options, providers=list(wanted))
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ModelError(f"cannot load model {path}: {exc}") from exc
         width = session.get_inputs()[0].shape[-1]
@@ -117,6 +119,23 @@ class Classifier:
         if probs.shape != (features.shape[0], len(CLASS_NAMES)):
             raise ModelError(f"model returned shape {probs.shape}, expected ({features.shape[0]}, 3)")
         return probs
+
+
+def _read_checked(path: Path, meta: ModelMetadata) -> bytes:
+    """The ONNX bytes, checked against the metadata's sha256. Read after the JSON: promotion replaces
+    current.onnx before current.json, so a racing load can only see new ONNX + old JSON, caught here."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot load model {path}: {exc.strerror}") from exc
+    onnx_meta = meta.raw.get("onnx")
+    expected = onnx_meta.get("sha256") if isinstance(onnx_meta, Mapping) else None
+    if isinstance(expected, str) and hashlib.sha256(data).hexdigest() != expected:
+        raise ModelError(
+            f"cannot load model {path}: it does not match its metadata (sha256 differs); "
+            "corrupt, or replaced while loading: retry"
+        )
+    return data
 
 
 def check_schema(meta: ModelMetadata) -> None:

@@ -8,7 +8,9 @@ import sys
 import click
 
 from milter.commands.config_cmd import check_config
+from milter.commands.model import model
 from milter.commands.quarantine import quarantine
+from milter.commands.report import report
 from milter.commands.scan import scan
 from milter.commands.serve import serve
 
@@ -28,3 +30,5 @@ main.add_command(scan)
 main.add_command(serve)
 main.add_command(check_config)
 main.add_command(quarantine)
+main.add_command(model)
+main.add_command(report)

@@ -1,0 +1,105 @@
+"""`milter model`: list the model history, promote a validated model, roll back to an earlier one.
+
+The directory is the folder of `[model] path` (models/ by default; /var/lib/milter/models for the
+systemd service), or --dir. Exit status: 0 done, 1 refused or failed (one line on stderr, the current
+model untouched), 2 bad usage. A running gateway keeps its model until it is reloaded (SIGHUP:
+`systemctl reload milter`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from milter.config import load_config
+from milter.errors import ConfigError, ModelError
+from milter.registry import ModelInfo, describe_metrics, list_models, model_dir, promote, rollback
+
+RELOAD_HINT = "a running gateway keeps its model until reloaded (systemctl reload milter)"
+
+
+def _directory(dir_opt: Path | None, config_path: Path | None) -> Path:
+    if dir_opt is not None:
+        return dir_opt
+    try:
+        return model_dir(load_config(config_path).model.path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+_dir_option = click.option("--dir", "dir_opt", type=click.Path(file_okay=False, path_type=Path),
+                           help="Model directory [default: the folder of the config's model.path].")
+_config_option = click.option("--config", "config_path", type=click.Path(path_type=Path),
+                              help="TOML configuration file.")
+
+
+@click.group("model")
+def model() -> None:
+    """Model history: list, promote, roll back."""
+
+
+@model.command("list")
+@_dir_option
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, oldest first.")
+def list_cmd(dir_opt: Path | None, config_path: Path | None, as_json: bool) -> None:
+    """Promoted models, oldest first; the current one is marked."""
+    directory = _directory(dir_opt, config_path)
+    try:
+        rows = list_models(directory)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row.as_json()))
+        return
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(_table(rows, directory))
+
+
+def _table(rows: list[ModelInfo], directory: Path) -> Table:
+    table = Table("", "name", "created (UTC)", "schema", "test metrics (quarantine level)")
+    for r in rows:
+        schema = f"{r.schema_version}/{r.schema_digest[:12]}" + ("" if r.schema_ok else " (mismatch)")
+        when = r.created.strftime("%Y-%m-%d %H:%M") if r.created else "?"
+        name = r.name if r.in_history else f"{r.name} (not in history)"
+        table.add_row("*" if r.is_current else "", name, when, schema, describe_metrics(r.metrics))
+    if not rows:
+        table.caption = f"no models in {directory}"
+    return table
+
+
+@model.command("promote")
+@_dir_option
+@_config_option
+@click.option("--metadata", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Metadata JSON [default: the .json beside ONNX].")
+@click.argument("onnx", type=click.Path(dir_okay=False, path_type=Path))
+def promote_cmd(dir_opt: Path | None, config_path: Path | None, json_path: Path | None, onnx: Path) -> None:
+    """Validate ONNX (schema, sha256, smoke scan), keep it in history and make it current."""
+    directory = _directory(dir_opt, config_path)
+    try:
+        done = promote(directory, onnx, json_path)
+    except ModelError as exc:
+        raise click.ClickException(f"not promoted: {exc}") from exc
+    click.echo(f"promoted {done.name} (previous: {done.previous or 'none'}); {RELOAD_HINT}")
+
+
+@model.command("rollback")
+@_dir_option
+@_config_option
+@click.argument("name", required=False)
+def rollback_cmd(dir_opt: Path | None, config_path: Path | None, name: str | None) -> None:
+    """Make NAME (default: the model before the current one) current again."""
+    directory = _directory(dir_opt, config_path)
+    try:
+        done = rollback(directory, name)
+    except ModelError as exc:
+        raise click.ClickException(f"not rolled back: {exc}") from exc
+    click.echo(f"rolled back to {done.name} (previous: {done.previous or 'none'}); {RELOAD_HINT}")

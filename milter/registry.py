@@ -1,0 +1,412 @@
+"""Model history: promote a validated model to current, list what was promoted, roll back.
+
+Layout of a model directory (the folder of `[model] path`, models/ by default):
+
+    current.onnx, current.json        what the gateway loads
+    history/<name>.onnx, <name>.json   every model ever promoted (name = the metadata's "name")
+
+A candidate is validated before anything changes: its metadata must carry the sha256 of its ONNX file,
+`Classifier.load` must accept it (feature-schema check) and a smoke scan of the sample fixtures must
+give finite probabilities that sum to 1. The swap writes both files under temporary names in the same
+directory, then replaces current.onnx and then current.json. A reader that loads the JSON first and
+the ONNX second can therefore only ever catch "old JSON + new ONNX", which the sha256 in the JSON
+exposes; it never gets a silently mismatched pair.
+
+history/log.jsonl records every change of the current model (time, name, action): it is the audit
+trail, and what `rollback()` without a name follows back to the model that was current before.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from milter.classifier import Classifier, ModelMetadata, load_metadata
+from milter.errors import ModelError
+from milter.features import SCHEMA
+
+log = logging.getLogger(__name__)
+
+CURRENT_ONNX, CURRENT_JSON = "current.onnx", "current.json"
+HISTORY = "history"
+LOCK = ".registry.lock"
+LOG = "log.jsonl"  # inside history/
+SAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "sample"
+PROB_TOLERANCE = 1e-3  # float32 probabilities from the ONNX graph sum to 1 within rounding
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+# Used only when the checkout's fixtures are not installed beside the package: enough to exercise
+# the graph on a ham-like, a spam-like and a near-empty message.
+_BUILTIN_SAMPLES = (
+    b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: Lunch on Friday?\r\n"
+    b"Message-ID: <s1@example.com>\r\n\r\nShall we meet at noon as usual?\r\n",
+    b"From: Deals <win@promo.example>\r\nTo: bob@example.org\r\nSubject: WIN a FREE prize now!!!\r\n"
+    b"Content-Type: text/html\r\n\r\n<a href='http://198.51.100.7/claim'>Click here to claim</a>\r\n",
+    b"Subject: \r\n\r\n",
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of `list_models`: a promoted model (or a current one that never went through history)."""
+
+    name: str
+    created: datetime | None
+    schema_version: str
+    schema_digest: str
+    schema_ok: bool  # the digest matches the feature schema this code computes
+    metrics: Mapping[str, float | None] = field(default_factory=dict)  # quarantine level, all corpora
+    is_current: bool = False
+    in_history: bool = True
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": self.name, "created": self.created.isoformat() if self.created else None,
+            "schema_version": self.schema_version, "schema_digest": self.schema_digest,
+            "schema_ok": self.schema_ok, "metrics": dict(self.metrics), "current": self.is_current,
+            "in_history": self.in_history,
+        }
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """What promote / rollback did: the model now current, and the one it replaced (None if none)."""
+
+    name: str
+    previous: str | None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _created(raw: Mapping[str, Any]) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(str(raw["created"]))
+    except (KeyError, ValueError):
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def _metrics_summary(raw: Mapping[str, Any]) -> dict[str, float | None]:
+    """ham FPR / spam and bec recall of the test split at the quarantine threshold, pooled over corpora."""
+    try:
+        pooled = raw["metrics"]["quarantine"]["ALL"]
+        return {k: (None if pooled.get(k) is None else float(pooled[k]))
+                for k in ("ham_fpr", "spam_recall", "bec_recall") if k in pooled}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}  # older or hand-made metadata: listing must still work
+
+
+def _info(meta: ModelMetadata, current: str | None, in_history: bool) -> ModelInfo:
+    return ModelInfo(
+        name=meta.name, created=_created(meta.raw), schema_version=meta.schema_version,
+        schema_digest=meta.schema_digest,
+        schema_ok=(meta.schema_digest, meta.schema_version) == (SCHEMA.digest, SCHEMA.version),
+        metrics=_metrics_summary(meta.raw), is_current=meta.name == current, in_history=in_history,
+    )
+
+
+def _order(info: ModelInfo) -> tuple[datetime, str]:
+    return (info.created or datetime.min.replace(tzinfo=UTC), info.name)
+
+
+def _current_meta(directory: Path) -> ModelMetadata | None:
+    path = directory / CURRENT_JSON
+    return load_metadata(path) if path.exists() else None
+
+
+def list_models(directory: Path) -> list[ModelInfo]:
+    """Every model in history, oldest first, plus the current one if it never went through history.
+
+    Unreadable history entries are logged and skipped rather than hiding the rest.
+    """
+    current = _current_meta(directory)
+    current_name = current.name if current else None
+    rows: list[ModelInfo] = []
+    for meta_path in sorted((directory / HISTORY).glob("*.json")):
+        try:
+            rows.append(_info(load_metadata(meta_path), current_name, in_history=True))
+        except ModelError as exc:
+            log.warning("skipping history entry %s: %s", meta_path, exc)
+    if current is not None and all(r.name != current.name for r in rows):
+        rows.append(_info(current, current_name, in_history=False))
+    return sorted(rows, key=_order)
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def _sample_messages(samples: Sequence[bytes] | None) -> Sequence[bytes]:
+    if samples:
+        return samples
+    found = [p.read_bytes() for p in sorted(SAMPLES.glob("*.eml"))]
+    return found or _BUILTIN_SAMPLES
+
+
+def validate(onnx_path: Path, samples: Sequence[bytes] | None = None) -> ModelMetadata:
+    """Check a model whose metadata is the .json beside it; ModelError (or its subclass) if unfit.
+
+    The sha256 check comes first: a truncated copy or a pair caught mid-swap is refused with a
+    message that says so, instead of whatever ONNX Runtime makes of the bytes.
+    """
+    from milter.scan import prepare  # scan imports policy and features: keep `milter model list` light
+
+    meta = load_metadata(onnx_path.with_suffix(".json"))
+    if not _SAFE_NAME.match(meta.name):
+        raise ModelError(f"model name {meta.name!r} is not usable as a file name")
+    expected = meta.raw.get("onnx", {}).get("sha256") if isinstance(meta.raw.get("onnx"), Mapping) else None
+    if not isinstance(expected, str):
+        raise ModelError(f"model metadata for {meta.name} lacks onnx.sha256: cannot verify the ONNX file")
+    try:
+        actual = sha256_file(onnx_path)
+    except OSError as exc:
+        raise ModelError(f"cannot read model {onnx_path}: {exc.strerror}") from exc
+    if actual != expected:
+        raise ModelError(
+            f"model {onnx_path} does not match its metadata (sha256 {actual[:12]}…, metadata says "
+            f"{expected[:12]}…): the file is corrupt or belongs to another model"
+        )
+    classifier = Classifier.load(onnx_path, providers=("CPUExecutionProvider",))
+    messages = _sample_messages(samples)
+    vectors = np.stack([prepare(raw).vector for raw in messages])
+    probs = classifier.predict(vectors)
+    if not np.all(np.isfinite(probs)):
+        raise ModelError(f"model {meta.name} gives non-finite probabilities on the sample messages")
+    worst = float(np.max(np.abs(probs.sum(axis=1) - 1.0)))
+    if worst > PROB_TOLERANCE or float(probs.min()) < -PROB_TOLERANCE:
+        raise ModelError(
+            f"model {meta.name} gives rows that are not probabilities (|sum - 1| up to {worst:.3g})"
+        )
+    log.info("model %s validated on %d sample messages", meta.name, len(messages))
+    return meta
+
+
+# -- file operations ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One promote / rollback at a time (the nightly timer and an operator may meet)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK).open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_temp(src: Path, directory: Path) -> Path:
+    """A durable copy of `src` under a temporary name in `directory` (same filesystem as the target)."""
+    fd, name = tempfile.mkstemp(prefix=f".{src.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the gateway may run as another user than the trainer
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _swap(directory: Path, onnx_src: Path, json_src: Path) -> None:
+    """Make (onnx_src, json_src) current: both staged first, then .onnx replaced, then .json."""
+    tmp_onnx = _copy_temp(onnx_src, directory)
+    try:
+        tmp_json = _copy_temp(json_src, directory)
+    except BaseException:
+        tmp_onnx.unlink(missing_ok=True)
+        raise
+    try:
+        os.replace(tmp_onnx, directory / CURRENT_ONNX)
+        os.replace(tmp_json, directory / CURRENT_JSON)
+    finally:
+        tmp_onnx.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
+    _fsync_dir(directory)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
+
+
+def _archive(history: Path, name: str, onnx_src: Path, json_src: Path) -> None:
+    """Put a model into history under its name; an existing entry must hold the same bytes."""
+    history.mkdir(parents=True, exist_ok=True)
+    dst_onnx, dst_json = history / f"{name}.onnx", history / f"{name}.json"
+    if dst_onnx.exists() and dst_json.exists():
+        if _same_bytes(onnx_src, dst_onnx) and _same_bytes(json_src, dst_json):
+            return
+        raise ModelError(f"history already holds a different model named {name}")
+    for src, dst in ((onnx_src, dst_onnx), (json_src, dst_json)):
+        os.replace(_copy_temp(src, history), dst)
+    _fsync_dir(history)
+
+
+def _archive_current(directory: Path) -> str | None:
+    """Keep the outgoing current model (e.g. written by milter-train directly) so rollback can reach it."""
+    onnx, meta_path = directory / CURRENT_ONNX, directory / CURRENT_JSON
+    if not (onnx.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = load_metadata(meta_path)
+    except ModelError as exc:
+        log.warning("current model metadata unreadable, not archived: %s", exc)
+        return None
+    if _SAFE_NAME.match(meta.name):
+        try:
+            _archive(directory / HISTORY, meta.name, onnx, meta_path)
+        except ModelError as exc:  # a name clash must not block replacing a model
+            log.warning("current model not archived: %s", exc)
+    return meta.name
+
+
+def _log(directory: Path, name: str, action: str) -> None:
+    """Append one line to history/log.jsonl (durably: it decides what a later rollback returns to)."""
+    entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "name": name, "action": action}
+    with (directory / HISTORY / LOG).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _logged_names(directory: Path) -> list[str]:
+    """Names that became current, oldest first; unreadable lines are skipped (the log is advisory)."""
+    try:
+        text = (directory / HISTORY / LOG).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    names = []
+    for line in text.splitlines():
+        try:
+            names.append(str(json.loads(line)["name"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return names
+
+
+def _record_change(directory: Path, previous: str | None, name: str, action: str) -> None:
+    # A current model that never went through promote (written by milter-train) enters the log first,
+    # so that rolling back from its successor finds it.
+    logged = _logged_names(directory)
+    if previous is not None and (not logged or logged[-1] != previous):
+        _log(directory, previous, "was-current")
+    _log(directory, name, action)
+
+
+def promote(
+    directory: Path, onnx_path: Path, json_path: Path | None = None, samples: Sequence[bytes] | None = None
+) -> SwapResult:
+    """Validate a candidate, add it to history and make it current; ModelError leaves current untouched.
+
+    `json_path` defaults to the .json beside `onnx_path`. The candidate is validated from its staged
+    copy inside `directory`, so the bytes checked are the bytes installed.
+    """
+    json_path = json_path or onnx_path.with_suffix(".json")
+    for path in (onnx_path, json_path):
+        if not path.is_file():
+            raise ModelError(f"candidate file {path} not found")
+    with _locked(directory):
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=directory))
+        try:
+            staged = stage / "candidate.onnx"
+            shutil.copyfile(onnx_path, staged)
+            shutil.copyfile(json_path, staged.with_suffix(".json"))
+            meta = validate(staged, samples)
+            previous = _archive_current(directory)
+            _archive(directory / HISTORY, meta.name, staged, staged.with_suffix(".json"))
+            _swap(directory, staged, staged.with_suffix(".json"))
+            _record_change(directory, previous, meta.name, "promote")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    log.info("promoted model %s (previous: %s)", meta.name, previous)
+    return SwapResult(name=meta.name, previous=previous)
+
+
+def _previous_name(directory: Path, current: str, entries: Sequence[ModelInfo]) -> str:
+    """The model current before `current`: from the log, else the newest one created before it."""
+    available = {r.name for r in entries}
+    for name in reversed(_logged_names(directory)):
+        if name != current and name in available:
+            return name
+    here = next((r for r in list_models(directory) if r.name == current), None)
+    older = [r for r in entries if here is not None and _order(r) < _order(here)]
+    if not older:
+        raise ModelError(f"no earlier model in history to roll back to from {current}")
+    return older[-1].name
+
+
+def rollback(directory: Path, to: str | None = None, samples: Sequence[bytes] | None = None) -> SwapResult:
+    """Make a history entry current again: `to` by name, or the model that was current before.
+
+    Rolling back twice without a name therefore returns to where it started (like an undo). The entry
+    is validated like a candidate: a model from before a feature-schema change is refused.
+    """
+    with _locked(directory):
+        current = _current_meta(directory)
+        entries = [r for r in list_models(directory) if r.in_history]
+        if to is None:
+            if current is None:
+                raise ModelError(f"no current model in {directory}: name the model to roll back to")
+            to = _previous_name(directory, current.name, entries)
+        if not _SAFE_NAME.match(to) or not (directory / HISTORY / f"{to}.onnx").is_file():
+            known = ", ".join(r.name for r in entries) or "none"
+            raise ModelError(f"no model named {to!r} in {directory / HISTORY} (known: {known})")
+        src = directory / HISTORY / f"{to}.onnx"
+        meta = validate(src, samples)
+        previous = _archive_current(directory)
+        _swap(directory, src, src.with_suffix(".json"))
+        _record_change(directory, previous, meta.name, "rollback")
+    log.info("rolled back to model %s (previous: %s)", meta.name, previous)
+    return SwapResult(name=meta.name, previous=previous)
+
+
+def model_dir(model_path: Path) -> Path:
+    """The registry directory of a configured model path (its folder)."""
+    return model_path.parent
+
+
+def describe_metrics(metrics: Mapping[str, float | None]) -> str:
+    """'ham FPR 0.05% · spam 98.9% · bec 97.5%' for tables; '' when unknown."""
+    labels = {"ham_fpr": "ham FPR", "spam_recall": "spam", "bec_recall": "bec"}
+    parts = []
+    for key, label in labels.items():
+        value = metrics.get(key)
+        if value is not None and math.isfinite(value):
+            parts.append(f"{label} {value:.2%}")
+    return " · ".join(parts)
+
+
+__all__ = ["ModelInfo", "SwapResult", "describe_metrics", "list_models", "model_dir", "promote",
+           "rollback", "validate"]

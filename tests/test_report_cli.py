@@ -1,0 +1,163 @@
+"""`milter report --as LABEL FILE...`: user reports become labels on stored verdicts or new examples.
+
+The store is real (SQLite and PostgreSQL, see store_support); unmatched messages are scanned with a
+copy of the shipped model named by a config file, so --config is exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from store_support import BACKENDS, backend_url, make_result
+
+from milter.commands.report import forwarded_inner, report
+from milter.config import DEFAULT_MODEL
+from milter.features import SCHEMA
+from milter.store import Store, training_arrays
+from milter.types import Action, Envelope, Verdict
+
+ENV = Envelope(mail_from="alice@example.com", rcpt_tos=("bob@example.org",))
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from backend_url(request.param, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    where = tmp_path_factory.mktemp("model")
+    shutil.copyfile(DEFAULT_MODEL, where / "current.onnx")
+    shutil.copyfile(DEFAULT_MODEL.with_suffix(".json"), where / "current.json")
+    return where / "current.onnx"
+
+
+def config_for(tmp_path: Path, url: str, model: Path) -> Path:
+    cfg = tmp_path / "milter.toml"
+    cfg.write_text(f'[model]\npath = "{model}"\n\n[store]\nurl = "{url}"\n')
+    return cfg
+
+
+def eml(path: Path, message_id: str | None, subject: str = "Quarterly numbers") -> Path:
+    msg = EmailMessage()
+    msg["From"] = "Carol <carol@partner.example>"
+    msg["To"] = "bob@example.org"
+    msg["Subject"] = subject
+    if message_id is not None:
+        msg["Message-ID"] = message_id
+    msg.set_content("Hi Bob,\n\nthe numbers for the quarter are attached as discussed.\n\nCarol\n")
+    path.write_bytes(msg.as_bytes())
+    return path
+
+
+def forward_as_attachment(path: Path, original: Path) -> Path:
+    fwd = EmailMessage()
+    fwd["From"] = "bob@example.org"
+    fwd["To"] = "abuse@example.org"
+    fwd["Subject"] = "Fwd: not spam"
+    fwd["Message-ID"] = "<forward-1@example.org>"
+    fwd.set_content("This was quarantined but it is fine.\n")
+    fwd.add_attachment(_as_message(original), filename="original.eml")  # a message/rfc822 part
+    path.write_bytes(fwd.as_bytes())
+    return path
+
+
+def _as_message(original: Path) -> EmailMessage:
+    from email import policy
+    from email.parser import BytesParser
+
+    parsed = BytesParser(policy=policy.default).parsebytes(original.read_bytes())
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def lines(result: Result) -> list[dict[str, object]]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_matched_by_message_id_sets_label(tmp_path: Path, url: str) -> None:
+    with Store.open(url) as s:
+        pk = s.record(make_result(Verdict.SPAM, Action.QUARANTINE, message_id="<q1@partner.example>"),
+                      ENV, b"raw", "d")
+        other = s.record(make_result(message_id="<other@x>"), ENV, b"raw", "d")
+    path = eml(tmp_path / "reported.eml", "<q1@partner.example>")
+    res = CliRunner().invoke(report, ["--as", "ham", "--db", url, str(path)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(f"matched {path}: <q1@partner.example> labelled ham (1 stored verdict(s))")
+    with Store.open(url) as s:
+        row = s.get(pk)
+        assert row is not None and (row.label, row.label_source) == ("ham", "user-report")
+        untouched = s.get(other)
+        assert untouched is not None and untouched.label is None
+        assert s.stats().messages == 2  # labelled in place, nothing new stored
+
+
+def test_unmatched_is_scanned_and_stored_as_labelled_example(tmp_path: Path, url: str,
+                                                             model_copy: Path) -> None:
+    cfg = config_for(tmp_path, url, model_copy)
+    path = eml(tmp_path / "missed.eml", "<never-seen@partner.example>", subject="Gift cards, urgent")
+    res = CliRunner().invoke(report, ["--as", "bec", "--config", str(cfg), "--json", str(path)])
+    assert res.exit_code == 0, res.output
+    [out] = lines(res)
+    assert (out["result"], out["label"]) == ("stored", "bec")
+    assert out["message_id"] == "<never-seen@partner.example>"
+    with Store.open(url) as s:
+        row = s.get(int(str(out["id"])))
+        assert row is not None
+        assert (row.label, row.label_source, row.subject) == ("bec", "user-report", "Gift cards, urgent")
+        assert row.model == json.loads(model_copy.with_suffix(".json").read_text())["name"]
+        assert not row.quarantined
+        examples = s.labelled_examples(SCHEMA.digest)
+    assert [e.message_id for e in examples] == ["<never-seen@partner.example>"]
+    x, y = training_arrays(examples)
+    assert x.shape == (1, len(SCHEMA)) and y.tolist() == [2] and np.isfinite(x).all()
+    # Reporting the same file again finds the example just stored instead of adding a second one.
+    again = CliRunner().invoke(report, ["--as", "bec", "--config", str(cfg), "--json", str(path)])
+    assert [o["result"] for o in lines(again)] == ["matched"]
+    with Store.open(url) as s:
+        assert s.stats().messages == 1
+
+
+def test_forward_as_attachment_reports_the_inner_message(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    with Store.open(url) as s:
+        pk = s.record(make_result(message_id="<orig-7@partner.example>"), ENV, b"raw", "d")
+    original = eml(tmp_path / "orig.eml", "<orig-7@partner.example>")
+    fwd = forward_as_attachment(tmp_path / "fwd.eml", original)
+    inner = forwarded_inner(fwd.read_bytes())
+    assert inner is not None and b"orig-7@partner.example" in inner
+    res = CliRunner().invoke(report, ["--as", "ham", "--db", url, "--json", str(fwd)])
+    assert [(o["result"], o["message_id"]) for o in lines(res)] == [("matched", "<orig-7@partner.example>")]
+    with Store.open(url) as s:
+        row = s.get(pk)
+        assert row is not None and row.label == "ham"
+
+
+def test_failed_file_exits_1_and_others_still_count(tmp_path: Path, model_copy: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    with Store.open(url) as s:
+        pk = s.record(make_result(message_id="<ok@x>"), ENV, b"raw", "d")
+    good = eml(tmp_path / "good.eml", "<ok@x>")
+    empty = tmp_path / "empty.eml"
+    empty.write_bytes(b"")
+    res = CliRunner().invoke(report, ["--as", "spam", "--db", url, "--json",
+                                      str(tmp_path / "missing.eml"), str(empty), str(good)])
+    assert res.exit_code == 1
+    assert [o["result"] for o in lines(res)] == ["error", "error", "matched"]
+    assert "cannot read" in str(lines(res)[0]["error"]) and lines(res)[1]["error"] == "empty file"
+    with Store.open(url) as s:
+        row = s.get(pk)
+        assert row is not None and row.label == "spam"
+
+
+def test_label_must_be_a_class(tmp_path: Path) -> None:
+    path = eml(tmp_path / "m.eml", "<m@x>")
+    res = CliRunner().invoke(report, ["--as", "phish", "--db", f"sqlite:///{tmp_path / 'x.db'}", str(path)])
+    assert res.exit_code == 2 and "phish" in res.output
