@@ -56,7 +56,7 @@ def summary(message_id: str | None = "<m1@example.com>", subject: str | None = "
 def make_result(verdict: Verdict = Verdict.SPAM, action: Action = Action.QUARANTINE,
                 scores: tuple[float, float, float] = (0.05, 0.9, 0.05), dim: int = 8,
                 **summary_kw: Any) -> Any:
-    vector = np.arange(dim, dtype=np.float32) / 4 + 0.125
+    vector = (np.arange(dim, dtype=np.float32) / 4 + 0.125).astype(np.float32)
     return _ScanResult(
         verdict=verdict, action=action, scores=Scores(*scores), reasons=("spam score 0.90",),
         model="lgbm-test-1", summary=summary(**summary_kw), vector=vector,
