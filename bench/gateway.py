@@ -1,0 +1,206 @@
+"""Gateway throughput and added latency: N concurrent SMTP clients -> `milter serve` -> a real sink.
+
+    .venv/bin/python bench/gateway.py [--clients 50] [--messages 3000] [--workers 2] [--config FILE]
+
+Runs the same real corpus messages (../shared/corpora, unpacked under .cache/corpora) twice: straight to
+the sink, then through the gateway (a `milter serve` subprocess relaying to that sink), each client on
+one reused connection like an MTA's. Prints messages/s and p50/p99 per-message latency for both, and
+the added latency (gateway minus direct) at p50 and p99. The sink runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = ROOT / ".cache" / "corpora"
+MAX_LINE = 998  # what an MTA hands a content filter (Postfix folds longer lines)
+
+
+def corpus(limit: int) -> list[bytes]:
+    """Up to `limit` messages spread over all corpora and labels (every k-th file, sorted paths)."""
+    files = sorted(CORPORA.glob("*/*/*.eml"))
+    if not files:
+        sys.exit(f"no corpus under {CORPORA}: unpack with ../shared/corpora/unpack .cache/corpora")
+    step = max(1, len(files) // (limit * 2))
+    out = []
+    for f in files[::step]:
+        raw = f.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if len(raw) <= 1_000_000 and max(map(len, raw.split(b"\r\n"))) <= MAX_LINE:
+            out.append(raw)
+        if len(out) == limit:
+            break
+    return out
+
+
+# -- sink (own process) ------------------------------------------------------------------------
+
+
+def run_sink(port: int) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    class Handler:
+        count = 0
+
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            Handler.count += 1
+            return "250 2.0.0 Ok"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handler = Handler()
+        server = await loop.create_server(
+            lambda: SMTP(handler, hostname="sink", data_size_limit=None), "127.0.0.1", port
+        )
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    wall: float
+    latencies: list[float]
+    failures: int
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.wall
+
+    def pct(self, q: float) -> float:
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+
+
+async def load(port: int, messages: list[bytes], total: int, clients: int) -> Result:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(messages[i % len(messages)])
+    latencies: list[float] = []
+    failures = 0
+
+    async def client() -> None:
+        nonlocal failures
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60, start_tls=False)
+        await smtp.connect()
+        while not queue.empty():
+            raw = queue.get_nowait()
+            t0 = time.perf_counter()
+            try:
+                await smtp.sendmail("bench@sender.test", ["rcpt@rcpt.test"], raw)
+                latencies.append(time.perf_counter() - t0)
+            except aiosmtplib.SMTPResponseException:
+                failures += 1
+                await smtp.rset()
+        await smtp.quit()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Result(time.perf_counter() - t0, latencies, failures)
+
+
+async def wait_port(port: int, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            ok = (await reader.readline()).startswith(b"220")
+            writer.close()
+            if ok:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.25)
+    sys.exit(f"nothing answers on port {port}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def report(name: str, r: Result) -> None:
+    print(
+        f"{name:>8}: {len(r.latencies)} msgs in {r.wall:.1f} s = {r.rate:.0f} msgs/s, "
+        f"p50 {r.pct(0.5):.1f} ms, p99 {r.pct(0.99):.1f} ms, failures {r.failures}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--messages", type=int, default=3000, help="messages per phase")
+    ap.add_argument("--corpus", type=int, default=1000, help="distinct corpus messages to cycle through")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--config", help="milter config file (model, policy); flags below override it")
+    ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sink:
+        run_sink(args.sink)
+        return
+    messages = corpus(args.corpus)
+    sink_port, gw_port = free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--sink", str(sink_port)])]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            "-c",
+            "from milter.cli import main; main()",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{gw_port}",
+            "--downstream",
+            f"127.0.0.1:{sink_port}",
+            "--db",
+            f"sqlite:///{tmp}/b.db",
+            "--workers",
+            str(args.workers),
+            "--metrics-listen",
+            "off",
+        ]
+        if args.config:
+            cmd[4:4] = ["--config", args.config]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT))
+        try:
+            asyncio.run(wait_port(sink_port))
+            asyncio.run(wait_port(gw_port))
+            median_kib = statistics.median(map(len, messages)) / 1024
+            print(
+                f"{len(messages)} corpus messages (median {median_kib:.1f} KiB), "
+                f"{args.clients} clients, {args.messages} messages per phase, {args.workers} gateway workers"
+            )
+            asyncio.run(load(gw_port, messages, min(200, args.messages), args.clients))  # warm-up
+            direct = asyncio.run(load(sink_port, messages, args.messages, args.clients))
+            report("direct", direct)
+            gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients))
+            report("gateway", gateway)
+            print(
+                f"   added: p50 {gateway.pct(0.5) - direct.pct(0.5):.1f} ms, "
+                f"p99 {gateway.pct(0.99) - direct.pct(0.99):.1f} ms; throughput {gateway.rate:.0f} msgs/s"
+            )
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()

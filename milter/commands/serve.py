@@ -1,0 +1,89 @@
+"""`milter serve`: the SMTP gateway (Postfix content_filter or smtpd_proxy_filter).
+
+Flags override the configuration file; see milter/gateway/ for how a message is handled.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from milter.config import Config, host_port, load_config
+from milter.errors import ConfigError, MilterError
+
+
+def effective_config(
+    config_path: Path | None,
+    listen: str | None,
+    downstream: str | None,
+    db: str | None,
+    workers: int | None,
+    mode: str | None,
+    metrics_listen: str | None,
+) -> Config:
+    """The file's configuration with the command-line flags applied and checked."""
+    cfg = load_config(config_path)
+    server = cfg.server
+    if listen is not None:
+        host_port(listen, "--listen")
+        server = replace(server, listen=listen)
+    if downstream is not None:
+        host_port(downstream, "--downstream")
+        server = replace(server, downstream=downstream)
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError("--workers", f"must be at least 1, got {workers}")
+        server = replace(server, workers=workers)
+    if mode is not None:
+        server = replace(server, mode=mode)
+    if metrics_listen is not None:
+        if metrics_listen in ("", "off"):
+            server = replace(server, metrics_listen=None)
+        else:
+            host_port(metrics_listen, "--metrics-listen")
+            server = replace(server, metrics_listen=metrics_listen)
+    if server.workers < 1:
+        raise ConfigError("server.workers", "must be at least 1")
+    store = replace(cfg.store, url=db) if db is not None else cfg.store
+    return replace(cfg, server=server, store=store)
+
+
+@click.command("serve")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--listen", help="HOST:PORT to accept SMTP on (server.listen).")
+@click.option("--downstream", help="HOST:PORT to relay to (server.downstream).")
+@click.option("--db", help="Store URL, e.g. sqlite:///var/milter.db (store.url).")
+@click.option("--workers", type=int, help="Worker processes; 1 serves in this process (server.workers).")
+@click.option("--mode", type=click.Choice(["after-queue", "before-queue"]), help="server.mode")
+@click.option(
+    "--metrics-listen", help="HOST:PORT for /metrics and /healthz, or 'off' (server.metrics_listen)."
+)
+def serve(
+    config_path: Path | None,
+    listen: str | None,
+    downstream: str | None,
+    db: str | None,
+    workers: int | None,
+    mode: str | None,
+    metrics_listen: str | None,
+) -> None:
+    """Run the SMTP gateway: scan every message, then relay, tag or quarantine it."""
+    from milter.gateway.workers import run_single, run_workers
+
+    # aiosmtpd logs every command at INFO under "mail.log": far too much for a busy relay.
+    root_level = logging.getLogger().getEffectiveLevel()
+    if root_level > logging.DEBUG:
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    try:
+        cfg = effective_config(config_path, listen, downstream, db, workers, mode, metrics_listen)
+        if cfg.server.workers == 1:
+            run_single(cfg)
+        else:
+            run_workers(cfg, root_level)
+    except MilterError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # typically the listen address is in use
+        raise click.ClickException(f"cannot serve: {exc}") from exc

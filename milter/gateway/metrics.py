@@ -1,0 +1,103 @@
+"""Prometheus metrics and a health check, served over HTTP on the event loop (no threads).
+
+Each gateway owns its own `CollectorRegistry` (no process-global state). With several worker
+processes each worker serves its own port (metrics_listen port + worker index) instead of
+prometheus_client's multiprocess mode: that mode needs a shared directory that must be wiped on
+every start and keeps dead workers' files, while per-worker targets are plain scrape configs and
+Prometheus sums them with `sum without (instance)`.
+
+`GET /healthz` answers 200 "ok" while this worker's loop runs, its SMTP listener is open and its
+scanner can score; 503 with the reason otherwise. It does not probe the downstream: a downstream
+outage is answered with 4xx per message and must not get the gateway restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from milter.gateway.logfmt import kv
+
+log = logging.getLogger("milter.gateway.metrics")
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "milter_messages", "Messages answered, by action and verdict", ["action", "verdict"], registry=r
+        )
+        self.replies = Counter("milter_replies", "Replies to DATA by SMTP code class", ["code"], registry=r)
+        self.scan_seconds = Histogram(
+            "milter_scan_seconds",
+            "Prepare + model + policy time per message",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "milter_delivery_seconds",
+            "Downstream delivery time per message",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "milter_batch_size", "Messages per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.errors = Counter("milter_errors", "Failures by kind", ["kind"], registry=r)
+        self.sessions = Gauge("milter_sessions", "Open SMTP sessions", registry=r)
+        self.pending = Gauge("milter_pending_messages", "Messages received and not yet answered", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """Minimal HTTP/1.0 server for /metrics and /healthz."""
+
+    def __init__(self, metrics: GatewayMetrics, health: Callable[[], str | None]) -> None:
+        self._metrics = metrics
+        self._health = health  # returns None when healthy, else the reason
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readuntil(b"\r\n\r\n")
+            parts = request.split(b" ", 2)
+            path = parts[1].split(b"?")[0] if len(parts) > 1 else b""
+            if path == b"/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self._metrics.render()
+            elif path == b"/healthz":
+                problem = self._health()
+                status = "200 OK" if problem is None else "503 Service Unavailable"
+                ctype, body = "text/plain", (problem or "ok").encode() + b"\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+            log.debug(kv("metrics_request_failed", error=type(exc).__name__))
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

@@ -1,0 +1,346 @@
+"""One message, start to reply: prepare (process pool) -> model (micro-batched) -> action -> reply.
+
+`MessageProcessor.handle` never raises: every outcome is an SMTP reply line, and 250 is returned only
+after the downstream said 250 or the quarantine row is committed.
+
+Verdict records of relayed messages are written after the relay, in the background: the message is
+already delivered, so a store failure is logged and counted (`milter_errors{kind="store_record"}`),
+never turned into a 4xx that would make the sender deliver it twice. Quarantine commits are awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from milter.errors import MilterError, StoreError, smtp_reply
+from milter.gateway.batcher import MicroBatcher
+from milter.gateway.headers import rewrite
+from milter.gateway.logfmt import kv
+from milter.gateway.metrics import GatewayMetrics
+from milter.gateway.relay import Downstream
+from milter.gateway.xforward import XForward
+from milter.types import Action, Envelope
+
+if TYPE_CHECKING:
+    from milter.features.summary import Extracted
+    from milter.scan import ScanResult
+
+log = logging.getLogger("milter.gateway")
+
+REJECT_CODE = "550 5.7.1"
+TEMPFAIL_REPLY = "451 4.7.1 Message deferred by policy, try again later"
+MAX_BACKGROUND_RECORDS = 256
+
+
+class ScannerLike(Protocol):
+    """What the gateway needs of `milter.scan.Scanner` (a protocol so tests can inject faults)."""
+
+    @property
+    def policy(self) -> Any: ...
+
+    def predict(self, items: Sequence[Extracted]) -> npt.NDArray[np.float32]: ...
+
+    def decide(
+        self, items: Sequence[Extracted], envelopes: Sequence[Envelope], probs: npt.NDArray[np.float32]
+    ) -> list[ScanResult]: ...
+
+
+class StoreLike(Protocol):
+    def record(
+        self,
+        result: ScanResult,
+        envelope: Envelope,
+        raw: bytes | None,
+        schema_digest: str,
+        keep_vector: bool = True,
+    ) -> int: ...
+
+
+PrepareFn = Callable[..., "Extracted"]
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message as the SMTP session received it."""
+
+    id: str
+    raw: bytes
+    envelope: Envelope
+    mail_options: tuple[str, ...]
+    xforward: XForward
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    mode: str  # "after-queue" | "before-queue"
+    on_error: str  # "tempfail" | "accept"
+    schema_digest: str
+    keep_vector: bool
+
+
+def score_batch(scanner: ScannerLike, items: Sequence[tuple[Extracted, Envelope]]) -> list[ScanResult]:
+    """The batch function (runs in the batcher's thread): one model call, then the policy per item."""
+    exts = [e for e, _ in items]
+    return scanner.decide(exts, [v for _, v in items], scanner.predict(exts))
+
+
+def verdict_headers(result: ScanResult) -> list[tuple[str, str]]:
+    s = result.scores
+    return [
+        ("X-Milter-Verdict", result.verdict.value),
+        ("X-Milter-Scores", f"ham={s.ham:.3f} spam={s.spam:.3f} bec={s.bec:.3f}"),
+        ("X-Milter-Reasons", "; ".join(result.reasons) or "none"),
+    ]
+
+
+class PreparePool:
+    """The process pool for `prepare`; rebuilt when a worker process dies (BrokenProcessPool)."""
+
+    def __init__(self, factory: Callable[[], Executor], prepare: PrepareFn) -> None:
+        self._factory = factory
+        self._prepare = prepare
+        self._pool = factory()
+
+    async def run(self, raw: bytes, envelope: Envelope, protected: Any) -> Extracted:
+        pool = self._pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, self._prepare, raw, envelope, protected
+            )
+        except BrokenProcessPool:
+            if self._pool is pool:  # the first session to notice replaces it
+                log.error(kv("prepare_pool_broken", action="restarting"))
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._factory()
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class MessageProcessor:
+    def __init__(
+        self,
+        settings: ProcessorSettings,
+        scanner: ScannerLike,
+        prepare: PreparePool,
+        batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult],
+        downstream: Downstream,
+        store: StoreLike,
+        metrics: GatewayMetrics,
+        store_executor: Executor,
+    ) -> None:
+        self.settings = settings
+        self.scanner = scanner
+        self.prepare = prepare
+        self.batcher = batcher
+        self.downstream = downstream
+        self.store = store
+        self.metrics = metrics
+        self._store_executor = store_executor
+        self._records: set[asyncio.Future[int]] = set()
+        self._record_slots = asyncio.Semaphore(MAX_BACKGROUND_RECORDS)
+
+    async def handle(self, msg: Inbound) -> str:
+        self.metrics.pending.inc()
+        try:
+            reply = await self._handle(msg)
+        except Exception as exc:  # a bug must still end in a 4xx, never a lost message or a hang
+            log.exception(kv("internal_error", id=msg.id))
+            self.metrics.errors.labels("internal").inc()
+            reply = smtp_reply(exc)
+        finally:
+            self.metrics.pending.dec()
+        self.metrics.replies.labels(reply[:1] + "xx").inc()
+        return reply
+
+    async def _handle(self, msg: Inbound) -> str:
+        started = time.perf_counter()
+        try:
+            result = await self._scan(msg)
+        except Exception as exc:
+            kind = type(exc).__name__
+            self.metrics.errors.labels("scan").inc()
+            log.error(
+                kv(
+                    "scan_failed",
+                    id=msg.id,
+                    queue_id=msg.envelope.queue_id,
+                    error=kind,
+                    detail=str(exc)[:200],
+                    on_error=self.settings.on_error,
+                )
+            )
+            if self.settings.on_error == "accept":
+                headers = [("X-Milter-Verdict", "unscanned"), ("X-Milter-Reasons", f"scan failed: {kind}")]
+                return await self._relay(msg, None, headers, None, "unscanned")
+            self.metrics.messages.labels("tempfail", "unscanned").inc()
+            return (
+                smtp_reply(exc) if isinstance(exc, MilterError) else "451 4.3.0 Scan failed, try again later"
+            )
+        self.metrics.scan_seconds.observe(time.perf_counter() - started)
+        return await self._act(msg, result)
+
+    async def _scan(self, msg: Inbound) -> ScanResult:
+        ext = await self.prepare.run(msg.raw, msg.envelope, self.scanner.policy.protected)
+        return await self.batcher.submit((ext, msg.envelope))
+
+    async def _act(self, msg: Inbound, result: ScanResult) -> str:
+        action = result.action
+        if action is Action.REJECT and self.settings.mode == "before-queue":
+            reason = (result.reasons[0] if result.reasons else "policy")[:120]
+            self._count(msg, result, "reject", reply=REJECT_CODE)
+            return f"{REJECT_CODE} Message rejected as {result.verdict.value}: {reason}".replace(
+                "\r", " "
+            ).replace("\n", " ")
+        if action in (Action.QUARANTINE, Action.REJECT):  # after-queue never bounces: hold it instead
+            return await self._quarantine(msg, result)
+        if action is Action.TEMPFAIL:
+            self._count(msg, result, "tempfail", reply=TEMPFAIL_REPLY[:3])
+            return TEMPFAIL_REPLY
+        if action is Action.TAG:
+            return await self._relay(msg, result, verdict_headers(result), result.subject_prefix, "tag")
+        return await self._relay(msg, result, [], None, "accept")
+
+    async def _quarantine(self, msg: Inbound, result: ScanResult) -> str:
+        s = self.settings
+        try:
+            row = await asyncio.get_running_loop().run_in_executor(
+                self._store_executor,
+                self.store.record,
+                result,
+                msg.envelope,
+                msg.raw,
+                s.schema_digest,
+                s.keep_vector,
+            )
+        except Exception as exc:
+            self.metrics.errors.labels("store_quarantine").inc()
+            log.error(
+                kv(
+                    "quarantine_failed",
+                    id=msg.id,
+                    queue_id=msg.envelope.queue_id,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                )
+            )
+            return smtp_reply(exc) if isinstance(exc, StoreError) else smtp_reply(StoreError(str(exc)))
+        reply = f"250 2.0.0 Ok: quarantined as {row}"
+        self._count(msg, result, "quarantine", reply="250", row=row)
+        return reply
+
+    async def _relay(
+        self,
+        msg: Inbound,
+        result: ScanResult | None,
+        headers: list[tuple[str, str]],
+        prefix: str | None,
+        action: str,
+    ) -> str:
+        out = rewrite(msg.raw, headers, prefix)
+        started = time.perf_counter()
+        try:
+            delivered = await self.downstream.deliver(
+                out, msg.envelope.mail_from or "", msg.envelope.rcpt_tos, msg.mail_options, msg.xforward
+            )
+        except MilterError as exc:
+            self.metrics.errors.labels("delivery").inc()
+            reply = smtp_reply(exc)
+            log.warning(
+                kv(
+                    "relay_failed",
+                    id=msg.id,
+                    queue_id=msg.envelope.queue_id,
+                    reply=reply,
+                    detail=str(exc)[:200],
+                )
+            )
+            return reply
+        self.metrics.delivery_seconds.observe(time.perf_counter() - started)
+        for refusal in delivered.refused:
+            log.warning(
+                kv(
+                    "recipient_refused",
+                    id=msg.id,
+                    rcpt=refusal.recipient,
+                    code=refusal.code,
+                    text=refusal.text[:200],
+                )
+            )
+        self._count(msg, result, action, reply=delivered.reply[:3])
+        if result is not None:
+            await self._record_later(msg, result)
+        return delivered.reply
+
+    async def _record_later(self, msg: Inbound, result: ScanResult) -> None:
+        """Write the verdict of a delivered message without holding up the reply."""
+        await self._record_slots.acquire()  # back-pressure if the store falls behind
+        s = self.settings
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._store_executor,
+            self.store.record,
+            result,
+            msg.envelope,
+            None,
+            s.schema_digest,
+            s.keep_vector,
+        )
+        self._records.add(fut)
+
+        def done(f: asyncio.Future[int]) -> None:
+            self._records.discard(f)
+            self._record_slots.release()
+            if not f.cancelled() and f.exception() is not None:
+                self.metrics.errors.labels("store_record").inc()
+                log.error(
+                    kv(
+                        "verdict_record_failed",
+                        id=msg.id,
+                        error=type(f.exception()).__name__,
+                        detail=str(f.exception())[:200],
+                    )
+                )
+
+        fut.add_done_callback(done)
+
+    async def drain(self) -> None:
+        """Wait for background verdict records (at shutdown)."""
+        if self._records:
+            await asyncio.gather(*self._records, return_exceptions=True)
+
+    def _count(
+        self, msg: Inbound, result: ScanResult | None, action: str, reply: str, row: int | None = None
+    ) -> None:
+        verdict = result.verdict.value if result is not None else "unscanned"
+        self.metrics.messages.labels(action, verdict).inc()
+        scores = None
+        if result is not None:
+            s = result.scores
+            scores = f"{s.ham:.3f}/{s.spam:.3f}/{s.bec:.3f}"
+        log.info(
+            kv(
+                "message",
+                id=msg.id,
+                queue_id=msg.envelope.queue_id,
+                mail_from=msg.envelope.mail_from,
+                rcpts=len(msg.envelope.rcpt_tos),
+                size=len(msg.raw),
+                verdict=verdict,
+                action=action,
+                scores=scores,
+                reply=reply,
+                quarantine_id=row,
+                message_id=result.summary.message_id if result is not None else None,
+            )
+        )

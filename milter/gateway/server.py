@@ -1,0 +1,271 @@
+"""`Gateway`: one event loop's SMTP listener, scanner, relay, store and metrics, wired together.
+
+Built from the configuration plus the already-loaded scanner and store (so tests and the `serve`
+command load those once and can inject faults). `workers` runs several of these in processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import socket
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+from aiosmtpd.smtp import Session
+
+from milter.config import Config, host_port
+from milter.gateway.batcher import MicroBatcher
+from milter.gateway.logfmt import kv, new_message_id
+from milter.gateway.metrics import GatewayMetrics, MetricsServer
+from milter.gateway.process import (
+    Inbound,
+    MessageProcessor,
+    PrepareFn,
+    PreparePool,
+    ProcessorSettings,
+    ScannerLike,
+    StoreLike,
+    score_batch,
+)
+from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
+from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
+from milter.types import Envelope
+
+if TYPE_CHECKING:
+    from milter.features.summary import Extracted
+    from milter.scan import ScanResult
+
+log = logging.getLogger("milter.gateway")
+
+WARMUP_MESSAGE = b"From: warmup@localhost\r\nSubject: warmup\r\n\r\nwarmup\r\n"
+
+
+class _Busy(asyncio.Protocol):
+    """Answers a connection over the session limit with 421 and closes it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(TOO_MANY_SESSIONS.encode() + b"\r\n")
+        transport.close()
+
+
+def default_prepare_pool(processes: int) -> Callable[[], Executor]:
+    # spawn, not fork: forking a process that runs an event loop and ONNX Runtime threads is unsafe.
+    def make() -> Executor:
+        return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
+
+    return make
+
+
+def to_envelope(session: Session, envelope: SMTPEnvelope, server: GatewaySMTP) -> Envelope:
+    """The session's facts, with the original client's (XFORWARD) where Postfix sent them."""
+    xf = server.xforward
+    peer = session.peer
+    peer_addr = peer[0] if isinstance(peer, tuple) and peer else None
+    mail_from = envelope.mail_from or ""
+    return Envelope(
+        mail_from="" if mail_from == "<>" else mail_from,
+        rcpt_tos=tuple(envelope.rcpt_tos),
+        client_addr=xf.client_addr or peer_addr,
+        client_name=xf.known("NAME"),
+        helo=xf.known("HELO") or session.host_name,
+        queue_id=xf.known("IDENT"),
+    )
+
+
+class _Handler:
+    """aiosmtpd hook object: DATA goes to the processor, shielded from the client going away."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: SMTPEnvelope) -> str:
+        raw = envelope.original_content or b""
+        msg = Inbound(
+            id=new_message_id(),
+            raw=raw,
+            envelope=to_envelope(session, envelope, server),
+            mail_options=tuple(o.upper() for o in envelope.mail_options),
+            xforward=server.xforward,
+        )
+        server.hold_timeout()
+        try:
+            # Once the message is complete it is processed to the end even if the client disconnects:
+            # cancelling halfway through a relay would leave its outcome unknown.
+            return await asyncio.shield(self._gateway.track(self._gateway.processor.handle(msg)))
+        finally:
+            server.resume_timeout()
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        scanner: ScannerLike,
+        store: StoreLike,
+        *,
+        prepare: PrepareFn,
+        schema_digest: str,
+        prepare_pool: Callable[[], Executor] | None = None,
+        worker_index: int = 0,
+    ) -> None:
+        self.config = config
+        srv = config.server
+        self.metrics = GatewayMetrics()
+        processes = max(1, (os.cpu_count() or 1) // max(1, srv.workers))
+        self._prepare_pool = PreparePool(prepare_pool or default_prepare_pool(processes), prepare)
+        self._store_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milter-store")
+        self.batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult] = MicroBatcher(
+            lambda items: score_batch(scanner, items),
+            srv.batch_max,
+            srv.batch_wait_ms / 1000.0,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        host, port = host_port(srv.downstream, "server.downstream")
+        self.downstream = Downstream(
+            host,
+            port,
+            srv.downstream_timeout,
+            srv.hostname,
+            size=min(DEFAULT_POOL_SIZE, max(1, srv.max_sessions)),
+        )
+        settings = ProcessorSettings(
+            mode=srv.mode,
+            on_error=config.policy.on_error,
+            schema_digest=schema_digest,
+            keep_vector=config.store.keep_feature_vectors,
+        )
+        self.processor = MessageProcessor(
+            settings,
+            scanner,
+            self._prepare_pool,
+            self.batcher,
+            self.downstream,
+            store,
+            self.metrics,
+            self._store_executor,
+        )
+        self._worker_index = worker_index
+        self._handler = _Handler(self)
+        self._sessions: set[GatewaySMTP] = set()
+        self._inflight: set[asyncio.Task[str]] = set()
+        self._server: asyncio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self.metrics_port: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Warm up the scanner, then listen (on `sock` if given, else on server.listen)."""
+        self.batcher.start()
+        await self._warm_up()
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(self._protocol, sock=sock)
+        else:
+            host, port = host_port(self.config.server.listen, "server.listen")
+            self._server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        if self.config.server.metrics_listen:
+            mhost, mport = host_port(self.config.server.metrics_listen, "server.metrics_listen")
+            self._metrics_server = MetricsServer(self.metrics, self.health)
+            self.metrics_port = await self._metrics_server.start(
+                mhost, mport + self._worker_index if mport else 0
+            )
+        log.info(
+            kv(
+                "listening",
+                addr=self.address,
+                mode=self.config.server.mode,
+                metrics_port=self.metrics_port,
+                downstream=self.config.server.downstream,
+                pid=os.getpid(),
+            )
+        )
+
+    async def _warm_up(self) -> None:
+        """Start the prepare processes and run the model once, so the first message is not slow.
+
+        A model that fails here is logged, not fatal: a model that cannot load was already refused,
+        and policy.on_error decides what happens to mail while inference fails (tempfail, or accept
+        unscanned); refusing to start would override an operator's on_error = "accept"."""
+        env = Envelope()
+        ext = await self._prepare_pool.run(WARMUP_MESSAGE, env, self.processor.scanner.policy.protected)
+        try:
+            await self.batcher.submit((ext, env))
+        except Exception as exc:
+            self.metrics.errors.labels("scan").inc()
+            log.error(kv("model_warmup_failed", error=type(exc).__name__, detail=str(exc)[:200],
+                         on_error=self.config.policy.on_error))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        name = self._server.sockets[0].getsockname()
+        return name[0], name[1]
+
+    def health(self) -> str | None:
+        if self._server is None or not self._server.is_serving():
+            return "smtp listener closed"
+        if not self.batcher.running:
+            return "model batcher stopped"
+        return None
+
+    async def close(self, grace: float = 30.0) -> None:
+        """Stop accepting, let messages in progress finish (up to `grace` s), then close everything."""
+        if self._server is not None:
+            self._server.close()
+        if self._inflight:
+            log.info(kv("draining", messages=len(self._inflight)))
+            await asyncio.wait(self._inflight, timeout=grace)
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self.processor.drain()
+        await self.batcher.close()
+        await self.downstream.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        self._prepare_pool.close()
+        self._store_executor.shutdown(wait=True)
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def track(self, coro: Any) -> asyncio.Task[str]:
+        task: asyncio.Task[str] = asyncio.ensure_future(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return task
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        srv = self.config.server
+        if len(self._sessions) >= srv.max_sessions:
+            self.metrics.errors.labels("too_many_sessions").inc()
+            log.warning(kv("session_refused", reason="max_sessions", limit=srv.max_sessions))
+            return _Busy()
+        session: GatewaySMTP
+
+        def closed() -> None:
+            self._sessions.discard(session)
+            self.metrics.sessions.set(len(self._sessions))
+
+        session = GatewaySMTP(
+            self._handler,
+            data_timeout=srv.data_timeout,
+            on_close=closed,
+            data_size_limit=srv.max_message_size or None,
+            enable_SMTPUTF8=True,
+            hostname=srv.hostname,
+            ident="milter",
+            timeout=srv.command_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self._sessions.add(session)
+        self.metrics.sessions.set(len(self._sessions))
+        return session

@@ -1,0 +1,147 @@
+"""The SMTP session: aiosmtpd's `SMTP` plus XFORWARD, a DATA timeout, and clearer limit replies.
+
+`XForwardSMTP` is the reusable part (XFORWARD in EHLO and as a command); `GatewaySMTP` adds what
+the gateway needs: the DATA timeout, holding the idle timer while a message is processed, and a
+session counter for the concurrency limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Session, syntax
+
+from milter.gateway.logfmt import kv
+from milter.gateway.xforward import ATTRIBUTES, XForward, XForwardError
+
+log = logging.getLogger("milter.gateway.session")
+
+TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
+TOO_BIG = "552 5.3.4 Message too big for system"
+TIMEOUT_REPLY = "421 4.4.2 Timeout exceeded, closing connection"
+# aiosmtpd's own replies for our limits, without enhanced status codes; rewritten (and logged) here.
+_REWRITES: dict[bytes, tuple[str, str]] = {
+    b"552 Error: Too much mail data": (TOO_BIG, "message_too_big"),
+    b"552 Error: message size exceeds fixed maximum message size": (TOO_BIG, "declared_size_too_big"),
+    b"500 Line too long (see RFC5321 4.5.3.1.6)": (
+        "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+        "line_too_long",
+    ),
+    b"500 Command line too long": ("500 5.5.2 Command line too long", "command_too_long"),
+}
+
+
+class XForwardSMTP(SMTP):
+    """aiosmtpd SMTP that advertises and accepts Postfix's XFORWARD."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        self.xforward = XForward()
+        super().__init__(handler, **kwargs)
+        # aiosmtpd keeps these limits in a class-level dict that every session clears and bumps;
+        # an instance dict keeps sessions from changing each other's limits.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.command_size_limits["MAIL"] += 26 + 10  # SIZE=... and SMTPUTF8 parameters
+
+    def _set_post_data_state(self) -> None:
+        # XFORWARD attributes describe one transaction: forget them after DATA, RSET, HELO/EHLO.
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.xforward = XForward()
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        session = self._current_session()
+        session.extended_smtp = True
+        session.host_name = hostname
+        lines = [f"250-{self.hostname}"]
+        if self.data_size_limit:
+            lines.append(f"250-SIZE {self.data_size_limit}")
+        lines.append("250-8BITMIME")
+        if self.enable_SMTPUTF8:
+            lines.append("250-SMTPUTF8")
+        lines.append("250-XFORWARD " + " ".join(ATTRIBUTES))
+        lines.append("250 HELP")
+        await self.push("\r\n".join(lines))
+
+    @syntax("XFORWARD attribute=value ...")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        envelope = self.envelope
+        if envelope is not None and envelope.mail_from:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        try:
+            self.xforward = self.xforward.updated(arg)
+        except XForwardError as exc:
+            log.info(kv("xforward_rejected", peer=self._peer_text(), reply=exc.reply))
+            await self.push(exc.reply)
+            return
+        await self.push("250 2.0.0 Ok")
+
+    def _current_session(self) -> Session:
+        # A method, not a property: aiosmtpd's __init__ runs inspect.getmembers(self), which would
+        # evaluate a property before any session exists.
+        assert self.session is not None
+        return self.session
+
+    def _peer_text(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return str(peer)
+
+
+class GatewaySMTP(XForwardSMTP):
+    """The gateway's session; `on_close` is called once when the connection ends."""
+
+    def __init__(
+        self, handler: Any, *, data_timeout: float, on_close: Callable[[], None], **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._data_timeout = data_timeout
+        self._on_close: Callable[[], None] | None = on_close
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        log.info(kv("session_timeout", peer=self._peer_text()))
+        if self.transport is not None and not self.transport.is_closing():
+            # Best effort: tell the client why (RFC 5321 4.5.3.2 allows 421 before closing).
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(TIMEOUT_REPLY.encode() + b"\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # The command timeout was reset when DATA arrived; the whole transfer gets data_timeout.
+        self._reset_timeout(self._data_timeout)
+        await super().smtp_DATA(arg)
+
+    def hold_timeout(self) -> None:
+        """Stop the idle timer while the gateway itself works on a message (scan, relay)."""
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+
+    def resume_timeout(self) -> None:
+        if self.transport is not None:
+            self._reset_timeout()
+
+    async def push(self, status: AnyStr) -> None:
+        raw = status.encode("ascii", "replace") if isinstance(status, str) else status
+        rewrite = _REWRITES.get(raw)
+        if rewrite is not None:
+            reply, event = rewrite
+            log.info(kv(event, peer=self._peer_text(), reply=reply))
+            raw = reply.encode("ascii")
+        await super().push(raw)

@@ -1,0 +1,149 @@
+"""Running gateways: one in this process (`--workers 1`), or N worker processes.
+
+Workers are processes, not threads, because the SMTP sessions themselves (aiosmtpd, pure Python) cost
+CPU under the GIL. Each worker binds its own socket to the same address with SO_REUSEPORT and runs a
+full event loop; the kernel spreads new connections over them, and a worker that dies takes only its
+own sessions with it (their clients get no 250, so the MTA retries). The parent only supervises:
+it restarts a worker that exits unexpectedly and forwards SIGTERM/SIGINT for a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from milter.config import Config, host_port
+from milter.gateway.logfmt import kv
+from milter.gateway.server import Gateway
+
+log = logging.getLogger("milter.gateway.workers")
+
+LISTEN_BACKLOG = 1024  # MTAs open connections in bursts when a queue is flushed
+RESTART_DELAY = 1.0
+STOP_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    scanner: Any
+    store: Any
+    schema_digest: str
+
+
+def load(config: Config) -> Loaded:
+    """Load the model, the policy and the store (blocking: call before the loop serves).
+    Raises ModelError / SchemaMismatchError / ConfigError / StoreError with a clear message."""
+    from milter.classifier import Classifier
+    from milter.features import SCHEMA
+    from milter.policy import Policy
+    from milter.scan import Scanner
+    from milter.store import Store
+
+    classifier = Classifier.load(config.model.path)
+    scanner = Scanner(classifier, Policy(config.policy, classifier.metadata.thresholds))
+    store = Store.open(config.store.url)
+    return Loaded(scanner, store, SCHEMA.digest)
+
+
+def listen_socket(address: str, reuse_port: bool) -> socket.socket:
+    host, port = host_port(address, "server.listen")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_gateway(config: Config, loaded: Loaded, sock: socket.socket, worker_index: int = 0) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    from milter.scan import prepare
+
+    gateway = Gateway(
+        config,
+        loaded.scanner,
+        loaded.store,
+        prepare=prepare,
+        schema_digest=loaded.schema_digest,
+        worker_index=worker_index,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start(sock)
+    try:
+        await stop.wait()
+    finally:
+        log.info(kv("stopping", worker=worker_index))
+        await gateway.close(grace=STOP_GRACE)
+        await asyncio.to_thread(loaded.store.close)
+
+
+def run_single(config: Config) -> None:
+    loaded = load(config)
+    sock = listen_socket(config.server.listen, reuse_port=False)
+    asyncio.run(serve_gateway(config, loaded, sock))
+
+
+def _worker_main(config: Config, index: int, log_level: int) -> None:
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s worker={index} %(name)s: %(message)s"
+    )
+    if log_level > logging.DEBUG:  # as in the serve command: aiosmtpd's per-command lines are noise
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    loaded = load(config)
+    sock = listen_socket(config.server.listen, reuse_port=True)
+    asyncio.run(serve_gateway(config, loaded, sock, worker_index=index))
+
+
+def run_workers(config: Config, log_level: int) -> None:
+    """Start config.server.workers processes and keep them running until SIGTERM/SIGINT."""
+    # Fail fast in the parent: a model or store that cannot load would only make workers crash-loop.
+    load(config).store.close()
+    listen_socket(config.server.listen, reuse_port=True).close()
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start(index: int) -> BaseProcess:
+        proc = ctx.Process(
+            target=_worker_main, args=(config, index, log_level), name=f"milter-worker-{index}"
+        )
+        proc.start()
+        log.info(kv("worker_started", worker=index, pid=proc.pid))
+        return proc
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
+            if proc.pid is not None and proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()  # SIGTERM: the worker drains its messages in flight
+
+    procs = {i: start(i) for i in range(config.server.workers)}
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while procs:
+        wait([p.sentinel for p in procs.values()], timeout=1.0)
+        for index, proc in list(procs.items()):
+            if proc.is_alive():
+                continue
+            proc.join()
+            del procs[index]
+            if not stopping:
+                log.error(kv("worker_died", worker=index, exitcode=proc.exitcode, action="restarting"))
+                time.sleep(RESTART_DELAY)
+                procs[index] = start(index)

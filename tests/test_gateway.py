@@ -1,0 +1,233 @@
+"""`milter serve` in-process: real gateway, real aiosmtpd sink, real SQLite store, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+from gateway_support import (
+    QUARANTINE_SENDER,
+    REJECT_DOMAIN,
+    TAG_DOMAIN,
+    Scenario,
+    Sink,
+    account,
+    make_message,
+    run_gateway_scenario,
+    send,
+)
+
+from milter.gateway.server import Gateway
+
+
+def run_scenario(tmp_path: Path, free_port: Callable[[], int], scenario: Scenario, **server: Any) -> Any:
+    return run_gateway_scenario(tmp_path, free_port, scenario, **server)
+
+
+def test_accept_relays_bytes_with_forged_headers_stripped_and_xforward(
+    tmp_path: Path, free_port: Any
+) -> None:
+    raw = make_message("acc1@test", extra="X-Milter-Verdict: ham\r\nX-Milter-Scores: forged\r\n")
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.address[1], start_tls=False)
+        await client.connect()
+        ehlo = await client.ehlo(hostname="postfix.test")
+        assert "XFORWARD" in ehlo.message and "SIZE" in ehlo.message
+        resp = await client.execute_command(
+            b"XFORWARD", b"NAME=mx.client.test ADDR=192.0.2.55 PROTO=ESMTP HELO=helo.client.test"
+        )
+        assert resp.code == 250
+        assert (await client.execute_command(b"XFORWARD", b"IDENT=QID123 SOURCE=REMOTE")).code == 250
+        _, text = await client.sendmail("alice@sender.test", ["bob@rcpt.test"], raw)
+        assert text.startswith("2.0.0 Ok: queued as S1")  # the downstream's own reply is passed on
+        await client.quit()
+        assert len(sink.messages) == 1
+        got = sink.messages[0]
+        expected = raw.replace(b"X-Milter-Verdict: ham\r\nX-Milter-Scores: forged\r\n", b"")
+        assert got.raw == expected
+        assert (got.xforward.addr, got.xforward.ident, got.xforward.helo) == (
+            "192.0.2.55",
+            "QID123",
+            "helo.client.test",
+        )
+
+    store = run_scenario(tmp_path, free_port, scenario)
+    rows = store.labelled_examples() or []
+    assert rows == []  # nothing labelled; check the verdict row itself
+    row = store.get(1)
+    assert row is not None and row.action == "accept" and not row.quarantined
+    assert (row.client_addr, row.client_name, row.queue_id, row.helo) == (
+        "192.0.2.55",
+        "mx.client.test",
+        "QID123",
+        "helo.client.test",
+    )
+
+
+def test_tag_adds_verdict_headers_and_subject_prefix(tmp_path: Path, free_port: Any) -> None:
+    raw = make_message("tag1@test", subject="Cheap meds")
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], raw, rcpts=[f"carol@{TAG_DOMAIN}"])
+        assert out.code == 250
+        got = sink.messages[0].raw
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"X-Milter-Verdict: spam\r\nX-Milter-Scores: ham=")
+        assert b"\r\nX-Milter-Reasons: " in head
+        assert b"\r\nSubject: [SPAM] Cheap meds\r\n" in head
+        assert body == raw.partition(b"\r\n\r\n")[2]
+
+    run_scenario(tmp_path, free_port, scenario)
+
+
+def test_quarantine_commits_raw_and_does_not_relay(tmp_path: Path, free_port: Any) -> None:
+    raw = make_message("q1@test")
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], raw, mail_from=QUARANTINE_SENDER)
+        assert out.code == 250 and "quarantined as" in out.text
+        qid = int(out.text.rsplit(" ", 1)[1])
+        assert sink.messages == []
+        assert await asyncio.to_thread(store.get_raw, qid) == raw
+        account([out], sink, store)
+
+    run_scenario(tmp_path, free_port, scenario)
+
+
+def test_reject_is_550_before_queue_and_quarantine_after_queue(tmp_path: Path, free_port: Any) -> None:
+    raw = make_message("rej1@test")
+
+    async def before(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], raw, rcpts=[f"dave@{REJECT_DOMAIN}"])
+        assert out.code == 550 and out.text.startswith("5.7.1 ")
+        assert sink.messages == []
+
+    async def after(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], raw, rcpts=[f"dave@{REJECT_DOMAIN}"])
+        assert out.code == 250 and "quarantined" in out.text
+        assert sink.messages == []
+
+    (tmp_path / "before").mkdir()
+    run_scenario(tmp_path / "before", free_port, before, mode="before-queue")
+    run_scenario(tmp_path, free_port, after, mode="after-queue")
+
+
+def test_partial_recipient_refusals(tmp_path: Path, free_port: Any) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        sink.behaviour.rcpt_replies["gone@rcpt.test"] = "550 5.1.1 <gone@rcpt.test>: User unknown"
+        ok = await send(gw.address[1], make_message("p1@test"), rcpts=["bob@rcpt.test", "gone@rcpt.test"])
+        assert ok.code == 250 and "gone@rcpt.test" in ok.text
+        assert sink.messages[0].rcpt_tos == ["bob@rcpt.test"]
+        sink.behaviour.rcpt_replies["busy@rcpt.test"] = "452 4.2.2 Mailbox full"
+        later = await send(gw.address[1], make_message("p2@test"), rcpts=["bob@rcpt.test", "busy@rcpt.test"])
+        assert later.code == 452 and later.text.startswith("4.2.2")
+        only_bad = await send(gw.address[1], make_message("p3@test"), rcpts=["gone@rcpt.test"])
+        assert only_bad.code == 550
+        assert len(sink.messages) == 1  # nothing delivered for p2 (retried whole) or p3
+        # the pooled connection was reset after the refusals and still delivers
+        assert (await send(gw.address[1], make_message("p4@test"))).code == 250
+        assert len(sink.messages) == 2
+
+    run_scenario(tmp_path, free_port, scenario)
+
+
+def test_size_limit_and_declared_size(tmp_path: Path, free_port: Any) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        big = make_message("big@test", body="x" * 900 + "\r\n" * 1 + ("y" * 70 + "\r\n") * 200)
+        out = await send(gw.address[1], big)
+        assert (out.code, out.text) == (552, "5.3.4 Message too big for system")
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.address[1], start_tls=False)
+        await client.connect()
+        await client.ehlo()
+        resp = await client.execute_command(b"MAIL", b"FROM:<a@b.test>", b"SIZE=999999")
+        assert resp.code == 552 and resp.message.startswith("5.3.4")
+        await client.quit()
+        assert (await send(gw.address[1], make_message("small@test"))).code == 250
+        assert sink.message_ids() == ["<small@test>"]
+
+    run_scenario(tmp_path, free_port, scenario, max_message_size=4096)
+
+
+def test_max_sessions_answers_421(tmp_path: Path, free_port: Any) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        held = []
+        for _ in range(2):
+            c = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.address[1], start_tls=False)
+            await c.connect()
+            held.append(c)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.address[1])
+        line = await reader.readline()
+        assert line.startswith(b"421 4.7.0")
+        assert await reader.read() == b""  # and closed
+        writer.close()
+        for c in held:
+            await c.quit()
+        await asyncio.sleep(0.05)  # let the gateway see the sessions end
+        assert (await send(gw.address[1], make_message("after@test"))).code == 250
+
+    run_scenario(tmp_path, free_port, scenario, max_sessions=2)
+
+
+def test_command_timeout_closes_idle_session(tmp_path: Path, free_port: Any) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.address[1])
+        assert (await reader.readline()).startswith(b"220 ")
+        async with asyncio.timeout(10):  # generous bound; the point is that it closes at all
+            rest = await reader.read()
+        assert rest.startswith(b"421 4.4.2")
+        writer.close()
+
+    run_scenario(tmp_path, free_port, scenario, command_timeout=0.3)
+
+
+def test_xforward_syntax_and_state_errors(tmp_path: Path, free_port: Any) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.address[1], start_tls=False)
+        await c.connect()
+        await c.ehlo()
+        assert (await c.execute_command(b"XFORWARD", b"COLOUR=blue")).code == 501
+        await c.mail("a@sender.test")
+        assert (await c.execute_command(b"XFORWARD", b"ADDR=192.0.2.1")).code == 503
+        assert (await c.execute_command(b"FOO")).code == 500
+        await c.quit()
+
+    run_scenario(tmp_path, free_port, scenario)
+
+
+def test_metrics_and_healthz(tmp_path: Path, free_port: Any) -> None:
+    mport = free_port()
+
+    async def get(path: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mport)
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = await reader.read()
+        writer.close()
+        return data
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        assert gw.metrics_port == mport
+        assert (await get("/healthz")).endswith(b"\r\n\r\nok\n")
+        await send(gw.address[1], make_message("m1@test"))
+        await send(gw.address[1], make_message("m2@test"), mail_from=QUARANTINE_SENDER)
+        body = (await get("/metrics")).decode()
+        assert 'milter_messages_total{action="accept",verdict="ham"} 1.0' in body
+        assert 'milter_messages_total{action="quarantine",verdict="spam"} 1.0' in body
+        assert "milter_batch_size_count" in body and "milter_delivery_seconds_bucket" in body
+        assert (await get("/nope")).startswith(b"HTTP/1.0 404")
+
+    run_scenario(tmp_path, free_port, scenario, metrics_listen=f"127.0.0.1:{mport}")
+
+
+def test_null_sender_and_many_concurrent_messages(tmp_path: Path, free_port: Any) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        bounce = await send(gw.address[1], make_message("bounce@test"), mail_from="")
+        assert bounce.code == 250 and sink.messages[0].mail_from in ("", "<>")
+        outs = await asyncio.gather(*(send(gw.address[1], make_message(f"c{i}@test")) for i in range(40)))
+        assert all(o.code == 250 for o in outs)
+        account(outs, sink, store)
+
+    run_scenario(tmp_path, free_port, scenario)
