@@ -77,7 +77,7 @@ class ParsedMessage:
             pairs = email.utils.getaddresses(values)
         except Exception:  # the stdlib raises odd errors on odd input; treat as no address
             return []
-        return [(decode_words(disp), addr.strip().lower()) for disp, addr in pairs if disp or addr]
+        return [(decode_words(disp), _clean(addr).lower()) for disp, addr in pairs if disp or addr]
 
 
 def decode_words(value: str) -> str:

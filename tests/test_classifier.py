@@ -38,7 +38,9 @@ def test_shipped_metadata_matches_code_and_model(shipped: Classifier) -> None:
     assert tuple(meta.class_names) == CLASS_NAMES
     for cls in ("spam", "bec"):
         assert 0.0 < meta.thresholds[cls]["quarantine"] <= 1.0
-    assert "CC BY-NC" in json.dumps(raw["licence"]) or "phishing-pot" in raw["training_data"]["excluded_corpora"]
+    assert (
+        "CC BY-NC" in json.dumps(raw["licence"]) or "phishing-pot" in raw["training_data"]["excluded_corpora"]
+    )
     assert raw["training_data"]["manifest_digest"]
     assert raw["export"]["max_abs_diff"] <= 1e-5
     import hashlib
@@ -81,6 +83,6 @@ def test_corrupt_and_missing_models_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
         Classifier.load(tmp_path / "absent.onnx")
     broken_meta = copy_model(tmp_path)
-    broken_meta.with_suffix(".json").write_text("{\"name\": 1}")
+    broken_meta.with_suffix(".json").write_text('{"name": 1}')
     with pytest.raises(ModelError, match="required key"):
         Classifier.load(broken_meta)

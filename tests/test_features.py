@@ -97,7 +97,9 @@ def test_freemail_with_executive_title() -> None:
     assert feat(ext.vector, "id_freemail_org_display") == 1.0
 
 
-@pytest.mark.parametrize("name", ["bec-lookalike-digit.eml", "bec-lookalike-rn.eml", "bec-lookalike-punycode.eml"])
+@pytest.mark.parametrize(
+    "name", ["bec-lookalike-digit.eml", "bec-lookalike-rn.eml", "bec-lookalike-punycode.eml"]
+)
 def test_lookalike_of_protected_domain(name: str) -> None:
     ext = extract(load(f"bec/{name}"), None, PROTECTED)
     assert feat(ext.vector, "id_lookalike_protected") == 1.0, ext.summary.from_domain

@@ -36,7 +36,10 @@ def test_scan_json_on_fixture_folder_subprocess() -> None:
     """The README's example, run as a user would: the real console script over all fixtures."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "milter"), "scan", "--json", str(FIXTURES)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     out = rows(proc.stdout)
     emls = sorted(FIXTURES.rglob("*.eml"))
@@ -64,7 +67,7 @@ def test_unreadable_file_gets_error_line_and_scan_goes_on(tmp_path: Path) -> Non
     result = CliRunner().invoke(main, ["scan", "--json", str(tmp_path / "missing.eml"), str(good)])
     out = rows(result.stdout)
     assert result.exit_code == 1
-    assert out[0]["path"].endswith("missing.eml") and "error" in out[0]
+    assert str(out[0]["path"]).endswith("missing.eml") and "error" in out[0]
     check_row(out[1])
 
 
@@ -84,7 +87,9 @@ def test_mbox_messages_are_scanned_one_by_one(tmp_path: Path) -> None:
 
 def test_bec_fixtures_with_protected_config(tmp_path: Path) -> None:
     cfg = tmp_path / "milter.toml"
-    cfg.write_text('[policy]\nprotected_domains = ["example.com"]\nprotected_names = ["Jane Smith", "Robert Brown"]\n')
+    cfg.write_text(
+        '[policy]\nprotected_domains = ["example.com"]\nprotected_names = ["Jane Smith", "Robert Brown"]\n'
+    )
     result = CliRunner().invoke(main, ["scan", "--json", "--config", str(cfg), str(FIXTURES / "bec")])
     out = {Path(str(r["path"])).name: r for r in rows(result.stdout)}
     bec = [n for n in out if n.startswith("bec-")]

@@ -120,6 +120,7 @@ def test_vector_stored_as_float32_little_endian(store: Store) -> None:
     pk = store.record(result, ENV, None, DIGEST)
     with store.engine.connect() as conn:
         blob = conn.execute(sa.text("SELECT feature_vector FROM messages WHERE id = :i"), {"i": pk}).scalar()
+    assert blob is not None
     assert bytes(blob) == np.asarray(result.vector, dtype="<f4").tobytes()
     no_vec = store.record(make_result(), ENV, None, DIGEST, keep_vector=False)
     with store.engine.connect() as conn:

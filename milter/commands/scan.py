@@ -110,9 +110,9 @@ def _scan_batch(
     }
     for item in items:
         if item.error is not None:
-            rows.append({"path": item.path, "error": item.error})
+            rows.append({"path": _text(item.path), "error": item.error})
         elif item.path in errors:
-            rows.append({"path": item.path, "error": f"scan failed: {errors[item.path]!r}"})
+            rows.append({"path": _text(item.path), "error": f"scan failed: {errors[item.path]!r}"})
         else:
             rows.append(result_row(item.path, results[item.path]))
     return rows
@@ -133,13 +133,18 @@ def _outcome(future: Any) -> Extracted | BaseException:
     return result
 
 
+def _text(value: str) -> str:
+    """Valid UTF-8 only: file names and header text can carry undecodable bytes (surrogate escapes)."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def result_row(path: str, res: ScanResult) -> dict[str, Any]:
     return {
-        "path": path,
+        "path": _text(path),
         "verdict": res.verdict.value,
         "action": res.action.value,
         "scores": {k: round(v, 6) for k, v in res.scores.as_dict().items()},
-        "reasons": list(res.reasons),
+        "reasons": [_text(r) for r in res.reasons],
         "model": res.model,
     }
 

@@ -1,0 +1,143 @@
+"""Decision thresholds chosen for a target ham false-positive rate, and the decision rule they feed.
+
+Two scores come out of the class probabilities (columns in CLASS_NAMES order: ham, spam, bec):
+
+* the *spam* score ``P(spam) + P(bec)`` = "not ham": anything unwanted, whatever its kind;
+* the *bec* score ``P(bec)``.
+
+Each has a "tag" threshold (looser FPR) and a "quarantine" threshold (strict FPR). A threshold is
+chosen so that the fraction of validation ham scoring at or above it is <= the target **in every
+corpus**, not only pooled: pooled FPR would let the big 2001 Enron ham hide errors on the few
+modern newsletters, which are exactly the ham production sees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+HAM, SPAM, BEC = 0, 1, 2
+Probs = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    spam_tag: float
+    spam_quarantine: float
+    bec_tag: float
+    bec_quarantine: float
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {
+            "spam": {"tag": self.spam_tag, "quarantine": self.spam_quarantine},
+            "bec": {"tag": self.bec_tag, "quarantine": self.bec_quarantine},
+        }
+
+
+#: A threshold no probability reaches: used for a class the model never saw in training.
+DISABLED = 2.0
+
+#: How the thresholds apply, written into the model metadata for the policy module.
+SCORE_DEFINITIONS = {"spam": "p_spam + p_bec (probability the message is not ham)", "bec": "p_bec"}
+
+
+def spam_score(probs: Probs) -> npt.NDArray[np.float64]:
+    return probs[:, SPAM].astype(np.float64) + probs[:, BEC].astype(np.float64)
+
+
+def bec_score(probs: Probs) -> npt.NDArray[np.float64]:
+    return probs[:, BEC].astype(np.float64)
+
+
+def threshold_for_fpr(ham_scores: npt.NDArray[np.float64], target_fpr: float) -> float:
+    """Smallest threshold t with mean(ham_scores >= t) <= target_fpr.
+
+    With n ham we may flag at most floor(target * n) of them; t sits just above the next-highest
+    score. Returns a value above 1.0 (flag nothing) when even the top ham score must stay unflagged
+    and it is already 1.0.
+    """
+    if ham_scores.size == 0:
+        return 0.5  # no evidence: a neutral cut; callers always have ham in practice
+    allowed = math.floor(target_fpr * ham_scores.size + 1e-9)
+    ranked = np.sort(ham_scores)[::-1]
+    if allowed >= ranked.size:
+        return 0.0
+    return float(np.nextafter(ranked[allowed], np.inf))
+
+
+def per_corpus_thresholds(
+    scores: npt.NDArray[np.float64], is_ham: npt.NDArray[np.bool_], corpora: Sequence[str], target_fpr: float
+) -> dict[str, float]:
+    """Each corpus's own threshold for the target: shows which corpus sets the shipped one."""
+    names = np.asarray(corpora)
+    return {
+        c: threshold_for_fpr(scores[is_ham & (names == c)], target_fpr) for c in sorted(set(names[is_ham]))
+    }
+
+
+def threshold_breakdown(
+    probs: Probs, y: npt.NDArray[np.int64], corpora: Sequence[str], quarantine_fpr: float, tag_fpr: float
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{"spam"|"bec": {"tag"|"quarantine": {corpus: threshold}}} on the given (validation) rows."""
+    is_ham = y == HAM
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for kind, score in (("spam", spam_score(probs)), ("bec", bec_score(probs))):
+        out[kind] = {
+            level: per_corpus_thresholds(score, is_ham, corpora, fpr)
+            for level, fpr in (("tag", tag_fpr), ("quarantine", quarantine_fpr))
+        }
+    return out
+
+
+def worst_corpus_threshold(
+    scores: npt.NDArray[np.float64], is_ham: npt.NDArray[np.bool_], corpora: Sequence[str], target_fpr: float
+) -> float:
+    """The strictest of the per-corpus thresholds, so every corpus meets the target on its own."""
+    names = np.asarray(corpora)
+    cuts = [threshold_for_fpr(scores[is_ham & (names == c)], target_fpr) for c in sorted(set(names[is_ham]))]
+    return max(cuts) if cuts else threshold_for_fpr(scores[is_ham], target_fpr)
+
+
+def choose_thresholds(
+    probs: Probs,
+    y: npt.NDArray[np.int64],
+    corpora: Sequence[str],
+    quarantine_fpr: float,
+    tag_fpr: float,
+    trained_classes: frozenset[int] = frozenset({HAM, SPAM, BEC}),
+) -> Thresholds:
+    """Thresholds for both scores; a class absent from training (e.g. bec without Phishing Pot) is disabled.
+
+    Without examples its probability is a constant near zero, and a threshold fitted to ham's noise in
+    that constant would flag arbitrary messages.
+    """
+    is_ham = y == HAM
+    s, b = spam_score(probs), bec_score(probs)
+    if BEC not in trained_classes:
+        spam_tag = worst_corpus_threshold(s, is_ham, corpora, tag_fpr)
+        spam_q = worst_corpus_threshold(s, is_ham, corpora, quarantine_fpr)
+        return Thresholds(spam_tag, spam_q, DISABLED, DISABLED)
+    return Thresholds(
+        spam_tag=worst_corpus_threshold(s, is_ham, corpora, tag_fpr),
+        spam_quarantine=worst_corpus_threshold(s, is_ham, corpora, quarantine_fpr),
+        bec_tag=worst_corpus_threshold(b, is_ham, corpora, tag_fpr),
+        bec_quarantine=worst_corpus_threshold(b, is_ham, corpora, quarantine_fpr),
+    )
+
+
+def decide(probs: Probs, spam_cut: float, bec_cut: float) -> npt.NDArray[np.int64]:
+    """Predicted class per row at one level (tag or quarantine).
+
+    bec if P(bec) >= bec_cut; otherwise, if the not-ham score passes spam_cut, whichever of spam/bec
+    is more probable; otherwise ham.
+    """
+    s, b = spam_score(probs), bec_score(probs)
+    out = np.full(len(probs), HAM, dtype=np.int64)
+    flagged = s >= spam_cut
+    out[flagged] = np.where(probs[flagged, BEC] > probs[flagged, SPAM], BEC, SPAM)
+    out[b >= bec_cut] = BEC
+    return out

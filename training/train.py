@@ -1,0 +1,265 @@
+"""`milter-train`: corpora -> features -> LightGBM -> ONNX (parity-checked) -> thresholds -> report.
+
+Run from a checkout with ``../shared/corpora`` beside it (or pass --corpora-src). Everything that decides
+the result is recorded in the metadata: seed, data digest, schema, library versions, thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from training import model as mdl
+from training.artifacts import bucket_token_map, build_metadata, write_model
+from training.corpora import attach_dates, default_corpora_src, load_corpora
+from training.dataset import TEST, TRAIN, VAL, Dataset, build_dataset, code_fingerprint, subsample
+from training.evaluate import acceptance, evaluate
+from training.report import top_features, write_report
+from training.thresholds import choose_thresholds, threshold_breakdown
+
+log = logging.getLogger("milter-train")
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in (editable install), else the working directory."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    root = repo_root()
+    p = argparse.ArgumentParser(prog="milter-train", description=__doc__)
+    p.add_argument(
+        "--corpora-src",
+        type=Path,
+        default=default_corpora_src(root),
+        help="folder with the corpus archives and their unpack script (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=root / ".cache",
+        help="feature and date caches (default: %(default)s)",
+    )
+    p.add_argument(
+        "--corpora-dir",
+        type=Path,
+        default=root / ".cache" / "corpora",
+        help="where the corpora are (or get) unpacked (default: %(default)s)",
+    )
+    p.add_argument(
+        "--exclude-corpus",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave a corpus out entirely (repeatable), e.g. phishing-pot for a non-commercial-free model",
+    )
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, default=root / "models", help="where current.onnx/.json go")
+    p.add_argument("--report", type=Path, default=root / "reports", help="reports go to REPORT/<model name>/")
+    p.add_argument("--target-fpr", type=float, default=0.001, help="ham FPR for the quarantine thresholds")
+    p.add_argument("--tag-fpr", type=float, default=0.01, help="ham FPR for the tag thresholds")
+    p.add_argument(
+        "--max-per-group",
+        type=int,
+        default=None,
+        help="at most N messages per (corpus, label), for a fast smoke run",
+    )
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=1000,
+        help="boosting rounds at most (early stopping usually ends sooner)",
+    )
+    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument(
+        "--corpus-balance",
+        type=float,
+        default=0.5,
+        help="within a class, a corpus of n messages weighs n**B in total (0: equal corpora, 1: per message)",
+    )
+    p.add_argument(
+        "--split-by",
+        choices=("corpus", "subcollection"),
+        default="corpus",
+        help="time-split within (corpus, label) or within (corpus, sub-collection, label) groups",
+    )
+    p.add_argument("--processes", type=int, default=2, help="feature extraction processes")
+    p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    name: str
+    onnx_path: Path
+    metadata_path: Path
+    report_path: Path
+    passed: bool
+
+
+def _features(module_name: str) -> tuple[ModuleType, str]:
+    """The features module and a fingerprint of its code, taken right after import (what will run)."""
+    module = importlib.import_module(module_name)
+    for attr in ("SCHEMA", "extract"):
+        if not hasattr(module, attr):
+            raise SystemExit(f"{module_name} has no {attr}: the feature module is not ready")
+    return module, code_fingerprint(feature_code_files(module))
+
+
+def feature_code_files(features: ModuleType) -> list[Path]:
+    """Sources whose change must invalidate the feature cache: the features package and the parser."""
+    files: list[Path] = []
+    for mod in (features, importlib.import_module("milter.parse")):
+        if mod.__file__:
+            src = Path(mod.__file__)
+            files += sorted(src.parent.glob("*.py")) if src.name == "__init__.py" else [src]
+    return files
+
+
+def _load_dataset(
+    args: argparse.Namespace, features: ModuleType, code_version: str
+) -> tuple[Dataset, dict[str, int]]:
+    t0 = time.monotonic()
+    messages, dropped_dup = load_corpora(args.corpora_dir, args.corpora_src, args.exclude_corpus)
+    messages = attach_dates(
+        subsample(messages, args.max_per_group, args.seed), args.cache_dir, args.processes
+    )
+    log.info(
+        "%d messages after dedupe (%d duplicates dropped) in %.1fs",
+        len(messages),
+        dropped_dup,
+        time.monotonic() - t0,
+    )
+    dataset, failed = build_dataset(
+        messages,
+        features.SCHEMA,
+        features.extract,
+        args.cache_dir,
+        args.processes,
+        progress=not args.no_progress,
+        code_version=code_version,
+        by_subcollection=args.split_by == "subcollection",
+    )
+    if failed > 0.01 * max(1, len(messages)):
+        raise SystemExit(f"feature extraction failed on {failed} of {len(messages)} messages")
+    log.info("features ready for %d rows in %.1fs (%d failed)", len(dataset.y), time.monotonic() - t0, failed)
+    return dataset, {"duplicates": dropped_dup, "failed_extraction": failed}
+
+
+def run(args: argparse.Namespace) -> TrainResult:
+    features, code_version = _features(args.features_module)
+    ds, dropped = _load_dataset(args, features, code_version)
+    corpora = [m.corpus for m in ds.messages]
+    cfg = mdl.FitConfig(
+        seed=args.seed,
+        max_rounds=args.max_rounds,
+        corpus_balance=args.corpus_balance,
+        learning_rate=args.learning_rate,
+    )
+    weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
+    tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
+    if min(len(tr), len(va), len(te)) == 0:
+        raise SystemExit(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
+
+    t0 = time.monotonic()
+    booster = mdl.fit(ds.X[tr], ds.y[tr], weights[tr], ds.X[va], ds.y[va], weights[va], ds.feature_names, cfg)
+    log.info(
+        "LightGBM: %d rounds (best %d) in %.1fs",
+        booster.current_iteration(),
+        booster.best_iteration,
+        time.monotonic() - t0,
+    )
+    onnx_model = mdl.to_onnx(booster, ds.X.shape[1])
+    onnx_bytes = onnx_model.SerializeToString()
+    # Parity on every test row (and validation, which sets the thresholds): the ONNX file is what ships.
+    check_rows = np.concatenate([va, te])
+    probs = mdl.onnx_probabilities(onnx_bytes, ds.X[check_rows])
+    max_diff = mdl.check_parity(mdl.predict(booster, ds.X[check_rows]), probs)
+    p_val, p_test = probs[: len(va)], probs[len(va) :]
+
+    trained = frozenset(int(k) for k in np.unique(ds.y[tr]))
+    thresholds = choose_thresholds(
+        p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr, trained
+    )
+    results = evaluate(
+        p_test, ds.y[te], [corpora[i] for i in te], [ds.messages[i].subcollection for i in te], thresholds
+    )
+    gain = np.asarray(
+        booster.feature_importance(importance_type="gain", iteration=booster.best_iteration or None),
+        dtype=np.float64,
+    )
+    meta = build_metadata(
+        ds=ds,
+        args=args,
+        features=features,
+        booster=booster,
+        onnx_bytes=onnx_bytes,
+        thresholds=thresholds,
+        results=results,
+        gain=gain,
+        max_diff=max_diff,
+        dropped=dropped,
+        params=mdl.lgb_params(cfg),
+        code_version=code_version,
+        created=datetime.now(UTC),
+    )
+    # Which corpus sets each threshold: the shipped one is the strictest of these.
+    meta["threshold_selection"]["per_corpus"] = threshold_breakdown(
+        p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr
+    )
+    onnx_path, meta_path = write_model(args.out, onnx_bytes, meta)
+    report_path = write_report(
+        args.report / str(meta["name"]),
+        meta,
+        results,
+        thresholds,
+        p_test,
+        ds.y[te],
+        top_features(ds.feature_names, gain, 30),
+        bucket_token_map(features, ds, gain),
+    )
+    passed = _print_summary(meta, results)
+    return TrainResult(str(meta["name"]), onnx_path, meta_path, report_path, passed)
+
+
+def _print_summary(meta: dict[str, Any], results: Any) -> bool:
+    per_corpus = {k: v for k, v in results["quarantine"]["corpus"].items() if k != "ALL"}
+    rows = acceptance(per_corpus)
+    print(f"\nmodel {meta['name']}  thresholds {meta['thresholds']}")
+    print("acceptance on the time-ordered test split (quarantine level):")
+    for corpus, name, value, target, ok in rows:
+        klass = {"ham_fpr": 0, "spam_recall": 1, "bec_recall": 2}[name]
+        n = sum(per_corpus[corpus].confusion[klass])  # messages of that class the number rests on
+        print(f"  {corpus:22s} {name:12s} {value:.4f}  target {target:<6}  {'ok' if ok else 'FAIL'}  (n={n})")
+    passed = all(r[4] for r in rows)
+    print("ACCEPTANCE:", "PASS" if passed else "NOT MET")
+    return passed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    result = run(args)
+    print(f"wrote {result.onnx_path}, {result.metadata_path}, {result.report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
