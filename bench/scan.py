@@ -23,12 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from milter.classifier import Classifier  # noqa: E402
-from milter.config import DEFAULT_MODEL  # noqa: E402
-from milter.features import GROUPS, SCHEMA, extract  # noqa: E402
-from milter.features.context import Protected, build  # noqa: E402
-from milter.parse import parse  # noqa: E402
-from milter.types import Envelope  # noqa: E402
+from milter.classifier import Classifier
+from milter.config import DEFAULT_MODEL
+from milter.features import GROUPS, SCHEMA, extract
+from milter.features.context import Protected, build
+from milter.parse import parse
+from milter.types import Envelope
 
 BATCH = 64
 
