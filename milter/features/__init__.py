@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from milter.features import content, headers, identity, text
 from milter.features.context import Context, Protected, build
@@ -41,11 +42,14 @@ class FeatureSchema:
         return len(self.names)
 
 
-Group = Callable[[Context], tuple[list[float], list[str]]]
+Group = Callable[[Context], tuple[list[float] | npt.NDArray[np.float32], list[str]]]
 
 
 def _no_signals(fn: Callable[[Context], list[float]]) -> Group:
-    return lambda ctx: (fn(ctx), [])
+    def group(ctx: Context) -> tuple[list[float] | npt.NDArray[np.float32], list[str]]:
+        return fn(ctx), []
+
+    return group
 
 
 # (names, function) in vector order; the schema is their concatenation.
@@ -77,7 +81,8 @@ def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected |
         except Exception:  # a bug or an input we did not foresee: keep scanning, say so
             log.exception("feature group %s failed", names[0])
             vector[0] = 1.0
-            values, sig = [0.0] * len(names), [f"feature_error in {names[0].split('_')[0]} group"]
+            values = [0.0] * len(names)
+            sig = [f"feature_error in {names[0].split('_')[0]} group"]
         vector[pos : pos + len(names)] = values
         signals.extend(sig)
         pos += len(names)
@@ -94,7 +99,7 @@ def summarise(parsed: ParsedMessage, ctx: Context) -> MessageSummary:
         from_display=s.display if s else None,
         from_domain=(s.host or None) if s else None,
         reply_to_addr=ctx.reply_to.addr if ctx.reply_to else None,
-        to_addrs=tuple(addr for _, addr in parsed.addresses("to"))[:50],
+        to_addrs=tuple(addr for _, addr in parsed.addresses("to")[:50]),
         date=parsed.get("date"),
         defects=parsed.defects,
     )

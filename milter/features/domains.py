@@ -121,7 +121,11 @@ def lookalike_of(domain: str, protected: tuple[str, ...]) -> str | None:
         tname = target.split(".", 1)[0]
         if len(tname) < 4:
             continue  # short names give too many accidental near-matches
-        if skel == skeleton(tname) or edit_distance(name, tname) <= (1 if len(tname) < 9 else 2):
+        if skel == skeleton(tname):
+            return target
+        if tname not in name and abs(len(name) - len(tname)) > 2:
+            continue  # cheap pre-check: neither a near-match nor a containment
+        if edit_distance(name, tname) <= (1 if len(tname) < 9 else 2):
             return target
         if _contains_word(name, tname):  # paypal-secure, microsoft-support
             return target

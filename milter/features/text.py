@@ -14,6 +14,9 @@ import re
 import zlib
 from collections import Counter
 
+import numpy as np
+import numpy.typing as npt
+
 from milter.features import lexicon
 from milter.features.context import Context
 
@@ -149,22 +152,23 @@ def bucket(token: str) -> int:
     return zlib.crc32(token.encode("utf-8", "replace")) % HASH_BUCKETS
 
 
-def hash_features(toks: list[str]) -> list[float]:
-    counts = [0] * HASH_BUCKETS
+def hash_features(toks: list[str]) -> npt.NDArray[np.float32]:
     grams = Counter(toks)
     grams.update(map(" ".join, itertools.pairwise(toks)))
-    for gram, n in grams.items():  # hash each distinct n-gram once
-        counts[zlib.crc32(gram.encode("utf-8", "replace")) % HASH_BUCKETS] += n
+    # hash each distinct n-gram once; numpy does the per-bucket sums and the log scaling
+    idx = np.fromiter((zlib.crc32(g.encode("utf-8", "replace")) for g in grams), np.int64, len(grams))
+    counts = np.bincount(idx % HASH_BUCKETS, weights=np.fromiter(grams.values(), np.float64, len(grams)),
+                         minlength=HASH_BUCKETS)
     # log scaling keeps a long newsletter from drowning the tree splits in raw counts
-    return [math.log1p(c) if c else 0.0 for c in counts]
+    return np.log1p(counts).astype(np.float32)
 
 
-def text_features(ctx: Context) -> tuple[list[float], list[str]]:
+def text_features(ctx: Context) -> tuple[list[float] | npt.NDArray[np.float32], list[str]]:
     """Language counts and hashed n-grams share one tokenisation of subject + body."""
     all_words = words(ctx.parsed.subject + "\n" + ctx.body_text)
     lang, signals = language_features(ctx, all_words)
     toks = [t for t in all_words[:MAX_TOKENS] if t not in CORPUS_STOPWORDS]
-    return lang + hash_features(toks), signals
+    return np.concatenate([np.asarray(lang, dtype=np.float32), hash_features(toks)]), signals
 
 
 def _phrase_tables() -> tuple[dict[tuple[str, ...], str], dict[str, tuple[int, ...]]]:
