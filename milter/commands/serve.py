@@ -70,7 +70,10 @@ def serve(
     mode: str | None,
     metrics_listen: str | None,
 ) -> None:
-    """Run the SMTP gateway: scan every message, then relay, tag or quarantine it."""
+    """Run the SMTP gateway: scan every message, then relay, tag or quarantine it.
+
+    SIGHUP (systemctl reload) reloads the model from [model] path in every worker; a model that fails
+    its checks is refused and the running one keeps serving."""
     from milter.gateway.workers import run_single, run_workers
 
     # aiosmtpd logs every command at INFO under "mail.log": far too much for a busy relay.

@@ -8,6 +8,7 @@ Modules, in the order a message meets them:
 * `headers`  -- byte-level header hygiene and verdict headers (never re-serialises the message).
 * `relay`    -- downstream delivery with a pool of reusable aiosmtplib clients.
 * `metrics`  -- Prometheus metrics and `/healthz` on the metrics port.
+* `reload`   -- SIGHUP: load, check and swap in the configured model without dropping a message.
 * `server`   -- `Gateway`: wires the above on one event loop; `workers` runs N of them.
 
 The contract that shapes all of it: a client gets 250 only once the message is accepted downstream

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from milter.gateway.logfmt import kv
@@ -27,6 +27,7 @@ log = logging.getLogger("milter.gateway.metrics")
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+RELOAD_OUTCOMES = ("ok", "failed")
 
 
 class GatewayMetrics:
@@ -55,6 +56,17 @@ class GatewayMetrics:
         self.errors = Counter("milter_errors", "Failures by kind", ["kind"], registry=r)
         self.sessions = Gauge("milter_sessions", "Open SMTP sessions", registry=r)
         self.pending = Gauge("milter_pending_messages", "Messages received and not yet answered", registry=r)
+        # milter_model_info{name=...,providers=...} 1: which model this worker scores with right now
+        # (after a reload, each worker's target shows whether it took the new one).
+        self.model = Info("milter_model", "The model in use", registry=r)
+        self.model_reloads = Counter(
+            "milter_model_reloads", "Model reloads (SIGHUP) by outcome", ["outcome"], registry=r
+        )
+        for outcome in RELOAD_OUTCOMES:  # export 0, not nothing, so alerts on "failed" see a series
+            self.model_reloads.labels(outcome)
+
+    def set_model(self, name: str, providers: Sequence[str]) -> None:
+        self.model.info({"name": name, "providers": ",".join(providers)})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

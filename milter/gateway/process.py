@@ -42,11 +42,24 @@ TEMPFAIL_REPLY = "451 4.7.1 Message deferred by policy, try again later"
 MAX_BACKGROUND_RECORDS = 256
 
 
+class ClassifierLike(Protocol):
+    """What the gateway reports of `milter.classifier.Classifier` (its name in logs and metrics)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def providers(self) -> Sequence[str]: ...
+
+
 class ScannerLike(Protocol):
     """What the gateway needs of `milter.scan.Scanner` (a protocol so tests can inject faults)."""
 
     @property
     def policy(self) -> Any: ...
+
+    @property
+    def classifier(self) -> ClassifierLike: ...
 
     def predict(self, items: Sequence[Extracted]) -> npt.NDArray[np.float32]: ...
 
@@ -88,8 +101,34 @@ class ProcessorSettings:
     keep_vector: bool
 
 
-def score_batch(scanner: ScannerLike, items: Sequence[tuple[Extracted, Envelope]]) -> list[ScanResult]:
+class ModelSlot:
+    """The scanner (model + policy) in use; a reload replaces it whole.
+
+    Replacing is one reference assignment on the event loop, and the batch function reads the
+    reference once per batch (`score_batch`), so a batch is scored and decided by one scanner from
+    start to end: never the new model with the old thresholds, or half a batch with each.
+    """
+
+    def __init__(self, scanner: ScannerLike) -> None:
+        self._scanner = scanner
+
+    @property
+    def scanner(self) -> ScannerLike:
+        return self._scanner
+
+    @property
+    def name(self) -> str:
+        return self._scanner.classifier.name
+
+    def swap(self, scanner: ScannerLike) -> ScannerLike:
+        """Make `scanner` current; returns the one it replaced (a running batch may still use it)."""
+        old, self._scanner = self._scanner, scanner
+        return old
+
+
+def score_batch(slot: ModelSlot, items: Sequence[tuple[Extracted, Envelope]]) -> list[ScanResult]:
     """The batch function (runs in the batcher's thread): one model call, then the policy per item."""
+    scanner = slot.scanner  # read once: a swap during this batch takes effect with the next one
     exts = [e for e, _ in items]
     return scanner.decide(exts, [v for _, v in items], scanner.predict(exts))
 
@@ -132,7 +171,7 @@ class MessageProcessor:
     def __init__(
         self,
         settings: ProcessorSettings,
-        scanner: ScannerLike,
+        model: ModelSlot,
         prepare: PreparePool,
         batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult],
         downstream: Downstream,
@@ -141,7 +180,7 @@ class MessageProcessor:
         store_executor: Executor,
     ) -> None:
         self.settings = settings
-        self.scanner = scanner
+        self.model = model
         self.prepare = prepare
         self.batcher = batcher
         self.downstream = downstream
@@ -192,7 +231,9 @@ class MessageProcessor:
         return await self._act(msg, result)
 
     async def _scan(self, msg: Inbound) -> ScanResult:
-        ext = await self.prepare.run(msg.raw, msg.envelope, self.scanner.policy.protected)
+        # The protected identities come from the configuration, not the model, so a reload between
+        # prepare and scoring cannot make them disagree with the policy that decides.
+        ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected)
         return await self.batcher.submit((ext, msg.envelope))
 
     async def _act(self, msg: Inbound, result: ScanResult) -> str:

@@ -13,6 +13,8 @@ import os
 import socket
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
@@ -25,6 +27,7 @@ from milter.gateway.metrics import GatewayMetrics, MetricsServer
 from milter.gateway.process import (
     Inbound,
     MessageProcessor,
+    ModelSlot,
     PrepareFn,
     PreparePool,
     ProcessorSettings,
@@ -33,6 +36,7 @@ from milter.gateway.process import (
     score_batch,
 )
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
+from milter.gateway.reload import ModelReloader, ReloadResult
 from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
 from milter.types import Envelope
 
@@ -117,11 +121,15 @@ class Gateway:
         self.config = config
         srv = config.server
         self.metrics = GatewayMetrics()
+        self.model = ModelSlot(scanner)
+        self.metrics.set_model(scanner.classifier.name, scanner.classifier.providers)
+        # SIGHUP (serve) and tests call this; it reloads config.model.path, not the path loaded first.
+        self.reloader = ModelReloader(self.model, Path(config.model.path), config.policy, self.metrics)
         processes = max(1, (os.cpu_count() or 1) // max(1, srv.workers))
         self._prepare_pool = PreparePool(prepare_pool or default_prepare_pool(processes), prepare)
         self._store_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milter-store")
         self.batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult] = MicroBatcher(
-            lambda items: score_batch(scanner, items),
+            partial(score_batch, self.model),
             srv.batch_max,
             srv.batch_wait_ms / 1000.0,
             on_batch=self.metrics.batch_size.observe,
@@ -142,7 +150,7 @@ class Gateway:
         )
         self.processor = MessageProcessor(
             settings,
-            scanner,
+            self.model,
             self._prepare_pool,
             self.batcher,
             self.downstream,
@@ -194,13 +202,21 @@ class Gateway:
         and policy.on_error decides what happens to mail while inference fails (tempfail, or accept
         unscanned); refusing to start would override an operator's on_error = "accept"."""
         env = Envelope()
-        ext = await self._prepare_pool.run(WARMUP_MESSAGE, env, self.processor.scanner.policy.protected)
+        ext = await self._prepare_pool.run(WARMUP_MESSAGE, env, self.model.scanner.policy.protected)
         try:
             await self.batcher.submit((ext, env))
         except Exception as exc:
             self.metrics.errors.labels("scan").inc()
             log.error(kv("model_warmup_failed", error=type(exc).__name__, detail=str(exc)[:200],
                          on_error=self.config.policy.on_error))
+
+    def request_reload(self) -> None:
+        """What SIGHUP does: reload the model in the background (see milter.gateway.reload)."""
+        self.reloader.request()
+
+    async def reload_model(self) -> ReloadResult:
+        """Reload the model now and say how it went; the old model keeps serving if it fails."""
+        return await self.reloader.reload()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -219,6 +235,7 @@ class Gateway:
         """Stop accepting, let messages in progress finish (up to `grace` s), then close everything."""
         if self._server is not None:
             self._server.close()
+        await self.reloader.close()
         if self._inflight:
             log.info(kv("draining", messages=len(self._inflight)))
             await asyncio.wait(self._inflight, timeout=grace)

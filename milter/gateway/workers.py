@@ -5,6 +5,12 @@ CPU under the GIL. Each worker binds its own socket to the same address with SO_
 full event loop; the kernel spreads new connections over them, and a worker that dies takes only its
 own sessions with it (their clients get no 250, so the MTA retries). The parent only supervises:
 it restarts a worker that exits unexpectedly and forwards SIGTERM/SIGINT for a graceful stop.
+
+SIGHUP (`systemctl reload`, sent to the main process) reloads the model: the single gateway, or every
+worker, the parent forwarding it (see milter.gateway.reload). SIGHUP's default action is to end the
+process, so it stays blocked from the start of a gateway process until its handler is installed: a
+reload requested while a worker starts is held pending, then carried out, instead of killing it.
+Workers inherit the blocked mask from the parent's `start`, which covers their interpreter start-up.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import time
@@ -84,6 +91,8 @@ async def serve_gateway(config: Config, loaded: Loaded, sock: socket.socket, wor
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await gateway.start(sock)
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a SIGHUP held since start-up fires now
     try:
         await stop.wait()
     finally:
@@ -93,12 +102,14 @@ async def serve_gateway(config: Config, loaded: Loaded, sock: socket.socket, wor
 
 
 def run_single(config: Config) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until serve_gateway handles it
     loaded = load(config)
     sock = listen_socket(config.server.listen, reuse_port=False)
     asyncio.run(serve_gateway(config, loaded, sock))
 
 
 def _worker_main(config: Config, index: int, log_level: int) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # already, from the parent; kept explicit
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s worker={index} %(name)s: %(message)s"
     )
@@ -111,17 +122,24 @@ def _worker_main(config: Config, index: int, log_level: int) -> None:
 
 def run_workers(config: Config, log_level: int) -> None:
     """Start config.server.workers processes and keep them running until SIGTERM/SIGINT."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # held until on_reload is installed
     # Fail fast in the parent: a model or store that cannot load would only make workers crash-loop.
     load(config).store.close()
     listen_socket(config.server.listen, reuse_port=True).close()
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    procs: dict[int, BaseProcess] = {}
 
     def start(index: int) -> BaseProcess:
         proc = ctx.Process(
             target=_worker_main, args=(config, index, log_level), name=f"milter-worker-{index}"
         )
-        proc.start()
+        # The child inherits the signal mask: blocked, a SIGHUP during its start-up waits for its handler.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         log.info(kv("worker_started", worker=index, pid=proc.pid))
         return proc
 
@@ -133,9 +151,18 @@ def run_workers(config: Config, log_level: int) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.terminate()  # SIGTERM: the worker drains its messages in flight
 
-    procs = {i: start(i) for i in range(config.server.workers)}
+    def on_reload(_signum: int, _frame: object) -> None:
+        if stopping:
+            return
+        sent = [index for index, proc in procs.items() if _send(proc, signal.SIGHUP)]
+        log.info(kv("reload_forwarded", workers=",".join(map(str, sent))))
+
+    signal.signal(signal.SIGHUP, on_reload)
+    for i in range(config.server.workers):
+        procs[i] = start(i)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     while procs:
         wait([p.sentinel for p in procs.values()], timeout=1.0)
         for index, proc in list(procs.items()):
@@ -147,3 +174,14 @@ def run_workers(config: Config, log_level: int) -> None:
                 log.error(kv("worker_died", worker=index, exitcode=proc.exitcode, action="restarting"))
                 time.sleep(RESTART_DELAY)
                 procs[index] = start(index)
+
+
+def _send(proc: BaseProcess, signum: int) -> bool:
+    """Signal a worker that is still running; False if it is gone (its restart loads the new model)."""
+    if proc.pid is None or not proc.is_alive():
+        return False
+    try:
+        os.kill(proc.pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
