@@ -71,10 +71,12 @@ ATTACH_NAMES: tuple[str, ...] = (
     "att_no_name",
 )
 
-_HIDDEN = re.compile(
-    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?![.\d])|"
-    r"opacity\s*:\s*0(?![.\d])|max-height\s*:\s*0(?![.\d])",
-    re.I,
+# One literal-prefixed pattern each, run on the lower-cased HTML: re finds a literal prefix fast, while
+# one case-insensitive alternation was tried at every character (a quarter of a millisecond a message).
+_HIDDEN = tuple(
+    re.compile(p)
+    for p in (r"display\s*:\s*none", r"visibility\s*:\s*hidden", r"font-size\s*:\s*0(?![.\d])",
+              r"opacity\s*:\s*0(?![.\d])", r"max-height\s*:\s*0(?![.\d])")
 )
 _FONT_ZERO = re.compile(r"font-size\s*:\s*[01](?:px|pt)?\s*[;\"']", re.I)
 _DOMAINISH = re.compile(r"(?i)(?:https?://)?((?:[a-z0-9-]+\.)+[a-z]{2,})(?:/|\s|$)")
@@ -106,7 +108,8 @@ def html_features(ctx: Context) -> tuple[list[float], list[str]]:
     image_only = len(images) > 0 and text_len < 100
     if image_only:
         signals.append("HTML body is images with almost no text")
-    hidden = len(_HIDDEN.findall(html))
+    lower = html.lower()
+    hidden = sum(len(rx.findall(lower)) for rx in _HIDDEN)
     sender_domain = ctx.sender.domain if ctx.sender else ""
     ext_action = any(
         split_host(_host_of(f.attributes.get("action") or ""))[1] not in ("", sender_domain) for f in forms

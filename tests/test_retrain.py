@@ -1,0 +1,229 @@
+"""`milter-retrain`: the nightly learning loop, end to end on the real corpora, store and registry.
+
+The campaign test is the acceptance test of the learning loop: a spam campaign the base model never saw
+is missed, an admin labels a few of its messages through the CLI, and the retrained model catches the
+rest without flagging more ham. Training runs on a subsample (MAX_PER_GROUP per corpus and label) to
+stay quick; features come from the checkout's feature cache (.cache), as milter-train's do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import milter.features as features
+from milter.cli import main as milter_cli
+from milter.config import load_config
+from milter.features import SCHEMA, Protected, extract
+from milter.scan import Scanner, ScanResult, build_scanner
+from milter.store import Store
+from milter.types import CLASS_NAMES, Action, Envelope, Scores, Verdict
+from training import retrain as rt
+from training.corpora import Message, load_corpora, parse_date, read_header_block
+from training.thresholds import HAM, decide
+
+REPO = Path(__file__).resolve().parents[1]
+SHARE = REPO.parent / "shared" / "corpora"
+CORPORA = REPO / ".cache" / "corpora"
+MAX_PER_GROUP = 600
+N_LABELS = 20  # what the admin labels; every 5th is held back as a "recent label"
+
+# The campaign: Enron-Spam's stock-promotion run "Investor Alert SPNI up NN%" (80 messages). Chosen by
+# training a subsampled model with every >= 40-message Subject cluster of enron-spam and phishing-pot
+# held out and keeping the clusters it missed: the three stock-pump runs were caught 0% (the test
+# asserts the miss again below). A fixed pattern rather than a search keeps the choice deterministic.
+CAMPAIGN = re.compile(rb"^subject:[ \t]*investor alert spni up \d+%", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Campaign:
+    labelled: tuple[Message, ...]  # the first N_LABELS to arrive: the ones an admin sees and labels
+    others: tuple[Message, ...]  # the rest: must be caught after the retrain
+
+
+@pytest.fixture(scope="module")
+def campaign() -> Campaign:
+    if not (CORPORA / "enron-spam-raw" / ".stamp").is_file():
+        pytest.fail(f"corpora not unpacked in {CORPORA} (../shared/corpora/unpack .cache/corpora)")
+    messages, _ = load_corpora(CORPORA, SHARE, include=["enron-spam-raw"])
+    members = [m for m in messages if m.label == "spam" and CAMPAIGN.search(read_header_block(m.path))]
+    assert len(members) >= 40, f"campaign has {len(members)} members"
+
+    def arrival(m: Message) -> tuple[float, int]:
+        when = parse_date(read_header_block(m.path))
+        return (when.timestamp() if when else float("inf"), m.order)
+
+    members.sort(key=arrival)
+    return Campaign(tuple(members[:N_LABELS]), tuple(members[N_LABELS:]))
+
+
+def _args(tmp: Path, models: Path, db: str, holdout: Path, *extra: str) -> list[str]:
+    return [
+        "--db", db, "--models-dir", str(models), "--report", str(tmp / "reports"), "--holdout-sha256",
+        str(holdout), "--max-per-group", str(MAX_PER_GROUP), "--cache-dir", str(REPO / ".cache"),
+        "--corpora-dir", str(CORPORA), "--corpora-src", str(SHARE), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, campaign: Campaign) -> tuple[Path, Path]:
+    """(models dir, holdout list): a champion trained by the retrain itself, without the campaign.
+
+    An empty store and an empty registry: the run trains on the base corpora alone and, with no
+    champion to defend, promotes: the same pipeline as every later retrain.
+    """
+    tmp = tmp_path_factory.mktemp("baseline")
+    holdout = tmp / "campaign.sha256"
+    holdout.write_text("".join(f"{m.sha256}\n" for m in (*campaign.labelled, *campaign.others)))
+    models = tmp / "models"
+    result = rt.run(rt.parse_args(_args(tmp, models, f"sqlite:///{tmp / 'empty.db'}", holdout)))
+    assert result.promoted and (models / "current.onnx").is_file(), result.reason
+    return models, holdout
+
+
+def _copy_models(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _caught(scanner: Scanner, messages: tuple[Message, ...], level: str) -> float:
+    """Share of messages not accepted as ham at the model's own thresholds (`level`)."""
+    X = np.stack([extract(m.path.read_bytes()).vector for m in messages])
+    t = rt.thresholds_of(scanner.classifier.metadata.thresholds)
+    cuts = (t.spam_quarantine, t.bec_quarantine) if level == "quarantine" else (t.spam_tag, t.bec_tag)
+    return float((decide(scanner.classifier.predict(X), *cuts) != HAM).mean())
+
+
+def _record(store: Store, scanner: Scanner, messages: tuple[Message, ...]) -> list[int]:
+    """What the gateway does: scan, keep the vector, keep the bytes of what it quarantines."""
+    raws = [m.path.read_bytes() for m in messages]
+    ids = []
+    for raw, result in zip(raws, scanner.scan_batch(raws), strict=True):
+        held = raw if result.action == Action.QUARANTINE else None
+        ids.append(store.record(result, Envelope(), held, SCHEMA.digest))
+    return ids
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_campaign_is_learned_from_twenty_admin_labels(
+    tmp_path: Path, campaign: Campaign, baseline: tuple[Path, Path]
+) -> None:
+    models = _copy_models(baseline[0], tmp_path / "models")
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    before = build_scanner(load_config(None), models / "current.onnx")
+    missed_before = 1.0 - _caught(before, campaign.others, "tag")
+    assert missed_before >= 0.5, f"baseline already catches {1 - missed_before:.0%} of the campaign"
+
+    with Store.open(db) as store:
+        ids = _record(store, before, campaign.labelled)
+        ham_ids = _record(store, before, _some_ham(5))  # recorded, never labelled: must be ignored
+    assert len(ham_ids) == 5
+    cli = CliRunner()
+    for pk in ids[:10]:  # the admin reviews verdicts by id ...
+        res = cli.invoke(milter_cli, ["quarantine", "label", "--db", db, str(pk), "spam"])
+        assert res.exit_code == 0, res.output
+    files = []  # ... and users forward the rest with `milter report`
+    for m in campaign.labelled[10:]:
+        files.append(tmp_path / f"{m.sha256}.eml")
+        shutil.copyfile(m.path, files[-1])
+    # Messages without a Message-ID cannot be matched: `report` scans them with the configured model.
+    config = tmp_path / "milter.toml"
+    config.write_text(f'[model]\npath = "{models / "current.onnx"}"\n')
+    res = cli.invoke(
+        milter_cli, ["report", "--as", "spam", "--db", db, "--config", str(config), *map(str, files)]
+    )
+    assert res.exit_code == 0, res.output
+    with Store.open(db) as store:
+        assert store.stats().labelled == N_LABELS
+
+    result = rt.run(rt.parse_args(_args(tmp_path, models, db, baseline[1])))
+    report = json.loads((result.report_dir / "retrain.json").read_text())
+    assert result.promoted, result.reason
+    assert report["data"]["labels"]["train"] == 16 and report["data"]["labels"]["held_back"] == 4
+
+    after = build_scanner(load_config(None), models / "current.onnx")
+    assert after.classifier.name == result.challenger != before.classifier.name
+    # Caught = not accepted as ham; quarantine is the stricter of the two levels.
+    assert _caught(after, campaign.others, "quarantine") >= 0.9
+    champ, chall = report["models"]
+    fpr_before = champ["fixed"]["quarantine"]["ALL"]["ham_fpr"]
+    assert chall["fixed"]["quarantine"]["ALL"]["ham_fpr"] <= fpr_before + 0.0005
+    assert (models / "history" / f"{before.classifier.name}.onnx").is_file()  # rollback stays possible
+
+
+def _some_ham(n: int) -> tuple[Message, ...]:
+    messages, _ = load_corpora(CORPORA, SHARE, include=["spamassassin-public"])
+    return tuple(m for m in messages if m.label == "ham")[:n]
+
+
+def _some_spam(n: int) -> tuple[Message, ...]:
+    messages, _ = load_corpora(CORPORA, SHARE, include=["enron-spam-raw"])
+    return tuple(m for m in messages if m.label == "spam")[::50][:n]
+
+
+def test_a_worse_challenger_is_refused(tmp_path: Path, baseline: tuple[Path, Path]) -> None:
+    """300 spam labelled ham (a confused admin, a poisoning attempt): the challenger must not ship."""
+    models = _copy_models(baseline[0], tmp_path / "models")
+    before = {p.name: _sha(p) for p in models.rglob("*") if p.is_file()}
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    scanner = build_scanner(load_config(None), models / "current.onnx")
+    with Store.open(db) as store:
+        for pk in _record(store, scanner, _some_spam(300)):
+            store.set_label(pk, "ham", "test")
+
+    code = rt.main(_args(tmp_path, models, db, baseline[1]))
+    assert code == 0  # a refusal is a clean outcome: systemd reloads, nothing changed
+    assert {p.name: _sha(p) for p in models.rglob("*") if p.is_file()} == before
+    (report_dir,) = (tmp_path / "reports").iterdir()
+    report = json.loads((report_dir / "retrain.json").read_text())
+    assert report["decision"]["promote"] is False
+    assert "refused" in report["decision"]["reason"] and "recall" in report["decision"]["reason"]
+    assert any(not c["ok"] for c in report["decision"]["checks"])
+    assert "refused" in (report_dir / "report.md").read_text()
+    assert (report_dir / "candidate" / "current.onnx").is_file()  # kept for inspection
+
+
+def test_stale_vectors_are_recomputed_from_raw_bytes_or_skipped(tmp_path: Path) -> None:
+    raws = [m.path.read_bytes() for m in _some_ham(2) + _some_spam(3)]
+    results = [_result(raw) for raw in raws]
+    with Store.open(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        current = store.record(results[0], Envelope(), None, SCHEMA.digest)
+        old_held = store.record(results[1], Envelope(), raws[1], "old-schema-digest")
+        old_gone = store.record(results[2], Envelope(), None, "old-schema-digest")
+        old_deleted = store.record(results[3], Envelope(), raws[3], "old-schema-digest")
+        store.record(results[4], Envelope(), raws[4], "old-schema-digest")  # unlabelled: ignored
+        store.delete([old_deleted])
+        for pk, label in ((current, "ham"), (old_held, "ham"), (old_gone, "spam"), (old_deleted, "spam")):
+            store.set_label(pk, label, "test")
+        labelled = rt.load_labelled(store, features, Protected())
+    assert dict(labelled.counts) == {"stored": 1, "recomputed": 1, "skipped_no_raw": 2, "failed": 0}
+    assert labelled.ids == (current, old_held)
+    assert labelled.y.tolist() == [CLASS_NAMES.index("ham")] * 2
+    np.testing.assert_array_equal(labelled.X[1], extract(raws[1]).vector)
+
+
+def _result(raw: bytes) -> ScanResult:
+    """A verdict as the gateway stores it, without needing a model that matches the schema."""
+    ext = extract(raw)
+    return ScanResult(
+        Verdict.HAM, Action.ACCEPT, Scores(0.9, 0.05, 0.05), (), "test", ext.summary, ext.vector
+    )
+
+
+def test_every_fifth_label_by_id_is_held_back() -> None:
+    ids = (3, 4, 5, 9, 10, 11, 15, 21)
+    labels = rt.Labelled(ids, np.zeros((8, 1), np.float32), np.zeros(8, np.int64), {})
+    train, recent = labels.split(5)
+    assert [ids[i] for i in recent] == [5, 10, 15] and len(train) == 5
+    assert labels.split(0)[1].size == 0

@@ -1,0 +1,681 @@
+"""`milter-retrain`, the nightly learning loop: base corpora + labels -> challenger -> promote or refuse.
+
+1. Data: the base corpora, prepared exactly as `milter-train` prepares them (same dedupe, subsample,
+   feature cache and time split), plus every labelled verdict in the store. A stored feature vector is
+   used when its schema digest is the current one; otherwise the vector is recomputed from the raw
+   message while the quarantine still holds it; otherwise the label is skipped (and counted).
+2. Labels: those whose store id is a multiple of `--holdout-every` (5) are held back as "recent labels"
+   for the comparison; by id, so a label keeps that role night after night and the champion never
+   trained on it. The rest train with a weight boost (`--label-weight`, 20): each counts as that many
+   typical base messages of its class. Admins' labels are few (tens against tens of thousands) but they
+   are the only examples of what this site receives now; unboosted they would barely move a tree.
+3. Challenger: the same fit / ONNX export / parity check / threshold choice as `milter-train`.
+4. Champion vs challenger, each at its own thresholds (quarantine level) on a FIXED set: the time-ordered
+   test split of the base corpora, plus the recent labels. Promote (milter.registry.promote: validated,
+   atomic, kept in history) only if
+     * pooled ham FPR <= champion's + `--fpr-tolerance` (0.0005 absolute: a retrain regrows every tree,
+       so a borderline ham may flip; 0.05% is below the 0.1% target the thresholds aim for),
+     * pooled spam+bec recall >= champion's - `--recall-tolerance` (same reason, in recall's terms),
+     * recall on the recent spam/bec labels, and FPR on recent ham labels, no worse (same tolerances);
+   otherwise refuse. Either way a report (report.md + retrain.json) says what was compared and why.
+
+Exit status: 0 when a model was promoted or cleanly refused (systemd then reloads the gateway), 1 on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from milter.classifier import Classifier
+from milter.config import load_config
+from milter.errors import MilterError
+from milter.features import Protected
+from milter.registry import promote
+from milter.store import Store
+from milter.store.models import Message as StoredMessage
+from milter.store.models import Quarantine
+from milter.types import CLASS_NAMES, Envelope
+from training import model as mdl
+from training.artifacts import build_metadata, write_model
+from training.corpora import CorporaError, attach_dates, default_corpora_src, load_corpora
+from training.dataset import TEST, TRAIN, VAL, Dataset, build_dataset, subsample
+from training.evaluate import Metrics, evaluate, sliced_metrics
+from training.thresholds import HAM, Probs, Thresholds, choose_thresholds, decide
+from training.train import _features, repo_root
+from training.train import parse_args as train_defaults
+
+log = logging.getLogger("milter-retrain")
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+RECENT = "recent-labels"  # the slice name of the held-back labels in reports
+LEVELS = ("quarantine", "tag")
+
+
+# --- arguments ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    root = repo_root()
+    d = train_defaults([])  # model and split settings follow milter-train's, so the two stay comparable
+    p = argparse.ArgumentParser(
+        prog="milter-retrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="milter TOML config: store URL, model path, protected names")
+    p.add_argument("--db", help="store URL (default: the config's store.url)")
+    p.add_argument("--models-dir", type=Path, help="model registry (default: the folder of model.path)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="reports go to REPORT/retrain-<time>/ (default: reports/ beside the models folder)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="train, compare and report; never promote")
+    p.add_argument(
+        "--max-per-group", type=int, default=None, help="at most N base messages per (corpus, label)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--label-weight",
+        type=float,
+        default=20.0,
+        help="a training label counts as this many typical base messages of its class",
+    )
+    p.add_argument(
+        "--holdout-every",
+        type=int,
+        default=5,
+        help="every N-th label by store id is held back for evaluation (0: none)",
+    )
+    p.add_argument("--fpr-tolerance", type=float, default=0.0005, help="absolute ham-FPR slack")
+    p.add_argument("--recall-tolerance", type=float, default=0.002, help="absolute recall slack")
+    p.add_argument("--corpora-src", type=Path, default=default_corpora_src(root))
+    p.add_argument("--corpora-dir", type=Path, default=root / ".cache" / "corpora")
+    p.add_argument("--cache-dir", type=Path, default=root / ".cache", help="feature and date caches")
+    p.add_argument("--exclude-corpus", action="append", default=[], metavar="NAME")
+    p.add_argument(
+        "--holdout-sha256",
+        type=Path,
+        metavar="FILE",
+        help="base messages (sha256, one a line) to leave out entirely: for experiments that "
+        "simulate a campaign the base corpora never saw",
+    )
+    p.add_argument(
+        "--split-by",
+        choices=("corpus", "subcollection"),
+        default=d.split_by,
+        help="time split groups, as milter-train (default: %(default)s)",
+    )
+    p.add_argument("--target-fpr", type=float, default=d.target_fpr)
+    p.add_argument("--tag-fpr", type=float, default=d.tag_fpr)
+    p.add_argument("--max-rounds", type=int, default=d.max_rounds)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--corpus-balance", type=float, default=d.corpus_balance)
+    p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
+    p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+# --- labelled examples from the store ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Labelled store examples usable with the current schema, ordered by store id."""
+
+    ids: tuple[int, ...]
+    X: FloatArray
+    y: IntArray
+    counts: Mapping[str, int]  # stored / recomputed / skipped_no_raw / failed
+
+    def split(self, every: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """(train rows, recent rows): labels whose store id is a multiple of `every` are held back.
+
+        By id, not by rank, so a label keeps its role from one night to the next: the champion (last
+        night's challenger) never trained on the labels it is now judged on.
+        """
+        ids = np.asarray(self.ids, dtype=np.int64)
+        recent = ids % every == 0 if every > 0 else np.zeros(len(ids), dtype=bool)
+        return np.flatnonzero(~recent), np.flatnonzero(recent)
+
+
+def _envelope(row: StoredMessage) -> Envelope:
+    return Envelope(
+        mail_from=row.mail_from,
+        rcpt_tos=tuple(row.rcpt_tos or ()),
+        client_addr=row.client_addr,
+        client_name=row.client_name,
+        helo=row.helo,
+        queue_id=row.queue_id,
+    )
+
+
+def _stale_rows(store: Store, digest: str) -> list[tuple[int, str, bytes | None, Envelope]]:
+    """Labelled rows without a current-schema vector: (id, label, raw bytes if still held, envelope).
+
+    Store.labelled_examples only hands out vectors; the raw bytes live in the quarantine table.
+    """
+    stmt = (
+        select(StoredMessage, Quarantine.raw)
+        .outerjoin(Quarantine, Quarantine.message_pk == StoredMessage.id)
+        .where(
+            StoredMessage.label.is_not(None),
+            or_(StoredMessage.feature_vector.is_(None), StoredMessage.schema_digest != digest),
+        )
+        .order_by(StoredMessage.id)
+    )
+    with Session(store.engine) as s:
+        return [(m.id, m.label or "", raw, _envelope(m)) for m, raw in s.execute(stmt)]
+
+
+def load_labelled(store: Store, features: ModuleType, protected: Protected) -> Labelled:
+    """Current vectors as stored; stale ones recomputed from raw bytes when held, else skipped."""
+    digest = features.SCHEMA.digest
+    rows: dict[int, tuple[FloatArray, str]] = {
+        e.id: (np.asarray(e.vector, dtype=np.float32), e.label) for e in store.labelled_examples(digest)
+    }
+    counts = {"stored": len(rows), "recomputed": 0, "skipped_no_raw": 0, "failed": 0}
+    width = len(features.SCHEMA.names)
+    for pk, label, raw, envelope in _stale_rows(store, digest):
+        if raw is None:
+            counts["skipped_no_raw"] += 1
+            continue
+        try:
+            vector = np.asarray(features.extract(raw, envelope, protected).vector, dtype=np.float32)
+        except Exception:  # one unparseable message must not stop the nightly run; it is counted
+            log.exception("feature extraction failed for stored message %d", pk)
+            counts["failed"] += 1
+            continue
+        rows[pk] = (vector, label)
+        counts["recomputed"] += 1
+    ids = tuple(sorted(pk for pk, (vec, lab) in rows.items() if vec.shape == (width,) and lab in CLASS_NAMES))
+    counts["failed"] += len(rows) - len(ids)
+    X = np.stack([rows[i][0] for i in ids]) if ids else np.zeros((0, width), np.float32)
+    y = np.array([CLASS_NAMES.index(rows[i][1]) for i in ids], dtype=np.int64)
+    return Labelled(ids, X.astype(np.float32), y, counts)
+
+
+# --- base corpora ---------------------------------------------------------------------------------
+
+
+def load_base(args: argparse.Namespace, features: ModuleType, code_version: str) -> Dataset:
+    """The base corpora as milter-train builds them (minus any --holdout-sha256 messages)."""
+    messages, _ = load_corpora(args.corpora_dir, args.corpora_src, args.exclude_corpus)
+    if args.holdout_sha256 is not None:
+        drop = set(args.holdout_sha256.read_text(encoding="ascii").split())
+        messages = [m for m in messages if m.sha256 not in drop]
+    messages = attach_dates(
+        subsample(messages, args.max_per_group, args.seed), args.cache_dir, args.processes
+    )
+    ds, failed = build_dataset(
+        messages,
+        features.SCHEMA,
+        features.extract,
+        args.cache_dir,
+        args.processes,
+        progress=not args.no_progress,
+        code_version=code_version,
+        by_subcollection=args.split_by == "subcollection",
+    )
+    if failed > 0.01 * max(1, len(messages)):
+        raise MilterError(f"feature extraction failed on {failed} of {len(messages)} base messages")
+    return ds
+
+
+# --- the challenger -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Challenger:
+    onnx_bytes: bytes
+    meta: dict[str, Any]
+    thresholds: Thresholds
+
+
+def label_weights(
+    y_labels: IntArray, y_base: IntArray, w_base: npt.NDArray[np.float64], boost: float
+) -> npt.NDArray[np.float64]:
+    """Each label weighs `boost` times the mean base training weight of its class (1.0 if none)."""
+    means = {
+        k: float(w_base[y_base == k].mean()) if (y_base == k).any() else 1.0 for k in range(len(CLASS_NAMES))
+    }
+    return np.array([boost * means[int(k)] for k in y_labels], dtype=np.float64)
+
+
+def fit_challenger(
+    args: argparse.Namespace,
+    features: ModuleType,
+    code_version: str,
+    ds: Dataset,
+    labels: Labelled,
+    train_rows: npt.NDArray[np.intp],
+) -> Challenger:
+    """milter-train's fit, export, parity check and thresholds, with the labels added to training."""
+    corpora = [m.corpus for m in ds.messages]
+    cfg = mdl.FitConfig(
+        seed=args.seed,
+        max_rounds=args.max_rounds,
+        corpus_balance=args.corpus_balance,
+        learning_rate=args.learning_rate,
+    )
+    weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
+    tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
+    if min(len(tr), len(va), len(te)) == 0:
+        raise MilterError(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
+    X_lab, y_lab = labels.X[train_rows], labels.y[train_rows]
+    w_lab = label_weights(y_lab, ds.y[tr], weights[tr], args.label_weight)
+    t0 = time.monotonic()
+    booster = mdl.fit(
+        np.concatenate([ds.X[tr], X_lab]),
+        np.concatenate([ds.y[tr], y_lab]),
+        np.concatenate([weights[tr], w_lab]),
+        ds.X[va],
+        ds.y[va],
+        weights[va],
+        ds.feature_names,
+        cfg,
+    )
+    log.info(
+        "LightGBM: %d rounds in %.1fs (%d base + %d label rows)",
+        booster.current_iteration(),
+        time.monotonic() - t0,
+        len(tr),
+        len(y_lab),
+    )
+    onnx_bytes = mdl.to_onnx(booster, ds.X.shape[1]).SerializeToString()
+    check = np.concatenate([ds.X[va], ds.X[te], labels.X])  # the parity check covers the labels too
+    probs = mdl.onnx_probabilities(onnx_bytes, check)
+    max_diff = mdl.check_parity(mdl.predict(booster, check), probs)
+    p_val, p_test = probs[: len(va)], probs[len(va) : len(va) + len(te)]
+    trained = frozenset(int(k) for k in np.unique(np.concatenate([ds.y[tr], y_lab])))
+    thresholds = choose_thresholds(
+        p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr, trained
+    )
+    results = evaluate(
+        p_test, ds.y[te], [corpora[i] for i in te], [ds.messages[i].subcollection for i in te], thresholds
+    )
+    gain = np.asarray(
+        booster.feature_importance(importance_type="gain", iteration=booster.best_iteration or None),
+        dtype=np.float64,
+    )
+    meta = build_metadata(
+        ds=ds,
+        args=args,
+        features=features,
+        booster=booster,
+        onnx_bytes=onnx_bytes,
+        thresholds=thresholds,
+        results=results,
+        gain=gain,
+        max_diff=max_diff,
+        dropped={},
+        params=mdl.lgb_params(cfg),
+        code_version=code_version,
+        created=datetime.now(UTC),
+    )
+    meta["training_data"]["store_labels"] = {
+        "train": len(y_lab),
+        "held_back": len(labels.ids) - len(y_lab),
+        "label_weight": args.label_weight,
+        "by_class": {CLASS_NAMES[k]: int((y_lab == k).sum()) for k in range(len(CLASS_NAMES))},
+        **labels.counts,
+    }
+    return Challenger(onnx_bytes, meta, thresholds)
+
+
+# --- comparison ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The fixed base test split and the held-back recent labels, scored by both models."""
+
+    X: FloatArray
+    y: IntArray
+    corpora: tuple[str, ...]
+    X_recent: FloatArray
+    y_recent: IntArray
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model's metrics at its own thresholds: {level: {slice: Metrics}} for fixed and recent sets."""
+
+    name: str
+    thresholds: Thresholds
+    fixed: Mapping[str, Mapping[str, Metrics]]
+    recent: Mapping[str, Metrics]  # level -> Metrics on the recent labels
+
+
+def caught_recall(m: Metrics) -> float | None:
+    """spam + bec rows not predicted ham, pooled (either way the message is not delivered as clean)."""
+    rows = m.confusion[1:]
+    total = sum(sum(r) for r in rows)
+    return (total - sum(r[HAM] for r in rows)) / total if total else None
+
+
+def score(name: str, probs: Probs, recent: Probs, ev: EvalSet, t: Thresholds) -> Scored:
+    cuts = {"quarantine": (t.spam_quarantine, t.bec_quarantine), "tag": (t.spam_tag, t.bec_tag)}
+    fixed = {lvl: sliced_metrics(ev.y, decide(probs, *cuts[lvl]), ev.corpora) for lvl in LEVELS}
+    rec = {
+        lvl: sliced_metrics(ev.y_recent, decide(recent, *cuts[lvl]), [RECENT] * len(ev.y_recent))["ALL"]
+        for lvl in LEVELS
+    }
+    return Scored(name, t, fixed, rec)
+
+
+def thresholds_of(meta: Mapping[str, Mapping[str, float]]) -> Thresholds:
+    return Thresholds(
+        meta["spam"]["tag"], meta["spam"]["quarantine"], meta["bec"]["tag"], meta["bec"]["quarantine"]
+    )
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    champion: float | None
+    challenger: float | None
+    limit: float | None
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+
+def _no_worse(
+    what: str, champ: float | None, chall: float | None, slack: float, higher_is_better: bool
+) -> Check:
+    """A metric the champion has no data for (None) cannot regress; one the challenger lacks fails."""
+    if champ is None:
+        return Check(what, champ, chall, None, True)
+    limit = champ - slack if higher_is_better else champ + slack
+    ok = chall is not None and (chall >= limit - 1e-12 if higher_is_better else chall <= limit + 1e-12)
+    return Check(what, champ, chall, limit, ok)
+
+
+def compare(champ: Scored, chall: Scored, fpr_tol: float, recall_tol: float) -> Decision:
+    """The promotion rule (module docstring), at the quarantine level."""
+    a, b = champ.fixed["quarantine"]["ALL"], chall.fixed["quarantine"]["ALL"]
+    ra, rb = champ.recent["quarantine"], chall.recent["quarantine"]
+    checks = (
+        _no_worse("fixed set: pooled ham FPR", a.ham_fpr, b.ham_fpr, fpr_tol, higher_is_better=False),
+        _no_worse("fixed set: pooled spam+bec recall", caught_recall(a), caught_recall(b), recall_tol, True),
+        _no_worse("recent labels: spam+bec recall", caught_recall(ra), caught_recall(rb), recall_tol, True),
+        _no_worse("recent labels: ham FPR", ra.ham_fpr, rb.ham_fpr, fpr_tol, higher_is_better=False),
+    )
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        why = "; ".join(
+            f"{c.what} {_pct(c.challenger)} vs champion {_pct(c.champion)} (limit {_pct(c.limit)})"
+            for c in failed
+        )
+        return Decision(False, f"refused: {why}", checks)
+    return Decision(True, "promoted: no check worse than the champion (within tolerance)", checks)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4%}"
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _metrics_json(s: Scored) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "thresholds": s.thresholds.as_dict(),
+        "fixed": {
+            lvl: {k: {**m.as_dict(), "spam_bec_recall": caught_recall(m)} for k, m in by.items()}
+            for lvl, by in s.fixed.items()
+        },
+        "recent": {lvl: {**m.as_dict(), "spam_bec_recall": caught_recall(m)} for lvl, m in s.recent.items()},
+    }
+
+
+def _table(models: Sequence[Scored], level: str) -> list[str]:
+    lines = [
+        f"### {level} level",
+        "",
+        "| model | slice | n | ham FPR | spam recall | bec recall | spam+bec |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in models:
+        for key, m in [*s.fixed[level].items(), (RECENT, s.recent[level])]:
+            lines.append(
+                f"| {s.name} | {key} | {m.n} | {_pct(m.ham_fpr)} | {_pct(m.spam_recall)} | "
+                f"{_pct(m.bec_recall)} | {_pct(caught_recall(m))} |"
+            )
+    return [*lines, ""]
+
+
+def write_report(out: Path, summary: Mapping[str, Any], models: Sequence[Scored], decision: Decision) -> Path:
+    """report.md for people, retrain.json for scripts; both say what was compared and why."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        **summary,
+        "decision": {
+            "promote": decision.promote,
+            "reason": decision.reason,
+            "checks": [asdict(c) for c in decision.checks],
+        },
+        "models": [_metrics_json(s) for s in models],
+    }
+    (out / "retrain.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    lines = [
+        f"# Retrain {summary['started']}",
+        "",
+        f"**{decision.reason}**",
+        "",
+        "Compared on the time-ordered test split of the base corpora (fixed) and the held-back recent "
+        "labels, each model at its own thresholds; the promotion rule uses the quarantine level.",
+        "",
+        "| check | champion | challenger | limit | ok |",
+        "|---|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {c.what} | {_pct(c.champion)} | {_pct(c.challenger)} | {_pct(c.limit)} | "
+        f"{'yes' if c.ok else 'NO'} |"
+        for c in decision.checks
+    ]
+    lines += [
+        "",
+        "## Data",
+        "",
+        "```",
+        json.dumps(summary.get("data", {}), indent=2),
+        "```",
+        "",
+        "## Metrics",
+        "",
+    ]
+    for level in LEVELS:
+        lines += _table(models, level)
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    promoted: bool
+    reason: str
+    challenger: str
+    champion: str | None
+    report_dir: Path
+    candidate: Path
+
+
+def _load_champion(models_dir: Path) -> tuple[Classifier | None, str | None]:
+    """The current model, or None with the reason (missing, other schema): then nothing can regress."""
+    path = models_dir / "current.onnx"
+    if not path.exists():
+        return None, f"no current model in {models_dir}"
+    try:
+        return Classifier.load(path, providers=("CPUExecutionProvider",)), None
+    except MilterError as exc:  # a champion this code cannot run is no champion to defend
+        return None, f"current model unusable: {exc}"
+
+
+def _locations(args: argparse.Namespace) -> tuple[str, Path, Protected]:
+    cfg = load_config(args.config)
+    models_dir = args.models_dir or cfg.model.path.parent
+    protected = Protected(domains=cfg.policy.protected_domains, names=cfg.policy.protected_names)
+    return args.db or cfg.store.url, models_dir, protected
+
+
+def _evaluate_both(champion: Classifier | None, challenger: Challenger, ev: EvalSet) -> list[Scored]:
+    both = np.concatenate([ev.X, ev.X_recent])
+    probs = mdl.onnx_probabilities(challenger.onnx_bytes, both)
+    out = [
+        score(str(challenger.meta["name"]), probs[: len(ev.y)], probs[len(ev.y) :], ev, challenger.thresholds)
+    ]
+    if champion is not None:
+        cp = champion.predict(both)
+        out.insert(
+            0,
+            score(
+                champion.name,
+                cp[: len(ev.y)],
+                cp[len(ev.y) :],
+                ev,
+                thresholds_of(champion.metadata.thresholds),
+            ),
+        )
+    return out
+
+
+def _same_graph(champion: Path, challenger: bytes) -> bool:
+    """Same trees and thresholds. Not the file bytes: the converter orders its opset imports by set
+    iteration, which varies with PYTHONHASHSEED, so two identical fits can differ in the header."""
+    try:
+        return bool(onnx.load(str(champion)).graph == onnx.load_from_string(challenger).graph)
+    except (OSError, ValueError):  # unreadable champion: it cannot be the same model
+        return False
+
+
+def _decide(
+    champion: Classifier | None,
+    missing: str | None,
+    challenger: Challenger,
+    models: Sequence[Scored],
+    args: argparse.Namespace,
+) -> Decision:
+    if champion is None:
+        return Decision(True, f"promoted: {missing}")
+    decision = compare(models[0], models[1], args.fpr_tolerance, args.recall_tolerance)
+    if decision.promote and _same_graph(champion.path, challenger.onnx_bytes):
+        # No new labels: the deterministic fit reproduces the champion. Promoting it again gains nothing
+        # and could clash with its history entry (same name, other creation time in the metadata).
+        return Decision(False, "refused: the challenger is identical to the champion", decision.checks)
+    return decision
+
+
+def run(args: argparse.Namespace) -> RetrainResult:
+    started, t0 = datetime.now(UTC), time.monotonic()
+    url, models_dir, protected = _locations(args)
+    features, code_version = _features(args.features_module)
+    with Store.open(url) as store:
+        labels = load_labelled(store, features, protected)
+    train_rows, recent_rows = labels.split(args.holdout_every)
+    log.info(
+        "store labels: %s; %d train, %d held back", dict(labels.counts), len(train_rows), len(recent_rows)
+    )
+    ds = load_base(args, features, code_version)
+    challenger = fit_challenger(args, features, code_version, ds, labels, train_rows)
+    te = ds.rows(TEST)
+    ev = EvalSet(
+        ds.X[te],
+        ds.y[te],
+        tuple(ds.messages[i].corpus for i in te),
+        labels.X[recent_rows],
+        labels.y[recent_rows],
+    )
+    champion, missing = _load_champion(models_dir)
+    models = _evaluate_both(champion, challenger, ev)
+    decision = _decide(champion, missing, challenger, models, args)
+    if args.dry_run:
+        decision = Decision(
+            False, f"dry run, not promoted (would have been {decision.reason})", decision.checks
+        )
+    report_dir = (args.report or models_dir.parent / "reports") / f"retrain-{started:%Y%m%dT%H%M%SZ}"
+    candidate, _ = write_model(report_dir / "candidate", challenger.onnx_bytes, challenger.meta)
+    if decision.promote:
+        promote(models_dir, candidate)  # validates again and swaps atomically; ModelError = an error exit
+    summary = {
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - t0, 1),
+        "models_dir": str(models_dir),
+        "champion": champion.name if champion else None,
+        "challenger": challenger.meta["name"],
+        "dry_run": args.dry_run,
+        "tolerances": {"ham_fpr": args.fpr_tolerance, "recall": args.recall_tolerance},
+        "data": {
+            "base_rows": {"train": len(ds.rows(TRAIN)), "validation": len(ds.rows(VAL)), "test": len(te)},
+            "max_per_group": args.max_per_group,
+            "split_by": args.split_by,
+            "labels": {
+                **labels.counts,
+                "train": len(train_rows),
+                "held_back": len(recent_rows),
+                "label_weight": args.label_weight,
+                "holdout_every": args.holdout_every,
+            },
+        },
+    }
+    write_report(report_dir, summary, models, decision)
+    return RetrainResult(
+        decision.promote,
+        decision.reason,
+        str(challenger.meta["name"]),
+        champion.name if champion else None,
+        report_dir,
+        candidate,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        result = run(args)
+    except (MilterError, CorporaError, mdl.ExportMismatchError, OSError, ValueError) as exc:
+        log.error("retrain failed: %s", exc)
+        print(f"milter-retrain: ERROR {exc}", file=sys.stderr)
+        return 1
+    verb = "PROMOTED" if result.promoted else "REFUSED"
+    print(
+        f"milter-retrain: {verb} {result.challenger} (champion {result.champion}): {result.reason} "
+        f"[report {result.report_dir}]"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
