@@ -177,6 +177,12 @@ def to_onnx(booster: lgb.Booster, n_features: int) -> onnx.ModelProto:
             dims[0].Clear()
             dims[0].dim_param = "N"
     log.info("ONNX export: %d split thresholds rounded down to float32", _fix_thresholds(model, booster))
+    # The converter lists opset imports in set order, which varies between runs: sort them so the same
+    # fit always serialises to the same bytes (and the same model name).
+    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
+    del model.opset_import[:]
+    for domain, version in opsets:
+        model.opset_import.add(domain=domain, version=version)
     onnx.checker.check_model(model)
     proto: onnx.ModelProto = model
     return proto
