@@ -179,7 +179,7 @@ def to_onnx(booster: lgb.Booster, n_features: int) -> onnx.ModelProto:
     log.info("ONNX export: %d split thresholds rounded down to float32", _fix_thresholds(model, booster))
     # The converter lists opset imports in set order, which varies between runs: sort them so the same
     # fit always serialises to the same bytes (and the same model name).
-    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
+    opsets = sorted((o.domain, o.version) for o in model.opset_import)
     del model.opset_import[:]
     for domain, version in opsets:
         model.opset_import.add(domain=domain, version=version)

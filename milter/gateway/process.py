@@ -27,6 +27,7 @@ from milter.gateway.batcher import MicroBatcher
 from milter.gateway.headers import rewrite
 from milter.gateway.logfmt import kv
 from milter.gateway.metrics import GatewayMetrics
+from milter.gateway.recorder import GroupCommit, VerdictRecorder
 from milter.gateway.relay import Downstream
 from milter.gateway.xforward import XForward
 from milter.types import Action, Envelope
@@ -39,7 +40,6 @@ log = logging.getLogger("milter.gateway")
 
 REJECT_CODE = "550 5.7.1"
 TEMPFAIL_REPLY = "451 4.7.1 Message deferred by policy, try again later"
-MAX_BACKGROUND_RECORDS = 256
 
 
 class ClassifierLike(Protocol):
@@ -69,6 +69,15 @@ class ScannerLike(Protocol):
 
 
 class StoreLike(Protocol):
+    def record_batch(
+        self, items: Sequence[tuple[ScanResult, Envelope, bytes | None]], schema_digest: str,
+        keep_vector: bool = True,
+    ) -> list[int]: ...
+
+    def record_many(
+        self, items: Sequence[tuple[ScanResult, Envelope]], schema_digest: str, keep_vector: bool = True
+    ) -> int: ...
+
     def record(
         self,
         result: ScanResult,
@@ -187,8 +196,15 @@ class MessageProcessor:
         self.store = store
         self.metrics = metrics
         self._store_executor = store_executor
-        self._records: set[asyncio.Future[int]] = set()
-        self._record_slots = asyncio.Semaphore(MAX_BACKGROUND_RECORDS)
+        s = settings
+        self.recorder = VerdictRecorder(
+            lambda items: store.record_many(items, s.schema_digest, s.keep_vector),
+            store_executor,
+            self._records_failed,
+        )
+        self.quarantine = GroupCommit(
+            lambda items: store.record_batch(items, s.schema_digest, s.keep_vector), store_executor
+        )
 
     async def handle(self, msg: Inbound) -> str:
         self.metrics.pending.inc()
@@ -254,17 +270,8 @@ class MessageProcessor:
         return await self._relay(msg, result, [], None, "accept")
 
     async def _quarantine(self, msg: Inbound, result: ScanResult) -> str:
-        s = self.settings
         try:
-            row = await asyncio.get_running_loop().run_in_executor(
-                self._store_executor,
-                self.store.record,
-                result,
-                msg.envelope,
-                msg.raw,
-                s.schema_digest,
-                s.keep_vector,
-            )
+            row = await self.quarantine.commit(result, msg.envelope, msg.raw)
         except Exception as exc:
             self.metrics.errors.labels("store_quarantine").inc()
             log.error(
@@ -325,40 +332,20 @@ class MessageProcessor:
         return delivered.reply
 
     async def _record_later(self, msg: Inbound, result: ScanResult) -> None:
-        """Write the verdict of a delivered message without holding up the reply."""
-        await self._record_slots.acquire()  # back-pressure if the store falls behind
-        s = self.settings
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._store_executor,
-            self.store.record,
-            result,
-            msg.envelope,
-            None,
-            s.schema_digest,
-            s.keep_vector,
-        )
-        self._records.add(fut)
+        """Queue the verdict of a delivered message; written in batches without holding up the reply."""
+        self.recorder.start()
+        await self.recorder.add(result, msg.envelope)
 
-        def done(f: asyncio.Future[int]) -> None:
-            self._records.discard(f)
-            self._record_slots.release()
-            if not f.cancelled() and f.exception() is not None:
-                self.metrics.errors.labels("store_record").inc()
-                log.error(
-                    kv(
-                        "verdict_record_failed",
-                        id=msg.id,
-                        error=type(f.exception()).__name__,
-                        detail=str(f.exception())[:200],
-                    )
-                )
-
-        fut.add_done_callback(done)
+    def _records_failed(self, rows: int, exc: BaseException) -> None:
+        self.metrics.errors.labels("store_record").inc(rows)
 
     async def drain(self) -> None:
-        """Wait for background verdict records (at shutdown)."""
-        if self._records:
-            await asyncio.gather(*self._records, return_exceptions=True)
+        """Write the queued verdict records now."""
+        await self.recorder.drain()
+
+    async def close(self) -> None:
+        """Write the queued verdict records and stop the recorder (at shutdown)."""
+        await self.recorder.close()
 
     def _count(
         self, msg: Inbound, result: ScanResult | None, action: str, reply: str, row: int | None = None

@@ -244,7 +244,7 @@ class Gateway:
                 session.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
-        await self.processor.drain()
+        await self.processor.close()
         await self.batcher.close()
         await self.downstream.close()
         if self._metrics_server is not None:

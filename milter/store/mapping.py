@@ -47,31 +47,38 @@ def vector_from_bytes(data: bytes) -> npt.NDArray[np.float32]:
     return out
 
 
+def message_values(
+    result: ScanResult, envelope: Envelope, schema_digest: str, keep_vector: bool, received_at: datetime
+) -> dict[str, object]:
+    """The `messages` columns for one verdict, cleaned for storage."""
+    summary = result.summary
+    return {
+        "received_at": received_at,
+        "queue_id": clean(envelope.queue_id, 64),
+        "mail_from": clean(envelope.mail_from),
+        "rcpt_tos": _clean_list(envelope.rcpt_tos, 1000),
+        "client_addr": clean(envelope.client_addr, 64),
+        "client_name": clean(envelope.client_name),
+        "helo": clean(envelope.helo),
+        "message_id": clean(summary.message_id, MAX_INDEXED),
+        "from_addr": clean(summary.from_addr),
+        "subject": clean(summary.subject),
+        "verdict": str(result.verdict),
+        "action": str(result.action),
+        "score_ham": float(result.scores.ham),
+        "score_spam": float(result.scores.spam),
+        "score_bec": float(result.scores.bec),
+        "reasons": _clean_list(result.reasons, 1000),
+        "model": clean(result.model, 200) or "",
+        "feature_vector": vector_bytes(result.vector) if keep_vector else None,
+        "schema_digest": schema_digest[:128],
+    }
+
+
 def new_message(
     result: ScanResult, envelope: Envelope, schema_digest: str, keep_vector: bool, received_at: datetime
 ) -> Message:
-    summary = result.summary
-    return Message(
-        received_at=received_at,
-        queue_id=clean(envelope.queue_id, 64),
-        mail_from=clean(envelope.mail_from),
-        rcpt_tos=_clean_list(envelope.rcpt_tos, 1000),
-        client_addr=clean(envelope.client_addr, 64),
-        client_name=clean(envelope.client_name),
-        helo=clean(envelope.helo),
-        message_id=clean(summary.message_id, MAX_INDEXED),
-        from_addr=clean(summary.from_addr),
-        subject=clean(summary.subject),
-        verdict=str(result.verdict),
-        action=str(result.action),
-        score_ham=float(result.scores.ham),
-        score_spam=float(result.scores.spam),
-        score_bec=float(result.scores.bec),
-        reasons=_clean_list(result.reasons, 1000),
-        model=clean(result.model, 200) or "",
-        feature_vector=vector_bytes(result.vector) if keep_vector else None,
-        schema_digest=schema_digest[:128],
-    )
+    return Message(**message_values(result, envelope, schema_digest, keep_vector, received_at))
 
 
 def to_row(msg: Message, q: Quarantine | None) -> MessageRow:

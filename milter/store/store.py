@@ -12,13 +12,13 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from alembic.util import CommandError
-from sqlalchemy import CursorResult, Engine, delete, exists, func, or_, select, update
+from sqlalchemy import CursorResult, Engine, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer, sessionmaker
 
 from milter.errors import StoreError
 from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
-from milter.store.mapping import new_message, to_row, vector_from_bytes
+from milter.store.mapping import message_values, new_message, to_row, vector_from_bytes
 from milter.store.migrate import upgrade
 from milter.store.models import Message, Quarantine
 from milter.store.rows import LabelledExample, MessageRow, PurgeCounts, StoreStats
@@ -99,6 +99,45 @@ class Store:
             s.flush()
             pk = msg.id
         return pk
+
+    def record_many(
+        self,
+        items: Sequence[tuple[ScanResult, Envelope]],
+        schema_digest: str,
+        keep_vector: bool = True,
+    ) -> int:
+        """Store the verdicts of relayed messages in one transaction; how many rows were written.
+
+        The gateway records delivered messages in batches: one commit per batch instead of one per
+        message (the per-message commit was a third of a worker's CPU under load).
+        """
+        if not items:
+            return 0
+        now = _now()
+        rows = [message_values(r, e, schema_digest, keep_vector, now) for r, e in items]
+        with _guard("cannot record verdicts"), self._write.begin() as s:
+            s.execute(insert(Message), rows)
+        return len(rows)
+
+    def record_batch(
+        self,
+        items: Sequence[tuple[ScanResult, Envelope, bytes | None]],
+        schema_digest: str,
+        keep_vector: bool = True,
+    ) -> list[int]:
+        """`record` for several messages in one transaction (group commit): all ids, or StoreError."""
+        now = _now()
+        msgs = []
+        for result, envelope, raw in items:
+            msg = new_message(result, envelope, schema_digest, keep_vector, now)
+            if raw is not None:
+                msg.quarantine = Quarantine(raw=raw, size=len(raw))
+            msgs.append(msg)
+        with _guard("cannot record verdicts"), self._write.begin() as s:
+            s.add_all(msgs)
+            s.flush()
+            ids = [m.id for m in msgs]
+        return ids
 
     def mark_released(self, id: int) -> bool:
         """True when the message was held (not deleted, not yet released) and is now marked released."""
