@@ -115,6 +115,23 @@ def test_record_and_get_round_trip(store: Store) -> None:
     assert store.get(pk + 1000) is None
 
 
+def test_record_batch_and_record_many_are_one_transaction_each(store: Store) -> None:
+    """The gateway's group commit (quarantine) and batched verdicts: ids in order, raw bytes kept."""
+    items = [
+        (make_result(), ENV, b"raw-0"),
+        (make_result(Verdict.HAM, Action.ACCEPT), ENV, None),
+        (make_result(), ENV, b"raw-2"),
+    ]
+    ids = store.record_batch(items, DIGEST)
+    assert len(ids) == 3 and ids == sorted(ids)
+    assert [store.get_raw(pk) for pk in ids] == [b"raw-0", None, b"raw-2"]
+    rows = [store.get(pk) for pk in ids]
+    assert [r.quarantined for r in rows if r is not None] == [True, False, True]
+    assert store.record_batch([], DIGEST) == []
+    assert store.record_many([(make_result(Verdict.HAM, Action.ACCEPT), ENV)] * 4, DIGEST) == 4
+    assert store.stats().messages == 7
+
+
 def test_vector_stored_as_float32_little_endian(store: Store) -> None:
     result = make_result(dim=5)
     pk = store.record(result, ENV, None, DIGEST)
