@@ -86,19 +86,27 @@ class Result:
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
 
 
-async def load(port: int, messages: list[bytes], total: int, clients: int) -> Result:
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
+async def load(
+    port: int, messages: list[bytes], total: int, clients: int, rate: float | None = None
+) -> Result:
+    """Closed loop (each client sends its next message when the last is answered), or paced at `rate`
+    messages/s in all: message k is due at start + k / rate, so latency is measured at that offered
+    load instead of at saturation, where it is only queueing."""
+    queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
     for i in range(total):
-        queue.put_nowait(messages[i % len(messages)])
+        queue.put_nowait((i, messages[i % len(messages)]))
     latencies: list[float] = []
     failures = 0
+    start = time.perf_counter()
 
     async def client() -> None:
         nonlocal failures
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60, start_tls=False)
         await smtp.connect()
         while not queue.empty():
-            raw = queue.get_nowait()
+            k, raw = queue.get_nowait()
+            if rate is not None:
+                await asyncio.sleep(max(0.0, start + k / rate - time.perf_counter()))
             t0 = time.perf_counter()
             try:
                 await smtp.sendmail("bench@sender.test", ["rcpt@rcpt.test"], raw)
@@ -149,6 +157,9 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=3000, help="messages per phase")
     ap.add_argument("--corpus", type=int, default=1000, help="distinct corpus messages to cycle through")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--rate", type=float, help="pace the load at this many msgs/s (default: as fast as answered)"
+    )
     ap.add_argument("--config", help="milter config file (model, policy); flags below override it")
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,9 +198,9 @@ def main() -> None:
                 f"{args.clients} clients, {args.messages} messages per phase, {args.workers} gateway workers"
             )
             asyncio.run(load(gw_port, messages, min(200, args.messages), args.clients))  # warm-up
-            direct = asyncio.run(load(sink_port, messages, args.messages, args.clients))
+            direct = asyncio.run(load(sink_port, messages, args.messages, args.clients, args.rate))
             report("direct", direct)
-            gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients))
+            gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients, args.rate))
             report("gateway", gateway)
             print(
                 f"   added: p50 {gateway.pct(0.5) - direct.pct(0.5):.1f} ms, "
