@@ -11,6 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from click.testing import CliRunner
 from store_support import BACKENDS, backend_url, make_result
 
@@ -122,7 +125,7 @@ def test_purge_uses_retention_from_config(tmp_path: Path) -> None:
 def test_show_raw_label_delete(filled: tuple[str, list[int]]) -> None:
     url, (new, old) = filled
     run = CliRunner().invoke
-    shown = run(main, ["quarantine", "show", str(new), "--db", url])
+    shown = run(main, ["quarantine", "show", str(new), "--db", url, "--json"])
     assert shown.exit_code == 0 and json.loads(shown.stdout)["verdict"] == "bec"
     raw = run(main, ["quarantine", "raw", str(new), "--db", url])
     assert raw.exit_code == 0 and raw.stdout_bytes == RAW
@@ -152,3 +155,199 @@ def test_bad_or_unreachable_db_exits_1_without_traceback(db: str, free_port: obj
 def test_missing_message_exits_1(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["quarantine", "show", "42", "--db", f"sqlite:///{tmp_path}/x.db"])
     assert result.exit_code == 1 and "no message with id 42" in result.stderr
+
+
+# -- list filters ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def addressed(url: str) -> Iterator[tuple[str, dict[str, int]]]:
+    """Quarantined messages with distinct envelopes; '_' in an address checks LIKE escaping."""
+    envs = {
+        "a": (Envelope(mail_from="Alice@Example.com", rcpt_tos=("bob@example.org", "Carol@Example.org")),
+              "alice@example.com"),
+        "b": (Envelope(mail_from="bounce@lists.example", rcpt_tos=("dave_x@example.org",)),
+              "news@example.net"),
+        "c": (Envelope(mail_from="", rcpt_tos=("davexx@example.org", "bob@example.org.evil")),
+              "Mallory@Evil.test"),
+    }
+    ids: dict[str, int] = {}
+    with Store.open(url) as s:
+        for hours, (key, (env, from_addr)) in enumerate(envs.items()):
+            ids[key] = s.record(make_result(from_addr=from_addr), env, RAW, "d",
+                                received_at=datetime.now(UTC) - timedelta(hours=10 - hours))
+    yield url, ids
+
+
+def _listed(url: str, *args: str) -> list[object]:
+    result = CliRunner().invoke(main, ["quarantine", "list", "--json", "--db", url, *args])
+    assert result.exit_code == 0, result.output
+    return [o["id"] for o in _json_lines(result.stdout)]
+
+
+def test_list_recipient_filter(addressed: tuple[str, dict[str, int]]) -> None:
+    url, ids = addressed
+    assert _listed(url, "--recipient", "bob@example.org") == [ids["a"]]  # not the ".evil" lookalike
+    assert _listed(url, "--recipient", "CAROL@example.ORG") == [ids["a"]]  # second rcpt, any case
+    assert _listed(url, "--recipient", "dave_x@example.org") == [ids["b"]]  # '_' is not a wildcard
+    assert _listed(url, "--recipient", "example.org") == []  # whole addresses only
+    assert _listed(url, "--recipient", "bob@example.org", "--verdict", "bec") == []
+
+
+def test_list_sender_filter(addressed: tuple[str, dict[str, int]]) -> None:
+    url, ids = addressed
+    assert _listed(url, "--sender", "alice@EXAMPLE.com") == [ids["a"]]  # envelope and From agree
+    assert _listed(url, "--sender", "bounce@lists.example") == [ids["b"]]  # envelope sender only
+    assert _listed(url, "--sender", "news@example.net") == [ids["b"]]  # From only
+    assert _listed(url, "--sender", "mallory@evil.test") == [ids["c"]]
+    assert _listed(url, "--sender", "nobody@example.com") == []
+    both = _listed(url, "--sender", "news@example.net", "--recipient", "dave_x@example.org", "--limit", "1")
+    assert both == [ids["b"]]
+
+
+# -- release ---------------------------------------------------------------------------------------
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
+        self.received.append((envelope.mail_from or "", list(envelope.rcpt_tos),
+                              envelope.original_content or b""))
+        return "250 2.0.0 Ok: queued"
+
+
+@pytest.fixture
+def sink(free_port: object) -> Iterator[tuple[int, _Collect]]:
+    """A real aiosmtpd downstream on a free loopback port, in its own thread."""
+    handler = _Collect()
+    port = free_port()  # type: ignore[operator]
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port, handler
+    finally:
+        controller.stop()
+
+
+def _release(url: str, *args: str) -> tuple[int, list[dict[str, object]], str]:
+    result = CliRunner().invoke(main, ["quarantine", "release", "--json", "--db", url, *args])
+    return result.exit_code, _json_lines(result.stdout), result.stderr
+
+
+def test_release_delivers_marks_and_labels(filled: tuple[str, list[int]], sink: tuple[int, _Collect]) -> None:
+    url, (new, old) = filled
+    port, handler = sink
+    code, lines, _ = _release(url, "--downstream", f"127.0.0.1:{port}", str(new))
+    assert code == 0
+    assert [(o["id"], o["released"], o["labelled"]) for o in lines] == [(new, True, True)]
+    assert handler.received == [("alice@example.com", ["bob@example.org"], RAW)]
+    with Store.open(url) as s:
+        row = s.get(new)
+        assert row is not None and row.released_at is not None
+        assert (row.label, row.label_source) == ("ham", "release")
+        untouched = s.get(old)
+        assert untouched is not None and untouched.released_at is None
+    again, lines, err = _release(url, "--downstream", f"127.0.0.1:{port}", str(new))
+    assert again == 1 and "already released" in str(lines[0]["detail"])
+    assert err.startswith("Error: 1 of 1 message(s) not released") and len(handler.received) == 1
+
+
+def test_release_no_label_and_deleted(filled: tuple[str, list[int]], sink: tuple[int, _Collect]) -> None:
+    url, (new, old) = filled
+    port, handler = sink
+    with Store.open(url) as s:
+        s.delete([old])
+    result = CliRunner().invoke(main, ["quarantine", "release", "--no-label", "--db", url,
+                                       "--downstream", f"127.0.0.1:{port}", str(new), str(old)])
+    assert result.exit_code == 1
+    assert "released" in result.stdout and "deleted from the quarantine" in result.stdout
+    assert result.stderr.strip() == f"Error: 1 of 2 message(s) not released: {old}"
+    assert len(handler.received) == 1
+    with Store.open(url) as s:
+        row = s.get(new)
+        assert row is not None and row.released_at is not None and row.label is None
+
+
+def test_release_to_closed_port_stays_quarantined(filled: tuple[str, list[int]], free_port: object) -> None:
+    url, (new, _) = filled
+    port = free_port()  # type: ignore[operator]
+    code, lines, err = _release(url, "--downstream", f"127.0.0.1:{port}", str(new))
+    assert code == 1 and "Traceback" not in err
+    assert lines[0]["released"] is False and "cannot connect to downstream" in str(lines[0]["detail"])
+    with Store.open(url) as s:
+        row = s.get(new)
+        assert row is not None and row.released_at is None and row.label is None
+        assert s.get_raw(new) == RAW
+
+
+def test_release_bad_downstream_is_usage_error(filled: tuple[str, list[int]]) -> None:
+    url, (new, _) = filled
+    code, _, err = _release(url, "--downstream", "no-port", str(new))
+    assert code == 2 and "--downstream" in err
+
+
+# -- show ------------------------------------------------------------------------------------------
+
+HTML_RAW = (
+    b"From: \"Pay\x1b[31mroll\" <payroll@evil.test>\r\nTo: bob@example.org\r\n"
+    b"Subject: =?utf-8?q?Invoice_=E2=80=AE_[bold]due[/bold]?=\r\nMessage-ID: <h@x>\r\n"
+    b"Date: Mon, 6 May 2024 10:00:00 +0000\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b"<html><head><style>p{color:red}</style><script>alert('x')</script></head><body>"
+    b"<p>Please <b>wire</b> the money\x1b]0;owned\x07 today\x1b[2J</p>"
+    + b"".join(b"<p>line %d</p>" % i for i in range(60)) + b"</body></html>\r\n"
+)
+
+
+@pytest.fixture
+def model_config(tmp_path: Path) -> Path:
+    """A config whose [model] path has a metadata JSON with a small feature schema and gain importance."""
+    names = [f"f{i}" for i in range(8)]
+    meta = {
+        "name": "lgbm-show-test", "schema": {"version": "1", "digest": "show", "feature_names": names},
+        "class_names": ["ham", "spam", "bec"], "thresholds": {},
+        "feature_importance_gain": [{"name": "f1", "gain": 1000.0, "share": 0.5},
+                                    {"name": "f7", "gain": 10.0, "share": 0.3},
+                                    {"name": "f0", "gain": 500.0, "share": 0.2}],
+    }
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    cfg = tmp_path / "show.toml"
+    cfg.write_text(f'[model]\npath = "{tmp_path / "m.onnx"}"\n')
+    return cfg
+
+
+def test_show_is_safe_and_lists_contributions(url: str, model_config: Path) -> None:
+    with Store.open(url) as s:  # make_result's vector: f_i = i/4 + 0.125
+        pk = s.record(make_result(subject="Invoice due"), ENV, HTML_RAW, "show")
+    args = ["quarantine", "show", str(pk), "--db", url, "--config", str(model_config)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Please wire the money today" in out  # inline tags do not break lines
+    for bad in ("<b>", "<p>", "alert(", "color:red", "\x1b", "\x07", "\u202e", "owned"):
+        assert bad not in out, bad
+    assert "[bold]due[/bold]" in out  # sender text printed as typed, not as Rich markup
+    assert "line 30" in out and "line 59" not in out and "more line(s)" in out
+    assert "<payroll@evil.test>" in out and "<h@x>" in out
+    assert "not exact per-message attributions" in out
+    # value x gain: f1 0.375*1000 > f7 1.875*10 ... f0 0.125*500 = 62.5 ranks above f7 18.75
+    assert out.index("f1") < out.index("f0") < out.index("f7")
+
+    as_json = CliRunner().invoke(main, ["quarantine", "show", str(pk), "--json", "--db", url,
+                                        "--config", str(model_config)])
+    facts = json.loads(as_json.stdout)
+    assert facts["preview_source"].startswith("text/html") and "<" not in facts["preview"]
+    assert facts["headers"]["message-id"] == "<h@x>"
+    top = facts["contributions"]["top"]
+    assert [c["name"] for c in top] == ["f1", "f0", "f7"]
+    assert top[0]["weight"] == pytest.approx(375.0) and top[0]["share"] == 0.5
+
+
+def test_show_without_matching_model_says_why(filled: tuple[str, list[int]], model_config: Path) -> None:
+    url, (new, _) = filled  # recorded under schema digest "d", the model has "show"
+    args = ["quarantine", "show", str(new), "--db", url, "--config", str(model_config)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "unavailable: stored vector uses feature schema d" in result.stdout
+    assert "body" in result.stdout  # text/plain preview of RAW

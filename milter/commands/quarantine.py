@@ -1,7 +1,9 @@
-"""`milter quarantine`: list, inspect, label, delete and purge what the store holds.
+"""`milter quarantine`: list, inspect, release, label, delete and purge what the store holds.
 
 Scripts can trust the exit status: 0 ok, 1 error (one clear line on stderr, never a traceback),
-2 bad usage (click's convention). `list --json` prints one JSON object per line.
+2 bad usage (click's convention). `list --json` and `release --json` print one JSON object per line;
+`show --json` prints one object. Text from messages is printed without Rich markup: a Subject such as
+"[bold]" must show as typed, not style the terminal.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from milter.config import load_config
+from milter.commands import quarantine_view as view
+from milter.commands.quarantine_release import ReleaseOutcome, release
+from milter.config import Config, host_port, load_config
 from milter.errors import ConfigError, StoreError
+from milter.parse import parse
 from milter.store import MessageRow, Store
 from milter.types import CLASS_NAMES
 
@@ -32,12 +38,23 @@ def _store_options(func: F) -> F:
                         help="Store URL (sqlite:///path or postgresql+psycopg://...).")(func)
 
 
-def _config_store(config_path: Path | None) -> tuple[str, int]:
+def _config(config_path: Path | None) -> Config:
     try:
-        cfg = load_config(config_path)
+        return load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _config_store(config_path: Path | None) -> tuple[str, int]:
+    cfg = _config(config_path)
     return cfg.store.url, cfg.store.retention_days
+
+
+def _console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # piped (grep, less): do not squeeze into 80 columns
+        console = Console(width=200)
+    return console
 
 
 def _open(db_url: str | None, config_path: Path | None) -> Store:
@@ -74,21 +91,22 @@ def quarantine() -> None:
 @click.option("--verdict", type=click.Choice(CLASS_NAMES))
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--recipient", metavar="ADDR", help="Only messages with ADDR among the envelope recipients.")
+@click.option("--sender", metavar="ADDR", help="Only messages whose envelope sender or From is ADDR.")
 @click.option("--all", "include_deleted", is_flag=True, help="Include deleted messages.")
 def list_cmd(db_url: str | None, config_path: Path | None, as_json: bool, since: str | None,
-             verdict: str | None, limit: int, offset: int, include_deleted: bool) -> None:
-    """Quarantined messages, newest first."""
+             verdict: str | None, limit: int, offset: int, recipient: str | None, sender: str | None,
+             include_deleted: bool) -> None:
+    """Quarantined messages, newest first (addresses match whole, case-insensitively)."""
     after = _parse_since(since)
     with _open(db_url, config_path) as store:
-        rows = _call(lambda: store.quarantine_list(after, verdict, limit, offset, include_deleted))
+        rows = _call(lambda: store.quarantine_list(after, verdict, limit, offset, include_deleted,
+                                                   recipient=recipient, sender=sender))
     if as_json:
         for row in rows:
             click.echo(json.dumps(row.as_json(), ensure_ascii=False))
     else:
-        console = Console()
-        if not console.is_terminal:  # piped (grep, less): do not squeeze into 80 columns
-            console = Console(width=200)
-        console.print(_table(rows))
+        _console().print(_table(rows))
 
 
 def _call(func: Callable[[], Any]) -> Any:
@@ -104,7 +122,8 @@ def _table(rows: list[MessageRow]) -> Table:
         state = "deleted" if r.deleted_at else "released" if r.released_at else "held"
         table.add_row(
             str(r.id), r.received_at.strftime("%Y-%m-%d %H:%M:%S"), r.verdict, r.action,
-            f"{r.scores.spam:.3f}", f"{r.scores.bec:.3f}", r.from_addr or "", r.subject or "", state,
+            f"{r.scores.spam:.3f}", f"{r.scores.bec:.3f}", Text(view.safe_line(r.from_addr or "")),
+            Text(view.safe_line(r.subject or "")), state,
         )
     if not rows:
         table.caption = "quarantine is empty"
@@ -113,14 +132,119 @@ def _table(rows: list[MessageRow]) -> Table:
 
 @quarantine.command("show")
 @_store_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with the same facts.")
 @click.argument("message", type=int)
-def show_cmd(db_url: str | None, config_path: Path | None, message: int) -> None:
-    """Everything the store knows about one message (JSON)."""
+def show_cmd(db_url: str | None, config_path: Path | None, as_json: bool, message: int) -> None:
+    """One message for review: envelope, headers, verdict, a safe text preview, top signals.
+
+    The preview is the text/plain part, or the HTML converted to text (never rendered), with control
+    characters and terminal escapes removed. Top signals weigh the stored feature vector by the current
+    model's gain importance ([model] path in --config): a guide, not an exact per-message attribution.
+    """
     with _open(db_url, config_path) as store:
         row = _call(lambda: store.get(message))
-    if row is None:
-        raise click.ClickException(f"no message with id {message}")
-    click.echo(json.dumps(row.as_json(), ensure_ascii=False, indent=2))
+        if row is None:
+            raise click.ClickException(f"no message with id {message}")
+        raw = _call(lambda: store.get_raw(message))
+        vector = _call(lambda: store.get_vector(message))
+    facts = _show_facts(row, raw, vector, _config(config_path).model.path)
+    if as_json:
+        click.echo(json.dumps(facts, ensure_ascii=False, indent=2))
+    else:
+        _print_show(_console(), row, facts)
+
+
+def _show_facts(row: MessageRow, raw: bytes | None, vector: Any, model_path: Path) -> dict[str, Any]:
+    """`row.as_json()` plus what only the raw bytes and the model can tell; the --json document."""
+    facts: dict[str, Any] = row.as_json()
+    if raw is not None:
+        parsed = parse(raw)
+        text, source = view.preview(parsed)
+        facts.update(headers=view.headers(parsed), preview=text, preview_source=source)
+    else:
+        facts.update(headers={}, preview=None, preview_source=None)
+    facts["contributions"] = view.contributions(model_path, vector, row.schema_digest).as_json()
+    return facts
+
+
+def _kv_table(title: str, pairs: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in pairs:
+        table.add_row(key, Text(view.safe_line(value)))
+    return table
+
+
+def _print_show(console: Console, row: MessageRow, facts: dict[str, Any]) -> None:
+    state = "deleted" if row.deleted_at else "released" if row.released_at else \
+        "held" if row.quarantined else "not quarantined"
+    console.print(_kv_table(f"message {row.id}", [
+        ("received", row.received_at.isoformat()), ("state", state),
+        ("mail from", row.mail_from or "<>"), ("rcpt to", ", ".join(row.rcpt_tos)),
+        ("client", f"{row.client_addr or '?'} ({row.client_name or 'unknown'}) helo {row.helo or '?'}"),
+        ("verdict", f"{row.verdict} -> {row.action}  (model {row.model})"),
+        ("scores", "  ".join(f"{k} {v:.3f}" for k, v in row.scores.as_dict().items())),
+        ("reasons", "; ".join(row.reasons) or "-"),
+        ("label", f"{row.label} ({row.label_source})" if row.label else "-"),
+    ]))
+    shown = [(view.SHOWN_HEADERS.get(k, k), v) for k, v in facts["headers"].items()]
+    console.print(_kv_table("headers", shown))
+    source = facts["preview_source"]
+    console.print(Text(f"preview from {source or 'no text body'}:", style="bold"))
+    console.print(Text(facts["preview"] or "(quarantined bytes not available)"))
+    _print_contributions(console, facts["contributions"])
+
+
+def _print_contributions(console: Console, contrib: dict[str, Any]) -> None:
+    console.print(Text(f"top feature contributions: {view.CONTRIBUTIONS_NOTE}", style="bold"))
+    if contrib["unavailable"]:
+        console.print(Text(f"  unavailable: {contrib['unavailable']}"))
+        return
+    table = Table("feature", "value", "gain share", "value x gain", caption=f"model {contrib['model']}")
+    for c in contrib["top"]:
+        table.add_row(c["name"], f"{c['value']:.3f}", f"{c['share']:.3f}", f"{c['weight']:.1f}")
+    console.print(table)
+
+
+@quarantine.command("release")
+@_store_options
+@click.option("--downstream", metavar="HOST:PORT", help="Deliver here [default: server.downstream].")
+@click.option("--no-label", is_flag=True, help="Do not label released messages ham.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per id.")
+@click.argument("messages", type=int, nargs=-1, required=True)
+def release_cmd(db_url: str | None, config_path: Path | None, downstream: str | None, no_label: bool,
+                as_json: bool, messages: tuple[int, ...]) -> None:
+    """Deliver quarantined MESSAGES downstream with their stored envelope; mark them released.
+
+    A message is marked released (and labelled ham, source "release", unless --no-label) only after
+    the downstream accepted it; otherwise it stays held and the line says why (exit status 1).
+    """
+    cfg = _config(config_path)
+    try:
+        host, port = host_port(downstream or cfg.server.downstream, "--downstream")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--downstream") from exc
+    with _open(db_url, config_path) as store:
+        outcomes = release(store, messages, host, port, cfg.server.downstream_timeout,
+                           cfg.server.hostname, label=not no_label)
+    _print_release(outcomes, as_json)
+    failed = [o for o in outcomes if not o.released]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(outcomes)} message(s) not released: "
+                                   + ", ".join(str(o.id) for o in failed))
+
+
+def _print_release(outcomes: list[ReleaseOutcome], as_json: bool) -> None:
+    if as_json:
+        for o in outcomes:
+            click.echo(json.dumps(o.as_json(), ensure_ascii=False))
+        return
+    table = Table("id", "result", "labelled", "detail")
+    for o in outcomes:
+        table.add_row(str(o.id), "released" if o.released else "FAILED", "ham" if o.labelled else "-",
+                      Text(view.safe_line(o.detail)))
+    _console().print(table)
 
 
 @quarantine.command("raw")

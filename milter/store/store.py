@@ -6,13 +6,29 @@ bound to a session or a thread escapes. Every database failure surfaces as Store
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 from alembic.util import CommandError
-from sqlalchemy import CursorResult, Engine, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Engine,
+    Text,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer, sessionmaker
 
@@ -221,6 +237,12 @@ class Store:
         with _guard("cannot read quarantined message"), self._read() as s:
             return s.scalar(select(Quarantine.raw).where(Quarantine.message_pk == id))
 
+    def get_vector(self, id: int) -> npt.NDArray[np.float32] | None:
+        """The stored feature vector (read-only, in the row's schema order); None when not kept."""
+        with _guard("cannot read feature vector"), self._read() as s:
+            data = s.scalar(select(Message.feature_vector).where(Message.id == id))
+        return vector_from_bytes(data) if data is not None else None
+
     def quarantine_list(
         self,
         since: datetime | None = None,
@@ -228,8 +250,14 @@ class Store:
         limit: int = 50,
         offset: int = 0,
         include_deleted: bool = False,
+        recipient: str | None = None,
+        sender: str | None = None,
     ) -> list[MessageRow]:
-        """Quarantined messages, newest first, without their bytes."""
+        """Quarantined messages, newest first, without their bytes.
+
+        `recipient` matches any envelope recipient, `sender` the envelope sender or the From address;
+        both whole addresses, case-insensitive (ASCII letters; see `_recipient_match`).
+        """
         stmt = (
             select(Message, Quarantine)
             .join(Quarantine, Quarantine.message_pk == Message.id)
@@ -244,6 +272,12 @@ class Store:
             stmt = stmt.where(Message.verdict == verdict)
         if not include_deleted:
             stmt = stmt.where(Quarantine.deleted_at.is_(None))
+        if recipient is not None:
+            stmt = stmt.where(_recipient_match(recipient))
+        if sender is not None:
+            wanted = sender.strip().lower()
+            stmt = stmt.where(or_(func.lower(Message.mail_from) == wanted,
+                                  func.lower(Message.from_addr) == wanted))
         with _guard("cannot list quarantine"), self._read() as s:
             return [to_row(m, q) for m, q in s.execute(stmt)]
 
@@ -267,6 +301,25 @@ class Store:
     def stats(self) -> StoreStats:
         with _guard("cannot read statistics"), self._read() as s:
             return _stats(s)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _recipient_match(recipient: str) -> ColumnElement[bool]:
+    """Match one element of the `rcpt_tos` JSON list, portably (SQLite and PostgreSQL `json`).
+
+    Both backends keep the JSON text exactly as SQLAlchemy's json.dumps wrote it (ASCII, each address a
+    quoted string), so the address serialised the same way, quotes included, is a LIKE needle that can
+    only match a whole element: no partial-address hits, no JSON1 / jsonb operators needed. No index
+    serves it (the quarantine join is scanned), which is fine at review-CLI scale. lower() on both sides
+    makes it case-insensitive for ASCII letters; non-ASCII is \\u-escaped by json.dumps and compared
+    as written.
+    """
+    needle = json.dumps(recipient.strip().lower())
+    pattern = f"%{_like_escape(needle)}%"
+    return func.lower(cast(Message.rcpt_tos, Text)).like(pattern, escape="\\")
 
 
 def _counts(s: Session, column: InstrumentedAttribute[str]) -> dict[str, int]:
