@@ -74,10 +74,23 @@ class ParsedMessage:
         if not values:
             return []
         try:
-            pairs = email.utils.getaddresses(values)
+            pairs = _getaddresses(values)
         except Exception:  # the stdlib raises odd errors on odd input; treat as no address
             return []
         return [(decode_words(disp), _clean(addr).lower()) for disp, addr in pairs if disp or addr]
+
+
+def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
+    """`email.utils.getaddresses` with the same (lenient) result on every Python 3.11+.
+
+    The CVE-2023-27043 fix made it strict, and patched builds (Debian's 3.11.2, CPython >= 3.11.10)
+    return no address where older ones return the parts: the same message would get other features
+    on another patch release than the model was trained on. `strict=False` keeps the old parsing.
+    """
+    try:
+        return email.utils.getaddresses(values, strict=False)  # type: ignore[call-arg]
+    except TypeError:  # a release without the `strict` parameter parses leniently already
+        return email.utils.getaddresses(values)
 
 
 def decode_words(value: str) -> str:
