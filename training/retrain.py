@@ -52,12 +52,12 @@ from milter.store.models import Message as StoredMessage
 from milter.store.models import Quarantine
 from milter.types import CLASS_NAMES, Envelope
 from training import model as mdl
-from training.artifacts import build_metadata, write_model
+from training.artifacts import write_model
 from training.corpora import CorporaError, attach_dates, default_corpora_src, load_corpora
 from training.dataset import TEST, TRAIN, VAL, Dataset, build_dataset, subsample
-from training.evaluate import Metrics, evaluate, sliced_metrics
-from training.thresholds import HAM, Probs, Thresholds, choose_thresholds, decide
-from training.train import _features, repo_root
+from training.evaluate import Metrics, sliced_metrics
+from training.thresholds import HAM, Probs, Thresholds, decide
+from training.train import _features, export_and_evaluate, repo_root
 from training.train import parse_args as train_defaults
 
 log = logging.getLogger("milter-retrain")
@@ -300,37 +300,18 @@ def fit_challenger(
         len(tr),
         len(y_lab),
     )
-    onnx_bytes = mdl.to_onnx(booster, ds.X.shape[1]).SerializeToString()
-    check = np.concatenate([ds.X[va], ds.X[te], labels.X])  # the parity check covers the labels too
-    probs = mdl.onnx_probabilities(onnx_bytes, check)
-    max_diff = mdl.check_parity(mdl.predict(booster, check), probs)
-    p_val, p_test = probs[: len(va)], probs[len(va) : len(va) + len(te)]
-    trained = frozenset(int(k) for k in np.unique(np.concatenate([ds.y[tr], y_lab])))
-    thresholds = choose_thresholds(
-        p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr, trained
-    )
-    results = evaluate(
-        p_test, ds.y[te], [corpora[i] for i in te], [ds.messages[i].subcollection for i in te], thresholds
-    )
-    gain = np.asarray(
-        booster.feature_importance(importance_type="gain", iteration=booster.best_iteration or None),
-        dtype=np.float64,
-    )
-    meta = build_metadata(
-        ds=ds,
+    out = export_and_evaluate(
+        ds,
+        booster,
         args=args,
         features=features,
-        booster=booster,
-        onnx_bytes=onnx_bytes,
-        thresholds=thresholds,
-        results=results,
-        gain=gain,
-        max_diff=max_diff,
-        dropped={},
-        params=mdl.lgb_params(cfg),
+        cfg=cfg,
         code_version=code_version,
-        created=datetime.now(UTC),
-    )
+        dropped={},
+        extra_X=labels.X,
+        extra_y=y_lab,
+    )  # the parity check covers the labels too
+    onnx_bytes, meta, thresholds = out.onnx_bytes, out.meta, out.thresholds
     meta["training_data"]["store_labels"] = {
         "train": len(y_lab),
         "held_back": len(labels.ids) - len(y_lab),

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from training import model as mdl
 from training.artifacts import bucket_token_map, build_metadata, write_model
@@ -26,7 +27,7 @@ from training.corpora import attach_dates, default_corpora_src, load_corpora
 from training.dataset import TEST, TRAIN, VAL, Dataset, build_dataset, code_fingerprint, subsample
 from training.evaluate import acceptance, evaluate
 from training.report import top_features, write_report
-from training.thresholds import choose_thresholds, threshold_breakdown
+from training.thresholds import Thresholds, choose_thresholds, threshold_breakdown
 
 log = logging.getLogger("milter-train")
 
@@ -163,38 +164,44 @@ def _load_dataset(
     return dataset, {"duplicates": dropped_dup, "failed_extraction": failed}
 
 
-def run(args: argparse.Namespace) -> TrainResult:
-    features, code_version = _features(args.features_module)
-    ds, dropped = _load_dataset(args, features, code_version)
-    corpora = [m.corpus for m in ds.messages]
-    cfg = mdl.FitConfig(
-        seed=args.seed,
-        max_rounds=args.max_rounds,
-        corpus_balance=args.corpus_balance,
-        learning_rate=args.learning_rate,
-    )
-    weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
+@dataclass(frozen=True)
+class Exported:
+    """A fitted booster as it ships: ONNX bytes, thresholds, test metrics and metadata."""
+
+    onnx_bytes: bytes
+    meta: dict[str, Any]
+    thresholds: Thresholds
+    results: Any
+    p_val: npt.NDArray[np.float32]
+    p_test: npt.NDArray[np.float32]
+    gain: npt.NDArray[np.float64]
+
+
+def export_and_evaluate(
+    ds: Dataset,
+    booster: Any,
+    *,
+    args: argparse.Namespace,
+    features: ModuleType,
+    cfg: mdl.FitConfig,
+    code_version: str,
+    dropped: dict[str, int],
+    extra_X: npt.NDArray[np.float32] | None = None,
+    extra_y: npt.NDArray[np.int64] | None = None,
+) -> Exported:
+    """Export to ONNX, check parity on every validation and test row (and `extra_X`, e.g. store labels),
+    choose thresholds on validation, evaluate on test, build the metadata. Shared by milter-train and
+    milter-retrain so both ship models made the same way."""
     tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
-    if min(len(tr), len(va), len(te)) == 0:
-        raise SystemExit(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
-
-    t0 = time.monotonic()
-    booster = mdl.fit(ds.X[tr], ds.y[tr], weights[tr], ds.X[va], ds.y[va], weights[va], ds.feature_names, cfg)
-    log.info(
-        "LightGBM: %d rounds (best %d) in %.1fs",
-        booster.current_iteration(),
-        booster.best_iteration,
-        time.monotonic() - t0,
-    )
-    onnx_model = mdl.to_onnx(booster, ds.X.shape[1])
-    onnx_bytes = onnx_model.SerializeToString()
-    # Parity on every test row (and validation, which sets the thresholds): the ONNX file is what ships.
-    check_rows = np.concatenate([va, te])
-    probs = mdl.onnx_probabilities(onnx_bytes, ds.X[check_rows])
-    max_diff = mdl.check_parity(mdl.predict(booster, ds.X[check_rows]), probs)
-    p_val, p_test = probs[: len(va)], probs[len(va) :]
-
-    trained = frozenset(int(k) for k in np.unique(ds.y[tr]))
+    corpora = [m.corpus for m in ds.messages]
+    onnx_bytes = mdl.to_onnx(booster, ds.X.shape[1]).SerializeToString()
+    parts = [ds.X[va], ds.X[te]] + ([extra_X] if extra_X is not None and len(extra_X) else [])
+    check = np.concatenate(parts)
+    probs = mdl.onnx_probabilities(onnx_bytes, check)
+    max_diff = mdl.check_parity(mdl.predict(booster, check), probs)
+    p_val, p_test = probs[: len(va)], probs[len(va) : len(va) + len(te)]
+    seen = ds.y[tr] if extra_y is None else np.concatenate([ds.y[tr], extra_y])
+    trained = frozenset(int(k) for k in np.unique(seen))
     thresholds = choose_thresholds(
         p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr, trained
     )
@@ -220,6 +227,44 @@ def run(args: argparse.Namespace) -> TrainResult:
         code_version=code_version,
         created=datetime.now(UTC),
     )
+    return Exported(onnx_bytes, meta, thresholds, results, p_val, p_test, gain)
+
+
+def run(args: argparse.Namespace) -> TrainResult:
+    features, code_version = _features(args.features_module)
+    ds, dropped = _load_dataset(args, features, code_version)
+    corpora = [m.corpus for m in ds.messages]
+    cfg = mdl.FitConfig(
+        seed=args.seed,
+        max_rounds=args.max_rounds,
+        corpus_balance=args.corpus_balance,
+        learning_rate=args.learning_rate,
+    )
+    weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
+    tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
+    if min(len(tr), len(va), len(te)) == 0:
+        raise SystemExit(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
+
+    t0 = time.monotonic()
+    booster = mdl.fit(ds.X[tr], ds.y[tr], weights[tr], ds.X[va], ds.y[va], weights[va], ds.feature_names, cfg)
+    log.info(
+        "LightGBM: %d rounds (best %d) in %.1fs",
+        booster.current_iteration(),
+        booster.best_iteration,
+        time.monotonic() - t0,
+    )
+    out = export_and_evaluate(
+        ds, booster, args=args, features=features, cfg=cfg, code_version=code_version, dropped=dropped
+    )
+    onnx_bytes, meta, thresholds, results, p_test, gain = (
+        out.onnx_bytes,
+        out.meta,
+        out.thresholds,
+        out.results,
+        out.p_test,
+        out.gain,
+    )
+    p_val = out.p_val
     # Which corpus sets each threshold: the shipped one is the strictest of these.
     meta["threshold_selection"]["per_corpus"] = threshold_breakdown(
         p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr
