@@ -80,6 +80,9 @@ class ServerConfig:
     batch_wait_ms: float = 2.0
     metrics_listen: str | None = "127.0.0.1:9925"
     hostname: str = "milter.localdomain"
+    # Clients whose XFORWARD is believed (the MTA that hands us mail). Anyone else could claim any client
+    # address and walk past the IP allow and deny lists, so XFORWARD is neither offered nor accepted.
+    xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,12 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
             raise ConfigError("server.mode", f"must be 'after-queue' or 'before-queue', got {server.mode!r}")
         for key in ("listen", "downstream"):
             _host_port(f"server.{key}", getattr(server, key))
+        for i, net in enumerate(server.xforward_hosts):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                key = f"server.xforward_hosts[{i}]"
+                raise ConfigError(key, f"not an IP address or CIDR: {net!r}") from exc
         cfg = replace(cfg, server=server)
     if "store" in raw:
         cfg = replace(cfg, store=_simple(StoreConfig, "store", _table("store", raw["store"]), StoreConfig()))

@@ -37,6 +37,7 @@ def test_example_config_is_valid() -> None:
         ({"server": {"listen": "localhost"}}, "server.listen"),
         ({"server": {"workers": "two"}}, "server.workers"),
         ({"server": {"mode": "sideways"}}, "server.mode"),
+        ({"server": {"xforward_hosts": ["127.0.0.1", "localhost"]}}, "server.xforward_hosts[1]"),
         ({"store": {"retention_days": -1}}, "store.retention_days"),
         ({"serverr": {}}, "serverr"),
         ({"policy": {"domain": [{"spam": {"tag": 0.1}}]}}, "policy.domain[0].domain"),

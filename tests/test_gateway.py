@@ -198,6 +198,24 @@ def test_xforward_syntax_and_state_errors(tmp_path: Path, free_port: Any) -> Non
     run_scenario(tmp_path, free_port, scenario)
 
 
+def test_xforward_only_from_authorized_hosts(tmp_path: Path, free_port: Any) -> None:
+    """A client outside server.xforward_hosts is not offered XFORWARD and cannot claim another address."""
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.address[1], start_tls=False)
+        await c.connect()
+        ehlo = await c.ehlo()
+        assert "XFORWARD" not in ehlo.message
+        reply = await c.execute_command(b"XFORWARD", b"ADDR=192.0.2.1")
+        assert (reply.code, reply.message) == (550, "5.7.0 Error: insufficient authorization")
+        await c.quit()
+        # mail from that client still flows, scanned as coming from where it really comes from
+        out = await send(gw.address[1], make_message("noxf@test"))
+        assert out.code == 250
+
+    run_scenario(tmp_path, free_port, scenario, xforward_hosts=("192.0.2.0/24",))
+
+
 def test_metrics_and_healthz(tmp_path: Path, free_port: Any) -> None:
     mport = free_port()
 

@@ -7,6 +7,7 @@ command load those once and can inject faults). `workers` runs several of these 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -120,6 +121,7 @@ class Gateway:
     ) -> None:
         self.config = config
         srv = config.server
+        self._xforward_hosts = tuple(ipaddress.ip_network(n, strict=False) for n in srv.xforward_hosts)
         self.metrics = GatewayMetrics()
         self.model = ModelSlot(scanner)
         self.metrics.set_model(scanner.classifier.name, scanner.classifier.providers)
@@ -281,6 +283,7 @@ class Gateway:
             hostname=srv.hostname,
             ident="milter",
             timeout=srv.command_timeout,
+            xforward_hosts=self._xforward_hosts,
             loop=asyncio.get_running_loop(),
         )
         self._sessions.add(session)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any, AnyStr
@@ -17,6 +18,10 @@ from aiosmtpd.smtp import SMTP, Session, syntax
 
 from milter.gateway.logfmt import kv
 from milter.gateway.xforward import ATTRIBUTES, XForward, XForwardError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Postfix's own answer to an XFORWARD from a client not in smtpd_authorized_xforward_hosts.
+XFORWARD_FORBIDDEN = "550 5.7.0 Error: insufficient authorization"
 
 log = logging.getLogger("milter.gateway.session")
 
@@ -38,8 +43,11 @@ _REWRITES: dict[bytes, tuple[str, str]] = {
 class XForwardSMTP(SMTP):
     """aiosmtpd SMTP that advertises and accepts Postfix's XFORWARD."""
 
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, *, xforward_hosts: tuple[IPNetwork, ...] | None = None, **kwargs: Any
+    ) -> None:
         self.xforward = XForward()
+        self._xforward_hosts = xforward_hosts  # None: every client may send XFORWARD
         super().__init__(handler, **kwargs)
         # aiosmtpd keeps these limits in a class-level dict that every session clears and bumps;
         # an instance dict keeps sessions from changing each other's limits.
@@ -66,13 +74,18 @@ class XForwardSMTP(SMTP):
         lines.append("250-8BITMIME")
         if self.enable_SMTPUTF8:
             lines.append("250-SMTPUTF8")
-        lines.append("250-XFORWARD " + " ".join(ATTRIBUTES))
+        if self._xforward_allowed():
+            lines.append("250-XFORWARD " + " ".join(ATTRIBUTES))
         lines.append("250 HELP")
         await self.push("\r\n".join(lines))
 
     @syntax("XFORWARD attribute=value ...")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         if await self.check_helo_needed("EHLO"):
+            return
+        if not self._xforward_allowed():
+            log.warning(kv("xforward_refused", peer=self._peer_text(), reason="not in server.xforward_hosts"))
+            await self.push(XFORWARD_FORBIDDEN)
             return
         envelope = self.envelope
         if envelope is not None and envelope.mail_from:
@@ -85,6 +98,19 @@ class XForwardSMTP(SMTP):
             await self.push(exc.reply)
             return
         await self.push("250 2.0.0 Ok")
+
+    def _xforward_allowed(self) -> bool:
+        if self._xforward_hosts is None:
+            return True
+        peer = self.session.peer if self.session is not None else None
+        host = peer[0] if isinstance(peer, tuple) and peer else None
+        try:
+            ip = ipaddress.ip_address(str(host))
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._xforward_hosts)
 
     def _current_session(self) -> Session:
         # A method, not a property: aiosmtpd's __init__ runs inspect.getmembers(self), which would
