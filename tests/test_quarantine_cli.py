@@ -134,8 +134,12 @@ def test_show_raw_label_delete(filled: tuple[str, list[int]]) -> None:
     assert run(main, ["quarantine", "delete", str(old), "--db", url]).exit_code == 0
     gone = run(main, ["quarantine", "raw", str(old), "--db", url])
     assert gone.exit_code == 1 and "not held in quarantine" in gone.stderr
-    stats = json.loads(run(main, ["quarantine", "stats", "--db", url]).stdout)
+    stats = json.loads(run(main, ["quarantine", "stats", "--json", "--db", url]).stdout)
     assert (stats["messages"], stats["quarantined"], stats["labelled"]) == (3, 1, 1)
+    assert sum(d["count"] for d in stats["daily"]) == 3
+    assert {d["day"] for d in stats["daily"]} == {datetime.now(UTC).date().isoformat()}
+    table = run(main, ["quarantine", "stats", "--db", url]).stdout
+    assert "last 14 days" in table and datetime.now(UTC).date().isoformat() in table
     with Store.open(url) as s:
         row = s.get(old)
         assert row is not None and row.label == "ham" and row.deleted_at is not None

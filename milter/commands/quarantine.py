@@ -32,10 +32,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _store_options(func: F) -> F:
-    func = click.option("--config", "config_path", type=click.Path(path_type=Path),
-                        help="Config file; its [store] url is the default database.")(func)
-    return click.option("--db", "db_url", envvar="MILTER_STORE_URL",
-                        help="Store URL (sqlite:///path or postgresql+psycopg://...).")(func)
+    func = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        help="Config file; its [store] url is the default database.",
+    )(func)
+    return click.option(
+        "--db",
+        "db_url",
+        envvar="MILTER_STORE_URL",
+        help="Store URL (sqlite:///path or postgresql+psycopg://...).",
+    )(func)
 
 
 def _config(config_path: Path | None) -> Config:
@@ -94,14 +102,26 @@ def quarantine() -> None:
 @click.option("--recipient", metavar="ADDR", help="Only messages with ADDR among the envelope recipients.")
 @click.option("--sender", metavar="ADDR", help="Only messages whose envelope sender or From is ADDR.")
 @click.option("--all", "include_deleted", is_flag=True, help="Include deleted messages.")
-def list_cmd(db_url: str | None, config_path: Path | None, as_json: bool, since: str | None,
-             verdict: str | None, limit: int, offset: int, recipient: str | None, sender: str | None,
-             include_deleted: bool) -> None:
+def list_cmd(
+    db_url: str | None,
+    config_path: Path | None,
+    as_json: bool,
+    since: str | None,
+    verdict: str | None,
+    limit: int,
+    offset: int,
+    recipient: str | None,
+    sender: str | None,
+    include_deleted: bool,
+) -> None:
     """Quarantined messages, newest first (addresses match whole, case-insensitively)."""
     after = _parse_since(since)
     with _open(db_url, config_path) as store:
-        rows = _call(lambda: store.quarantine_list(after, verdict, limit, offset, include_deleted,
-                                                   recipient=recipient, sender=sender))
+        rows = _call(
+            lambda: store.quarantine_list(
+                after, verdict, limit, offset, include_deleted, recipient=recipient, sender=sender
+            )
+        )
     if as_json:
         for row in rows:
             click.echo(json.dumps(row.as_json(), ensure_ascii=False))
@@ -121,9 +141,15 @@ def _table(rows: list[MessageRow]) -> Table:
     for r in rows:
         state = "deleted" if r.deleted_at else "released" if r.released_at else "held"
         table.add_row(
-            str(r.id), r.received_at.strftime("%Y-%m-%d %H:%M:%S"), r.verdict, r.action,
-            f"{r.scores.spam:.3f}", f"{r.scores.bec:.3f}", Text(view.safe_line(r.from_addr or "")),
-            Text(view.safe_line(r.subject or "")), state,
+            str(r.id),
+            r.received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.verdict,
+            r.action,
+            f"{r.scores.spam:.3f}",
+            f"{r.scores.bec:.3f}",
+            Text(view.safe_line(r.from_addr or "")),
+            Text(view.safe_line(r.subject or "")),
+            state,
         )
     if not rows:
         table.caption = "quarantine is empty"
@@ -177,17 +203,34 @@ def _kv_table(title: str, pairs: list[tuple[str, str]]) -> Table:
 
 
 def _print_show(console: Console, row: MessageRow, facts: dict[str, Any]) -> None:
-    state = "deleted" if row.deleted_at else "released" if row.released_at else \
-        "held" if row.quarantined else "not quarantined"
-    console.print(_kv_table(f"message {row.id}", [
-        ("received", row.received_at.isoformat()), ("state", state),
-        ("mail from", row.mail_from or "<>"), ("rcpt to", ", ".join(row.rcpt_tos)),
-        ("client", f"{row.client_addr or '?'} ({row.client_name or 'unknown'}) helo {row.helo or '?'}"),
-        ("verdict", f"{row.verdict} -> {row.action}  (model {row.model})"),
-        ("scores", "  ".join(f"{k} {v:.3f}" for k, v in row.scores.as_dict().items())),
-        ("reasons", "; ".join(row.reasons) or "-"),
-        ("label", f"{row.label} ({row.label_source})" if row.label else "-"),
-    ]))
+    state = (
+        "deleted"
+        if row.deleted_at
+        else "released"
+        if row.released_at
+        else "held"
+        if row.quarantined
+        else "not quarantined"
+    )
+    console.print(
+        _kv_table(
+            f"message {row.id}",
+            [
+                ("received", row.received_at.isoformat()),
+                ("state", state),
+                ("mail from", row.mail_from or "<>"),
+                ("rcpt to", ", ".join(row.rcpt_tos)),
+                (
+                    "client",
+                    f"{row.client_addr or '?'} ({row.client_name or 'unknown'}) helo {row.helo or '?'}",
+                ),
+                ("verdict", f"{row.verdict} -> {row.action}  (model {row.model})"),
+                ("scores", "  ".join(f"{k} {v:.3f}" for k, v in row.scores.as_dict().items())),
+                ("reasons", "; ".join(row.reasons) or "-"),
+                ("label", f"{row.label} ({row.label_source})" if row.label else "-"),
+            ],
+        )
+    )
     shown = [(view.SHOWN_HEADERS.get(k, k), v) for k, v in facts["headers"].items()]
     console.print(_kv_table("headers", shown))
     source = facts["preview_source"]
@@ -213,8 +256,14 @@ def _print_contributions(console: Console, contrib: dict[str, Any]) -> None:
 @click.option("--no-label", is_flag=True, help="Do not label released messages ham.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per id.")
 @click.argument("messages", type=int, nargs=-1, required=True)
-def release_cmd(db_url: str | None, config_path: Path | None, downstream: str | None, no_label: bool,
-                as_json: bool, messages: tuple[int, ...]) -> None:
+def release_cmd(
+    db_url: str | None,
+    config_path: Path | None,
+    downstream: str | None,
+    no_label: bool,
+    as_json: bool,
+    messages: tuple[int, ...],
+) -> None:
     """Deliver quarantined MESSAGES downstream with their stored envelope; mark them released.
 
     A message is marked released (and labelled ham, source "release", unless --no-label) only after
@@ -226,13 +275,22 @@ def release_cmd(db_url: str | None, config_path: Path | None, downstream: str | 
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--downstream") from exc
     with _open(db_url, config_path) as store:
-        outcomes = release(store, messages, host, port, cfg.server.downstream_timeout,
-                           cfg.server.hostname, label=not no_label)
+        outcomes = release(
+            store,
+            messages,
+            host,
+            port,
+            cfg.server.downstream_timeout,
+            cfg.server.hostname,
+            label=not no_label,
+        )
     _print_release(outcomes, as_json)
     failed = [o for o in outcomes if not o.released]
     if failed:
-        raise click.ClickException(f"{len(failed)} of {len(outcomes)} message(s) not released: "
-                                   + ", ".join(str(o.id) for o in failed))
+        raise click.ClickException(
+            f"{len(failed)} of {len(outcomes)} message(s) not released: "
+            + ", ".join(str(o.id) for o in failed)
+        )
 
 
 def _print_release(outcomes: list[ReleaseOutcome], as_json: bool) -> None:
@@ -242,8 +300,12 @@ def _print_release(outcomes: list[ReleaseOutcome], as_json: bool) -> None:
         return
     table = Table("id", "result", "labelled", "detail")
     for o in outcomes:
-        table.add_row(str(o.id), "released" if o.released else "FAILED", "ham" if o.labelled else "-",
-                      Text(view.safe_line(o.detail)))
+        table.add_row(
+            str(o.id),
+            "released" if o.released else "FAILED",
+            "ham" if o.labelled else "-",
+            Text(view.safe_line(o.detail)),
+        )
     _console().print(table)
 
 
@@ -294,19 +356,57 @@ def purge_cmd(db_url: str | None, config_path: Path | None, days: int | None) ->
         days = _config_store(config_path)[1]
     with _open(db_url, config_path) as store:
         counts = _call(lambda: store.purge(days))
-    click.echo(f"purged {counts.messages} verdict(s) and {counts.quarantined} quarantined message(s) "
-               f"older than {days} day(s)")
+    click.echo(
+        f"purged {counts.messages} verdict(s) and {counts.quarantined} quarantined message(s) "
+        f"older than {days} day(s)"
+    )
 
 
 @quarantine.command("stats")
 @_store_options
-def stats_cmd(db_url: str | None, config_path: Path | None) -> None:
-    """Counts by verdict and action (JSON)."""
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=14,
+    show_default=True,
+    help="Per-day volumes for this many days.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (totals and per-day volumes).")
+def stats_cmd(db_url: str | None, config_path: Path | None, days: int, as_json: bool) -> None:
+    """Volumes by action and verdict: totals, and per day (UTC)."""
     with _open(db_url, config_path) as store:
         st = _call(store.stats)
-    click.echo(json.dumps({
-        "messages": st.messages, "quarantined": st.quarantined, "released": st.released,
-        "labelled": st.labelled, "by_verdict": dict(st.by_verdict), "by_action": dict(st.by_action),
-        "oldest": st.oldest.isoformat() if st.oldest else None,
-        "newest": st.newest.isoformat() if st.newest else None,
-    }))
+        daily = _call(lambda: store.daily_volumes(days))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "messages": st.messages,
+                    "quarantined": st.quarantined,
+                    "released": st.released,
+                    "labelled": st.labelled,
+                    "by_verdict": dict(st.by_verdict),
+                    "by_action": dict(st.by_action),
+                    "oldest": st.oldest.isoformat() if st.oldest else None,
+                    "newest": st.newest.isoformat() if st.newest else None,
+                    "daily": [{"day": d, "action": a, "verdict": v, "count": n} for d, a, v, n in daily],
+                }
+            )
+        )
+        return
+    console = Console()
+    console.print(
+        f"{st.messages} messages, {st.quarantined} held in quarantine, {st.released} released, "
+        f"{st.labelled} labelled"
+    )
+    table = Table(title=f"last {days} days (UTC)")
+    table.add_column("day")
+    table.add_column("action")
+    for verdict in CLASS_NAMES:
+        table.add_column(verdict, justify="right")
+    rows: dict[tuple[str, str], dict[str, int]] = {}
+    for d, a, v, n in daily:
+        rows.setdefault((d, a), {})[v] = n
+    for (d, a), counts in rows.items():
+        table.add_row(d, a, *(str(counts.get(v, 0)) for v in CLASS_NAMES))
+    console.print(table)

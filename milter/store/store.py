@@ -302,6 +302,22 @@ class Store:
         with _guard("cannot read statistics"), self._read() as s:
             return _stats(s)
 
+    def daily_volumes(self, days: int) -> list[tuple[str, str, str, int]]:
+        """(UTC day, action, verdict, count) for the last `days` days, newest day first.
+
+        Grouped in SQL by `date(received_at)`, which SQLite and PostgreSQL both have.
+        """
+        since = _now() - timedelta(days=days)
+        day = func.date(Message.received_at)
+        stmt = (
+            select(day, Message.action, Message.verdict, func.count())
+            .where(Message.received_at >= since)
+            .group_by(day, Message.action, Message.verdict)
+            .order_by(day.desc(), Message.action, Message.verdict)
+        )
+        with _guard("cannot read statistics"), self._read() as s:
+            return [(str(d), str(a), str(v), int(n)) for d, a, v, n in s.execute(stmt)]
+
 
 def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
