@@ -53,11 +53,11 @@ from milter.store.models import Quarantine
 from milter.types import CLASS_NAMES, Envelope
 from training import model as mdl
 from training.artifacts import write_model
-from training.corpora import CorporaError, attach_dates, default_corpora_src, load_corpora
-from training.dataset import TEST, TRAIN, VAL, Dataset, build_dataset, subsample
+from training.corpora import CorporaError, default_corpora_src
+from training.dataset import TEST, TRAIN, VAL, Dataset
 from training.evaluate import Metrics, sliced_metrics
 from training.thresholds import HAM, Probs, Thresholds, decide
-from training.train import _features, export_and_evaluate, repo_root
+from training.train import _features, export_and_evaluate, load_dataset, repo_root
 from training.train import parse_args as train_defaults
 
 log = logging.getLogger("milter-retrain")
@@ -218,25 +218,13 @@ def load_labelled(store: Store, features: ModuleType, protected: Protected) -> L
 
 def load_base(args: argparse.Namespace, features: ModuleType, code_version: str) -> Dataset:
     """The base corpora as milter-train builds them (minus any --holdout-sha256 messages)."""
-    messages, _ = load_corpora(args.corpora_dir, args.corpora_src, args.exclude_corpus)
+    drop: frozenset[str] = frozenset()
     if args.holdout_sha256 is not None:
-        drop = set(args.holdout_sha256.read_text(encoding="ascii").split())
-        messages = [m for m in messages if m.sha256 not in drop]
-    messages = attach_dates(
-        subsample(messages, args.max_per_group, args.seed), args.cache_dir, args.processes
-    )
-    ds, failed = build_dataset(
-        messages,
-        features.SCHEMA,
-        features.extract,
-        args.cache_dir,
-        args.processes,
-        progress=not args.no_progress,
-        code_version=code_version,
-        by_subcollection=args.split_by == "subcollection",
-    )
-    if failed > 0.01 * max(1, len(messages)):
-        raise MilterError(f"feature extraction failed on {failed} of {len(messages)} base messages")
+        drop = frozenset(args.holdout_sha256.read_text(encoding="ascii").split())
+    try:
+        ds, _ = load_dataset(args, features, code_version, drop)
+    except SystemExit as exc:  # milter-train's way to stop; here it is an error with exit status 1
+        raise MilterError(str(exc)) from exc
     return ds
 
 

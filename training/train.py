@@ -134,11 +134,14 @@ def feature_code_files(features: ModuleType) -> list[Path]:
     return files
 
 
-def _load_dataset(
-    args: argparse.Namespace, features: ModuleType, code_version: str
+def load_dataset(
+    args: argparse.Namespace, features: ModuleType, code_version: str, drop: frozenset[str] = frozenset()
 ) -> tuple[Dataset, dict[str, int]]:
+    """Corpora -> dedupe -> (minus `drop`, sha256s held out) -> subsample -> dates -> features + split."""
     t0 = time.monotonic()
     messages, dropped_dup = load_corpora(args.corpora_dir, args.corpora_src, args.exclude_corpus)
+    if drop:
+        messages = [m for m in messages if m.sha256 not in drop]
     messages = attach_dates(
         subsample(messages, args.max_per_group, args.seed), args.cache_dir, args.processes
     )
@@ -232,7 +235,7 @@ def export_and_evaluate(
 
 def run(args: argparse.Namespace) -> TrainResult:
     features, code_version = _features(args.features_module)
-    ds, dropped = _load_dataset(args, features, code_version)
+    ds, dropped = load_dataset(args, features, code_version)
     corpora = [m.corpus for m in ds.messages]
     cfg = mdl.FitConfig(
         seed=args.seed,
