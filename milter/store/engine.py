@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,22 @@ def _prepare_sqlite_path(url: URL) -> None:
         Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
+def _set_wal(cur: Any, busy_timeout_ms: int) -> None:
+    """Switch to WAL, retrying: on a fresh file several gateways starting at once race for the switch,
+    and SQLite answers "database is locked" there without waiting on busy_timeout."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000.0
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _install_sqlite_events(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -49,7 +67,7 @@ def _install_sqlite_events(engine: Engine, busy_timeout_ms: int) -> None:
         try:
             # busy_timeout first: switching to WAL needs a lock another process may hold.
             cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            cur.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cur, busy_timeout_ms)
             cur.execute("PRAGMA synchronous = NORMAL")
             cur.execute("PRAGMA foreign_keys = ON")
         finally:
