@@ -41,12 +41,19 @@ N_LABELS = 20  # what the admin labels; every 5th is held back as a "recent labe
 # held out and keeping the clusters it missed: the three stock-pump runs were caught 0% (the test
 # asserts the miss again below). A fixed pattern rather than a search keeps the choice deterministic.
 CAMPAIGN = re.compile(rb"^subject:[ \t]*investor alert spni up \d+%", re.IGNORECASE | re.MULTILINE)
+# Its family: the other stock-promotion runs of the same spam operation. They are held out of the base
+# training too, so the baseline has never seen stock-pump mail (with them in training it learns the family
+# and catches SPNI unaided, and the test would say nothing about the learning loop).
+FAMILY = re.compile(
+    rb"^subject:[ \t]*(continued growth at orbit drop|enjoy media \(ejym\))", re.IGNORECASE | re.MULTILINE
+)
 
 
 @dataclass(frozen=True)
 class Campaign:
     labelled: tuple[Message, ...]  # the first N_LABELS to arrive: the ones an admin sees and labels
     others: tuple[Message, ...]  # the rest: must be caught after the retrain
+    family: tuple[Message, ...]  # related runs, held out of the base training with the campaign
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,9 @@ def campaign() -> Campaign:
         return (when.timestamp() if when else float("inf"), m.order)
 
     members.sort(key=arrival)
-    return Campaign(tuple(members[:N_LABELS]), tuple(members[N_LABELS:]))
+    family = [m for m in messages if m.label == "spam" and FAMILY.search(read_header_block(m.path))]
+    assert len(family) >= 80, f"family has {len(family)} members"
+    return Campaign(tuple(members[:N_LABELS]), tuple(members[N_LABELS:]), tuple(family))
 
 
 def _args(tmp: Path, models: Path, db: str, holdout: Path, *extra: str) -> list[str]:
@@ -82,7 +91,8 @@ def baseline(tmp_path_factory: pytest.TempPathFactory, campaign: Campaign) -> tu
     """
     tmp = tmp_path_factory.mktemp("baseline")
     holdout = tmp / "campaign.sha256"
-    holdout.write_text("".join(f"{m.sha256}\n" for m in (*campaign.labelled, *campaign.others)))
+    held = (*campaign.labelled, *campaign.others, *campaign.family)
+    holdout.write_text("".join(f"{m.sha256}\n" for m in held))
     models = tmp / "models"
     result = rt.run(rt.parse_args(_args(tmp, models, f"sqlite:///{tmp / 'empty.db'}", holdout)))
     assert result.promoted and (models / "current.onnx").is_file(), result.reason
@@ -155,9 +165,15 @@ def test_campaign_is_learned_from_twenty_admin_labels(
     after = build_scanner(load_config(None), models / "current.onnx")
     assert after.classifier.name == result.challenger != before.classifier.name
     # Caught = not accepted as ham; quarantine is the stricter of the two levels.
-    assert _caught(after, campaign.others, "quarantine") >= 0.9
+    caught_after = _caught(after, campaign.others, "quarantine")
     champ, chall = report["models"]
     fpr_before = champ["fixed"]["quarantine"]["ALL"]["ham_fpr"]
+    print(  # shown with -s: the figures the closing note quotes
+        f"campaign {len(campaign.others)} others: caught before {1 - missed_before:.0%} (tag), after "
+        f"{caught_after:.0%} (quarantine); fixed-set ham FPR {fpr_before:.4%} -> "
+        f"{chall['fixed']['quarantine']['ALL']['ham_fpr']:.4%}"
+    )
+    assert caught_after >= 0.9
     assert chall["fixed"]["quarantine"]["ALL"]["ham_fpr"] <= fpr_before + 0.0005
     assert (models / "history" / f"{before.classifier.name}.onnx").is_file()  # rollback stays possible
 

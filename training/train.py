@@ -87,7 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--corpus-balance",
         type=float,
-        default=0.5,
+        default=mdl.FitConfig.corpus_balance,
         help="within a class, a corpus of n messages weighs n**B in total (0: equal corpora, 1: per message)",
     )
     p.add_argument(
