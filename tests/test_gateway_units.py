@@ -141,3 +141,33 @@ def test_batcher_groups_concurrent_items_and_isolates_failures() -> None:
 
     asyncio.run(main())
     assert threads and not any(t == threading.main_thread().name for t in threads)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<bob@rcpt.test>",
+        "<bob@rcpt.test> SIZE=100 BODY=8BITMIME",
+        "<a.b+c@x-y.example.org>  ",
+        "<>",
+        " <a@b.c>",
+        '<"a b"@c.d>',
+        "<a@[127.0.0.1]>",
+        "<@x.y:a@b.c>",
+        "<a@b.c",
+        "a@b.c",
+        "<a..b@c.d>",
+        "",
+    ],
+)
+def test_fast_address_parsing_agrees_with_aiosmtpd(arg: str) -> None:
+    """The fast path for plain `<local@domain>` gives exactly what aiosmtpd's own parser gives."""
+    from aiosmtpd.smtp import SMTP
+
+    from milter.gateway.session import XForwardSMTP
+
+    session = XForwardSMTP.__new__(XForwardSMTP)
+    session.local_part_limit = 0
+    assert XForwardSMTP._getaddr(session, arg) == SMTP._getaddr(session, arg)
+    session.local_part_limit = 2
+    assert XForwardSMTP._getaddr(session, arg) == SMTP._getaddr(session, arg)

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, AnyStr
 
@@ -20,6 +21,9 @@ from milter.gateway.logfmt import kv
 from milter.gateway.xforward import ATTRIBUTES, XForward, XForwardError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# `<local@domain>` with a dot-atom local part and a plain domain, then optional ESMTP parameters.
+_PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                         r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:\s+(.*?))?\s*$")
 # Postfix's own answer to an XFORWARD from a client not in smtpd_authorized_xforward_hosts.
 XFORWARD_FORBIDDEN = "550 5.7.0 Error: insufficient authorization"
 
@@ -98,6 +102,21 @@ class XForwardSMTP(SMTP):
             await self.push(exc.reply)
             return
         await self.push("250 2.0.0 Ok")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's MAIL/RCPT address parser, with a fast path for the plain `<local@domain>` an MTA sends.
+
+        aiosmtpd parses every address with the email package's RFC 5322 header parser, which was a tenth
+        of a worker's time under load; anything not plainly `<dot-atom@domain>` still goes through it.
+        """
+        m = _PLAIN_PATH.match(arg)
+        if m is None:
+            return super()._getaddr(arg)  # type: ignore[no-any-return]
+        addr = m.group(1)
+        limit = self.local_part_limit
+        if limit and len(addr.rpartition("@")[0]) > limit:
+            return None, None
+        return addr, m.group(2) or ""
 
     def _xforward_allowed(self) -> bool:
         if self._xforward_hosts is None:
