@@ -57,7 +57,7 @@ from training.corpora import CorporaError, default_corpora_src
 from training.dataset import TEST, TRAIN, VAL, Dataset
 from training.evaluate import Metrics, sliced_metrics
 from training.thresholds import HAM, Probs, Thresholds, decide
-from training.train import _features, export_and_evaluate, load_dataset, repo_root
+from training.train import _features, export_and_evaluate, fit_config, load_dataset, repo_root
 from training.train import parse_args as train_defaults
 
 log = logging.getLogger("milter-retrain")
@@ -258,12 +258,7 @@ def fit_challenger(
 ) -> Challenger:
     """milter-train's fit, export, parity check and thresholds, with the labels added to training."""
     corpora = [m.corpus for m in ds.messages]
-    cfg = mdl.FitConfig(
-        seed=args.seed,
-        max_rounds=args.max_rounds,
-        corpus_balance=args.corpus_balance,
-        learning_rate=args.learning_rate,
-    )
+    cfg = fit_config(args)
     weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
     tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
     if min(len(tr), len(va), len(te)) == 0:

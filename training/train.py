@@ -233,16 +233,21 @@ def export_and_evaluate(
     return Exported(onnx_bytes, meta, thresholds, results, p_val, p_test, gain)
 
 
-def run(args: argparse.Namespace) -> TrainResult:
-    features, code_version = _features(args.features_module)
-    ds, dropped = load_dataset(args, features, code_version)
-    corpora = [m.corpus for m in ds.messages]
-    cfg = mdl.FitConfig(
+def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
+    """The LightGBM settings from milter-train's (or milter-retrain's) command line."""
+    return mdl.FitConfig(
         seed=args.seed,
         max_rounds=args.max_rounds,
         corpus_balance=args.corpus_balance,
         learning_rate=args.learning_rate,
     )
+
+
+def run(args: argparse.Namespace) -> TrainResult:
+    features, code_version = _features(args.features_module)
+    ds, dropped = load_dataset(args, features, code_version)
+    corpora = [m.corpus for m in ds.messages]
+    cfg = fit_config(args)
     weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
     tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
     if min(len(tr), len(va), len(te)) == 0:
