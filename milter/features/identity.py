@@ -8,6 +8,7 @@ it to the admin's domains at serving time.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from milter.features import lexicon
 from milter.features.context import Address, Context, Protected
@@ -54,7 +55,7 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     if s is None:
         return [0.0] * len(NAMES), []
     signals: list[str] = []
-    protected_domains = _protected_domains(ctx)
+    protected_domains = _protected_domains(ctx.protected.domains)
     m = _ADDR_IN_DISPLAY.search(s.display)
     shown = m.group(0).lower() if m else ""
     shown_domain = split_host(shown.rpartition("@")[2])[1] if shown else ""
@@ -102,9 +103,14 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     return values, signals
 
 
-def _protected_domains(ctx: Context) -> tuple[str, ...]:
-    builtin = tuple(d for domains in lexicon.BRANDS.values() for d in domains)
-    return tuple(dict.fromkeys(ctx.protected.domains + builtin))
+_BRAND_DOMAINS = tuple(d for domains in lexicon.BRANDS.values() for d in domains)
+
+
+@lru_cache(maxsize=64)
+def _protected_domains(configured: tuple[str, ...]) -> tuple[str, ...]:
+    """The deployment's domains, then the built-in brands: built once per configuration, not per message
+    (and one tuple object, so lookalike_of's cache keys on it cheaply)."""
+    return tuple(dict.fromkeys(configured + _BRAND_DOMAINS))
 
 
 def _brand_mismatch(text: str, domain: str) -> str | None:
