@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,13 +77,14 @@ class Result:
     wall: float
     latencies: list[float]
     failures: int
+    quarantined: tuple[float, ...] = ()  # latencies of the messages answered "quarantined"
 
     @property
     def rate(self) -> float:
         return len(self.latencies) / self.wall
 
-    def pct(self, q: float) -> float:
-        lat = sorted(self.latencies)
+    def pct(self, q: float, latencies: Sequence[float] | None = None) -> float:
+        lat = sorted(self.latencies if latencies is None else latencies)
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
 
 
@@ -96,6 +98,7 @@ async def load(
     for i in range(total):
         queue.put_nowait((i, messages[i % len(messages)]))
     latencies: list[float] = []
+    quarantined: list[float] = []
     failures = 0
     start = time.perf_counter()
 
@@ -109,8 +112,10 @@ async def load(
                 await asyncio.sleep(max(0.0, start + k / rate - time.perf_counter()))
             t0 = time.perf_counter()
             try:
-                await smtp.sendmail("bench@sender.test", ["rcpt@rcpt.test"], raw)
+                _, reply = await smtp.sendmail("bench@sender.test", ["rcpt@rcpt.test"], raw)
                 latencies.append(time.perf_counter() - t0)
+                if "quarantined" in reply:
+                    quarantined.append(latencies[-1])
             except aiosmtplib.SMTPResponseException:
                 failures += 1
                 await smtp.rset()
@@ -118,7 +123,7 @@ async def load(
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return Result(time.perf_counter() - t0, latencies, failures)
+    return Result(time.perf_counter() - t0, latencies, failures, tuple(quarantined))
 
 
 async def wait_port(port: int, limit: float = 120) -> None:
@@ -149,6 +154,10 @@ def report(name: str, r: Result) -> None:
         f"{name:>8}: {len(r.latencies)} msgs in {r.wall:.1f} s = {r.rate:.0f} msgs/s, "
         f"p50 {r.pct(0.5):.1f} ms, p99 {r.pct(0.99):.1f} ms, failures {r.failures}"
     )
+    if r.quarantined:
+        q = r.quarantined
+        print(f"{'':>8}  of which quarantined: {len(q)}, p50 {r.pct(0.5, q):.1f} ms, "
+              f"p99 {r.pct(0.99, q):.1f} ms")
 
 
 def main() -> None:

@@ -143,6 +143,87 @@ def test_batcher_groups_concurrent_items_and_isolates_failures() -> None:
     assert threads and not any(t == threading.main_thread().name for t in threads)
 
 
+def test_batcher_scores_a_lone_item_at_once_and_waits_only_for_announced_ones() -> None:
+    """max_wait is long (5 s): a batch that waited for it would make these awaits take 5 s."""
+    calls: list[list[int]] = []
+
+    def fn(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        return [i * 2 for i in items]
+
+    async def announced(b: MicroBatcher[int, int], item: int, delay: float) -> int:
+        with b.expect() as submit:
+            await asyncio.sleep(delay)  # preparing
+            return await submit(item)
+
+    async def withdrawn(b: MicroBatcher[int, int], delay: float) -> None:
+        with b.expect():
+            await asyncio.sleep(delay)
+            raise ValueError("preparation failed")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        b: MicroBatcher[int, int] = MicroBatcher(fn, max_items=8, max_wait=5.0)
+        b.start()
+        t0 = loop.time()
+        assert await b.submit(1) == 2  # nothing else on its way: no wait
+        assert await announced(b, 2, 0) == 4
+        assert loop.time() - t0 < 2.5
+        calls.clear()
+        # One item arrives at once, another is announced and arrives 0.2 s later: one batch of two.
+        results = await asyncio.gather(announced(b, 3, 0), announced(b, 4, 0.2))
+        assert list(results) == [6, 8] and calls == [[3, 4]]
+        calls.clear()
+        # An announced item that never comes (its preparation failed) releases the batch at once.
+        t0 = loop.time()
+        outcome = await asyncio.gather(announced(b, 5, 0), withdrawn(b, 0.2), return_exceptions=True)
+        assert outcome[0] == 10 and isinstance(outcome[1], ValueError)
+        assert calls == [[5]] and loop.time() - t0 < 2.5
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_group_commit_writes_at_once_when_idle_and_groups_while_busy() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from milter.gateway.recorder import GroupCommit
+
+    batches: list[int] = []
+    release = threading.Event()
+
+    def write(items: Sequence[tuple[object, object, bytes]]) -> list[int]:
+        batches.append(len(items))
+        if len(batches) == 1:
+            release.wait(5)  # the first transaction is slow: others queue up behind it
+        if any(raw == b"fail" for _, _, raw in items):
+            raise RuntimeError("disk full")
+        return [int(raw) if raw.isdigit() else -1 for _, _, raw in items]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as pool:
+            gc = GroupCommit(write, pool, max_batch=3)  # type: ignore[arg-type]
+            first = loop.create_task(gc.commit(None, None, b"1"))  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)
+            later = [loop.create_task(gc.commit(None, None, str(i).encode())) for i in range(2, 7)]  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)
+            assert batches == [1]  # the others wait for the first commit
+            release.set()
+            assert await first == 1
+            assert list(await asyncio.gather(*later)) == [2, 3, 4, 5, 6]
+            assert batches == [1, 3, 2]
+            # Two commits arriving together share one transaction: its failure fails both, and the
+            # next commit is written normally.
+            both = await asyncio.gather(
+                gc.commit(None, None, b"7"), gc.commit(None, None, b"fail"), return_exceptions=True  # type: ignore[arg-type]
+            )
+            assert batches[-1] == 2 and all(isinstance(r, RuntimeError) for r in both)
+            assert await gc.commit(None, None, b"8") == 8  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(
     "arg",
     [

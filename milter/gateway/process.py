@@ -249,8 +249,9 @@ class MessageProcessor:
     async def _scan(self, msg: Inbound) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
         # prepare and scoring cannot make them disagree with the policy that decides.
-        ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected)
-        return await self.batcher.submit((ext, msg.envelope))
+        with self.batcher.expect() as submit:
+            ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected)
+            return await submit((ext, msg.envelope))
 
     async def _act(self, msg: Inbound, result: ScanResult) -> str:
         action = result.action

@@ -110,49 +110,47 @@ class GroupCommit:
     """Quarantine commits of concurrent sessions gathered into one transaction.
 
     Each caller still gets its row id only after *its* row is committed (the 250 depends on it); a
-    failed transaction fails every caller in it, and none of their rows exist. Waiting `max_wait`
-    for company costs a millisecond or two of latency and saves a commit per message.
+    failed transaction fails every caller in it, and none of their rows exist. Classic group commit,
+    with no timer: when no transaction is being written, a row is written at once; rows that arrive
+    while one is being written wait for it and then go together in the next (up to `max_batch` each).
+    A quiet gateway therefore pays one commit per message and no wait, a busy one a commit per batch.
     """
 
-    def __init__(
-        self, write_batch: WriteBatch, executor: Executor, max_batch: int = 64, max_wait: float = 0.002
-    ) -> None:
+    def __init__(self, write_batch: WriteBatch, executor: Executor, max_batch: int = 64) -> None:
         self._write_batch = write_batch
         self._executor = executor
         self._max_batch = max_batch
-        self._max_wait = max_wait
         self._pending: list[tuple[QItem, asyncio.Future[int]]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._writing = False
+        self._writer: asyncio.Task[None] | None = None  # kept: the loop holds tasks only weakly
 
     async def commit(self, result: ScanResult, envelope: Envelope, raw: bytes) -> int:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         self._pending.append(((result, envelope, raw), fut))
-        if len(self._pending) >= self._max_batch:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._max_wait, self._flush)
+        if not self._writing:
+            self._writing = True
+            self._writer = loop.create_task(self._write_all(), name="quarantine-commit")
         return await fut
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-        if self._pending:
-            self._timer = asyncio.get_running_loop().call_later(self._max_wait, self._flush)
-        if batch:
-            asyncio.get_running_loop().create_task(self._write(batch))
-
-    async def _write(self, batch: list[tuple[QItem, asyncio.Future[int]]]) -> None:
+    async def _write_all(self) -> None:
+        """Write batches until nothing is pending; the only writer while `_writing` is set."""
         loop = asyncio.get_running_loop()
         try:
-            ids = await loop.run_in_executor(self._executor, self._write_batch, [item for item, _ in batch])
-        except Exception as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for (_, fut), pk in zip(batch, ids, strict=True):
-            if not fut.done():
-                fut.set_result(pk)
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: len(batch)]
+                try:
+                    ids = await loop.run_in_executor(
+                        self._executor, self._write_batch, [item for item, _ in batch]
+                    )
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), pk in zip(batch, ids, strict=True):
+                    if not fut.done():
+                        fut.set_result(pk)
+        finally:
+            self._writing = False

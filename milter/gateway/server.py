@@ -127,7 +127,11 @@ class Gateway:
         self.metrics.set_model(scanner.classifier.name, scanner.classifier.providers)
         # SIGHUP (serve) and tests call this; it reloads config.model.path, not the path loaded first.
         self.reloader = ModelReloader(self.model, Path(config.model.path), config.policy, self.metrics)
-        processes = max(1, (os.cpu_count() or 1) // max(1, srv.workers))
+        # As many prepare processes per worker as there are cores, not cores / workers: a burst that
+        # lands on one worker can then use every core (bench/gateway.py at 300 msgs/s: p99 added
+        # latency 11-12 ms instead of 18-20; saturated, 834 msgs/s instead of 747). Idle ones cost
+        # memory only.
+        processes = max(1, os.cpu_count() or 1)
         self._prepare_pool = PreparePool(prepare_pool or default_prepare_pool(processes), prepare)
         self._store_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milter-store")
         self.batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult] = MicroBatcher(

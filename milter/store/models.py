@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
@@ -113,3 +114,14 @@ class Quarantine(Base):
     deleted_at: Mapped[datetime | None] = mapped_column()
 
     message: Mapped[Message] = relationship(back_populates="quarantine")
+
+
+def _table(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+# The tables themselves, for Core statements on the gateway's hot path (see Store.record_batch).
+MESSAGES = _table(Message)
+QUARANTINE = _table(Quarantine)
