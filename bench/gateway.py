@@ -1,6 +1,6 @@
 """Gateway throughput and added latency: N concurrent SMTP clients -> `milter serve` -> a real sink.
 
-    .venv/bin/python bench/gateway.py [--clients 50] [--messages 3000] [--workers 2] [--config FILE]
+    .venv/bin/python bench/gateway.py [--clients 50] [--messages 3000] [--workers 2] [--rate R] [--runs N]
 
 Runs the same real corpus messages (../shared/corpora, unpacked under .cache/corpora) twice: straight to
 the sink, then through the gateway (a `milter serve` subprocess relaying to that sink), each client on
@@ -160,6 +160,19 @@ def report(name: str, r: Result) -> None:
               f"p99 {r.pct(0.99, q):.1f} ms")
 
 
+def run_once(
+    sink_port: int, gw_port: int, messages: list[bytes], args: argparse.Namespace
+) -> tuple[float, float, float]:
+    """Both phases, one after the other; (gateway msgs/s, added p50 ms, added p99 ms)."""
+    direct = asyncio.run(load(sink_port, messages, args.messages, args.clients, args.rate))
+    report("direct", direct)
+    gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients, args.rate))
+    report("gateway", gateway)
+    p50, p99 = gateway.pct(0.5) - direct.pct(0.5), gateway.pct(0.99) - direct.pct(0.99)
+    print(f"   added: p50 {p50:.1f} ms, p99 {p99:.1f} ms; throughput {gateway.rate:.0f} msgs/s")
+    return gateway.rate, p50, p99
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=50)
@@ -169,6 +182,7 @@ def main() -> None:
     ap.add_argument(
         "--rate", type=float, help="pace the load at this many msgs/s (default: as fast as answered)"
     )
+    ap.add_argument("--runs", type=int, default=1, help="repeat both phases; prints the medians at the end")
     ap.add_argument("--config", help="milter config file (model, policy); flags below override it")
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -207,14 +221,13 @@ def main() -> None:
                 f"{args.clients} clients, {args.messages} messages per phase, {args.workers} gateway workers"
             )
             asyncio.run(load(gw_port, messages, min(200, args.messages), args.clients))  # warm-up
-            direct = asyncio.run(load(sink_port, messages, args.messages, args.clients, args.rate))
-            report("direct", direct)
-            gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients, args.rate))
-            report("gateway", gateway)
-            print(
-                f"   added: p50 {gateway.pct(0.5) - direct.pct(0.5):.1f} ms, "
-                f"p99 {gateway.pct(0.99) - direct.pct(0.99):.1f} ms; throughput {gateway.rate:.0f} msgs/s"
-            )
+            rows = [run_once(sink_port, gw_port, messages, args) for _ in range(args.runs)]
+            if args.runs > 1:
+                rate, p50, p99 = (statistics.median(col) for col in zip(*rows, strict=True))
+                print(
+                    f"  median of {args.runs} runs: throughput {rate:.0f} msgs/s, "
+                    f"added p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+                )
         finally:
             for p in procs:
                 p.terminate()
