@@ -144,6 +144,8 @@ class GroupCommit:
                     ids = await loop.run_in_executor(
                         self._executor, self._write_batch, [item for item, _ in batch]
                     )
+                    if len(ids) != len(batch):  # never leave a caller waiting on a row it has no id for
+                        raise RuntimeError(f"store returned {len(ids)} ids for {len(batch)} rows")
                 except Exception as exc:
                     for _, fut in batch:
                         if not fut.done():
