@@ -217,6 +217,22 @@ def test_labels_and_training_examples(store: Store) -> None:
     assert y.tolist() == [0, 0, 2]
 
 
+def test_stale_examples_carry_raw_bytes_and_envelope(store: Store) -> None:
+    old = store.record(make_result(), ENV, RAW, "sha256:old")  # quarantined under an older schema
+    gone = store.record(make_result(), ENV, None, "sha256:old")  # relayed: no bytes to rescan
+    novec = store.record(make_result(), ENV, RAW, DIGEST, keep_vector=False)
+    current = store.record(make_result(), ENV, RAW, DIGEST)
+    unlabelled = store.record(make_result(), ENV, RAW, "sha256:old")
+    for pk in (old, gone, novec, current):
+        store.set_label(pk, "spam", "analyst")
+    stale = store.stale_examples(DIGEST)
+    assert [(e.id, e.label, e.raw) for e in stale] == [
+        (old, "spam", RAW), (gone, "spam", None), (novec, "spam", RAW)
+    ]
+    assert all(e.envelope == ENV for e in stale)
+    assert unlabelled not in {e.id for e in stale} and current not in {e.id for e in stale}
+
+
 def test_purge_old_rows_keeps_labelled(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "PURGE_BATCH", 2)  # exercise several purge transactions
     old = [store.record(make_result(), ENV, RAW, DIGEST, received_at=_ago(40)) for _ in range(3)]

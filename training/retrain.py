@@ -39,8 +39,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
 
 from milter.classifier import Classifier
 from milter.config import load_config
@@ -48,9 +46,7 @@ from milter.errors import MilterError
 from milter.features import Protected
 from milter.registry import promote
 from milter.store import Store
-from milter.store.models import Message as StoredMessage
-from milter.store.models import Quarantine
-from milter.types import CLASS_NAMES, Envelope
+from milter.types import CLASS_NAMES
 from training import model as mdl
 from training.artifacts import write_model
 from training.corpora import CorporaError, default_corpora_src
@@ -157,35 +153,6 @@ class Labelled:
         return np.flatnonzero(~recent), np.flatnonzero(recent)
 
 
-def _envelope(row: StoredMessage) -> Envelope:
-    return Envelope(
-        mail_from=row.mail_from,
-        rcpt_tos=tuple(row.rcpt_tos or ()),
-        client_addr=row.client_addr,
-        client_name=row.client_name,
-        helo=row.helo,
-        queue_id=row.queue_id,
-    )
-
-
-def _stale_rows(store: Store, digest: str) -> list[tuple[int, str, bytes | None, Envelope]]:
-    """Labelled rows without a current-schema vector: (id, label, raw bytes if still held, envelope).
-
-    Store.labelled_examples only hands out vectors; the raw bytes live in the quarantine table.
-    """
-    stmt = (
-        select(StoredMessage, Quarantine.raw)
-        .outerjoin(Quarantine, Quarantine.message_pk == StoredMessage.id)
-        .where(
-            StoredMessage.label.is_not(None),
-            or_(StoredMessage.feature_vector.is_(None), StoredMessage.schema_digest != digest),
-        )
-        .order_by(StoredMessage.id)
-    )
-    with Session(store.engine) as s:
-        return [(m.id, m.label or "", raw, _envelope(m)) for m, raw in s.execute(stmt)]
-
-
 def load_labelled(store: Store, features: ModuleType, protected: Protected) -> Labelled:
     """Current vectors as stored; stale ones recomputed from raw bytes when held, else skipped."""
     digest = features.SCHEMA.digest
@@ -194,17 +161,18 @@ def load_labelled(store: Store, features: ModuleType, protected: Protected) -> L
     }
     counts = {"stored": len(rows), "recomputed": 0, "skipped_no_raw": 0, "failed": 0}
     width = len(features.SCHEMA.names)
-    for pk, label, raw, envelope in _stale_rows(store, digest):
-        if raw is None:
+    for stale in store.stale_examples(digest):
+        if stale.raw is None:
             counts["skipped_no_raw"] += 1
             continue
         try:
-            vector = np.asarray(features.extract(raw, envelope, protected).vector, dtype=np.float32)
+            extracted = features.extract(stale.raw, stale.envelope, protected)
+            vector = np.asarray(extracted.vector, dtype=np.float32)
         except Exception:  # one unparseable message must not stop the nightly run; it is counted
-            log.exception("feature extraction failed for stored message %d", pk)
+            log.exception("feature extraction failed for stored message %d", stale.id)
             counts["failed"] += 1
             continue
-        rows[pk] = (vector, label)
+        rows[stale.id] = (vector, stale.label)
         counts["recomputed"] += 1
     ids = tuple(sorted(pk for pk, (vec, lab) in rows.items() if vec.shape == (width,) and lab in CLASS_NAMES))
     counts["failed"] += len(rows) - len(ids)

@@ -81,6 +81,18 @@ def new_message(
     return Message(**message_values(result, envelope, schema_digest, keep_vector, received_at))
 
 
+def envelope_of(msg: Message) -> Envelope:
+    """The SMTP envelope a verdict was stored with (for rescanning or releasing the message)."""
+    return Envelope(
+        mail_from=msg.mail_from,
+        rcpt_tos=tuple(msg.rcpt_tos or ()),
+        client_addr=msg.client_addr,
+        client_name=msg.client_name,
+        helo=msg.helo,
+        queue_id=msg.queue_id,
+    )
+
+
 def to_row(msg: Message, q: Quarantine | None) -> MessageRow:
     return MessageRow(
         id=msg.id, received_at=msg.received_at, queue_id=msg.queue_id, mail_from=msg.mail_from,

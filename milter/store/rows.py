@@ -9,7 +9,7 @@ from datetime import datetime
 import numpy as np
 import numpy.typing as npt
 
-from milter.types import CLASS_NAMES, Scores
+from milter.types import CLASS_NAMES, Envelope, Scores
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,17 @@ class LabelledExample:
     label_source: str | None
     schema_digest: str
     vector: npt.NDArray[np.float32]  # read-only
+
+
+@dataclass(frozen=True)
+class StaleExample:
+    """A labelled verdict without a vector of the current schema: retraining recomputes it from `raw`
+    (None once the quarantined bytes were deleted or the message was never held)."""
+
+    id: int
+    label: str
+    raw: bytes | None
+    envelope: Envelope
 
 
 @dataclass(frozen=True)

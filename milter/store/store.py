@@ -34,10 +34,10 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, defer, sessionmaker
 
 from milter.errors import StoreError
 from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
-from milter.store.mapping import message_values, new_message, to_row, vector_from_bytes
+from milter.store.mapping import envelope_of, message_values, new_message, to_row, vector_from_bytes
 from milter.store.migrate import upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
-from milter.store.rows import LabelledExample, MessageRow, PurgeCounts, StoreStats
+from milter.store.rows import LabelledExample, MessageRow, PurgeCounts, StaleExample, StoreStats
 from milter.types import CLASS_NAMES, Envelope
 
 if TYPE_CHECKING:
@@ -298,6 +298,24 @@ class Store:
                 LabelledExample(id=i, message_id=mid, label=lab or "", label_source=src,
                                 schema_digest=dig, vector=vector_from_bytes(vec or b""))
                 for i, mid, lab, src, dig, vec in s.execute(stmt)
+            ]
+
+    def stale_examples(self, schema_digest: str) -> list[StaleExample]:
+        """Labelled verdicts without a vector of `schema_digest`, oldest first, with their raw bytes
+        where still held (the feature schema changed since they were scanned)."""
+        stmt = (
+            select(Message, Quarantine.raw)
+            .outerjoin(Quarantine, Quarantine.message_pk == Message.id)
+            .where(
+                Message.label.is_not(None),
+                or_(Message.feature_vector.is_(None), Message.schema_digest != schema_digest),
+            )
+            .order_by(Message.id)
+        )
+        with _guard("cannot read labelled examples"), self._read() as s:
+            return [
+                StaleExample(id=m.id, label=m.label or "", raw=raw, envelope=envelope_of(m))
+                for m, raw in s.execute(stmt)
             ]
 
     def stats(self) -> StoreStats:
