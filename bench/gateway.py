@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument(
         "--rate", type=float, help="pace the load at this many msgs/s (default: as fast as answered)"
     )
+    ap.add_argument("--db", help="store URL (default: a new SQLite file in a temporary folder)")
     ap.add_argument("--runs", type=int, default=1, help="repeat both phases; prints the medians at the end")
     ap.add_argument("--config", help="milter config file (model, policy); flags below override it")
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
@@ -203,7 +204,7 @@ def main() -> None:
             "--downstream",
             f"127.0.0.1:{sink_port}",
             "--db",
-            f"sqlite:///{tmp}/b.db",
+            args.db or f"sqlite:///{tmp}/b.db",
             "--workers",
             str(args.workers),
             "--metrics-listen",
