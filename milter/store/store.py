@@ -127,7 +127,7 @@ class Store:
 
         The gateway records delivered messages in batches: one commit per batch instead of one per
         message (the per-message commit was a third of a worker's CPU under load). Core, not the ORM:
-        its bulk-insert path cost the gateway's store threads twice as much CPU for the same rows.
+        under load, py-spy found most of the store threads' time in the ORM's bulk-insert machinery.
         """
         if not items:
             return 0
