@@ -126,7 +126,7 @@ async def load(
     return Result(time.perf_counter() - t0, latencies, failures, tuple(quarantined))
 
 
-async def wait_port(port: int, limit: float = 120) -> None:
+async def wait_port(port: int, limit: float = 120) -> bool:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
@@ -134,11 +134,11 @@ async def wait_port(port: int, limit: float = 120) -> None:
             ok = (await reader.readline()).startswith(b"220")
             writer.close()
             if ok:
-                return
+                return True
         except OSError:
             pass
         await asyncio.sleep(0.25)
-    sys.exit(f"nothing answers on port {port}")
+    return False
 
 
 def free_port() -> int:
@@ -183,6 +183,7 @@ def main() -> None:
         "--rate", type=float, help="pace the load at this many msgs/s (default: as fast as answered)"
     )
     ap.add_argument("--db", help="store URL (default: a new SQLite file in a temporary folder)")
+    ap.add_argument("--gateway-log", help="keep the gateway's log in this file (default: discarded)")
     ap.add_argument("--runs", type=int, default=1, help="repeat both phases; prints the medians at the end")
     ap.add_argument("--config", help="milter config file (model, policy); flags below override it")
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
@@ -212,10 +213,16 @@ def main() -> None:
         ]
         if args.config:
             cmd[4:4] = ["--config", args.config]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT))
+        # The gateway logs a line per message, as in production; to a file, not over the figures.
+        log_path = Path(args.gateway_log or f"{tmp}/gateway.log")
+        gateway_log = log_path.open("wb")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=gateway_log))
         try:
-            asyncio.run(wait_port(sink_port))
-            asyncio.run(wait_port(gw_port))
+            if not asyncio.run(wait_port(sink_port)):
+                sys.exit(f"the sink does not answer on port {sink_port}")
+            if not asyncio.run(wait_port(gw_port)):
+                tail = log_path.read_bytes()[-3000:].decode(errors="replace")
+                sys.exit(f"the gateway does not answer on port {gw_port}; its log ends:\n{tail}")
             median_kib = statistics.median(map(len, messages)) / 1024
             print(
                 f"{len(messages)} corpus messages (median {median_kib:.1f} KiB), "
@@ -234,6 +241,7 @@ def main() -> None:
                 p.terminate()
             for p in procs:
                 p.wait(timeout=60)
+            gateway_log.close()
 
 
 if __name__ == "__main__":

@@ -154,3 +154,38 @@ def with_group_killed(proc: subprocess.Popen[Any]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def test_default_log_and_ctrl_c_on_the_process_group(tmp_path: Path, free_port: Callable[[], int]) -> None:
+    """Without -v, serve still logs its start, the providers really used and a line per message;
+    Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops it cleanly: the prepare
+    processes leave stopping to the gateway instead of dying with a KeyboardInterrupt each."""
+    listen, sink_port = free_port(), free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [*MILTER, "serve", "--config", str(write_config(tmp_path, listen, sink_port, MODEL)),
+             "--metrics-listen", "off"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
+        )
+
+        async def main() -> Outcome:
+            sink = Sink()
+            await sink.start(sink_port)
+            try:
+                await wait_listening(listen, proc)
+                return await send(listen, make_message("logged@test"))
+            finally:
+                await sink.stop()
+
+        try:
+            outcome = asyncio.run(main())
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            with_group_killed(proc)
+    log = log_path.read_text()
+    assert outcome.code == 250
+    assert "providers in use: ['CPUExecutionProvider']" in log and " listening " in log
+    assert "message_id=<logged@test>" in log and " reply=250" in log
+    assert "alembic" not in log and "Traceback" not in log and "KeyboardInterrupt" not in log, log

@@ -76,10 +76,16 @@ def serve(
     its checks is refused and the running one keeps serving."""
     from milter.gateway.workers import run_single, run_workers
 
-    # aiosmtpd logs every command at INFO under "mail.log": far too much for a busy relay.
+    # A service logs a line per message (and its start, model and providers) by default: INFO, not
+    # the WARNING the other commands use; `milter -v serve` adds debug.
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    # aiosmtpd logs every command at INFO under "mail.log": far too much for a busy relay; alembic
+    # says at INFO which plugins it set up each time a store opens.
     root_level = logging.getLogger().getEffectiveLevel()
     if root_level > logging.DEBUG:
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
+        for noisy in ("mail.log", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = effective_config(config_path, listen, downstream, db, workers, mode, metrics_listen)
         if cfg.server.workers == 1:

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -59,10 +60,20 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
+def _prepare_process_init() -> None:
+    """Ctrl-C in a terminal signals the whole process group: the prepare processes leave stopping to
+    their gateway, which drains its messages (they still need these processes) and then shuts the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def default_prepare_pool(processes: int) -> Callable[[], Executor]:
     # spawn, not fork: forking a process that runs an event loop and ONNX Runtime threads is unsafe.
     def make() -> Executor:
-        return ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            max_workers=processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_prepare_process_init,
+        )
 
     return make
 
@@ -131,7 +142,7 @@ class Gateway:
         # lands on one worker can then use every core (bench/gateway.py at 300 msgs/s: p99 added
         # latency 11-12 ms instead of 18-20; saturated, 834 msgs/s instead of 747). Idle ones cost
         # memory only.
-        processes = max(1, os.cpu_count() or 1)
+        processes = self._prepare_processes = max(1, os.cpu_count() or 1)
         self._prepare_pool = PreparePool(prepare_pool or default_prepare_pool(processes), prepare)
         self._store_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milter-store")
         self.batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult] = MicroBatcher(
@@ -202,13 +213,21 @@ class Gateway:
         )
 
     async def _warm_up(self) -> None:
-        """Start the prepare processes and run the model once, so the first message is not slow.
+        """Start every prepare process and run the model once, so the first messages are not slow.
+
+        One warm-up message per process, submitted together: the pool starts processes only when a
+        job finds none idle, and one started under the first burst of mail held messages back for
+        the second it takes to start (bench/gateway.py's first run after a start showed it at p99).
 
         A model that fails here is logged, not fatal: a model that cannot load was already refused,
         and policy.on_error decides what happens to mail while inference fails (tempfail, or accept
         unscanned); refusing to start would override an operator's on_error = "accept"."""
         env = Envelope()
-        ext = await self._prepare_pool.run(WARMUP_MESSAGE, env, self.model.scanner.policy.protected)
+        protected = self.model.scanner.policy.protected
+        runs = [
+            self._prepare_pool.run(WARMUP_MESSAGE, env, protected) for _ in range(self._prepare_processes)
+        ]
+        ext = (await asyncio.gather(*runs))[0]
         try:
             await self.batcher.submit((ext, env))
         except Exception as exc:

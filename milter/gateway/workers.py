@@ -113,8 +113,9 @@ def _worker_main(config: Config, index: int, log_level: int) -> None:
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s worker={index} %(name)s: %(message)s"
     )
-    if log_level > logging.DEBUG:  # as in the serve command: aiosmtpd's per-command lines are noise
-        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    if log_level > logging.DEBUG:  # as in the serve command: aiosmtpd's and alembic's lines are noise
+        for noisy in ("mail.log", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     loaded = load(config)
     sock = listen_socket(config.server.listen, reuse_port=True)
     asyncio.run(serve_gateway(config, loaded, sock, worker_index=index))
