@@ -251,11 +251,6 @@ class Gateway:
             self.metrics.errors.labels("scan").inc()
             log.error(kv("model_warmup_failed", error=type(exc).__name__, detail=str(exc)[:200],
                          on_error=self.config.policy.on_error))
-        # What start-up allocated (modules, model, store, config) lives as long as the process: frozen
-        # out of the cyclic collector, full collections no longer walk it. Measured with
-        # bench/gateway.py: 40-51 ms event-loop stalls per full collection before; none during load after.
-        gc.collect()
-        gc.freeze()
 
     def request_reload(self) -> None:
         """What SIGHUP does: reload the model in the background (see milter.gateway.reload)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -90,6 +91,12 @@ async def serve_gateway(config: Config, loaded: Loaded, sock: socket.socket, wor
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # What start-up allocated (modules, model, store, config) lives as long as the process: frozen
+    # out of the cyclic collector, full collections no longer walk it. Measured with bench/gateway.py:
+    # 40-51 ms event-loop stalls per full collection before; none during load after. Here, in the
+    # process's entry point, not in Gateway: freezing is process-wide.
+    gc.collect()
+    gc.freeze()
     await gateway.start(sock)
     loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a SIGHUP held since start-up fires now
