@@ -77,7 +77,7 @@ def serve(
     from milter.gateway.workers import run_single, run_workers
 
     # A service logs a line per message (and its start, model and providers) by default: INFO, not
-    # the WARNING the other commands use; `milter -v serve` adds debug.
+    # the WARNING the other commands use; `milter -vv serve` adds debug.
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     # aiosmtpd logs every command at INFO under "mail.log": far too much for a busy relay; alembic
