@@ -121,38 +121,34 @@ class GroupCommit:
         self._executor = executor
         self._max_batch = max_batch
         self._pending: list[tuple[QItem, asyncio.Future[int]]] = []
-        self._writing = False
-        self._writer: asyncio.Task[None] | None = None  # kept: the loop holds tasks only weakly
+        # The task writing now, if any (also kept because the loop holds tasks only weakly).
+        self._writer: asyncio.Task[None] | None = None
 
     async def commit(self, result: ScanResult, envelope: Envelope, raw: bytes) -> int:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         self._pending.append(((result, envelope, raw), fut))
-        if not self._writing:
-            self._writing = True
+        if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_all(), name="quarantine-commit")
         return await fut
 
     async def _write_all(self) -> None:
-        """Write batches until nothing is pending; the only writer while `_writing` is set."""
+        """Write batches until nothing is pending; the only writer while it runs."""
         loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: len(batch)]
-                try:
-                    ids = await loop.run_in_executor(
-                        self._executor, self._write_batch, [item for item, _ in batch]
-                    )
-                    if len(ids) != len(batch):  # never leave a caller waiting on a row it has no id for
-                        raise RuntimeError(f"store returned {len(ids)} ids for {len(batch)} rows")
-                except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), pk in zip(batch, ids, strict=True):
+        while self._pending:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: len(batch)]
+            try:
+                ids = await loop.run_in_executor(
+                    self._executor, self._write_batch, [item for item, _ in batch]
+                )
+                if len(ids) != len(batch):  # never leave a caller waiting on a row it has no id for
+                    raise RuntimeError(f"store returned {len(ids)} ids for {len(batch)} rows")
+            except Exception as exc:
+                for _, fut in batch:
                     if not fut.done():
-                        fut.set_result(pk)
-        finally:
-            self._writing = False
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), pk in zip(batch, ids, strict=True):
+                if not fut.done():
+                    fut.set_result(pk)
