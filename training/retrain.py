@@ -53,7 +53,7 @@ from training.corpora import CorporaError, default_corpora_src
 from training.dataset import TEST, TRAIN, VAL, Dataset
 from training.evaluate import Metrics, sliced_metrics
 from training.thresholds import HAM, Probs, Thresholds, decide
-from training.train import _features, export_and_evaluate, fit_config, load_dataset, repo_root
+from training.train import _features, export_and_evaluate, fit_setup, load_dataset, repo_root
 from training.train import parse_args as train_defaults
 
 log = logging.getLogger("milter-retrain")
@@ -225,12 +225,11 @@ def fit_challenger(
     train_rows: npt.NDArray[np.intp],
 ) -> Challenger:
     """milter-train's fit, export, parity check and thresholds, with the labels added to training."""
-    corpora = [m.corpus for m in ds.messages]
-    cfg = fit_config(args)
-    weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
-    tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
-    if min(len(tr), len(va), len(te)) == 0:
-        raise MilterError(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
+    try:
+        setup = fit_setup(args, ds)
+    except ValueError as exc:
+        raise MilterError(str(exc)) from None
+    cfg, weights, tr, va = setup.cfg, setup.weights, setup.train, setup.val
     X_lab, y_lab = labels.X[train_rows], labels.y[train_rows]
     w_lab = label_weights(y_lab, ds.y[tr], weights[tr], args.label_weight)
     t0 = time.monotonic()

@@ -243,15 +243,37 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
     )
 
 
+@dataclass(frozen=True)
+class FitSetup:
+    """What a fit needs besides the rows: settings, per-row weights, the split and each row's corpus."""
+
+    cfg: mdl.FitConfig
+    weights: npt.NDArray[np.float64]
+    train: npt.NDArray[np.intp]
+    val: npt.NDArray[np.intp]
+    test: npt.NDArray[np.intp]
+    corpora: list[str]
+
+
+def fit_setup(args: argparse.Namespace, ds: Dataset) -> FitSetup:
+    """Shared by milter-train and milter-retrain; ValueError when a split is empty."""
+    corpora = [m.corpus for m in ds.messages]
+    cfg = fit_config(args)
+    tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
+    if min(len(tr), len(va), len(te)) == 0:
+        raise ValueError(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
+    return FitSetup(cfg, mdl.sample_weights(ds.y, corpora, cfg.corpus_balance), tr, va, te, corpora)
+
+
 def run(args: argparse.Namespace) -> TrainResult:
     features, code_version = _features(args.features_module)
     ds, dropped = load_dataset(args, features, code_version)
-    corpora = [m.corpus for m in ds.messages]
-    cfg = fit_config(args)
-    weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance)
-    tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
-    if min(len(tr), len(va), len(te)) == 0:
-        raise SystemExit(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
+    try:
+        setup = fit_setup(args, ds)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    cfg, weights, corpora = setup.cfg, setup.weights, setup.corpora
+    tr, va, te = setup.train, setup.val, setup.test
 
     t0 = time.monotonic()
     booster = mdl.fit(ds.X[tr], ds.y[tr], weights[tr], ds.X[va], ds.y[va], weights[va], ds.feature_names, cfg)
