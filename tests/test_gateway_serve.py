@@ -156,6 +156,26 @@ def with_group_killed(proc: subprocess.Popen[Any]) -> None:
     proc.wait(timeout=30)
 
 
+def _child_signal_state() -> tuple[bool, bool]:
+    """(SIGINT blocked, SIGINT ignored) in the calling process; runs in a prepare process."""
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    return blocked, signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_prepare_processes_are_born_deaf_to_ctrl_c() -> None:
+    # Born with SIGINT blocked (a Ctrl-C while the child still imports is not a traceback), then
+    # ignoring it once initialised; the gateway's own thread gets its signal mask back.
+    from milter.gateway.server import default_prepare_pool
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    pool = default_prepare_pool(1)()
+    try:
+        assert pool.submit(_child_signal_state).result(timeout=60) == (True, True)
+    finally:
+        pool.shutdown()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
 def test_default_log_and_ctrl_c_on_the_process_group(tmp_path: Path, free_port: Callable[[], int]) -> None:
     """Without -v, serve still logs its start, the providers really used and a line per message;
     Ctrl-C (SIGINT to the whole process group, as a terminal sends it) stops it cleanly: the prepare

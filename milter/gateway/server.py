@@ -83,10 +83,28 @@ def _prepare_process_init() -> None:
     gc.freeze()
 
 
+class _QuietChildrenPool(ProcessPoolExecutor):
+    """A process pool whose children are born with SIGINT blocked.
+
+    The pool starts a child inside `submit` (the first jobs after start-up). A Ctrl-C on the process
+    group that lands while that child still imports, before `_prepare_process_init` ignores SIGINT,
+    printed a KeyboardInterrupt traceback per child. A blocked signal mask survives fork and exec, so
+    blocking SIGINT in this thread for the length of `submit` covers the child from its first
+    instruction; here a SIGINT meanwhile stays pending and is handled as soon as the mask is restored.
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().submit(fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def default_prepare_pool(processes: int) -> Callable[[], Executor]:
     # spawn, not fork: forking a process that runs an event loop and ONNX Runtime threads is unsafe.
     def make() -> Executor:
-        return ProcessPoolExecutor(
+        return _QuietChildrenPool(
             max_workers=processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_prepare_process_init,
