@@ -9,9 +9,15 @@ Precedence (the order of `RULES`), and why:
 1. Deny lists (sender address, sender domain, client IP/CIDR) -> spam, quarantine. An administrator's
    explicit "never" beats everything, including an allow entry for the same sender.
 2. BEC impersonation: the From display name is a protected person (or a protected address) while the
-   From domain is not protected -> bec, quarantine. This sits *before* the allow lists on purpose: an
-   allowed or trusted name turning up from somewhere else is exactly what BEC looks like, and allow lists
-   match only what the sender claims about itself, which costs an attacker nothing.
+   From domain is not protected, or the From domain imitates a protected domain -> bec, quarantine.
+   This sits *before* the allow lists on purpose: an allowed or trusted name turning up from somewhere
+   else is exactly what BEC looks like, and allow lists match only what the sender claims about itself,
+   which costs an attacker nothing.
+   BEC content rules, which need no configuration: bank or payroll details changing, or gift cards asked
+   for with urgency, from free-mail or with replies going to another domain; a disguised sender (free-mail
+   posing as an organisation, a display name showing another address) talking about money -> bec,
+   quarantine. The corpora hold no real BEC, so these carry the documented patterns (fixtures/bec/) that
+   the model cannot learn; they also sit before the allow lists: a vendor's hijacked mailbox is allowed.
 3. BEC model ladder on P(bec) (reject / quarantine / tag).
 4. Allow lists (sender address, sender domain, client IP/CIDR) -> ham, accept. They silence the spam
    model only: an allowed vendor whose account is taken over still meets the BEC rules above.
@@ -44,6 +50,7 @@ from dataclasses import dataclass, replace
 from milter.config import ClassThresholds, DomainRule, PolicyConfig
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
+from milter.features.domains import lookalike_of
 from milter.features.summary import Extracted, MessageSummary
 from milter.types import Action, Decision, Envelope, Scores, Verdict
 
@@ -262,6 +269,65 @@ def impersonated_address(ctx: Context) -> Hit | None:
     return None
 
 
+def lookalike_sender(ctx: Context) -> Hit | None:
+    """The From domain imitates a protected domain (examp1e.com, exarnple.com, xn--xample-2of.com)."""
+    domain = ctx.summary.from_org_domain
+    if not domain or not ctx.protected.domains:
+        return None
+    if (target := lookalike_of(domain, ctx.protected.domains)) is not None:
+        return Hit(f"From domain {domain} imitates protected domain {target}", Verdict.BEC, Action.QUARANTINE)
+    return None
+
+
+# The BEC content rules below pair pretext language with a sender that hides where it is or where
+# replies go. Each half alone is common in real mail (Enron ham talks about payroll and bank accounts,
+# list mail has Reply-To elsewhere); together they flagged none of the corpora's 28,943 ham messages
+# (`milter scan --json` over every ham folder, 2026-11-28). The language groups are the model's own
+# lang_* features, read back from the vector (milter/features/__init__.py): one definition of each.
+
+
+def _elsewhere(summary: MessageSummary) -> str | None:
+    """How the sender hides where answers go, for a reason; None when it does not."""
+    if summary.replies_elsewhere:
+        return f"Reply-To goes to {summary.reply_to_domain}, not {summary.from_org_domain or '(no From)'}"
+    if summary.freemail_sender:
+        return f"sent from free-mail ({summary.from_org_domain})"
+    return None
+
+
+def bank_details_change(ctx: Context) -> Hit | None:
+    """Vendor or payroll diversion: "our bank details have changed", answered somewhere else."""
+    lang = ctx.summary.language
+    if "bank_change" not in lang or not lang & {"payment", "urgency"}:
+        return None
+    if (how := _elsewhere(ctx.summary)) is None:
+        return None
+    return Hit(f"asks to change bank or payroll details; {how}", Verdict.BEC, Action.QUARANTINE)
+
+
+def gift_card_request(ctx: Context) -> Hit | None:
+    """CEO gift-card fraud: "are you available? buy gift cards, send me the codes"."""
+    lang = ctx.summary.language
+    if "giftcard" not in lang or not lang & {"availability", "urgency", "secrecy"}:
+        return None
+    if (how := _elsewhere(ctx.summary)) is None:
+        return None
+    return Hit(f"asks for gift cards with urgency or secrecy; {how}", Verdict.BEC, Action.QUARANTINE)
+
+
+def disguised_sender_money(ctx: Context) -> Hit | None:
+    """A free-mail sender posing as an organisation or officer, or a display name showing another
+    address, that talks about payments, bank details or gift cards."""
+    if not ctx.summary.disguised_sender or not ctx.summary.language & {"payment", "bank_change", "giftcard"}:
+        return None
+    display = ctx.summary.from_display or ""
+    return Hit(
+        f"display name {display!r} disguises the sender {ctx.summary.from_addr or '(none)'} "
+        "and the message is about money",
+        Verdict.BEC, Action.QUARANTINE,
+    )
+
+
 def _ladder_hit(ladder: Ladder, score: float, verdict: Verdict) -> Hit | None:
     step = ladder.step(score)
     if step is None:
@@ -308,6 +374,10 @@ RULES: tuple[Rule, ...] = (
     deny_ip,
     impersonated_name,
     impersonated_address,
+    lookalike_sender,
+    bank_details_change,
+    gift_card_request,
+    disguised_sender_money,
     bec_score,
     allow_sender,
     allow_domain,
@@ -415,7 +485,10 @@ class Policy:
         rule_sets = tuple(dict.fromkeys(per_rcpt)) or (self.default_rules,)
         decisions = [evaluate(replace(base, rules=rules)) for rules in rule_sets]
         decision = max(decisions, key=lambda d: SEVERITY[d.action])  # max keeps the first on ties
-        signals = tuple(s for s in extracted.signals[:MAX_SIGNALS] if s not in decision.reasons)
+        # a signal that a rule's reason already quotes ("asks for gift cards ...; sent from ...") adds nothing
+        signals = tuple(
+            s for s in extracted.signals[:MAX_SIGNALS] if not any(s in reason for reason in decision.reasons)
+        )
         prefix = self.config.subject_prefix if decision.action is Action.TAG else None
         return Decision(decision.verdict, decision.action, decision.reasons + signals, prefix)
 

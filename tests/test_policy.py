@@ -382,21 +382,126 @@ def test_parse_client_normalises_spellings() -> None:
 # --- the hand-made BEC fixtures, through the real feature extractor ----------------------------------
 
 BEC_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "bec"
-# Caught by the policy's own rules whatever the model says (fixtures/README.md); the vendor bank change
-# needs the model, so it is not listed.
+# With the protected company configured, the policy's own rules catch every BEC fixture whatever the
+# model says (fixtures/README.md).
 CAUGHT_BY_RULES = (
     "bec-gift-card-ceo", "bec-payroll-diversion", "bec-display-name-freemail", "bec-lookalike-digit",
-    "bec-lookalike-rn", "bec-lookalike-punycode", "bec-display-name-address",
+    "bec-lookalike-rn", "bec-lookalike-punycode", "bec-display-name-address", "bec-invoice-bank-change",
 )
+# Without any configuration the content rules still catch these (each with the rule that decides).
+CAUGHT_UNCONFIGURED = {
+    "bec-gift-card-ceo": "asks for gift cards with urgency or secrecy; sent from free-mail (gmail.com)",
+    "bec-payroll-diversion": "asks to change bank or payroll details; sent from free-mail (outlook.com)",
+    "bec-invoice-bank-change": "asks to change bank or payroll details; "
+                               "Reply-To goes to outlook.com, not acme-supp1ies.test",
+    "bec-display-name-freemail": "display name 'Jane Smith, CEO' disguises the sender "
+                                 "jane.smith.ceo@gmail.com and the message is about money",
+    "bec-display-name-address": "display name 'ceo@example.com' disguises the sender attacker@evil.test "
+                                "and the message is about money",
+}
 INTERNAL_HAM = (
     "ham-meeting", "ham-vendor-invoice", "ham-cfo-budget", "ham-colleague-lunch", "ham-it-maintenance",
 )
 
 
+def _fixture_decision(name: str, config: PolicyConfig) -> Decision:
+    policy = Policy(config, META)
+    ext = extract((BEC_DIR / f"{name}.eml").read_bytes(), Envelope(), policy.protected)
+    return policy.decide(HAM, ext, Envelope(rcpt_tos=ext.summary.to_addrs))
+
+
 @pytest.mark.parametrize("name", CAUGHT_BY_RULES + INTERNAL_HAM)
 def test_bec_fixtures_with_a_confident_ham_model(name: str) -> None:
-    policy = Policy(PROTECTED, META)
-    ext = extract((BEC_DIR / f"{name}.eml").read_bytes(), Envelope(), policy.protected)
-    d = policy.decide(HAM, ext, Envelope(rcpt_tos=ext.summary.to_addrs))
+    d = _fixture_decision(name, PROTECTED)
     expected = (Verdict.BEC, Action.QUARANTINE) if name.startswith("bec-") else (Verdict.HAM, Action.ACCEPT)
     assert (d.verdict, d.action) == expected, d.reasons
+
+
+@pytest.mark.parametrize("name", sorted(set(CAUGHT_BY_RULES) | set(INTERNAL_HAM)))
+def test_bec_fixtures_without_configuration(name: str) -> None:
+    d = _fixture_decision(name, PolicyConfig())
+    if name in CAUGHT_UNCONFIGURED:
+        assert (d.verdict, d.action) == (Verdict.BEC, Action.QUARANTINE)
+        assert d.reasons[0] == CAUGHT_UNCONFIGURED[name]
+        # the extractor's signal that the rule's reason already quotes is not repeated
+        assert not any(later in d.reasons[0] for later in d.reasons[1:]), d.reasons
+    else:  # lookalikes and names of protected people mean nothing until the deployment names them
+        assert (d.verdict, d.action) == (Verdict.HAM, Action.ACCEPT), d.reasons
+
+
+def test_lookalike_domain_alone_is_bec_once_protected() -> None:
+    config = PolicyConfig(protected_domains=("example.com",))
+    for name, shown in (("bec-lookalike-digit", "examp1e.com"), ("bec-lookalike-rn", "exarnple.com"),
+                        ("bec-lookalike-punycode", "xn--xample-2of.com")):
+        d = _fixture_decision(name, config)
+        assert (d.verdict, d.action) == (Verdict.BEC, Action.QUARANTINE)
+        assert d.reasons[0] == f"From domain {shown} imitates protected domain example.com"
+    assert _fixture_decision("ham-meeting", config).action is Action.ACCEPT  # example.com itself
+
+
+# --- the BEC content rules, one fact at a time -------------------------------------------------------
+
+
+def facts(
+    language: frozenset[str] = frozenset(),
+    reply_to: str | None = None,
+    freemail: bool = False,
+    disguised: bool = False,
+    from_addr: str = "billing@vendor.test",
+) -> Extracted:
+    domain = from_addr.rpartition("@")[2]
+    summary = MessageSummary(
+        message_id="<m@test>", subject="s", from_addr=from_addr, from_display="Billing", from_domain=domain,
+        reply_to_addr=f"x@{reply_to}" if reply_to else None, to_addrs=("ap@example.com",), date=None,
+        defects=(), from_org_domain=domain, reply_to_domain=reply_to, freemail_sender=freemail,
+        disguised_sender=disguised, language=language,
+    )
+    return Extracted(vector=np.zeros(1, np.float32), summary=summary, signals=())
+
+
+BANK = frozenset({"bank_change", "payment"})
+GIFT = frozenset({"giftcard", "availability"})
+
+
+@pytest.mark.parametrize(
+    ("ext", "caught"),
+    [
+        (facts(BANK, reply_to="outlook.com"), True),
+        (facts(BANK, freemail=True, from_addr="vendor@gmail.com"), True),
+        (facts(frozenset({"bank_change", "urgency"}), reply_to="other.test"), True),
+        (facts(BANK), False),  # the vendor's own domain, replies to it: a real notice
+        (facts(BANK, reply_to="vendor.test"), False),  # Reply-To on the sender's own domain
+        (facts(frozenset({"bank_change"}), reply_to="outlook.com"), False),  # "payroll" alone
+        (facts(frozenset({"payment", "urgency"}), reply_to="outlook.com"), False),  # no bank change
+        (facts(GIFT, freemail=True, from_addr="ceo@gmail.com"), True),
+        (facts(frozenset({"giftcard", "secrecy"}), reply_to="outlook.com"), True),
+        (facts(frozenset({"giftcard"}), freemail=True, from_addr="ceo@gmail.com"), False),  # no pressure
+        (facts(GIFT), False),  # a real shop's gift-card offer from its own domain
+        (facts(frozenset({"payment"}), disguised=True), True),
+        (facts(frozenset({"urgency"}), disguised=True), False),  # disguised, but not about money
+    ],
+)
+def test_bec_content_rules(ext: Extracted, caught: bool) -> None:
+    d = decide(ext=ext)
+    expected = (Verdict.BEC, Action.QUARANTINE) if caught else (Verdict.HAM, Action.ACCEPT)
+    assert (d.verdict, d.action) == expected, d.reasons
+
+
+def test_bec_content_rule_beats_allow_list() -> None:
+    # A hijacked vendor mailbox is exactly an allowed sender asking to pay somewhere new.
+    d = decide(with_lists(allow_domains=("vendor.test",)), ext=facts(BANK, reply_to="outlook.com"))
+    assert (d.verdict, d.action) == (Verdict.BEC, Action.QUARANTINE)
+    assert any("allow list" in r for r in d.reasons)
+
+
+def test_summary_carries_the_facts_the_rules_read() -> None:
+    raw = (BEC_DIR / "bec-invoice-bank-change.eml").read_bytes()
+    s = extract(raw).summary
+    assert {"bank_change", "payment"} <= s.language
+    assert (s.from_org_domain, s.reply_to_domain) == ("acme-supp1ies.test", "outlook.com")
+    assert s.replies_elsewhere
+    assert not s.freemail_sender
+    s = extract((BEC_DIR / "bec-display-name-freemail.eml").read_bytes()).summary
+    assert s.freemail_sender and s.disguised_sender
+    s = extract((BEC_DIR / "ham-meeting.eml").read_bytes()).summary
+    assert not s.replies_elsewhere and not s.disguised_sender and "bank_change" not in s.language

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from milter.features import content, headers, identity, text
+from milter.features import content, headers, identity, lexicon, text
 from milter.features.context import Context, Protected, build
 from milter.features.summary import Extracted, MessageSummary
 from milter.parse import ParsedMessage, parse
@@ -69,6 +69,13 @@ SCHEMA = FeatureSchema(
 )
 
 
+# Vector columns the summary reads back: the policy's BEC rules use the same facts the model sees.
+_LANGUAGE_COLUMNS = tuple((group, SCHEMA.names.index(f"lang_{group}")) for group in lexicon.LANGUAGE)
+_DISGUISE_COLUMNS = tuple(
+    SCHEMA.names.index(name) for name in ("id_freemail_org_display", "id_display_address_differs")
+)
+
+
 def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected | None = None) -> Extracted:
     parsed = parse(raw)
     ctx = build(parsed, envelope or Envelope(), protected or Protected())
@@ -86,10 +93,10 @@ def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected |
         vector[pos : pos + len(names)] = values
         signals.extend(sig)
         pos += len(names)
-    return Extracted(vector=vector, summary=summarise(parsed, ctx), signals=tuple(signals))
+    return Extracted(vector=vector, summary=summarise(parsed, ctx, vector), signals=tuple(signals))
 
 
-def summarise(parsed: ParsedMessage, ctx: Context) -> MessageSummary:
+def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float32]) -> MessageSummary:
     s = ctx.sender
     msgid = parsed.get("message-id")
     return MessageSummary(
@@ -102,6 +109,11 @@ def summarise(parsed: ParsedMessage, ctx: Context) -> MessageSummary:
         to_addrs=tuple(addr for _, addr in parsed.addresses("to")[:50]),
         date=parsed.get("date"),
         defects=parsed.defects,
+        from_org_domain=(s.domain or None) if s else None,
+        reply_to_domain=(ctx.reply_to.domain or None) if ctx.reply_to else None,
+        freemail_sender=bool(s and s.domain in lexicon.FREEMAIL),
+        disguised_sender=any(vector[i] > 0 for i in _DISGUISE_COLUMNS),
+        language=frozenset(group for group, i in _LANGUAGE_COLUMNS if vector[i] > 0),
     )
 
 

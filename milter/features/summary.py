@@ -21,6 +21,18 @@ class MessageSummary:
     to_addrs: tuple[str, ...]
     date: str | None
     defects: tuple[str, ...]  # parser defect class names, de-duplicated
+    # Facts the policy's BEC rules combine (see milter/policy.py); defaults say "nothing found".
+    from_org_domain: str | None = None  # registrable domain of From (mail.example.co.uk -> example.co.uk)
+    reply_to_domain: str | None = None  # registrable domain of Reply-To
+    freemail_sender: bool = False  # From is a free-mail provider (gmail.com, outlook.com, ...)
+    disguised_sender: bool = False  # free-mail From with an organisation or title name, or a display
+    #                                 name that shows another address than the real sender
+    language: frozenset[str] = frozenset()  # lexicon.LANGUAGE groups found in subject + body
+
+    @property
+    def replies_elsewhere(self) -> bool:
+        """Replies go to another registrable domain than the one the message claims to come from."""
+        return bool(self.reply_to_domain) and self.reply_to_domain != self.from_org_domain
 
 
 @dataclass(frozen=True)
