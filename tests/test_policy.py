@@ -448,13 +448,14 @@ def facts(
     freemail: bool = False,
     disguised: bool = False,
     from_addr: str = "billing@vendor.test",
+    list_mail: bool = False,
 ) -> Extracted:
     domain = from_addr.rpartition("@")[2]
     summary = MessageSummary(
         message_id="<m@test>", subject="s", from_addr=from_addr, from_display="Billing", from_domain=domain,
         reply_to_addr=f"x@{reply_to}" if reply_to else None, to_addrs=("ap@example.com",), date=None,
         defects=(), from_org_domain=domain, reply_to_domain=reply_to, freemail_sender=freemail,
-        disguised_sender=disguised, language=language,
+        disguised_sender=disguised, language=language, list_mail=list_mail,
     )
     return Extracted(vector=np.zeros(1, np.float32), summary=summary, signals=())
 
@@ -471,6 +472,9 @@ GIFT = frozenset({"giftcard", "availability"})
         (facts(frozenset({"bank_change", "urgency"}), reply_to="other.test"), True),
         (facts(BANK), False),  # the vendor's own domain, replies to it: a real notice
         (facts(BANK, reply_to="vendor.test"), False),  # Reply-To on the sender's own domain
+        # a list that rewrites From sets Reply-To to the author: not hiding, unless From is free-mail
+        (facts(BANK, reply_to="corp.test", list_mail=True), False),
+        (facts(BANK, freemail=True, from_addr="hr@gmail.com", list_mail=True), True),
         (facts(frozenset({"bank_change"}), reply_to="outlook.com"), False),  # "payroll" alone
         (facts(frozenset({"payment", "urgency"}), reply_to="outlook.com"), False),  # no bank change
         (facts(GIFT, freemail=True, from_addr="ceo@gmail.com"), True),
@@ -505,3 +509,12 @@ def test_summary_carries_the_facts_the_rules_read() -> None:
     assert s.freemail_sender and s.disguised_sender
     s = extract((BEC_DIR / "ham-meeting.eml").read_bytes()).summary
     assert not s.replies_elsewhere and not s.disguised_sender and "bank_change" not in s.language
+    assert not s.list_mail
+
+
+def test_list_copy_with_reply_to_the_author_does_not_reply_elsewhere() -> None:
+    raw = (BEC_DIR / "bec-invoice-bank-change.eml").read_bytes()
+    listed = extract(b"List-Id: <ap.lists.example.org>\r\n" + raw)
+    assert listed.summary.list_mail and not listed.summary.replies_elsewhere
+    assert decide(ext=listed).action is Action.ACCEPT
+    assert decide(ext=extract(raw)).action is Action.QUARANTINE

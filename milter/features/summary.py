@@ -28,11 +28,17 @@ class MessageSummary:
     disguised_sender: bool = False  # free-mail From with an organisation or title name, or a display
     #                                 name that shows another address than the real sender
     language: frozenset[str] = frozenset()  # lexicon.LANGUAGE groups found in subject + body
+    list_mail: bool = False  # carries List-Id or List-Post: a mailing list's copy
 
     @property
     def replies_elsewhere(self) -> bool:
-        """Replies go to another registrable domain than the one the message claims to come from."""
-        return bool(self.reply_to_domain) and self.reply_to_domain != self.from_org_domain
+        """Replies go to another registrable domain than the one the message claims to come from.
+
+        Not for list mail: a list that rewrites From to its own address (DMARC mitigation) sets Reply-To
+        to the author, which is the list working, not a sender hiding where answers go."""
+        if self.list_mail or not self.reply_to_domain:
+            return False
+        return self.reply_to_domain != self.from_org_domain
 
 
 @dataclass(frozen=True)
