@@ -12,7 +12,8 @@ Precedence (the order of `RULES`), and why:
    From domain is not protected, or the From domain imitates a protected domain -> bec, quarantine.
    This sits *before* the allow lists on purpose: an allowed or trusted name turning up from somewhere
    else is exactly what BEC looks like, and allow lists match only what the sender claims about itself,
-   which costs an attacker nothing.
+   which costs an attacker nothing. One exception: a lookalike domain that is itself on the allow list
+   (a real partner whose name is close to ours) is not one.
    BEC content rules, which need no configuration: bank or payroll details changing, or gift cards asked
    for with urgency, from free-mail or with replies going to another domain; a disguised sender (free-mail
    posing as an organisation, a display name showing another address) talking about money -> bec,
@@ -270,9 +271,12 @@ def impersonated_address(ctx: Context) -> Hit | None:
 
 
 def lookalike_sender(ctx: Context) -> Hit | None:
-    """The From domain imitates a protected domain (examp1e.com, exarnple.com, xn--xample-2of.com)."""
+    """The From domain imitates a protected domain (examp1e.com, exarnple.com, xn--xample-2of.com).
+
+    A domain on the allow list is exempt: listing kernel.dk beside a protected kernel.org is the admin
+    saying the two are different parties, and the lookalike is the only thing this rule knows."""
     domain = ctx.summary.from_org_domain
-    if not domain or not ctx.protected.domains:
+    if not domain or not ctx.protected.domains or in_domain(domain, ctx.lists.allow_domains) is not None:
         return None
     if (target := lookalike_of(domain, ctx.protected.domains)) is not None:
         return Hit(f"From domain {domain} imitates protected domain {target}", Verdict.BEC, Action.QUARANTINE)

@@ -439,6 +439,13 @@ def test_lookalike_domain_alone_is_bec_once_protected() -> None:
     assert _fixture_decision("ham-meeting", config).action is Action.ACCEPT  # example.com itself
 
 
+def test_allowed_domain_is_no_lookalike() -> None:
+    config = PolicyConfig(protected_domains=("example.com",), lists=Lists(allow_domains=("examp1e.com",)))
+    d = _fixture_decision("bec-lookalike-digit", config)
+    assert (d.verdict, d.action) == (Verdict.HAM, Action.ACCEPT), d.reasons
+    assert d.reasons[0] == "sender domain examp1e.com is on the allow list (examp1e.com)"
+
+
 # --- the BEC content rules, one fact at a time -------------------------------------------------------
 
 
