@@ -74,6 +74,7 @@ _LANGUAGE_COLUMNS = tuple((group, SCHEMA.names.index(f"lang_{group}")) for group
 _DISGUISE_COLUMNS = tuple(
     SCHEMA.names.index(name) for name in ("id_freemail_org_display", "id_display_address_differs")
 )
+_FREEMAIL_COLUMN = SCHEMA.names.index("id_freemail")
 
 
 def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected | None = None) -> Extracted:
@@ -111,7 +112,7 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         defects=parsed.defects,
         from_org_domain=(s.domain or None) if s else None,
         reply_to_domain=(ctx.reply_to.domain or None) if ctx.reply_to else None,
-        freemail_sender=bool(s and s.domain in lexicon.FREEMAIL),
+        freemail_sender=bool(vector[_FREEMAIL_COLUMN] > 0),
         disguised_sender=any(vector[i] > 0 for i in _DISGUISE_COLUMNS),
         language=frozenset(group for group, i in _LANGUAGE_COLUMNS if vector[i] > 0),
         # for the policy only: list headers are no feature (the corpora's lists made them a ham marker)
