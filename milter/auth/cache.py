@@ -1,0 +1,99 @@
+"""A TTL cache with request coalescing in front of any TxtResolver.
+
+Mail arrives in bursts from the same senders: the same DKIM key and DMARC record names are asked for
+over and over, often by several messages at once. The cache answers repeats without a packet and
+merges concurrent lookups of one name into a single query. Temporary failures are cached only
+briefly: a retry a moment later may well succeed, but asking again for every message of a burst
+while an authoritative server is down would cost each of them the whole deadline, so they are kept
+for `temperror_ttl` (30 s by default). "None" answers are cached for `negative_ttl`
+(dnspython does not hand us the SOA minimum on NXDOMAIN, so one configured value is used), and found
+answers for their TTL, capped at `max_ttl`. The size is bounded; when full, the oldest entry goes.
+
+All state lives in the instance; the cache belongs to one event loop (the gateway's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
+
+from milter.auth.dns import TxtAnswer, TxtResolver, normalise_name
+
+
+class CachingResolver:
+    def __init__(
+        self,
+        inner: TxtResolver,
+        max_entries: int = 10_000,
+        negative_ttl: float = 300.0,
+        max_ttl: float = 3600.0,
+        temperror_ttl: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._inner = inner
+        self._max_entries = max_entries
+        self._negative_ttl = negative_ttl
+        self._max_ttl = max_ttl
+        self._temperror_ttl = temperror_ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, TxtAnswer]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Task[TxtAnswer]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def txt(self, name: str) -> TxtAnswer:
+        key = normalise_name(name)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._lookup(key))
+            self._inflight[key] = task
+            task.add_done_callback(partial(self._settle, key))
+        # shield: one waiter giving up (its message's deadline passed) must not cancel the query the
+        # other waiters share; the answer still lands in the cache when it arrives.
+        return await asyncio.shield(task)
+
+    async def _lookup(self, key: str) -> TxtAnswer:
+        try:
+            answer = await self._inner.txt(key)
+        except Exception as e:  # a resolver breaking its contract still yields an answer
+            return TxtAnswer.temperror(f"resolver error: {type(e).__name__}")
+        return answer if isinstance(answer, TxtAnswer) else TxtAnswer.temperror("resolver error")
+
+    def _settle(self, key: str, task: asyncio.Task[TxtAnswer]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled() and task.exception() is None:
+            self._store(key, task.result())
+
+    def _cached(self, key: str) -> TxtAnswer | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, answer = entry
+        if expires > self._clock():
+            return answer
+        del self._entries[key]
+        return None
+
+    def _ttl(self, answer: TxtAnswer) -> float:
+        if answer.status == "found":
+            return min(answer.ttl, self._max_ttl)
+        if answer.status == "none":
+            return min(answer.ttl, self._negative_ttl) if answer.ttl > 0 else self._negative_ttl
+        return self._temperror_ttl
+
+    def _store(self, key: str, answer: TxtAnswer) -> None:
+        ttl = self._ttl(answer)
+        if ttl <= 0 or self._max_entries <= 0:
+            return
+        self._entries.pop(key, None)
+        while len(self._entries) >= self._max_entries:
+            self._entries.popitem(last=False)
+        self._entries[key] = (self._clock() + ttl, answer)

@@ -1,0 +1,130 @@
+"""DKIM + DMARC for one message in three phases: plan (pure), fetch (all the I/O), evaluate (pure).
+
+Why three phases: the gateway runs on one event loop and pushes CPU work (RSA, canonicalising big
+bodies) to a process pool. Mixing DNS into verification, as dkimpy's own API does, would either block
+the loop or ship sockets into workers. So the header block says which TXT names are needed (`plan`),
+they are all fetched concurrently under one deadline on the loop (`fetch`), and the verdict is
+computed from the message plus the frozen, picklable answers in a worker (`evaluate`). Neither fetch
+nor evaluate raises for any input; every failure becomes a result (temperror, permerror, neutral).
+SPF is not evaluated (see milter.auth.spf); a trusted upstream result may be passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from milter.auth.dkim import DkimResult, verify_signatures
+from milter.auth.dmarc import DmarcResult, evaluate_dmarc
+from milter.auth.dns import Answers, TxtAnswer, TxtResolver
+from milter.auth.message import AuthPlan, plan
+from milter.auth.results import AuthResults
+from milter.auth.spf import SpfResult, trusted_spf_from_headers
+
+_MAX_TIMEOUT = 3600.0
+
+__all__ = ["Evidence", "authenticate", "evaluate", "evaluate_evidence", "fetch", "gather", "plan"]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the I/O phase found for one message, picklable, for `evaluate_evidence` in a worker."""
+
+    plan: AuthPlan
+    answers: Answers
+    trusted_authserv_ids: tuple[str, ...] = ()
+
+
+# ASYNC109: the timeout is part of the contract on purpose: it is one deadline over the whole fan-out,
+# and expiry yields temperror answers instead of raising, which a caller's asyncio.timeout cannot do.
+async def fetch(plan: AuthPlan, resolver: TxtResolver, timeout: float) -> Answers:  # noqa: ASYNC109
+    """Phase 2: look up every name of `plan` concurrently, all within `timeout` seconds.
+
+    Every name gets an answer; lookups still running at the deadline are cancelled and answer
+    temperror, as do lookups that raise or return something that is not a TxtAnswer. Cancelling
+    fetch itself propagates (after cancelling its lookups), as asyncio code must.
+    """
+    names = plan.names
+    if not names:
+        return Answers()
+    tasks = {name: asyncio.ensure_future(_lookup(resolver, name)) for name in names}
+    try:
+        await asyncio.wait(tasks.values(), timeout=_clamp(timeout))
+    finally:
+        for task in tasks.values():
+            if not task.done():
+                task.cancel()
+    return Answers.of({name: _outcome(task) for name, task in tasks.items()})
+
+
+async def _lookup(resolver: TxtResolver, name: str) -> TxtAnswer:
+    answer = await resolver.txt(name)
+    return answer if isinstance(answer, TxtAnswer) else TxtAnswer.temperror("resolver returned junk")
+
+
+def _outcome(task: asyncio.Future[TxtAnswer]) -> TxtAnswer:
+    if not task.done():
+        return TxtAnswer.temperror("timeout")
+    if task.cancelled():
+        return TxtAnswer.temperror("cancelled")
+    error = task.exception()
+    return task.result() if error is None else TxtAnswer.temperror(f"resolver error: {type(error).__name__}")
+
+
+def _clamp(timeout: float) -> float:
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(value) or value <= 0 else min(value, _MAX_TIMEOUT)
+
+
+def evaluate(
+    raw: bytes, plan: AuthPlan, answers: Answers, trusted_spf: SpfResult | None = None
+) -> AuthResults:
+    """Phase 3 (pure, CPU only): verify the signatures of `plan` and evaluate DMARC from `answers`."""
+    dkim = _dkim(raw, plan, answers)
+    try:
+        dmarc = evaluate_dmarc(
+            plan.from_domain, plan.org_domain, dkim, trusted_spf, answers, plan.from_problem
+        )
+    except Exception as e:  # a bug here must not turn into a rejection: report "could not tell"
+        dmarc = DmarcResult("temperror", plan.from_domain, reason=f"internal error: {type(e).__name__}")
+    return AuthResults(dkim, dmarc, trusted_spf)
+
+
+def _dkim(raw: bytes, plan: AuthPlan, answers: Answers) -> tuple[DkimResult, ...]:
+    try:
+        return verify_signatures(raw, plan.signatures, answers)
+    except Exception as e:
+        why = f"internal error: {type(e).__name__}"
+        return tuple(DkimResult(s.domain, s.selector, "neutral", why) for s in plan.signatures)
+
+
+async def gather(
+    raw: bytes,
+    resolver: TxtResolver,
+    timeout: float,  # noqa: ASYNC109 (as for fetch)
+    trusted_authserv_ids: Collection[str] = (),
+) -> Evidence:
+    """Phases 1 and 2 (on the event loop): read the header block, look everything up."""
+    the_plan = plan(raw)
+    return Evidence(the_plan, await fetch(the_plan, resolver, timeout), tuple(trusted_authserv_ids))
+
+
+def evaluate_evidence(raw: bytes, evidence: Evidence) -> AuthResults:
+    """Phase 3 for gathered evidence (in a worker): SPF from trusted headers, then `evaluate`."""
+    spf = trusted_spf_from_headers(raw, evidence.trusted_authserv_ids)
+    return evaluate(raw, evidence.plan, evidence.answers, spf)
+
+
+async def authenticate(
+    raw: bytes,
+    resolver: TxtResolver,
+    timeout: float = 2.0,  # noqa: ASYNC109 (as for fetch)
+    trusted_authserv_ids: Collection[str] = (),
+) -> AuthResults:
+    """plan + fetch + evaluate in one call (tests); the gateway runs evaluate in a worker."""
+    return evaluate_evidence(raw, await gather(raw, resolver, timeout, trusted_authserv_ids))

@@ -1,0 +1,181 @@
+"""TXT lookups for DKIM keys and DMARC records, behind a small async interface.
+
+Everything the authentication code needs from DNS is "give me the TXT strings at this name". Putting that
+behind the `TxtResolver` protocol lets the gateway use a real resolver (`DnsResolver`, dnspython's async
+stub resolver), wrap it in a cache (`milter.auth.cache.CachingResolver`), and lets tests and offline
+scans use `StaticResolver`. Lookups never raise: every outcome is a `TxtAnswer` with one of three
+statuses, because the callers must tell "the domain publishes nothing" (a permanent, policy-relevant
+fact) from "we could not find out" (a transient failure that must not lead to rejecting mail).
+
+`Answers` is the frozen, picklable bundle of answers for one message; it crosses into the worker
+process where the CPU-bound verification runs, so it holds plain strings only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
+
+TxtStatus = Literal["found", "none", "temperror"]
+
+# EDNS0 with the payload size the DNS flag day 2020 recommends: 2048-bit DKIM keys do not fit the
+# classic 512-byte UDP limit, and without EDNS every such lookup would need a TCP retry.
+_EDNS_PAYLOAD = 1232
+
+
+def normalise_name(name: str) -> str:
+    """The form names are compared in: lower case, no trailing dot, no surrounding blanks."""
+    return name.strip().rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class TxtAnswer:
+    """The outcome of one TXT lookup.
+
+    status: "found" (records holds each TXT record, its character-strings joined), "none" (NXDOMAIN or
+    no TXT data: the name publishes nothing) or "temperror" (timeout, SERVFAIL, any other failure).
+    ttl: seconds the answer may be cached (0 when unknown; the cache then applies its own rule).
+    """
+
+    status: TxtStatus
+    records: tuple[str, ...] = ()
+    ttl: float = 0.0
+    reason: str = ""
+
+    @classmethod
+    def found(cls, records: Sequence[str], ttl: float = 0.0) -> TxtAnswer:
+        return cls("found", tuple(records), ttl)
+
+    @classmethod
+    def none(cls, reason: str = "", ttl: float = 0.0) -> TxtAnswer:
+        return cls("none", (), ttl, reason)
+
+    @classmethod
+    def temperror(cls, reason: str = "") -> TxtAnswer:
+        return cls("temperror", (), 0.0, reason)
+
+
+class TxtResolver(Protocol):
+    async def txt(self, name: str) -> TxtAnswer:
+        """The TXT records at `name`; must not raise for DNS failures (return a temperror instead)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Answers(Mapping[str, TxtAnswer]):
+    """Frozen, picklable name -> TxtAnswer mapping for one message (a handful of entries).
+
+    Keys are normalised, and lookups normalise too, so "Sel._DomainKey.Example.COM." finds the entry.
+    """
+
+    entries: tuple[tuple[str, TxtAnswer], ...] = ()
+
+    @classmethod
+    def of(cls, answers: Mapping[str, TxtAnswer]) -> Answers:
+        merged = {normalise_name(name): answer for name, answer in answers.items()}
+        return cls(tuple(merged.items()))
+
+    def __getitem__(self, name: str) -> TxtAnswer:
+        key = normalise_name(name)
+        for entry_name, answer in self.entries:
+            if entry_name == key:
+                return answer
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class StaticResolver:
+    """Answers from a fixed mapping: tests, and offline scans where no DNS should be touched.
+
+    Values are one TXT string, a sequence of them (empty: "none"), or a ready TxtAnswer (to simulate
+    a temperror, say). Names missing from the mapping answer "none", as NXDOMAIN would.
+    """
+
+    def __init__(self, records: Mapping[str, str | Sequence[str] | TxtAnswer] | None = None) -> None:
+        self._answers: dict[str, TxtAnswer] = {
+            normalise_name(name): _as_answer(value) for name, value in (records or {}).items()
+        }
+
+    async def txt(self, name: str) -> TxtAnswer:
+        return self._answers.get(normalise_name(name), TxtAnswer.none("nxdomain"))
+
+
+def _as_answer(value: str | Sequence[str] | TxtAnswer) -> TxtAnswer:
+    if isinstance(value, TxtAnswer):
+        return value
+    if isinstance(value, str):
+        return TxtAnswer.found((value,), ttl=300.0)
+    records = tuple(value)
+    return TxtAnswer.found(records, ttl=300.0) if records else TxtAnswer.none("no data")
+
+
+class DnsResolver:
+    """dnspython's asyncio stub resolver, reduced to TXT lookups that never raise.
+
+    With `nameservers=None` it reads the system configuration (/etc/resolv.conf; dnspython raises
+    NoResolverConfiguration here if there is none, which is a deployment error worth surfacing at
+    start-up). Tests pass explicit loopback `nameservers` and `port`; a (address, port) entry carries
+    its own port (configuration's "IP:PORT"). `lifetime` bounds each lookup, retries included.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str | tuple[str, int]] | None = None,
+        port: int = 53,
+        lifetime: float = 2.0,
+    ) -> None:
+        if nameservers is None:
+            resolver = dns.asyncresolver.Resolver()
+        else:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*ns) if isinstance(ns, tuple)
+                else dns.nameserver.Do53Nameserver(ns, port)
+                for ns in nameservers
+            ]
+        resolver.port = port
+        resolver.lifetime = lifetime
+        # A UDP query lost on the way is only retried once the try times out; with one try per
+        # lifetime (dnspython's default: 2 s each) a single lost packet cost the message the whole
+        # deadline. Tries of a quarter of it leave room for three retries and still wait long enough
+        # for a recursive resolver that is slow on a name it has not cached. Measured through this
+        # machine's resolver, 482 names with 20 in flight: 126 timed out with one try, 11 with four.
+        resolver.timeout = max(0.05, lifetime / 4)
+        resolver.use_edns(0, 0, _EDNS_PAYLOAD)
+        self._resolver = resolver
+        self._lifetime = lifetime
+
+    async def txt(self, name: str) -> TxtAnswer:
+        if not normalise_name(name):
+            return TxtAnswer.none("bad name: empty")
+        try:
+            qname = dns.name.from_text(normalise_name(name))
+        except (dns.exception.DNSException, ValueError) as e:
+            return TxtAnswer.none(f"bad name: {type(e).__name__}")
+        try:
+            answer = await self._resolver.resolve(
+                qname, "TXT", lifetime=self._lifetime, search=False, raise_on_no_answer=True
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as e:
+            return TxtAnswer.none("nxdomain" if isinstance(e, dns.resolver.NXDOMAIN) else "no data")
+        except dns.exception.Timeout:
+            return TxtAnswer.temperror("timeout")
+        except dns.resolver.NoNameservers:
+            return TxtAnswer.temperror("servfail")
+        except (dns.exception.DNSException, OSError, ValueError) as e:
+            return TxtAnswer.temperror(type(e).__name__)
+        records = tuple(b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer)
+        ttl = float(answer.rrset.ttl) if answer.rrset is not None else 0.0
+        return TxtAnswer.found(records, ttl) if records else TxtAnswer.none("no data")

@@ -1,0 +1,117 @@
+"""Shared by the authentication tests: a DNS server on loopback, an RSA key, dkimpy signing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dkim
+import dns.message
+import dns.rcode
+import dns.rrset
+
+SELECTOR = "sel2024"
+SIGNED = ["from", "to", "subject", "date", "message-id"]
+
+
+@dataclass
+class FakeDns(asyncio.DatagramProtocol):
+    """TXT records by name; names in `servfail` answer SERVFAIL, in `silent` never answer; everything
+    else is NXDOMAIN, except `empty` names, which exist without TXT data. `delay` postpones replies."""
+
+    records: dict[str, list[str]] = field(default_factory=dict)
+    ttl: int = 600
+    servfail: set[str] = field(default_factory=set)
+    silent: set[str] = field(default_factory=set)
+    empty: set[str] = field(default_factory=set)
+    delay: float = 0.0
+    drop_first: int = 0  # ignore this many packets first (a lossy network or a rate-limiting resolver)
+    queries: list[str] = field(default_factory=list)
+    transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        query = dns.message.from_wire(data)
+        name = query.question[0].name.to_text(omit_final_dot=True).lower()
+        self.queries.append(name)
+        if name in self.silent or len(self.queries) <= self.drop_first:
+            return
+        reply = self._reply(query, name).to_wire()
+        if self.delay:
+            asyncio.get_running_loop().call_later(self.delay, self.transport.sendto, reply, addr)
+        else:
+            self.transport.sendto(reply, addr)
+
+    def _reply(self, query: dns.message.Message, name: str) -> dns.message.Message:
+        response = dns.message.make_response(query)
+        if name in self.records:
+            rrset = dns.rrset.from_text_list(
+                query.question[0].name, self.ttl, "IN", "TXT", self.records[name]
+            )
+            response.answer.append(rrset)
+        elif name in self.servfail:
+            response.set_rcode(dns.rcode.SERVFAIL)
+        elif name not in self.empty:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        return response
+
+    def count(self, name: str) -> int:
+        return self.queries.count(name)
+
+
+def generate_key(directory: Path) -> tuple[bytes, str]:
+    """(PKCS#1 PEM private key, DKIM key record) for a fresh 1024-bit key (dkim.sign needs PKCS#1,
+    which OpenSSL 3 writes only with -traditional)."""
+    pem_path = directory / "key.pem"
+    subprocess.run(
+        ["openssl", "genrsa", "-traditional", "-out", str(pem_path), "1024"], check=True, capture_output=True
+    )
+    der = subprocess.run(
+        ["openssl", "rsa", "-in", str(pem_path), "-pubout", "-outform", "DER"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    return pem_path.read_bytes(), f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def sign(raw: bytes, pem: bytes, domain: str = "mail.example.com", selector: str = SELECTOR) -> bytes:
+    header = dkim.sign(
+        raw, selector.encode(), domain.encode(), pem, include_headers=[h.encode() for h in SIGNED]
+    )
+    return bytes(header) + raw
+
+
+@contextlib.contextmanager
+def dns_in_thread(server: FakeDns) -> Iterator[int]:
+    """Serve `server` on a loopback port from a thread of its own (for code that runs its own event
+    loop, such as the CLI); yields the port."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    ports: list[int] = []
+
+    async def start() -> None:
+        transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=("127.0.0.1", 0))
+        ports.append(transport.get_extra_info("sockname")[1])
+        started.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    started.wait(10)
+    try:
+        yield ports[0]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        if server.transport is not None:
+            server.transport.close()
+        loop.close()

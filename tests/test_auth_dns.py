@@ -1,0 +1,289 @@
+"""milter.auth.dns / cache / fetch over real loopback UDP sockets.
+
+A tiny DNS server (dnspython for the wire format, an asyncio DatagramProtocol for the socket) runs in
+each test's event loop on 127.0.0.1 and a random free port; it counts the packets it receives, so the
+cache and coalescing tests can prove that a second query never left the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from auth_support import FakeDns
+
+from milter.auth import (
+    Answers,
+    AuthPlan,
+    CachingResolver,
+    DnsResolver,
+    SignatureRef,
+    StaticResolver,
+    TxtAnswer,
+    fetch,
+)
+
+MARGIN = 0.5  # seconds of scheduling slack allowed on top of a deadline
+
+
+def with_server(server: FakeDns, body: Callable[[int], Awaitable[None]]) -> None:
+    """Run `body(port)` in a fresh event loop while `server` listens on a free loopback port."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=("127.0.0.1", 0))
+        try:
+            await body(transport.get_extra_info("sockname")[1])
+        finally:
+            transport.close()
+
+    asyncio.run(main())
+
+
+def resolver(port: int, lifetime: float = 2.0) -> DnsResolver:
+    return DnsResolver(nameservers=["127.0.0.1"], port=port, lifetime=lifetime)
+
+
+def test_found_joins_character_strings_and_keeps_ttl() -> None:
+    server = FakeDns(records={"sel._domainkey.example.com": ['"v=DKIM1; k=rsa; " "p=ABCD"', '"second"']})
+
+    async def body(port: int) -> None:
+        answer = await resolver(port).txt("Sel._DomainKey.Example.COM.")
+        assert answer.status == "found"
+        assert sorted(answer.records) == ["second", "v=DKIM1; k=rsa; p=ABCD"]
+        assert answer.ttl == 600
+
+    with_server(server, body)
+    assert server.queries == ["sel._domainkey.example.com"]
+
+
+def test_nxdomain_and_no_data_are_none_servfail_is_temperror() -> None:
+    server = FakeDns(servfail={"broken.example"}, empty={"exists.example"})
+
+    async def body(port: int) -> None:
+        r = resolver(port)
+        assert (await r.txt("missing.example")).status == "none"
+        assert (await r.txt("exists.example")).status == "none"
+        failed = await r.txt("broken.example")
+        assert failed.status == "temperror"
+        assert failed.reason == "servfail"
+
+    with_server(server, body)
+
+
+def test_bad_name_is_none_without_a_packet() -> None:
+    server = FakeDns()
+
+    async def body(port: int) -> None:
+        for bad in ("a.." + "x" * 70 + ".example", "", " . "):
+            answer = await resolver(port).txt(bad)
+            assert answer.status == "none"
+            assert answer.reason.startswith("bad name")
+
+    with_server(server, body)
+    assert server.queries == []
+
+
+def test_silent_server_is_temperror_within_the_lifetime() -> None:
+    server = FakeDns(silent={"slow.example"})
+
+    async def body(port: int) -> None:
+        start = time.monotonic()
+        answer = await resolver(port, lifetime=0.3).txt("slow.example")
+        elapsed = time.monotonic() - start
+        assert answer.status == "temperror"
+        assert answer.reason == "timeout"
+        assert elapsed < 0.3 + MARGIN
+
+    with_server(server, body)
+    assert server.count("slow.example") >= 1
+
+
+def plan_for(*names: str) -> AuthPlan:
+    """A plan whose names are exactly `names` (as DKIM key names: selector._domainkey.domain)."""
+    refs = []
+    for i, name in enumerate(names):
+        selector, _, domain = name.partition("._domainkey.")
+        refs.append(SignatureRef(i, domain, selector))
+    return AuthPlan(None, None, tuple(refs))
+
+
+def test_fetch_one_deadline_for_all_names_over_sockets() -> None:
+    fast, slow = "a._domainkey.fast.example", "b._domainkey.slow.example"
+    server = FakeDns(records={fast: ['"v=DKIM1; p=QUJD"']}, silent={slow})
+
+    async def body(port: int) -> None:
+        start = time.monotonic()
+        answers = await fetch(plan_for(fast, slow), resolver(port, lifetime=30.0), timeout=0.4)
+        elapsed = time.monotonic() - start
+        assert elapsed < 0.4 + MARGIN
+        assert answers[fast] == TxtAnswer.found(["v=DKIM1; p=QUJD"], ttl=600.0)
+        assert answers[slow].status == "temperror"
+
+    with_server(server, body)
+
+
+def test_cache_answers_repeat_without_a_packet_until_ttl_expires() -> None:
+    name = "sel._domainkey.example.com"
+    server = FakeDns(records={name: ['"v=DKIM1; p=QUJD"']}, ttl=60)
+    now = [1000.0]
+
+    async def body(port: int) -> None:
+        cache = CachingResolver(resolver(port), clock=lambda: now[0])
+        first = await cache.txt(name)
+        second = await cache.txt(name.upper() + ".")
+        assert first == second
+        assert first.status == "found"
+        assert server.count(name) == 1
+        now[0] += 61  # past the record's TTL
+        assert (await cache.txt(name)).status == "found"
+        assert server.count(name) == 2
+
+    with_server(server, body)
+
+
+def test_cache_caps_ttl_and_keeps_none_longer_than_temperror() -> None:
+    server = FakeDns(records={"long.example": ['"x"']}, ttl=86400, servfail={"bad.example"})
+    now = [0.0]
+
+    async def body(port: int) -> None:
+        cache = CachingResolver(
+            resolver(port), negative_ttl=30, max_ttl=100, temperror_ttl=5, clock=lambda: now[0]
+        )
+        for _ in range(2):
+            assert (await cache.txt("long.example")).status == "found"
+            assert (await cache.txt("nx.example")).status == "none"
+            assert (await cache.txt("bad.example")).status == "temperror"
+        assert [server.count(n) for n in ("long.example", "nx.example", "bad.example")] == [1, 1, 1]
+        now[0] = 6  # past temperror_ttl: a failing server is asked again, the others are not
+        await cache.txt("bad.example")
+        await cache.txt("nx.example")
+        assert [server.count(n) for n in ("nx.example", "bad.example")] == [1, 2]
+        now[0] = 50  # past negative_ttl, within the capped TTL
+        await cache.txt("long.example")
+        await cache.txt("nx.example")
+        assert [server.count(n) for n in ("long.example", "nx.example")] == [1, 2]
+        now[0] = 101  # past max_ttl although the record said a day
+        await cache.txt("long.example")
+        assert server.count("long.example") == 2
+        uncached = CachingResolver(resolver(port), temperror_ttl=0)
+        await uncached.txt("bad.example")
+        await uncached.txt("bad.example")
+        assert server.count("bad.example") == 4
+
+    with_server(server, body)
+
+
+def test_one_lost_packet_is_retried_within_the_deadline() -> None:
+    server = FakeDns(records={"flaky.example": ['"v=DMARC1; p=none"']}, drop_first=1)
+
+    async def body(port: int) -> None:
+        answer = await resolver(port, lifetime=2.0).txt("flaky.example")
+        assert answer.status == "found"
+        assert server.count("flaky.example") == 2  # the first packet was dropped, a retry answered
+
+    with_server(server, body)
+
+
+def test_cache_coalesces_concurrent_lookups_into_one_query() -> None:
+    name = "sel._domainkey.example.com"
+    server = FakeDns(records={name: ['"v=DKIM1; p=QUJD"']}, delay=0.2)
+
+    async def body(port: int) -> None:
+        cache = CachingResolver(resolver(port))
+        answers = await asyncio.gather(*(cache.txt(name) for _ in range(8)))
+        assert {a.status for a in answers} == {"found"}
+        assert server.count(name) == 1
+
+    with_server(server, body)
+
+
+def test_cache_waiter_timing_out_does_not_cancel_the_shared_query() -> None:
+    name = "slowish.example"
+    server = FakeDns(records={name: ['"v=spf1 -all"']}, delay=0.3)
+
+    async def body(port: int) -> None:
+        cache = CachingResolver(resolver(port))
+        impatient = await fetch(plan_for(f"s._domainkey.{name}"), cache, timeout=0.05)
+        assert impatient[f"s._domainkey.{name}"].status == "temperror"
+        patient = await asyncio.gather(cache.txt(name), cache.txt(name))
+        assert [a.status for a in patient] == ["found", "found"]
+        assert server.count(name) == 1
+
+    with_server(server, body)
+
+
+def test_cache_is_bounded_and_drops_the_oldest() -> None:
+    server = FakeDns(records={n: ['"x"'] for n in ("a.example", "b.example", "c.example")})
+
+    async def body(port: int) -> None:
+        cache = CachingResolver(resolver(port), max_entries=2)
+        for n in ("a.example", "b.example", "c.example", "c.example", "b.example", "a.example"):
+            await cache.txt(n)
+        assert len(cache) == 2
+        assert [server.count(n) for n in ("a.example", "b.example", "c.example")] == [2, 1, 1]
+
+    with_server(server, body)
+
+
+class Misbehaving:
+    """A resolver breaking the contract in every way fetch must survive."""
+
+    async def txt(self, name: str) -> Any:
+        behaviour = name.split(".")[2]  # s._domainkey.<behaviour>.x
+        if behaviour == "raise":
+            raise RuntimeError("boom")
+        if behaviour == "cancel":
+            raise asyncio.CancelledError
+        if behaviour == "junk":
+            return "not an answer"
+        if behaviour == "hang":
+            await asyncio.sleep(3600)
+        return TxtAnswer.found(["ok"])
+
+
+@pytest.mark.parametrize("timeout", [0.2, 0.0, -1.0, float("nan")])
+def test_fetch_never_raises_and_answers_every_name(timeout: float) -> None:
+    names = ("s._domainkey.raise.x", "s._domainkey.cancel.x", "s._domainkey.junk.x", "s._domainkey.hang.x")
+
+    async def main() -> Answers:
+        return await fetch(plan_for(*names, "s._domainkey.good.x"), Misbehaving(), timeout)
+
+    start = time.monotonic()
+    answers = asyncio.run(main())
+    assert time.monotonic() - start < 0.2 + MARGIN
+    assert set(answers) == {*names, "s._domainkey.good.x"}
+    assert {answers[n].status for n in names} == {"temperror"}
+    # an answer available at once (a cache hit, say) still counts when the budget is already spent
+    assert answers["s._domainkey.good.x"].status == "found"
+
+
+def test_answers_are_a_frozen_picklable_mapping() -> None:
+    answers = Answers.of({"_DMARC.Example.COM.": TxtAnswer.found(["v=DMARC1; p=none"], 300)})
+    assert answers["_dmarc.example.com"].records == ("v=DMARC1; p=none",)
+    assert answers.get("_dmarc.EXAMPLE.com") is not None
+    assert answers.get("other") is None
+    assert list(answers) == ["_dmarc.example.com"]
+    assert pickle.loads(pickle.dumps(answers)) == answers
+    with pytest.raises(AttributeError):
+        answers.entries = ()  # type: ignore[misc]
+
+
+def test_static_resolver() -> None:
+    static = StaticResolver(
+        {"A.example.": "one", "b.example": ["x", "y"], "c.example": [], "d.example": TxtAnswer.temperror()}
+    )
+
+    async def main() -> list[TxtAnswer]:
+        return [
+            await static.txt(n) for n in ("a.example", "B.EXAMPLE", "c.example", "d.example", "e.example")
+        ]
+
+    a, b, c, d, e = asyncio.run(main())
+    assert (a.status, a.records) == ("found", ("one",))
+    assert b.records == ("x", "y")
+    assert (c.status, d.status, e.status) == ("none", "temperror", "none")
