@@ -58,6 +58,14 @@ class PolicyConfig:
     protected_names: tuple[str, ...] = ()
     domains: tuple[DomainRule, ...] = ()
     lists: Lists = field(default_factory=Lists)
+    # What mail failing DMARC from a domain that publishes p=quarantine or p=reject gets when no stricter
+    # rule fired: "none", "tag" or "quarantine". A protected domain failing it is always BEC, quarantined.
+    dmarc_fail_action: str = "tag"
+    # Clients whose mail is ours, not judged by DMARC (our own users' mail is often not yet signed when
+    # it passes the filter). XFORWARD SOURCE=LOCAL counts as internal too.
+    internal_networks: tuple[str, ...] = (
+        "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
+    )
 
 
 @dataclass(frozen=True)
@@ -93,11 +101,27 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """DKIM and DMARC checks (milter/auth) in the gateway; `milter scan --dns` uses them too."""
+
+    enabled: bool = True
+    # One deadline for all of a message's DNS lookups: past it, a check is "temperror", never a stall.
+    timeout: float = 1.0
+    # Empty: the system resolver (/etc/resolv.conf). Else "IP" or "IP:PORT" ("[IPv6]:PORT") entries.
+    nameservers: tuple[str, ...] = ()
+    # The name in our Authentication-Results header; None means server.hostname.
+    authserv_id: str | None = None
+    # Upstream MTAs whose Authentication-Results we believe for SPF (their authserv-id); nobody else's.
+    trusted_authserv_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 def _thresholds(key: str, raw: Any) -> ClassThresholds:
@@ -170,6 +194,15 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)
     if pol.on_error not in ("tempfail", "accept"):
         raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
+    for i, net in enumerate(pol.internal_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            key = f"policy.internal_networks[{i}]"
+            raise ConfigError(key, f"not an IP address or CIDR: {net!r}") from exc
+    if pol.dmarc_fail_action not in ("none", "tag", "quarantine"):
+        got = pol.dmarc_fail_action
+        raise ConfigError("policy.dmarc_fail_action", f"must be 'none', 'tag' or 'quarantine', got {got!r}")
     if "spam" in raw:
         pol = replace(pol, spam=_thresholds("policy.spam", raw["spam"]))
     if "bec" in raw:
@@ -210,7 +243,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     cfg = Config()
-    known = {"model", "policy", "server", "store"}
+    known = {"model", "policy", "server", "store", "auth"}
     for name in raw:
         if name not in known:
             raise ConfigError(name, f"unknown table (known: {', '.join(sorted(known))})")
@@ -233,7 +266,34 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cfg = replace(cfg, server=server)
     if "store" in raw:
         cfg = replace(cfg, store=_simple(StoreConfig, "store", _table("store", raw["store"]), StoreConfig()))
+    if "auth" in raw:
+        cfg = replace(cfg, auth=_auth(_table("auth", raw["auth"])))
     return cfg
+
+
+def _auth(raw: Mapping[str, Any]) -> AuthConfig:
+    auth: AuthConfig = _simple(AuthConfig, "auth", raw, AuthConfig())
+    if auth.timeout <= 0:
+        raise ConfigError("auth.timeout", f"must be more than 0 seconds, got {auth.timeout!r}")
+    for i, entry in enumerate(auth.nameservers):
+        nameserver(entry, f"auth.nameservers[{i}]")
+    return auth
+
+
+def nameserver(entry: str, key: str = "nameserver") -> tuple[str, int]:
+    """"IP", "IP:PORT" or "[IPv6]:PORT" -> (ip, port); ConfigError naming `key` otherwise."""
+    text, port = entry.strip(), 53
+    try:
+        ipaddress.ip_address(text)
+        return text, port
+    except ValueError:
+        pass
+    host, port = _host_port(key, text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(key, f"not an IP address (with an optional :PORT): {entry!r}") from exc
+    return host, port
 
 
 def _host_port(key: str, value: str) -> tuple[str, int]:

@@ -7,12 +7,13 @@ takes a batch of prepared messages with the model's probabilities for them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from milter.auth import Evidence, evaluate_evidence
 from milter.classifier import Classifier
 from milter.config import Config
 from milter.features import Protected, extract
@@ -33,9 +34,18 @@ class ScanResult:
     subject_prefix: str | None = None
 
 
-def prepare(raw: bytes, envelope: Envelope | None = None, protected: Protected | None = None) -> Extracted:
-    """Parse and extract features; never raises for malformed mail (defects become features)."""
-    return extract(raw, envelope, protected)
+def prepare(
+    raw: bytes,
+    envelope: Envelope | None = None,
+    protected: Protected | None = None,
+    evidence: Evidence | None = None,
+) -> Extracted:
+    """Parse and extract features, and verify DKIM / evaluate DMARC from the DNS answers in `evidence`
+    when there are any; never raises for malformed mail (defects become features)."""
+    ext = extract(raw, envelope, protected)
+    if evidence is None:
+        return ext
+    return replace(ext, summary=replace(ext.summary, auth=evaluate_evidence(raw, evidence)))
 
 
 class Scanner:

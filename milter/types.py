@@ -33,6 +33,7 @@ class Envelope:
     client_name: str | None = None
     helo: str | None = None
     queue_id: str | None = None
+    source: str | None = None  # XFORWARD SOURCE: "LOCAL" for Postfix's own/authenticated clients, "REMOTE"
 
 
 @dataclass(frozen=True)

@@ -170,11 +170,20 @@ def open_store(url: str) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(config: Config, scanner: Any, store: Any) -> AsyncIterator[Gateway]:
+async def running_gateway(
+    config: Config, scanner: Any, store: Any, resolver: Any = None, real_dns: bool = False
+) -> AsyncIterator[Gateway]:
+    """A started Gateway. DNS answers come from `resolver`, by default one that knows no names (as
+    the corpora's long-gone domains), so tests do not depend on this host's resolver; with
+    `real_dns` the gateway builds its own resolver from config.auth, as in production."""
+    from milter.auth import StaticResolver
     from milter.features import SCHEMA
     from milter.scan import prepare
 
-    gw = Gateway(config, scanner, store, prepare=prepare, schema_digest=SCHEMA.digest)
+    gw = Gateway(
+        config, scanner, store, prepare=prepare, schema_digest=SCHEMA.digest,
+        resolver=None if real_dns else StaticResolver({}) if resolver is None else resolver,
+    )
     await gw.start()
     try:
         yield gw

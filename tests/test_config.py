@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from milter.cli import main
-from milter.config import DEFAULT_MODEL, load_config, parse_config
+from milter.config import DEFAULT_MODEL, load_config, nameserver, parse_config
 from milter.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "milter.example.toml"
@@ -25,6 +25,14 @@ def test_example_config_is_valid() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg.policy.protected_domains == ("example.com",)
     assert cfg.policy.domains[0].action_override == "tag"
+    assert cfg.auth.enabled and cfg.policy.dmarc_fail_action == "tag"
+
+
+def test_nameserver_entries() -> None:
+    cfg = parse_config({"auth": {"nameservers": ["192.0.2.1", "127.0.0.1:5353", "[::1]:5300", "::1"]}})
+    assert [nameserver(n) for n in cfg.auth.nameservers] == [
+        ("192.0.2.1", 53), ("127.0.0.1", 5353), ("::1", 5300), ("::1", 53)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -41,6 +49,12 @@ def test_example_config_is_valid() -> None:
         ({"store": {"retention_days": -1}}, "store.retention_days"),
         ({"serverr": {}}, "serverr"),
         ({"policy": {"domain": [{"spam": {"tag": 0.1}}]}}, "policy.domain[0].domain"),
+        ({"policy": {"dmarc_fail_action": "reject"}}, "policy.dmarc_fail_action"),
+        ({"auth": {"timeout": 0}}, "auth.timeout"),
+        ({"policy": {"internal_networks": ["10.0.0.0/8", "lan"]}}, "policy.internal_networks[1]"),
+        ({"auth": {"nameservers": ["127.0.0.1:5353", "dns.example"]}}, "auth.nameservers[1]"),
+        ({"auth": {"nameservers": ["127.0.0.1:99999"]}}, "auth.nameservers[0]"),
+        ({"auth": {"enabled": "yes"}}, "auth.enabled"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:

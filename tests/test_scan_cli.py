@@ -111,3 +111,40 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["scan", "--config", str(cfg), str(FIXTURES / "bec")])
     assert result.exit_code == 2
     assert "policy.spam.quarantine" in result.output
+
+
+def test_scan_dns_verifies_dkim_and_applies_dmarc(tmp_path: Path) -> None:
+    """--dns: the gateway's DKIM / DMARC, over a real DNS server on loopback named in [auth]."""
+    from auth_support import SELECTOR, FakeDns, dns_in_thread, generate_key, sign
+
+    pem, record = generate_key(tmp_path)
+    invoice = (FIXTURES / "bec" / "ham-vendor-invoice.eml").read_bytes()
+    signed = tmp_path / "signed.eml"
+    signed.write_bytes(sign(invoice, pem, "acme-supplies.test"))
+    spoof = tmp_path / "spoof.eml"
+    spoof.write_bytes(invoice)  # the same From, unsigned
+    server = FakeDns(records={
+        f"{SELECTOR}._domainkey.acme-supplies.test": [f'"{record}"'],
+        "_dmarc.acme-supplies.test": ['"v=DMARC1; p=reject"'],
+    })
+    with dns_in_thread(server) as port:
+        cfg = tmp_path / "milter.toml"
+        cfg.write_text(
+            f'[auth]\nnameservers = ["127.0.0.1:{port}"]\nauthserv_id = "scan.test"\n'
+            '[policy]\nprotected_domains = ["acme-supplies.test"]\n'
+        )
+        args = ["scan", "--json", "--dns", "--config", str(cfg), str(signed), str(spoof)]
+        result = CliRunner().invoke(main, args)
+        plain = CliRunner().invoke(main, ["scan", "--json", "--config", str(cfg), str(spoof)])
+    assert result.exit_code == 0, result.output
+    good, bad = rows(result.output)
+    good_auth, bad_auth, bad_reasons = str(good["auth"]), str(bad["auth"]), bad["reasons"]
+    assert good_auth.startswith("scan.test; dkim=pass ") and "dmarc=pass" in good_auth
+    assert (good["verdict"], good["action"]) == ("ham", "accept")
+    assert "dmarc=fail" in bad_auth
+    assert (bad["verdict"], bad["action"]) == ("bec", "quarantine")
+    assert isinstance(bad_reasons, list)
+    assert bad_reasons[0].startswith("protected domain spoofed: From domain acme-supplies.test")
+    # without --dns: no lookups, no "auth" key, the contract's keys exactly
+    check_row(rows(plain.output)[0])
+    assert server.count("_dmarc.acme-supplies.test") == 1  # cached: asked once for both messages

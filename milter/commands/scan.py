@@ -4,10 +4,15 @@ With --json, exactly one JSON object per line per message:
   {"path", "verdict", "action", "scores": {"ham", "spam", "bec"}, "reasons": [...], "model"}
 and {"path", "error"} for input that could not be read or scanned; the scan goes on and the exit status
 is 1 when any message failed (2 for a bad model or configuration).
+
+With --dns, DKIM signatures are verified and DMARC evaluated as the gateway does ([auth] settings), and
+each row gains "auth" (the Authentication-Results value). Off by default: a folder of old mail
+would cost a DNS lookup per sender, and the keys of years-old signatures are long gone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections import Counter
@@ -22,7 +27,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from milter.config import load_config
+from milter.auth import CachingResolver, DnsResolver, Evidence, TxtResolver, gather
+from milter.config import AuthConfig, load_config, nameserver
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
@@ -46,13 +52,22 @@ PROGRESS_MIN = 200  # show a progress bar on stderr from this many files
     show_default=True,
     help="Processes for parsing and feature extraction.",
 )
+@click.option(
+    "--dns", "use_dns", is_flag=True, help="Verify DKIM and evaluate DMARC over DNS (the [auth] table)."
+)
 def scan(
-    paths: tuple[str, ...], as_json: bool, config_path: Path | None, model_path: Path | None, workers: int
+    paths: tuple[str, ...],
+    as_json: bool,
+    config_path: Path | None,
+    model_path: Path | None,
+    workers: int,
+    use_dns: bool,
 ) -> None:
     """Classify messages and print verdict, action, scores and reasons."""
     try:
         cfg = load_config(config_path)
         scanner = build_scanner(cfg, model_path)
+        dns = _Dns(cfg.auth, cfg.auth.authserv_id or cfg.server.hostname) if use_dns else None
     except (ConfigError, ModelError) as exc:
         click.echo(f"milter scan: {exc}", err=True)
         sys.exit(2)
@@ -63,7 +78,7 @@ def scan(
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         for item_batch in _batches(read_items(files), BATCH):
-            for row in _scan_batch(scanner, item_batch, pool):
+            for row in _scan_batch(scanner, item_batch, pool, dns):
                 failed += "error" in row
                 if as_json:
                     click.echo(json.dumps(row, ensure_ascii=False))
@@ -74,9 +89,40 @@ def scan(
         bar.close()
         if pool is not None:
             pool.shutdown()
+        if dns is not None:
+            dns.close()
     if not as_json:
         _print_table(rows)
     sys.exit(1 if failed else 0)
+
+
+class _Dns:
+    """One event loop and one cached resolver for the whole scan, so repeated senders cost one lookup."""
+
+    def __init__(self, config: AuthConfig, authserv_id: str) -> None:
+        servers = [nameserver(n, f"auth.nameservers[{i}]") for i, n in enumerate(config.nameservers)]
+        try:
+            inner = DnsResolver(servers or None, lifetime=config.timeout)
+        except Exception as exc:  # no /etc/resolv.conf
+            why = f"no usable system resolver ({type(exc).__name__})"
+            raise ConfigError("auth.nameservers", why) from exc
+        self.resolver: TxtResolver = CachingResolver(inner)
+        self.config = config
+        self.authserv_id = authserv_id
+        self._runner = asyncio.Runner()
+
+    def evidence(self, raws: list[bytes]) -> list[Evidence]:
+        """Every message's lookups at once, each under its own auth.timeout deadline."""
+        cfg = self.config
+
+        async def all_of() -> list[Evidence]:
+            jobs = (gather(r, self.resolver, cfg.timeout, cfg.trusted_authserv_ids) for r in raws)
+            return list(await asyncio.gather(*jobs))
+
+        return self._runner.run(all_of())
+
+    def close(self) -> None:
+        self._runner.close()
 
 
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
@@ -86,17 +132,19 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 
 
 def _scan_batch(
-    scanner: Scanner, items: list[Item], pool: ProcessPoolExecutor | None
+    scanner: Scanner, items: list[Item], pool: ProcessPoolExecutor | None, dns: _Dns | None = None
 ) -> list[dict[str, Any]]:
     good = [i for i in items if i.raw is not None]
     protected = scanner.policy.protected
     raws = [i.raw for i in good if i.raw is not None]
+    evidence: list[Evidence | None] = list(dns.evidence(raws)) if dns is not None else [None] * len(raws)
     prepared: list[Extracted | BaseException] = []
     if pool is not None:
-        futures = [pool.submit(prepare, raw, None, protected) for raw in raws]
+        pairs = zip(raws, evidence, strict=True)
+        futures = [pool.submit(prepare, raw, None, protected, ev) for raw, ev in pairs]
         prepared = [_outcome(f) for f in futures]
     else:
-        prepared = [_safe_prepare(raw, protected) for raw in raws]
+        prepared = [_safe_prepare(raw, protected, ev) for raw, ev in zip(raws, evidence, strict=True)]
     ok = [(item, ext) for item, ext in zip(good, prepared, strict=True) if isinstance(ext, Extracted)]
     results: dict[str, ScanResult] = {}
     if ok:
@@ -114,13 +162,15 @@ def _scan_batch(
         elif item.path in errors:
             rows.append({"path": _text(item.path), "error": f"scan failed: {errors[item.path]!r}"})
         else:
-            rows.append(result_row(item.path, results[item.path]))
+            rows.append(result_row(item.path, results[item.path], dns.authserv_id if dns else ""))
     return rows
 
 
-def _safe_prepare(raw: bytes, protected: Protected) -> Extracted | BaseException:
+def _safe_prepare(
+    raw: bytes, protected: Protected, evidence: Evidence | None
+) -> Extracted | BaseException:
     try:
-        return prepare(raw, None, protected)
+        return prepare(raw, None, protected, evidence)
     except Exception as exc:  # extraction is built not to raise; if it does, report and go on
         return exc
 
@@ -138,8 +188,8 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
-def result_row(path: str, res: ScanResult) -> dict[str, Any]:
-    return {
+def result_row(path: str, res: ScanResult, authserv_id: str = "") -> dict[str, Any]:
+    row = {
         "path": _text(path),
         "verdict": res.verdict.value,
         "action": res.action.value,
@@ -147,6 +197,9 @@ def result_row(path: str, res: ScanResult) -> dict[str, Any]:
         "reasons": [_text(r) for r in res.reasons],
         "model": res.model,
     }
+    if res.summary.auth is not None:  # only with --dns
+        row["auth"] = res.summary.auth.header_value(authserv_id)
+    return row
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:  # milter.auth imports milter.features.domains: a runtime import here would be circular
+    from milter.auth import AuthResults
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class MessageSummary:
     #                                 name that shows another address than the real sender
     language: frozenset[str] = frozenset()  # lexicon.LANGUAGE groups found in subject + body
     list_mail: bool = False  # carries List-Id or List-Post: a mailing list's copy
+    # DKIM / DMARC (milter/auth) when the caller looked them up (the gateway; `scan --dns`); never a
+    # model input: the corpora's keys are long gone, so no model could learn from it.
+    auth: AuthResults | None = None
 
     @property
     def replies_elsewhere(self) -> bool:

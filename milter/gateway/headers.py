@@ -1,4 +1,5 @@
-"""Header edits on the raw bytes: strip forged `X-Milter-*` fields, add verdict fields, prefix Subject.
+"""Header edits on the raw bytes: strip forged `X-Milter-*` fields (and Authentication-Results in our
+name), add verdict fields, prefix Subject.
 
 The message is never re-serialised through the `email` package: that would re-fold and re-encode
 headers and bodies and break DKIM signatures. Only the header block is touched, line by line; the
@@ -77,11 +78,31 @@ def _prefixed_subject(field: bytes, prefix: bytes) -> bytes:
     return name + b": " + prefix + stripped
 
 
-def rewrite(raw: bytes, add: Sequence[tuple[str, str]] = (), subject_prefix: str | None = None) -> bytes:
-    """The message with incoming `X-Milter-*` fields removed, `add` fields on top, Subject prefixed."""
+def _forged(field: bytes, authserv_id: bytes | None) -> bool:
+    name = _name(field)
+    if name.startswith(OWN_PREFIX):
+        return True
+    if authserv_id is None or name != b"authentication-results":
+        return False
+    # RFC 8601 section 5: remove results that claim to be ours; the authserv-id is the value's first
+    # token, before any ';', CFWS or version number.
+    value = field.split(b":", 1)[1].split(b";", 1)[0]
+    tokens = value.replace(b"(", b" ").split()
+    return bool(tokens) and tokens[0].lower() == authserv_id
+
+
+def rewrite(
+    raw: bytes,
+    add: Sequence[tuple[str, str]] = (),
+    subject_prefix: str | None = None,
+    authserv_id: str | None = None,
+) -> bytes:
+    """The message with incoming `X-Milter-*` fields (and Authentication-Results carrying our
+    `authserv_id`) removed, `add` fields on top, Subject prefixed."""
     block, blank, body = split_header_block(raw)
     eol = line_ending(raw)
-    kept = [f for f in _fields(block) if not _name(f).startswith(OWN_PREFIX)]
+    own_id = authserv_id.lower().encode("ascii", "replace") if authserv_id else None
+    kept = [f for f in _fields(block) if not _forged(f, own_id)]
     if subject_prefix:
         prefix = _prefix_bytes(subject_prefix)
         subjects = [i for i, f in enumerate(kept) if _name(f) == b"subject"]

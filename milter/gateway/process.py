@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from milter.errors import MilterError, StoreError, smtp_reply
+from milter.gateway.auth import SenderAuth
 from milter.gateway.batcher import MicroBatcher
 from milter.gateway.headers import rewrite
 from milter.gateway.logfmt import kv
@@ -33,6 +34,7 @@ from milter.gateway.xforward import XForward
 from milter.types import Action, Envelope
 
 if TYPE_CHECKING:
+    from milter.auth import Evidence
     from milter.features.summary import Extracted
     from milter.scan import ScanResult
 
@@ -159,11 +161,13 @@ class PreparePool:
         self._prepare = prepare
         self._pool = factory()
 
-    async def run(self, raw: bytes, envelope: Envelope, protected: Any) -> Extracted:
+    async def run(
+        self, raw: bytes, envelope: Envelope, protected: Any, evidence: Evidence | None = None
+    ) -> Extracted:
         pool = self._pool
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                pool, self._prepare, raw, envelope, protected
+                pool, self._prepare, raw, envelope, protected, evidence
             )
         except BrokenProcessPool:
             if self._pool is pool:  # the first session to notice replaces it
@@ -187,8 +191,10 @@ class MessageProcessor:
         store: StoreLike,
         metrics: GatewayMetrics,
         store_executor: Executor,
+        auth: SenderAuth | None = None,
     ) -> None:
         self.settings = settings
+        self.auth = auth
         self.model = model
         self.prepare = prepare
         self.batcher = batcher
@@ -249,8 +255,12 @@ class MessageProcessor:
     async def _scan(self, msg: Inbound) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
         # prepare and scoring cannot make them disagree with the policy that decides.
+        # DNS first, on the loop, bounded by auth.timeout, and before announcing the message to the
+        # batcher (a batch waits a moment for announced messages, not for DNS); verification runs in
+        # the pool with the rest of prepare.
+        evidence = await self.auth.gather(msg.raw, msg.id) if self.auth is not None else None
         with self.batcher.expect() as submit:
-            ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected)
+            ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected, evidence)
             return await submit((ext, msg.envelope))
 
     async def _act(self, msg: Inbound, result: ScanResult) -> str:
@@ -297,7 +307,10 @@ class MessageProcessor:
         prefix: str | None,
         action: str,
     ) -> str:
-        out = rewrite(msg.raw, headers, prefix)
+        authserv_id = self.auth.authserv_id if self.auth is not None else None
+        if authserv_id is not None and result is not None and result.summary.auth is not None:
+            headers = [("Authentication-Results", result.summary.auth.header_value(authserv_id)), *headers]
+        out = rewrite(msg.raw, headers, prefix, authserv_id)
         started = time.perf_counter()
         try:
             delivered = await self.downstream.deliver(

@@ -24,6 +24,7 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session
 
 from milter.config import Config, host_port
+from milter.gateway.auth import build_sender_auth
 from milter.gateway.batcher import MicroBatcher
 from milter.gateway.logfmt import kv, new_message_id
 from milter.gateway.metrics import GatewayMetrics, MetricsServer
@@ -44,6 +45,7 @@ from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
 from milter.types import Envelope
 
 if TYPE_CHECKING:
+    from milter.auth import TxtResolver
     from milter.features.summary import Extracted
     from milter.scan import ScanResult
 
@@ -126,6 +128,7 @@ def to_envelope(session: Session, envelope: SMTPEnvelope, server: GatewaySMTP) -
         client_name=xf.known("NAME"),
         helo=xf.known("HELO") or session.host_name,
         queue_id=xf.known("IDENT"),
+        source=xf.known("SOURCE"),
     )
 
 
@@ -164,6 +167,7 @@ class Gateway:
         schema_digest: str,
         prepare_pool: Callable[[], Executor] | None = None,
         worker_index: int = 0,
+        resolver: TxtResolver | None = None,
     ) -> None:
         self.config = config
         srv = config.server
@@ -209,6 +213,7 @@ class Gateway:
             store,
             self.metrics,
             self._store_executor,
+            build_sender_auth(config.auth, srv.hostname, resolver),
         )
         self._worker_index = worker_index
         self._handler = _Handler(self)

@@ -1,0 +1,185 @@
+"""DKIM and DMARC in the gateway, end to end: a real DNS server on loopback answers the gateway's own
+resolver (config [auth] nameservers), real SMTP in and out, the real model and store."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from auth_support import SELECTOR, FakeDns, generate_key, sign
+from gateway_support import Outcome, Sink, config_for, load_scanner, open_store, running_gateway
+
+from milter.config import AuthConfig, Config
+from milter.gateway.server import Gateway
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "bec" / "ham-vendor-invoice.eml"
+KEY_NAME = f"{SELECTOR}._domainkey.mail.example.com"
+TIMEOUT = 0.5  # auth.timeout in these tests
+Scenario = Callable[[Gateway, Sink, Any], Awaitable[None]]
+
+
+@pytest.fixture(scope="module")
+def rsa_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, str]:
+    return generate_key(tmp_path_factory.mktemp("dkim"))
+
+
+def invoice(from_addr: str) -> bytes:
+    """A real vendor invoice (fixtures/bec), From replaced, CRLF as SMTP carries it."""
+    raw = re.sub(rb"(?m)^From: .*$", f"From: Billing <{from_addr}>".encode(), FIXTURE.read_bytes(), count=1)
+    return re.sub(rb"\r?\n", b"\r\n", raw)
+
+
+def run(tmp_path: Path, free_port: Callable[[], int], dns: FakeDns, scenario: Scenario,
+        **policy: Any) -> Any:
+    url = f"sqlite:///{tmp_path}/gw.db"
+    store = open_store(url)
+    sink_port = free_port()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: dns, local_addr=("127.0.0.1", 0))
+        sink = Sink()
+        await sink.start(sink_port)
+        cfg = config_for(free_port(), sink_port, url)
+        port = transport.get_extra_info("sockname")[1]
+        auth = AuthConfig(nameservers=(f"127.0.0.1:{port}",), timeout=TIMEOUT)
+        cfg = Config(policy=replace(cfg.policy, **policy), server=cfg.server, store=cfg.store, auth=auth)
+        try:
+            async with running_gateway(cfg, load_scanner(cfg.policy), store, real_dns=True) as gw:
+                await scenario(gw, sink, store)
+        finally:
+            await sink.stop()
+            transport.close()
+
+    asyncio.run(main())
+    return store
+
+
+async def send(port: int, raw: bytes, client: str = "198.51.100.7", source: str = "REMOTE") -> Outcome:
+    """As Postfix hands over mail from `client` (XFORWARD): our policy treats the gateway's own peer,
+    127.0.0.1, as internal."""
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, start_tls=False)
+    await smtp.connect()
+    await smtp.ehlo(hostname="postfix.test")
+    assert (await smtp.execute_command(b"XFORWARD", f"ADDR={client} SOURCE={source}".encode())).code == 250
+    try:
+        _, text = await smtp.sendmail("bounces@sender.test", ["bob@rcpt.test"], raw)
+        return Outcome("", 250, text)
+    except aiosmtplib.SMTPResponseException as exc:
+        return Outcome("", exc.code, exc.message)
+    finally:
+        await smtp.quit()
+
+
+def our_header(raw: bytes) -> str:
+    """Our Authentication-Results value, unfolded (it is the first field of relayed mail)."""
+    first = raw.split(b"\r\n\r\n", 1)[0]
+    m = re.match(rb"Authentication-Results: (.*?)\r\n(?![ \t])", first + b"\r\n", re.S)
+    assert m is not None, first[:200]
+    return re.sub(r"\s+", " ", m.group(1).decode())
+
+
+def test_signed_mail_is_relayed_with_dkim_and_dmarc_pass(
+    tmp_path: Path, free_port: Callable[[], int], rsa_key: tuple[bytes, str]
+) -> None:
+    pem, record = rsa_key
+    dns = FakeDns(records={KEY_NAME: [f'"{record}"'], "_dmarc.example.com": ['"v=DMARC1; p=reject"']})
+    raw = sign(invoice("billing@example.com"), pem)
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], raw)
+        assert out.code == 250, out
+        value = our_header(sink.messages[0].raw)
+        assert value.startswith("gw.test; dkim=pass ")
+        assert "header.d=mail.example.com" in value and "dmarc=pass" in value
+        assert sink.messages[0].raw.endswith(raw)  # the signed bytes untouched below our header
+        assert dns.count(KEY_NAME) == 1
+
+    run(tmp_path, free_port, dns, scenario)
+
+
+def test_exact_spoof_of_a_protected_domain_is_quarantined_as_bec(
+    tmp_path: Path, free_port: Callable[[], int], rsa_key: tuple[bytes, str]
+) -> None:
+    pem, record = rsa_key
+    dns = FakeDns(records={KEY_NAME: [f'"{record}"'], "_dmarc.example.com": ['"v=DMARC1; p=quarantine"']})
+    spoof = invoice("billing@example.com")  # no signature: from anywhere but example.com's servers
+    genuine = sign(invoice("billing@example.com"), pem)
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], spoof)
+        assert out.code == 250 and "quarantined as" in out.text, out
+        row = await asyncio.to_thread(store.get, int(out.text.rsplit(" ", 1)[1]))
+        assert row.verdict == "bec"
+        assert row.reasons[0].startswith("protected domain spoofed: From domain example.com fails DMARC")
+        # the same mail, signed by the domain, goes through (the model alone scores this invoice ham)
+        assert (await send(gw.address[1], genuine)).code == 250
+        assert len(sink.messages) == 1 and b"dmarc=pass" in sink.messages[0].raw.split(b"\r\n\r\n")[0]
+        # our own users' mail is not judged by DMARC: Postfix's local clients, and internal networks
+        assert (await send(gw.address[1], spoof, source="LOCAL")).code == 250
+        assert (await send(gw.address[1], spoof, client="10.1.2.3")).code == 250
+        assert len(sink.messages) == 3
+        assert all(b"dmarc=fail" in m.raw.split(b"\r\n\r\n")[0] for m in sink.messages[1:])  # reported
+
+    run(tmp_path, free_port, dns, scenario, protected_domains=("example.com",))
+
+
+def test_dmarc_failure_elsewhere_is_tagged_not_quarantined(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    records = {"_dmarc.bank.test": ['"v=DMARC1; p=reject"'], "_dmarc.news.test": ['"v=DMARC1; p=none"']}
+    dns = FakeDns(records=records)
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        assert (await send(gw.address[1], invoice("alerts@bank.test"))).code == 250
+        assert (await send(gw.address[1], invoice("hello@news.test"))).code == 250
+        disowned, unenforced = (m.raw.split(b"\r\n\r\n")[0] for m in sink.messages)
+        assert b"dmarc=fail" in disowned and b"X-Milter-Verdict: spam" in disowned
+        assert b"From domain bank.test fails DMARC (p=reject" in disowned.replace(b"\r\n ", b" ")
+        # p=none: the owner has not said its mail is all aligned; the failure is reported, not acted on
+        assert b"dmarc=fail" in unenforced and b"X-Milter-Verdict" not in unenforced
+
+    run(tmp_path, free_port, dns, scenario)
+
+
+def test_dns_that_never_answers_costs_the_timeout_not_the_message(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    dns = FakeDns(silent={"_dmarc.example.com"})
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        started = time.monotonic()
+        out = await send(gw.address[1], invoice("billing@example.com"))
+        elapsed = time.monotonic() - started
+        assert out.code == 250
+        assert "dmarc=temperror" in our_header(sink.messages[0].raw)
+        assert elapsed < TIMEOUT + 3.0  # one deadline per message, however many lookups hang
+        assert dns.count("_dmarc.example.com") >= 1
+
+    run(tmp_path, free_port, dns, scenario, protected_domains=("example.com",))
+
+
+def test_a_broken_gather_costs_the_results_not_the_message(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """milter.auth never raises by design; should a bug make it, the message goes on without results."""
+    import milter.gateway.auth as gateway_auth
+    from milter.auth import StaticResolver
+
+    auth = gateway_auth.SenderAuth(StaticResolver({}), TIMEOUT, "gw.test")
+    good = asyncio.run(auth.gather(invoice("billing@example.com"), "m1"))
+    assert good is not None and good.plan.from_domain == "example.com"
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway_auth, "gather", broken)
+    assert asyncio.run(auth.gather(invoice("billing@example.com"), "m2")) is None
+    assert "auth_gather_failed" in caplog.text and "id=m2" in caplog.text and "RuntimeError" in caplog.text
