@@ -1,11 +1,18 @@
 """Gateway throughput and added latency: N concurrent SMTP clients -> `milter serve` -> a real sink.
 
     .venv/bin/python bench/gateway.py [--clients 50] [--messages 3000] [--workers 2] [--rate R] [--runs N]
+                                      [--dns system|local|off]
 
 Runs the same real corpus messages (../shared/corpora, unpacked under .cache/corpora) twice: straight to
 the sink, then through the gateway (a `milter serve` subprocess relaying to that sink), each client on
 one reused connection like an MTA's. Prints messages/s and p50/p99 per-message latency for both, and
 the added latency (gateway minus direct) at p50 and p99. The sink runs in its own process.
+
+DKIM / DMARC lookups go to a responder on loopback that answers every name at once with NXDOMAIN
+(`--dns local`, the default: a resolver whose cache holds every answer, so the figures are the
+gateway's own cost, as with the peers' network checks off), to the system resolver (`--dns system`,
+what `milter serve` uses; its latency and losses then dominate p99: each message waits at most
+auth.timeout), or nowhere (`--dns off`: [auth] enabled = false).
 """
 
 from __future__ import annotations
@@ -29,19 +36,54 @@ MAX_LINE = 998  # what an MTA hands a content filter (Postfix folds longer lines
 
 
 def corpus(limit: int) -> list[bytes]:
-    """Up to `limit` messages spread over all corpora and labels (every k-th file, sorted paths)."""
+    """Up to `limit` messages spread evenly over all corpora and labels (every k-th of the sorted paths).
+
+    Until 2026-11-28 this took every k-th file but stopped at `limit`, half-way down the sorted list:
+    every message was Enron's. Figures before that date are for Enron mail only."""
     files = sorted(CORPORA.glob("*/*/*.eml"))
     if not files:
         sys.exit(f"no corpus under {CORPORA}: unpack with ../shared/corpora/unpack .cache/corpora")
-    step = max(1, len(files) // (limit * 2))
     out = []
-    for f in files[::step]:
+    for f in files[:: max(1, len(files) // limit)]:
         raw = f.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if len(raw) <= 1_000_000 and max(map(len, raw.split(b"\r\n"))) <= MAX_LINE:
             out.append(raw)
-        if len(out) == limit:
-            break
-    return out
+    return out[:limit]
+
+
+# -- DNS responder (own process) ----------------------------------------------------------------
+
+
+def run_dns(port: int) -> None:
+    """Answer every query at once with NXDOMAIN: the cost of DNS without the network's latency."""
+    import socket
+
+    import dns.message
+    import dns.rcode
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    while True:
+        data, addr = sock.recvfrom(4096)
+        try:
+            reply = dns.message.make_response(dns.message.from_wire(data))
+        except Exception:
+            continue
+        reply.set_rcode(dns.rcode.NXDOMAIN)
+        sock.sendto(reply.to_wire(), addr)
+
+
+def dns_config(mode: str, base: str | None, port: int, tmp: str) -> str | None:
+    """The config file to serve with: `base` plus the [auth] table the --dns mode needs."""
+    if mode == "system":
+        return base
+    text = Path(base).read_text() if base else ""
+    if "[auth]" in text:
+        sys.exit("--dns local / off set [auth] themselves: use a --config without an [auth] table")
+    auth = f'nameservers = ["127.0.0.1:{port}"]' if mode == "local" else "enabled = false"
+    path = Path(tmp) / "bench.toml"
+    path.write_text(f"{text}\n[auth]\n{auth}\n")
+    return str(path)
 
 
 # -- sink (own process) ------------------------------------------------------------------------
@@ -186,15 +228,23 @@ def main() -> None:
     ap.add_argument("--gateway-log", help="keep the gateway's log in this file (default: discarded)")
     ap.add_argument("--runs", type=int, default=1, help="repeat both phases; prints the medians at the end")
     ap.add_argument("--config", help="milter config file (model, policy); flags below override it")
+    ap.add_argument("--dns", choices=("local", "system", "off"), default="local", help="see above")
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--dns-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sink:
         run_sink(args.sink)
         return
+    if args.dns_server:
+        run_dns(args.dns_server)
+        return
     messages = corpus(args.corpus)
-    sink_port, gw_port = free_port(), free_port()
+    sink_port, gw_port, dns_port = free_port(), free_port(), free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--sink", str(sink_port)])]
+    if args.dns == "local":
+        procs.append(subprocess.Popen([sys.executable, __file__, "--dns-server", str(dns_port)]))
     with tempfile.TemporaryDirectory() as tmp:
+        config = dns_config(args.dns, args.config, dns_port, tmp)
         cmd = [
             sys.executable,
             "-c",
@@ -211,8 +261,8 @@ def main() -> None:
             "--metrics-listen",
             "off",
         ]
-        if args.config:
-            cmd[4:4] = ["--config", args.config]
+        if config:
+            cmd[4:4] = ["--config", config]
         # The gateway logs a line per message, as in production; to a file, not over the figures.
         log_path = Path(args.gateway_log or f"{tmp}/gateway.log")
         gateway_log = log_path.open("wb")
@@ -226,7 +276,8 @@ def main() -> None:
             median_kib = statistics.median(map(len, messages)) / 1024
             print(
                 f"{len(messages)} corpus messages (median {median_kib:.1f} KiB), "
-                f"{args.clients} clients, {args.messages} messages per phase, {args.workers} gateway workers"
+                f"{args.clients} clients, {args.messages} messages per phase, "
+                f"{args.workers} gateway workers, DNS {args.dns}"
             )
             asyncio.run(load(gw_port, messages, min(200, args.messages), args.clients))  # warm-up
             rows = [run_once(sink_port, gw_port, messages, args) for _ in range(args.runs)]
