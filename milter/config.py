@@ -194,12 +194,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)
     if pol.on_error not in ("tempfail", "accept"):
         raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
-    for i, net in enumerate(pol.internal_networks):
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError as exc:
-            key = f"policy.internal_networks[{i}]"
-            raise ConfigError(key, f"not an IP address or CIDR: {net!r}") from exc
+    _check_networks("policy.internal_networks", pol.internal_networks)
     if pol.dmarc_fail_action not in ("none", "tag", "quarantine"):
         got = pol.dmarc_fail_action
         raise ConfigError("policy.dmarc_fail_action", f"must be 'none', 'tag' or 'quarantine', got {got!r}")
@@ -210,13 +205,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     if "lists" in raw:
         lists: Lists = _simple(Lists, "policy.lists", _table("policy.lists", raw["lists"]), Lists())
         for ip_key in ("allow_ips", "deny_ips"):
-            for i, net in enumerate(getattr(lists, ip_key)):
-                try:
-                    ipaddress.ip_network(net, strict=False)
-                except ValueError as exc:
-                    raise ConfigError(
-                        f"policy.lists.{ip_key}[{i}]", f"not an IP address or CIDR: {net!r}"
-                    ) from exc
+            _check_networks(f"policy.lists.{ip_key}", getattr(lists, ip_key))
         pol = replace(pol, lists=lists)
     rules = []
     for i, item in enumerate(raw.get("domain", [])):
@@ -257,18 +246,21 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
             raise ConfigError("server.mode", f"must be 'after-queue' or 'before-queue', got {server.mode!r}")
         for key in ("listen", "downstream"):
             _host_port(f"server.{key}", getattr(server, key))
-        for i, net in enumerate(server.xforward_hosts):
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError as exc:
-                key = f"server.xforward_hosts[{i}]"
-                raise ConfigError(key, f"not an IP address or CIDR: {net!r}") from exc
+        _check_networks("server.xforward_hosts", server.xforward_hosts)
         cfg = replace(cfg, server=server)
     if "store" in raw:
         cfg = replace(cfg, store=_simple(StoreConfig, "store", _table("store", raw["store"]), StoreConfig()))
     if "auth" in raw:
         cfg = replace(cfg, auth=_auth(_table("auth", raw["auth"])))
     return cfg
+
+
+def _check_networks(key: str, entries: tuple[str, ...]) -> None:
+    for i, net in enumerate(entries):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]", f"not an IP address or CIDR: {net!r}") from exc
 
 
 def _auth(raw: Mapping[str, Any]) -> AuthConfig:

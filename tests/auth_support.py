@@ -68,13 +68,12 @@ class FakeDns(asyncio.DatagramProtocol):
         return self.queries.count(name)
 
 
-def generate_key(directory: Path) -> tuple[bytes, str]:
-    """(PKCS#1 PEM private key, DKIM key record) for a fresh 1024-bit key (dkim.sign needs PKCS#1,
-    which OpenSSL 3 writes only with -traditional)."""
-    pem_path = directory / "key.pem"
-    subprocess.run(
-        ["openssl", "genrsa", "-traditional", "-out", str(pem_path), "1024"], check=True, capture_output=True
-    )
+def generate_key(directory: Path, bits: int = 1024) -> tuple[bytes, str]:
+    """(PKCS#1 PEM private key, DKIM key record) for a fresh RSA key (dkim.sign needs PKCS#1, which
+    OpenSSL 3 writes only with -traditional)."""
+    pem_path = directory / f"key{bits}.pem"
+    genrsa = ["openssl", "genrsa", "-traditional", "-out", str(pem_path), str(bits)]
+    subprocess.run(genrsa, check=True, capture_output=True)
     der = subprocess.run(
         ["openssl", "rsa", "-in", str(pem_path), "-pubout", "-outform", "DER"],
         check=True,
