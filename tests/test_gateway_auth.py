@@ -101,6 +101,10 @@ def test_signed_mail_is_relayed_with_dkim_and_dmarc_pass(
         assert "header.d=mail.example.com" in value and "dmarc=pass" in value
         assert sink.messages[0].raw.endswith(raw)  # the signed bytes untouched below our header
         assert dns.count(KEY_NAME) == 1
+        metrics = gw.metrics.render().decode()
+        assert 'milter_auth_results_total{check="dkim",result="pass"} 1.0' in metrics
+        assert 'milter_auth_results_total{check="dmarc",result="pass"} 1.0' in metrics
+        assert "milter_auth_dns_seconds_count 1.0" in metrics
 
     run(tmp_path, free_port, dns, scenario)
 
@@ -160,6 +164,8 @@ def test_dns_that_never_answers_costs_the_timeout_not_the_message(
         elapsed = time.monotonic() - started
         assert out.code == 250
         assert "dmarc=temperror" in our_header(sink.messages[0].raw)
+        metrics = gw.metrics.render().decode()
+        assert 'milter_auth_results_total{check="dmarc",result="temperror"} 1.0' in metrics
         assert elapsed < TIMEOUT + 3.0  # one deadline per message, however many lookups hang
         assert dns.count("_dmarc.example.com") >= 1
 

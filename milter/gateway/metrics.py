@@ -54,6 +54,17 @@ class GatewayMetrics:
             "milter_batch_size", "Messages per model call", buckets=BATCH_BUCKETS, registry=r
         )
         self.errors = Counter("milter_errors", "Failures by kind", ["kind"], registry=r)
+        # DKIM / DMARC outcomes, and the DNS wait per message: a rising temperror count is DNS trouble.
+        self.auth_results = Counter(
+            "milter_auth_results", "DKIM signatures and DMARC evaluations by result", ["check", "result"],
+            registry=r,
+        )
+        self.auth_seconds = Histogram(
+            "milter_auth_dns_seconds",
+            "Time a message waited for its DKIM / DMARC lookups",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.sessions = Gauge("milter_sessions", "Open SMTP sessions", registry=r)
         self.pending = Gauge("milter_pending_messages", "Messages received and not yet answered", registry=r)
         # milter_model_info{name=...,providers=...} 1: which model this worker scores with right now

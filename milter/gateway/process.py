@@ -258,10 +258,23 @@ class MessageProcessor:
         # DNS first, on the loop, bounded by auth.timeout, and before announcing the message to the
         # batcher (a batch waits a moment for announced messages, not for DNS); verification runs in
         # the pool with the rest of prepare.
-        evidence = await self.auth.gather(msg.raw, msg.id) if self.auth is not None else None
+        evidence = None
+        if self.auth is not None:
+            started = time.perf_counter()
+            evidence = await self.auth.gather(msg.raw, msg.id)
+            self.metrics.auth_seconds.observe(time.perf_counter() - started)
         with self.batcher.expect() as submit:
             ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected, evidence)
+            self._count_auth(ext)
             return await submit((ext, msg.envelope))
+
+    def _count_auth(self, ext: Extracted) -> None:
+        auth = ext.summary.auth
+        if auth is None:
+            return
+        for sig in auth.dkim:
+            self.metrics.auth_results.labels("dkim", sig.result).inc()
+        self.metrics.auth_results.labels("dmarc", auth.dmarc.result).inc()
 
     async def _act(self, msg: Inbound, result: ScanResult) -> str:
         action = result.action
