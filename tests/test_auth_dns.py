@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from auth_support import FakeDns
+from auth_support import FakeDns, with_server
 
 from milter.auth import (
     Answers,
@@ -28,20 +27,6 @@ from milter.auth import (
 )
 
 MARGIN = 0.5  # seconds of scheduling slack allowed on top of a deadline
-
-
-def with_server(server: FakeDns, body: Callable[[int], Awaitable[None]]) -> None:
-    """Run `body(port)` in a fresh event loop while `server` listens on a free loopback port."""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: server, local_addr=("127.0.0.1", 0))
-        try:
-            await body(transport.get_extra_info("sockname")[1])
-        finally:
-            transport.close()
-
-    asyncio.run(main())
 
 
 def resolver(port: int, lifetime: float = 2.0) -> DnsResolver:
@@ -287,3 +272,129 @@ def test_static_resolver() -> None:
     assert (a.status, a.records) == ("found", ("one",))
     assert b.records == ("x", "y")
     assert (c.status, d.status, e.status) == ("none", "temperror", "none")
+
+
+def test_query_returns_addresses_and_mx_as_text() -> None:
+    server = FakeDns(
+        records={"example.com": ['"v=spf1 -all"']},
+        typed={
+            ("example.com", "A"): ["192.0.2.1", "192.0.2.2"],
+            ("example.com", "AAAA"): ["2001:DB8::1"],
+            ("example.com", "MX"): ["10 Mail.Example.COM.", "20 backup.example.net."],
+            ("nullmx.example", "MX"): ["0 ."],
+        },
+    )
+
+    async def body(port: int) -> None:
+        r = resolver(port)
+        a = await r.query("Example.COM.", "A")
+        assert (a.status, sorted(a.records), a.ttl) == ("found", ["192.0.2.1", "192.0.2.2"], 600)
+        assert (await r.query("example.com", "aaaa")).records == ("2001:db8::1",)
+        mx = await r.query("example.com", "MX")
+        assert sorted(mx.records) == ["10 mail.example.com", "20 backup.example.net"]
+        assert (await r.query("nullmx.example", "MX")).records == ("0 .",)
+        assert await r.query("example.com", "TXT") == await r.txt("example.com")
+        no_data = await r.query("nullmx.example", "A")  # the name exists, without A records
+        assert (no_data.status, no_data.reason) == ("none", "no data")
+        assert (await r.query("missing.example", "A")).reason == "nxdomain"
+        unsupported = await r.query("example.com", "PTR")
+        assert unsupported.status == "temperror"
+
+    with_server(server, body)
+    assert server.count("example.com", "A") == 1
+    assert server.count("example.com", "AAAA") == 1
+    assert server.count("example.com", "MX") == 1
+    assert server.count("example.com", "PTR") == 0  # refused before any packet
+
+
+def test_query_servfail_is_temperror() -> None:
+    server = FakeDns(servfail={"broken.example"})
+
+    async def body(port: int) -> None:
+        answer = await resolver(port).query("broken.example", "A")
+        assert (answer.status, answer.reason) == ("temperror", "servfail")
+
+    with_server(server, body)
+
+
+def test_cache_keeps_and_coalesces_each_type_apart() -> None:
+    name = "example.com"
+    server = FakeDns(
+        records={name: ['"v=spf1 a -all"']},
+        typed={(name, "A"): ["192.0.2.1"], (name, "MX"): ["10 mx.example.com."]},
+        delay=0.1,
+    )
+    now = [0.0]
+
+    async def body(port: int) -> None:
+        cache = CachingResolver(resolver(port), clock=lambda: now[0])
+        answers = await asyncio.gather(
+            *(cache.query(name, kind) for kind in ("A", "a", "MX", "TXT") for _ in range(3)), cache.txt(name)
+        )
+        assert [a.records for a in answers[:6]] == [("192.0.2.1",)] * 6
+        assert [a.records for a in answers[6:9]] == [("10 mx.example.com",)] * 3
+        assert {a.records for a in answers[9:]} == {("v=spf1 a -all",)}
+        assert [server.count(name, t) for t in ("A", "MX", "TXT")] == [1, 1, 1]
+        assert len(cache) == 3
+        assert (await cache.query(name, "AAAA")).status == "none"
+        await cache.query(name, "AAAA")  # a none answer is cached per type too
+        assert server.count(name, "AAAA") == 1
+        now[0] = 601  # past the TTL: every type is asked again
+        await cache.query(name, "A")
+        assert [server.count(name, t) for t in ("A", "MX", "TXT")] == [2, 1, 1]
+        assert (await cache.query(name, "SRV")).status == "temperror"
+        assert server.count(name, "SRV") == 0
+
+    with_server(server, body)
+
+
+def test_cache_over_a_txt_only_resolver() -> None:
+    class TxtOnly:
+        async def txt(self, name: str) -> TxtAnswer:
+            return TxtAnswer.found([f"txt of {name}"], ttl=60)
+
+    async def main() -> tuple[TxtAnswer, TxtAnswer]:
+        cache = CachingResolver(TxtOnly())
+        return await cache.query("x.example", "TXT"), await cache.query("x.example", "A")
+
+    txt, a = asyncio.run(main())
+    assert txt.records == ("txt of x.example",)
+    assert a.status == "temperror"
+
+
+def test_static_resolver_typed_keys() -> None:
+    static = StaticResolver(
+        {
+            "Example.COM.": "v=spf1 mx -all",
+            "example.com/A": "192.0.2.1",
+            "Example.com./aaaa": ["2001:db8::1", "2001:db8::2"],
+            "example.com/MX": ["10 mx.example.com"],
+            "other.example/TXT": "explicit txt",
+            "odd/key.example": "a slash that names no type",
+            "down.example/A": TxtAnswer.temperror("timeout"),
+        }
+    )
+
+    async def main() -> list[TxtAnswer]:
+        return [
+            await static.txt("example.com"),
+            await static.query("example.com", "TXT"),
+            await static.query("EXAMPLE.com", "A"),
+            await static.query("example.com", "AAAA"),
+            await static.query("example.com", "mx"),
+            await static.txt("other.example"),
+            await static.txt("odd/key.example"),
+            await static.query("down.example", "A"),
+            await static.query("down.example", "TXT"),
+            await static.query("example.com", "PTR"),
+        ]
+
+    txt, txt2, a, aaaa, mx, other, odd, down, down_txt, ptr = asyncio.run(main())
+    assert txt == txt2
+    assert txt.records == ("v=spf1 mx -all",)
+    assert a.records == ("192.0.2.1",)
+    assert aaaa.records == ("2001:db8::1", "2001:db8::2")
+    assert mx.records == ("10 mx.example.com",)
+    assert other.records == ("explicit txt",)
+    assert odd.records == ("a slash that names no type",)
+    assert (down.status, down_txt.status, ptr.status) == ("temperror", "none", "temperror")

@@ -3,19 +3,21 @@
 Three phases keep DNS I/O out of the CPU-bound part (see milter.auth.check): `plan(raw)` reads the
 header block, `await fetch(plan, resolver, timeout)` does every TXT lookup under one deadline, and
 `evaluate(raw, plan, answers, trusted_spf)` verifies and decides, purely, in a worker if need be.
-`authenticate` chains them. SPF is only taken from a trusted upstream Authentication-Results header.
+`authenticate` chains them. SPF is evaluated by `check_spf` (run by `gather` when the caller knows the
+client), or else taken from a trusted upstream Authentication-Results header.
 """
 
 from __future__ import annotations
 
 from milter.auth.cache import CachingResolver
-from milter.auth.check import Evidence, authenticate, evaluate, evaluate_evidence, fetch, gather
+from milter.auth.check import Evidence, SpfClient, authenticate, evaluate, evaluate_evidence, fetch, gather
 from milter.auth.dkim import DkimResult
 from milter.auth.dmarc import DmarcRecord, DmarcResult, parse_record
-from milter.auth.dns import Answers, DnsResolver, StaticResolver, TxtAnswer, TxtResolver
+from milter.auth.dns import Answers, DnsResolver, Resolver, StaticResolver, TxtAnswer, TxtResolver
 from milter.auth.message import AuthPlan, SignatureRef, plan
 from milter.auth.results import AuthResults
 from milter.auth.spf import SpfResult, trusted_spf_from_headers
+from milter.auth.spf_check import check_spf
 
 __all__ = [
     "Answers",
@@ -27,12 +29,15 @@ __all__ = [
     "DmarcResult",
     "DnsResolver",
     "Evidence",
+    "Resolver",
     "SignatureRef",
+    "SpfClient",
     "SpfResult",
     "StaticResolver",
     "TxtAnswer",
     "TxtResolver",
     "authenticate",
+    "check_spf",
     "evaluate",
     "evaluate_evidence",
     "fetch",

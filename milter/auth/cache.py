@@ -1,4 +1,4 @@
-"""A TTL cache with request coalescing in front of any TxtResolver.
+"""A TTL cache with request coalescing in front of any TxtResolver (or Resolver, for A/AAAA/MX too).
 
 Mail arrives in bursts from the same senders: the same DKIM key and DMARC record names are asked for
 over and over, often by several messages at once. The cache answers repeats without a packet and
@@ -8,6 +8,11 @@ while an authoritative server is down would cost each of them the whole deadline
 for `temperror_ttl` (30 s by default). "None" answers are cached for `negative_ttl`
 (dnspython does not hand us the SOA minimum on NXDOMAIN, so one configured value is used), and found
 answers for their TTL, capped at `max_ttl`. The size is bounded; when full, the oldest entry goes.
+
+Entries and in-flight lookups are keyed by (name, type), so a name's TXT and A answers are kept, expire
+and are coalesced apart. `txt(name)` is `query(name, "TXT")` and asks the inner resolver's `txt`, so
+any TxtResolver still works as the inner one; other types need an inner `Resolver` (one without
+`query` answers them temperror).
 
 All state lives in the instance; the cache belongs to one event loop (the gateway's).
 """
@@ -19,8 +24,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
-from milter.auth.dns import TxtAnswer, TxtResolver, normalise_name
+from milter.auth.dns import TxtAnswer, TxtResolver, normalise_name, record_type
+
+_Key = tuple[str, str]  # (normalised name, record type)
 
 
 class CachingResolver:
@@ -39,14 +47,20 @@ class CachingResolver:
         self._max_ttl = max_ttl
         self._temperror_ttl = temperror_ttl
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, TxtAnswer]] = OrderedDict()
-        self._inflight: dict[str, asyncio.Task[TxtAnswer]] = {}
+        self._entries: OrderedDict[_Key, tuple[float, TxtAnswer]] = OrderedDict()
+        self._inflight: dict[_Key, asyncio.Task[TxtAnswer]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     async def txt(self, name: str) -> TxtAnswer:
-        key = normalise_name(name)
+        return await self.query(name, "TXT")
+
+    async def query(self, name: str, rdtype: str) -> TxtAnswer:
+        kind = record_type(rdtype)
+        if kind is None:
+            return TxtAnswer.temperror(f"unsupported record type {rdtype!r}")
+        key = (normalise_name(name), kind)
         cached = self._cached(key)
         if cached is not None:
             return cached
@@ -59,20 +73,27 @@ class CachingResolver:
         # other waiters share; the answer still lands in the cache when it arrives.
         return await asyncio.shield(task)
 
-    async def _lookup(self, key: str) -> TxtAnswer:
+    async def _lookup(self, key: _Key) -> TxtAnswer:
+        name, kind = key
         try:
-            answer = await self._inner.txt(key)
+            if kind == "TXT":
+                answer: Any = await self._inner.txt(name)
+            else:
+                query = getattr(self._inner, "query", None)
+                if query is None:
+                    return TxtAnswer.temperror(f"resolver cannot look up {kind} records")
+                answer = await query(name, kind)
         except Exception as e:  # a resolver breaking its contract still yields an answer
             return TxtAnswer.temperror(f"resolver error: {type(e).__name__}")
         return answer if isinstance(answer, TxtAnswer) else TxtAnswer.temperror("resolver error")
 
-    def _settle(self, key: str, task: asyncio.Task[TxtAnswer]) -> None:
+    def _settle(self, key: _Key, task: asyncio.Task[TxtAnswer]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
         if not task.cancelled() and task.exception() is None:
             self._store(key, task.result())
 
-    def _cached(self, key: str) -> TxtAnswer | None:
+    def _cached(self, key: _Key) -> TxtAnswer | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -89,7 +110,7 @@ class CachingResolver:
             return min(answer.ttl, self._negative_ttl) if answer.ttl > 0 else self._negative_ttl
         return self._temperror_ttl
 
-    def _store(self, key: str, answer: TxtAnswer) -> None:
+    def _store(self, key: _Key, answer: TxtAnswer) -> None:
         ttl = self._ttl(answer)
         if ttl <= 0 or self._max_entries <= 0:
             return

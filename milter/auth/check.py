@@ -6,7 +6,8 @@ the loop or ship sockets into workers. So the header block says which TXT names 
 they are all fetched concurrently under one deadline on the loop (`fetch`), and the verdict is
 computed from the message plus the frozen, picklable answers in a worker (`evaluate`). Neither fetch
 nor evaluate raises for any input; every failure becomes a result (temperror, permerror, neutral).
-SPF is not evaluated (see milter.auth.spf); a trusted upstream result may be passed in.
+SPF needs an iterative walk and cannot be planned: `gather` runs `check_spf` beside the fetch, under the
+same deadline, when the caller knows the client; otherwise a trusted upstream result may be used.
 """
 
 from __future__ import annotations
@@ -18,14 +19,26 @@ from dataclasses import dataclass
 
 from milter.auth.dkim import DkimResult, verify_signatures
 from milter.auth.dmarc import DmarcResult, evaluate_dmarc
-from milter.auth.dns import Answers, TxtAnswer, TxtResolver
+from milter.auth.dns import Answers, Resolver, TxtAnswer, TxtResolver
 from milter.auth.message import AuthPlan, plan
 from milter.auth.results import AuthResults
 from milter.auth.spf import SpfResult, trusted_spf_from_headers
+from milter.auth.spf_check import check_spf
 
 _MAX_TIMEOUT = 3600.0
 
-__all__ = ["Evidence", "authenticate", "evaluate", "evaluate_evidence", "fetch", "gather", "plan"]
+__all__ = [
+    "Evidence", "SpfClient", "authenticate", "evaluate", "evaluate_evidence", "fetch", "gather", "plan",
+]
+
+
+@dataclass(frozen=True)
+class SpfClient:
+    """What SPF is checked for: the connecting client's address, the envelope sender, HELO."""
+
+    ip: str
+    mail_from: str | None
+    helo: str | None
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class Evidence:
     plan: AuthPlan
     answers: Answers
     trusted_authserv_ids: tuple[str, ...] = ()
+    spf: SpfResult | None = None  # our own check, when the client was known
 
 
 # ASYNC109: the timeout is part of the contract on purpose: it is one deadline over the whole fan-out,
@@ -105,24 +119,45 @@ def _dkim(raw: bytes, plan: AuthPlan, answers: Answers) -> tuple[DkimResult, ...
 
 async def gather(
     raw: bytes,
-    resolver: TxtResolver,
+    resolver: Resolver,
     timeout: float,  # noqa: ASYNC109 (as for fetch)
     trusted_authserv_ids: Collection[str] = (),
+    client: SpfClient | None = None,
 ) -> Evidence:
-    """Phases 1 and 2 (on the event loop): read the header block, look everything up."""
+    """Phases 1 and 2 (on the event loop): read the header block, look everything up; with `client`,
+    check SPF meanwhile, under the same deadline."""
+    started = asyncio.get_running_loop().time()
     the_plan = plan(raw)
-    return Evidence(the_plan, await fetch(the_plan, resolver, timeout), tuple(trusted_authserv_ids))
+    spf_task = None
+    if client is not None:
+        spf_task = asyncio.ensure_future(check_spf(client.ip, client.mail_from, client.helo, resolver))
+    answers = await fetch(the_plan, resolver, timeout)
+    spf = None
+    if spf_task is not None:
+        left = _clamp(timeout) - (asyncio.get_running_loop().time() - started)
+        spf = await _spf_within(spf_task, left)
+    return Evidence(the_plan, answers, tuple(trusted_authserv_ids), spf)
+
+
+async def _spf_within(task: asyncio.Future[SpfResult], seconds: float) -> SpfResult:
+    try:
+        return await asyncio.wait_for(task, max(0.0, seconds))
+    except TimeoutError:  # wait_for cancelled the walk
+        return SpfResult("temperror", "", "SPF check past the deadline")
+    except Exception as e:  # check_spf does not raise; should it, the message goes on without SPF
+        return SpfResult("temperror", "", f"internal error: {type(e).__name__}")
 
 
 def evaluate_evidence(raw: bytes, evidence: Evidence) -> AuthResults:
-    """Phase 3 for gathered evidence (in a worker): SPF from trusted headers, then `evaluate`."""
-    spf = trusted_spf_from_headers(raw, evidence.trusted_authserv_ids)
+    """Phase 3 for gathered evidence (in a worker): our SPF result, else a trusted upstream's, then
+    `evaluate`."""
+    spf = evidence.spf or trusted_spf_from_headers(raw, evidence.trusted_authserv_ids)
     return evaluate(raw, evidence.plan, evidence.answers, spf)
 
 
 async def authenticate(
     raw: bytes,
-    resolver: TxtResolver,
+    resolver: Resolver,
     timeout: float = 2.0,  # noqa: ASYNC109 (as for fetch)
     trusted_authserv_ids: Collection[str] = (),
 ) -> AuthResults:

@@ -8,11 +8,12 @@ otherwise, as 6.6.3 step 6 says; an invalid sp= is ignored (p= applies) rather t
 record, which is a deliberate simplification. Unknown tags and malformed tag segments are ignored.
 pct= is parsed and reported; sampling is left to the caller's policy.
 
-Result: pass if an aligned DKIM signature passed, or a trusted SPF pass is aligned; none without a
-From domain or without a record; temperror if a record lookup failed transiently; permerror for an
-unusable record; otherwise fail, except that it is temperror when no aligned pass exists but an
-aligned DKIM signature (or the aligned SPF check) ended in temperror: a retry could still pass, and a
-transient DNS failure must not make a legitimate message look like a forgery.
+Result: pass if an aligned DKIM signature passed, or an SPF pass (ours or a trusted upstream's) is
+aligned; none without a From domain or without a record; temperror if a record lookup failed
+transiently; permerror for an unusable record; otherwise fail, except that it is temperror when no
+aligned pass exists but an aligned DKIM signature (or the aligned SPF check) ended in temperror: a
+retry could still pass, and a transient DNS failure must not make a legitimate message look like a
+forgery.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""TXT lookups for DKIM keys and DMARC records, behind a small async interface.
+"""DNS lookups for DKIM keys, DMARC and SPF records, behind a small async interface.
 
-Everything the authentication code needs from DNS is "give me the TXT strings at this name". Putting that
-behind the `TxtResolver` protocol lets the gateway use a real resolver (`DnsResolver`, dnspython's async
-stub resolver), wrap it in a cache (`milter.auth.cache.CachingResolver`), and lets tests and offline
-scans use `StaticResolver`. Lookups never raise: every outcome is a `TxtAnswer` with one of three
-statuses, because the callers must tell "the domain publishes nothing" (a permanent, policy-relevant
-fact) from "we could not find out" (a transient failure that must not lead to rejecting mail).
+DKIM and DMARC need only "give me the TXT strings at this name" (the `TxtResolver` protocol); SPF also
+asks for A, AAAA and MX records (the `Resolver` protocol adds `query(name, rdtype)`, whose answers are
+strings too: an address's text, or "PREFERENCE HOST" for MX). Putting that behind a protocol lets the
+gateway use a real resolver (`DnsResolver`, dnspython's async stub resolver), wrap it in a cache
+(`milter.auth.cache.CachingResolver`), and lets tests and offline scans use `StaticResolver`. Lookups
+never raise: every outcome is a `TxtAnswer` with one of three statuses, because the callers must tell
+"the domain publishes nothing" (a permanent, policy-relevant fact) from "we could not find out" (a
+transient failure that must not lead to rejecting mail).
 
 `Answers` is the frozen, picklable bundle of answers for one message; it crosses into the worker
 process where the CPU-bound verification runs, so it holds plain strings only.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -24,6 +26,7 @@ import dns.nameserver
 import dns.resolver
 
 TxtStatus = Literal["found", "none", "temperror"]
+RECORD_TYPES = frozenset({"TXT", "A", "AAAA", "MX"})
 
 # EDNS0 with the payload size the DNS flag day 2020 recommends: 2048-bit DKIM keys do not fit the
 # classic 512-byte UDP limit, and without EDNS every such lookup would need a TCP retry.
@@ -37,10 +40,11 @@ def normalise_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class TxtAnswer:
-    """The outcome of one TXT lookup.
+    """The outcome of one lookup (TXT, or A/AAAA/MX through `Resolver.query`: the name is historical).
 
-    status: "found" (records holds each TXT record, its character-strings joined), "none" (NXDOMAIN or
-    no TXT data: the name publishes nothing) or "temperror" (timeout, SERVFAIL, any other failure).
+    status: "found" (records holds each record: a TXT record's character-strings joined, an address, an
+    MX's "PREFERENCE HOST"), "none" (NXDOMAIN or no data of the type: the name publishes nothing) or
+    "temperror" (timeout, SERVFAIL, any other failure).
     ttl: seconds the answer may be cached (0 when unknown; the cache then applies its own rule).
     """
 
@@ -66,6 +70,20 @@ class TxtResolver(Protocol):
     async def txt(self, name: str) -> TxtAnswer:
         """The TXT records at `name`; must not raise for DNS failures (return a temperror instead)."""
         ...
+
+
+class Resolver(TxtResolver, Protocol):
+    async def query(self, name: str, rdtype: str) -> TxtAnswer:
+        """The `rdtype` records ("TXT", "A", "AAAA" or "MX") at `name` as strings: TXT as for `txt`, A and
+        AAAA the address text, MX "PREFERENCE HOST" (host lower case, no trailing dot; "." for a null MX).
+        Must not raise; an unsupported type answers temperror. `txt(name)` equals `query(name, "TXT")`."""
+        ...
+
+
+def record_type(rdtype: str) -> str | None:
+    """`rdtype` in the form `query` compares it (upper case), or None if it is not one we support."""
+    kind = str(rdtype).strip().upper()
+    return kind if kind in RECORD_TYPES else None
 
 
 @dataclass(frozen=True)
@@ -99,17 +117,31 @@ class Answers(Mapping[str, TxtAnswer]):
 class StaticResolver:
     """Answers from a fixed mapping: tests, and offline scans where no DNS should be touched.
 
-    Values are one TXT string, a sequence of them (empty: "none"), or a ready TxtAnswer (to simulate
-    a temperror, say). Names missing from the mapping answer "none", as NXDOMAIN would.
+    Keys are a name ("example.com": its TXT records) or a name and a type ("example.com/A",
+    "example.com/AAAA", "example.com/MX"; "example.com/TXT" is the same as the plain name). Values are
+    one record string, a sequence of them (empty: "none"), or a ready TxtAnswer (to simulate a
+    temperror, say). Names and types missing from the mapping answer "none", as NXDOMAIN would.
     """
 
     def __init__(self, records: Mapping[str, str | Sequence[str] | TxtAnswer] | None = None) -> None:
-        self._answers: dict[str, TxtAnswer] = {
-            normalise_name(name): _as_answer(value) for name, value in (records or {}).items()
+        self._answers: dict[tuple[str, str], TxtAnswer] = {
+            _static_key(key): _as_answer(value) for key, value in (records or {}).items()
         }
 
     async def txt(self, name: str) -> TxtAnswer:
-        return self._answers.get(normalise_name(name), TxtAnswer.none("nxdomain"))
+        return await self.query(name, "TXT")
+
+    async def query(self, name: str, rdtype: str) -> TxtAnswer:
+        kind = record_type(rdtype)
+        if kind is None:
+            return TxtAnswer.temperror(f"unsupported record type {rdtype!r}")
+        return self._answers.get((normalise_name(name), kind), TxtAnswer.none("nxdomain"))
+
+
+def _static_key(key: str) -> tuple[str, str]:
+    name, slash, suffix = key.rpartition("/")
+    kind = record_type(suffix) if slash else None
+    return (normalise_name(name), kind) if kind is not None else (normalise_name(key), "TXT")
 
 
 def _as_answer(value: str | Sequence[str] | TxtAnswer) -> TxtAnswer:
@@ -122,7 +154,7 @@ def _as_answer(value: str | Sequence[str] | TxtAnswer) -> TxtAnswer:
 
 
 class DnsResolver:
-    """dnspython's asyncio stub resolver, reduced to TXT lookups that never raise.
+    """dnspython's asyncio stub resolver, reduced to TXT, A, AAAA and MX lookups that never raise.
 
     With `nameservers=None` it reads the system configuration (/etc/resolv.conf; dnspython raises
     NoResolverConfiguration here if there is none, which is a deployment error worth surfacing at
@@ -158,6 +190,12 @@ class DnsResolver:
         self._lifetime = lifetime
 
     async def txt(self, name: str) -> TxtAnswer:
+        return await self.query(name, "TXT")
+
+    async def query(self, name: str, rdtype: str) -> TxtAnswer:
+        kind = record_type(rdtype)
+        if kind is None:
+            return TxtAnswer.temperror(f"unsupported record type {rdtype!r}")
         if not normalise_name(name):
             return TxtAnswer.none("bad name: empty")
         try:
@@ -166,7 +204,7 @@ class DnsResolver:
             return TxtAnswer.none(f"bad name: {type(e).__name__}")
         try:
             answer = await self._resolver.resolve(
-                qname, "TXT", lifetime=self._lifetime, search=False, raise_on_no_answer=True
+                qname, kind, lifetime=self._lifetime, search=False, raise_on_no_answer=True
             )
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as e:
             return TxtAnswer.none("nxdomain" if isinstance(e, dns.resolver.NXDOMAIN) else "no data")
@@ -176,6 +214,17 @@ class DnsResolver:
             return TxtAnswer.temperror("servfail")
         except (dns.exception.DNSException, OSError, ValueError) as e:
             return TxtAnswer.temperror(type(e).__name__)
-        records = tuple(b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer)
+        try:
+            records = tuple(_as_text(kind, rdata) for rdata in answer)
+        except (AttributeError, TypeError, ValueError) as e:  # an rdata not of the type asked for
+            return TxtAnswer.temperror(f"bad answer: {type(e).__name__}")
         ttl = float(answer.rrset.ttl) if answer.rrset is not None else 0.0
         return TxtAnswer.found(records, ttl) if records else TxtAnswer.none("no data")
+
+
+def _as_text(kind: str, rdata: Any) -> str:
+    if kind == "TXT":
+        return b"".join(rdata.strings).decode("utf-8", "replace")
+    if kind == "MX":
+        return f"{int(rdata.preference)} {rdata.exchange.to_text(omit_final_dot=True).lower()}"
+    return str(rdata.address)

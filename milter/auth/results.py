@@ -33,10 +33,9 @@ class AuthResults:
         results: list[Any] = [_dkim_clause(r) for r in self.dkim]
         if not results:
             results.append(authres.DKIMAuthenticationResult(result="none"))
-        if self.spf is not None:
-            results.append(
-                authres.SPFAuthenticationResult(result=self.spf.result, smtp_mailfrom=self.spf.domain)
-            )
+        if self.spf is not None:  # "none" for want of a valid sender domain has no smtp.mailfrom
+            mailfrom = self.spf.domain or None
+            results.append(authres.SPFAuthenticationResult(result=self.spf.result, smtp_mailfrom=mailfrom))
         results.append(_dmarc_clause(self.dmarc))
         header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
         return str(header.header_value())

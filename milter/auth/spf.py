@@ -1,19 +1,24 @@
-"""SPF results relayed by a trusted upstream MTA; SPF itself is not evaluated here.
+"""SPF results: the value type, and results relayed by a trusted upstream MTA.
 
 Evaluating SPF (RFC 7208) needs the connecting IP, the envelope sender and HELO, and an iterative walk
 of include:/redirect=/a/mx mechanisms with up to ten further DNS lookups, which does not fit the
-"plan the names, fetch them all at once, evaluate offline" design of this package. When the border
-MTA (Postfix with an SPF policy daemon, say) already checked SPF, it records the result in an
+"plan the names, fetch them all at once, evaluate offline" design of the DKIM / DMARC part; it runs
+beside the fetch instead (milter.auth.check.gather). Where we cannot check it ourselves (no client
+address: an offline scan, a relay that sends no XFORWARD) but the border MTA (Postfix with an SPF policy
+daemon, say) already did, it records the result in an
 Authentication-Results header under its own authserv-id; this module takes the SPF result from such a
 header, and ONLY from headers whose authserv-id the operator lists: anyone can write an
 Authentication-Results header into a message, so the border MTA must also strip incoming headers
 carrying its own id (RFC 8601 section 5).
+
+Where the gateway itself knows the client IP, `milter.auth.spf_check.check_spf` evaluates SPF, and
+that result takes precedence over any header.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import authres
@@ -27,10 +32,12 @@ _MAX_VALUE = 8192
 @dataclass(frozen=True)
 class SpfResult:
     """An SPF result (pass, fail, softfail, neutral, none, temperror, permerror) for `domain`, the
-    MAIL FROM domain (or the HELO name when MAIL FROM was empty)."""
+    MAIL FROM domain (or the HELO name when MAIL FROM was empty). `reason` says why, for logs (set by
+    milter.auth.spf_check); it takes no part in equality."""
 
     result: str
     domain: str
+    reason: str = field(default="", compare=False)
 
 
 def trusted_spf_from_headers(raw: bytes, authserv_ids: Collection[str]) -> SpfResult | None:
