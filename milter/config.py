@@ -111,7 +111,8 @@ class AuthConfig:
     nameservers: tuple[str, ...] = ()
     # The name in our Authentication-Results header; None means server.hostname.
     authserv_id: str | None = None
-    # Upstream MTAs whose Authentication-Results we believe for SPF (their authserv-id); nobody else's.
+    # Upstream MTAs whose Authentication-Results we believe for SPF (their authserv-id), where we cannot
+    # check it ourselves (no client address); nobody else's.
     trusted_authserv_ids: tuple[str, ...] = ()
 
 

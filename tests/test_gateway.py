@@ -52,9 +52,13 @@ def test_accept_relays_bytes_with_forged_headers_stripped_and_xforward(
         await client.quit()
         assert len(sink.messages) == 1
         got = sink.messages[0]
-        # Ours on top (no DNS answers here: the domain publishes no DMARC), the forged one in our name
-        # and the X-Milter-* ones gone, the upstream's kept, every other byte as it came.
-        ours = b"Authentication-Results: gw.test; dkim=none; dmarc=none header.from=sender.test\r\n"
+        # Ours on top (no DNS answers here: no SPF record for the XFORWARD client to match, no DMARC),
+        # the forged one in our name and the X-Milter-* ones gone, the upstream's kept, every other
+        # byte as it came.
+        ours = (
+            b"Authentication-Results: gw.test; dkim=none; spf=none\r\n"
+            b" smtp.mailfrom=sender.test; dmarc=none header.from=sender.test\r\n"
+        )
         assert got.raw == ours + raw.replace(forged.encode(), b"")
         assert (got.xforward.addr, got.xforward.ident, got.xforward.helo) == (
             "192.0.2.55",

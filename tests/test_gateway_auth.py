@@ -62,7 +62,13 @@ def run(tmp_path: Path, free_port: Callable[[], int], dns: FakeDns, scenario: Sc
     return store
 
 
-async def send(port: int, raw: bytes, client: str = "198.51.100.7", source: str = "REMOTE") -> Outcome:
+async def send(
+    port: int,
+    raw: bytes,
+    client: str = "198.51.100.7",
+    source: str = "REMOTE",
+    mail_from: str = "bounces@sender.test",
+) -> Outcome:
     """As Postfix hands over mail from `client` (XFORWARD): our policy treats the gateway's own peer,
     127.0.0.1, as internal."""
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, start_tls=False)
@@ -70,7 +76,7 @@ async def send(port: int, raw: bytes, client: str = "198.51.100.7", source: str 
     await smtp.ehlo(hostname="postfix.test")
     assert (await smtp.execute_command(b"XFORWARD", f"ADDR={client} SOURCE={source}".encode())).code == 250
     try:
-        _, text = await smtp.sendmail("bounces@sender.test", ["bob@rcpt.test"], raw)
+        _, text = await smtp.sendmail(mail_from, ["bob@rcpt.test"], raw)
         return Outcome("", 250, text)
     except aiosmtplib.SMTPResponseException as exc:
         return Outcome("", exc.code, exc.message)
@@ -135,6 +141,34 @@ def test_exact_spoof_of_a_protected_domain_is_quarantined_as_bec(
     run(tmp_path, free_port, dns, scenario, protected_domains=("example.com",))
 
 
+def test_spf_checked_for_the_outside_client_can_carry_dmarc(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    """Unsigned mail from the domain's own servers passes DMARC through aligned SPF (checked by the
+    gateway for the XFORWARD client); the same mail from elsewhere is the spoof."""
+    dns = FakeDns(records={
+        "example.com": ['"v=spf1 ip4:198.51.100.0/24 include:_spf.example.com -all"'],
+        "_spf.example.com": ['"v=spf1 a:out.example.com -all"'],
+        "_dmarc.example.com": ['"v=DMARC1; p=reject"'],
+    }, typed={("out.example.com", "A"): ["203.0.113.25"]})
+    raw = invoice("billing@example.com")
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        own = await send(gw.address[1], raw, client="198.51.100.7", mail_from="bounces@example.com")
+        via_include = await send(gw.address[1], raw, client="203.0.113.25", mail_from="bounces@example.com")
+        spoof = await send(gw.address[1], raw, client="192.0.2.99", mail_from="bounces@example.com")
+        assert (own.code, via_include.code) == (250, 250)
+        assert "quarantined as" in spoof.text
+        for relayed in sink.messages:
+            value = our_header(relayed.raw)
+            assert "spf=pass smtp.mailfrom=example.com" in value and "dmarc=pass" in value
+        row = await asyncio.to_thread(store.get, int(spoof.text.rsplit(" ", 1)[1]))
+        assert row.verdict == "bec" and "spf=fail(example.com)" in row.reasons[0]
+        assert len(sink.messages) == 2
+
+    run(tmp_path, free_port, dns, scenario, protected_domains=("example.com",))
+
+
 def test_dmarc_failure_elsewhere_is_tagged_not_quarantined(
     tmp_path: Path, free_port: Callable[[], int]
 ) -> None:
@@ -156,7 +190,7 @@ def test_dmarc_failure_elsewhere_is_tagged_not_quarantined(
 def test_dns_that_never_answers_costs_the_timeout_not_the_message(
     tmp_path: Path, free_port: Callable[[], int]
 ) -> None:
-    dns = FakeDns(silent={"_dmarc.example.com"})
+    dns = FakeDns(silent={"_dmarc.example.com", "sender.test"})  # DMARC record and the SPF walk hang
 
     async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
         started = time.monotonic()
@@ -164,10 +198,11 @@ def test_dns_that_never_answers_costs_the_timeout_not_the_message(
         elapsed = time.monotonic() - started
         assert out.code == 250
         assert "dmarc=temperror" in our_header(sink.messages[0].raw)
+        assert "spf=temperror" in our_header(sink.messages[0].raw)
         metrics = gw.metrics.render().decode()
         assert 'milter_auth_results_total{check="dmarc",result="temperror"} 1.0' in metrics
         assert elapsed < TIMEOUT + 3.0  # one deadline per message, however many lookups hang
-        assert dns.count("_dmarc.example.com") >= 1
+        assert dns.count("_dmarc.example.com") >= 1 and dns.count("sender.test") >= 1
 
     run(tmp_path, free_port, dns, scenario, protected_domains=("example.com",))
 

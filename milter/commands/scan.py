@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from milter.auth import CachingResolver, DnsResolver, Evidence, TxtResolver, gather
+from milter.auth import CachingResolver, DnsResolver, Evidence, Resolver, gather
 from milter.config import AuthConfig, load_config, nameserver
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
@@ -106,7 +106,7 @@ class _Dns:
         except Exception as exc:  # no /etc/resolv.conf
             why = f"no usable system resolver ({type(exc).__name__})"
             raise ConfigError("auth.nameservers", why) from exc
-        self.resolver: TxtResolver = CachingResolver(inner)
+        self.resolver: Resolver = CachingResolver(inner)
         self.config = config
         self.authserv_id = authserv_id
         self._runner = asyncio.Runner()

@@ -6,45 +6,79 @@ hands the answers to the prepare process, which verifies and evaluates (milter.a
 split). A DNS outage therefore costs at most `auth.timeout` per message and ends as "temperror", which
 no policy rule acts on: mail is never refused or quarantined because DNS was slow.
 
+SPF is checked for clients from outside (XFORWARD's original client, or the peer), beside the DKIM /
+DMARC lookups and under the same deadline. Not for our own clients (`policy.internal_networks`,
+XFORWARD SOURCE=LOCAL): their addresses are in nobody's SPF record, and DMARC does not judge them.
+
 The gateway adds its own Authentication-Results header to the mail it relays and removes incoming ones
 that carry its authserv-id (RFC 8601 section 5): anybody can write such a header before us.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Sequence
 
-from milter.auth import CachingResolver, DnsResolver, Evidence, TxtResolver, gather
+from milter.auth import CachingResolver, DnsResolver, Evidence, Resolver, SpfClient, gather
 from milter.config import AuthConfig, nameserver
 from milter.errors import ConfigError
 from milter.gateway.logfmt import kv
+from milter.types import Envelope
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("milter.gateway")
 
 
 class SenderAuth:
     def __init__(
-        self, resolver: TxtResolver, timeout: float, authserv_id: str, trusted_ids: tuple[str, ...] = ()
+        self,
+        resolver: Resolver,
+        timeout: float,
+        authserv_id: str,
+        trusted_ids: tuple[str, ...] = (),
+        internal: Sequence[Network] = (),
     ) -> None:
         self.resolver = resolver
         self.timeout = timeout
         self.authserv_id = authserv_id
         self.trusted_ids = trusted_ids
+        self.internal = tuple(internal)
 
-    async def gather(self, raw: bytes, msg_id: str) -> Evidence | None:
+    async def gather(self, raw: bytes, msg_id: str, envelope: Envelope | None = None) -> Evidence | None:
         """The DNS evidence for one message; None (and a log line) if gathering itself broke, so a bug
         here costs the message its authentication results, never its delivery."""
         try:
-            return await gather(raw, self.resolver, self.timeout, self.trusted_ids)
+            client = self.spf_client(envelope) if envelope is not None else None
+            return await gather(raw, self.resolver, self.timeout, self.trusted_ids, client)
         except Exception as exc:
             log.error(kv("auth_gather_failed", id=msg_id, error=type(exc).__name__, detail=str(exc)[:200]))
             return None
 
+    def spf_client(self, envelope: Envelope) -> SpfClient | None:
+        """Who SPF is checked for; None for our own clients or an address we cannot read."""
+        if (envelope.source or "").upper() == "LOCAL" or not envelope.client_addr:
+            return None
+        try:
+            ip = ipaddress.ip_address(envelope.client_addr.strip("[]").removeprefix("IPv6:"))
+        except ValueError:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip.version == net.version and ip in net for net in self.internal):
+            return None
+        return SpfClient(str(ip), envelope.mail_from, envelope.helo)
+
 
 def build_sender_auth(
-    config: AuthConfig, hostname: str, resolver: TxtResolver | None = None
+    config: AuthConfig,
+    hostname: str,
+    resolver: Resolver | None = None,
+    internal_networks: Sequence[str] = (),
 ) -> SenderAuth | None:
-    """From the [auth] table; `resolver` replaces the DNS one (tests, offline use). None when disabled."""
+    """From the [auth] table; `resolver` replaces the DNS one (tests, offline use). None when disabled.
+    `internal_networks` (policy.internal_networks, already validated) are not SPF-checked."""
     if not config.enabled:
         log.info(kv("auth", dkim_dmarc="off"))
         return None
@@ -60,7 +94,8 @@ def build_sender_auth(
             authserv_id=authserv_id,
         )
     )
-    return SenderAuth(resolver, config.timeout, authserv_id, config.trusted_authserv_ids)
+    internal = [ipaddress.ip_network(n, strict=False) for n in internal_networks]
+    return SenderAuth(resolver, config.timeout, authserv_id, config.trusted_authserv_ids, internal)
 
 
 def _dns_resolver(config: AuthConfig) -> DnsResolver:

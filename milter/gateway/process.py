@@ -261,7 +261,7 @@ class MessageProcessor:
         evidence = None
         if self.auth is not None:
             started = time.perf_counter()
-            evidence = await self.auth.gather(msg.raw, msg.id)
+            evidence = await self.auth.gather(msg.raw, msg.id, msg.envelope)
             self.metrics.auth_seconds.observe(time.perf_counter() - started)
         with self.batcher.expect() as submit:
             ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected, evidence)

@@ -45,7 +45,7 @@ from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
 from milter.types import Envelope
 
 if TYPE_CHECKING:
-    from milter.auth import TxtResolver
+    from milter.auth import Resolver
     from milter.features.summary import Extracted
     from milter.scan import ScanResult
 
@@ -167,7 +167,7 @@ class Gateway:
         schema_digest: str,
         prepare_pool: Callable[[], Executor] | None = None,
         worker_index: int = 0,
-        resolver: TxtResolver | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config = config
         srv = config.server
@@ -213,7 +213,7 @@ class Gateway:
             store,
             self.metrics,
             self._store_executor,
-            build_sender_auth(config.auth, srv.hostname, resolver),
+            build_sender_auth(config.auth, srv.hostname, resolver, config.policy.internal_networks),
         )
         self._worker_index = worker_index
         self._handler = _Handler(self)
