@@ -5,8 +5,10 @@
 
 Runs the same real corpus messages (../shared/corpora, unpacked under .cache/corpora) twice: straight to
 the sink, then through the gateway (a `milter serve` subprocess relaying to that sink), each client on
-one reused connection like an MTA's. Prints messages/s and p50/p99 per-message latency for both, and
-the added latency (gateway minus direct) at p50 and p99. The sink runs in its own process.
+one reused connection like an MTA's, sending XFORWARD with an outside client address as Postfix does
+(so the gateway checks SPF for the message's From domain, used as MAIL FROM). Prints messages/s and
+p50/p99 per-message latency for both, and the added latency (gateway minus direct) at p50 and p99. The
+sink runs in its own process.
 
 DKIM / DMARC lookups go to a responder on loopback that answers every name at once with NXDOMAIN
 (`--dns local`, the default: a resolver whose cache holds every answer, so the figures are the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import subprocess
 import sys
@@ -130,12 +133,27 @@ class Result:
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
 
 
+_FROM = re.compile(rb"(?im)^From:[^\r\n]*?([\w.+-]+@[\w-]+(?:\.[\w-]+)+)")
+
+
+def envelope_sender(raw: bytes) -> str:
+    """The message's From address as MAIL FROM, as most senders do (SPF then checks its domain)."""
+    m = _FROM.search(raw, 0, 65536)
+    return m.group(1).decode() if m else "bench@sender.test"
+
+
 async def load(
-    port: int, messages: list[bytes], total: int, clients: int, rate: float | None = None
+    port: int,
+    messages: list[bytes],
+    total: int,
+    clients: int,
+    rate: float | None = None,
+    xforward: bool = False,
 ) -> Result:
     """Closed loop (each client sends its next message when the last is answered), or paced at `rate`
     messages/s in all: message k is due at start + k / rate, so latency is measured at that offered
-    load instead of at saturation, where it is only queueing."""
+    load instead of at saturation, where it is only queueing. With `xforward` each message says, as
+    Postfix would, that it came from an outside client (203.0.113.x): the gateway then checks SPF."""
     queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait((i, messages[i % len(messages)]))
@@ -154,7 +172,9 @@ async def load(
                 await asyncio.sleep(max(0.0, start + k / rate - time.perf_counter()))
             t0 = time.perf_counter()
             try:
-                _, reply = await smtp.sendmail("bench@sender.test", ["rcpt@rcpt.test"], raw)
+                if xforward:
+                    await smtp.execute_command(b"XFORWARD", f"ADDR=203.0.113.{k % 250 + 1}".encode())
+                _, reply = await smtp.sendmail(envelope_sender(raw), ["rcpt@rcpt.test"], raw)
                 latencies.append(time.perf_counter() - t0)
                 if "quarantined" in reply:
                     quarantined.append(latencies[-1])
@@ -208,7 +228,7 @@ def run_once(
     """Both phases, one after the other; (gateway msgs/s, added p50 ms, added p99 ms)."""
     direct = asyncio.run(load(sink_port, messages, args.messages, args.clients, args.rate))
     report("direct", direct)
-    gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients, args.rate))
+    gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients, args.rate, xforward=True))
     report("gateway", gateway)
     p50, p99 = gateway.pct(0.5) - direct.pct(0.5), gateway.pct(0.99) - direct.pct(0.99)
     print(f"   added: p50 {p50:.1f} ms, p99 {p99:.1f} ms; throughput {gateway.rate:.0f} msgs/s")
@@ -279,7 +299,8 @@ def main() -> None:
                 f"{args.clients} clients, {args.messages} messages per phase, "
                 f"{args.workers} gateway workers, DNS {args.dns}"
             )
-            asyncio.run(load(gw_port, messages, min(200, args.messages), args.clients))  # warm-up
+            warm = min(200, args.messages)
+            asyncio.run(load(gw_port, messages, warm, args.clients, xforward=True))  # warm-up
             rows = [run_once(sink_port, gw_port, messages, args) for _ in range(args.runs)]
             if args.runs > 1:
                 rate, p50, p99 = (statistics.median(col) for col in zip(*rows, strict=True))
