@@ -26,12 +26,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from milter.auth.dns import TxtAnswer, TxtResolver, normalise_name, record_type
+from milter.auth.dns import TxtAnswer, TxtResolver, TypedLookups, normalise_name
 
 _Key = tuple[str, str]  # (normalised name, record type)
 
 
-class CachingResolver:
+class CachingResolver(TypedLookups):
     def __init__(
         self,
         inner: TxtResolver,
@@ -53,13 +53,7 @@ class CachingResolver:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def txt(self, name: str) -> TxtAnswer:
-        return await self.query(name, "TXT")
-
-    async def query(self, name: str, rdtype: str) -> TxtAnswer:
-        kind = record_type(rdtype)
-        if kind is None:
-            return TxtAnswer.temperror(f"unsupported record type {rdtype!r}")
+    async def _query(self, name: str, kind: str) -> TxtAnswer:
         key = (normalise_name(name), kind)
         cached = self._cached(key)
         if cached is not None:

@@ -86,6 +86,23 @@ def record_type(rdtype: str) -> str | None:
     return kind if kind in RECORD_TYPES else None
 
 
+class TypedLookups:
+    """`txt` and the record-type check, once for every resolver here; subclasses answer `_query` with
+    a type `record_type` accepted."""
+
+    async def txt(self, name: str) -> TxtAnswer:
+        return await self.query(name, "TXT")
+
+    async def query(self, name: str, rdtype: str) -> TxtAnswer:
+        kind = record_type(rdtype)
+        if kind is None:
+            return TxtAnswer.temperror(f"unsupported record type {rdtype!r}")
+        return await self._query(name, kind)
+
+    async def _query(self, name: str, kind: str) -> TxtAnswer:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Answers(Mapping[str, TxtAnswer]):
     """Frozen, picklable name -> TxtAnswer mapping for one message (a handful of entries).
@@ -114,7 +131,7 @@ class Answers(Mapping[str, TxtAnswer]):
         return len(self.entries)
 
 
-class StaticResolver:
+class StaticResolver(TypedLookups):
     """Answers from a fixed mapping: tests, and offline scans where no DNS should be touched.
 
     Keys are a name ("example.com": its TXT records) or a name and a type ("example.com/A",
@@ -128,13 +145,7 @@ class StaticResolver:
             _static_key(key): _as_answer(value) for key, value in (records or {}).items()
         }
 
-    async def txt(self, name: str) -> TxtAnswer:
-        return await self.query(name, "TXT")
-
-    async def query(self, name: str, rdtype: str) -> TxtAnswer:
-        kind = record_type(rdtype)
-        if kind is None:
-            return TxtAnswer.temperror(f"unsupported record type {rdtype!r}")
+    async def _query(self, name: str, kind: str) -> TxtAnswer:
         return self._answers.get((normalise_name(name), kind), TxtAnswer.none("nxdomain"))
 
 
@@ -153,7 +164,7 @@ def _as_answer(value: str | Sequence[str] | TxtAnswer) -> TxtAnswer:
     return TxtAnswer.found(records, ttl=300.0) if records else TxtAnswer.none("no data")
 
 
-class DnsResolver:
+class DnsResolver(TypedLookups):
     """dnspython's asyncio stub resolver, reduced to TXT, A, AAAA and MX lookups that never raise.
 
     With `nameservers=None` it reads the system configuration (/etc/resolv.conf; dnspython raises
@@ -189,13 +200,7 @@ class DnsResolver:
         self._resolver = resolver
         self._lifetime = lifetime
 
-    async def txt(self, name: str) -> TxtAnswer:
-        return await self.query(name, "TXT")
-
-    async def query(self, name: str, rdtype: str) -> TxtAnswer:
-        kind = record_type(rdtype)
-        if kind is None:
-            return TxtAnswer.temperror(f"unsupported record type {rdtype!r}")
+    async def _query(self, name: str, kind: str) -> TxtAnswer:
         if not normalise_name(name):
             return TxtAnswer.none("bad name: empty")
         try:
