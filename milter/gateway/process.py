@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from milter.auth import evaluate_evidence
 from milter.errors import MilterError, StoreError, smtp_reply
 from milter.gateway.auth import SenderAuth
 from milter.gateway.batcher import MicroBatcher
@@ -34,7 +35,7 @@ from milter.gateway.xforward import XForward
 from milter.types import Action, Envelope
 
 if TYPE_CHECKING:
-    from milter.auth import Evidence
+    from milter.auth import AuthResults, Evidence
     from milter.features.summary import Extracted
     from milter.scan import ScanResult
 
@@ -164,11 +165,18 @@ class PreparePool:
     async def run(
         self, raw: bytes, envelope: Envelope, protected: Any, evidence: Evidence | None = None
     ) -> Extracted:
+        result: Extracted = await self._call(self._prepare, raw, envelope, protected, evidence)
+        return result
+
+    async def verify(self, raw: bytes, evidence: Evidence) -> AuthResults:
+        """DKIM verification and DMARC evaluation of gathered evidence, in the pool (RSA, body hashes)."""
+        result: AuthResults = await self._call(evaluate_evidence, raw, evidence)
+        return result
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         pool = self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                pool, self._prepare, raw, envelope, protected, evidence
-            )
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         except BrokenProcessPool:
             if self._pool is pool:  # the first session to notice replaces it
                 log.error(kv("prepare_pool_broken", action="restarting"))
@@ -255,18 +263,32 @@ class MessageProcessor:
     async def _scan(self, msg: Inbound) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
         # prepare and scoring cannot make them disagree with the policy that decides.
-        # DNS first, on the loop, bounded by auth.timeout, and before announcing the message to the
-        # batcher (a batch waits a moment for announced messages, not for DNS); verification runs in
-        # the pool with the rest of prepare.
-        evidence = None
-        if self.auth is not None:
+        protected = self.model.scanner.policy.protected
+        if self.auth is None:
+            with self.batcher.expect() as submit:
+                return await submit((await self.prepare.run(msg.raw, msg.envelope, protected), msg.envelope))
+        # Parse and features in the pool while the DNS lookups run on the loop (bounded by
+        # auth.timeout); the message is announced to the batcher only once its answers are in (a batch
+        # waits a moment for announced messages, not for DNS).
+        prepared = asyncio.ensure_future(self.prepare.run(msg.raw, msg.envelope, protected))
+        try:
             started = time.perf_counter()
             evidence = await self.auth.gather(msg.raw, msg.id, msg.envelope)
             self.metrics.auth_seconds.observe(time.perf_counter() - started)
-        with self.batcher.expect() as submit:
-            ext = await self.prepare.run(msg.raw, msg.envelope, self.model.scanner.policy.protected, evidence)
-            self._count_auth(ext)
-            return await submit((ext, msg.envelope))
+            with self.batcher.expect() as submit:
+                ext = await prepared
+                if evidence is not None:
+                    ext = replace(ext, summary=replace(ext.summary, auth=await self._verify(msg, evidence)))
+                self._count_auth(ext)
+                return await submit((ext, msg.envelope))
+        finally:
+            if not prepared.done():
+                prepared.cancel()
+
+    async def _verify(self, msg: Inbound, evidence: Evidence) -> AuthResults:
+        if not evidence.plan.signatures:  # DMARC over the answers alone: microseconds, here
+            return evaluate_evidence(msg.raw, evidence)
+        return await self.prepare.verify(msg.raw, evidence)  # RSA and body hashes: in the pool
 
     def _count_auth(self, ext: Extracted) -> None:
         auth = ext.summary.auth
