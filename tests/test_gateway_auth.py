@@ -224,3 +224,26 @@ def test_a_broken_gather_costs_the_results_not_the_message(
     monkeypatch.setattr(gateway_auth, "gather", broken)
     assert asyncio.run(auth.gather(invoice("billing@example.com"), "m2")) is None
     assert "auth_gather_failed" in caplog.text and "id=m2" in caplog.text and "RuntimeError" in caplog.text
+
+
+def test_a_host_without_a_resolver_still_passes_mail(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No /etc/resolv.conf (dnspython refuses to build a resolver): the gateway starts, says so, and
+    every check ends in temperror, which no rule acts on."""
+    import dns.resolver
+
+    import milter.gateway.auth as gateway_auth
+    from milter.auth import evaluate_evidence
+
+    def no_config(*args: object, **kwargs: object) -> None:
+        raise dns.resolver.NoResolverConfiguration("no nameservers")  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(gateway_auth, "DnsResolver", no_config)
+    auth = gateway_auth.build_sender_auth(AuthConfig(), "gw.test")
+    assert auth is not None
+    assert "auth_no_resolver" in caplog.text and "auth.nameservers" in caplog.text
+    raw = invoice("billing@example.com")
+    evidence = asyncio.run(auth.gather(raw, "m1"))
+    assert evidence is not None
+    assert evaluate_evidence(raw, evidence).dmarc.result == "temperror"

@@ -13,7 +13,7 @@ from milter.auth.cache import CachingResolver
 from milter.auth.check import Evidence, SpfClient, authenticate, evaluate, evaluate_evidence, fetch, gather
 from milter.auth.dkim import DkimResult
 from milter.auth.dmarc import DmarcRecord, DmarcResult, parse_record
-from milter.auth.dns import Answers, DnsResolver, Resolver, StaticResolver, TxtAnswer, TxtResolver
+from milter.auth.dns import Answers, DnsResolver, NoResolver, Resolver, StaticResolver, TxtAnswer, TxtResolver
 from milter.auth.message import AuthPlan, SignatureRef, plan
 from milter.auth.results import AuthResults
 from milter.auth.spf import SpfResult, trusted_spf_from_headers
@@ -29,6 +29,7 @@ __all__ = [
     "DmarcResult",
     "DnsResolver",
     "Evidence",
+    "NoResolver",
     "Resolver",
     "SignatureRef",
     "SpfClient",

@@ -131,6 +131,17 @@ class Answers(Mapping[str, TxtAnswer]):
         return len(self.entries)
 
 
+class NoResolver(TypedLookups):
+    """Every lookup a temperror: what a host without a usable resolver gets, so that mail still flows
+    (with results no rule acts on) instead of the gateway refusing to start."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    async def _query(self, name: str, kind: str) -> TxtAnswer:
+        return TxtAnswer.temperror(self.why)
+
+
 class StaticResolver(TypedLookups):
     """Answers from a fixed mapping: tests, and offline scans where no DNS should be touched.
 

@@ -20,9 +20,8 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 
-from milter.auth import CachingResolver, DnsResolver, Evidence, Resolver, SpfClient, gather
+from milter.auth import CachingResolver, DnsResolver, Evidence, NoResolver, Resolver, SpfClient, gather
 from milter.config import AuthConfig, nameserver
-from milter.errors import ConfigError
 from milter.gateway.logfmt import kv
 from milter.types import Envelope
 
@@ -98,12 +97,12 @@ def build_sender_auth(
     return SenderAuth(resolver, config.timeout, authserv_id, config.trusted_authserv_ids, internal)
 
 
-def _dns_resolver(config: AuthConfig) -> DnsResolver:
+def _dns_resolver(config: AuthConfig) -> Resolver:
     servers = [nameserver(n, f"auth.nameservers[{i}]") for i, n in enumerate(config.nameservers)]
     try:
         return DnsResolver(servers or None, lifetime=config.timeout)
     except Exception as exc:  # dnspython: no /etc/resolv.conf, or one without nameservers
-        raise ConfigError(
-            "auth.nameservers",
-            f"no usable system resolver ({type(exc).__name__}): set auth.nameservers or auth.enabled = false",
-        ) from exc
+        # Mail must still flow on such a host: every result is then temperror, which no rule acts on.
+        why = f"no usable system resolver ({type(exc).__name__})"
+        log.warning(kv("auth_no_resolver", detail=why, fix="set auth.nameservers or auth.enabled = false"))
+        return NoResolver(why)
