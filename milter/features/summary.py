@@ -25,7 +25,7 @@ class MessageSummary:
     to_addrs: tuple[str, ...]
     date: str | None
     defects: tuple[str, ...]  # parser defect class names, de-duplicated
-    # Facts the policy's BEC rules combine (see milter/policy.py); defaults say "nothing found".
+    # Facts the policy's BEC rules combine (see milter/policy/bec.py); defaults say "nothing found".
     from_org_domain: str | None = None  # registrable domain of From (mail.example.co.uk -> example.co.uk)
     reply_to_domain: str | None = None  # registrable domain of Reply-To
     freemail_sender: bool = False  # From is a free-mail provider (gmail.com, outlook.com, ...)

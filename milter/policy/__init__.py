@@ -1,0 +1,246 @@
+"""The policy: model scores + lists + protected identities -> one `Decision`, as a readable table.
+
+The table (`RULES`) and the `Policy` object live here; the rules themselves in `rules.py` (lists,
+impersonation, the model's ladders), `bec.py` (BEC content patterns) and `dmarc.py` (sender
+authentication), and what they read and say in `table.py`.
+
+Mailman-3 style: every rule is one small function that looks at the message and either says nothing or
+returns a `Hit` (a reason, and for a deciding rule a verdict and an action). The rules are evaluated in
+the order of `RULES`; the first hit that carries an action decides, and every hit is kept as a reason.
+
+Precedence (the order of `RULES`), and why:
+
+1. Deny lists (sender address, sender domain, client IP/CIDR) -> spam, quarantine. An administrator's
+   explicit "never" beats everything, including an allow entry for the same sender.
+2. BEC impersonation: the From display name is a protected person (or a protected address) while the
+   From domain is not protected, or the From domain imitates a protected domain -> bec, quarantine.
+   This sits *before* the allow lists on purpose: an allowed or trusted name turning up from somewhere
+   else is exactly what BEC looks like, and allow lists match only what the sender claims about itself,
+   which costs an attacker nothing. One exception: a lookalike domain that is itself on the allow list
+   (a real partner whose name is close to ours) is not one.
+   Exact-domain spoof: the From domain is protected and fails DMARC while publishing p=quarantine or
+   p=reject (milter/auth) -> bec, quarantine. No DMARC rule judges mail from our own clients
+   (`internal_networks`, XFORWARD SOURCE=LOCAL): their mail is often signed only after the filter.
+   BEC content rules, which need no configuration: bank or payroll details changing, or gift cards asked
+   for with urgency, from free-mail or with replies going to another domain; a disguised sender (free-mail
+   posing as an organisation, a display name showing another address) talking about money -> bec,
+   quarantine. The corpora hold no real BEC, so these carry the documented patterns (fixtures/bec/) that
+   the model cannot learn; they also sit before the allow lists: a vendor's hijacked mailbox is allowed.
+3. BEC model ladder on P(bec) (reject / quarantine / tag).
+4. Allow lists (sender address, sender domain, client IP/CIDR) -> ham, accept. They silence the spam
+   model only: an allowed vendor whose account is taken over still meets the BEC rules above. A sender
+   or domain entry is not applied when the From domain's own DMARC (p=quarantine / reject) disowns the
+   message: the entry trusted a claim its owner denies.
+5. Spam model ladder on P(spam) + P(bec), the probability that the message is *not ham*. Summing keeps a
+   message the model splits between the two bad classes (say 0.5 / 0.45) from slipping through both
+   ladders; its verdict is `spam` because the BEC ladder, which is tuned for BEC, did not fire.
+6. DMARC failure under p=quarantine / p=reject -> spam, `dmarc_fail_action` (tag by default; none makes
+   it a reason only). Last, so it never softens the model's answer; mailing-list copies are exempt.
+7. Nothing fired -> ham, accept.
+
+Thresholds come from the model's metadata (chosen at training time); `PolicyConfig.spam` / `.bec`, when
+set, replace that class's thresholds as a whole (a `None` field there disables that action, as the config
+documents). `reject` is never taken from the metadata: rejecting needs an explicit configuration.
+
+Per recipient domain (`PolicyConfig.domains`): a `DomainRule` matches a recipient whose domain is the
+rule's domain or a subdomain of it; its `spam` / `bec` thresholds replace the global ones for that
+recipient and `action_override` replaces any action other than accept (so "tag" means "never quarantine
+here"). An after-queue filter returns one answer per message, so a message to several recipients takes
+the *strictest* answer over all of them (recipients without a rule use the global thresholds): one
+recipient's relaxed rule must not let mail through to the others. Ties go to the first recipient.
+
+On scanning errors the gateway applies `on_error`; nothing here raises for a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+from milter.config import ClassThresholds, DomainRule, PolicyConfig
+from milter.errors import ConfigError, ModelError
+from milter.features import Protected
+from milter.features.summary import Extracted
+from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
+from milter.policy.dmarc import dmarc_fail, spoofed_protected_domain
+from milter.policy.rules import (
+    allow_domain,
+    allow_ip,
+    allow_sender,
+    bec_score,
+    deny_domain,
+    deny_ip,
+    deny_sender,
+    impersonated_address,
+    impersonated_name,
+    lookalike_sender,
+    spam_score,
+)
+from milter.policy.table import (
+    MAX_SIGNALS,
+    SEVERITY,
+    Context,
+    Ladder,
+    Lists,
+    Rule,
+    RuleSet,
+    contains_name,
+    domain_of,
+    in_domain,
+    in_networks,
+    normalised,
+    parse_client,
+    parse_networks,
+)
+from milter.types import Action, Decision, Envelope, Scores, Verdict
+
+__all__ = ["RULES", "Ladder", "Policy", "contains_name", "evaluate", "parse_client"]
+
+
+#: The policy, in order. The first hit with an action decides; all hits become reasons.
+RULES: tuple[Rule, ...] = (
+    deny_sender,
+    deny_domain,
+    deny_ip,
+    impersonated_name,
+    impersonated_address,
+    lookalike_sender,
+    spoofed_protected_domain,
+    bank_details_change,
+    gift_card_request,
+    disguised_sender_money,
+    bec_score,
+    allow_sender,
+    allow_domain,
+    allow_ip,
+    spam_score,
+    dmarc_fail,
+)
+
+
+def evaluate(ctx: Context, rules: Iterable[Rule] = RULES) -> Decision:
+    """Run the table once for one recipient's rule set."""
+    hits = [hit for rule in rules if (hit := rule(ctx)) is not None]
+    decider = next((h for h in hits if h.action is not None), None)
+    if decider is None:
+        return Decision(Verdict.HAM, Action.ACCEPT, tuple(h.reason for h in hits))
+    assert decider.verdict is not None and decider.action is not None
+    action = decider.action
+    reasons = [decider.reason, *(h.reason for h in hits if h is not decider)]
+    override = ctx.rules.action_override
+    if override is not None and action is not Action.ACCEPT and override is not action:
+        reasons.insert(1, f"recipient domain {ctx.rules.domain} rule: {action.value} -> {override.value}")
+        action = override
+    return Decision(decider.verdict, action, tuple(reasons))
+
+
+# --- the public object -------------------------------------------------------------------------------
+
+
+def _metadata_thresholds(name: str, raw: Mapping[str, float] | None) -> ClassThresholds:
+    """A class's thresholds from model metadata; `reject` is ignored (it must be configured)."""
+    if raw is None:
+        return ClassThresholds()
+    values: dict[str, float] = {}
+    for key in ("tag", "quarantine"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ModelError(f"model metadata threshold {name}.{key} must be within [0, 1], got {value!r}")
+        values[key] = float(value)
+    return ClassThresholds(**values)
+
+
+_DMARC_FAIL_ACTIONS: Mapping[str, Action | None] = {
+    "none": None, "tag": Action.TAG, "quarantine": Action.QUARANTINE,
+}
+
+
+class Policy:
+    """Thresholds, per-domain rules and allow / deny lists, built once from the configuration."""
+
+    def __init__(self, config: PolicyConfig, model_thresholds: Mapping[str, Mapping[str, float]]) -> None:
+        self.config = config
+        self.dmarc_fail_action = _DMARC_FAIL_ACTIONS.get(config.dmarc_fail_action)
+        if config.dmarc_fail_action not in _DMARC_FAIL_ACTIONS:
+            raise ConfigError("policy.dmarc_fail_action", f"unknown action {config.dmarc_fail_action!r}")
+        spam = config.spam or _metadata_thresholds("spam", model_thresholds.get("spam"))
+        bec = config.bec or _metadata_thresholds("bec", model_thresholds.get("bec"))
+        self.default_rules = RuleSet(spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec))
+        self.domain_rules = tuple(self._domain_rules(r, spam, bec) for r in config.domains)
+        raw = config.lists
+        self.lists = Lists(
+            allow_senders=frozenset(normalised(raw.allow_senders)),
+            allow_domains=normalised(raw.allow_domains),
+            allow_ips=parse_networks("allow_ips", raw.allow_ips),
+            deny_senders=frozenset(normalised(raw.deny_senders)),
+            deny_domains=normalised(raw.deny_domains),
+            deny_ips=parse_networks("deny_ips", raw.deny_ips),
+        )
+        self.internal_networks = parse_networks("internal_networks", config.internal_networks, "policy")
+        self._protected = Protected(
+            domains=normalised(config.protected_domains),
+            names=tuple(n.strip() for n in config.protected_names if n.strip()),
+        )
+
+    @staticmethod
+    def _domain_rules(rule: DomainRule, spam: ClassThresholds, bec: ClassThresholds) -> RuleSet:
+        try:
+            override = Action(rule.action_override) if rule.action_override is not None else None
+        except ValueError as exc:
+            raise ConfigError(f"policy.domain[{rule.domain}].action_override",
+                              f"unknown action {rule.action_override!r}") from exc
+        return RuleSet(
+            spam=Ladder.build("spam", rule.spam or spam),
+            bec=Ladder.build("bec", rule.bec or bec),
+            action_override=override,
+            domain=rule.domain.lower(),
+        )
+
+    @property
+    def protected(self) -> Protected:
+        """The protected domains and names, for feature extraction (impersonation signals)."""
+        return self._protected
+
+    def rules_for(self, recipient: str) -> RuleSet:
+        """The first DomainRule matching the recipient's domain (or a parent domain), else the global set."""
+        domain = domain_of(recipient)
+        for rules in self.domain_rules:
+            if rules.domain is not None and in_domain(domain, (rules.domain,)) is not None:
+                return rules
+        return self.default_rules
+
+    def decide(self, scores: Scores, extracted: Extracted, envelope: Envelope) -> Decision:
+        summary = extracted.summary
+        senders = tuple(dict.fromkeys(
+            s for s in (_clean_address(envelope.mail_from), _clean_address(summary.from_addr)) if s
+        ))
+        client_ip = parse_client(envelope.client_addr)
+        internal = (envelope.source or "").upper() == "LOCAL" or (
+            in_networks(client_ip, self.internal_networks) is not None
+        )
+        base = Context(
+            scores=scores, summary=summary, senders=senders, client_ip=client_ip,
+            lists=self.lists, protected=self._protected, rules=self.default_rules,
+            dmarc_fail_action=self.dmarc_fail_action, internal=internal,
+        )
+        # One evaluation per distinct rule set among the recipients, strictest wins (module docstring).
+        per_rcpt = (self.rules_for(r) for r in envelope.rcpt_tos)
+        rule_sets = tuple(dict.fromkeys(per_rcpt)) or (self.default_rules,)
+        decisions = [evaluate(replace(base, rules=rules)) for rules in rule_sets]
+        decision = max(decisions, key=lambda d: SEVERITY[d.action])  # max keeps the first on ties
+        # a signal that a rule's reason already quotes ("asks for gift cards ...; sent from ...") adds nothing
+        signals = tuple(
+            s for s in extracted.signals[:MAX_SIGNALS] if not any(s in reason for reason in decision.reasons)
+        )
+        prefix = self.config.subject_prefix if decision.action is Action.TAG else None
+        return Decision(decision.verdict, decision.action, decision.reasons + signals, prefix)
+
+
+def _clean_address(address: str | None) -> str | None:
+    """Lower-case addr-spec without angle brackets; the null sender <> is no address."""
+    if not address:
+        return None
+    text = address.strip().strip("<>").strip().lower()
+    return text if "@" in text else None

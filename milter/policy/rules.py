@@ -1,0 +1,126 @@
+"""The rules of the lists, impersonation and the model's two ladders, one small unit each (the order
+they run in is `milter.policy.RULES`)."""
+
+from __future__ import annotations
+
+from milter.features.domains import lookalike_of
+from milter.policy.dmarc import unproven
+from milter.policy.table import (
+    ADDR_IN_TEXT,
+    Context,
+    Hit,
+    Ladder,
+    contains_name,
+    domain_of,
+    in_domain,
+    in_networks,
+)
+from milter.types import Action, Verdict
+
+
+def deny_sender(ctx: Context) -> Hit | None:
+    for sender in ctx.senders:
+        if sender in ctx.lists.deny_senders:
+            return Hit(f"sender {sender} is on the deny list", Verdict.SPAM, Action.QUARANTINE)
+    return None
+
+
+def deny_domain(ctx: Context) -> Hit | None:
+    for sender in ctx.senders:
+        domain = domain_of(sender)
+        if (entry := in_domain(domain, ctx.lists.deny_domains)) is not None:
+            reason = f"sender domain {domain} is on the deny list ({entry})"
+            return Hit(reason, Verdict.SPAM, Action.QUARANTINE)
+    return None
+
+
+def deny_ip(ctx: Context) -> Hit | None:
+    if (net := in_networks(ctx.client_ip, ctx.lists.deny_ips)) is not None:
+        return Hit(f"client {ctx.client_ip} in deny list {net}", Verdict.SPAM, Action.QUARANTINE)
+    return None
+
+
+def impersonated_name(ctx: Context) -> Hit | None:
+    display, domain = ctx.summary.from_display, ctx.summary.from_domain
+    if not display or in_domain(domain, ctx.protected.domains) is not None:
+        return None
+    for name in ctx.protected.names:
+        if contains_name(display, name):
+            return Hit(
+                f"From display name {display!r} is protected person {name} "
+                f"but the From domain {domain or '(none)'} is not a protected domain",
+                Verdict.BEC, Action.QUARANTINE,
+            )
+    return None
+
+
+def impersonated_address(ctx: Context) -> Hit | None:
+    """A display name that is itself an address at a protected domain ("ceo@example.com" <x@evil.test>)."""
+    display, domain = ctx.summary.from_display, ctx.summary.from_domain
+    if not display or in_domain(domain, ctx.protected.domains) is not None:
+        return None
+    for match in ADDR_IN_TEXT.finditer(display):
+        shown = match.group(1).lower()
+        if in_domain(shown, ctx.protected.domains) is not None:
+            return Hit(
+                f"From display name shows {match.group(0)} at protected domain {shown} "
+                f"but the From domain is {domain or '(none)'}",
+                Verdict.BEC, Action.QUARANTINE,
+            )
+    return None
+
+
+def lookalike_sender(ctx: Context) -> Hit | None:
+    """The From domain imitates a protected domain (examp1e.com, exarnple.com, xn--xample-2of.com).
+
+    A domain on the allow list is exempt: listing kernel.dk beside a protected kernel.org is the admin
+    saying the two are different parties, and the lookalike is the only thing this rule knows."""
+    domain = ctx.summary.from_org_domain
+    if not domain or not ctx.protected.domains or in_domain(domain, ctx.lists.allow_domains) is not None:
+        return None
+    if (target := lookalike_of(domain, ctx.protected.domains)) is not None:
+        return Hit(f"From domain {domain} imitates protected domain {target}", Verdict.BEC, Action.QUARANTINE)
+    return None
+
+
+def _ladder_hit(ladder: Ladder, score: float, verdict: Verdict) -> Hit | None:
+    step = ladder.step(score)
+    if step is None:
+        return None
+    action, threshold = step
+    reason = f"{ladder.name} score {score:.2f} >= {action.value} threshold {threshold:.2f}"
+    return Hit(reason, verdict, action)
+
+
+def bec_score(ctx: Context) -> Hit | None:
+    return _ladder_hit(ctx.rules.bec, ctx.scores.bec, Verdict.BEC)
+
+
+def allow_sender(ctx: Context) -> Hit | None:
+    for sender in ctx.senders:
+        if sender in ctx.lists.allow_senders:
+            return unproven(ctx, sender) or Hit(
+                f"sender {sender} is on the allow list", Verdict.HAM, Action.ACCEPT
+            )
+    return None
+
+
+def allow_domain(ctx: Context) -> Hit | None:
+    for sender in ctx.senders:
+        domain = domain_of(sender)
+        if (entry := in_domain(domain, ctx.lists.allow_domains)) is not None:
+            return unproven(ctx, entry) or Hit(
+                f"sender domain {domain} is on the allow list ({entry})", Verdict.HAM, Action.ACCEPT
+            )
+    return None
+
+
+def allow_ip(ctx: Context) -> Hit | None:
+    if (net := in_networks(ctx.client_ip, ctx.lists.allow_ips)) is not None:
+        return Hit(f"client {ctx.client_ip} in allow list {net}", Verdict.HAM, Action.ACCEPT)
+    return None
+
+
+def spam_score(ctx: Context) -> Hit | None:
+    # P(spam) + P(bec): "not ham" (see the module docstring).
+    return _ladder_hit(ctx.rules.spam, ctx.scores.spam + ctx.scores.bec, Verdict.SPAM)
