@@ -1,10 +1,11 @@
-"""The gateway's side of sender authentication: DNS on the event loop, verification in the pool.
+"""The gateway's side of sender authentication: DNS on the event loop, verification after it.
 
-`SenderAuth.gather` runs before `prepare`: it reads the header block, looks up DKIM keys and DMARC
-records through one cached resolver per worker process (one deadline per message, `auth.timeout`), and
-hands the answers to the prepare process, which verifies and evaluates (milter.auth.check explains the
-split). A DNS outage therefore costs at most `auth.timeout` per message and ends as "temperror", which
-no policy rule acts on: mail is never refused or quarantined because DNS was slow.
+`SenderAuth.gather` runs while the prepare process parses the message: it reads the header block and
+looks up DKIM keys and DMARC records through one cached resolver per worker process (one deadline per
+message, `auth.timeout`). The answers are then evaluated (milter.auth.check explains the split): on
+the loop for unsigned mail, in the pool when there are signatures to verify (MessageProcessor._verify).
+A DNS outage therefore costs at most `auth.timeout` per message and ends as "temperror", which no
+policy rule acts on: mail is never refused or quarantined because DNS was slow.
 
 SPF is checked for clients from outside (XFORWARD's original client, or the peer), beside the DKIM /
 DMARC lookups and under the same deadline. Not for our own clients (`policy.internal_networks`,
