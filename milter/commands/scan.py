@@ -27,11 +27,12 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from milter.auth import CachingResolver, DnsResolver, Evidence, Resolver, gather
-from milter.config import AuthConfig, load_config, nameserver
+from milter.auth import CachingResolver, Evidence, Resolver, gather
+from milter.config import AuthConfig, load_config
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
+from milter.gateway.auth import dns_resolver
 from milter.scan import Scanner, ScanResult, build_scanner, prepare
 from milter.sources import Item, expand, read_items
 from milter.types import Envelope
@@ -100,13 +101,8 @@ class _Dns:
     """One event loop and one cached resolver for the whole scan, so repeated senders cost one lookup."""
 
     def __init__(self, config: AuthConfig, authserv_id: str) -> None:
-        servers = [nameserver(n, f"auth.nameservers[{i}]") for i, n in enumerate(config.nameservers)]
-        try:
-            inner = DnsResolver(servers or None, lifetime=config.timeout)
-        except Exception as exc:  # no /etc/resolv.conf
-            why = f"no usable system resolver ({type(exc).__name__})"
-            raise ConfigError("auth.nameservers", why) from exc
-        self.resolver: Resolver = CachingResolver(inner)
+        # an explicit --dns without a usable resolver is a configuration error (exit 2), not a warning
+        self.resolver: Resolver = CachingResolver(dns_resolver(config))
         self.config = config
         self.authserv_id = authserv_id
         self._runner = asyncio.Runner()

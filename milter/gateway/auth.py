@@ -17,16 +17,15 @@ that carry its authserv-id (RFC 8601 section 5): anybody can write such a header
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Sequence
 
 from milter.auth import CachingResolver, DnsResolver, Evidence, NoResolver, Resolver, SpfClient, gather
 from milter.config import AuthConfig, nameserver
+from milter.errors import ConfigError
 from milter.gateway.logfmt import kv
+from milter.policy.table import IPNetwork, is_internal, parse_client, parse_networks
 from milter.types import Envelope
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("milter.gateway")
 
@@ -38,7 +37,7 @@ class SenderAuth:
         timeout: float,
         authserv_id: str,
         trusted_ids: tuple[str, ...] = (),
-        internal: Sequence[Network] = (),
+        internal: Sequence[IPNetwork] = (),
     ) -> None:
         self.resolver = resolver
         self.timeout = timeout
@@ -58,15 +57,8 @@ class SenderAuth:
 
     def spf_client(self, envelope: Envelope) -> SpfClient | None:
         """Who SPF is checked for; None for our own clients or an address we cannot read."""
-        if (envelope.source or "").upper() == "LOCAL" or not envelope.client_addr:
-            return None
-        try:
-            ip = ipaddress.ip_address(envelope.client_addr.strip("[]").removeprefix("IPv6:"))
-        except ValueError:
-            return None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if any(ip.version == net.version and ip in net for net in self.internal):
+        ip = parse_client(envelope.client_addr)
+        if ip is None or is_internal(envelope, self.internal):
             return None
         return SpfClient(str(ip), envelope.mail_from, envelope.helo)
 
@@ -83,7 +75,7 @@ def build_sender_auth(
         log.info(kv("auth", dkim_dmarc="off"))
         return None
     if resolver is None:
-        resolver = CachingResolver(_dns_resolver(config))
+        resolver = CachingResolver(_system_or_none(config))
     authserv_id = config.authserv_id or hostname
     log.info(
         kv(
@@ -94,16 +86,25 @@ def build_sender_auth(
             authserv_id=authserv_id,
         )
     )
-    internal = [ipaddress.ip_network(n, strict=False) for n in internal_networks]
+    internal = parse_networks("internal_networks", internal_networks, "policy")
     return SenderAuth(resolver, config.timeout, authserv_id, config.trusted_authserv_ids, internal)
 
 
-def _dns_resolver(config: AuthConfig) -> Resolver:
+def dns_resolver(config: AuthConfig) -> DnsResolver:
+    """The DNS resolver the [auth] table names (its nameservers, or the system's); ConfigError naming
+    auth.nameservers when there is no usable one. Shared by the gateway and `milter scan --dns`."""
     servers = [nameserver(n, f"auth.nameservers[{i}]") for i, n in enumerate(config.nameservers)]
     try:
         return DnsResolver(servers or None, lifetime=config.timeout)
     except Exception as exc:  # dnspython: no /etc/resolv.conf, or one without nameservers
+        raise ConfigError("auth.nameservers", f"no usable system resolver ({type(exc).__name__})") from exc
+
+
+def _system_or_none(config: AuthConfig) -> Resolver:
+    try:
+        return dns_resolver(config)
+    except ConfigError as exc:
         # Mail must still flow on such a host: every result is then temperror, which no rule acts on.
-        why = f"no usable system resolver ({type(exc).__name__})"
-        log.warning(kv("auth_no_resolver", detail=why, fix="set auth.nameservers or auth.enabled = false"))
-        return NoResolver(why)
+        fix = "set auth.nameservers or auth.enabled = false"
+        log.warning(kv("auth_no_resolver", detail=exc.problem, fix=fix))
+        return NoResolver(exc.problem)

@@ -87,7 +87,7 @@ from milter.policy.table import (
     contains_name,
     domain_of,
     in_domain,
-    in_networks,
+    is_internal,
     normalised,
     parse_client,
     parse_networks,
@@ -217,9 +217,7 @@ class Policy:
             s for s in (_clean_address(envelope.mail_from), _clean_address(summary.from_addr)) if s
         ))
         client_ip = parse_client(envelope.client_addr)
-        internal = (envelope.source or "").upper() == "LOCAL" or (
-            in_networks(client_ip, self.internal_networks) is not None
-        )
+        internal = is_internal(envelope, self.internal_networks)
         base = Context(
             scores=scores, summary=summary, senders=senders, client_ip=client_ip,
             lists=self.lists, protected=self._protected, rules=self.default_rules,

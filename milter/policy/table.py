@@ -12,7 +12,7 @@ from milter.config import ClassThresholds
 from milter.errors import ConfigError
 from milter.features import Protected
 from milter.features.summary import MessageSummary
-from milter.types import Action, Scores, Verdict
+from milter.types import Action, Envelope, Scores, Verdict
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -144,6 +144,14 @@ def in_networks(ip: IPAddress | None, networks: Iterable[IPNetwork]) -> IPNetwor
         if ip.version == net.version and ip in net:
             return net
     return None
+
+
+def is_internal(envelope: Envelope, networks: Iterable[IPNetwork]) -> bool:
+    """Mail from one of our own clients: XFORWARD SOURCE=LOCAL (Postfix's local_header_rewrite_clients)
+    or a client address in `networks` (policy.internal_networks)."""
+    if (envelope.source or "").upper() == "LOCAL":
+        return True
+    return in_networks(parse_client(envelope.client_addr), networks) is not None
 
 
 def name_tokens(text: str) -> tuple[str, ...]:
