@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 ARGS        ?=
 BENCH       ?= bench/scan.py
 
-.PHONY: install run test lint pytest bench train corpora clean
+.PHONY: install run test lint pytest bench train unseen corpora clean
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ bench: $(STAMP) corpora
 
 train: $(STAMP) corpora
 	$(BIN)/milter-train $(ARGS)
+
+# How the model does on a source it never saw, and after K admin labels of it (training/unseen.py).
+unseen: $(STAMP) corpora
+	$(BIN)/python -m training.unseen $(ARGS)
 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

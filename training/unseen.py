@@ -1,0 +1,252 @@
+"""`python -m training.unseen` (`make unseen`): a source the model never saw, and how fast labels fix it.
+
+The time-ordered test split answers "how does the model do on *newer* mail from the senders it was
+trained on". Production mail mostly comes from senders the corpora never had, so this answers the
+other question. It leaves one source out of training entirely (a corpus, or one sub-collection such as
+`modern-bulk-ham/investigation-wheres-my-email`), trains exactly as `milter-train` does (same features,
+split, weights, fit and threshold rule, on what is left), and scores every message of that source at the
+thresholds that training chose.
+
+Then it plays the learning loop: the source's K oldest messages become admin labels, weighted as
+`milter-retrain` weights them (`--label-weight`), the model is refitted, and the source's remaining
+messages are scored again. That is what an admin sees after releasing K messages of a new newsletter
+from the quarantine and letting the nightly retrain run.
+
+It fits with LightGBM directly and skips the ONNX export: `milter-train` checks that the two agree.
+Output: a table on stdout, and with `--json FILE` the same figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from milter.types import CLASS_NAMES
+from training import model as mdl
+from training.dataset import Dataset
+from training.retrain import label_weights
+from training.thresholds import HAM, Thresholds, choose_thresholds, decide
+from training.train import _features, fit_setup, load_dataset
+from training.train import parse_args as train_args
+
+log = logging.getLogger("milter-unseen")
+
+IntRows = npt.NDArray[np.intp]
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """This tool's own options, and milter-train's (data, split and fit settings) from the rest."""
+    p = argparse.ArgumentParser(
+        prog="python -m training.unseen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other option is milter-train's (--corpora-src, --max-per-group, --seed, ...).",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        metavar="CORPUS[/SUB]",
+        help="leave this source out (repeatable; default: modern-bulk-ham)",
+    )
+    p.add_argument(
+        "--labels",
+        default="0,10,40",
+        help="comma-separated label counts K to simulate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--label-weight", type=float, default=20.0, help="as milter-retrain (default: %(default)s)"
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
+    own, rest = p.parse_known_args(argv)
+    try:
+        own.label_counts = sorted({int(k) for k in own.labels.split(",") if k.strip()})
+    except ValueError:
+        p.error(f"--labels: not a list of integers: {own.labels!r}")
+    if any(k < 0 for k in own.label_counts):
+        p.error("--labels: counts must be >= 0")
+    own.source = own.source or ["modern-bulk-ham"]
+    return own, train_args(rest)
+
+
+def source_mask(ds: Dataset, source: str) -> npt.NDArray[np.bool_]:
+    """Rows of `source` ("corpus" or "corpus/sub-collection"); ValueError naming the known ones if none."""
+    keys = np.array([f"{m.corpus}/{m.subcollection}" for m in ds.messages])
+    corpora = np.array([m.corpus for m in ds.messages])
+    mask: npt.NDArray[np.bool_] = (corpora == source) | (keys == source)
+    if not mask.any():
+        known = sorted(set(corpora.tolist()) | set(keys.tolist()))
+        raise ValueError(f"no messages from source {source!r}; known sources: {', '.join(known)}")
+    return mask
+
+
+def oldest_first(ds: Dataset, rows: IntRows) -> IntRows:
+    """Rows by Date (undated ones last, by manifest order): the labels an admin would give first."""
+
+    def key(i: int) -> tuple[bool, float, int]:
+        m = ds.messages[i]
+        return (m.date is None, m.date.timestamp() if m.date else 0.0, m.order)
+
+    return np.array(sorted(rows.tolist(), key=key), dtype=np.intp)
+
+
+@dataclass(frozen=True)
+class ClassFigures:
+    """One class of the left-out source at one label count: how much of it each level flags."""
+
+    klass: str
+    n: int
+    quarantined: float  # share predicted not-ham at the quarantine thresholds
+    tagged_or_worse: float  # share predicted not-ham at the tag thresholds
+
+
+@dataclass(frozen=True)
+class Step:
+    """One refit: K labels of the source in training, figures on the source's remaining messages."""
+
+    labels: int
+    thresholds: dict[str, dict[str, float]]
+    source: list[ClassFigures]
+    # the cost elsewhere: known sources' test split at this step's quarantine thresholds
+    known_ham_fpr: dict[str, float]
+    known_recall: dict[str, float]
+
+
+def _class_figures(
+    probs: npt.NDArray[np.float64], y: npt.NDArray[np.int64], th: Thresholds
+) -> list[ClassFigures]:
+    quarantined = decide(probs.astype(np.float32), th.spam_quarantine, th.bec_quarantine) != HAM
+    tagged = decide(probs.astype(np.float32), th.spam_tag, th.bec_tag) != HAM
+    out = []
+    for k, name in enumerate(CLASS_NAMES):
+        rows = y == k
+        if rows.any():
+            out.append(
+                ClassFigures(
+                    name, int(rows.sum()), float(quarantined[rows].mean()), float(tagged[rows].mean())
+                )
+            )
+    return out
+
+
+def _known_figures(
+    ds: Dataset, rows: IntRows, probs: npt.NDArray[np.float64], th: Thresholds
+) -> tuple[dict[str, float], dict[str, float]]:
+    flagged = decide(probs.astype(np.float32), th.spam_quarantine, th.bec_quarantine) != HAM
+    corpora = np.array([ds.messages[i].corpus for i in rows])
+    y = ds.y[rows]
+    fpr, recall = {}, {}
+    for c in sorted(set(corpora.tolist())):
+        ham, bad = (corpora == c) & (y == HAM), (corpora == c) & (y != HAM)
+        if ham.any():
+            fpr[c] = float(flagged[ham].mean())
+        if bad.any():
+            recall[c] = float(flagged[bad].mean())
+    return fpr, recall
+
+
+def run_source(
+    ds: Dataset, targs: argparse.Namespace, source: str, counts: Sequence[int], label_weight: float
+) -> list[Step]:
+    """Leave `source` out, then add its K oldest messages as labels for each K in `counts`."""
+    setup = fit_setup(targs, ds)
+    held = source_mask(ds, source)
+    tr, va = setup.train[~held[setup.train]], setup.val[~held[setup.val]]
+    known_test = setup.test[~held[setup.test]]
+    source_rows = oldest_first(ds, np.flatnonzero(held))
+    corpora_val = [setup.corpora[i] for i in va]
+    steps = []
+    for k in counts:
+        if k >= len(source_rows):
+            log.warning(
+                "%s: %d labels would leave nothing to score (%d messages); skipped",
+                source,
+                k,
+                len(source_rows),
+            )
+            continue
+        labels, rest = source_rows[:k], source_rows[k:]
+        w_lab = label_weights(ds.y[labels], ds.y[tr], setup.weights[tr], label_weight)
+        fit_rows = np.concatenate([tr, labels])
+        booster = mdl.fit(
+            ds.X[fit_rows],
+            ds.y[fit_rows],
+            np.concatenate([setup.weights[tr], w_lab]),
+            ds.X[va],
+            ds.y[va],
+            setup.weights[va],
+            ds.feature_names,
+            setup.cfg,
+        )
+        trained = frozenset(int(c) for c in np.unique(ds.y[fit_rows]))
+        th = choose_thresholds(
+            mdl.predict(booster, ds.X[va]).astype(np.float32),
+            ds.y[va],
+            corpora_val,
+            targs.target_fpr,
+            targs.tag_fpr,
+            trained,
+        )
+        fpr, recall = _known_figures(ds, known_test, mdl.predict(booster, ds.X[known_test]), th)
+        steps.append(
+            Step(
+                k, th.as_dict(), _class_figures(mdl.predict(booster, ds.X[rest]), ds.y[rest], th), fpr, recall
+            )
+        )
+        log.info("%s: %d labels done", source, k)
+    return steps
+
+
+def render(source: str, steps: Sequence[Step]) -> str:
+    """One block per source: the source's rows, then what each refit costs on the known sources."""
+    lines = [
+        f"left out: {source}",
+        f"  {'labels':>6}  {'class':5} {'n':>6}  {'quarantined':>11}  {'tagged+':>8}",
+    ]
+    for s in steps:
+        lines += [
+            f"  {s.labels:>6}  {f.klass:5} {f.n:>6}  {f.quarantined:>11.1%}  {f.tagged_or_worse:>8.1%}"
+            for f in s.source
+        ]
+    lines.append("  known sources, test split, quarantine level (ham FPR / caught):")
+    for s in steps:
+        known = [f"{c} {v:.2%}" for c, v in s.known_ham_fpr.items()]
+        known += [f"{c} {v:.1%}" for c, v in s.known_recall.items()]
+        lines.append(f"  {s.labels:>6}  ham FPR: {', '.join(known[: len(s.known_ham_fpr)])}")
+        lines.append(f"  {'':>6}  caught:  {', '.join(known[len(s.known_ham_fpr) :])}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, targs = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if targs.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    features, code_version = _features(targs.features_module)
+    ds, _ = load_dataset(targs, features, code_version)
+    results = {}
+    for source in own.source:
+        try:
+            steps = run_source(ds, targs, source, own.label_counts, own.label_weight)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(render(source, steps), flush=True)
+        results[source] = [asdict(s) for s in steps]
+    if own.json is not None:
+        own.json.write_text(
+            json.dumps({"label_weight": own.label_weight, "sources": results}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
