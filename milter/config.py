@@ -47,6 +47,10 @@ class Lists:
     deny_ips: tuple[str, ...] = ()
 
 
+#: One release may be a mistake; three are a decision.
+DEFAULT_LEARNED_SENDER_LABELS = 3
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     # None: take the thresholds chosen at training time from the model's metadata.
@@ -66,6 +70,10 @@ class PolicyConfig:
     internal_networks: tuple[str, ...] = (
         "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
     )
+    # A From domain that passes DMARC and has at least this many messages labelled ham in the store (and
+    # none spam or bec) is tagged, not quarantined, on the model's score alone; 0 turns this off
+    # (milter.policy.learned).
+    learned_sender_labels: int = DEFAULT_LEARNED_SENDER_LABELS
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 from auth_support import SELECTOR, FakeDns, generate_key, sign
 from gateway_support import Outcome, Sink, config_for, load_scanner, open_store, running_gateway
 
-from milter.config import AuthConfig, Config
+from milter.config import AuthConfig, ClassThresholds, Config
 from milter.gateway.server import Gateway
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "bec" / "ham-vendor-invoice.eml"
@@ -247,3 +247,42 @@ def test_a_host_without_a_resolver_still_passes_mail(
     evidence = asyncio.run(auth.gather(raw, "m1"))
     assert evidence is not None
     assert evaluate_evidence(raw, evidence).dmarc.result == "temperror"
+
+
+def test_senders_the_admins_released_are_tagged_after_a_reload(
+    tmp_path: Path, free_port: Callable[[], int], rsa_key: tuple[bytes, str]
+) -> None:
+    """milter.policy.learned end to end: released and labelled ham in the store, read on reload, and
+    honoured only for mail the From domain authenticates (DMARC pass)."""
+    pem, record = rsa_key
+    dns = FakeDns(records={KEY_NAME: [f'"{record}"'], "_dmarc.example.com": ['"v=DMARC1; p=none"']})
+    genuine = sign(invoice("billing@example.com"), pem)
+    forged = invoice("billing@example.com")  # same From, not signed: DMARC fails (p=none)
+
+    async def quarantined_id(port: int, raw: bytes) -> int:
+        out = await send(port, raw)
+        assert out.code == 250 and "quarantined as" in out.text, out
+        return int(out.text.rsplit(" ", 1)[1])
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        port = gw.address[1]
+        ids = [await quarantined_id(port, genuine) for _ in range(3)]  # every message is quarantined here
+        for pk in ids:
+            assert await asyncio.to_thread(store.set_label, pk, "ham", "admin-release") == 1
+        await quarantined_id(port, genuine)  # labels count from the next reload (start, SIGHUP), not before
+        assert (await gw.reloader.reload()).ok
+        out = await send(port, genuine)
+        assert out.code == 250 and "quarantined" not in out.text, out
+        head = re.sub(r"\r\n[ \t]+", " ", sink.messages[-1].raw.split(b"\r\n\r\n", 1)[0].decode())
+        assert "X-Milter-Verdict: spam" in head
+        assert (
+            "X-Milter-Reasons: learned sender: example.com passes DMARC and admins labelled 3 of its "
+            "messages ham, none spam: tagged, not quarantined; spam score" in head
+        )
+        await quarantined_id(port, forged)  # a spoofer gets nothing from the sender's reputation
+        # one message of the sender confirmed as spam, and the credit is gone at the next reload
+        await asyncio.to_thread(store.set_label, ids[0], "spam", "admin")
+        assert (await gw.reloader.reload()).ok
+        await quarantined_id(port, genuine)
+
+    run(tmp_path, free_port, dns, scenario, spam=ClassThresholds(tag=0.0, quarantine=0.0))

@@ -366,3 +366,31 @@ def test_sighup_under_load_with_two_workers_loses_nothing(
     assert sorted(rows) == sorted(o.mid.strip("<>") for o in outcomes)
     assert all(len(models) == 1 for models in rows.values())
     assert {m for models in rows.values() for m in models} <= {"model-a", "model-b"}
+
+
+class _UnreadableStore:
+    """A store whose labels cannot be read (database gone mid-reload)."""
+
+    def sender_labels(self) -> list[tuple[str | None, str, int]]:
+        from milter.errors import StoreError
+
+        raise StoreError("cannot read sender labels: database is locked")
+
+
+def test_a_reload_that_cannot_read_the_labels_keeps_the_old_model_and_policy() -> None:
+    import functools
+
+    from milter.config import PolicyConfig
+    from milter.gateway.metrics import GatewayMetrics
+    from milter.gateway.process import ModelSlot
+    from milter.gateway.reload import ModelReloader
+
+    old = load_checked(MODEL, PolicyConfig())
+    slot = ModelSlot(old)
+    reloader = ModelReloader(
+        slot, MODEL, PolicyConfig(), GatewayMetrics(),
+        loader=functools.partial(load_checked, store=_UnreadableStore()),  # type: ignore[arg-type]
+    )
+    result = asyncio.run(reloader.reload())
+    assert not result.ok and result.reason == "StoreError: cannot read sender labels: database is locked"
+    assert slot.scanner is old

@@ -195,6 +195,21 @@ def test_release_and_delete(store: Store) -> None:
     assert deleted is not None and deleted.deleted_at is not None and deleted.verdict == "spam"
 
 
+def test_sender_labels_count_labelled_verdicts_per_from_address(store: Store) -> None:
+    def labelled(from_addr: str | None, label: str) -> None:
+        pk = store.record(make_result(from_addr=from_addr), ENV, None, DIGEST)
+        assert store.set_label(pk, label, "admin-release") == 1
+
+    labelled("news@bulletin.example", "ham")
+    labelled("News@Bulletin.example", "ham")  # the same sender, written otherwise: one row
+    labelled("news@bulletin.example", "spam")
+    labelled(None, "ham")
+    store.record(make_result(from_addr="news@bulletin.example"), ENV, None, DIGEST)  # not labelled
+    assert sorted(store.sender_labels(), key=str) == sorted(
+        [("news@bulletin.example", "ham", 2), ("news@bulletin.example", "spam", 1), (None, "ham", 1)], key=str
+    )
+
+
 def test_labels_and_training_examples(store: Store) -> None:
     a = store.record(make_result(message_id="<dup@x>"), ENV, None, DIGEST)
     b = store.record(make_result(message_id="<dup@x>"), ENV, None, DIGEST)

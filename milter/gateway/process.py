@@ -90,6 +90,8 @@ class StoreLike(Protocol):
         keep_vector: bool = True,
     ) -> int: ...
 
+    def sender_labels(self) -> list[tuple[str | None, str, int]]: ...
+
 
 PrepareFn = Callable[..., "Extracted"]
 

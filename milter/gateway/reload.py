@@ -4,7 +4,9 @@ A reload, one at a time per gateway:
 
 1. In a thread, never on the event loop: `Classifier.load(model.path)` (metadata, feature-schema digest,
    sha256 of the ONNX bytes), then a smoke scan of a few sample messages (every probability row finite
-   and summing to 1), then the Policy rebuilt around the new model's thresholds.
+   and summing to 1), then the Policy rebuilt around the new model's thresholds and the labels the store
+   holds now (learned senders, milter.policy.learned): a store that cannot be read fails the reload
+   like a broken model, so the old model and policy stay.
 2. Back on the loop: one reference swap in the `ModelSlot` (see `milter.gateway.process`).
 
 Any failure in step 1 leaves the old model serving: `model reload failed, keeping OLD: reason`.
@@ -33,12 +35,14 @@ import numpy as np
 import numpy.typing as npt
 
 from milter.errors import ModelError
+from milter.gateway.logfmt import kv
 from milter.gateway.metrics import GatewayMetrics
-from milter.gateway.process import ModelSlot, ScannerLike
+from milter.gateway.process import ModelSlot, ScannerLike, StoreLike
 from milter.registry import PROB_TOLERANCE, SAMPLES
 
 if TYPE_CHECKING:
     from milter.config import PolicyConfig
+    from milter.policy.table import LearnedSenders
     from milter.scan import Scanner
 
 log = logging.getLogger("milter.gateway.reload")
@@ -70,8 +74,9 @@ def check_probabilities(name: str, probs: npt.NDArray[np.float32]) -> None:
         raise ModelError(f"model {name} gives rows that are not probabilities (|sum - 1| up to {worst:.3g})")
 
 
-def load_checked(path: Path, policy: PolicyConfig) -> Scanner:
-    """The model at `path`, smoke-tested, with its policy. Blocking (files, ONNX, parsing): use a thread."""
+def load_checked(path: Path, policy: PolicyConfig, store: StoreLike | None = None) -> Scanner:
+    """The model at `path`, smoke-tested, with its policy and, given a store, the labels it holds now
+    (learned senders). Blocking (files, ONNX, parsing, the store): use a thread."""
     from milter.classifier import Classifier
     from milter.policy import Policy
     from milter.scan import Scanner, prepare
@@ -79,7 +84,17 @@ def load_checked(path: Path, policy: PolicyConfig) -> Scanner:
     classifier = Classifier.load(path)
     vectors = np.stack([prepare(raw).vector for raw in smoke_messages()])
     check_probabilities(classifier.name, classifier.predict(vectors))
-    return Scanner(classifier, Policy(policy, classifier.metadata.thresholds))
+    labels = store.sender_labels() if store is not None else ()
+    rebuilt = Policy(policy, classifier.metadata.thresholds, labels)
+    if store is not None:
+        log_learned(rebuilt.learned)
+    return Scanner(classifier, rebuilt)
+
+
+def log_learned(learned: LearnedSenders) -> None:
+    """At start and on every reload: how many senders the admins' labels vouch for now."""
+    log.info(kv("learned senders", vouched=learned.vouched_count, labelled_domains=len(learned.counts),
+                min_ham_labels=learned.min_ham))
 
 
 @dataclass(frozen=True)
@@ -154,5 +169,6 @@ class ModelReloader:
                 await task
 
 
-__all__ = ["Loader", "ModelReloader", "ReloadResult", "check_probabilities", "load_checked", "smoke_messages"]
+__all__ = ["Loader", "ModelReloader", "ReloadResult", "check_probabilities", "load_checked", "log_learned",
+           "smoke_messages"]
 

@@ -7,6 +7,7 @@ command load those once and can inject faults). `workers` runs several of these 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import ipaddress
 import logging
@@ -40,7 +41,7 @@ from milter.gateway.process import (
     score_batch,
 )
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
-from milter.gateway.reload import ModelReloader, ReloadResult
+from milter.gateway.reload import ModelReloader, ReloadResult, load_checked
 from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
 from milter.types import Envelope
 
@@ -176,7 +177,11 @@ class Gateway:
         self.model = ModelSlot(scanner)
         self.metrics.set_model(scanner.classifier.name, scanner.classifier.providers)
         # SIGHUP (serve) and tests call this; it reloads config.model.path, not the path loaded first.
-        self.reloader = ModelReloader(self.model, Path(config.model.path), config.policy, self.metrics)
+        # The reload rereads the store's labels too (learned senders, milter.policy.learned).
+        self.reloader = ModelReloader(
+            self.model, Path(config.model.path), config.policy, self.metrics,
+            loader=functools.partial(load_checked, store=store),
+        )
         # As many prepare processes per worker as there are cores, not cores / workers: a burst that
         # lands on one worker can then use every core (bench/gateway.py at 300 msgs/s: p99 added
         # latency 11-12 ms instead of 18-20; saturated, 834 msgs/s instead of 747). Idle ones cost

@@ -31,6 +31,7 @@ from typing import Any
 
 from milter.config import Config, host_port
 from milter.gateway.logfmt import kv
+from milter.gateway.reload import log_learned
 from milter.gateway.server import Gateway
 
 log = logging.getLogger("milter.gateway.workers")
@@ -57,9 +58,10 @@ def load(config: Config) -> Loaded:
     from milter.store import Store
 
     classifier = Classifier.load(config.model.path)
-    scanner = Scanner(classifier, Policy(config.policy, classifier.metadata.thresholds))
     store = Store.open(config.store.url)
-    return Loaded(scanner, store, SCHEMA.digest)
+    policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
+    log_learned(policy.learned)
+    return Loaded(Scanner(classifier, policy), store, SCHEMA.digest)
 
 
 def listen_socket(address: str, reuse_port: bool) -> socket.socket:

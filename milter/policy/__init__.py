@@ -26,7 +26,11 @@ Precedence (the order of `RULES`), and why:
    posing as an organisation, a display name showing another address) talking about money -> bec,
    quarantine. The corpora hold no real BEC, so these carry the documented patterns (fixtures/bec/) that
    the model cannot learn; they also sit before the allow lists: a vendor's hijacked mailbox is allowed.
-3. BEC model ladder on P(bec) (reject / quarantine / tag).
+3. Learned senders (`learned.py`): a From domain that passes DMARC and that the admins' labels vouch for
+   (`policy.learned_sender_labels` ham, no spam or bec) -> tag where the model's ladders below would
+   quarantine or reject. After the rules above, so a vouched-for sender's hijacked mailbox asking for new
+   bank details is still quarantined.
+   BEC model ladder on P(bec) (reject / quarantine / tag).
 4. Allow lists (sender address, sender domain, client IP/CIDR) -> ham, accept. They silence the spam
    model only: an allowed vendor whose account is taken over still meets the BEC rules above. A sender
    or domain entry is not applied when the From domain's own DMARC (p=quarantine / reject) disowns the
@@ -63,6 +67,7 @@ from milter.features import Protected
 from milter.features.summary import Extracted
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.dmarc import dmarc_fail, spoofed_protected_domain
+from milter.policy.learned import learned_sender
 from milter.policy.rules import (
     allow_domain,
     allow_ip,
@@ -81,6 +86,7 @@ from milter.policy.table import (
     SEVERITY,
     Context,
     Ladder,
+    LearnedSenders,
     Lists,
     Rule,
     RuleSet,
@@ -109,6 +115,7 @@ RULES: tuple[Rule, ...] = (
     bank_details_change,
     gift_card_request,
     disguised_sender_money,
+    learned_sender,
     bec_score,
     allow_sender,
     allow_domain,
@@ -160,8 +167,16 @@ _DMARC_FAIL_ACTIONS: Mapping[str, Action | None] = {
 class Policy:
     """Thresholds, per-domain rules and allow / deny lists, built once from the configuration."""
 
-    def __init__(self, config: PolicyConfig, model_thresholds: Mapping[str, Mapping[str, float]]) -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        model_thresholds: Mapping[str, Mapping[str, float]],
+        sender_labels: Iterable[tuple[str | None, str, int]] = (),
+    ) -> None:
+        """`sender_labels`: (From address, label, count) rows from `Store.sender_labels` (none: no
+        sender has been vouched for, as in `milter scan`, which has no store)."""
         self.config = config
+        self.learned = LearnedSenders.from_labels(sender_labels, config.learned_sender_labels)
         self.dmarc_fail_action = _DMARC_FAIL_ACTIONS.get(config.dmarc_fail_action)
         if config.dmarc_fail_action not in _DMARC_FAIL_ACTIONS:
             raise ConfigError("policy.dmarc_fail_action", f"unknown action {config.dmarc_fail_action!r}")
@@ -221,7 +236,7 @@ class Policy:
         base = Context(
             scores=scores, summary=summary, senders=senders, client_ip=client_ip,
             lists=self.lists, protected=self._protected, rules=self.default_rules,
-            dmarc_fail_action=self.dmarc_fail_action, internal=internal,
+            dmarc_fail_action=self.dmarc_fail_action, internal=internal, learned=self.learned,
         )
         # One evaluation per distinct rule set among the recipients, strictest wins (module docstring).
         per_rcpt = (self.rules_for(r) for r in envelope.rcpt_tos)

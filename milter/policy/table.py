@@ -6,11 +6,14 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from milter.config import ClassThresholds
+from milter.config import DEFAULT_LEARNED_SENDER_LABELS, ClassThresholds
 from milter.errors import ConfigError
 from milter.features import Protected
+from milter.features.domains import registrable
+from milter.features.lexicon import FREEMAIL
 from milter.features.summary import MessageSummary
 from milter.types import Action, Envelope, Scores, Verdict
 
@@ -74,6 +77,60 @@ class Lists:
 
 
 @dataclass(frozen=True)
+class SenderLabels:
+    """Labels the store holds for one sender (see `sender_key`)."""
+
+    ham: int = 0
+    unwanted: int = 0  # spam or bec
+
+
+def sender_key(addr: str | None) -> str:
+    """Whom a From address's labels speak for: its registrable domain, or for a free-mail provider the
+    address itself (DMARC pass for gmail.com proves Gmail sent it, not that one of its users is known).
+    '' when there is no usable address."""
+    if not addr or "@" not in addr:
+        return ""
+    addr = addr.strip(" <>").lower()
+    domain = registrable(addr.rpartition("@")[2])
+    if not domain:
+        return ""
+    return addr if domain in FREEMAIL else domain
+
+
+@dataclass(frozen=True)
+class LearnedSenders:
+    """Label counts per sender (`sender_key`), and how many ham labels make a sender vouched for."""
+
+    counts: Mapping[str, SenderLabels] = field(default_factory=lambda: MappingProxyType({}))
+    min_ham: int = DEFAULT_LEARNED_SENDER_LABELS  # policy.learned_sender_labels; 0 turns the rule off
+
+    @classmethod
+    def from_labels(cls, rows: Iterable[tuple[str | None, str, int]], min_ham: int) -> LearnedSenders:
+        """From (from address, label, count) rows, as `Store.sender_labels` returns them."""
+        ham: dict[str, int] = {}
+        unwanted: dict[str, int] = {}
+        for addr, label, n in rows:
+            if not (key := sender_key(addr)):
+                continue
+            target = ham if label == "ham" else unwanted
+            target[key] = target.get(key, 0) + n
+        counts = {k: SenderLabels(ham.get(k, 0), unwanted.get(k, 0)) for k in ham.keys() | unwanted.keys()}
+        return cls(MappingProxyType(counts), min_ham)
+
+    @property
+    def vouched_count(self) -> int:
+        """How many senders the labels vouch for now (logged at start and on reload)."""
+        return sum(1 for key in self.counts if self.vouched(key) is not None)
+
+    def vouched(self, key: str) -> SenderLabels | None:
+        """The sender's labels when they vouch for it (enough ham, no spam or bec), else None."""
+        labels = self.counts.get(key)
+        if self.min_ham <= 0 or labels is None or labels.unwanted or labels.ham < self.min_ham:
+            return None
+        return labels
+
+
+@dataclass(frozen=True)
 class Context:
     """Everything one evaluation of the rule table may look at."""
 
@@ -86,6 +143,7 @@ class Context:
     rules: RuleSet
     dmarc_fail_action: Action | None = Action.TAG  # None: a DMARC failure is only a reason
     internal: bool = False  # from our own clients (policy.internal_networks, XFORWARD SOURCE=LOCAL)
+    learned: LearnedSenders = field(default_factory=LearnedSenders)  # admins' labels per From domain
 
 
 @dataclass(frozen=True)

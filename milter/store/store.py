@@ -300,6 +300,17 @@ class Store:
                 for i, mid, lab, src, dig, vec in s.execute(stmt)
             ]
 
+    def sender_labels(self) -> list[tuple[str | None, str, int]]:
+        """(From address, label, count) over every labelled verdict: what the policy's learned-sender
+        rule is built from (milter.policy.learned). Grouped in SQL, so it costs one row per sender."""
+        stmt = (
+            select(func.lower(Message.from_addr), Message.label, func.count())
+            .where(Message.label.is_not(None))
+            .group_by(func.lower(Message.from_addr), Message.label)
+        )
+        with _guard("cannot read sender labels"), self._read() as s:
+            return [(addr, label or "", int(n)) for addr, label, n in s.execute(stmt)]
+
     def stale_examples(self, schema_digest: str) -> list[StaleExample]:
         """Labelled verdicts without a vector of `schema_digest`, oldest first, with their raw bytes
         where still held (the feature schema changed since they were scanned)."""

@@ -1,0 +1,53 @@
+"""Senders the admins have vouched for: their labels, per authenticated From domain, cap the model at tag.
+
+Measured with `python -m training.unseen` (docs/DETECTION.md): a newsletter source the model never saw
+is mostly quarantined, and the nightly retrain learns from the admins' releases slowly. After 40
+released messages of one such source, half of the next issues *from the very senders released* were
+still quarantined. An admin who has released a sender's mail expects it delivered, so the labels act
+here as well as in training. A From domain that
+
+* passes DMARC on this message (its owner vouches that the message is theirs: a spoofer cannot reuse
+  the reputation), and
+* has at least `policy.learned_sender_labels` messages labelled ham in the store and none labelled
+  spam or bec (one confirmed bad message ends it); for a free-mail provider this counts per address,
+  not per domain, since DMARC pass for gmail.com vouches for Gmail, not for one of its users,
+
+is tagged, not quarantined or rejected, when the model's score alone would have done so. The rule sits
+after the deny lists, the impersonation and spoof rules and the BEC content rules, which keep their
+say: a vouched-for vendor whose account asks for changed bank details is still quarantined.
+
+The counts are read from the store when the gateway starts and on every reload (the nightly retrain
+ends with one), so a label takes effect by the next morning, like the retrained model.
+"""
+
+from __future__ import annotations
+
+from milter.features.domains import registrable
+from milter.policy.table import SEVERITY, Context, Hit, domain_of, sender_key
+from milter.types import Action, Verdict
+
+
+def learned_sender(ctx: Context) -> Hit | None:
+    """Tag instead of quarantine / reject when only the model's score would have done it (see above)."""
+    auth = ctx.summary.auth
+    if not ctx.learned.counts or auth is None or auth.dmarc.result != "pass" or not auth.dmarc.from_domain:
+        return None
+    if registrable(auth.dmarc.from_domain) != registrable(domain_of(ctx.summary.from_addr or "") or ""):
+        return None  # DMARC judged another From than the one the labels are keyed on
+    sender = sender_key(ctx.summary.from_addr)
+    labels = ctx.learned.vouched(sender) if sender else None
+    if labels is None:
+        return None
+    # the ladders' own hits follow as reasons and carry the score and threshold
+    for ladder, score, verdict in (
+        (ctx.rules.bec, ctx.scores.bec, Verdict.BEC),
+        (ctx.rules.spam, ctx.scores.spam + ctx.scores.bec, Verdict.SPAM),
+    ):
+        step = ladder.step(score)
+        if step is not None and SEVERITY[step[0]] > SEVERITY[Action.TAG]:
+            reason = (
+                f"learned sender: {sender} passes DMARC and admins labelled {labels.ham} of its messages "
+                f"ham, none spam: tagged, not {'rejected' if step[0] is Action.REJECT else 'quarantined'}"
+            )
+            return Hit(reason, verdict, Action.TAG)
+    return None
