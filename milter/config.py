@@ -70,9 +70,9 @@ class PolicyConfig:
     internal_networks: tuple[str, ...] = (
         "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
     )
-    # A From domain that passes DMARC and has at least this many messages labelled ham in the store (and
-    # none spam or bec) is tagged, not quarantined, on the model's score alone; 0 turns this off
-    # (milter.policy.learned).
+    # A From domain that passes DMARC (no record: its own DKIM signature) and has at least this many
+    # messages labelled ham in the store (and none spam or bec) is tagged, not quarantined, on the
+    # model's score alone; 0 turns this off (milter.policy.learned).
     learned_sender_labels: int = DEFAULT_LEARNED_SENDER_LABELS
 
 

@@ -29,8 +29,12 @@ LABELS = [
 ]
 
 
-def dmarc(result: str = "pass", domain: str = "mail.bulletin.example") -> AuthResults:
-    return AuthResults((DkimResult(domain, "s1", "pass"),), DmarcResult(result, domain, "none"))  # type: ignore[arg-type]
+def dmarc(
+    result: str = "pass", domain: str = "mail.bulletin.example", signer: str | None = None
+) -> AuthResults:
+    """DMARC `result` for `domain`, with one valid DKIM signature by `signer` (default: `domain`)."""
+    dkim = (DkimResult(signer or domain, "s1", "pass"),)
+    return AuthResults(dkim, DmarcResult(result, domain, "none"))  # type: ignore[arg-type]
 
 
 def decide(
@@ -96,7 +100,7 @@ def test_a_vouched_sender_passing_dmarc_is_tagged_not_quarantined(
     [
         (None, "not checked"),
         (dmarc("fail"), "DMARC fails: anyone can write this From"),
-        (dmarc("none"), "no DMARC record: the From domain is not authenticated"),
+        (dmarc("none", signer="esp.example"), "no DMARC record, and only the ESP's own signature"),
         (dmarc("temperror"), "DNS could not tell"),
     ],
 )
@@ -164,3 +168,9 @@ def test_free_mail_counts_per_address_not_per_provider() -> None:
 def test_dmarc_for_another_from_domain_is_no_credit() -> None:
     # DMARC's From domain and the summary's From address disagree: trust neither
     assert decide(SPAM, dmarc(domain="other.example")).action is Action.QUARANTINE
+
+
+def test_without_a_dmarc_record_an_aligned_dkim_signature_vouches() -> None:
+    d = decide(SPAM, dmarc("none", signer="bulletin.example"))  # the parent domain signs: aligned
+    assert d.action is Action.TAG
+    assert d.reasons[0].startswith("learned sender: bulletin.example passes DKIM and admins labelled 3")

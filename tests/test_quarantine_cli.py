@@ -355,3 +355,31 @@ def test_show_without_matching_model_says_why(filled: tuple[str, list[int]], mod
     assert result.exit_code == 0, result.output
     assert "unavailable: stored vector uses feature schema d" in result.stdout
     assert "body" in result.stdout  # text/plain preview of RAW
+
+
+def test_senders_lists_whom_the_labels_vouch_for(url: str, tmp_path: Path) -> None:
+    with Store.open(url) as store:
+        for from_addr, label in [
+            ("news@bulletin.example", "ham"), ("editor@bulletin.example", "ham"),
+            ("news@bulletin.example", "ham"),
+            ("a@gmail.com", "ham"), ("b@gmail.com", "ham"), ("c@gmail.com", "ham"),
+            ("deals@mixed.example", "ham"), ("deals@mixed.example", "ham"), ("deals@mixed.example", "ham"),
+            ("deals@mixed.example", "spam"),
+        ]:
+            pk = store.record(make_result(from_addr=from_addr), Envelope(), None, "d")
+            store.set_label(pk, label, "admin")
+    runner = CliRunner()
+    result = runner.invoke(main, ["quarantine", "senders", "--json", "--db", url])
+    assert result.exit_code == 0, result.output
+    vouched = {"sender": "bulletin.example", "ham": 3, "unwanted": 0, "vouched": True}
+    assert _json_lines(result.output) == [vouched]
+    every = _json_lines(runner.invoke(main, ["quarantine", "senders", "--json", "--all", "--db", url]).output)
+    assert [(o["sender"], o["vouched"]) for o in every] == [
+        ("bulletin.example", True), ("mixed.example", False),
+        ("a@gmail.com", False), ("b@gmail.com", False), ("c@gmail.com", False),
+    ]
+    config = tmp_path / "milter.toml"
+    config.write_text("[policy]\nlearned_sender_labels = 4\n")
+    text = runner.invoke(main, ["quarantine", "senders", "--db", url, "--config", str(config)])
+    assert text.exit_code == 0, text.output
+    assert "0 of 5 labelled sender(s) vouched for (policy.learned_sender_labels = 4)" in text.output

@@ -1,4 +1,5 @@
-"""`milter quarantine`: list, inspect, release, label, delete and purge what the store holds.
+"""`milter quarantine`: list, inspect, release, label, delete and purge what the store holds; `senders`
+(milter/commands/quarantine_senders.py) shows whom the labels vouch for.
 
 Scripts can trust the exit status: 0 ok, 1 error (one clear line on stderr, never a traceback),
 2 bad usage (click's convention). `list --json` and `release --json` print one JSON object per line;
@@ -410,3 +411,9 @@ def stats_cmd(db_url: str | None, config_path: Path | None, days: int, as_json: 
     for (d, a), counts in rows.items():
         table.add_row(d, a, *(str(counts.get(v, 0)) for v in CLASS_NAMES))
     console.print(table)
+
+
+# Defined in its own module (this one is long enough); it uses the helpers above, hence the late import.
+from milter.commands.quarantine_senders import senders_cmd  # noqa: E402
+
+quarantine.add_command(senders_cmd)

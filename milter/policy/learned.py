@@ -6,8 +6,9 @@ released messages of one such source, half of the next issues *from the very sen
 still quarantined. An admin who has released a sender's mail expects it delivered, so the labels act
 here as well as in training. A From domain that
 
-* passes DMARC on this message (its owner vouches that the message is theirs: a spoofer cannot reuse
-  the reputation), and
+* passes DMARC on this message, or, when it publishes no DMARC record, carries a valid DKIM signature
+  of its own (aligned: same registrable domain). Either way its owner vouches that the message is
+  theirs, so a spoofer cannot reuse the reputation. And it
 * has at least `policy.learned_sender_labels` messages labelled ham in the store and none labelled
   spam or bec (one confirmed bad message ends it); for a free-mail provider this counts per address,
   not per domain, since DMARC pass for gmail.com vouches for Gmail, not for one of its users,
@@ -27,13 +28,25 @@ from milter.policy.table import SEVERITY, Context, Hit, domain_of, sender_key
 from milter.types import Action, Verdict
 
 
+def authenticated(ctx: Context) -> str | None:
+    """How the From domain vouches for this message: "DMARC", or "DKIM" for an aligned signature
+    (same registrable domain) where the domain publishes no DMARC record; None when it does not."""
+    auth = ctx.summary.auth
+    from_domain = registrable(domain_of(ctx.summary.from_addr or "") or "")
+    if auth is None or not from_domain:
+        return None
+    if auth.dmarc.result == "pass":
+        # DMARC judged the From the labels are keyed on, not another one
+        return "DMARC" if registrable(auth.dmarc.from_domain or "") == from_domain else None
+    if auth.dmarc.result == "none" and any(registrable(d) == from_domain for d in auth.dkim_pass_domains):
+        return "DKIM"
+    return None
+
+
 def learned_sender(ctx: Context) -> Hit | None:
     """Tag instead of quarantine / reject when only the model's score would have done it (see above)."""
-    auth = ctx.summary.auth
-    if not ctx.learned.counts or auth is None or auth.dmarc.result != "pass" or not auth.dmarc.from_domain:
+    if not ctx.learned.counts or (how := authenticated(ctx)) is None:
         return None
-    if registrable(auth.dmarc.from_domain) != registrable(domain_of(ctx.summary.from_addr or "") or ""):
-        return None  # DMARC judged another From than the one the labels are keyed on
     sender = sender_key(ctx.summary.from_addr)
     labels = ctx.learned.vouched(sender) if sender else None
     if labels is None:
@@ -46,7 +59,7 @@ def learned_sender(ctx: Context) -> Hit | None:
         step = ladder.step(score)
         if step is not None and SEVERITY[step[0]] > SEVERITY[Action.TAG]:
             reason = (
-                f"learned sender: {sender} passes DMARC and admins labelled {labels.ham} of its messages "
+                f"learned sender: {sender} passes {how} and admins labelled {labels.ham} of its messages "
                 f"ham, none spam: tagged, not {'rejected' if step[0] is Action.REJECT else 'quarantined'}"
             )
             return Hit(reason, verdict, Action.TAG)
