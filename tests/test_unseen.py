@@ -13,20 +13,29 @@ import pytest
 from training.corpora import Message
 from training.dataset import TEST, TRAIN, VAL, Dataset
 from training.train import parse_args as train_args
-from training.unseen import main, oldest_first, run_source, source_mask
+from training.unseen import from_addresses, main, oldest_first, run_source, source_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SHARE = REPO.parent / "shared" / "corpora"
 START = datetime(2020, 1, 1, tzinfo=UTC)
 
 
-def _message(corpus: str, sub: str, label: str, order: int, date: datetime | None) -> Message:
+def _message(
+    corpus: str, sub: str, label: str, order: int, date: datetime | None, folder: Path | None = None
+) -> Message:
+    """A corpus message; with `folder`, written there with a From of its corpus (news@new.example for
+    the "new" source, one sender per ten messages elsewhere)."""
     klass = {"ham": 0, "spam": 1, "phish": 2}[label]
     sha = hashlib.sha256(f"{corpus}/{sub}/{label}/{order}".encode()).hexdigest()
-    return Message(corpus, sub, label, klass, sha, Path(f"/nonexistent/{order}.eml"), order, date)
+    path = Path(f"/nonexistent/{order}.eml")
+    if folder is not None:
+        path = folder / f"{order}.eml"
+        sender = "news@new.example" if corpus == "new" else f"s{order // 10}@{corpus}.example"
+        path.write_bytes(f"From: Sender <{sender}>\nSubject: m{order}\n\nbody\n".encode())
+    return Message(corpus, sub, label, klass, sha, path, order, date)
 
 
-def _synthetic(seed: int = 0) -> Dataset:
+def _synthetic(folder: Path | None = None, seed: int = 0) -> Dataset:
     """Known ham near 0 on x0, spam near 6, bec near 6 on x1; the "new" source's ham looks like spam
     on x0 and is told apart only by x2, a value no other message has: a model can only learn it
     from the new source's own messages."""
@@ -48,7 +57,7 @@ def _synthetic(seed: int = 0) -> Dataset:
             if label == "phish":
                 x[1] += 6.0
             x[2] = 1.0 if corpus == "new" else 0.0
-            messages.append(_message(corpus, sub, label, len(messages), START + timedelta(days=i)))
+            messages.append(_message(corpus, sub, label, len(messages), START + timedelta(days=i), folder))
             rows.append(x)
             splits.append(TRAIN if i < 0.7 * n else VAL if i < 0.8 * n else TEST)
     return Dataset(
@@ -79,8 +88,8 @@ def test_oldest_first_puts_undated_messages_last_in_manifest_order() -> None:
     assert oldest_first(ds, np.arange(4)).tolist() == [2, 1, 0, 3]
 
 
-def test_unseen_source_is_flagged_until_its_own_labels_teach_the_model() -> None:
-    ds = _synthetic()
+def test_unseen_source_is_flagged_until_its_own_labels_teach_the_model(tmp_path: Path) -> None:
+    ds = _synthetic(tmp_path)
     steps = run_source(ds, train_args(["--max-rounds", "80"]), "new", [0, 40], label_weight=20.0)
     assert [s.labels for s in steps] == [0, 40]
     never_seen, labelled = steps[0].source[0], steps[1].source[0]
@@ -91,6 +100,16 @@ def test_unseen_source_is_flagged_until_its_own_labels_teach_the_model() -> None
     assert labelled.quarantined < 0.1
     # the known corpus keeps being caught at the thresholds each fit chose
     assert steps[1].known_recall["old"] > 0.9 and steps[1].known_ham_fpr["old"] < 0.05
+    # the learned-sender rule: no labels vouch for nobody; 40 from news@new.example vouch for its domain
+    assert never_seen.vouched == 0.0 and never_seen.quarantined_if_authenticated == never_seen.quarantined
+    assert labelled.vouched == 1.0 and labelled.quarantined_if_authenticated == 0.0
+
+
+def test_from_addresses_are_read_from_the_header_and_survive_missing_files(tmp_path: Path) -> None:
+    ds = _synthetic(tmp_path)
+    rows = np.array([0, 15, 1200], dtype=np.intp)
+    assert from_addresses(ds, rows) == ["s0@old.example", "s1@old.example", "news@new.example"]
+    assert from_addresses(_synthetic(), rows) == ["", "", ""]  # no files: no senders, no crash
 
 
 def test_label_counts_that_leave_nothing_to_score_are_skipped() -> None:
