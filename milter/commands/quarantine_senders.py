@@ -1,6 +1,7 @@
 """`milter quarantine senders`: whom the admins' labels vouch for (milter.policy.learned).
 
-A vouched-for sender's mail that passes DMARC is tagged, not quarantined, on the model's score alone.
+A vouched-for sender's mail that authenticates (DMARC pass; without a DMARC record, its own DKIM
+signature) is tagged, not quarantined, on the model's score alone.
 The gateway reads the same counts at start and on reload; this shows them now, so an admin can see why
 a sender's mail was only tagged, and end the credit by labelling one of its messages spam.
 """
