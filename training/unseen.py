@@ -39,8 +39,9 @@ from milter.policy.table import LearnedSenders, sender_key
 from milter.types import CLASS_NAMES
 from training import model as mdl
 from training.dataset import Dataset
+from training.evaluate import sliced_metrics
 from training.retrain import label_weights
-from training.thresholds import HAM, Thresholds, choose_thresholds, decide
+from training.thresholds import BEC, HAM, SPAM, Thresholds, choose_thresholds, decide
 from training.train import _features, fit_setup, load_dataset
 from training.train import parse_args as train_args
 
@@ -166,16 +167,18 @@ def from_addresses(ds: Dataset, rows: IntRows) -> list[str]:
 def _known_figures(
     ds: Dataset, rows: IntRows, probs: npt.NDArray[np.float64], th: Thresholds
 ) -> tuple[dict[str, float], dict[str, float]]:
-    flagged = decide(probs.astype(np.float32), th.spam_quarantine, th.bec_quarantine) != HAM
-    corpora = np.array([ds.messages[i].corpus for i in rows])
-    y = ds.y[rows]
+    """Per corpus, at the quarantine level: ham FPR, and spam + bec caught (the evaluation's metrics)."""
+    pred = decide(probs.astype(np.float32), th.spam_quarantine, th.bec_quarantine)
+    per_corpus = sliced_metrics(ds.y[rows], pred, [ds.messages[i].corpus for i in rows])
     fpr, recall = {}, {}
-    for c in sorted(set(corpora.tolist())):
-        ham, bad = (corpora == c) & (y == HAM), (corpora == c) & (y != HAM)
-        if ham.any():
-            fpr[c] = float(flagged[ham].mean())
-        if bad.any():
-            recall[c] = float(flagged[bad].mean())
+    for corpus, m in per_corpus.items():
+        if corpus == "ALL":
+            continue
+        if m.ham_fpr is not None:
+            fpr[corpus] = m.ham_fpr
+        bad = [m.confusion[k] for k in (SPAM, BEC)]
+        if (n := sum(sum(row) for row in bad)) > 0:
+            recall[corpus] = sum(sum(row) - row[HAM] for row in bad) / n
     return fpr, recall
 
 
