@@ -204,8 +204,11 @@ def test_a_worse_challenger_is_refused(tmp_path: Path, baseline: tuple[Path, Pat
     (report_dir,) = (tmp_path / "reports").iterdir()
     report = json.loads((report_dir / "retrain.json").read_text())
     assert report["decision"]["promote"] is False
-    assert "refused" in report["decision"]["reason"] and "recall" in report["decision"]["reason"]
-    assert any(not c["ok"] for c in report["decision"]["checks"])
+    # Which check catches the poisoning depends on the corpora (with the 2025-26 corpora it is the ham
+    # FPR, before them spam recall): any check may, but the reason must name every one that failed.
+    failed = [c["what"] for c in report["decision"]["checks"] if not c["ok"]]
+    assert failed and report["decision"]["reason"].startswith("refused")
+    assert all(what in report["decision"]["reason"] for what in failed)
     assert "refused" in (report_dir / "report.md").read_text()
     assert (report_dir / "candidate" / "current.onnx").is_file()  # kept for inspection
 
