@@ -116,7 +116,12 @@ def build_metadata(
             "max_per_group": args.max_per_group,
             "rows": {name: int((ds.split == k).sum()) for k, name in enumerate(SPLIT_NAMES)},
             "dropped": dict(dropped),
-            "split": f"time-ordered per {args.split_by} and label: newest 20% test, previous 10% validation",
+            "split": (
+                "by sender (From domain; address for free-mail and a corpus's own domain): 20% test, "
+                "10% validation, by hash"
+                if args.split_by == "sender"
+                else f"time-ordered per {args.split_by} and label: newest 20% test, previous 10% validation"
+            ),
         },
         "metrics": {
             level: {k: m.as_dict() for k, m in by["corpus"].items()} for level, by in results.items()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from milter.parse import parse
 from milter.types import CLASS_NAMES
 
 #: Corpus label -> our class name. Phishing, invoice and gift-card scams are what we call BEC.
@@ -50,6 +51,7 @@ class Message:
     path: Path
     order: int  # position in the corpus manifest (stable tie-breaker and fallback order)
     date: datetime | None
+    sender: str = ""  # From address, lower-cased ('' when none): groups the sender split, never a feature
 
     @property
     def group(self) -> tuple[str, str]:
@@ -202,37 +204,54 @@ def load_corpora(
     return dedupe(messages)
 
 
-def _date_of(path: Path) -> float:
-    """Worker: the message's Date as a POSIX timestamp, NaN when unusable (NaN pickles cheaply)."""
-    when = parse_date(read_header_block(path))
-    return when.timestamp() if when else float("nan")
+def sender_of(header_block: bytes) -> str:
+    """The first From address of a header block, as the features read it ('' when none)."""
+    froms = parse(header_block + b"\n\n").addresses("from")
+    return froms[0][1] if froms else ""
+
+
+def _date_and_sender(path: Path) -> tuple[float, str]:
+    """Worker: Date as a POSIX timestamp (NaN when unusable: it pickles cheaply) and the From address."""
+    head = read_header_block(path)
+    when = parse_date(head)
+    return (when.timestamp() if when else float("nan")), sender_of(head)
 
 
 def attach_dates(messages: Sequence[Message], cache_dir: Path, processes: int = 2) -> list[Message]:
-    """Messages with `date` filled from their Date header, cached in CACHE/dates.npz by sha256.
+    """Messages with `date` and `sender` filled from their headers, cached in CACHE/headers.npz by sha256.
 
     Reading 64k headers takes tens of seconds on a busy disk, so it is done once, in parallel.
     """
-    path = cache_dir / "dates.npz"
-    known: dict[str, float] = {}
+    path = cache_dir / "headers.npz"
+    known: dict[str, tuple[float, str]] = {}
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
-            known = dict(zip(data["sha256"].tolist(), data["ts"].tolist(), strict=True))
+            known = {
+                sha: (ts, sender)
+                for sha, ts, sender in zip(
+                    data["sha256"].tolist(), data["ts"].tolist(), data["sender"].tolist(), strict=True
+                )
+            }
     todo = [m for m in messages if m.sha256 not in known]
     if todo:
         with get_context("fork" if os.name == "posix" else "spawn").Pool(processes) as pool:
-            stamps = pool.map(
-                _date_of, [m.path for m in todo], chunksize=max(1, len(todo) // (processes * 4))
+            found = pool.map(
+                _date_and_sender, [m.path for m in todo], chunksize=max(1, len(todo) // (processes * 4))
             )
-        known.update(zip((m.sha256 for m in todo), stamps, strict=True))
+        known.update(zip((m.sha256 for m in todo), found, strict=True))
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / "dates.tmp.npz"
+        tmp = cache_dir / "headers.tmp.npz"
+        shas = sorted(known)
         np.savez(
-            tmp, sha256=np.array(sorted(known), dtype="U64"), ts=np.array([known[s] for s in sorted(known)])
+            tmp,
+            sha256=np.array(shas, dtype="U64"),
+            ts=np.array([known[s][0] for s in shas]),
+            sender=np.array([known[s][1] for s in shas], dtype=str),
         )
         os.replace(tmp, path)
     out = []
     for m in messages:
-        ts = known[m.sha256]
-        out.append(replace(m, date=None if math.isnan(ts) else datetime.fromtimestamp(ts, UTC)))
+        ts, sender = known[m.sha256]
+        when = None if math.isnan(ts) else datetime.fromtimestamp(ts, UTC)
+        out.append(replace(m, date=when, sender=sender))
     return out

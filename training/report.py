@@ -6,6 +6,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from milter.types import CLASS_NAMES
-from training.evaluate import Metrics, acceptance
+from training.evaluate import MODERN_SPAM, Metrics, acceptance
 from training.thresholds import BEC, HAM, Probs, Thresholds, bec_score, spam_score
 
 # Feature names that would mean the model can tell *where* a message was collected rather than what it
@@ -55,6 +56,10 @@ _CORPUS_TOKENS = frozenset(
         "actblue",
         "gmail",
         "javamail",
+        "redacted",
+        "baddomain",
+        "neko",
+        "juliett",
     }
 )
 
@@ -132,6 +137,84 @@ def plot_curves(probs: Probs, y: npt.NDArray[np.int64], out_dir: Path) -> list[s
     return files
 
 
+@dataclass(frozen=True)
+class HardHam:
+    """One message of the fixed hardest-ham set (training/hard_ham.tsv) as the new model scores it."""
+
+    sha256: str
+    source: str  # corpus/relative path
+    split: str  # train / validation / test: a train row's score is in-sample
+    spam_score: float
+    action: str  # accept / tag / quarantine at the new thresholds
+    then: str  # what the reference model did
+
+
+HARD_HAM_FILE = Path(__file__).with_name("hard_ham.tsv")
+
+
+def load_hard_ham(path: Path = HARD_HAM_FILE) -> dict[str, tuple[str, str]]:
+    """sha256 -> (corpus/relative path, what the reference model did)."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") or line.startswith("sha256\t") or not line.strip():
+            continue
+        sha, corpus, rel, then, _ = line.split("\t")
+        out[sha] = (f"{corpus}/{rel}", then)
+    return out
+
+
+def production_rows(
+    results: Mapping[str, Mapping[str, Mapping[str, Metrics]]],
+) -> list[tuple[str, int, float | None, float | None]]:
+    """(group, n, flagged = not accepted at the tag level, quarantined) for the groups an admin asks
+    about: modern ham, all ham, spam pooled and per modern source, phishing."""
+    tag, quar = results["tag"], results["quarantine"]
+    rows: list[tuple[str, int, float | None, float | None]] = []
+    for group in ("modern ham", "old ham"):
+        if group in tag["group"]:
+            m_t, m_q = tag["group"][group], quar["group"][group]
+            rows.append((group, m_t.n, m_t.ham_fpr, m_q.ham_fpr))
+    all_t, all_q = tag["corpus"]["ALL"], quar["corpus"]["ALL"]
+    rows.append(("all ham", sum(all_t.confusion[HAM]), all_t.ham_fpr, all_q.ham_fpr))
+    rows.append(("spam, pooled", sum(all_t.confusion[1]), all_t.spam_recall, all_q.spam_recall))
+    for corpus in MODERN_SPAM:
+        if corpus in tag["corpus"] and tag["corpus"][corpus].spam_recall is not None:
+            m_t, m_q = tag["corpus"][corpus], quar["corpus"][corpus]
+            rows.append((f"spam, {corpus}", sum(m_t.confusion[1]), m_t.spam_recall, m_q.spam_recall))
+    rows.append(("phishing (bec), pooled", sum(all_t.confusion[BEC]), all_t.bec_recall, all_q.bec_recall))
+    return rows
+
+
+def production_lines(results: Mapping[str, Mapping[str, Mapping[str, Metrics]]]) -> list[str]:
+    lines = [
+        "| group | n | flagged (tag level or worse) | quarantined |",
+        "|---|---:|---:|---:|",
+    ]
+    for group, n, flagged, quarantined in production_rows(results):
+        lines.append(f"| {group} | {n} | {_fmt(flagged)} | {_fmt(quarantined)} |")
+    return lines
+
+
+def hard_ham_lines(hard: Sequence[HardHam]) -> list[str]:
+    if not hard:
+        return ["None of the set is in this training data."]
+    flagged = sum(h.action != "accept" for h in hard)
+    held = sum(h.action == "quarantine" for h in hard)
+    out_of_sample = [h for h in hard if h.split != "train"]
+    lines = [
+        f"{len(hard)} messages: {flagged} flagged, {held} quarantined "
+        f"({sum(h.action != 'accept' for h in out_of_sample)} and "
+        f"{sum(h.action == 'quarantine' for h in out_of_sample)} of the {len(out_of_sample)} "
+        "not trained on).",
+        "",
+        "| message | split | spam score | now | reference model |",
+        "|---|---|---:|---|---|",
+    ]
+    for h in sorted(hard, key=lambda h: -h.spam_score):
+        lines.append(f"| {h.source} | {h.split} | {h.spam_score:.4f} | {h.action} | {h.then} |")
+    return lines
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -147,6 +230,7 @@ def write_report(
     y: npt.NDArray[np.int64],
     features: Sequence[tuple[str, float]],
     bucket_tokens: Mapping[str, Sequence[str]] | None,
+    hard_ham: Sequence[HardHam] = (),
 ) -> Path:
     """Write report.md, metrics.json and the curves; returns the report path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +264,16 @@ def write_report(
                     f"| {kind} | {level} | " + " | ".join(f"{cuts[c]:.4f}" for c in sorted(cuts)) + " |"
                 )
         lines.append("")
+    lines += [
+        f"## Production question ({metadata['training_data']['split']}; test split)",
+        "",
+        *production_lines(results),
+        "",
+        "## The hardest ham (fixed set, training/hard_ham.tsv)",
+        "",
+        *hard_ham_lines(hard_ham),
+        "",
+    ]
     lines += ["## Acceptance (quarantine level, test split, per corpus)", ""]
     lines += ["| corpus | metric | value | target | ok | n |", "|---|---|---:|---:|---|---:|"]
     per_corpus = {k: v for k, v in results["quarantine"]["corpus"].items() if k != "ALL"}

@@ -9,6 +9,8 @@
    trained on it. The rest train with a weight boost (`--label-weight`, 20): each counts as that many
    typical base messages of its class. Admins' labels are few (tens against tens of thousands) but they
    are the only examples of what this site receives now; unboosted they would barely move a tree.
+   A `bulk` label (a wanted newsletter) trains the model's ham class: the model has no bulk class, the
+   policy derives that verdict from sender evidence (milter.policy.bulk, milter.types.label_class).
 3. Challenger: the same fit / ONNX export / parity check / threshold choice as `milter-train`.
 4. Champion vs challenger, each at its own thresholds (quarantine level) on a FIXED set: the time-ordered
    test split of the base corpora, plus the recent labels. Promote (milter.registry.promote: validated,
@@ -46,7 +48,7 @@ from milter.errors import MilterError
 from milter.features import Protected
 from milter.registry import promote
 from milter.store import Store
-from milter.types import CLASS_NAMES
+from milter.types import CLASS_NAMES, VERDICTS, label_class
 from training import model as mdl
 from training.artifacts import write_model
 from training.corpora import CorporaError, default_corpora_src
@@ -114,15 +116,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--split-by",
-        choices=("corpus", "subcollection"),
+        choices=("sender", "corpus", "subcollection"),
         default=d.split_by,
-        help="time split groups, as milter-train (default: %(default)s)",
+        help="split, as milter-train (default: %(default)s)",
     )
     p.add_argument("--target-fpr", type=float, default=d.target_fpr)
     p.add_argument("--tag-fpr", type=float, default=d.tag_fpr)
     p.add_argument("--max-rounds", type=int, default=d.max_rounds)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--corpus-balance", type=float, default=d.corpus_balance)
+    p.add_argument("--modern-ham-weight", type=float, default=d.modern_ham_weight)
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")
@@ -174,10 +177,11 @@ def load_labelled(store: Store, features: ModuleType, protected: Protected) -> L
             continue
         rows[stale.id] = (vector, stale.label)
         counts["recomputed"] += 1
-    ids = tuple(sorted(pk for pk, (vec, lab) in rows.items() if vec.shape == (width,) and lab in CLASS_NAMES))
+    ids = tuple(sorted(pk for pk, (vec, lab) in rows.items() if vec.shape == (width,) and lab in VERDICTS))
     counts["failed"] += len(rows) - len(ids)
     X = np.stack([rows[i][0] for i in ids]) if ids else np.zeros((0, width), np.float32)
-    y = np.array([CLASS_NAMES.index(rows[i][1]) for i in ids], dtype=np.int64)
+    # a bulk label is wanted mail: it trains the model's ham class (label_class)
+    y = np.array([label_class(rows[i][1]) for i in ids], dtype=np.int64)
     return Labelled(ids, X.astype(np.float32), y, counts)
 
 
@@ -234,7 +238,7 @@ def fit_challenger(
     w_lab = label_weights(y_lab, ds.y[tr], weights[tr], args.label_weight)
     t0 = time.monotonic()
     booster = mdl.fit(
-        np.concatenate([ds.X[tr], X_lab]),
+        np.concatenate([setup.X_train, X_lab]),
         np.concatenate([ds.y[tr], y_lab]),
         np.concatenate([weights[tr], w_lab]),
         ds.X[va],

@@ -193,7 +193,9 @@ def run_source(
     """Leave `source` out, then add its K oldest messages as labels for each K in `counts`."""
     setup = fit_setup(targs, ds)
     held = source_mask(ds, source)
-    tr, va = setup.train[~held[setup.train]], setup.val[~held[setup.val]]
+    keep = ~held[setup.train]
+    tr, va = setup.train[keep], setup.val[~held[setup.val]]
+    X_tr = setup.X_train[keep]
     known_test = setup.test[~held[setup.test]]
     source_rows = oldest_first(ds, np.flatnonzero(held))
     senders = from_addresses(ds, source_rows)
@@ -211,7 +213,7 @@ def run_source(
         w_lab = label_weights(ds.y[labels], ds.y[tr], setup.weights[tr], label_weight)
         fit_rows = np.concatenate([tr, labels])
         booster = mdl.fit(
-            ds.X[fit_rows],
+            np.concatenate([X_tr, ds.X[labels]]),
             ds.y[fit_rows],
             np.concatenate([setup.weights[tr], w_lab]),
             ds.X[va],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from milter.features import content, headers, identity, lexicon, text
+from milter.features import content, headers, identity, lexicon, sender, text
 from milter.features.context import Context, Protected, build
 from milter.features.summary import Extracted, MessageSummary
 from milter.parse import ParsedMessage, parse
@@ -24,7 +24,7 @@ from milter.types import Envelope
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ GROUPS: tuple[tuple[tuple[str, ...], Group], ...] = (
     (content.HTML_NAMES, content.html_features),
     (content.URL_NAMES, content.url_features),
     (content.ATTACH_NAMES, content.attachment_features),
+    (sender.NAMES, sender.compute),
     (text.STAT_NAMES, _no_signals(text.stat_features)),
     ((*text.LANG_NAMES, *text.HASH_NAMES), text.text_features),
 )
@@ -117,6 +118,7 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         language=frozenset(group for group, i in _LANGUAGE_COLUMNS if vector[i] > 0),
         # for the policy only: list headers are no feature (the corpora's lists made them a ham marker)
         list_mail=parsed.get("list-id") is not None or parsed.get("list-post") is not None,
+        bulk_evidence=sender.bulk_evidence(parsed, (s.domain if s else "")),
     )
 
 

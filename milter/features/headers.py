@@ -73,6 +73,7 @@ _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _RE_SUBJ = re.compile(r"^\s*(re|aw|sv|antw|rif|r)\s*(\[\d+\])?\s*:", re.I)
 _FWD_SUBJ = re.compile(r"^\s*(fwd?|wg|tr|rv|enc)\s*:", re.I)
 _SURROGATE = re.compile("[\udc80-\udcff]")  # 8-bit bytes the parser could not decode
+_REDACTED_DATE = re.compile(r"\d{2}-\d{2}-\d{4}")
 _MONEY = re.compile(r"[$€£¥₹]|\b(usd|eur|gbp)\b", re.I)
 
 
@@ -162,6 +163,10 @@ def _date_features(value: str | None) -> list[float]:
     """
     if value is None:
         return [1.0, 0.0, 0.0, 0.0, 0.0]
+    if _REDACTED_DATE.fullmatch(value.strip()):
+        # MM-DD-YYYY is what the cw-l corpus's redaction tool wrote over its spam's dates, never seen
+        # from a mail program: read as "a date", or the model learns the redaction as a spam trait.
+        return [0.0, 0.0, 0.0, 0.0, 0.0]
     try:
         dt = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):

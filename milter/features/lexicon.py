@@ -463,3 +463,37 @@ LANGUAGE: dict[str, tuple[str, ...]] = {
         "hello customer",
     ),
 }
+
+# Email service providers and marketing platforms that send, track and host images for legitimate bulk
+# senders (their links and DKIM d= are the sender's "platform", not an unrelated site). Phishers abuse
+# some of them too (stolen accounts): the model weighs this, it is not an allow list.
+SENDING_PLATFORMS = frozenset(
+    {
+        "sendgrid.net", "sendgrid.com", "list-manage.com", "mailchimp.com", "mcsv.net", "mcusercontent.com",
+        "mailchimpapp.net", "rsgsv.net", "campaign-archive.com", "klaviyo.com", "klaviyomail.com",
+        "klclick.com", "klclick1.com", "klclick2.com", "klclick3.com", "sendinblue.com", "brevo.com",
+        "sibforms.com", "sendibt2.com", "sendibt3.com", "sendibm1.com", "exacttarget.com",
+        "salesforce.com", "marketingcloudapis.com", "sfmc-content.com", "hubspot.com", "hubspotemail.net",
+        "hubspotlinks.com", "hs-sites.com", "hsforms.com", "hubspotstarter.net", "mailgun.org",
+        "mailgun.net", "constantcontact.com", "rs6.net", "ccsend.com", "ctctcdn.com", "createsend.com",
+        "createsend1.com", "cmail19.com", "cmail20.com", "braze.com", "iterable.com", "sparkpostmail.com",
+        "sparkpost.com", "amazonses.com", "mandrillapp.com", "mailjet.com", "mjt.lu", "emarsys.net",
+        "responsys.net", "bluehornet.com", "acemlna.com", "activehosted.com", "substack.com",
+        "substackcdn.com", "beehiiv.com", "convertkit.com", "ck.page", "mailerlite.com", "mlsend.com",
+        "postmarkapp.com", "pstmrk.it", "movable-ink-6437.com", "movableink.com", "customeriomail.com",
+        "customer.io", "shopifyemail.com", "shopify.com", "cleverreach.com", "newsletter2go.com",
+        "rapidmail.de", "inxmail.com", "mailingwork.de", "emsend.de", "salesmanago.com", "omnisend.com",
+        "zohocampaigns.com", "cmail1.com", "e-activist.com", "ngpvan.com", "actionnetwork.org",
+        "actblue.com", "bsd.net", "everyaction.com", "wordfly.com", "emlnk.com", "emltrk.com",
+        "litmus.com", "google-analytics.com", "doubleclick.net", "cloudfront.net",
+    }
+)
+
+# Social networks every newsletter footer links to (and some phishing copies): neither the sender's own
+# domain nor an unrelated site, so left out of the link-relatedness counts.
+SOCIAL_LINKS = frozenset(
+    {
+        "facebook.com", "twitter.com", "x.com", "instagram.com", "linkedin.com", "youtube.com",
+        "pinterest.com", "tiktok.com", "threads.net", "bsky.app", "mastodon.social", "whatsapp.com",
+    }
+)

@@ -33,6 +33,9 @@ class MessageSummary:
     #                                 name that shows another address than the real sender
     language: frozenset[str] = frozenset()  # lexicon.LANGUAGE groups found in subject + body
     list_mail: bool = False  # carries List-Id or List-Post: a mailing list's copy
+    # What marks the sender as a self-declared bulk sender (features.sender.bulk_evidence), in words:
+    # one-click unsubscribe, Feedback-ID, Precedence: bulk, a DKIM signature aligned with From. Empty: none.
+    bulk_evidence: tuple[str, ...] = ()
     # DKIM / DMARC (milter/auth) when the caller looked them up (the gateway; `scan --dns`); never a
     # model input: the corpora's keys are long gone, so no model could learn from it.
     auth: AuthResults | None = None

@@ -2,7 +2,7 @@
 
 Tokens are hashed with CRC-32 (stable across processes, unlike `hash()`) into `HASH_BUCKETS` slots.
 Before hashing, digits become '0' (years and dates in the text say which corpus a message came from),
-URLs and e-mail addresses are removed (they have their own features, and the corpora's placeholder
+URLs, e-mail addresses and host names are removed (they have their own features, and the corpora's placeholder
 addresses would otherwise leak the source), and a short list of corpus identifiers is dropped.
 """
 
@@ -74,6 +74,9 @@ CORPUS_STOPWORDS = frozenset(
         "cip",
         "javamail",
         "evans",
+        # the 2025-26 corpora's anonymisers and redaction tools (../shared/corpora/README.md, "Traps")
+        "redacted",
+        "baddomain",
     }
 )
 
@@ -81,6 +84,9 @@ _TOKEN = re.compile(r"[^\W_]{2,24}|0")
 _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOWER = b"abcdefghijklmnopqrstuvwxyz"
 _DIGITS = re.compile(r"\d+")
+# Host names in running text (bounces quote "neko.example.jp", footers "example.com"): URL features cover
+# them, and as tokens they name the corpora's placeholder hosts instead of saying anything.
+_HOSTNAME = re.compile(r"(?i)[a-z0-9-]\.(?:[a-z0-9-]+\.)*[a-z]{2,}\b")
 
 
 def stat_features(ctx: Context) -> list[float]:
@@ -138,7 +144,7 @@ def words(text: str) -> list[str]:
     kept = " ".join(
         w
         for w in text[:MAX_TEXT].split()
-        if "@" not in w and "://" not in w and not w.startswith(("www.", "<www."))
+        if "@" not in w and "://" not in w and not w.startswith(("www.", "<www.")) and not _HOSTNAME.search(w)
     )
     return _TOKEN.findall(_DIGITS.sub("0", kept.lower()))
 
