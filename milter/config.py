@@ -35,6 +35,7 @@ class DomainRule:
     spam: ClassThresholds | None = None
     bec: ClassThresholds | None = None
     action_override: str | None = None  # e.g. "tag" to never quarantine for this domain
+    bulk_action: str | None = None  # this domain's action for bulk mail; None: policy.bulk.action
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,18 @@ class Lists:
     deny_senders: tuple[str, ...] = ()
     deny_domains: tuple[str, ...] = ()
     deny_ips: tuple[str, ...] = ()
+
+
+#: What [policy.bulk] action and a domain rule's bulk_action may say.
+BULK_ACTIONS: tuple[str, ...] = ("accept", "tag", "quarantine")
+
+
+@dataclass(frozen=True)
+class BulkConfig:
+    """The `bulk` verdict for legitimate bulk mail (milter.policy.bulk)."""
+
+    enabled: bool = True  # false: such mail keeps the model's verdict (ham, or spam when tagged)
+    action: str = "accept"  # "accept", "tag" or "quarantine"
 
 
 #: One release may be a mistake; three are a decision.
@@ -74,6 +87,7 @@ class PolicyConfig:
     # messages labelled ham in the store (and none spam or bec) is tagged, not quarantined, on the
     # model's score alone; 0 turns this off (milter.policy.learned).
     learned_sender_labels: int = DEFAULT_LEARNED_SENDER_LABELS
+    bulk: BulkConfig = field(default_factory=BulkConfig)
 
 
 @dataclass(frozen=True)
@@ -199,7 +213,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
-    flat = {k: v for k, v in raw.items() if k not in ("spam", "bec", "domain", "lists")}
+    flat = {k: v for k, v in raw.items() if k not in ("spam", "bec", "domain", "lists", "bulk")}
     pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)
     if pol.on_error not in ("tempfail", "accept"):
         raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
@@ -216,27 +230,40 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
         for ip_key in ("allow_ips", "deny_ips"):
             _check_networks(f"policy.lists.{ip_key}", getattr(lists, ip_key))
         pol = replace(pol, lists=lists)
-    rules = []
-    for i, item in enumerate(raw.get("domain", [])):
-        key = f"policy.domain[{i}]"
-        item = _table(key, item)
-        if not isinstance(item.get("domain"), str):
-            raise ConfigError(f"{key}.domain", "required string")
-        unknown = set(item) - {"domain", "spam", "bec", "action_override"}
-        if unknown:
-            raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key")
-        override = item.get("action_override")
-        if override is not None and override not in ("accept", "tag", "quarantine"):
-            raise ConfigError(f"{key}.action_override", "must be accept, tag or quarantine")
-        rules.append(
-            DomainRule(
-                domain=item["domain"].lower(),
-                spam=_thresholds(f"{key}.spam", item["spam"]) if "spam" in item else None,
-                bec=_thresholds(f"{key}.bec", item["bec"]) if "bec" in item else None,
-                action_override=override,
-            )
-        )
+    if "bulk" in raw:
+        pol = replace(pol, bulk=_bulk(_table("policy.bulk", raw["bulk"])))
+    rules = [_domain_rule(f"policy.domain[{i}]", item) for i, item in enumerate(raw.get("domain", []))]
     return replace(pol, domains=tuple(rules))
+
+
+def _bulk(raw: Mapping[str, Any]) -> BulkConfig:
+    bulk: BulkConfig = _simple(BulkConfig, "policy.bulk", raw, BulkConfig())
+    if bulk.action not in BULK_ACTIONS:
+        got = bulk.action
+        raise ConfigError("policy.bulk.action", f"must be 'accept', 'tag' or 'quarantine', got {got!r}")
+    return bulk
+
+
+def _domain_rule(key: str, raw: Any) -> DomainRule:
+    item = _table(key, raw)
+    if not isinstance(item.get("domain"), str):
+        raise ConfigError(f"{key}.domain", "required string")
+    unknown = set(item) - {"domain", "spam", "bec", "action_override", "bulk_action"}
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown key")
+    override = item.get("action_override")
+    if override is not None and override not in ("accept", "tag", "quarantine"):
+        raise ConfigError(f"{key}.action_override", "must be accept, tag or quarantine")
+    bulk_action = item.get("bulk_action")
+    if bulk_action is not None and bulk_action not in BULK_ACTIONS:
+        raise ConfigError(f"{key}.bulk_action", f"must be accept, tag or quarantine, got {bulk_action!r}")
+    return DomainRule(
+        domain=item["domain"].lower(),
+        spam=_thresholds(f"{key}.spam", item["spam"]) if "spam" in item else None,
+        bec=_thresholds(f"{key}.bec", item["bec"]) if "bec" in item else None,
+        action_override=override,
+        bulk_action=bulk_action,
+    )
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from milter.cli import main
-from milter.config import DEFAULT_MODEL, load_config, nameserver, parse_config
+from milter.config import DEFAULT_MODEL, PolicyConfig, load_config, nameserver, parse_config
 from milter.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "milter.example.toml"
@@ -26,6 +26,8 @@ def test_example_config_is_valid() -> None:
     assert cfg.policy.protected_domains == ("example.com",)
     assert cfg.policy.domains[0].action_override == "tag"
     assert cfg.auth.enabled and cfg.policy.dmarc_fail_action == "tag"
+    assert (cfg.policy.bulk.enabled, cfg.policy.bulk.action) == (True, "accept")
+    assert cfg.policy.domains[0].bulk_action == "tag"
 
 
 def test_nameserver_entries() -> None:
@@ -55,6 +57,11 @@ def test_nameserver_entries() -> None:
         ({"auth": {"nameservers": ["127.0.0.1:5353", "dns.example"]}}, "auth.nameservers[1]"),
         ({"auth": {"nameservers": ["127.0.0.1:99999"]}}, "auth.nameservers[0]"),
         ({"auth": {"enabled": "yes"}}, "auth.enabled"),
+        ({"policy": {"bulk": {"action": "reject"}}}, "policy.bulk.action"),
+        ({"policy": {"bulk": {"enabled": "yes"}}}, "policy.bulk.enabled"),
+        ({"policy": {"bulk": {"actions": "tag"}}}, "policy.bulk.actions"),
+        ({"policy": {"bulk": "tag"}}, "policy.bulk"),
+        ({"policy": {"domain": [{"domain": "a.test", "bulk_action": "no"}]}}, "policy.domain[0].bulk_action"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
@@ -83,3 +90,23 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "not valid TOML" in result.output
     ok = CliRunner().invoke(main, ["check-config", "--config", str(EXAMPLE)])
     assert ok.exit_code == 0, ok.output
+
+
+def test_bulk_settings(tmp_path: Path) -> None:
+    assert (PolicyConfig().bulk.enabled, PolicyConfig().bulk.action) == (True, "accept")  # on by default
+    good = tmp_path / "bulk.toml"
+    good.write_text(
+        '[policy.bulk]\nenabled = false\naction = "quarantine"\n\n'
+        '[[policy.domain]]\ndomain = "Lab.Example.com"\nbulk_action = "tag"\n'
+    )
+    cfg = load_config(good).policy
+    assert (cfg.bulk.enabled, cfg.bulk.action) == (False, "quarantine")
+    assert (cfg.domains[0].domain, cfg.domains[0].bulk_action, cfg.domains[0].action_override) == (
+        "lab.example.com", "tag", None)
+    assert CliRunner().invoke(main, ["check-config", "--config", str(good)]).exit_code == 0
+    bad = tmp_path / "bad-bulk.toml"
+    bad.write_text('[policy.bulk]\naction = "reject"\n')
+    result = CliRunner().invoke(main, ["check-config", "--config", str(bad)])
+    assert result.exit_code == 1
+    why = "config key 'policy.bulk.action': must be 'accept', 'tag' or 'quarantine', got 'reject'"
+    assert why in result.output

@@ -174,3 +174,14 @@ def test_without_a_dmarc_record_an_aligned_dkim_signature_vouches() -> None:
     d = decide(SPAM, dmarc("none", signer="bulletin.example"))  # the parent domain signs: aligned
     assert d.action is Action.TAG
     assert d.reasons[0].startswith("learned sender: bulletin.example passes DKIM and admins labelled 3")
+
+
+def test_bulk_labels_vouch_like_ham() -> None:
+    # a newsletter the admins labelled bulk (wanted, in its own folder) three times
+    labels: list[tuple[str | None, str, int]] = [(NEWS, "bulk", 2), ("editor@bulletin.example", "ham", 1)]
+    assert LearnedSenders.from_labels(labels, 3).vouched("bulletin.example") == SenderLabels(3, 0)
+    d = decide(SPAM, dmarc(), labels=labels)
+    assert (d.verdict, d.action) == (Verdict.SPAM, Action.TAG)
+    assert d.reasons[0].startswith("learned sender: bulletin.example passes DMARC and admins labelled 3")
+    unknown = LearnedSenders.from_labels([(NEWS, "promo", 3)], 3)  # not a label we know: never vouches
+    assert unknown.counts["bulletin.example"] == SenderLabels(0, 3)

@@ -383,3 +383,32 @@ def test_senders_lists_whom_the_labels_vouch_for(url: str, tmp_path: Path) -> No
     text = runner.invoke(main, ["quarantine", "senders", "--db", url, "--config", str(config)])
     assert text.exit_code == 0, text.output
     assert "0 of 5 labelled sender(s) vouched for (policy.learned_sender_labels = 4)" in text.output
+
+
+def test_bulk_is_a_verdict_to_list_and_a_label_that_vouches(url: str) -> None:
+    with Store.open(url) as s:
+        bulk = s.record(make_result(Verdict.BULK, subject="This week", message_id="<n1@x>",
+                                    from_addr="news@bulletin.example"), ENV, RAW, "d")
+        s.record(make_result(subject="Cheap pills", message_id="<s1@x>"), ENV, RAW, "d")
+        for n in (2, 3):  # two more issues of the newsletter, delivered
+            s.record(make_result(Verdict.BULK, Action.ACCEPT, message_id=f"<n{n}@x>",
+                                 from_addr="news@bulletin.example"), ENV, None, "d")
+    run = CliRunner().invoke
+    listed = run(main, ["quarantine", "list", "--json", "--db", url, "--verdict", "bulk"])
+    assert listed.exit_code == 0, listed.output
+    assert [(o["id"], o["verdict"]) for o in _json_lines(listed.stdout)] == [(bulk, "bulk")]
+    for ref in (str(bulk), "<n2@x>", "<n3@x>"):
+        labelled = run(main, ["quarantine", "label", ref, "bulk", "--db", url])
+        assert labelled.exit_code == 0 and "labelled 1 message(s) bulk" in labelled.stdout, labelled.output
+    with Store.open(url) as s:
+        row = s.get(bulk)
+        assert row is not None and row.label == "bulk"
+    # three bulk labels vouch for the sender as three ham labels do (policy.learned_sender_labels = 3)
+    senders = _json_lines(run(main, ["quarantine", "senders", "--json", "--db", url]).stdout)
+    assert senders == [{"sender": "bulletin.example", "ham": 3, "unwanted": 0, "vouched": True}]
+    stats = run(main, ["quarantine", "stats", "--db", url])
+    assert stats.exit_code == 0 and "bulk" in stats.stdout
+    by_verdict = json.loads(run(main, ["quarantine", "stats", "--json", "--db", url]).stdout)["by_verdict"]
+    assert by_verdict == {"bulk": 3, "spam": 1}
+    wrong = run(main, ["quarantine", "label", str(bulk), "promo", "--db", url])
+    assert wrong.exit_code == 2 and "'ham', 'bulk', 'spam', 'bec'" in wrong.output

@@ -161,3 +161,18 @@ def test_label_must_be_a_class(tmp_path: Path) -> None:
     path = eml(tmp_path / "m.eml", "<m@x>")
     res = CliRunner().invoke(report, ["--as", "phish", "--db", f"sqlite:///{tmp_path / 'x.db'}", str(path)])
     assert res.exit_code == 2 and "phish" in res.output
+
+
+def test_reported_as_bulk_is_labelled_bulk_and_trains_as_ham(tmp_path: Path, url: str) -> None:
+    with Store.open(url) as s:
+        pk = s.record(make_result(Verdict.SPAM, Action.TAG, message_id="<issue-7@partner.example>"),
+                      ENV, None, SCHEMA.digest)
+    path = eml(tmp_path / "newsletter.eml", "<issue-7@partner.example>", subject="This week at Partner")
+    res = CliRunner().invoke(report, ["--as", "bulk", "--db", url, "--json", str(path)])
+    assert res.exit_code == 0, res.output
+    assert [(o["result"], o["label"], o["rows"]) for o in lines(res)] == [("matched", "bulk", 1)]
+    with Store.open(url) as s:
+        row = s.get(pk)
+        assert row is not None and (row.label, row.label_source) == ("bulk", "user-report")
+        _, y = training_arrays(s.labelled_examples())
+    assert y.tolist() == [0]  # CLASS_NAMES[0]: ham

@@ -23,7 +23,7 @@ def rows(output: str) -> list[dict[str, object]]:
 
 def check_row(row: dict[str, object]) -> None:
     assert set(row) == KEYS, row
-    assert row["verdict"] in ("ham", "spam", "bec")
+    assert row["verdict"] in ("ham", "bulk", "spam", "bec")
     assert row["action"] in ("accept", "tag", "quarantine", "reject")
     scores = row["scores"]
     assert isinstance(scores, dict) and set(scores) == {"ham", "spam", "bec"}
@@ -103,6 +103,30 @@ def test_table_output_has_summary() -> None:
     result = CliRunner().invoke(main, ["scan", str(FIXTURES / "bec")])
     assert result.exit_code == 0, result.output
     assert "messages:" in result.output
+
+
+NEWSLETTER = (
+    b"From: Bulletin <news@bulletin.example>\r\nTo: bob@example.org\r\nSubject: This week\r\n"
+    b"Message-ID: <issue-42@bulletin.example>\r\nDate: Mon, 01 Jan 2024 10:00:00 +0000\r\n"
+    b"List-Unsubscribe: <https://bulletin.example/u/42>\r\n"
+    b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+    b"Feedback-ID: 42:bulletin\r\n\r\nThis week's news.\r\n"
+)
+
+
+def test_bulk_verdict_in_json_and_in_the_summary(tmp_path: Path) -> None:
+    # the model's ladders off, so the verdict depends on the sender's evidence alone, with any model
+    cfg = tmp_path / "milter.toml"
+    off = "tag = false\nquarantine = false\n"
+    cfg.write_text(f"[policy.spam]\n{off}\n[policy.bec]\n{off}")
+    result = CliRunner().invoke(main, ["scan", "--json", "--config", str(cfg), "-"], input=NEWSLETTER)
+    assert result.exit_code == 0, result.output
+    (row,) = rows(result.stdout)
+    check_row(row)
+    assert (row["verdict"], row["action"]) == ("bulk", "accept")
+    assert row["reasons"][0] == "bulk sender: one-click unsubscribe (RFC 8058), Feedback-ID"  # type: ignore[index]
+    table = CliRunner().invoke(main, ["scan", "--config", str(cfg), "-"], input=NEWSLETTER)
+    assert table.exit_code == 0 and "1 messages: bulk 1 | actions: accept 1" in table.output
 
 
 def test_bad_config_names_the_key(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from milter.errors import StoreError
 from milter.store import Store, training_arrays
 from milter.store.migrate import head_revision, upgrade
 from milter.store.models import Base
-from milter.types import Action, Envelope, Verdict
+from milter.types import CLASS_NAMES, VERDICTS, Action, Envelope, Verdict, label_class, wanted_label
 
 ENV = Envelope(mail_from="alice@example.com", rcpt_tos=("bob@example.org", "carol@example.org"),
                client_addr="192.0.2.7", client_name="mx.example.com", helo="mx.example.com",
@@ -230,6 +230,27 @@ def test_labels_and_training_examples(store: Store) -> None:
     assert x.dtype == np.float32 and x.shape == (3, 8)
     np.testing.assert_array_equal(x[0], make_result().vector)
     assert y.tolist() == [0, 0, 2]
+
+
+def test_bulk_verdicts_and_labels(store: Store) -> None:
+    held = store.record(make_result(Verdict.BULK, Action.QUARANTINE), ENV, RAW, DIGEST)
+    store.record(make_result(Verdict.BULK, Action.ACCEPT), ENV, None, DIGEST)
+    spam = store.record(make_result(), ENV, RAW, DIGEST)
+    assert [r.id for r in store.quarantine_list(verdict="bulk")] == [held]
+    assert store.stats().by_verdict == {"bulk": 2, "spam": 1}
+    assert store.set_label(held, "bulk", "admin") == 1 and store.set_label(spam, "spam", "admin") == 1
+    row = store.get(held)
+    assert row is not None and (row.verdict, row.label) == ("bulk", "bulk")
+    _, y = training_arrays(store.labelled_examples())
+    assert y.tolist() == [label_class("ham"), label_class("spam")]  # bulk is wanted mail: it trains ham
+
+
+def test_label_class_is_the_one_label_to_class_mapping() -> None:
+    assert [CLASS_NAMES[label_class(v)] for v in VERDICTS] == ["ham", "ham", "spam", "bec"]
+    assert [wanted_label(v) for v in VERDICTS] == [True, True, False, False]
+    assert not wanted_label("phish")
+    with pytest.raises(ValueError, match="label must be one of ham, bulk, spam, bec, got 'phish'"):
+        label_class("phish")
 
 
 def test_stale_examples_carry_raw_bytes_and_envelope(store: Store) -> None:

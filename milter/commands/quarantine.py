@@ -27,7 +27,7 @@ from milter.config import Config, host_port, load_config
 from milter.errors import ConfigError, StoreError
 from milter.parse import parse
 from milter.store import MessageRow, Store
-from milter.types import CLASS_NAMES
+from milter.types import VERDICTS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,7 +97,7 @@ def quarantine() -> None:
 @_store_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--since", help="Only messages received since (ISO 8601 or an age: 24h, 7d).")
-@click.option("--verdict", type=click.Choice(CLASS_NAMES))
+@click.option("--verdict", type=click.Choice(VERDICTS))
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0)
 @click.option("--recipient", metavar="ADDR", help="Only messages with ADDR among the envelope recipients.")
@@ -337,9 +337,10 @@ def delete_cmd(db_url: str | None, config_path: Path | None, messages: tuple[int
 @_store_options
 @click.option("--source", default="cli", show_default=True, help="Who says so (kept with the label).")
 @click.argument("message")
-@click.argument("label", type=click.Choice(CLASS_NAMES))
+@click.argument("label", type=click.Choice(VERDICTS))
 def label_cmd(db_url: str | None, config_path: Path | None, source: str, message: str, label: str) -> None:
-    """Label MESSAGE (row id, or Message-ID for every copy) as ham, spam or bec for retraining."""
+    """Label MESSAGE (row id, or Message-ID for every copy) as ham, bulk, spam or bec for retraining
+    (bulk is wanted mail: it trains the model as ham and vouches for its sender like ham)."""
     ref: int | str = int(message) if message.isdigit() else message
     with _open(db_url, config_path) as store:
         n = _call(lambda: store.set_label(ref, label, source))
@@ -403,13 +404,13 @@ def stats_cmd(db_url: str | None, config_path: Path | None, days: int, as_json: 
     table = Table(title=f"last {days} days (UTC)")
     table.add_column("day")
     table.add_column("action")
-    for verdict in CLASS_NAMES:
+    for verdict in VERDICTS:
         table.add_column(verdict, justify="right")
     rows: dict[tuple[str, str], dict[str, int]] = {}
     for d, a, v, n in daily:
         rows.setdefault((d, a), {})[v] = n
     for (d, a), counts in rows.items():
-        table.add_row(d, a, *(str(counts.get(v, 0)) for v in CLASS_NAMES))
+        table.add_row(d, a, *(str(counts.get(v, 0)) for v in VERDICTS))
     console.print(table)
 
 

@@ -4,6 +4,7 @@ A vouched-for sender's mail that authenticates (DMARC pass; without a DMARC reco
 signature) is tagged, not quarantined, on the model's score alone.
 The gateway reads the same counts at start and on reload; this shows them now, so an admin can see why
 a sender's mail was only tagged, and end the credit by labelling one of its messages spam.
+"ham" counts the labels ham and bulk: both say the recipient wants the sender's mail.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def senders_cmd(db_url: str | None, config_path: Path | None, as_json: bool, sho
             click.echo(json.dumps({"sender": key, "ham": labels.ham, "unwanted": labels.unwanted,
                                    "vouched": vouched}))
         return
-    table = Table("sender", "ham labels", "spam/bec labels", "vouched")
+    table = Table("sender", "ham/bulk labels", "spam/bec labels", "vouched")
     for key, labels, vouched in shown:
         table.add_row(Text(key), str(labels.ham), str(labels.unwanted), "yes" if vouched else "no")
     console = _console()

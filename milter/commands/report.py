@@ -1,4 +1,5 @@
-"""`milter report --as spam|ham|bec FILE.eml...`: feed a user's "this was a mistake" into the learning loop.
+"""`milter report --as ham|bulk|spam|bec FILE.eml...`: feed a user's "this was a mistake" into the
+learning loop (bulk: a wanted newsletter; like ham it trains the model's ham class).
 
 For each file, the reported message is matched to its stored verdict by Message-ID and labelled there
 (every copy, label source "user-report"). When the store never saw it (delivered before the gateway,
@@ -29,7 +30,7 @@ from milter.parse import parse
 from milter.scan import Scanner, build_scanner, prepare
 from milter.store import Store
 from milter.store.labels import record_labelled
-from milter.types import CLASS_NAMES, Envelope
+from milter.types import VERDICTS, Envelope
 
 SOURCE = "user-report"
 
@@ -127,8 +128,8 @@ class Reporter:
 
 
 @click.command("report")
-@click.option("--as", "label", type=click.Choice(CLASS_NAMES), required=True,
-              help="What the message really is.")
+@click.option("--as", "label", type=click.Choice(VERDICTS), required=True,
+              help="What the message really is (bulk: a wanted newsletter; it trains as ham).")
 @click.option("--db", "db_url", envvar="MILTER_STORE_URL",
               help="Store URL [default: the config's store.url].")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),

@@ -2,6 +2,8 @@
 
 With --json, exactly one JSON object per line per message:
   {"path", "verdict", "action", "scores": {"ham", "spam", "bec"}, "reasons": [...], "model"}
+"verdict" is ham, bulk, spam or bec; "scores" are the model's three classes (bulk is no model class:
+the policy derives it from the sender's evidence, milter.policy.bulk).
 and {"path", "error"} for input that could not be read or scanned; the scan goes on and the exit status
 is 1 when any message failed (2 for a bad model or configuration).
 

@@ -147,10 +147,18 @@ def score_batch(slot: ModelSlot, items: Sequence[tuple[Extracted, Envelope]]) ->
     return scanner.decide(exts, [v for _, v in items], scanner.predict(exts))
 
 
+def category_header(result: ScanResult) -> tuple[str, str]:
+    """On every relayed message that was scanned: ham, bulk, spam or bec, one field a Sieve rule (or a
+    mail client's filter) can sort on, whatever the action."""
+    return ("X-Milter-Category", result.verdict.value)
+
+
 def verdict_headers(result: ScanResult) -> list[tuple[str, str]]:
+    """The fields of tagged mail: verdict, category, scores and reasons."""
     s = result.scores
     return [
         ("X-Milter-Verdict", result.verdict.value),
+        category_header(result),
         ("X-Milter-Scores", f"ham={s.ham:.3f} spam={s.spam:.3f} bec={s.bec:.3f}"),
         ("X-Milter-Reasons", "; ".join(result.reasons) or "none"),
     ]
@@ -315,7 +323,7 @@ class MessageProcessor:
             return TEMPFAIL_REPLY
         if action is Action.TAG:
             return await self._relay(msg, result, verdict_headers(result), result.subject_prefix, "tag")
-        return await self._relay(msg, result, [], None, "accept")
+        return await self._relay(msg, result, [category_header(result)], None, "accept")
 
     async def _quarantine(self, msg: Inbound, result: ScanResult) -> str:
         try:

@@ -1,8 +1,9 @@
 """The policy: model scores + lists + protected identities -> one `Decision`, as a readable table.
 
 The table (`RULES`) and the `Policy` object live here; the rules themselves in `rules.py` (lists,
-impersonation, the model's ladders), `bec.py` (BEC content patterns) and `dmarc.py` (sender
-authentication), and what they read and say in `table.py`.
+impersonation, the model's ladders), `bec.py` (BEC content patterns), `dmarc.py` (sender
+authentication), `learned.py` (senders the admins vouched for) and `bulk.py` (legitimate bulk mail),
+and what they read and say in `table.py`.
 
 Mailman-3 style: every rule is one small function that looks at the message and either says nothing or
 returns a `Hit` (a reason, and for a deciding rule a verdict and an action). The rules are evaluated in
@@ -35,12 +36,18 @@ Precedence (the order of `RULES`), and why:
    model only: an allowed vendor whose account is taken over still meets the BEC rules above. A sender
    or domain entry is not applied when the From domain's own DMARC (p=quarantine / reject) disowns the
    message: the entry trusted a claim its owner denies.
-5. Spam model ladder on P(spam) + P(bec), the probability that the message is *not ham*. Summing keeps a
+5. Bulk senders (`bulk.py`): an unsubscribe offer plus Feedback-ID, Precedence: bulk or an aligned DKIM
+   signature (`MessageSummary.bulk_evidence`) -> bulk, `policy.bulk.action` (accept by default), where
+   the model would accept the message (both ladders silent): a category, never a softened tag. After the
+   allow lists, so an allowed sender stays ham. Never for a mailing list's copy or a message its From
+   domain's DMARC disowns; it never meets the learned-senders rule, which acts only where the model
+   would quarantine.
+6. Spam model ladder on P(spam) + P(bec), the probability that the message is *not ham*. Summing keeps a
    message the model splits between the two bad classes (say 0.5 / 0.45) from slipping through both
    ladders; its verdict is `spam` because the BEC ladder, which is tuned for BEC, did not fire.
-6. DMARC failure under p=quarantine / p=reject -> spam, `dmarc_fail_action` (tag by default; none makes
+7. DMARC failure under p=quarantine / p=reject -> spam, `dmarc_fail_action` (tag by default; none makes
    it a reason only). Last, so it never softens the model's answer; mailing-list copies are exempt.
-7. Nothing fired -> ham, accept.
+8. Nothing fired -> ham, accept.
 
 Thresholds come from the model's metadata (chosen at training time); `PolicyConfig.spam` / `.bec`, when
 set, replace that class's thresholds as a whole (a `None` field there disables that action, as the config
@@ -48,10 +55,11 @@ documents). `reject` is never taken from the metadata: rejecting needs an explic
 
 Per recipient domain (`PolicyConfig.domains`): a `DomainRule` matches a recipient whose domain is the
 rule's domain or a subdomain of it; its `spam` / `bec` thresholds replace the global ones for that
-recipient and `action_override` replaces any action other than accept (so "tag" means "never quarantine
-here"). An after-queue filter returns one answer per message, so a message to several recipients takes
-the *strictest* answer over all of them (recipients without a rule use the global thresholds): one
-recipient's relaxed rule must not let mail through to the others. Ties go to the first recipient.
+recipient, its `bulk_action` replaces `policy.bulk.action`, and `action_override` replaces any action
+other than accept (so "tag" means "never quarantine here", bulk mail included). An after-queue filter
+returns one answer per message, so a message to several recipients takes the *strictest* answer over
+all of them (recipients without a rule use the global thresholds): one recipient's relaxed rule must not
+let mail through to the others. Ties go to the first recipient.
 
 On scanning errors the gateway applies `on_error`; nothing here raises for a message.
 """
@@ -61,11 +69,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from milter.config import ClassThresholds, DomainRule, PolicyConfig
+from milter.config import BULK_ACTIONS, ClassThresholds, DomainRule, PolicyConfig
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
+from milter.policy.bulk import bulk_sender
 from milter.policy.dmarc import dmarc_fail, spoofed_protected_domain
 from milter.policy.learned import learned_sender
 from milter.policy.rules import (
@@ -120,6 +129,7 @@ RULES: tuple[Rule, ...] = (
     allow_sender,
     allow_domain,
     allow_ip,
+    bulk_sender,
     spam_score,
     dmarc_fail,
 )
@@ -164,6 +174,13 @@ _DMARC_FAIL_ACTIONS: Mapping[str, Action | None] = {
 }
 
 
+def _bulk_action(key: str, value: str) -> Action:
+    """A bulk action from the configuration (checked again here: a PolicyConfig may be built in code)."""
+    if value not in BULK_ACTIONS:
+        raise ConfigError(key, f"must be 'accept', 'tag' or 'quarantine', got {value!r}")
+    return Action(value)
+
+
 class Policy:
     """Thresholds, per-domain rules and allow / deny lists, built once from the configuration."""
 
@@ -182,8 +199,11 @@ class Policy:
             raise ConfigError("policy.dmarc_fail_action", f"unknown action {config.dmarc_fail_action!r}")
         spam = config.spam or _metadata_thresholds("spam", model_thresholds.get("spam"))
         bec = config.bec or _metadata_thresholds("bec", model_thresholds.get("bec"))
-        self.default_rules = RuleSet(spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec))
-        self.domain_rules = tuple(self._domain_rules(r, spam, bec) for r in config.domains)
+        bulk = _bulk_action("policy.bulk.action", config.bulk.action) if config.bulk.enabled else None
+        self.default_rules = RuleSet(
+            spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec), bulk_action=bulk
+        )
+        self.domain_rules = tuple(self._domain_rules(r, spam, bec, bulk) for r in config.domains)
         raw = config.lists
         self.lists = Lists(
             allow_senders=frozenset(normalised(raw.allow_senders)),
@@ -200,17 +220,22 @@ class Policy:
         )
 
     @staticmethod
-    def _domain_rules(rule: DomainRule, spam: ClassThresholds, bec: ClassThresholds) -> RuleSet:
+    def _domain_rules(
+        rule: DomainRule, spam: ClassThresholds, bec: ClassThresholds, bulk: Action | None
+    ) -> RuleSet:
         try:
             override = Action(rule.action_override) if rule.action_override is not None else None
         except ValueError as exc:
             raise ConfigError(f"policy.domain[{rule.domain}].action_override",
                               f"unknown action {rule.action_override!r}") from exc
+        if bulk is not None and rule.bulk_action is not None:  # policy.bulk.enabled = false: off everywhere
+            bulk = _bulk_action(f"policy.domain[{rule.domain}].bulk_action", rule.bulk_action)
         return RuleSet(
             spam=Ladder.build("spam", rule.spam or spam),
             bec=Ladder.build("bec", rule.bec or bec),
             action_override=override,
             domain=rule.domain.lower(),
+            bulk_action=bulk,
         )
 
     @property

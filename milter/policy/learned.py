@@ -9,9 +9,10 @@ here as well as in training. A From domain that
 * passes DMARC on this message, or, when it publishes no DMARC record, carries a valid DKIM signature
   of its own (aligned: same registrable domain). Either way its owner vouches that the message is
   theirs, so a spoofer cannot reuse the reputation. And it
-* has at least `policy.learned_sender_labels` messages labelled ham in the store and none labelled
-  spam or bec (one confirmed bad message ends it); for a free-mail provider this counts per address,
-  not per domain, since DMARC pass for gmail.com vouches for Gmail, not for one of its users,
+* has at least `policy.learned_sender_labels` messages labelled ham (or bulk: wanted too) in the
+  store and none labelled spam or bec (one confirmed bad message ends it); for a free-mail provider
+  this counts per address, not per domain, since DMARC pass for gmail.com vouches for Gmail, not for
+  one of its users,
 
 is tagged, not quarantined or rejected, when the model's score alone would have done so. The rule sits
 after the deny lists, the impersonation and spoof rules and the BEC content rules, which keep their

@@ -15,7 +15,7 @@ from milter.features import Protected
 from milter.features.domains import registrable
 from milter.features.lexicon import FREEMAIL
 from milter.features.summary import MessageSummary
-from milter.types import Action, Envelope, Scores, Verdict
+from milter.types import Action, Envelope, Scores, Verdict, wanted_label
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -62,6 +62,7 @@ class RuleSet:
     bec: Ladder
     action_override: Action | None = None
     domain: str | None = None  # the DomainRule's domain; None for the global set
+    bulk_action: Action | None = None  # what the bulk rule does (milter.policy.bulk); None: it is off
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Lists:
 class SenderLabels:
     """Labels the store holds for one sender (see `sender_key`)."""
 
-    ham: int = 0
+    ham: int = 0  # ham or bulk: mail the recipient wants
     unwanted: int = 0  # spam or bec
 
 
@@ -112,7 +113,8 @@ class LearnedSenders:
         for addr, label, n in rows:
             if not (key := sender_key(addr)):
                 continue
-            target = ham if label == "ham" else unwanted
+            # a bulk label vouches like ham: the recipient wants the newsletter, in its own folder
+            target = ham if wanted_label(label) else unwanted
             target[key] = target.get(key, 0) + n
         counts = {k: SenderLabels(ham.get(k, 0), unwanted.get(k, 0)) for k in ham.keys() | unwanted.keys()}
         return cls(MappingProxyType(counts), min_ham)

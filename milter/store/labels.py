@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from milter.store.engine import WRITE_OPTION
 from milter.store.mapping import clean, new_message
 from milter.store.store import Store, _guard
-from milter.types import CLASS_NAMES, Envelope
+from milter.types import VERDICTS, Envelope
 
 if TYPE_CHECKING:
     from milter.scan import ScanResult
@@ -30,8 +30,8 @@ def record_labelled(
     received_at: datetime | None = None,
 ) -> int:
     """Store a verdict with its label already set (feature vector kept: it is a training example)."""
-    if label not in CLASS_NAMES:
-        raise ValueError(f"label must be one of {', '.join(CLASS_NAMES)}, got {label!r}")
+    if label not in VERDICTS:
+        raise ValueError(f"label must be one of {', '.join(VERDICTS)}, got {label!r}")
     now = datetime.now(UTC)
     msg = new_message(result, envelope or Envelope(), schema_digest, True, received_at or now)
     msg.label, msg.label_source, msg.labelled_at = label, clean(source, 64), now

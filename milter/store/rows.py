@@ -9,7 +9,7 @@ from datetime import datetime
 import numpy as np
 import numpy.typing as npt
 
-from milter.types import CLASS_NAMES, Envelope, Scores
+from milter.types import Envelope, Scores, label_class
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,13 @@ class StoreStats:
 def training_arrays(
     examples: Sequence[LabelledExample],
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """(X, y) for retraining, y as indices into CLASS_NAMES; all examples must share one schema."""
+    """(X, y) for retraining, y as indices into CLASS_NAMES (`label_class`: a bulk label trains ham);
+    all examples must share one schema."""
     digests = {e.schema_digest for e in examples}
     if len(digests) > 1:
         raise ValueError(f"examples span several feature schemas: {sorted(digests)}")
     if not examples:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
     x = np.stack([e.vector for e in examples]).astype(np.float32, copy=False)
-    y = np.array([CLASS_NAMES.index(e.label) for e in examples], dtype=np.int64)
+    y = np.array([label_class(e.label) for e in examples], dtype=np.int64)
     return x, y

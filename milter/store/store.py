@@ -38,7 +38,7 @@ from milter.store.mapping import envelope_of, message_values, new_message, to_ro
 from milter.store.migrate import upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
 from milter.store.rows import LabelledExample, MessageRow, PurgeCounts, StaleExample, StoreStats
-from milter.types import CLASS_NAMES, Envelope
+from milter.types import VERDICTS, Envelope
 
 if TYPE_CHECKING:
     from milter.scan import ScanResult
@@ -189,8 +189,8 @@ class Store:
 
     def set_label(self, ref: int | str, label: str, source: str) -> int:
         """Label by row id (int) or Message-ID (str, every copy); how many rows were labelled."""
-        if label not in CLASS_NAMES:
-            raise ValueError(f"label must be one of {', '.join(CLASS_NAMES)}, got {label!r}")
+        if label not in VERDICTS:
+            raise ValueError(f"label must be one of {', '.join(VERDICTS)}, got {label!r}")
         cond = Message.id == ref if isinstance(ref, int) else Message.message_id == ref
         stmt = update(Message).where(cond).values(label=label, label_source=source, labelled_at=_now())
         with _guard("cannot set label"), self._write.begin() as s:
