@@ -157,11 +157,12 @@ def test_campaign_is_learned_from_twenty_admin_labels(
     with Store.open(db) as store:
         assert store.stats().labelled == N_LABELS
 
-    # One point of recall slack, not the default 0.2: on this subsample the fixed set's quarantine
-    # threshold is set by a couple of dozen modern validation ham (thresholds.MODERN_HAM), and pooled
-    # recall moves by a few messages between any two fits (72.7 % -> 72.1 % here). The default gate
-    # refusing such a retrain is an open problem of issue 11 (docs/DETECTION.md), not what this tests.
-    tolerant = _args(tmp_path, models, db, baseline[1], "--recall-tolerance", "0.01")
+    # FPR slack of 0.2 points, not the default 0.05: on this subsample the fixed set holds about 1,700
+    # ham, so 0.05 points is less than one message, and each model's own quarantine threshold is set
+    # by a couple of dozen modern validation ham (thresholds.MODERN_HAM): two fits differ by a few
+    # flagged ham (0.35 -> 0.53 % measured) whatever the labels taught. Recall is compared at one
+    # operating point (the gate's own answer to that noise); FPR at the thresholds the gateway applies.
+    tolerant = _args(tmp_path, models, db, baseline[1], "--fpr-tolerance", "0.002")
     result = rt.run(rt.parse_args(tolerant))
     report = json.loads((result.report_dir / "retrain.json").read_text())
     assert result.promoted, result.reason
@@ -179,7 +180,7 @@ def test_campaign_is_learned_from_twenty_admin_labels(
         f"{chall['fixed']['quarantine']['ALL']['ham_fpr']:.4%}"
     )
     assert caught_after >= 0.9
-    assert chall["fixed"]["quarantine"]["ALL"]["ham_fpr"] <= fpr_before + 0.0005
+    assert chall["fixed"]["quarantine"]["ALL"]["ham_fpr"] <= fpr_before + 0.002  # the slack above
     assert (models / "history" / f"{before.classifier.name}.onnx").is_file()  # rollback stays possible
 
 
@@ -241,8 +242,10 @@ def test_bulk_labels_train_as_ham(tmp_path: Path) -> None:
     """A wanted newsletter labelled bulk teaches the model ham (it has no bulk class), whether its
     vector is stored or recomputed from the quarantined bytes."""
     raws = [
-        (f"From: news@bulletin.example\r\nSubject: Issue {n}\r\nMessage-ID: <i{n}@bulletin.example>\r\n"
-         f"List-Unsubscribe: <https://bulletin.example/u>\r\nFeedback-ID: {n}:news\r\n\r\nNews.\r\n").encode()
+        (
+            f"From: news@bulletin.example\r\nSubject: Issue {n}\r\nMessage-ID: <i{n}@bulletin.example>\r\n"
+            f"List-Unsubscribe: <https://bulletin.example/u>\r\nFeedback-ID: {n}:news\r\n\r\nNews.\r\n"
+        ).encode()
         for n in range(3)
     ]
     with Store.open(f"sqlite:///{tmp_path / 'store.db'}") as store:
@@ -271,3 +274,31 @@ def test_every_fifth_label_by_id_is_held_back() -> None:
     train, recent = labels.split(5)
     assert [ids[i] for i in recent] == [5, 10, 15] and len(train) == 5
     assert labels.split(0)[1].size == 0
+
+
+def _scored(name: str, not_ham: np.ndarray, y: np.ndarray, spam_cut: float) -> rt.Scored:
+    """A model's Scored from its not-ham scores alone (spam column carries them, bec unused)."""
+    probs = np.stack([1 - not_ham, not_ham, np.zeros_like(not_ham)], axis=1).astype(np.float32)
+    t = rt.Thresholds(spam_cut, spam_cut, 2.0, 2.0)
+    ev = rt.EvalSet(probs, y, ("c",) * len(y), probs[:0], y[:0])
+    return rt.score(name, probs, probs[:0], ev, t)
+
+
+def test_the_gate_compares_rankings_at_the_champions_operating_point() -> None:
+    rng = np.random.default_rng(5)
+    y = np.array([HAM] * 1000 + [1] * 1000, dtype=np.int64)
+    ham, spam = rng.uniform(0, 0.7, 1000), rng.uniform(0.3, 1.0, 1000)
+    ranking = np.concatenate([ham, spam])
+    champ = _scored("champ", ranking, y, spam_cut=0.69)
+    # the same ranking, but validation put its cut higher: fewer spam caught at its own thresholds,
+    # fewer ham flagged too; its ranking is no worse, so it may ship
+    stricter = _scored("stricter", ranking, y, spam_cut=0.75)
+    assert (
+        rt.caught_recall(stricter.fixed["quarantine"]["ALL"])
+        < rt.caught_recall(champ.fixed["quarantine"]["ALL"]) - 0.05
+    )
+    assert rt.compare(champ, stricter, 0.0005, 0.002).promote
+    # a ranking that mixes spam into the ham: refused at the champion's operating point, naming why
+    worse = _scored("worse", np.concatenate([ham, rng.uniform(0.0, 1.0, 1000)]), y, spam_cut=0.69)
+    decision = rt.compare(champ, worse, 0.0005, 0.002)
+    assert not decision.promote and "recall at the champion's ham FPR" in decision.reason

@@ -12,6 +12,7 @@ import pytest
 
 from training.corpora import Message
 from training.dataset import TEST, TRAIN, VAL, Dataset
+from training.retrain import LABELS_PER_LEAF, label_rows
 from training.train import parse_args as train_args
 from training.unseen import from_addresses, main, oldest_first, run_source, source_mask
 
@@ -90,7 +91,8 @@ def test_oldest_first_puts_undated_messages_last_in_manifest_order() -> None:
 
 def test_unseen_source_is_flagged_until_its_own_labels_teach_the_model(tmp_path: Path) -> None:
     ds = _synthetic(tmp_path)
-    steps = run_source(ds, train_args(["--max-rounds", "80"]), "new", [0, 40], label_weight=20.0)
+    # 160 rounds: the default learning rate is 0.05 (it was 0.1 with 80)
+    steps = run_source(ds, train_args(["--max-rounds", "160"]), "new", [0, 40], label_weight=20.0)
     assert [s.labels for s in steps] == [0, 40]
     never_seen, labelled = steps[0].source[0], steps[1].source[0]
     assert (never_seen.klass, never_seen.n, labelled.n) == ("ham", 120, 80)
@@ -148,3 +150,15 @@ def test_cli_refuses_an_unknown_source(tmp_path: Path, capsys: pytest.CaptureFix
     args += ["--corpora-dir", str(REPO / ".cache" / "corpora"), "--corpora-src", str(SHARE)]
     assert main(args) == 2
     assert "no messages from source 'no-such-corpus'; known sources:" in capsys.readouterr().err
+
+
+def test_label_rows_fill_a_leaf_and_keep_their_total_weight() -> None:
+    X = np.arange(6, dtype=np.float32).reshape(3, 2)
+    y = np.array([0, 1, 0], dtype=np.int64)
+    w = np.array([20.0, 40.0, 20.0])
+    Xr, yr, wr = label_rows(X, y, w, min_data_in_leaf=50)
+    copies = 50 // LABELS_PER_LEAF
+    assert len(Xr) == len(yr) == len(wr) == 3 * copies
+    assert wr.sum() == w.sum() and (yr == 1).sum() == copies
+    np.testing.assert_array_equal(Xr[copies], X[1])
+    assert len(label_rows(X, y, w, min_data_in_leaf=1)[0]) == 3  # a leaf of one row needs no copies

@@ -1,4 +1,4 @@
-"""Feature matrix and time-ordered split over the deduplicated corpora.
+"""Feature matrix and the split (by sender, or time-ordered) over the deduplicated corpora.
 
 Extraction runs in a process pool and is cached in ``.cache/features-<schema digest>-<code hash>/``
 (shards of a few thousand vectors keyed by sha256, so an interrupted run resumes and a re-run, or a run

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from milter.types import CLASS_NAMES
 from training.thresholds import BEC, HAM, MODERN_HAM, SPAM, Probs, Thresholds, decide
 
-#: Acceptance target on the time-ordered test split, per corpus (quarantine level).
+#: Acceptance target on the test split, per corpus (quarantine level).
 TARGET_HAM_FPR = 0.001
 TARGET_SPAM_RECALL = 0.98
 TARGET_BEC_RECALL = 0.97

@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1000,
         help="boosting rounds at most (early stopping usually ends sooner)",
     )
-    p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--learning-rate", type=float, default=mdl.FitConfig.learning_rate)
     p.add_argument(
         "--corpus-balance",
         type=float,

@@ -40,7 +40,7 @@ from milter.types import CLASS_NAMES
 from training import model as mdl
 from training.dataset import Dataset
 from training.evaluate import sliced_metrics
-from training.retrain import label_weights
+from training.retrain import label_rows, label_weights
 from training.thresholds import BEC, HAM, SPAM, Thresholds, choose_thresholds, decide
 from training.train import _features, fit_setup, load_dataset
 from training.train import parse_args as train_args
@@ -211,11 +211,12 @@ def run_source(
             continue
         labels, rest = source_rows[:k], source_rows[k:]
         w_lab = label_weights(ds.y[labels], ds.y[tr], setup.weights[tr], label_weight)
+        X_lab, y_lab, w_fit = label_rows(ds.X[labels], ds.y[labels], w_lab, setup.cfg.min_data_in_leaf)
         fit_rows = np.concatenate([tr, labels])
         booster = mdl.fit(
-            np.concatenate([X_tr, ds.X[labels]]),
-            ds.y[fit_rows],
-            np.concatenate([setup.weights[tr], w_lab]),
+            np.concatenate([X_tr, X_lab]),
+            np.concatenate([ds.y[tr], y_lab]),
+            np.concatenate([setup.weights[tr], w_fit]),
             ds.X[va],
             ds.y[va],
             setup.weights[va],
