@@ -34,10 +34,10 @@ import numpy as np
 import numpy.typing as npt
 
 from milter.config import DEFAULT_LEARNED_SENDER_LABELS
-from milter.parse import parse
 from milter.policy.table import LearnedSenders, sender_key
 from milter.types import CLASS_NAMES
 from training import model as mdl
+from training.corpora import read_header_block, sender_of
 from training.dataset import Dataset
 from training.evaluate import sliced_metrics
 from training.retrain import label_rows, label_weights
@@ -154,13 +154,9 @@ def from_addresses(ds: Dataset, rows: IntRows) -> list[str]:
     addrs = []
     for i in rows.tolist():
         try:
-            head = ds.messages[i].path.read_bytes()[:65536]
+            addrs.append(sender_of(read_header_block(ds.messages[i].path)))
         except OSError:
             addrs.append("")
-            continue
-        head = head.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]  # the header block is enough
-        froms = parse(head + b"\n\n").addresses("from")
-        addrs.append(froms[0][1] if froms else "")
     return addrs
 
 
