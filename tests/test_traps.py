@@ -146,3 +146,21 @@ def test_sender_split_keeps_every_sender_on_one_side() -> None:
     np.testing.assert_array_equal(split, sender_split(list(reversed(msgs)))[::-1])  # order-free
     bigcorp = {s for m, s in zip(msgs, split.tolist(), strict=True) if m.corpus == "own"}
     assert len(bigcorp) == 3  # a corpus's own domain is spread over the sides by address
+
+
+def test_a_list_copy_says_nothing_about_unsubscribing() -> None:
+    """A mailing list manager adds List-Unsubscribe, Precedence: list and an unsubscribe footer to every
+    copy; in the corpora every list message is ham, so none of that may read as the author's."""
+    real = fill().replace("Unsubscribe any time.", "Unsubscribe at https://lists.example.org/u.")
+    listed = "List-Id: <dev.lists.example.org>\n" + real
+    managed = (
+        "List-Id: <dev.lists.example.org>\nList-Unsubscribe: <https://lists.example.org/u>\n"
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click\nPrecedence: list\n" + real
+    )
+    np.testing.assert_array_equal(vector(listed), vector(managed))
+    for name in ("snd_unsubscribe_header", "snd_footer_unsubscribe"):
+        assert vector(listed)[SCHEMA.names.index(name)] == 0.0
+    # the same headers from the author (no List-Id) are the sender's own evidence
+    own = vector(managed.replace("List-Id: <dev.lists.example.org>\n", ""))
+    assert own[SCHEMA.names.index("snd_oneclick_unsub")] == 1.0
+    assert own[SCHEMA.names.index("snd_footer_unsubscribe")] == 1.0

@@ -117,7 +117,7 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         disguised_sender=any(vector[i] > 0 for i in _DISGUISE_COLUMNS),
         language=frozenset(group for group, i in _LANGUAGE_COLUMNS if vector[i] > 0),
         # for the policy only: list headers are no feature (the corpora's lists made them a ham marker)
-        list_mail=parsed.get("list-id") is not None or parsed.get("list-post") is not None,
+        list_mail=sender.is_list_copy(parsed),
         bulk_evidence=sender.bulk_evidence(parsed, (s.domain if s else "")),
     )
 

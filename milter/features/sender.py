@@ -51,17 +51,19 @@ _UNSUB_WORDS = re.compile(
 )
 # A street line or a postcode next to a place: US "Suite 100, Austin, TX 78701", DE "10115 Berlin",
 # UK "London EC1A 1BB". Digits are what the corpora's anonymiser rewrote, so the shape matters, not them.
+# Case matters for the postcodes (a state code, a capitalised town): only the street words ignore it.
 _POSTAL = re.compile(
-    r"(?i)(\b\d{1,6}\s+(?:[A-Z][\w.'-]*\s+){1,4}(?:street|st|avenue|ave|road|rd|boulevard|blvd|drive|dr|"
+    r"\b\d{1,6}\s+(?:[A-Z][\w.'-]*\s+){1,4}(?i:street|st|avenue|ave|road|rd|boulevard|blvd|drive|dr|"
     r"lane|ln|way|suite|ste|parkway|pkwy|place|pl|court|ct|highway|hwy)\b\.?"
     r"|\b[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"
     r"|\b\d{5}\s+[A-ZÄÖÜ][a-zäöüß]+"
-    r"|\b(?:straße|strasse|str\.|platz|weg|allee)\s*\d+"
-    r"|\bP\.?\s?O\.?\s+Box\s+\d+"
-    r"|\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b)"
+    r"|(?i:straße|strasse|str\.|platz|weg|allee)\s*\d+"
+    r"|\b(?i:p\.?\s?o\.?\s+box)\s+\d+"
+    r"|\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b"
 )
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
-_BULK_PRECEDENCE = frozenset({"bulk", "list"})
+# "list" is what mailing-list managers write, not the author: see `is_list_copy`.
+_BULK_PRECEDENCE = frozenset({"bulk"})
 
 
 def dkim_domains(parsed: ParsedMessage) -> tuple[str, ...]:
@@ -106,8 +108,16 @@ def _label(domain: str) -> str:
     return _NON_ALNUM.sub("", domain.split(".", 1)[0])
 
 
+def is_list_copy(parsed: ParsedMessage) -> bool:
+    """A mailing list's copy (List-Id or List-Post): its List-Unsubscribe, Precedence and footer are the
+    list manager's, not the author's. In the corpora every list message is ham (lfdr, SpamAssassin), so
+    read as the author's they would teach "mailing list = ham" (../shared/corpora/README.md, "Traps")."""
+    return parsed.get("list-id") is not None or parsed.get("list-post") is not None
+
+
 def compute(ctx: Context) -> tuple[list[float], list[str]]:
     p = ctx.parsed
+    own_words = not is_list_copy(p)  # the unsubscribe, precedence and footer facts are the author's
     sender = ctx.sender.domain if ctx.sender else ""
     signers = dkim_domains(p)
     own = {d for d in (sender, *signers) if d}
@@ -122,11 +132,11 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     footer = ctx.body_text[-_FOOTER_CHARS:]
     text = ctx.body_text[:20_000].lower()
     values = [
-        float(bool(p.get_all("list-unsubscribe"))),
-        float(one_click(p)),
-        float(any(d in own or _is_platform(d) for d in unsub if d)),
+        float(own_words and bool(p.get_all("list-unsubscribe"))),
+        float(own_words and one_click(p)),
+        float(own_words and any(d in own or _is_platform(d) for d in unsub if d)),
         float(p.get("feedback-id") is not None),
-        float((p.get("precedence") or "").strip().lower() in _BULK_PRECEDENCE),
+        float(own_words and (p.get("precedence") or "").strip().lower() in _BULK_PRECEDENCE),
         float(_auto_report(p)),
         float(bool(p.get_all("dkim-signature"))),
         float(bool(sender) and sender in signers),
@@ -136,7 +146,7 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
         sum(d in own or _is_platform(d) for d in images) / len(images) if images else 0.0,
         float(len(label) >= 4 and len(display) >= 4 and (label in display or display in label)),
         float(len(label) >= 4 and label in _NON_ALNUM.sub("", text)),
-        float(bool(_UNSUB_WORDS.search(footer))),
+        float(own_words and bool(_UNSUB_WORDS.search(footer))),
         float(bool(_POSTAL.search(footer))),
     ]
     return values, []
