@@ -301,3 +301,26 @@ def test_the_gate_compares_rankings_at_the_champions_operating_point() -> None:
     worse = _scored("worse", np.concatenate([ham, rng.uniform(0.0, 1.0, 1000)]), y, spam_cut=0.69)
     decision = rt.compare(champ, worse, 0.0005, 0.002)
     assert not decision.promote and "recall at the champion's ham FPR" in decision.reason
+
+
+def test_the_gate_allows_a_recall_change_within_its_own_noise_only() -> None:
+    y = np.array([HAM] * 400 + [1] * 400, dtype=np.int64)
+    ham = np.linspace(0.0, 0.6, 400)
+    spam = np.linspace(0.3, 1.0, 400)
+    champ = _scored("champ", np.concatenate([ham, spam]), y, spam_cut=0.61)
+    # four spam rows fall below the cut, four others rise above it: recall moves 0, the rows differ
+    shuffled = spam.copy()
+    shuffled[300:304], shuffled[20:24] = 0.05, 0.99
+    wobble = _scored("wobble", np.concatenate([ham, shuffled]), y, spam_cut=0.61)
+    assert rt.paired_noise(champ.caught_at_fpr(0.0), wobble.caught_at_fpr(0.0)) > 0
+    # eight spam lost (2 points): noise 2 * sqrt(8) / 400 = 1.41 points, plus the 0.2-point tolerance
+    lost = spam.copy()
+    lost[300:308] = 0.05
+    worse = _scored("worse", np.concatenate([ham, lost]), y, spam_cut=0.61)
+    noise = rt.paired_noise(champ.caught_at_fpr(0.0), worse.caught_at_fpr(0.0))
+    assert noise == pytest.approx(2 * np.sqrt(8) / 400)
+    decision = rt.compare(champ, worse, 0.0005, 0.002)
+    assert not decision.promote  # 2.0 points lost > 0.2 + 1.41 points of noise
+    lost[304:308] = spam[304:308]  # four lost: 1.0 point, within 0.2 + 2 * sqrt(4) / 400 = 1.2
+    within = _scored("within", np.concatenate([ham, lost]), y, spam_cut=0.61)
+    assert rt.compare(champ, within, 0.0005, 0.002).promote
