@@ -17,7 +17,7 @@ import math
 import re
 
 from milter.features import lexicon
-from milter.features.context import Context
+from milter.features.context import Context, parse_link
 from milter.features.domains import split_host
 from milter.parse import ParsedMessage, decode_words
 
@@ -93,10 +93,12 @@ def one_click(parsed: ParsedMessage) -> bool:
 
 def _uri_domain(uri: str) -> str:
     if uri.lower().startswith("mailto:"):
-        host = uri[7:].split("?", 1)[0].rpartition("@")[2]
-    else:
-        host = re.sub(r"(?i)^https?://", "", uri).split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
-    return split_host(host.split(":", 1)[0].lower())[1]
+        return split_host(uri[7:].split("?", 1)[0].rpartition("@")[2].lower())[1]
+    return parse_link(uri).domain
+
+
+def _bulk_precedence(parsed: ParsedMessage) -> bool:
+    return (parsed.get("precedence") or "").strip().lower() in _BULK_PRECEDENCE
 
 
 def _is_platform(domain: str) -> bool:
@@ -125,8 +127,7 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     link_domains = [ln.domain for ln in ctx.links if ln.domain and ln.domain not in lexicon.SOCIAL_LINKS]
     related = [d in own or _is_platform(d) for d in link_domains]
     unrelated = {d for d, ok in zip(link_domains, related, strict=True) if not ok}
-    images = [split_host(h)[1] for h in _img_hosts(p.html)]
-    images = [d for d in images if d]
+    images = _img_domains(p.html)
     label = _label(sender)
     display = _NON_ALNUM.sub("", (ctx.sender.display if ctx.sender else "").lower())
     footer = ctx.body_text[-_FOOTER_CHARS:]
@@ -136,7 +137,7 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
         float(own_words and one_click(p)),
         float(own_words and any(d in own or _is_platform(d) for d in unsub if d)),
         float(p.get("feedback-id") is not None),
-        float(own_words and (p.get("precedence") or "").strip().lower() in _BULK_PRECEDENCE),
+        float(own_words and _bulk_precedence(p)),
         float(_auto_report(p)),
         float(bool(p.get_all("dkim-signature"))),
         float(bool(sender) and sender in signers),
@@ -152,12 +153,9 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     return values, []
 
 
-def _img_hosts(html: str) -> list[str]:
-    hosts = []
-    for url in _IMG_SRC.findall(html[:300_000])[:200]:
-        host = re.sub(r"(?i)^https?://", "", url).split("/", 1)[0].split("?", 1)[0]
-        hosts.append(host.rpartition("@")[2].split(":", 1)[0].lower())
-    return hosts
+def _img_domains(html: str) -> list[str]:
+    """Registrable domains of the remote images (`context.parse_link` reads each src as any link)."""
+    return [d for url in _IMG_SRC.findall(html[:300_000])[:200] if (d := parse_link(url).domain)]
 
 
 def _auto_report(parsed: ParsedMessage) -> bool:
@@ -179,7 +177,7 @@ def bulk_evidence(parsed: ParsedMessage, from_domain: str) -> tuple[str, ...]:
         out.append("List-Unsubscribe")
     if parsed.get("feedback-id") is not None:
         out.append("Feedback-ID")
-    if (parsed.get("precedence") or "").strip().lower() in _BULK_PRECEDENCE:
+    if _bulk_precedence(parsed):
         out.append("Precedence: bulk")
     if out and from_domain and from_domain in dkim_domains(parsed):
         out.append(f"DKIM signature of {from_domain}")
