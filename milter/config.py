@@ -97,7 +97,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: str = "127.0.0.1:10025"
+    listen: str = "127.0.0.1:10025"  # the SMTP listener; "" for none (milter only)
+    # The milter listener for Postfix's smtpd_milters / Sendmail's INPUT_MAIL_FILTER:
+    # "inet:HOST:PORT" or "unix:PATH"; None for none.
+    milter_listen: str | None = None
+    # What a quarantined message becomes once it is committed to the store: "discard" (the MTA drops
+    # its copy) or "hold" (the MTA keeps it in its own hold queue too, SMFIR_QUARANTINE).
+    milter_quarantine: str = "discard"
+    # Seconds between SMFIR_PROGRESS packets while a message is scanned, so Postfix's
+    # milter_content_timeout never fires on a gateway that is merely busy.
+    milter_progress_interval: float = 10.0
     downstream: str = "127.0.0.1:10026"
     mode: str = "after-queue"  # or "before-queue" (smtpd_proxy_filter)
     workers: int = 2
@@ -280,8 +289,18 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         server = _simple(ServerConfig, "server", _table("server", raw["server"]), ServerConfig())
         if server.mode not in ("after-queue", "before-queue"):
             raise ConfigError("server.mode", f"must be 'after-queue' or 'before-queue', got {server.mode!r}")
-        for key in ("listen", "downstream"):
-            _host_port(f"server.{key}", getattr(server, key))
+        if server.listen:
+            _host_port("server.listen", server.listen)
+        _host_port("server.downstream", server.downstream)
+        if server.milter_listen is not None:
+            milter_address(server.milter_listen, "server.milter_listen")
+        if not server.listen and server.milter_listen is None:
+            raise ConfigError("server.listen", "is empty and server.milter_listen is unset: nothing to serve")
+        if server.milter_quarantine not in ("discard", "hold"):
+            got = server.milter_quarantine
+            raise ConfigError("server.milter_quarantine", f"must be 'discard' or 'hold', got {got!r}")
+        if server.milter_progress_interval <= 0:
+            raise ConfigError("server.milter_progress_interval", "must be more than 0 seconds")
         _check_networks("server.xforward_hosts", server.xforward_hosts)
         cfg = replace(cfg, server=server)
     if "store" in raw:
@@ -334,6 +353,28 @@ def _host_port(key: str, value: str) -> tuple[str, int]:
 def host_port(value: str, key: str = "address") -> tuple[str, int]:
     """Split HOST:PORT (IPv6 in brackets allowed); ConfigError naming `key` otherwise."""
     return _host_port(key, value)
+
+
+@dataclass(frozen=True)
+class MilterAddress:
+    """Where the milter listens: a TCP address or a unix socket path (Postfix's notation)."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+
+def milter_address(value: str, key: str = "server.milter_listen") -> MilterAddress:
+    """`inet:HOST:PORT` (IPv6 in brackets), `inet6:...` or `unix:PATH` / `local:PATH`."""
+    kind, sep, rest = value.partition(":")
+    if sep and kind in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise ConfigError(key, f"a unix socket needs an absolute path, got {value!r}")
+        return MilterAddress(path=rest)
+    if sep and kind in ("inet", "inet6"):
+        host, port = _host_port(key, rest)
+        return MilterAddress(host=host, port=port)
+    raise ConfigError(key, f"must be 'inet:HOST:PORT' or 'unix:/PATH', got {value!r}")
 
 
 def load_config(path: Path | None) -> Config:

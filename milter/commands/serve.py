@@ -1,4 +1,4 @@
-"""`milter serve`: the SMTP gateway (Postfix content_filter or smtpd_proxy_filter).
+"""`milter serve`: the gateway (Postfix content_filter, smtpd_proxy_filter, or smtpd_milters).
 
 Flags override the configuration file; see milter/gateway/ for how a message is handled.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from milter.config import Config, host_port, load_config
+from milter.config import Config, host_port, load_config, milter_address
 from milter.errors import ConfigError, MilterError
 
 
@@ -23,13 +23,25 @@ def effective_config(
     workers: int | None,
     mode: str | None,
     metrics_listen: str | None,
+    milter_listen: str | None = None,
 ) -> Config:
     """The file's configuration with the command-line flags applied and checked."""
     cfg = load_config(config_path)
     server = cfg.server
     if listen is not None:
-        host_port(listen, "--listen")
+        if listen in ("", "off"):
+            listen = ""
+        else:
+            host_port(listen, "--listen")
         server = replace(server, listen=listen)
+    if milter_listen is not None:
+        if milter_listen in ("", "off"):
+            server = replace(server, milter_listen=None)
+        else:
+            milter_address(milter_listen, "--milter-listen")
+            server = replace(server, milter_listen=milter_listen)
+    if not server.listen and server.milter_listen is None:
+        raise ConfigError("--listen", "SMTP is off and no milter listener is set: nothing to serve")
     if downstream is not None:
         host_port(downstream, "--downstream")
         server = replace(server, downstream=downstream)
@@ -53,7 +65,11 @@ def effective_config(
 
 @click.command("serve")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
-@click.option("--listen", help="HOST:PORT to accept SMTP on (server.listen).")
+@click.option("--listen", help="HOST:PORT to accept SMTP on, or 'off' (server.listen).")
+@click.option(
+    "--milter-listen",
+    help="inet:HOST:PORT or unix:/PATH to speak the milter protocol on, or 'off' (server.milter_listen).",
+)
 @click.option("--downstream", help="HOST:PORT to relay to (server.downstream).")
 @click.option("--db", help="Store URL, e.g. sqlite:///var/milter.db (store.url).")
 @click.option("--workers", type=int, help="Worker processes; 1 serves in this process (server.workers).")
@@ -64,13 +80,15 @@ def effective_config(
 def serve(
     config_path: Path | None,
     listen: str | None,
+    milter_listen: str | None,
     downstream: str | None,
     db: str | None,
     workers: int | None,
     mode: str | None,
     metrics_listen: str | None,
 ) -> None:
-    """Run the SMTP gateway: scan every message, then relay, tag or quarantine it.
+    """Run the gateway: scan every message, then relay, tag or quarantine it (SMTP), or tell the MTA
+    to (milter).
 
     SIGHUP (systemctl reload) reloads the model from [model] path in every worker; a model that fails
     its checks is refused and the running one keeps serving."""
@@ -87,7 +105,9 @@ def serve(
         for noisy in ("mail.log", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        cfg = effective_config(config_path, listen, downstream, db, workers, mode, metrics_listen)
+        cfg = effective_config(
+            config_path, listen, downstream, db, workers, mode, metrics_listen, milter_listen
+        )
         if cfg.server.workers == 1:
             run_single(cfg)
         else:

@@ -78,7 +78,7 @@ def _prefixed_subject(field: bytes, prefix: bytes) -> bytes:
     return name + b": " + prefix + stripped
 
 
-def _forged(field: bytes, authserv_id: bytes | None) -> bool:
+def forged(field: bytes, authserv_id: bytes | None) -> bool:
     name = _name(field)
     if name.startswith(OWN_PREFIX):
         return True
@@ -102,7 +102,7 @@ def rewrite(
     block, blank, body = split_header_block(raw)
     eol = line_ending(raw)
     own_id = authserv_id.lower().encode("ascii", "replace") if authserv_id else None
-    kept = [f for f in _fields(block) if not _forged(f, own_id)]
+    kept = [f for f in _fields(block) if not forged(f, own_id)]
     if subject_prefix:
         prefix = _prefix_bytes(subject_prefix)
         subjects = [i for i, f in enumerate(kept) if _name(f) == b"subject"]

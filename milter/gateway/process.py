@@ -246,7 +246,7 @@ class MessageProcessor:
     async def _handle(self, msg: Inbound) -> str:
         started = time.perf_counter()
         try:
-            result = await self._scan(msg)
+            result = await self.scan(msg)
         except Exception as exc:
             kind = type(exc).__name__
             self.metrics.errors.labels("scan").inc()
@@ -270,7 +270,7 @@ class MessageProcessor:
         self.metrics.scan_seconds.observe(time.perf_counter() - started)
         return await self._act(msg, result)
 
-    async def _scan(self, msg: Inbound) -> ScanResult:
+    async def scan(self, msg: Inbound) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
         # prepare and scoring cannot make them disagree with the policy that decides.
         protected = self.model.scanner.policy.protected
@@ -312,14 +312,14 @@ class MessageProcessor:
         action = result.action
         if action is Action.REJECT and self.settings.mode == "before-queue":
             reason = (result.reasons[0] if result.reasons else "policy")[:120]
-            self._count(msg, result, "reject", reply=REJECT_CODE)
+            self.count(msg, result, "reject", reply=REJECT_CODE)
             return f"{REJECT_CODE} Message rejected as {result.verdict.value}: {reason}".replace(
                 "\r", " "
             ).replace("\n", " ")
         if action in (Action.QUARANTINE, Action.REJECT):  # after-queue never bounces: hold it instead
             return await self._quarantine(msg, result)
         if action is Action.TEMPFAIL:
-            self._count(msg, result, "tempfail", reply=TEMPFAIL_REPLY[:3])
+            self.count(msg, result, "tempfail", reply=TEMPFAIL_REPLY[:3])
             return TEMPFAIL_REPLY
         if action is Action.TAG:
             return await self._relay(msg, result, verdict_headers(result), result.subject_prefix, "tag")
@@ -341,7 +341,7 @@ class MessageProcessor:
             )
             return smtp_reply(exc) if isinstance(exc, StoreError) else smtp_reply(StoreError(str(exc)))
         reply = f"250 2.0.0 Ok: quarantined as {row}"
-        self._count(msg, result, "quarantine", reply="250", row=row)
+        self.count(msg, result, "quarantine", reply="250", row=row)
         return reply
 
     async def _relay(
@@ -385,12 +385,12 @@ class MessageProcessor:
                     text=refusal.text[:200],
                 )
             )
-        self._count(msg, result, action, reply=delivered.reply[:3])
+        self.count(msg, result, action, reply=delivered.reply[:3])
         if result is not None:
-            await self._record_later(msg, result)
+            await self.record_later(msg, result)
         return delivered.reply
 
-    async def _record_later(self, msg: Inbound, result: ScanResult) -> None:
+    async def record_later(self, msg: Inbound, result: ScanResult) -> None:
         """Queue the verdict of a delivered message; written in batches without holding up the reply."""
         self.recorder.start()
         await self.recorder.add(result, msg.envelope)
@@ -406,7 +406,7 @@ class MessageProcessor:
         """Write the queued verdict records and stop the recorder (at shutdown)."""
         await self.recorder.close()
 
-    def _count(
+    def count(
         self, msg: Inbound, result: ScanResult | None, action: str, reply: str, row: int | None = None
     ) -> None:
         verdict = result.verdict.value if result is not None else "unscanned"

@@ -7,6 +7,7 @@ command load those once and can inject faults). `workers` runs several of these 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import ipaddress
@@ -24,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session
 
-from milter.config import Config, host_port
+from milter.config import Config, host_port, milter_address
 from milter.gateway.auth import build_sender_auth
 from milter.gateway.batcher import MicroBatcher
 from milter.gateway.logfmt import kv, new_message_id
 from milter.gateway.metrics import GatewayMetrics, MetricsServer
+from milter.gateway.milter_act import MilterActor
+from milter.gateway.milter_server import MilterConnection, MilterSettings, Refused
 from milter.gateway.process import (
     Inbound,
     MessageProcessor,
@@ -133,6 +136,29 @@ def to_envelope(session: Session, envelope: SMTPEnvelope, server: GatewaySMTP) -
     )
 
 
+def bind_milter(address: str, reuse_port: bool) -> socket.socket:
+    """A listening socket for server.milter_listen. A unix socket's stale file is replaced, and the
+    socket is made writable for the MTA's user (Postfix's smtpd runs as `postfix`): put it in a
+    directory only the MTA and the gateway can reach."""
+    where = milter_address(address, "server.milter_listen")
+    if where.path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(where.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(where.path)
+        os.chmod(where.path, 0o666)
+    else:
+        assert where.host is not None and where.port is not None
+        sock = socket.socket(socket.AF_INET6 if ":" in where.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((where.host, where.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
 class _Handler:
     """aiosmtpd hook object: DATA goes to the processor, shielded from the client going away."""
 
@@ -220,26 +246,41 @@ class Gateway:
             self._store_executor,
             build_sender_auth(config.auth, srv.hostname, resolver, config.policy.internal_networks),
         )
+        self.milter = MilterActor(self.processor, srv.milter_quarantine)
+        self._milter_settings = MilterSettings(
+            max_size=srv.max_message_size,
+            idle_timeout=srv.command_timeout,
+            progress_interval=srv.milter_progress_interval,
+        )
         self._worker_index = worker_index
         self._handler = _Handler(self)
-        self._sessions: set[GatewaySMTP] = set()
-        self._inflight: set[asyncio.Task[str]] = set()
+        self._sessions: set[GatewaySMTP | MilterConnection] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        self._milter_server: asyncio.Server | None = None
         self._metrics_server: MetricsServer | None = None
         self.metrics_port: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Warm up the scanner, then listen (on `sock` if given, else on server.listen)."""
+    async def start(
+        self, sock: socket.socket | None = None, milter_sock: socket.socket | None = None
+    ) -> None:
+        """Warm up the scanner, then listen: SMTP on `sock` or server.listen (unless that is empty),
+        the milter protocol on `milter_sock` or server.milter_listen (if set)."""
         self.batcher.start()
         await self._warm_up()
         loop = asyncio.get_running_loop()
+        srv = self.config.server
         if sock is not None:
             self._server = await loop.create_server(self._protocol, sock=sock)
-        else:
-            host, port = host_port(self.config.server.listen, "server.listen")
+        elif srv.listen:
+            host, port = host_port(srv.listen, "server.listen")
             self._server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        if milter_sock is None and srv.milter_listen is not None:
+            milter_sock = bind_milter(srv.milter_listen, reuse_port=False)
+        if milter_sock is not None:
+            self._milter_server = await loop.create_server(self._milter_protocol, sock=milter_sock)
         if self.config.server.metrics_listen:
             mhost, mport = host_port(self.config.server.metrics_listen, "server.metrics_listen")
             self._metrics_server = MetricsServer(self.metrics, self.health)
@@ -249,7 +290,8 @@ class Gateway:
         log.info(
             kv(
                 "listening",
-                addr=self.address,
+                addr=self.address if self._server is not None else None,
+                milter=self.milter_address if self._milter_server is not None else None,
                 mode=self.config.server.mode,
                 metrics_port=self.metrics_port,
                 downstream=self.config.server.downstream,
@@ -294,17 +336,29 @@ class Gateway:
         name = self._server.sockets[0].getsockname()
         return name[0], name[1]
 
+    @property
+    def milter_address(self) -> str:
+        """Where the milter listens, in Postfix's notation (`inet:HOST:PORT` or `unix:PATH`)."""
+        assert self._milter_server is not None
+        name = self._milter_server.sockets[0].getsockname()
+        return f"inet:{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name}"
+
     def health(self) -> str | None:
-        if self._server is None or not self._server.is_serving():
+        if self.config.server.listen and (self._server is None or not self._server.is_serving()):
             return "smtp listener closed"
+        if self.config.server.milter_listen is not None and (
+            self._milter_server is None or not self._milter_server.is_serving()
+        ):
+            return "milter listener closed"
         if not self.batcher.running:
             return "model batcher stopped"
         return None
 
     async def close(self, grace: float = 30.0) -> None:
         """Stop accepting, let messages in progress finish (up to `grace` s), then close everything."""
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._milter_server):
+            if server is not None:
+                server.close()
         await self.reloader.close()
         if self._inflight:
             log.info(kv("draining", messages=len(self._inflight)))
@@ -312,8 +366,9 @@ class Gateway:
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._milter_server):
+            if server is not None:
+                await server.wait_closed()
         await self.processor.close()
         await self.batcher.close()
         await self.downstream.close()
@@ -324,17 +379,39 @@ class Gateway:
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    def track(self, coro: Any) -> asyncio.Task[str]:
-        task: asyncio.Task[str] = asyncio.ensure_future(coro)
+    def track(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return task
 
+    def _over_limit(self) -> bool:
+        limit = self.config.server.max_sessions
+        if len(self._sessions) < limit:
+            return False
+        self.metrics.errors.labels("too_many_sessions").inc()
+        log.warning(kv("session_refused", reason="max_sessions", limit=limit))
+        return True
+
+    def _milter_protocol(self) -> asyncio.BaseProtocol:
+        if self._over_limit():
+            return Refused()
+
+        def closed(conn: MilterConnection) -> None:
+            self._sessions.discard(conn)
+            self.metrics.sessions.set(len(self._sessions))
+
+        conn = MilterConnection(
+            self._milter_settings, self.milter.decide, self.track, closed,
+            on_error=lambda: self.metrics.errors.labels("milter_protocol").inc(),
+        )
+        self._sessions.add(conn)
+        self.metrics.sessions.set(len(self._sessions))
+        return conn
+
     def _protocol(self) -> asyncio.BaseProtocol:
         srv = self.config.server
-        if len(self._sessions) >= srv.max_sessions:
-            self.metrics.errors.labels("too_many_sessions").inc()
-            log.warning(kv("session_refused", reason="max_sessions", limit=srv.max_sessions))
+        if self._over_limit():
             return _Busy()
         session: GatewaySMTP
 

@@ -32,7 +32,7 @@ from typing import Any
 from milter.config import Config, host_port
 from milter.gateway.logfmt import kv
 from milter.gateway.reload import log_learned
-from milter.gateway.server import Gateway
+from milter.gateway.server import Gateway, bind_milter
 
 log = logging.getLogger("milter.gateway.workers")
 
@@ -77,7 +77,35 @@ def listen_socket(address: str, reuse_port: bool) -> socket.socket:
     return sock
 
 
-async def serve_gateway(config: Config, loaded: Loaded, sock: socket.socket, worker_index: int = 0) -> None:
+def smtp_socket(config: Config, reuse_port: bool) -> socket.socket | None:
+    return listen_socket(config.server.listen, reuse_port) if config.server.listen else None
+
+
+def milter_socket(
+    config: Config, reuse_port: bool, shared: socket.socket | None = None
+) -> socket.socket | None:
+    """This worker's milter socket: its own (SO_REUSEPORT) for inet, the parent's for a unix path
+    (one file cannot be bound twice; the spawned worker receives the parent's socket)."""
+    if shared is not None:
+        return shared
+    address = config.server.milter_listen
+    return bind_milter(address, reuse_port) if address is not None else None
+
+
+def _shared_unix_socket(config: Config) -> socket.socket | None:
+    address = config.server.milter_listen
+    if address is None or not address.startswith(("unix:", "local:")):
+        return None
+    return bind_milter(address, reuse_port=False)
+
+
+async def serve_gateway(
+    config: Config,
+    loaded: Loaded,
+    sock: socket.socket | None,
+    worker_index: int = 0,
+    milter_sock: socket.socket | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
     from milter.scan import prepare
 
@@ -99,7 +127,7 @@ async def serve_gateway(config: Config, loaded: Loaded, sock: socket.socket, wor
     # process's entry point, not in Gateway: freezing is process-wide.
     gc.collect()
     gc.freeze()
-    await gateway.start(sock)
+    await gateway.start(sock, milter_sock)
     loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a SIGHUP held since start-up fires now
     try:
@@ -113,11 +141,11 @@ async def serve_gateway(config: Config, loaded: Loaded, sock: socket.socket, wor
 def run_single(config: Config) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until serve_gateway handles it
     loaded = load(config)
-    sock = listen_socket(config.server.listen, reuse_port=False)
-    asyncio.run(serve_gateway(config, loaded, sock))
+    sock = smtp_socket(config, reuse_port=False)
+    asyncio.run(serve_gateway(config, loaded, sock, milter_sock=milter_socket(config, reuse_port=False)))
 
 
-def _worker_main(config: Config, index: int, log_level: int) -> None:
+def _worker_main(config: Config, index: int, log_level: int, shared: socket.socket | None = None) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # already, from the parent; kept explicit
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s worker={index} %(name)s: %(message)s"
@@ -126,8 +154,9 @@ def _worker_main(config: Config, index: int, log_level: int) -> None:
         for noisy in ("mail.log", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     loaded = load(config)
-    sock = listen_socket(config.server.listen, reuse_port=True)
-    asyncio.run(serve_gateway(config, loaded, sock, worker_index=index))
+    sock = smtp_socket(config, reuse_port=True)
+    msock = milter_socket(config, reuse_port=True, shared=shared)
+    asyncio.run(serve_gateway(config, loaded, sock, worker_index=index, milter_sock=msock))
 
 
 def run_workers(config: Config, log_level: int) -> None:
@@ -135,14 +164,17 @@ def run_workers(config: Config, log_level: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # held until on_reload is installed
     # Fail fast in the parent: a model or store that cannot load would only make workers crash-loop.
     load(config).store.close()
-    listen_socket(config.server.listen, reuse_port=True).close()
+    for probe in (smtp_socket(config, reuse_port=True), milter_socket(config, reuse_port=True)):
+        if probe is not None:
+            probe.close()
+    shared = _shared_unix_socket(config)
     ctx = multiprocessing.get_context("spawn")
     stopping = False
     procs: dict[int, BaseProcess] = {}
 
     def start(index: int) -> BaseProcess:
         proc = ctx.Process(
-            target=_worker_main, args=(config, index, log_level), name=f"milter-worker-{index}"
+            target=_worker_main, args=(config, index, log_level, shared), name=f"milter-worker-{index}"
         )
         # The child inherits the signal mask: blocked, a SIGHUP during its start-up waits for its handler.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
