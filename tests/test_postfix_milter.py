@@ -1,0 +1,329 @@
+"""End to end through a real Postfix with the gateway as its milter (`smtpd_milters`).
+
+client -> Postfix smtpd (smtpd_milters=inet:127.0.0.1:PORT, milter_default_action=tempfail) -> queue ->
+virtual(8) Maildir. The gateway (`milter serve --listen off --milter-listen ...`, a subprocess as in
+production) sees the message during the client's SMTP session: it adds headers, holds spam in its own
+quarantine (Postfix discards its copy), and rejects in-session. A release goes to Postfix's
+reinjection smtpd (no milters), as docs/postfix.md describes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from postfix import DOMAIN, Postfix, free_port, running_postfix, skip_reason
+
+from milter.store import Store
+
+pytestmark = pytest.mark.postfix
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENT_ADDR = "127.0.0.2"
+HELD_SENDER = "held@spam.test"  # deny_senders: quarantined
+REJECTED_DOMAIN = "reject.test"  # the recipient domain whose rule rejects
+
+
+@pytest.fixture(autouse=True)
+def _need_postfix() -> None:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+# Model thresholds off: only the lists and domain rules act, so outcomes do not depend on the model.
+POLICY = f"""
+[policy]
+subject_prefix = "[SPAM]"
+spam = {{ tag = false, quarantine = false, reject = false }}
+bec = {{ tag = false, quarantine = false, reject = false }}
+
+[policy.lists]
+deny_senders = ["{HELD_SENDER}"]
+
+[[policy.domain]]
+domain = "{REJECTED_DOMAIN}"
+spam = {{ reject = 0.0 }}
+
+[auth]
+enabled = false
+"""
+
+
+@dataclass
+class MilterGateway:
+    port: int
+    db_url: str
+    workdir: Path
+    workers: int = 1
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def output(self) -> str:
+        return (self.workdir / "serve.log").read_text(errors="replace")
+
+    def start(self, downstream_port: int, timeout: float = 90.0) -> None:
+        config = self.workdir / "milter.toml"
+        config.write_text(POLICY, encoding="utf-8")
+        milter = Path(sys.executable).parent / "milter"
+        argv = [
+            str(milter), "-v", "serve", "--config", str(config), "--listen", "off",
+            "--milter-listen", f"inet:127.0.0.1:{self.port}",
+            "--downstream", f"127.0.0.1:{downstream_port}", "--db", self.db_url,
+            "--workers", str(self.workers), "--metrics-listen", "off",
+        ]
+        with (self.workdir / "serve.log").open("ab") as out:
+            # Its own process group: a SIGKILL test kills the workers and prepare processes with it.
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=REPO, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while "listening" not in self.output or not _accepts(self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"milter serve exited with {self.proc.returncode}:\n{self.output}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"milter serve not listening after {timeout}s:\n{self.output}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL the whole gateway: no drain, no goodbye, replies in flight are lost."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[MilterGateway]:
+    gw = MilterGateway(port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}", workdir=tmp_path)
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def _postfix(milter_port: int) -> AbstractContextManager[Postfix]:
+    """A private Postfix whose inbound smtpd uses the gateway as its milter; REJECTED_DOMAIN is a
+    mailbox domain too, so that Postfix accepts its recipients and the verdict is the gateway's."""
+    milter = {
+        "smtpd_milters": f"inet:127.0.0.1:{milter_port}",
+        "milter_protocol": "6",
+        "milter_default_action": "tempfail",
+        "milter_connect_timeout": "5s",
+        "milter_content_timeout": "60s",
+    }
+    return running_postfix(None, inbound_overrides=milter,
+                           main_overrides={"virtual_mailbox_domains": f"{DOMAIN}, {REJECTED_DOMAIN}"})
+
+
+def _message(subject: str, sender: str = "alice@example.org", to: str = f"bob@{DOMAIN}") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Sender <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<milter-{time.monotonic_ns()}@example.org>"
+    msg["Date"] = "Thu, 03 Dec 2026 10:00:00 +0000"
+    msg["X-Milter-Verdict"] = "ham (forged by the sender)"
+    msg.set_content("Hi Bob,\n\nthe figures for the quarter, as discussed.\n\nAlice\n")
+    return msg
+
+
+def _quarantined(db_url: str, count: int, timeout: float = 30.0) -> list[tuple[int, str | None]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with Store.open(db_url) as store:
+            rows = [(r.id, r.message_id) for r in store.quarantine_list(limit=10_000)]
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+def _maildir_ids(pf: Postfix) -> list[str]:
+    ids = []
+    for path in pf.delivered():
+        m = re.search(rb"^Message-ID:\s*(<[^>\r\n]+>)", path.read_bytes(), re.IGNORECASE | re.MULTILINE)
+        ids.append(m.group(1).decode() if m else "")
+    return ids
+
+
+def test_ham_reaches_the_mailbox_with_our_headers_and_forged_ones_removed(gateway: MilterGateway) -> None:
+    with _postfix(gateway.port) as pf:
+        gateway.start(pf.reinject_port)
+        msg = _message("Quarterly figures")
+        pf.send(msg, source_addr=CLIENT_ADDR)
+        (raw,) = pf.wait_for_mail(1)
+        queue_id = pf.wait_for_log(r"smtpd\[\d+\]: (\w+): client=\S*\[127\.0\.0\.2\]")[1]
+    delivered = message_from_bytes(raw, policy=policy.default)
+    assert delivered["Message-ID"] == msg["Message-ID"]
+    assert delivered.get_all("X-Milter-Category") == ["ham"]
+    assert delivered["X-Milter-Verdict"] is None  # the sender's forged field is gone
+    assert delivered["Subject"] == "Quarterly figures"
+    # One line per message in the gateway's log, with Postfix's queue id from the {i} macro.
+    assert re.search(rf"message id=\w+ queue_id={queue_id} mail_from=alice@example.org .*action=accept",
+                     gateway.output)
+    with Store.open(gateway.db_url) as store:
+        row = store.get(1)
+    assert row is not None and row.client_addr == CLIENT_ADDR and row.queue_id == queue_id
+
+
+def test_spam_is_held_in_our_quarantine_and_a_release_delivers_the_same_bytes(
+    gateway: MilterGateway,
+) -> None:
+    with _postfix(gateway.port) as pf:
+        gateway.start(pf.reinject_port)
+        msg = _message("Cheap watches", sender=HELD_SENDER)
+        sent = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+        pf.send(sent, mail_from=HELD_SENDER, source_addr=CLIENT_ADDR)
+        pf.wait_for_log(r"milter-discard: END-OF-MESSAGE from \S+: milter triggers DISCARD action")
+        ((row_id, message_id),) = _quarantined(gateway.db_url, 1)
+        assert message_id == msg["Message-ID"]
+        assert pf.delivered() == [] and pf.queue() == []
+
+        release = subprocess.run(
+            [str(Path(sys.executable).parent / "milter"), "quarantine", "release", str(row_id),
+             "--db", gateway.db_url, "--downstream", f"127.0.0.1:{pf.reinject_port}"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=REPO, check=False,
+        )
+        assert release.returncode == 0, release.stdout + release.stderr
+        (raw,) = pf.wait_for_mail(1)
+    # The mailbox copy is Postfix's delivery headers, the reinjection's Received, then exactly what the
+    # client sent below Postfix's own Received line (Maildir stores LF line endings).
+    body_start = raw.index(b"From: Sender")
+    assert raw[body_start:] == sent[sent.index(b"From: Sender"):].replace(b"\r\n", b"\n")
+    assert b"X-Milter-Verdict: ham (forged by the sender)" in raw  # untouched: the stored bytes
+
+
+def test_reject_reaches_the_smtp_client_in_session(gateway: MilterGateway) -> None:
+    with _postfix(gateway.port) as pf:
+        gateway.start(pf.reinject_port)
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            pf.send(_message("Refused"), rcpt_tos=[f"ceo@{REJECTED_DOMAIN}"], source_addr=CLIENT_ADDR)
+        assert err.value.smtp_code == 550
+        assert b"5.7.1 Message rejected as spam" in err.value.smtp_error
+        assert pf.delivered() == []
+
+
+def test_gateway_down_means_tempfail_and_the_client_retries(gateway: MilterGateway) -> None:
+    with _postfix(gateway.port) as pf:
+        with pytest.raises(smtplib.SMTPResponseException) as err:
+            pf.send(_message("While the gateway is down"), source_addr=CLIENT_ADDR)
+        assert 400 <= err.value.smtp_code < 500
+        gateway.start(pf.reinject_port)
+        msg = _message("Retried")
+        pf.send(msg, source_addr=CLIENT_ADDR)
+        (raw,) = pf.wait_for_mail(1)
+    assert message_from_bytes(raw, policy=policy.default)["Message-ID"] == msg["Message-ID"]
+
+
+# -- SIGKILL under load: every message accounted for by Message-ID --------------------------------
+
+
+@dataclass
+class Ledger:
+    sent: dict[str, str]  # Message-ID -> final outcome: "queued" (250) or "rejected" (5xx)
+    tempfails: int = 0
+
+
+def _client(pf: Postfix, messages: list[tuple[EmailMessage, str, str]], ledger: Ledger,
+            lock: threading.Lock, deadline: float) -> None:
+    """An MTA-like client: sends each message until Postfix gives a final answer, retrying 4xx."""
+    for msg, sender, rcpt in messages:
+        while True:
+            try:
+                pf.send(msg, mail_from=sender, rcpt_tos=[rcpt], source_addr=CLIENT_ADDR)
+                outcome = "queued"
+            except smtplib.SMTPRecipientsRefused as exc:
+                code = next(iter(exc.recipients.values()))[0]
+                outcome = "rejected" if code >= 500 else ""
+            except smtplib.SMTPResponseException as exc:
+                outcome = "rejected" if exc.smtp_code >= 500 else ""
+            except (smtplib.SMTPException, OSError):
+                outcome = ""  # connection dropped: the sender does not know, so it retries
+            if outcome:
+                with lock:
+                    ledger.sent[str(msg["Message-ID"])] = outcome
+                break
+            with lock:
+                ledger.tempfails += 1
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{msg['Message-ID']} still tempfailed at the deadline")
+            time.sleep(0.3)
+
+
+def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
+    gw = MilterGateway(port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}", workdir=tmp_path,
+                       workers=2)
+    kinds = [("alice@example.org", f"bob@{DOMAIN}"), (HELD_SENDER, f"bob@{DOMAIN}"),
+             ("alice@example.org", f"ceo@{REJECTED_DOMAIN}")]
+    batches: list[list[tuple[EmailMessage, str, str]]] = [[] for _ in range(8)]
+    for i in range(120):
+        sender, rcpt = kinds[0] if i % 6 else kinds[1 + (i // 6) % 2]
+        msg = _message(f"load {i}", sender=sender, to=rcpt)
+        batches[i % len(batches)].append((msg, sender, rcpt))
+    ledger = Ledger(sent={})
+    lock = threading.Lock()
+    try:
+        with _postfix(gw.port) as pf:
+            gw.start(pf.reinject_port)
+            deadline = time.monotonic() + 240
+            threads = [threading.Thread(target=_client, args=(pf, b, ledger, lock, deadline))
+                       for b in batches]
+            for t in threads:
+                t.start()
+            while len(ledger.sent) < 30:
+                time.sleep(0.02)
+            gw.kill()  # mid-load: sessions in flight lose their milter
+            killed_at = len(ledger.sent)
+            time.sleep(1.5)
+            gw.start(pf.reinject_port)
+            for t in threads:
+                t.join(timeout=300)
+            assert not any(t.is_alive() for t in threads)
+            sent_ids = set(ledger.sent)
+            queued = {m for m, o in ledger.sent.items() if o == "queued"}
+            rejected = {m for m, o in ledger.sent.items() if o == "rejected"}
+            held = {m for _, m in _quarantined(gw.db_url, 0, timeout=0)}
+            expected_delivered = queued - held
+            deadline = time.monotonic() + 60
+            while len(pf.delivered()) < len(expected_delivered) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            mailbox = _maildir_ids(pf)
+    finally:
+        gw.stop()
+    assert len(sent_ids) == 120, f"{120 - len(sent_ids)} messages never got a final answer"
+    assert killed_at < 120 and ledger.tempfails > 0  # the kill really hit traffic
+    assert len(mailbox) == len(set(mailbox)), "a message was delivered twice"
+    # Every message is in exactly one place: the mailbox, our quarantine, or refused to its sender.
+    assert set(mailbox) | held | rejected == sent_ids
+    assert not set(mailbox) & held and not set(mailbox) & rejected and not held & rejected
+    assert len(held) == 10 and len(rejected) == 10 and len(mailbox) == 100
