@@ -372,8 +372,12 @@ def milter_address(value: str, key: str = "server.milter_listen") -> MilterAddre
             raise ConfigError(key, f"a unix socket needs an absolute path, got {value!r}")
         return MilterAddress(path=rest)
     if sep and kind in ("inet", "inet6"):
-        host, port = _host_port(key, rest)
-        return MilterAddress(host=host, port=port)
+        # Port 0 lets the system choose (tests; the "listening" log line names the port chosen).
+        host, psep, port = rest.rpartition(":")
+        if psep and host and port == "0":
+            return MilterAddress(host=host.strip("[]"), port=0)
+        host, number = _host_port(key, rest)
+        return MilterAddress(host=host, port=number)
     raise ConfigError(key, f"must be 'inet:HOST:PORT' or 'unix:/PATH', got {value!r}")
 
 
