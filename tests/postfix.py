@@ -110,6 +110,8 @@ class Postfix:
     # of the before-queue modes), and extra main.cf settings.
     inbound_overrides: Mapping[str, str] = field(default_factory=dict)
     main_overrides: Mapping[str, str] = field(default_factory=dict)
+    # master.cf process limit of the `scan` transport: the most messages in the content filter at once.
+    scan_procs: str = "4"
 
     @property
     def config_dir(self) -> Path:
@@ -187,7 +189,7 @@ class Postfix:
         services = [
             _service(f"127.0.0.1:{self.inbound_port}", "inet", "n", "-", "smtpd", inbound),
             # The filter's client: XFORWARD carries the original client's name/address to the filter.
-            _service("scan", "unix", "-", "4", "smtp", {
+            _service("scan", "unix", "-", self.scan_procs, "smtp", {
                 "smtp_send_xforward_command": "yes",
                 "disable_mime_output_conversion": "yes",
                 "syslog_name": f"postfix-test-{self.inbound_port}/scan",
@@ -329,6 +331,7 @@ def running_postfix(
     filter_port: int | None,
     inbound_overrides: Mapping[str, str] | None = None,
     main_overrides: Mapping[str, str] | None = None,
+    scan_procs: int | str = "4",
 ) -> Iterator[Postfix]:
     """Start a private Postfix whose content filter is 127.0.0.1:`filter_port`; stop and remove it after.
 
@@ -338,7 +341,7 @@ def running_postfix(
     root = Path(tempfile.mkdtemp(prefix="milter-postfix-"))
     root.chmod(0o755)
     pf = Postfix(root=root, filter_port=filter_port, inbound_overrides=inbound_overrides or {},
-                 main_overrides=main_overrides or {})
+                 main_overrides=main_overrides or {}, scan_procs=str(scan_procs))
     try:
         pf.write_config()
         pf.start()

@@ -88,7 +88,7 @@ async def _talk(gw: Gateway, sender: str, body: bytes, chunk: int = 65535) -> li
     return await asyncio.to_thread(converse, port, sender, body, chunk)
 
 
-MILTER = {"listen": "", "milter_listen": "inet:127.0.0.1:0"}
+MILTER: dict[str, Any] = {"listen": "", "milter_listen": "inet:127.0.0.1:0"}
 BODY = b"Hi Bob,\r\n\r\nsee you at ten.\r\n"
 
 
