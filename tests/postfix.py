@@ -256,6 +256,10 @@ class Postfix:
         out = self._run("postqueue", "-j").stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def postcat(self, queue_id: str) -> str:
+        """A queued message's envelope, headers and body as `postcat -q` prints them."""
+        return self._run("postcat", "-q", queue_id).stdout
+
     # -- observing ---------------------------------------------------------------------------------
 
     def log(self) -> str:

@@ -70,6 +70,7 @@ class MilterGateway:
     db_url: str
     workdir: Path
     workers: int = 1
+    extra_config: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,7 +79,7 @@ class MilterGateway:
 
     def start(self, downstream_port: int, timeout: float = 90.0) -> None:
         config = self.workdir / "milter.toml"
-        config.write_text(POLICY, encoding="utf-8")
+        config.write_text(self.extra_config + POLICY, encoding="utf-8")
         milter = Path(sys.executable).parent / "milter"
         argv = [
             str(milter), "-v", "serve", "--config", str(config), "--listen", "off",
@@ -202,11 +203,16 @@ def test_spam_is_held_in_our_quarantine_and_a_release_delivers_the_same_bytes(
     with _postfix(gateway.port) as pf:
         gateway.start(pf.reinject_port)
         msg = _message("Cheap watches", sender=HELD_SENDER)
-        sent = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+        # Header shapes a rebuild could get wrong: no space after the colon, a folded value, a tab.
+        sent = (b"X-Tight:no-space\r\nX-Folded: first line\r\n\tsecond line\r\n  third line\r\n"
+                b"X-Tab:\tvalue\r\n" + msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
         pf.send(sent, mail_from=HELD_SENDER, source_addr=CLIENT_ADDR)
         pf.wait_for_log(r"milter-discard: END-OF-MESSAGE from \S+: milter triggers DISCARD action")
         ((row_id, message_id),) = _quarantined(gateway.db_url, 1)
         assert message_id == msg["Message-ID"]
+        with Store.open(gateway.db_url) as store:
+            # Postfix does not show milters its own Received line: what is stored is what the client sent.
+            assert store.get_raw(row_id) == sent
         assert pf.delivered() == [] and pf.queue() == []
 
         release = subprocess.run(
@@ -216,11 +222,27 @@ def test_spam_is_held_in_our_quarantine_and_a_release_delivers_the_same_bytes(
         )
         assert release.returncode == 0, release.stdout + release.stderr
         (raw,) = pf.wait_for_mail(1)
-    # The mailbox copy is Postfix's delivery headers, the reinjection's Received, then exactly what the
-    # client sent below Postfix's own Received line (Maildir stores LF line endings).
-    body_start = raw.index(b"From: Sender")
-    assert raw[body_start:] == sent[sent.index(b"From: Sender"):].replace(b"\r\n", b"\n")
+    # The mailbox copy is Postfix's delivery headers and the reinjection's Received line, then exactly
+    # what the client sent (Maildir stores LF line endings).
+    assert raw.endswith(b"\n" + sent.replace(b"\r\n", b"\n"))
     assert b"X-Milter-Verdict: ham (forged by the sender)" in raw  # untouched: the stored bytes
+
+
+def test_hold_mode_leaves_the_message_in_postfix_hold_queue_with_our_reason(gateway: MilterGateway) -> None:
+    gateway.extra_config = '[server]\nmilter_quarantine = "hold"\n'
+    with _postfix(gateway.port) as pf:
+        gateway.start(pf.reinject_port)
+        msg = _message("Held by Postfix", sender=HELD_SENDER)
+        pf.send(msg, mail_from=HELD_SENDER, source_addr=CLIENT_ADDR)
+        ((row_id, message_id),) = _quarantined(gateway.db_url, 1)
+        pf.wait_for_log(r"milter-hold: END-OF-MESSAGE from \S+: milter triggers HOLD action")
+        queue = pf.queue()
+        assert [q["queue_name"] for q in queue] == ["hold"]
+        held = pf.postcat(queue[0]["queue_id"])
+    assert message_id == msg["Message-ID"]
+    # Postfix logs no reason for a hold: the held copy carries the verdict and our quarantine id.
+    assert f"X-Milter-Quarantine-Id: {row_id}" in held
+    assert "X-Milter-Verdict: spam" in held
 
 
 def test_reject_reaches_the_smtp_client_in_session(gateway: MilterGateway) -> None:

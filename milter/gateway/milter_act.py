@@ -244,7 +244,8 @@ class MilterActor:
             reason = f"mailsift quarantine id {row}: {result.verdict.value}"
             if result.reasons:
                 reason += f" ({result.reasons[0][:200]})"
-            fields = self._headers(result, verdict_headers(result))
+            # Postfix logs no reason for a hold; the held copy says why and where our copy is.
+            fields = self._headers(result, [*verdict_headers(result), ("X-Milter-Quarantine-Id", str(row))])
             edits = header_edits(message, fields, None, self.authserv_id)
             return Decision(codec.CONTINUE, (*edits, codec.Quarantine(" ".join(reason.split()))))
         return Decision(codec.DISCARD)

@@ -93,6 +93,11 @@ class MilterConnection(asyncio.Protocol):
             except ProtocolError as exc:
                 self._drop(f"protocol error: {exc}")
                 return
+            if isinstance(command, codec.OptNeg):
+                s = self._session
+                log.debug(kv("milter_negotiated", peer=self.peer, version=s.version,
+                             offered=f"{command.actions:#x}/{command.steps:#x}",
+                             taken=f"{int(s.actions):#x}/{int(s.steps):#x}"))
             match outcome:
                 case Send(replies):
                     self._write(replies)
