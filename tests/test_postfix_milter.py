@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +73,7 @@ class MilterGateway:
     workdir: Path
     workers: int = 1
     extra_config: str = ""
+    socket_path: Path | None = None  # listen on this unix socket instead of the port
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,7 +86,7 @@ class MilterGateway:
         milter = Path(sys.executable).parent / "milter"
         argv = [
             str(milter), "-v", "serve", "--config", str(config), "--listen", "off",
-            "--milter-listen", f"inet:127.0.0.1:{self.port}",
+            "--milter-listen", self.address,
             "--downstream", f"127.0.0.1:{downstream_port}", "--db", self.db_url,
             "--workers", str(self.workers), "--metrics-listen", "off",
         ]
@@ -92,12 +95,16 @@ class MilterGateway:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=REPO, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while "listening" not in self.output or not _accepts(self.port):
+        while "listening" not in self.output or not _accepts(self.port, self.socket_path):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"milter serve exited with {self.proc.returncode}:\n{self.output}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"milter serve not listening after {timeout}s:\n{self.output}")
             time.sleep(0.2)
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket_path}" if self.socket_path else f"inet:127.0.0.1:{self.port}"
 
     def kill(self) -> None:
         """SIGKILL the whole gateway: no drain, no goodbye, replies in flight are lost."""
@@ -116,8 +123,13 @@ class MilterGateway:
             self.proc.wait(timeout=10)
 
 
-def _accepts(port: int) -> bool:
+def _accepts(port: int, path: Path | None = None) -> bool:
     try:
+        if path is not None:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(1.0)
+                sock.connect(str(path))
+            return True
         with socket.create_connection(("127.0.0.1", port), timeout=1.0):
             return True
     except OSError:
@@ -133,17 +145,18 @@ def gateway(tmp_path: Path) -> Iterator[MilterGateway]:
         gw.stop()
 
 
-def _postfix(milter_port: int) -> AbstractContextManager[Postfix]:
-    """A private Postfix whose inbound smtpd uses the gateway as its milter; REJECTED_DOMAIN is a
-    mailbox domain too, so that Postfix accepts its recipients and the verdict is the gateway's."""
-    milter = {
-        "smtpd_milters": f"inet:127.0.0.1:{milter_port}",
+def _postfix(milter: int | str) -> AbstractContextManager[Postfix]:
+    """A private Postfix whose inbound smtpd uses the gateway (a port, or a milter address) as its
+    milter; REJECTED_DOMAIN is a mailbox domain too, so that Postfix accepts its recipients and the
+    verdict is the gateway's."""
+    overrides = {
+        "smtpd_milters": milter if isinstance(milter, str) else f"inet:127.0.0.1:{milter}",
         "milter_protocol": "6",
         "milter_default_action": "tempfail",
         "milter_connect_timeout": "5s",
         "milter_content_timeout": "60s",
     }
-    return running_postfix(None, inbound_overrides=milter,
+    return running_postfix(None, inbound_overrides=overrides,
                            main_overrides={"virtual_mailbox_domains": f"{DOMAIN}, {REJECTED_DOMAIN}"})
 
 
@@ -195,6 +208,26 @@ def test_ham_reaches_the_mailbox_with_our_headers_and_forged_ones_removed(gatewa
     with Store.open(gateway.db_url) as store:
         row = store.get(1)
     assert row is not None and row.client_addr == CLIENT_ADDR and row.queue_id == queue_id
+
+
+def test_unix_socket_shared_by_two_workers(tmp_path: Path) -> None:
+    # Not under pytest's tmp_path: Postfix's smtpd (user postfix) must reach the socket.
+    sockdir = Path(tempfile.mkdtemp(prefix="milter-sock-"))
+    sockdir.chmod(0o755)
+    gw = MilterGateway(port=0, db_url=f"sqlite:///{tmp_path / 'milter.db'}", workdir=tmp_path, workers=2,
+                       socket_path=sockdir / "mailsift.sock")
+    try:
+        with _postfix(gw.address) as pf:
+            gw.start(pf.reinject_port)
+            for i in range(6):
+                pf.send(_message(f"over a unix socket {i}"), source_addr=CLIENT_ADDR)
+            delivered = pf.wait_for_mail(6)
+    finally:
+        gw.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    assert all(b"X-Milter-Category: ham" in raw for raw in delivered)
+    assert gw.output.count("action=accept") == 6
+    assert len(set(re.findall(r"worker=(\d)", gw.output))) == 2  # both workers started on the socket
 
 
 def test_spam_is_held_in_our_quarantine_and_a_release_delivers_the_same_bytes(
