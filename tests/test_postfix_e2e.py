@@ -16,7 +16,6 @@ import shutil
 import smtplib
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from postfix import DOMAIN, Postfix, free_port, running_postfix, skip_reason
+from serve_support import ServeProcess
 
 from milter.store import Store
 from milter.store.rows import MessageRow
@@ -229,62 +229,33 @@ spam = {{ tag = 0.0 }}
 
 
 @dataclass
-class Gateway:
-    port: int
-    db_url: str
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def output(self) -> str:
-        return (self.workdir / "serve.log").read_text(errors="replace")
+class Gateway(ServeProcess):
+    port: int = 0
+    db_url: str = ""
 
     def start(self, downstream_port: int, timeout: float = 90.0) -> None:
-        config = self.workdir / "milter.toml"
         # The shipped model unless MILTER_E2E_MODEL names another (to try the plumbing with any model).
         model = os.environ.get("MILTER_E2E_MODEL")
         model_table = f"[model]\npath = {json.dumps(model)}\n" if model else ""
-        config.write_text(model_table + GATEWAY_POLICY, encoding="utf-8")
-        milter = Path(sys.executable).parent / "milter"
-        argv = [
-            str(milter if milter.exists() else shutil.which("milter") or "milter"), "-v", "serve",
-            "--config", str(config), "--listen", f"127.0.0.1:{self.port}",
-            "--downstream", f"127.0.0.1:{downstream_port}", "--db", self.db_url,
-            "--workers", "1", "--metrics-listen", "off",
-        ]
-        with (self.workdir / "serve.log").open("ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=REPO)
-        # Ready means greeting: the socket may accept (kernel backlog) before the server answers.
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"milter serve exited with {self.proc.returncode}:\n{self.output}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
-                    if sock.makefile("rb").readline().startswith(b"220"):
-                        sock.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"milter serve not greeting after {timeout}s:\n{self.output}")
-            time.sleep(0.2)
+        args = ["--listen", f"127.0.0.1:{self.port}", "--downstream", f"127.0.0.1:{downstream_port}",
+                "--db", self.db_url, "--workers", "1", "--metrics-listen", "off"]
+        self.launch(model_table + GATEWAY_POLICY, args, self._greets, timeout)
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
+    def _greets(self) -> bool:
+        # Ready means greeting: the socket may accept (kernel backlog) before the server answers.
         try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
+                if sock.makefile("rb").readline().startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+                    return True
+        except OSError:
+            pass
+        return False
 
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    gw = Gateway(port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}", workdir=tmp_path)
+    gw = Gateway(workdir=tmp_path, port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}")
     try:
         yield gw
     finally:

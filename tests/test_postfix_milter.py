@@ -9,14 +9,11 @@ reinjection smtpd (no milters), as docs/postfix.md describes.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,12 +26,12 @@ from pathlib import Path
 
 import pytest
 from postfix import DOMAIN, Postfix, free_port, running_postfix, skip_reason
+from serve_support import REPO, ServeProcess, milter_command
 
 from milter.store import Store
 
 pytestmark = pytest.mark.postfix
 
-REPO = Path(__file__).resolve().parent.parent
 CLIENT_ADDR = "127.0.0.2"
 HELD_SENDER = "held@spam.test"  # deny_senders: quarantined
 REJECTED_DOMAIN = "reject.test"  # the recipient domain whose rule rejects
@@ -67,60 +64,23 @@ enabled = false
 
 
 @dataclass
-class MilterGateway:
-    port: int
-    db_url: str
-    workdir: Path
+class MilterGateway(ServeProcess):
+    port: int = 0
+    db_url: str = ""
     workers: int = 1
     extra_config: str = ""
     socket_path: Path | None = None  # listen on this unix socket instead of the port
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def output(self) -> str:
-        return (self.workdir / "serve.log").read_text(errors="replace")
-
-    def start(self, downstream_port: int, timeout: float = 90.0) -> None:
-        config = self.workdir / "milter.toml"
-        config.write_text(self.extra_config + POLICY, encoding="utf-8")
-        milter = Path(sys.executable).parent / "milter"
-        argv = [
-            str(milter), "-v", "serve", "--config", str(config), "--listen", "off",
-            "--milter-listen", self.address,
-            "--downstream", f"127.0.0.1:{downstream_port}", "--db", self.db_url,
-            "--workers", str(self.workers), "--metrics-listen", "off",
-        ]
-        with (self.workdir / "serve.log").open("ab") as out:
-            # Its own process group: a SIGKILL test kills the workers and prepare processes with it.
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=REPO, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while "listening" not in self.output or not _accepts(self.port, self.socket_path):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"milter serve exited with {self.proc.returncode}:\n{self.output}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"milter serve not listening after {timeout}s:\n{self.output}")
-            time.sleep(0.2)
 
     @property
     def address(self) -> str:
         return f"unix:{self.socket_path}" if self.socket_path else f"inet:127.0.0.1:{self.port}"
 
-    def kill(self) -> None:
-        """SIGKILL the whole gateway: no drain, no goodbye, replies in flight are lost."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+    def start(self, downstream_port: int, timeout: float = 90.0) -> None:
+        args = ["--listen", "off", "--milter-listen", self.address,
+                "--downstream", f"127.0.0.1:{downstream_port}", "--db", self.db_url,
+                "--workers", str(self.workers), "--metrics-listen", "off"]
+        self.launch(self.extra_config + POLICY, args,
+                    lambda: "listening" in self.output and _accepts(self.port, self.socket_path), timeout)
 
 
 def _accepts(port: int, path: Path | None = None) -> bool:
@@ -138,7 +98,7 @@ def _accepts(port: int, path: Path | None = None) -> bool:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[MilterGateway]:
-    gw = MilterGateway(port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}", workdir=tmp_path)
+    gw = MilterGateway(workdir=tmp_path, port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}")
     try:
         yield gw
     finally:
@@ -214,7 +174,7 @@ def test_unix_socket_shared_by_two_workers(tmp_path: Path) -> None:
     # Not under pytest's tmp_path: Postfix's smtpd (user postfix) must reach the socket.
     sockdir = Path(tempfile.mkdtemp(prefix="milter-sock-"))
     sockdir.chmod(0o755)
-    gw = MilterGateway(port=0, db_url=f"sqlite:///{tmp_path / 'milter.db'}", workdir=tmp_path, workers=2,
+    gw = MilterGateway(workdir=tmp_path, db_url=f"sqlite:///{tmp_path / 'milter.db'}", workers=2,
                        socket_path=sockdir / "mailsift.sock")
     try:
         with _postfix(gw.address) as pf:
@@ -249,7 +209,7 @@ def test_spam_is_held_in_our_quarantine_and_a_release_delivers_the_same_bytes(
         assert pf.delivered() == [] and pf.queue() == []
 
         release = subprocess.run(
-            [str(Path(sys.executable).parent / "milter"), "quarantine", "release", str(row_id),
+            [milter_command(), "quarantine", "release", str(row_id),
              "--db", gateway.db_url, "--downstream", f"127.0.0.1:{pf.reinject_port}"],
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=REPO, check=False,
         )
@@ -336,7 +296,7 @@ def _client(pf: Postfix, messages: list[tuple[EmailMessage, str, str]], ledger: 
 
 
 def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
-    gw = MilterGateway(port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}", workdir=tmp_path,
+    gw = MilterGateway(workdir=tmp_path, port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}",
                        workers=2)
     kinds = [("alice@example.org", f"bob@{DOMAIN}"), (HELD_SENDER, f"bob@{DOMAIN}"),
              ("alice@example.org", f"ceo@{REJECTED_DOMAIN}")]

@@ -35,7 +35,7 @@ from milter.gateway.process import (
     verdict_headers,
 )
 from milter.gateway.xforward import XForward
-from milter.protocol import codec
+from milter.protocol import codec, constants
 from milter.protocol.session import Decision, Edit, Message
 from milter.types import Action, Envelope
 
@@ -63,14 +63,15 @@ def envelope_of(message: Message) -> Envelope:
     if name is not None and (name.startswith("[") or name in ("", "unknown")):
         name = None  # Postfix's and libmilter's spelling of "no reverse DNS name"
     # A client that authenticated is one of our users, as XFORWARD's SOURCE=LOCAL says on the SMTP path.
-    source = "LOCAL" if message.macros.get("{auth_authen}") else None
+    macros = message.macros
+    source = "LOCAL" if macros.get("{auth_authen}") else None
     return Envelope(
         mail_from=_addr(message.mail_from.address),
         rcpt_tos=tuple(_addr(r.address) for r in message.rcpts),
         client_addr=addr,
         client_name=name,
         helo=message.helo,
-        queue_id=message.macros.get("i") or None,
+        queue_id=macros.get("i") or macros.get("{i}") or None,  # libmilter treats both names alike
         source=source,
     )
 
@@ -240,7 +241,8 @@ class MilterActor:
             err = exc if isinstance(exc, StoreError) else StoreError(str(exc))
             return Decision(codec.ReplyCode(smtp_reply(err)))
         p.count(msg, result, "quarantine", reply="250", row=row)
-        if self._hold:
+        # An MTA that does not allow SMFIR_QUARANTINE cannot hold it: drop its copy (ours is stored).
+        if self._hold and constants.Action.QUARANTINE in message.actions:
             reason = f"mailsift quarantine id {row}: {result.verdict.value}"
             if result.reasons:
                 reason += f" ({result.reasons[0][:200]})"

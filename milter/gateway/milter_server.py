@@ -74,6 +74,13 @@ class MilterConnection(asyncio.Protocol):
         self._arm_idle()
         self._run()
 
+    def eof_received(self) -> bool:
+        """The MTA closed its side. Inside a packet that is a broken peer: logged and counted like any
+        other protocol error. Either way our side closes too (False)."""
+        if self._decoder.buffered:
+            self._drop(f"connection closed inside a packet ({self._decoder.buffered} bytes of it received)")
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._idle is not None:
             self._idle.cancel()

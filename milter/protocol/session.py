@@ -39,6 +39,11 @@ WANTED_MACROS: tuple[tuple[c.Stage, str], ...] = (
     (c.Stage.EOM, "i"),
 )
 
+#: Bounds on what a connection may make us keep besides the message (which server.max_message_size
+#: bounds): far above what an MTA sends (Postfix: smtpd_recipient_limit 1000, a few dozen macros).
+MAX_RECIPIENTS = 10_000
+MAX_MACROS = 1_000
+
 Edit = codec.AddHeader | codec.InsertHeader | codec.ChangeHeader | codec.Quarantine
 Final = codec.Reply | codec.ReplyCode
 
@@ -64,6 +69,7 @@ class Message:
     size: int  # bytes received, also past the limit
     too_big: bool  # the size limit cut in: headers or body were not all kept
     leading_space: bool  # header values carry the space after the colon (SMFIP_HDR_LEADSPC)
+    actions: c.Action = WANTED_ACTIONS  # what the MTA lets the filter do at end of message
 
     def raw(self) -> bytes:
         """The message rebuilt from headers and body as the MTA passed them (CRLF line endings)."""
@@ -169,6 +175,8 @@ class FilterSession:
             case codec.Macros(stage, values):
                 target = self._conn_macros if stage in (c.SMFIC_CONNECT, c.SMFIC_HELO) else self._msg_macros
                 target.update(values)
+                if len(target) > MAX_MACROS:  # distinct names: an MTA sends a few dozen at most
+                    raise ProtocolError(f"more than {MAX_MACROS} distinct macros")
                 return NOTHING
             case codec.Connect():
                 self._reset_connection(keep_macros=True)  # this connection's macros came just before it
@@ -183,6 +191,8 @@ class FilterSession:
                 return self._ack(c.SMFIC_MAIL)
             case codec.RcptTo():
                 self._require_mail("RCPT")
+                if len(self._tx.rcpts) >= MAX_RECIPIENTS:
+                    raise ProtocolError(f"more than {MAX_RECIPIENTS} recipients")
                 self._tx.rcpts.append(command)
                 return self._ack(c.SMFIC_RCPT)
             case codec.Data():
@@ -264,6 +274,7 @@ class FilterSession:
             size=tx.size,
             too_big=tx.too_big,
             leading_space=c.Step.HDR_LEADSPC in self.steps,
+            actions=self.actions,
         )
 
     def _reset_message(self, keep_macros: bool) -> None:
