@@ -16,7 +16,16 @@ import pytest
 from milter.protocol import codec
 from milter.protocol import constants as c
 from milter.protocol.codec import Decoder, ProtocolError, encode
-from milter.protocol.session import Close, Decide, Decision, FilterSession, Message, Send
+from milter.protocol.session import (
+    MAX_MACROS,
+    MAX_RECIPIENTS,
+    Close,
+    Decide,
+    Decision,
+    FilterSession,
+    Message,
+    Send,
+)
 
 FULL_ACTIONS = 0x1FF  # everything SMFIF_* defines, SETSYMLIST included (Postfix 2.6+ offers this)
 FULL_STEPS = 0x1FFFFF  # every SMFIP_* step and no-reply flag up to HDR_LEADSPC
@@ -676,3 +685,23 @@ def test_encode_every_reply_type(reply: codec.Response, wire: bytes) -> None:
 def test_encode_refuses_what_is_not_a_reply() -> None:
     with pytest.raises(TypeError):
         encode(codec.Abort())  # type: ignore[arg-type]
+
+
+# -- bounds besides the message size ----------------------------------------------------------------
+
+
+def test_recipients_beyond_the_bound_are_a_protocol_error() -> None:
+    session, _ = negotiated()
+    silent(session, MAIL)
+    silent(session, *[codec.RcptTo(f"<r{i}@rcpt.test>", ()) for i in range(MAX_RECIPIENTS)])
+    with pytest.raises(ProtocolError, match="recipients"):
+        session.handle(codec.RcptTo("<one-too-many@rcpt.test>", ()))
+
+
+def test_distinct_macros_beyond_the_bound_are_a_protocol_error() -> None:
+    session, _ = negotiated()
+    names = tuple((f"{{m{i}}}", "v") for i in range(MAX_MACROS))
+    silent(session, codec.Macros(b"M", names))
+    silent(session, codec.Macros(b"M", names))  # the same names again: no growth
+    with pytest.raises(ProtocolError, match="macros"):
+        session.handle(codec.Macros(b"M", (("{extra}", "v"),)))
