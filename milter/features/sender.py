@@ -45,14 +45,19 @@ _UNSUB_URI = re.compile(r"<\s*(https?://[^>\s]+|mailto:[^>\s]+)\s*>", re.I)
 _IMG_SRC = re.compile(r"""(?is)<img\b[^>]*?\bsrc\s*=\s*["']?\s*(https?://[^"'\s>]+)""")
 _FOOTER_CHARS = 2500
 _UNSUB_WORDS = re.compile(
-    r"(?i)\b(unsubscribe|opt[ -]?out|manage (?:your )?(?:email )?(?:preferences|subscriptions)|"
+    r"(?i)(?=[uomeandc])\b(unsubscribe|opt[ -]?out|manage (?:your )?(?:email )?(?:preferences|subscriptions)|"
     r"email preferences|abmelden|abbestellen|newsletter abbestellen|désinscri\w*|desinscri\w*|"
     r"darse de baja|cancelar (?:la )?suscripci\w+|disiscriv\w*|uitschrijven|afmelden)\b"
 )
 # A street line or a postcode next to a place: US "Suite 100, Austin, TX 78701", DE "10115 Berlin",
 # UK "London EC1A 1BB". Digits are what the corpora's anonymiser rewrote, so the shape matters, not them.
 # Case matters for the postcodes (a state code, a capitalised town): only the street words ignore it.
+# Each pattern starts with a lookahead of the characters a match can start with: it fails at the other
+# positions in one step instead of trying every alternative (the footer scans were a third of this
+# module's time in the gateway; measured 442 -> 177 and 147 -> 42 us per message, the same match spans
+# on 4,000 corpus messages). Under (?i) the class folds case exactly as the literals do (s matches ſ).
 _POSTAL = re.compile(
+    r"(?=[\dA-Z]|(?i:[spwa]))(?:"
     r"\b\d{1,6}\s+(?:[A-Z][\w.'-]*\s+){1,4}(?i:street|st|avenue|ave|road|rd|boulevard|blvd|drive|dr|"
     r"lane|ln|way|suite|ste|parkway|pkwy|place|pl|court|ct|highway|hwy)\b\.?"
     r"|\b[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"
@@ -60,8 +65,9 @@ _POSTAL = re.compile(
     r"|(?i:straße|strasse|str\.|platz|weg|allee)\s*\d+"
     r"|\b(?i:p\.?\s?o\.?\s+box)\s+\d+"
     r"|\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b"
+    r")"
 )
-_NON_ALNUM = re.compile(r"[^a-z0-9]")
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")  # runs: one replacement per gap, not per character
 # "list" is what mailing-list managers write, not the author: see `is_list_copy`.
 _BULK_PRECEDENCE = frozenset({"bulk"})
 
