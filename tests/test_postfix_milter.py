@@ -105,19 +105,22 @@ def gateway(tmp_path: Path) -> Iterator[MilterGateway]:
         gw.stop()
 
 
-def _postfix(milter: int | str) -> AbstractContextManager[Postfix]:
+def _postfix(milter: int | str, non_smtpd: bool = False) -> AbstractContextManager[Postfix]:
     """A private Postfix whose inbound smtpd uses the gateway (a port, or a milter address) as its
-    milter; REJECTED_DOMAIN is a mailbox domain too, so that Postfix accepts its recipients and the
-    verdict is the gateway's."""
+    milter, and with `non_smtpd` its local submission (sendmail(1), pickup) too; REJECTED_DOMAIN is a
+    mailbox domain too, so that Postfix accepts its recipients and the verdict is the gateway's."""
+    address = milter if isinstance(milter, str) else f"inet:127.0.0.1:{milter}"
+    main = {"virtual_mailbox_domains": f"{DOMAIN}, {REJECTED_DOMAIN}"}
+    if non_smtpd:
+        main |= {"non_smtpd_milters": address, "milter_default_action": "tempfail"}
     overrides = {
-        "smtpd_milters": milter if isinstance(milter, str) else f"inet:127.0.0.1:{milter}",
+        "smtpd_milters": address,
         "milter_protocol": "6",
         "milter_default_action": "tempfail",
         "milter_connect_timeout": "5s",
         "milter_content_timeout": "60s",
     }
-    return running_postfix(None, inbound_overrides=overrides,
-                           main_overrides={"virtual_mailbox_domains": f"{DOMAIN}, {REJECTED_DOMAIN}"})
+    return running_postfix(None, inbound_overrides=overrides, main_overrides=main)
 
 
 def _message(subject: str, sender: str = "alice@example.org", to: str = f"bob@{DOMAIN}") -> EmailMessage:
@@ -168,6 +171,23 @@ def test_ham_reaches_the_mailbox_with_our_headers_and_forged_ones_removed(gatewa
     with Store.open(gateway.db_url) as store:
         row = store.get(1)
     assert row is not None and row.client_addr == CLIENT_ADDR and row.queue_id == queue_id
+
+
+def test_locally_submitted_mail_passes_the_milter_too(gateway: MilterGateway) -> None:
+    """`non_smtpd_milters`: mail from sendmail(1) goes through pickup and cleanup, not smtpd."""
+    with _postfix(gateway.port, non_smtpd=True) as pf:
+        gateway.start(pf.reinject_port)
+        msg = _message("Submitted on the relay itself")
+        sendmail = shutil.which("sendmail", path="/usr/sbin:/usr/bin") or "/usr/sbin/sendmail"
+        subprocess.run([sendmail, "-C", str(pf.config_dir), "-f", "alice@example.org", f"bob@{DOMAIN}"],
+                       input=msg.as_bytes(), check=True, timeout=60, capture_output=True)
+        (raw,) = pf.wait_for_mail(1)
+        queue_id = pf.wait_for_log(r"pickup\[\d+\]: (\w+): uid=0 from=<alice@example.org>")[1]
+    delivered = message_from_bytes(raw, policy=policy.default)
+    assert delivered["Message-ID"] == msg["Message-ID"]
+    assert delivered.get_all("X-Milter-Category") == ["ham"]
+    assert re.search(rf"message id=\w+ queue_id={queue_id} mail_from=alice@example.org .*action=accept",
+                     gateway.output)
 
 
 def test_unix_socket_shared_by_two_workers(tmp_path: Path) -> None:
