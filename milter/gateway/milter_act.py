@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from milter.errors import MessageTooBig, MilterError, StoreError, smtp_reply
+from milter.errors import MessageTooBig, StoreError, smtp_reply
 from milter.gateway.headers import fold, forged
 from milter.gateway.logfmt import kv, new_message_id
 from milter.gateway.process import (
@@ -32,6 +32,7 @@ from milter.gateway.process import (
     Inbound,
     MessageProcessor,
     category_header,
+    scan_failed_reply,
     verdict_headers,
 )
 from milter.gateway.xforward import XForward
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
     from milter.scan import ScanResult
 
 log = logging.getLogger("milter.gateway.milter")
-
-SCAN_FAILED = "451 4.3.0 Scan failed, try again later"
-
 
 def _addr(path: str) -> str:
     """`<a@b>` -> `a@b`; the null sender `<>` -> ``."""
@@ -177,23 +175,14 @@ class MilterActor:
         return await self._act(message, msg, result)
 
     def _scan_failed(self, message: Message, msg: Inbound, exc: Exception) -> Decision:
-        p = self._p
-        kind = type(exc).__name__
-        p.metrics.errors.labels("scan").inc()
-        log.error(kv("scan_failed", id=msg.id, queue_id=msg.envelope.queue_id, error=kind,
-                     detail=str(exc)[:200], on_error=p.settings.on_error))
-        if p.settings.on_error == "accept":
-            p.count(msg, None, "unscanned", reply="250")
-            add = [("X-Milter-Verdict", "unscanned"), ("X-Milter-Reasons", f"scan failed: {kind}")]
-            return Decision(codec.CONTINUE, header_edits(message, add, None, self.authserv_id))
-        p.metrics.messages.labels("tempfail", "unscanned").inc()
-        return Decision(codec.ReplyCode(smtp_reply(exc) if isinstance(exc, MilterError) else SCAN_FAILED))
+        unscanned = self._p.scan_failed(msg, exc)
+        if unscanned is None:
+            return Decision(codec.ReplyCode(scan_failed_reply(exc)))
+        self._p.count(msg, None, "unscanned", reply="250")
+        return Decision(codec.CONTINUE, header_edits(message, unscanned, None, self.authserv_id))
 
     def _headers(self, result: ScanResult, fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        authserv_id = self.authserv_id
-        if authserv_id is not None and result.summary.auth is not None:
-            return [("Authentication-Results", result.summary.auth.header_value(authserv_id)), *fields]
-        return fields
+        return self._p.with_auth_header(result, fields)
 
     async def _act(self, message: Message, msg: Inbound, result: ScanResult) -> Decision:
         p = self._p

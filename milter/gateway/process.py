@@ -147,6 +147,11 @@ def score_batch(slot: ModelSlot, items: Sequence[tuple[Extracted, Envelope]]) ->
     return scanner.decide(exts, [v for _, v in items], scanner.predict(exts))
 
 
+def scan_failed_reply(exc: Exception) -> str:
+    """The tempfail for a message whose scan failed."""
+    return smtp_reply(exc) if isinstance(exc, MilterError) else "451 4.3.0 Scan failed, try again later"
+
+
 def category_header(result: ScanResult) -> tuple[str, str]:
     """On every relayed message that was scanned: ham, bulk, spam or bec, one field a Sieve rule (or a
     mail client's filter) can sort on, whatever the action."""
@@ -248,27 +253,33 @@ class MessageProcessor:
         try:
             result = await self.scan(msg)
         except Exception as exc:
-            kind = type(exc).__name__
-            self.metrics.errors.labels("scan").inc()
-            log.error(
-                kv(
-                    "scan_failed",
-                    id=msg.id,
-                    queue_id=msg.envelope.queue_id,
-                    error=kind,
-                    detail=str(exc)[:200],
-                    on_error=self.settings.on_error,
-                )
-            )
-            if self.settings.on_error == "accept":
-                headers = [("X-Milter-Verdict", "unscanned"), ("X-Milter-Reasons", f"scan failed: {kind}")]
-                return await self._relay(msg, None, headers, None, "unscanned")
-            self.metrics.messages.labels("tempfail", "unscanned").inc()
-            return (
-                smtp_reply(exc) if isinstance(exc, MilterError) else "451 4.3.0 Scan failed, try again later"
-            )
+            unscanned = self.scan_failed(msg, exc)
+            if unscanned is not None:
+                return await self._relay(msg, None, unscanned, None, "unscanned")
+            return scan_failed_reply(exc)
         self.metrics.scan_seconds.observe(time.perf_counter() - started)
         return await self._act(msg, result)
+
+    def scan_failed(self, msg: Inbound, exc: Exception) -> list[tuple[str, str]] | None:
+        """Log and count a failed scan. With policy.on_error = "accept", the fields that tag the message
+        unscanned; None for a tempfail (counted here), whose reply is `scan_failed_reply(exc)`."""
+        kind = type(exc).__name__
+        self.metrics.errors.labels("scan").inc()
+        log.error(kv("scan_failed", id=msg.id, queue_id=msg.envelope.queue_id, error=kind,
+                     detail=str(exc)[:200], on_error=self.settings.on_error))
+        if self.settings.on_error == "accept":
+            return [("X-Milter-Verdict", "unscanned"), ("X-Milter-Reasons", f"scan failed: {kind}")]
+        self.metrics.messages.labels("tempfail", "unscanned").inc()
+        return None
+
+    def with_auth_header(
+        self, result: ScanResult | None, fields: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """`fields` with our Authentication-Results first, when sender authentication ran."""
+        authserv_id = self.auth.authserv_id if self.auth is not None else None
+        if authserv_id is not None and result is not None and result.summary.auth is not None:
+            return [("Authentication-Results", result.summary.auth.header_value(authserv_id)), *fields]
+        return fields
 
     async def scan(self, msg: Inbound) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
@@ -353,9 +364,7 @@ class MessageProcessor:
         action: str,
     ) -> str:
         authserv_id = self.auth.authserv_id if self.auth is not None else None
-        if authserv_id is not None and result is not None and result.summary.auth is not None:
-            headers = [("Authentication-Results", result.summary.auth.header_value(authserv_id)), *headers]
-        out = rewrite(msg.raw, headers, prefix, authserv_id)
+        out = rewrite(msg.raw, self.with_auth_header(result, headers), prefix, authserv_id)
         started = time.perf_counter()
         try:
             delivered = await self.downstream.deliver(

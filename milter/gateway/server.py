@@ -136,25 +136,35 @@ def to_envelope(session: Session, envelope: SMTPEnvelope, server: GatewaySMTP) -
     )
 
 
+LISTEN_BACKLOG = 1024  # MTAs open connections in bursts when a queue is flushed
+
+
+def tcp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening, non-blocking TCP socket; with `reuse_port` several workers can bind the address."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
 def bind_milter(address: str, reuse_port: bool) -> socket.socket:
     """A listening socket for server.milter_listen. A unix socket's stale file is replaced, and the
     socket is made writable for the MTA's user (Postfix's smtpd runs as `postfix`): put it in a
     directory only the MTA and the gateway can reach."""
     where = milter_address(address, "server.milter_listen")
-    if where.path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(where.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(where.path)
-        os.chmod(where.path, 0o666)
-    else:
+    if where.path is None:
         assert where.host is not None and where.port is not None
-        sock = socket.socket(socket.AF_INET6 if ":" in where.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((where.host, where.port))
-    sock.listen(1024)
+        return tcp_socket(where.host, where.port, reuse_port)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(where.path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(where.path)
+    os.chmod(where.path, 0o666)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 

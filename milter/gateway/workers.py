@@ -32,11 +32,10 @@ from typing import Any
 from milter.config import Config, host_port
 from milter.gateway.logfmt import kv
 from milter.gateway.reload import log_learned
-from milter.gateway.server import Gateway, bind_milter
+from milter.gateway.server import Gateway, bind_milter, tcp_socket
 
 log = logging.getLogger("milter.gateway.workers")
 
-LISTEN_BACKLOG = 1024  # MTAs open connections in bursts when a queue is flushed
 RESTART_DELAY = 1.0
 STOP_GRACE = 30.0
 
@@ -66,15 +65,7 @@ def load(config: Config) -> Loaded:
 
 def listen_socket(address: str, reuse_port: bool) -> socket.socket:
     host, port = host_port(address, "server.listen")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
+    return tcp_socket(host, port, reuse_port)
 
 
 def smtp_socket(config: Config, reuse_port: bool) -> socket.socket | None:
