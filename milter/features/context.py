@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from milter.parse import ParsedMessage
 from milter.types import Envelope
 
 MAX_HTML = 300_000
+MAX_LINKS = 500
 URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s<>"'()\[\]{}|\\^`]+""")
 _HOST_RE = re.compile(r"(?i)^(?:https?://)?(?:[^@/?#]*@)?(\[[^\]]+\]|[^:/?#]+)(?::(\d+))?")
 
@@ -84,8 +86,11 @@ def build(parsed: ParsedMessage, envelope: Envelope, protected: Protected) -> Co
             href = (a.attributes.get("href") or "").strip()
             if href.lower().startswith(("http://", "https://", "www.")):
                 links.append(parse_link(href, a.text(deep=True)))
-    for url in URL_RE.findall(parsed.text[:100_000]):
-        links.append(parse_link(url.rstrip(".,;:!?")))
+                if len(links) == MAX_LINKS:
+                    break
+    # the features read the first MAX_LINKS links: none past them is parsed (a budget, like parse.Limits)
+    for m in itertools.islice(URL_RE.finditer(parsed.text[:100_000]), max(MAX_LINKS - len(links), 0)):
+        links.append(parse_link(m.group(0).rstrip(".,;:!?")))
     return Context(
         parsed=parsed,
         envelope=envelope,
@@ -96,7 +101,7 @@ def build(parsed: ParsedMessage, envelope: Envelope, protected: Protected) -> Co
         # counting '@' is enough for a count and avoids parsing thousand-address lists
         to_count=sum(v.count("@") for v in parsed.get_all("to")),
         cc_count=sum(v.count("@") for v in parsed.get_all("cc")),
-        links=tuple(links[:500]),
+        links=tuple(links),
         html_text=html_text,
         body_text=parsed.text if parsed.text.strip() else html_text,
         html_tree=tree,

@@ -102,6 +102,9 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     ctypes = p.content_types
     top = ctypes[0] if ctypes else "text/plain"
     defects = p.defects
+    budgets = sorted(d.removeprefix("Budget").lower() for d in defects if d.startswith("Budget"))
+    if budgets:  # crafted to be costly to read: real mail stays far below every limit
+        signals.append(f"message exceeds the parser's limits ({', '.join(budgets)})")
     letters = [c for c in subject if c.isalpha()]
     n_rcpt = ctx.to_count + ctx.cc_count
     values = [
