@@ -37,12 +37,14 @@ class ServeProcess:
             return ""
 
     def launch(
-        self, config: str, args: Sequence[str], ready: Callable[[], bool], timeout: float = 90.0
+        self, config: str, args: Sequence[str], ready: Callable[[], bool], timeout: float = 90.0,
+        wrapper: Sequence[str] = (),
     ) -> None:
-        """Write `config` (TOML), run `milter -v serve --config FILE ARGS...`, wait until `ready()`."""
+        """Write `config` (TOML), run `milter -v serve --config FILE ARGS...`, wait until `ready()`.
+        `wrapper` goes in front of the command (e.g. strace); `proc` is then the wrapper's process."""
         path = self.workdir / "milter.toml"
         path.write_text(config, encoding="utf-8")
-        argv = [milter_command(), "-v", "serve", "--config", str(path), *args]
+        argv = [*wrapper, milter_command(), "-v", "serve", "--config", str(path), *args]
         with (self.workdir / "serve.log").open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=REPO, start_new_session=True)
