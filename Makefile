@@ -62,6 +62,12 @@ bench: $(STAMP) corpora
 train: $(STAMP) corpora
 	$(BIN)/milter-train $(ARGS)
 
+# The fault-matrix soak (docs/soak.md): 10,000 corpus messages from 50 clients through `milter serve`
+# while faults are injected; exact accounting by Message-ID at the end. CI's version: ARGS=--short.
+.PHONY: soak
+soak: $(STAMP) corpora
+	$(BIN)/python bench/soak.py $(ARGS)
+
 # How the model does on a source it never saw, and after K admin labels of it (training/unseen.py).
 unseen: $(STAMP) corpora
 	$(BIN)/python -m training.unseen $(ARGS)

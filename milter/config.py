@@ -114,6 +114,15 @@ class ServerConfig:
     max_sessions: int = 200
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    # The hard deadline of one message's scan (parse, features, DNS, model), from its end of data:
+    # past it the message gets policy.on_error and the prepare process working on it is replaced.
+    # The parser's budgets keep a real scan far below (bench/fuzz.py: the slowest of 200,000 hostile
+    # messages took under a second); this catches what nothing foresaw. 0: no deadline.
+    scan_timeout: float = 30.0
+    # A prepare process whose resident memory passes this many MiB after a job is retired: it
+    # finishes what it holds and exits, and a new pool takes the next jobs (no message is lost).
+    # A leak in the parser or a library then costs a restart, never the host's memory. 0: off.
+    prepare_max_rss_mb: int = 1024
     downstream_timeout: float = 60.0
     batch_max: int = 32
     batch_wait_ms: float = 2.0

@@ -38,6 +38,12 @@ class ScanError(MilterError):
     """Parsing or feature extraction failed in a way that is not a property of the message."""
 
 
+class ScanTimeout(ScanError):
+    """A message's scan passed server.scan_timeout; policy.on_error decides what the message gets."""
+
+    smtp_text = "Scan took too long, try again later"
+
+
 class DeliveryError(MilterError):
     """Downstream relay unreachable, timed out, or answered with an error."""
 

@@ -171,17 +171,19 @@ def open_store(url: str) -> Any:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    config: Config, scanner: Any, store: Any, resolver: Any = None, real_dns: bool = False
+    config: Config, scanner: Any, store: Any, resolver: Any = None, real_dns: bool = False,
+    prepare: Any = None,
 ) -> AsyncIterator[Gateway]:
     """A started Gateway. DNS answers come from `resolver`, by default one that knows no names (as
     the corpora's long-gone domains), so tests do not depend on this host's resolver; with
-    `real_dns` the gateway builds its own resolver from config.auth, as in production."""
+    `real_dns` the gateway builds its own resolver from config.auth, as in production. `prepare`
+    replaces milter.scan.prepare in the prepare processes (a module-level function: they import it)."""
     from milter.auth import StaticResolver
     from milter.features import SCHEMA
-    from milter.scan import prepare
+    from milter.scan import prepare as real_prepare
 
     gw = Gateway(
-        config, scanner, store, prepare=prepare, schema_digest=SCHEMA.digest,
+        config, scanner, store, prepare=prepare or real_prepare, schema_digest=SCHEMA.digest,
         resolver=None if real_dns else StaticResolver({}) if resolver is None else resolver,
     )
     await gw.start()
@@ -261,6 +263,7 @@ def run_gateway_scenario(
     store: Any = None,
     sink_up: bool = True,
     policy: PolicyConfig | None = None,
+    prepare: Any = None,
     **server: Any,
 ) -> Any:
     """Start a sink (unless sink_up is False: the downstream port is then closed) and a gateway, run
@@ -276,7 +279,7 @@ def run_gateway_scenario(
         cfg = config_for(free_port(), sink_port, url, **server)
         if policy is not None:
             cfg = replace(cfg, policy=policy)
-        async with running_gateway(cfg, scanner or load_scanner(cfg.policy), store) as gw:
+        async with running_gateway(cfg, scanner or load_scanner(cfg.policy), store, prepare=prepare) as gw:
             await scenario(gw, sink, store)
         await sink.stop()
 

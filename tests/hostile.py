@@ -293,8 +293,8 @@ def _repeat(rng: random.Random, data: bytes) -> bytes:
 def _insert(rng: random.Random, data: bytes) -> bytes:
     at = rng.randrange(len(data) + 1)
     bits = (b"\x00", b"\r", b"\n--B\n", b"\n\n", b"=?utf-8?b?",
-            b"Content-Type: multipart/mixed; boundary=B\n", b"<!--", b"http://" + b"a" * 5000, b"\xff\xfe", b"\n\t",
-            b"Content-Transfer-Encoding: base64\n")
+            b"Content-Type: multipart/mixed; boundary=B\n", b"<!--", b"http://" + b"a" * 5000,
+            b"\xff\xfe", b"\n\t", b"Content-Transfer-Encoding: base64\n")
     return data[:at] + rng.choice(bits) * rng.choice((1, 3, 100)) + data[at:]
 
 

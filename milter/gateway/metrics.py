@@ -28,6 +28,7 @@ log = logging.getLogger("milter.gateway.metrics")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 RELOAD_OUTCOMES = ("ok", "failed")
+RECYCLE_REASONS = ("max_rss", "scan_timeout", "broken")
 
 
 class GatewayMetrics:
@@ -75,6 +76,19 @@ class GatewayMetrics:
         )
         for outcome in RELOAD_OUTCOMES:  # export 0, not nothing, so alerts on "failed" see a series
             self.model_reloads.labels(outcome)
+        # A scan past server.scan_timeout is counted here, and as milter_errors{kind="scan"} with the rest.
+        self.scan_timeouts = Counter(
+            "milter_scan_timeouts", "Messages whose scan passed server.scan_timeout", registry=r
+        )
+        self.prepare_recycles = Counter(
+            "milter_prepare_recycles", "Prepare pools replaced, by reason", ["reason"], registry=r
+        )
+        for reason in RECYCLE_REASONS:
+            self.prepare_recycles.labels(reason)
+        self.prepare_rss = Gauge(
+            "milter_prepare_rss_bytes", "Resident memory of the prepare process after its latest job",
+            registry=r,
+        )
 
     def set_model(self, name: str, providers: Sequence[str]) -> None:
         self.model.info({"name": name, "providers": ",".join(providers)})

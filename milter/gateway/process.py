@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from milter.auth import evaluate_evidence
-from milter.errors import MilterError, StoreError, smtp_reply
+from milter.errors import MilterError, ScanTimeout, StoreError, smtp_reply
 from milter.gateway.auth import SenderAuth
 from milter.gateway.batcher import MicroBatcher
 from milter.gateway.headers import rewrite
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from milter.scan import ScanResult
 
 log = logging.getLogger("milter.gateway")
+T = TypeVar("T")
 
 REJECT_CODE = "550 5.7.1"
 TEMPFAIL_REPLY = "451 4.7.1 Message deferred by policy, try again later"
@@ -113,6 +117,23 @@ class ProcessorSettings:
     on_error: str  # "tempfail" | "accept"
     schema_digest: str
     keep_vector: bool
+    scan_timeout: float = 0.0  # seconds; 0: no deadline
+
+
+class _Progress:
+    """How many of a message's jobs are in the prepare pool: a deadline that passes while one is
+    there means a stuck process, which is replaced; one that passes waiting on DNS or the model not."""
+
+    __slots__ = ("in_pool",)
+
+    def __init__(self) -> None:
+        self.in_pool = 0
+
+    async def pooled(self, job: Awaitable[T]) -> T:
+        self.in_pool += 1
+        result = await job  # no finally: a job cancelled by the deadline is still in its process
+        self.in_pool -= 1
+        return result
 
 
 class ModelSlot:
@@ -169,13 +190,52 @@ def verdict_headers(result: ScanResult) -> list[tuple[str, str]]:
     ]
 
 
-class PreparePool:
-    """The process pool for `prepare`; rebuilt when a worker process dies (BrokenProcessPool)."""
+def resident_bytes() -> int:
+    """This process's resident memory now (not its peak, which never comes down)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def __init__(self, factory: Callable[[], Executor], prepare: PrepareFn) -> None:
+
+def measured(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
+    """Run in a prepare process: `fn(*args)` and the process's resident memory after it."""
+    result = fn(*args)
+    return result, resident_bytes()
+
+
+@dataclass(frozen=True)
+class PrepareLimits:
+    max_rss: int = 0  # bytes; 0: never recycle for memory
+    kill_grace: float = 5.0  # seconds a retired pool's other jobs get before its processes are killed
+    min_recycle_interval: float = 30.0  # memory recycles no more often (a limit set below the baseline)
+
+
+class PreparePool:
+    """The process pool for `prepare`, replaced whole when it must be:
+
+    * a process died (BrokenProcessPool): a new pool, the messages it held are tempfailed;
+    * a process's memory passed `max_rss` after a job: the pool is retired gracefully (its processes
+      finish the jobs they hold, then exit) and a new one takes the next jobs: nothing is lost;
+    * a scan passed its deadline (`abandon`): retired the same way, and killed after `kill_grace`,
+      since one of its processes is stuck; a job killed with it is run again once on the new pool.
+
+    Retiring the whole pool, not the one process, because ProcessPoolExecutor has no way to stop one
+    process; these events are rare, and a pool starts in about a second.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], Executor],
+        prepare: PrepareFn,
+        limits: PrepareLimits | None = None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._factory = factory
         self._prepare = prepare
+        self._limits = limits or PrepareLimits()
+        self._metrics = metrics
         self._pool = factory()
+        self._retired: dict[Executor, tuple[BaseProcess, ...]] = {}
+        self._last_memory_recycle = -math.inf
 
     async def run(
         self, raw: bytes, envelope: Envelope, protected: Any, evidence: Evidence | None = None
@@ -189,18 +249,74 @@ class PreparePool:
         return result
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        pool = self._pool
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-        except BrokenProcessPool:
-            if self._pool is pool:  # the first session to notice replaces it
-                log.error(kv("prepare_pool_broken", action="restarting"))
-                pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._factory()
-            raise
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                result, rss = await loop.run_in_executor(pool, measured, fn, *args)
+            except BrokenProcessPool:
+                if pool in self._retired and attempt == 1:
+                    continue  # killed with a pool we retired: not this message's fault, run it again
+                if pool is self._pool:  # the first session to notice replaces it
+                    log.error(kv("prepare_pool_broken", action="restarting"))
+                    self._replace("broken", kill_after=None)
+                raise
+            self._check_memory(rss)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_memory(self, rss: int) -> None:
+        if self._metrics is not None:
+            self._metrics.prepare_rss.set(rss)
+        limit = self._limits.max_rss
+        now = time.monotonic()
+        if not limit or rss <= limit or now - self._last_memory_recycle < self._limits.min_recycle_interval:
+            return
+        self._last_memory_recycle = now
+        log.warning(kv("prepare_pool_recycled", reason="max_rss", rss_mb=rss >> 20, limit_mb=limit >> 20))
+        self._replace("max_rss", kill_after=None)
+
+    def abandon(self) -> None:
+        """A job overran its deadline: new jobs go to a new pool; the old one is killed after the grace."""
+        log.warning(kv("prepare_pool_recycled", reason="scan_timeout", kill_after=self._limits.kill_grace))
+        self._replace("scan_timeout", kill_after=self._limits.kill_grace)
+
+    def _replace(self, reason: str, kill_after: float | None) -> None:
+        old, self._pool = self._pool, self._factory()
+        if self._metrics is not None:
+            self._metrics.prepare_recycles.labels(reason).inc()
+        if reason == "broken":
+            old.shutdown(wait=False, cancel_futures=True)
+            return
+        processes = _processes(old)  # read first: shutdown() drops the executor's reference to them
+        old.shutdown(wait=False)  # the jobs it holds still run; its processes exit after them
+        if kill_after is not None:
+            self._retired[old] = processes
+            asyncio.get_running_loop().call_later(kill_after, self._kill_retired, old)
+
+    def _kill_retired(self, pool: Executor) -> None:
+        _kill(self._retired.get(pool, ()))
+        # the jobs killed with it learn so within moments; after that it needs no remembering
+        asyncio.get_running_loop().call_later(60.0, self._retired.pop, pool, None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for processes in self._retired.values():
+            _kill(processes)
+
+
+def _processes(pool: Executor) -> tuple[BaseProcess, ...]:
+    """A process pool's processes. ProcessPoolExecutor keeps them in `_processes` (CPython 3.8-3.13)
+    and has no public way to stop a running job; a thread pool has none."""
+    return tuple((getattr(pool, "_processes", None) or {}).values())
+
+
+def _kill(processes: Sequence[BaseProcess]) -> None:
+    """Kill what is left of a retired pool: the process of a stuck job, and any job still with it."""
+    for proc in processes:
+        if proc.is_alive():
+            log.warning(kv("prepare_process_killed", pid=proc.pid))
+            proc.kill()
 
 
 class MessageProcessor:
@@ -282,16 +398,39 @@ class MessageProcessor:
         return fields
 
     async def scan(self, msg: Inbound) -> ScanResult:
+        """Scan under server.scan_timeout; past it ScanTimeout, and a prepare process still working on
+        the message is replaced (PreparePool.abandon): a stuck job must not hold a process for ever."""
+        limit = self.settings.scan_timeout
+        progress = _Progress()
+        if not limit:
+            return await self._scan(msg, progress)
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._scan(msg, progress)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of something inside, not ours
+            self.metrics.scan_timeouts.inc()
+            stuck = progress.in_pool > 0
+            log.error(kv("scan_timeout", id=msg.id, queue_id=msg.envelope.queue_id, size=len(msg.raw),
+                         limit=limit, in_prepare=stuck))
+            if stuck:
+                self.prepare.abandon()
+            raise ScanTimeout(f"scan passed server.scan_timeout = {limit:g} s") from None
+
+    async def _scan(self, msg: Inbound, progress: _Progress) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
         # prepare and scoring cannot make them disagree with the policy that decides.
         protected = self.model.scanner.policy.protected
         if self.auth is None:
             with self.batcher.expect() as submit:
-                return await submit((await self.prepare.run(msg.raw, msg.envelope, protected), msg.envelope))
+                ext = await progress.pooled(self.prepare.run(msg.raw, msg.envelope, protected))
+                return await submit((ext, msg.envelope))
         # Parse and features in the pool while the DNS lookups run on the loop (bounded by
         # auth.timeout); the message is announced to the batcher only once its answers are in (a batch
         # waits a moment for announced messages, not for DNS).
-        prepared = asyncio.ensure_future(self.prepare.run(msg.raw, msg.envelope, protected))
+        prepared = asyncio.ensure_future(progress.pooled(self.prepare.run(msg.raw, msg.envelope, protected)))
         try:
             started = time.perf_counter()
             evidence = await self.auth.gather(msg.raw, msg.id, msg.envelope)
@@ -299,7 +438,8 @@ class MessageProcessor:
             with self.batcher.expect() as submit:
                 ext = await prepared
                 if evidence is not None:
-                    ext = replace(ext, summary=replace(ext.summary, auth=await self._verify(msg, evidence)))
+                    auth = await progress.pooled(self._verify(msg, evidence))
+                    ext = replace(ext, summary=replace(ext.summary, auth=auth))
                 self._count_auth(ext)
                 return await submit((ext, msg.envelope))
         finally:

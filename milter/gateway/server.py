@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
@@ -37,6 +38,7 @@ from milter.gateway.process import (
     MessageProcessor,
     ModelSlot,
     PrepareFn,
+    PrepareLimits,
     PreparePool,
     ProcessorSettings,
     ScannerLike,
@@ -78,6 +80,7 @@ def _prepare_process_init() -> None:
     40-54 ms per collection under bench/gateway.py, and every message waiting meanwhile paid for it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     from milter.features.context import Protected
     from milter.scan import prepare
 
@@ -87,6 +90,24 @@ def _prepare_process_init() -> None:
         log.exception(kv("prepare_warmup_failed"))
     gc.collect()
     gc.freeze()
+
+
+def _exit_with_parent() -> None:
+    """End this prepare process when its gateway process ends, however it ends.
+
+    A SIGKILLed worker cannot shut its pool down, and its prepare processes, re-parented to init,
+    lived on (bench/soak.py: two of ~88 MiB per killed worker, still there after the gateway stopped).
+    The pipe from the parent closes when the parent dies, which ends `join` here.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 class _QuietChildrenPool(ProcessPoolExecutor):
@@ -223,7 +244,12 @@ class Gateway:
         # latency 11-12 ms instead of 18-20; saturated, 834 msgs/s instead of 747). Idle ones cost
         # memory only.
         processes = self._prepare_processes = max(1, os.cpu_count() or 1)
-        self._prepare_pool = PreparePool(prepare_pool or default_prepare_pool(processes), prepare)
+        self._prepare_pool = PreparePool(
+            prepare_pool or default_prepare_pool(processes),
+            prepare,
+            PrepareLimits(max_rss=srv.prepare_max_rss_mb << 20),
+            self.metrics,
+        )
         self._store_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milter-store")
         self.batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult] = MicroBatcher(
             partial(score_batch, self.model),
@@ -244,6 +270,7 @@ class Gateway:
             on_error=config.policy.on_error,
             schema_digest=schema_digest,
             keep_vector=config.store.keep_feature_vectors,
+            scan_timeout=srv.scan_timeout,
         )
         self.processor = MessageProcessor(
             settings,
@@ -283,14 +310,20 @@ class Gateway:
         loop = asyncio.get_running_loop()
         srv = self.config.server
         if sock is not None:
-            self._server = await loop.create_server(self._protocol, sock=sock)
+            # backlog again: create_server calls listen() itself, with 100 unless told (the kernel then
+            # drops SYNs of a connection burst, and each costs its client a 1 s retransmit)
+            self._server = await loop.create_server(self._protocol, sock=sock, backlog=LISTEN_BACKLOG)
         elif srv.listen:
             host, port = host_port(srv.listen, "server.listen")
-            self._server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+            self._server = await loop.create_server(
+                self._protocol, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+            )
         if milter_sock is None and srv.milter_listen is not None:
             milter_sock = bind_milter(srv.milter_listen, reuse_port=False)
         if milter_sock is not None:
-            self._milter_server = await loop.create_server(self._milter_protocol, sock=milter_sock)
+            self._milter_server = await loop.create_server(
+                self._milter_protocol, sock=milter_sock, backlog=LISTEN_BACKLOG
+            )
         if self.config.server.metrics_listen:
             mhost, mport = host_port(self.config.server.metrics_listen, "server.metrics_listen")
             self._metrics_server = MetricsServer(self.metrics, self.health)

@@ -1,0 +1,110 @@
+"""The gateway's last lines of defence, on a listening gateway with its real prepare processes:
+
+* a scan past `server.scan_timeout` gets `policy.on_error` (451, or accepted and tagged unscanned),
+  is counted, and the prepare process stuck on it is killed while other mail goes on being served;
+* a prepare process whose memory passes `server.prepare_max_rss_mb` is retired after the job that
+  grew it, and that message is delivered all the same.
+
+The misbehaving prepare is tests/faulty_prepare.py, cued by a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from faulty_prepare import GROW, HANG, faulty_prepare
+from gateway_support import TEST_POLICY, Sink, account, make_message, run_gateway_scenario, send
+
+from milter.gateway.server import Gateway
+
+Ports = Callable[[], int]
+SCAN_TIMEOUT = 2.0
+KILL_GRACE = 5.0  # PrepareLimits.kill_grace
+
+
+def sample(gw: Gateway, name: str, **labels: str) -> float:
+    return gw.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def prepare_pids() -> set[int]:
+    """This test process's live children: the gateway's prepare processes."""
+    return {p.pid for p in multiprocessing.active_children() if p.pid is not None}
+
+
+async def wait_gone(pids: set[int], limit: float) -> set[int]:
+    """The pids still alive after up to `limit` seconds."""
+    for _ in range(int(limit / 0.2)):
+        if not pids & prepare_pids():
+            break
+        await asyncio.sleep(0.2)  # polling the OS for process exits
+    return pids & prepare_pids()
+
+
+def test_scan_past_the_deadline_tempfails_and_the_stuck_process_is_killed(
+    tmp_path: Path, free_port: Ports
+) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        old = prepare_pids()
+        assert old, "the gateway's prepare processes should be running"
+        started = time.monotonic()
+        hung, *others = await asyncio.gather(
+            send(gw.address[1], make_message("hang@test", extra=HANG.decode() + "\r\n")),
+            *(send(gw.address[1], make_message(f"during{i}@test")) for i in range(4)),
+        )
+        assert (hung.code, hung.text) == (451, "4.3.0 Scan took too long, try again later")
+        assert time.monotonic() - started < SCAN_TIMEOUT + 10
+        assert [o.code for o in others] == [250] * 4  # served meanwhile, by the other process
+        assert sample(gw, "milter_scan_timeouts_total") == 1
+        assert sample(gw, "milter_prepare_recycles_total", reason="scan_timeout") == 1
+        assert not await wait_gone(old, KILL_GRACE + 10), "the stuck prepare process was not killed"
+        after = [await send(gw.address[1], make_message(f"after{i}@test")) for i in range(3)]
+        assert [o.code for o in after] == [250] * 3
+        account([hung, *others, *after], sink, store)
+        assert "<hang@test>" not in sink.message_ids()
+
+    run_gateway_scenario(tmp_path, free_port, scenario, prepare=faulty_prepare, scan_timeout=SCAN_TIMEOUT)
+
+
+def test_scan_past_the_deadline_with_on_error_accept_is_relayed_unscanned(
+    tmp_path: Path, free_port: Ports
+) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], make_message("hang@test", extra=HANG.decode() + "\r\n"))
+        assert out.code == 250
+        (msg,) = sink.messages
+        assert msg.raw.startswith(
+            b"X-Milter-Verdict: unscanned\r\nX-Milter-Reasons: scan failed: ScanTimeout\r\n"
+        )
+        assert sample(gw, "milter_scan_timeouts_total") == 1
+
+    on_accept = replace(TEST_POLICY, on_error="accept")
+    run_gateway_scenario(
+        tmp_path, free_port, scenario, prepare=faulty_prepare, policy=on_accept, scan_timeout=SCAN_TIMEOUT
+    )
+
+
+def test_a_prepare_process_over_max_rss_is_retired_without_losing_its_message(
+    tmp_path: Path, free_port: Ports
+) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        old = prepare_pids()
+        grown = await send(gw.address[1], make_message("grow@test", extra=GROW.decode() + "\r\n"))
+        assert grown.code == 250
+        assert sink.message_ids() == ["<grow@test>"]  # the job that passed the limit still counts
+        assert sample(gw, "milter_prepare_recycles_total", reason="max_rss") == 1
+        assert sample(gw, "milter_prepare_rss_bytes") > 256 << 20
+        # retired gracefully: with no job left, the old processes exit by themselves (no kill)
+        assert not await wait_gone(old, 20), "the retired pool's processes did not exit"
+        after = [await send(gw.address[1], make_message(f"after{i}@test")) for i in range(3)]
+        assert [o.code for o in after] == [250] * 3
+        assert sample(gw, "milter_prepare_recycles_total", reason="max_rss") == 1  # the new ones are small
+        assert sample(gw, "milter_prepare_rss_bytes") < 256 << 20
+        account([grown, *after], sink, store)
+
+    run_gateway_scenario(tmp_path, free_port, scenario, prepare=faulty_prepare, prepare_max_rss_mb=256)
