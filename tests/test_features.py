@@ -10,7 +10,7 @@ import pytest
 from milter.features import SCHEMA, Protected, extract
 from milter.features.domains import lookalike_of, split_host
 from milter.features.text import CORPUS_STOPWORDS, tokens
-from milter.parse import parse
+from milter.parse import LIMITS, parse
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 ALL = sorted(p for p in FIXTURES.rglob("*.eml"))
@@ -71,7 +71,10 @@ def test_deep_nesting_and_huge_header_do_not_crash() -> None:
     deep = parse(load("edge/deep-nesting-60.eml"))
     assert deep.max_depth >= 50
     huge = extract(load("edge/huge-subject.eml"))
-    assert feat(huge.vector, "hdr_subject_len") > 100_000
+    # read up to the header-value budget, and the cut is a defect the model and the admin see
+    assert LIMITS.header_value - 2 <= feat(huge.vector, "hdr_subject_len") <= LIMITS.header_value
+    assert "BudgetHeaderValue" in huge.summary.defects
+    assert feat(huge.vector, "mime_defects") >= 1
 
 
 def test_eight_bit_garbage_header_is_flagged() -> None:
