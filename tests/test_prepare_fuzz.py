@@ -26,8 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import fuzz
+from milter.auth.message import plan as auth_plan
 from milter.features import SCHEMA
 from milter.features.summary import Extracted
+from milter.gateway.headers import MAX_EDITED, rewrite
 from milter.parse import LIMITS, Limits, normalise, parse, trim
 from milter.scan import prepare
 
@@ -165,3 +167,29 @@ def test_budget_names_do_not_change_other_columns() -> None:
     for column in ("mime_defect_boundary", "mime_defect_charset", "mime_defect_payload"):
         assert ext.vector[SCHEMA.names.index(column)] == 0.0, column
     assert math.isclose(ext.vector[SCHEMA.names.index("mime_defects")], len(ext.summary.defects))
+
+
+#: CPU the event loop may spend on one message's header work (auth plan, header rewrite): it runs
+#: between every other session's turns. The slowest attack takes ~65 ms.
+LOOP_LIMIT = 0.25
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_event_loop_header_work_is_bounded(name: str) -> None:
+    """What runs on the worker's event loop, not in the prepare pool, is bounded too."""
+    raw = ATTACKS[name].build()
+    started = time.process_time()
+    auth_plan(raw)
+    out = rewrite(raw, [("X-Milter-Verdict", "spam")], "[SPAM]", "gw.test")
+    assert time.process_time() - started < LOOP_LIMIT
+    assert out.startswith(b"X-Milter-Verdict: spam\r\n")
+    assert len(out) >= len(raw) - 1000  # only forged fields of ours are ever removed
+
+
+def test_rewrite_passes_a_header_block_past_its_budget_through() -> None:
+    head = b"Subject: hi\r\n" + b"X-Filler: 0123456789\r\n" * 20_000  # ~440 kB of header block
+    raw = head + b"X-Milter-Verdict: ham\r\n\r\nbody\r\n"
+    assert len(head) > MAX_EDITED
+    out = rewrite(raw, [("X-Milter-Verdict", "spam")], "[SPAM]")
+    # edited within the budget (Subject prefixed), the rest byte for byte, the blank line where it was
+    assert out == b"X-Milter-Verdict: spam\r\nSubject: [SPAM] hi\r\n" + raw[len(b"Subject: hi\r\n"):]
