@@ -170,8 +170,9 @@ def test_budget_names_do_not_change_other_columns() -> None:
 
 
 #: CPU the event loop may spend on one message's header work (auth plan, header rewrite): it runs
-#: between every other session's turns. The slowest attack takes ~65 ms.
-LOOP_LIMIT = 0.25
+#: between every other session's turns. The slowest attack (100,000 headers) takes ~0.1 s; 0.25 s was
+#: seen on a CI machine under load; before the budgets, 4 s.
+LOOP_LIMIT = 0.5
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

@@ -49,7 +49,7 @@ _SKELETON = str.maketrans(
 )
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)  # fills within the warm-up: a bigger one grew RSS for hours (bench/rss.py)
 def split_host(host: str) -> tuple[str, str, str]:
     """(subdomain, registrable domain, suffix) of a host name; registrable is '' for IPs and junk."""
     host = host.strip().strip(".").lower()
@@ -87,7 +87,7 @@ def to_unicode(host: str) -> str:
         return host
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)  # fills within the warm-up: a bigger one grew RSS for hours (bench/rss.py)
 def skeleton(label: str) -> str:
     s = to_unicode(label).lower().translate(_SKELETON)
     return s.replace("rn", "m").replace("vv", "w").replace("cl", "d")
@@ -113,7 +113,7 @@ def edit_distance(a: str, b: str, limit: int = 3) -> int:
     return prev[-1]
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)  # fills within the warm-up: a bigger one grew RSS for hours (bench/rss.py)
 def lookalike_of(domain: str, protected: tuple[str, ...]) -> str | None:
     """The protected registrable domain that `domain` imitates without being it, or None."""
     if not domain or domain in protected:
