@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from gateway import dns_config, envelope_sender, free_port  # noqa: E402
 from hostile import ATTACKS, mutate, random_message  # noqa: E402
 from serve_support import ServeProcess  # noqa: E402
+from soak import live_processes  # noqa: E402
 
 CORPORA = ROOT / ".cache" / "corpora"
 GATEWAY_BENCH = ROOT / "bench" / "gateway.py"
@@ -197,19 +198,7 @@ async def client(index: int, port: int, source: Source, start: float, deadline: 
 
 def children_of(root: int) -> dict[int, tuple[int, str]]:
     """pid -> (ppid, command line) of `root` and every live descendant."""
-    procs: dict[int, tuple[int, str]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-            rest = stat[stat.rindex(")") + 2 :].split()
-            if rest[0] == "Z":
-                continue
-            cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        procs[int(name)] = (int(rest[1]), cmd)
+    procs = {pid: (ppid, cmd) for pid, (ppid, _, cmd) in live_processes().items()}
     kids: dict[int, list[int]] = defaultdict(list)
     for pid, (ppid, _) in procs.items():
         kids[ppid].append(pid)

@@ -540,22 +540,27 @@ class Gateway:
 # -- process tree and RSS ----------------------------------------------------------------------
 
 
-def session_processes(sid: int) -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, command line) of every live process in session `sid` (the gateway's own)."""
-    out: dict[int, tuple[int, str]] = {}
+def live_processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, session id, command line) of every live (not zombie) process; bench/rss.py too."""
+    out: dict[int, tuple[int, int, str]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             stat = Path(f"/proc/{name}/stat").read_text()
             rest = stat[stat.rindex(")") + 2 :].split()
-            if int(rest[3]) != sid or rest[0] == "Z":
+            if rest[0] == "Z":
                 continue
             cmd = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError, IndexError):
             continue
-        out[int(name)] = (int(rest[1]), cmd)
+        out[int(name)] = (int(rest[1]), int(rest[3]), cmd)
     return out
+
+
+def session_processes(sid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, command line) of every live process in session `sid` (the gateway's own)."""
+    return {pid: (ppid, cmd) for pid, (ppid, psid, cmd) in live_processes().items() if psid == sid}
 
 
 def rss_kib(pid: int) -> int | None:
