@@ -126,13 +126,15 @@ class _Progress:
     """How many of a message's jobs are in the prepare pool: a deadline that passes while one is
     there means a stuck process, which is replaced; one that passes waiting on DNS or the model not."""
 
-    __slots__ = ("in_pool",)
+    __slots__ = ("in_pool", "pool")
 
     def __init__(self) -> None:
         self.in_pool = 0
+        self.pool: Executor | None = None  # the pool the latest job went to
 
-    async def pooled(self, job: Awaitable[T]) -> T:
+    async def pooled(self, job: Awaitable[T], pool: Executor) -> T:
         self.in_pool += 1
+        self.pool = pool
         result = await job  # no finally: a job cancelled by the deadline is still in its process
         self.in_pool -= 1
         return result
@@ -301,8 +303,16 @@ class PreparePool:
         log.warning(kv("prepare_pool_recycled", reason="max_rss", rss_mb=rss >> 20, limit_mb=limit >> 20))
         self._replace("max_rss", kill_after=None)
 
-    def abandon(self) -> None:
-        """A job overran its deadline: new jobs go to a new pool; the old one is killed after the grace."""
+    @property
+    def current(self) -> Executor:
+        """The pool new jobs go to."""
+        return self._pool
+
+    def abandon(self, pool: Executor) -> None:
+        """A job in `pool` overran its deadline: new jobs go to a new pool; the old one is killed after
+        the grace. A pool already replaced (another stuck job's) is left to its own kill."""
+        if pool is not self._pool:
+            return
         log.warning(kv("prepare_pool_recycled", reason="scan_timeout", kill_after=self._limits.kill_grace))
         self._replace("scan_timeout", kill_after=self._limits.kill_grace)
 
@@ -442,22 +452,24 @@ class MessageProcessor:
             stuck = progress.in_pool > 0
             log.error(kv("scan_timeout", id=msg.id, queue_id=msg.envelope.queue_id, size=len(msg.raw),
                          limit=limit, in_prepare=stuck))
-            if stuck:
-                self.prepare.abandon()
+            if stuck and progress.pool is not None:
+                self.prepare.abandon(progress.pool)
             raise ScanTimeout(f"scan passed server.scan_timeout = {limit:g} s") from None
 
     async def _scan(self, msg: Inbound, progress: _Progress) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
         # prepare and scoring cannot make them disagree with the policy that decides.
         protected = self.model.scanner.policy.protected
+        pool = self.prepare.current
         if self.auth is None:
             with self.batcher.expect() as submit:
-                ext = await progress.pooled(self.prepare.run(msg.raw, msg.envelope, protected))
+                ext = await progress.pooled(self.prepare.run(msg.raw, msg.envelope, protected), pool)
                 return await submit((ext, msg.envelope))
         # Parse and features in the pool while the DNS lookups run on the loop (bounded by
         # auth.timeout); the message is announced to the batcher only once its answers are in (a batch
         # waits a moment for announced messages, not for DNS).
-        prepared = asyncio.ensure_future(progress.pooled(self.prepare.run(msg.raw, msg.envelope, protected)))
+        job = self.prepare.run(msg.raw, msg.envelope, protected)
+        prepared = asyncio.ensure_future(progress.pooled(job, pool))
         try:
             started = time.perf_counter()
             evidence = await self.auth.gather(msg.raw, msg.id, msg.envelope)
@@ -465,7 +477,7 @@ class MessageProcessor:
             with self.batcher.expect() as submit:
                 ext = await prepared
                 if evidence is not None:
-                    auth = await progress.pooled(self._verify(msg, evidence))
+                    auth = await progress.pooled(self._verify(msg, evidence), self.prepare.current)
                     ext = replace(ext, summary=replace(ext.summary, auth=auth))
                 self._count_auth(ext)
                 return await submit((ext, msg.envelope))
