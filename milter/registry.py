@@ -3,12 +3,15 @@
 Layout of a model directory (the folder of `[model] path`, models/ by default):
 
     current.onnx, current.json        what the gateway loads
-    history/<name>.onnx, <name>.json   every model ever promoted (name = the metadata's "name")
+    current.lgb.txt                   the same trees as LightGBM text, for explanations (milter.explain)
+    history/<name>.onnx, .json, .lgb.txt   every model ever promoted (name = the metadata's "name")
 
 A candidate is validated before anything changes: its metadata must carry the sha256 of its ONNX file,
 `Classifier.load` must accept it (feature-schema check) and a smoke scan of the sample fixtures must
-give finite probabilities that sum to 1. The swap writes both files under temporary names in the same
-directory, then replaces current.onnx and then current.json. A reader that loads the JSON first and
+give finite probabilities that sum to 1; the explainer its metadata names must match its digest and
+compute the graph's probabilities (older models without one are accepted, with a warning). The swap
+writes the files under temporary names in the same directory, then replaces current.onnx, then
+current.lgb.txt and last current.json. A reader that loads the JSON first and
 the ONNX second can therefore only ever catch "old JSON + new ONNX", which the sha256 in the JSON
 exposes; it never gets a silently mismatched pair.
 
@@ -38,6 +41,7 @@ import numpy as np
 
 from milter.classifier import Classifier, ModelMetadata, load_metadata
 from milter.errors import ModelError
+from milter.explain import Explainer, explainer_path
 from milter.features import SCHEMA
 
 log = logging.getLogger(__name__)
@@ -197,6 +201,11 @@ def validate(onnx_path: Path, samples: Sequence[bytes] | None = None) -> ModelMe
         raise ModelError(
             f"model {meta.name} gives rows that are not probabilities (|sum - 1| up to {worst:.3g})"
         )
+    explainer = Explainer.load(onnx_path, meta.raw, classifier.predict)
+    if explainer is None:
+        log.warning("model %s ships no explainer: its verdicts will carry no per-feature reasons", meta.name)
+    else:
+        explainer.check_against(classifier.predict, vectors)
     log.info("model %s validated on %d sample messages", meta.name, len(messages))
     return meta
 
@@ -241,19 +250,23 @@ def _copy_temp(src: Path, directory: Path) -> Path:
 
 
 def _swap(directory: Path, onnx_src: Path, json_src: Path) -> None:
-    """Make (onnx_src, json_src) current: both staged first, then .onnx replaced, then .json."""
-    tmp_onnx = _copy_temp(onnx_src, directory)
+    """Make (onnx_src, its explainer, json_src) current: all staged first, then .onnx replaced, then the
+    explainer, then .json. A model without an explainer removes the outgoing one's (after the .json)."""
+    current_onnx = directory / CURRENT_ONNX
+    pairs = [(onnx_src, current_onnx), (json_src, directory / CURRENT_JSON)]
+    if explainer_path(onnx_src).is_file():
+        pairs.insert(1, (explainer_path(onnx_src), explainer_path(current_onnx)))
+    staged: list[tuple[Path, Path]] = []
     try:
-        tmp_json = _copy_temp(json_src, directory)
-    except BaseException:
-        tmp_onnx.unlink(missing_ok=True)
-        raise
-    try:
-        os.replace(tmp_onnx, directory / CURRENT_ONNX)
-        os.replace(tmp_json, directory / CURRENT_JSON)
+        for src, dst in pairs:
+            staged.append((_copy_temp(src, directory), dst))
+        for tmp, dst in staged:
+            os.replace(tmp, dst)
     finally:
-        tmp_onnx.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    if len(pairs) == 2:
+        explainer_path(current_onnx).unlink(missing_ok=True)
     _fsync_dir(directory)
 
 
@@ -267,9 +280,14 @@ def _archive(history: Path, name: str, onnx_src: Path, json_src: Path) -> None:
     dst_onnx, dst_json = history / f"{name}.onnx", history / f"{name}.json"
     if dst_onnx.exists() and dst_json.exists():
         if _same_bytes(onnx_src, dst_onnx) and _same_bytes(json_src, dst_json):
+            if explainer_path(onnx_src).is_file() and not explainer_path(dst_onnx).is_file():
+                os.replace(_copy_temp(explainer_path(onnx_src), history), explainer_path(dst_onnx))
             return
         raise ModelError(f"history already holds a different model named {name}")
-    for src, dst in ((onnx_src, dst_onnx), (json_src, dst_json)):
+    pairs = [(onnx_src, dst_onnx), (json_src, dst_json)]
+    if explainer_path(onnx_src).is_file():
+        pairs.insert(1, (explainer_path(onnx_src), explainer_path(dst_onnx)))
+    for src, dst in pairs:
         os.replace(_copy_temp(src, history), dst)
     _fsync_dir(history)
 
@@ -343,6 +361,8 @@ def promote(
             staged = stage / "candidate.onnx"
             shutil.copyfile(onnx_path, staged)
             shutil.copyfile(json_path, staged.with_suffix(".json"))
+            if explainer_path(onnx_path).is_file():
+                shutil.copyfile(explainer_path(onnx_path), explainer_path(staged))
             meta = validate(staged, samples)
             previous = _archive_current(directory)
             _archive(directory / HISTORY, meta.name, staged, staged.with_suffix(".json"))

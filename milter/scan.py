@@ -1,12 +1,14 @@
 """Glue between the pure stages: prepare (parse + features) and decide (model scores + policy).
 
 `prepare` is a pure function of the message bytes, safe to run in worker processes; `Scanner.decide`
-takes a batch of prepared messages with the model's probabilities for them.
+takes a batch of prepared messages with the model's probabilities for them, and explains (milter.explain)
+the ones the policy did not simply accept, or every one when asked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,10 +18,16 @@ import numpy.typing as npt
 from milter.auth import Evidence, evaluate_evidence
 from milter.classifier import Classifier
 from milter.config import Config
-from milter.features import Protected, extract
+from milter.explain import Explainer, Explanation, Words
+from milter.features import Protected, bucket_words, extract
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
 from milter.types import Action, Envelope, Scores, Verdict
+
+log = logging.getLogger(__name__)
+
+#: row indexes of a batch -> each row's own words per hashed word bucket (see `Scanner.decide`)
+WordsOf = Callable[[Sequence[int]], Sequence[Words]]
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class ScanResult:
     summary: MessageSummary
     vector: npt.NDArray[np.float32]
     subject_prefix: str | None = None
+    explanation: Explanation | None = None  # the model's reasons in features (flagged mail, or asked for)
 
 
 def prepare(
@@ -49,16 +58,30 @@ def prepare(
 
 
 class Scanner:
-    def __init__(self, classifier: Classifier, policy: Policy) -> None:
+    def __init__(
+        self,
+        classifier: Classifier,
+        policy: Policy,
+        explainer: Explainer | None = None,
+        explain_all: bool = False,
+    ) -> None:
+        """`explainer`: None scans without per-feature reasons; `explain_all`: explain accepted mail too
+        (`milter scan --explain`), not only what the policy tags, quarantines or rejects."""
         self.classifier = classifier
         self.policy = policy
+        self.explainer = explainer
+        self.explain_all = explain_all
 
     def decide(
         self,
         items: Sequence[Extracted],
         envelopes: Sequence[Envelope],
         probs: npt.NDArray[np.float32],
+        words_of: WordsOf | None = None,
     ) -> list[ScanResult]:
+        """Scores and policy decision per message. Explanations (see `_explained`) name hashed words by
+        the message's own when `words_of` gives them (for the rows explained), by the model's examples
+        if not."""
         out = []
         for ext, env, row in zip(items, envelopes, probs, strict=True):
             scores = Scores(ham=float(row[0]), spam=float(row[1]), bec=float(row[2]))
@@ -75,7 +98,30 @@ class Scanner:
                     subject_prefix=decision.subject_prefix,
                 )
             )
-        return out
+        return self._explained(out, probs, words_of)
+
+    def _explained(
+        self, results: list[ScanResult], probs: npt.NDArray[np.float32], words_of: WordsOf | None
+    ) -> list[ScanResult]:
+        """`results` with explanations for the rows that get one. An explanation that fails leaves its
+        messages unexplained, never unscanned: the verdict does not depend on it."""
+        if self.explainer is None:
+            return results
+        rows = [i for i, r in enumerate(results) if self.explain_all or r.action is not Action.ACCEPT]
+        if not rows:
+            return results
+        try:
+            words = list(words_of(rows)) if words_of is not None else None
+            found = self.explainer.explain(
+                np.stack([results[i].vector for i in rows]), [results[i].verdict.value for i in rows],
+                probs[rows], words,
+            )
+        except Exception:  # LightGBM raises its own types; the message must still go on
+            log.exception("explaining %d message(s) failed; their verdicts go on without reasons", len(rows))
+            return results
+        for i, explanation in zip(rows, found, strict=True):
+            results[i] = replace(results[i], explanation=explanation)
+        return results
 
     def predict(self, items: Sequence[Extracted]) -> npt.NDArray[np.float32]:
         return self.classifier.predict(np.stack([e.vector for e in items]))
@@ -85,10 +131,28 @@ class Scanner:
     ) -> list[ScanResult]:
         envs = list(envelopes) if envelopes is not None else [Envelope()] * len(raws)
         items = [prepare(raw, env, self.policy.protected) for raw, env in zip(raws, envs, strict=True)]
-        return self.decide(items, envs, self.predict(items))
+        return self.decide(items, envs, self.predict(items), words_from(raws))
 
 
-def build_scanner(cfg: Config, model_path: Path | None = None) -> Scanner:
-    """Load the model named by the config (or `model_path`) and the policy around its thresholds."""
+def words_from(raws: Sequence[bytes], mapper: Callable[..., Iterable[Words]] = map) -> WordsOf:
+    """`words_of` for `decide`: each explained row's own words, from its bytes (`mapper`: map, or a
+    process pool's map, since it parses the message again)."""
+    return lambda rows: list(mapper(bucket_words, [raws[i] for i in rows]))
+
+
+def load_explainer(classifier: Classifier) -> Explainer | None:
+    """The explainer shipped with the classifier's model, checked against its graph; None (logged) for a
+    model that ships none. ModelError for one that is missing, corrupt or not the graph's trees."""
+    explainer = Explainer.load(classifier.path, classifier.metadata.raw, classifier.predict)
+    if explainer is None:
+        log.warning("model %s ships no explainer (%s): verdicts carry no per-feature reasons",
+                    classifier.name, classifier.path.with_suffix(".lgb.txt").name)
+    return explainer
+
+
+def build_scanner(cfg: Config, model_path: Path | None = None, explain_all: bool = False) -> Scanner:
+    """Load the model named by the config (or `model_path`), its explainer and the policy around its
+    thresholds."""
     classifier = Classifier.load(model_path or cfg.model.path)
-    return Scanner(classifier, Policy(cfg.policy, classifier.metadata.thresholds))
+    policy = Policy(cfg.policy, classifier.metadata.thresholds)
+    return Scanner(classifier, policy, load_explainer(classifier), explain_all)

@@ -156,11 +156,12 @@ def load_scanner(policy: PolicyConfig, classifier_cls: Any = None) -> Any:
     """The real Scanner with the shipped model (classifier_cls lets a test inject a failing subclass)."""
     from milter.classifier import Classifier
     from milter.policy import Policy
-    from milter.scan import Scanner
+    from milter.scan import Scanner, load_explainer
 
     cls = classifier_cls or Classifier
     clf = cls.load(MODEL)
-    return Scanner(clf, Policy(policy, clf.metadata.thresholds))
+    # the explainer is checked against the real graph: an injected classifier may fail on purpose
+    return Scanner(clf, Policy(policy, clf.metadata.thresholds), load_explainer(Classifier.load(MODEL)))
 
 
 def open_store(url: str) -> Any:

@@ -27,6 +27,7 @@ def copy_model(tmp_path: Path) -> Path:
     dst = tmp_path / "model.onnx"
     shutil.copy(DEFAULT_MODEL, dst)
     shutil.copy(DEFAULT_MODEL.with_suffix(".json"), dst.with_suffix(".json"))
+    shutil.copy(DEFAULT_MODEL.with_suffix(".lgb.txt"), dst.with_suffix(".lgb.txt"))
     return dst
 
 

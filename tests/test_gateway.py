@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 from gateway_support import (
     QUARANTINE_SENDER,
     REJECT_DOMAIN,
@@ -24,6 +26,7 @@ from gateway_support import (
 )
 
 from milter.config import DomainRule
+from milter.explain import Explanation
 from milter.gateway.server import Gateway
 
 
@@ -97,8 +100,17 @@ def test_tag_adds_verdict_headers_and_subject_prefix(tmp_path: Path, free_port: 
         assert b"\r\nX-Milter-Reasons: " in head
         assert b"\r\nSubject: [SPAM] Cheap meds\r\n" in head
         assert body == raw.partition(b"\r\n\r\n")[2]
+        # the model's own reasons, short form: the same explanation the store keeps for the verdict
+        unfolded = re.sub(r"\r\n[ \t]+", " ", head.decode())
+        seen.extend(re.findall(r"\r\nX-Milter-Explanation: ([^\r]*)", unfolded))
 
-    run_scenario(tmp_path, free_port, scenario)
+    seen: list[str] = []
+    store = run_scenario(tmp_path, free_port, scenario)
+    (why,) = seen
+    row = store.get(1)
+    assert row is not None and row.action == "tag" and row.explanation is not None
+    assert why == Explanation.from_json(row.explanation).short()
+    assert why.startswith("spam vs ham: log-odds ") and "(+" in why
 
 
 # What a newsletter carries since Gmail's and Yahoo's 2024 bulk-sender rules. The DKIM signature is
@@ -147,7 +159,9 @@ def test_bulk_mail_is_relayed_with_its_category(tmp_path: Path, free_port: Any) 
     ]
 
 
-def test_quarantine_commits_raw_and_does_not_relay(tmp_path: Path, free_port: Any) -> None:
+def test_quarantine_commits_raw_and_does_not_relay(
+    tmp_path: Path, free_port: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     raw = make_message("q1@test")
 
     async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
@@ -157,8 +171,16 @@ def test_quarantine_commits_raw_and_does_not_relay(tmp_path: Path, free_port: An
         assert sink.messages == []
         assert await asyncio.to_thread(store.get_raw, qid) == raw
         account([out], sink, store)
+        # held by a deny rule, the model's view is explained and kept with the verdict, and logged
+        row = await asyncio.to_thread(store.get, qid)
+        assert row is not None and row.explanation is not None
+        e = Explanation.from_json(row.explanation)
+        assert e.model == row.model and e.target == (row.verdict if row.verdict in ("spam", "bec") else "ham")
+        (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("message ")]
+        assert f"quarantine_id={qid}" in line and "why=" in line and e.headline() in line
 
-    run_scenario(tmp_path, free_port, scenario)
+    with caplog.at_level(logging.INFO, logger="milter.gateway"):
+        run_scenario(tmp_path, free_port, scenario)
 
 
 def test_reject_is_550_before_queue_and_quarantine_after_queue(tmp_path: Path, free_port: Any) -> None:

@@ -68,13 +68,15 @@ def model_variant(
     path = directory / f"{name}.onnx"
     path.write_bytes(data)
     path.with_suffix(".json").write_text(json.dumps(meta))
+    path.with_suffix(".lgb.txt").write_bytes(MODEL.with_suffix(".lgb.txt").read_bytes())
     return path
 
 
 def install(model: Path, live: Path) -> None:
-    """Make `model` the live one the way the registry does: both staged, then .onnx, then .json."""
+    """Make `model` the live one the way the registry does: all staged, then .onnx, the explainer, .json."""
     live.parent.mkdir(parents=True, exist_ok=True)
-    for src, dst in ((model, live), (model.with_suffix(".json"), live.with_suffix(".json"))):
+    for suffix in (".onnx", ".lgb.txt", ".json"):
+        src, dst = model.with_suffix(suffix), live.with_suffix(suffix)
         tmp = dst.with_name(f".{dst.name}.tmp")
         tmp.write_bytes(src.read_bytes())
         os.replace(tmp, dst)

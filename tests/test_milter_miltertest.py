@@ -407,7 +407,7 @@ def test_offer_without_skips_or_no_reply_flags_gets_continue_for_every_event(
 
     (m, replies), store = run_milter(tmp_path, free_port, mta)
     assert (m.actions, m.steps, m.macro_lists) == (WANTED_ACTIONS, 0, {})
-    assert codes(replies) == [mc.SMFIR_CHGHEADER] * 2 + [mc.SMFIR_INSHEADER] * 5 + [mc.SMFIR_CONTINUE]
+    assert codes(replies) == [mc.SMFIR_CHGHEADER] * 2 + [mc.SMFIR_INSHEADER] * 6 + [mc.SMFIR_CONTINUE]
     # Without SMFIP_HDR_LEADSPC the values come without their leading space.
     assert replies[:2] == [
         (mc.SMFIR_CHGHEADER, {"index": 1, "name": "X-Milter-Verdict", "value": ""}),
@@ -418,7 +418,7 @@ def test_offer_without_skips_or_no_reply_flags_gets_continue_for_every_event(
     names = [name for name, _ in apply(fields, replies, lead=False)]
     assert names == [
         "Authentication-Results", "X-Milter-Verdict", "X-Milter-Category", "X-Milter-Scores",
-        "X-Milter-Reasons", "From", "To", "Subject", "Message-ID", "Date",
+        "X-Milter-Reasons", "X-Milter-Explanation", "From", "To", "Subject", "Message-ID", "Date",
     ]
     assert dict(apply(fields, replies, lead=False))["Subject"] == " [SPAM] Cheap meds"
     assert inserted(replies)["X-Milter-Verdict"] == "spam"
@@ -441,7 +441,7 @@ def test_only_addhdrs_offered_tags_without_header_changes(tmp_path: Path, free_p
     (m, replies), store = run_milter(tmp_path, free_port, mta)
     assert m.actions == mc.SMFIF_ADDHDRS
     assert m.steps == SKIPS | NO_REPLIES | mc.SMFIP_HDR_LEADSPC
-    assert codes(replies) == [mc.SMFIR_INSHEADER] * 5 + [mc.SMFIR_CONTINUE]
+    assert codes(replies) == [mc.SMFIR_INSHEADER] * 6 + [mc.SMFIR_CONTINUE]
     assert inserted(replies)["X-Milter-Verdict"] == "spam"
     assert verdict_rows(store)["QADD"].action == "tag"
 
@@ -542,8 +542,8 @@ def test_hold_mode_quarantines_in_the_mta_with_the_store_row_id(tmp_path: Path, 
 
     replies, store = run_milter(tmp_path, free_port, mta, milter_quarantine="hold")
     # The held copy says why, and where our copy is: the verdict fields plus our quarantine id.
-    assert codes(replies) == [mc.SMFIR_INSHEADER] * 6 + [mc.SMFIR_QUARANTINE, mc.SMFIR_CONTINUE]
-    reason = replies[6][1]["reason"]
+    assert codes(replies) == [mc.SMFIR_INSHEADER] * 7 + [mc.SMFIR_QUARANTINE, mc.SMFIR_CONTINUE]
+    reason = replies[7][1]["reason"]
     found = re.fullmatch(r"mailsift quarantine id (\d+): (\w+) \(.+\)", reason)
     assert found is not None, reason
     row = store.get(int(found.group(1)))
@@ -634,7 +634,7 @@ def test_several_messages_on_one_connection_each_get_their_own_actions(
     (accept, tag, quarantine, reject, second), store = run_milter(tmp_path, free_port, mta)
     assert codes(accept) == [mc.SMFIR_INSHEADER] * 2 + [mc.SMFIR_CONTINUE]
     assert accept[0][1] == {"index": 0, "name": "X-Milter-Category", "value": " ham"}
-    assert codes(tag) == [mc.SMFIR_CHGHEADER] + [mc.SMFIR_INSHEADER] * 5 + [mc.SMFIR_CONTINUE]
+    assert codes(tag) == [mc.SMFIR_CHGHEADER] + [mc.SMFIR_INSHEADER] * 6 + [mc.SMFIR_CONTINUE]
     assert tag[0][1] == {"index": 1, "name": "Subject", "value": " [SPAM] Cheap meds"}
     assert quarantine == [(mc.SMFIR_DISCARD, {})]
     assert codes(reject) == [mc.SMFIR_REPLYCODE]

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -304,57 +305,97 @@ HTML_RAW = (
 )
 
 
-@pytest.fixture
-def model_config(tmp_path: Path) -> Path:
-    """A config whose [model] path has a metadata JSON with a small feature schema and gain importance."""
-    names = [f"f{i}" for i in range(8)]
-    meta = {
-        "name": "lgbm-show-test", "schema": {"version": "1", "digest": "show", "feature_names": names},
-        "class_names": ["ham", "spam", "bec"], "thresholds": {},
-        "feature_importance_gain": [{"name": "f1", "gain": 1000.0, "share": 0.5},
-                                    {"name": "f7", "gain": 10.0, "share": 0.3},
-                                    {"name": "f0", "gain": 500.0, "share": 0.2}],
-    }
-    (tmp_path / "m.json").write_text(json.dumps(meta))
-    cfg = tmp_path / "show.toml"
-    cfg.write_text(f'[model]\npath = "{tmp_path / "m.onnx"}"\n')
-    return cfg
+ROOT = Path(__file__).resolve().parent.parent
+PHISH = ROOT / "fixtures" / "bec" / "bec-invoice-bank-change.eml"
 
 
-def test_show_is_safe_and_lists_contributions(url: str, model_config: Path) -> None:
-    with Store.open(url) as s:  # make_result's vector: f_i = i/4 + 0.125
-        pk = s.record(make_result(subject="Invoice due"), ENV, HTML_RAW, "show")
-    args = ["quarantine", "show", str(pk), "--db", url, "--config", str(model_config)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    out = result.stdout
+def _scanned(raw: bytes) -> Any:
+    """The shipped model's real verdict on `raw`, held whatever the policy said (as `tag` would be)."""
+    from dataclasses import replace
+
+    from milter.config import load_config
+    from milter.scan import build_scanner
+
+    (result,) = build_scanner(load_config(None), explain_all=True).scan_batch([raw])
+    assert result.explanation is not None
+    return replace(result, action=Action.QUARANTINE)
+
+
+def _show(url: str, pk: int, *extra: str) -> Any:
+    return CliRunner().invoke(main, ["quarantine", "show", str(pk), "--db", url, *extra])
+
+
+def test_show_is_safe_and_explains_in_signed_words(url: str) -> None:
+    from milter.features import SCHEMA
+
+    result = _scanned(HTML_RAW)
+    with Store.open(url) as s:
+        pk = s.record(result, ENV, HTML_RAW, SCHEMA.digest)
+    shown = _show(url, pk)
+    assert shown.exit_code == 0, shown.output
+    out = shown.stdout
     assert "Please wire the money today" in out  # inline tags do not break lines
     for bad in ("<b>", "<p>", "alert(", "color:red", "\x1b", "\x07", "\u202e", "owned"):
         assert bad not in out, bad
     assert "[bold]due[/bold]" in out  # sender text printed as typed, not as Rich markup
     assert "line 30" in out and "line 59" not in out and "more line(s)" in out
     assert "<payroll@evil.test>" in out and "<h@x>" in out
-    assert "not exact per-message attributions" in out
-    # value x gain: f1 0.375*1000 > f7 1.875*10 ... f0 0.125*500 = 62.5 ranks above f7 18.75
-    assert out.index("f1") < out.index("f0") < out.index("f7")
+    assert "value x gain" not in out and "importance" not in out  # the old, inexact table is gone
+    e = result.explanation
+    assert "stored with the verdict" in out and f"log-odds {e.score:+.2f}" in out
+    for reason in result.reasons:  # the policy's rules that fired
+        assert reason[:40] in " ".join(out.split())
+    top = e.towards[0]
+    assert f"{top.contribution:+.3f}" in out and top.feature in out and top.text[:25] in out
 
-    as_json = CliRunner().invoke(main, ["quarantine", "show", str(pk), "--json", "--db", url,
-                                        "--config", str(model_config)])
-    facts = json.loads(as_json.stdout)
+    facts = json.loads(_show(url, pk, "--json").stdout)
     assert facts["preview_source"].startswith("text/html") and "<" not in facts["preview"]
     assert facts["headers"]["message-id"] == "<h@x>"
-    top = facts["contributions"]["top"]
-    assert [c["name"] for c in top] == ["f1", "f0", "f7"]
-    assert top[0]["weight"] == pytest.approx(375.0) and top[0]["share"] == 0.5
+    why = facts["why"]["explanation"]
+    listed = sum(c["contribution"] for c in [*why["towards"], *why["against"]])
+    assert why["base"] + listed + why["rest"] == pytest.approx(why["score"], abs=1e-5)
+    assert [c["feature"] for c in why["towards"]] == [c.feature for c in e.towards]
 
 
-def test_show_without_matching_model_says_why(filled: tuple[str, list[int]], model_config: Path) -> None:
-    url, (new, _) = filled  # recorded under schema digest "d", the model has "show"
-    args = ["quarantine", "show", str(new), "--db", url, "--config", str(model_config)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    assert "unavailable: stored vector uses feature schema d" in result.stdout
-    assert "body" in result.stdout  # text/plain preview of RAW
+def test_show_names_hashed_words_by_the_messages_own(url: str) -> None:
+    from milter.features import SCHEMA, bucket_words
+
+    raw = PHISH.read_bytes()
+    result = _scanned(raw)
+    with Store.open(url) as s:
+        pk = s.record(result, ENV, raw, SCHEMA.digest)
+    why = json.loads(_show(url, pk, "--json").stdout)["why"]["explanation"]
+    words = bucket_words(raw)
+    shown = [*why["towards"], *why["against"]]
+    toks = [c for c in shown if c["feature"].startswith("tok_") and c["value"] > 0]
+    for c in toks:  # the gateway stored example words; show names the message's own
+        assert any(w[:20] in c["text"] for w in words[c["feature"]]), c
+
+
+def test_show_computes_an_explanation_for_an_older_verdict(url: str) -> None:
+    """A verdict stored without one (before the upgrade) is explained from its stored vector now, and
+    says so; the numbers are the current model's exact ones."""
+    from dataclasses import replace
+
+    from milter.features import SCHEMA
+
+    raw = PHISH.read_bytes()
+    result = _scanned(raw)
+    with Store.open(url) as s:
+        pk = s.record(replace(result, explanation=None, model="mailsift-older"), ENV, raw, SCHEMA.digest)
+    shown = _show(url, pk)
+    assert shown.exit_code == 0, shown.output
+    assert "computed now with model" in shown.stdout and "mailsift-older" in shown.stdout
+    why = json.loads(_show(url, pk, "--json").stdout)["why"]
+    assert why["explanation"]["score"] == pytest.approx(result.explanation.score, abs=1e-6)
+
+
+def test_show_without_a_usable_vector_says_why(filled: tuple[str, list[int]]) -> None:
+    url, (new, _) = filled  # recorded under schema digest "d", without an explanation
+    shown = _show(url, new)
+    assert shown.exit_code == 0, shown.output
+    assert "the stored vector uses feature schema d" in " ".join(shown.stdout.split())
+    assert "body" in shown.stdout  # text/plain preview of RAW
 
 
 def test_senders_lists_whom_the_labels_vouch_for(url: str, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from milter.commands.model import model
 from milter.config import DEFAULT_MODEL
 from milter.errors import ModelError, SchemaMismatchError
+from milter.explain import explainer_path
 from milter.features import SCHEMA
 from milter.registry import (
     CURRENT_JSON,
@@ -56,8 +57,10 @@ def _varint(n: int) -> bytes:
 
 
 def make_candidate(where: Path, name: str, created: str, *, onnx_bytes: bytes | None = None,
-                   schema_digest: str | None = None, fix_sha: bool = True) -> Candidate:
-    """A copy of the shipped model renamed `name`; its ONNX bytes made unique unless given."""
+                   schema_digest: str | None = None, fix_sha: bool = True,
+                   explainer: bool = True) -> Candidate:
+    """A copy of the shipped model renamed `name`; its ONNX bytes made unique unless given. With the
+    shipped explainer beside it, or (explainer=False) as a model from before explanations."""
     where.mkdir(parents=True, exist_ok=True)
     if onnx_bytes is None:
         doc = f"variant {name}".encode()
@@ -69,6 +72,10 @@ def make_candidate(where: Path, name: str, created: str, *, onnx_bytes: bytes | 
     if fix_sha:
         meta["onnx"]["sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
     onnx, js = where / f"{name}.onnx", where / f"{name}.json"
+    if explainer:
+        shutil.copyfile(explainer_path(DEFAULT_MODEL), explainer_path(onnx))
+    else:
+        del meta["explainer"]
     onnx.write_bytes(onnx_bytes)
     js.write_text(json.dumps(meta, indent=2) + "\n")
     return Candidate(onnx, js, name)
@@ -215,6 +222,7 @@ def test_current_written_by_training_is_archived_on_promotion(tmp_path: Path, mo
     models.mkdir()
     shutil.copyfile(trained.onnx, models / CURRENT_ONNX)
     shutil.copyfile(trained.json, models / CURRENT_JSON)
+    shutil.copyfile(explainer_path(trained.onnx), explainer_path(models / CURRENT_ONNX))
     assert [(r.name, r.in_history, r.is_current) for r in list_models(models)] == [
         ("model-trained", False, True)]
     new = make_candidate(tmp_path / "n", "model-new", "2024-05-01T00:00:00+00:00")
@@ -252,3 +260,36 @@ def test_cli_dir_defaults_to_config_model_folder(tmp_path: Path) -> None:
     res = CliRunner().invoke(model, ["promote", "--config", str(cfg), str(a.onnx)])
     assert res.exit_code == 0, res.output
     assert current_pair(tmp_path / "var" / "models") == a.pair()
+
+
+def test_the_explainer_travels_with_its_model(tmp_path: Path, models: Path) -> None:
+    """Promotion installs and archives the explainer beside the graph; rolling back to a model from
+    before explanations leaves no stale explainer of another model current."""
+    old = make_candidate(tmp_path / "cand", "model-old", "2024-05-01T00:00:00+00:00", explainer=False)
+    new = make_candidate(tmp_path / "cand", "model-new", "2024-05-02T00:00:00+00:00")
+    promote(models, old.onnx, samples=SAMPLES)
+    assert not explainer_path(models / CURRENT_ONNX).exists()
+    promote(models, new.onnx, samples=SAMPLES)
+    shipped = explainer_path(DEFAULT_MODEL).read_bytes()
+    assert explainer_path(models / CURRENT_ONNX).read_bytes() == shipped
+    assert explainer_path(models / HISTORY / "model-new.onnx").read_bytes() == shipped
+    assert rollback(models, samples=SAMPLES).name == "model-old"
+    assert not explainer_path(models / CURRENT_ONNX).exists()
+    assert rollback(models, samples=SAMPLES).name == "model-new"
+    assert explainer_path(models / CURRENT_ONNX).read_bytes() == shipped
+    assert leftovers(models) == []
+
+
+def test_a_candidate_with_a_broken_explainer_is_refused(tmp_path: Path, models: Path) -> None:
+    good = make_candidate(tmp_path / "cand", "model-good", "2024-05-01T00:00:00+00:00")
+    promote(models, good.onnx, samples=SAMPLES)
+    before = current_pair(models), explainer_path(models / CURRENT_ONNX).read_bytes()
+    bad = make_candidate(tmp_path / "cand", "model-bad", "2024-05-02T00:00:00+00:00")
+    explainer_path(bad.onnx).write_bytes(explainer_path(bad.onnx).read_bytes()[:-100])  # truncated copy
+    with pytest.raises(ModelError, match=r"explainer .* does not match its metadata"):
+        promote(models, bad.onnx, samples=SAMPLES)
+    explainer_path(bad.onnx).unlink()
+    with pytest.raises(ModelError, match="cannot read explainer"):
+        promote(models, bad.onnx, samples=SAMPLES)
+    assert (current_pair(models), explainer_path(models / CURRENT_ONNX).read_bytes()) == before
+    assert leftovers(models) == []

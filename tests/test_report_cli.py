@@ -36,6 +36,7 @@ def model_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("model")
     shutil.copyfile(DEFAULT_MODEL, where / "current.onnx")
     shutil.copyfile(DEFAULT_MODEL.with_suffix(".json"), where / "current.json")
+    shutil.copyfile(DEFAULT_MODEL.with_suffix(".lgb.txt"), where / "current.lgb.txt")
     return where / "current.onnx"
 
 

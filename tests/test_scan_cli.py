@@ -21,8 +21,16 @@ def rows(output: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in output.splitlines() if line.strip()]
 
 
-def check_row(row: dict[str, object]) -> None:
-    assert set(row) == KEYS, row
+def check_row(row: dict[str, object], explain_all: bool = False) -> None:
+    explained = explain_all or row["action"] != "accept"  # flagged mail always says why
+    assert set(row) == (KEYS | {"explanation", "why"} if explained else KEYS), row
+    if explained:
+        e = row["explanation"]
+        assert isinstance(e, dict) and isinstance(row["why"], str)
+        listed = sum(c["contribution"] for c in [*e["towards"], *e["against"]])
+        assert abs(e["base"] + listed + e["rest"] - e["score"]) < 1e-4
+        assert e["target"] == (row["verdict"] if row["verdict"] in ("spam", "bec") else "ham")
+        assert all(c["text"] for c in [*e["towards"], *e["against"]])
     assert row["verdict"] in ("ham", "bulk", "spam", "bec")
     assert row["action"] in ("accept", "tag", "quarantine", "reject")
     scores = row["scores"]
@@ -172,3 +180,14 @@ def test_scan_dns_verifies_dkim_and_applies_dmarc(tmp_path: Path) -> None:
     # without --dns: no lookups, no "auth" key, the contract's keys exactly
     check_row(rows(plain.output)[0])
     assert server.count("_dmarc.acme-supplies.test") == 1  # cached: asked once for both messages
+
+
+def test_explain_explains_accepted_mail_too() -> None:
+    raw = (FIXTURES / "bec" / "ham-meeting.eml").read_bytes()
+    plain = CliRunner().invoke(main, ["scan", "--json", "-"], input=raw)
+    explained = CliRunner().invoke(main, ["scan", "--json", "--explain", "-"], input=raw)
+    (a,), (b,) = rows(plain.stdout), rows(explained.stdout)
+    assert a["action"] == b["action"] == "accept" and "explanation" not in a
+    check_row(b, explain_all=True)
+    explanation = b["explanation"]
+    assert isinstance(explanation, dict) and explanation["target"] == "ham"  # against the likelier other

@@ -55,7 +55,7 @@ def test_open_migrates_empty_database_to_head(url: str) -> None:
         assert "raw" not in {c["name"] for c in insp.get_columns("messages")}
         with s.engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-    assert version == head_revision() == "0001"
+    assert version == head_revision() == "0002"
     with Store.open(url) as again:  # re-opening an up-to-date database is a no-op
         assert again.stats().messages == 0
 
@@ -80,6 +80,33 @@ def test_downgrade_and_upgrade_round_trip(store: Store) -> None:
         upgrade(conn)
     assert store.stats().messages == 0
     assert store.record(make_result(), ENV, RAW, DIGEST) >= 1
+
+
+def test_a_store_from_before_explanations_keeps_its_rows(store: Store) -> None:
+    """0001 -> 0002 adds messages.explanation: the verdicts already stored stay, without one, and new
+    verdicts keep theirs."""
+    from dataclasses import replace
+
+    from alembic import command
+
+    from milter.explain import Contribution, Explanation
+    from milter.store.migrate import alembic_config, current_revision
+
+    old = store.record(make_result(subject="before"), ENV, RAW, DIGEST)
+    with store.engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0001")
+    assert "explanation" not in {c["name"] for c in sa.inspect(store.engine).get_columns("messages")}
+    with store.engine.begin() as conn:
+        upgrade(conn)
+        assert current_revision(conn) == "0002"
+    row = store.get(old)
+    assert row is not None and row.subject == "before" and row.explanation is None
+    assert store.get_raw(old) == RAW
+    why = Explanation("m", "spam", "ham", -1.0, 2.5, (Contribution("html_len_log", 6.0, 3.0, "html"),), (), 0.5)
+    new = store.record(replace(make_result(), explanation=why), ENV, RAW, DIGEST)
+    stored = store.get(new)
+    assert stored is not None and stored.explanation is not None
+    assert Explanation.from_json(stored.explanation) == why
 
 
 def test_sqlite_settings_and_parent_folder(tmp_path: Path) -> None:

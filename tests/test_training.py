@@ -18,6 +18,8 @@ import pytest
 from onnxmltools import convert_lightgbm
 from onnxmltools.convert.common.data_types import FloatTensorType
 
+from milter.config import load_config
+from milter.scan import build_scanner
 from milter.types import CLASS_NAMES
 from training import model as mdl
 from training.corpora import (
@@ -333,8 +335,21 @@ def test_tiny_end_to_end_training(corpora_dir: Path, tmp_path: Path) -> None:
     (probs,) = session.run(["probabilities"], {"input": vector})
     assert probs.shape == (1, 3) and abs(float(probs.sum()) - 1.0) < 1e-5
 
+    # the explainer ships beside the graph, named and digested in the metadata, and its trees are the
+    # graph's: a scanner built on the trained model loads it (checked against the graph) and explains
+    text = (out / "current.lgb.txt").read_bytes()
+    assert meta["explainer"]["sha256"] == hashlib.sha256(text).hexdigest()
+    assert meta["explainer"]["format"] == "lightgbm-model-text"
+    examples = meta["explainer"]["token_examples"]
+    assert examples and all(k in SCHEMA.names and 1 <= len(v) <= 3 for k, v in examples.items())
+    scanner = build_scanner(load_config(None), out / "current.onnx", explain_all=True)
+    assert scanner.explainer is not None
+    (result,) = scanner.scan_batch([raw])
+    assert result.explanation is not None and result.explanation.model == meta["name"]
+
     again = train("models-again")  # features now cached: quick, and must give the same bytes
     assert (again / "current.onnx").read_bytes() == onnx_bytes
+    assert (again / "current.lgb.txt").read_bytes() == text
 
 
 def test_split_by_subcollection_trains_on_every_part() -> None:

@@ -20,6 +20,7 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
+from milter.explain import EXPLAINER_FORMAT, EXPLAINER_SUFFIX
 from milter.types import CLASS_NAMES
 from training import model as mdl
 from training.dataset import SPLIT_NAMES, TRAIN, Dataset
@@ -28,6 +29,8 @@ from training.thresholds import DISABLED, SCORE_DEFINITIONS, Thresholds
 
 FORMAT_VERSION = 1
 ONNX_NAME, META_NAME = "current.onnx", "current.json"
+EXPLAINER_NAME = "current" + EXPLAINER_SUFFIX  # the LightGBM model text, for explanations
+TOKEN_EXAMPLES = 3  # commonest training n-grams kept per hashed word bucket, to name the bucket
 
 LICENCE_NOTE = (
     "The phishing (bec) class of this model is trained on Phishing Pot (rf-peixoto/phishing_pot), "
@@ -73,6 +76,8 @@ def build_metadata(
     features: ModuleType,
     booster: lgb.Booster,
     onnx_bytes: bytes,
+    explainer: bytes,
+    token_examples: Mapping[str, Sequence[str]],
     thresholds: Thresholds,
     results: Mapping[str, Mapping[str, Mapping[str, Metrics]]],
     gain: npt.NDArray[np.float64],
@@ -99,6 +104,13 @@ def build_metadata(
             "opset": mdl.TARGET_OPSET,
             "file": ONNX_NAME,
             "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        },
+        "explainer": {
+            "file": EXPLAINER_NAME,
+            "format": EXPLAINER_FORMAT,
+            "sha256": hashlib.sha256(explainer).hexdigest(),
+            "purpose": "TreeSHAP contributions (LightGBM pred_contrib) of the same trees as the ONNX graph",
+            "token_examples": {k: list(v) for k, v in sorted(token_examples.items())},
         },
         "thresholds": thresholds.as_dict(),
         "threshold_scores": SCORE_DEFINITIONS,
@@ -152,14 +164,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_model(out_dir: Path, onnx_bytes: bytes, meta: Mapping[str, Any]) -> tuple[Path, Path]:
-    """Write current.onnx then current.json, each atomically (a reader never sees half a file).
+def write_model(
+    out_dir: Path, onnx_bytes: bytes, meta: Mapping[str, Any], explainer: bytes
+) -> tuple[Path, Path]:
+    """Write current.onnx, current.lgb.txt, then current.json, each atomically (no half files).
 
-    The JSON carries the ONNX file's sha256, so a reader that catches the pair mid-swap can tell.
+    The JSON carries the other files' sha256, so a reader that catches them mid-swap can tell.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path, meta_path = out_dir / ONNX_NAME, out_dir / META_NAME
     _write_atomic(onnx_path, onnx_bytes)
+    _write_atomic(out_dir / EXPLAINER_NAME, explainer)
     _write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return onnx_path, meta_path
 
@@ -219,3 +234,26 @@ def bucket_token_map(
             if name in top:
                 seen.setdefault(name, Counter()).update(toks)
     return {name: [t for t, _ in c.most_common(6)] for name, c in seen.items()}
+
+
+def token_examples(features: ModuleType, ds: Dataset, sample: int = 600) -> dict[str, list[str]]:
+    """Every hashed word bucket -> its commonest n-grams in a sample of training messages.
+
+    Explanations name a bucket by these when they cannot show the message's own words (the gateway's
+    header, which is written without re-reading the text); empty when the hashing cannot be rebuilt.
+    """
+    fn: BucketTokens | None = getattr(features, "bucket_tokens", None)
+    if fn is None and features.__name__ == "milter.features":
+        fn = _internal_bucket_tokens()
+    if fn is None:
+        return {}
+    seen: dict[str, Counter[str]] = {}
+    train_rows = np.flatnonzero(ds.split == TRAIN)
+    for i in train_rows[:: max(1, len(train_rows) // sample)]:
+        try:
+            found = fn(ds.messages[i].path.read_bytes())
+        except Exception:  # a reading aid: a message that cannot be read or parsed is skipped
+            continue
+        for name, toks in found.items():
+            seen.setdefault(name, Counter()).update(toks)
+    return {name: [t[:40] for t, _ in c.most_common(TOKEN_EXAMPLES)] for name, c in sorted(seen.items())}

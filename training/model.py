@@ -223,3 +223,23 @@ def check_parity(
             f"(max |diff| {worst:.3g} > {tol:g}; first rows {bad[:10].tolist()})"
         )
     return worst
+
+
+def explainer_text(booster: lgb.Booster, onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> bytes:
+    """The LightGBM model text shipped beside the graph for explanations, checked against the graph.
+
+    The text holds the trees the graph was converted from (lgb.train keeps the best iteration); the
+    check proves it on `X` (the parity rows, at most 2,000): reloaded from the text, the trees' raw
+    scores must turn into the graph's probabilities, and their TreeSHAP contributions must sum to them.
+    """
+    from milter.explain import Explainer
+
+    text = booster.model_to_string(num_iteration=booster.best_iteration or None).encode("utf-8")
+    rows = X[:: max(1, len(X) // 2000)]
+    reloaded = Explainer(lgb.Booster(model_str=text.decode("utf-8")), "candidate", {})
+    reloaded.check_against(lambda rows: onnx_probabilities(onnx_bytes, rows), rows)
+    sums = reloaded.contributions(rows).sum(axis=2)
+    worst = float(np.max(np.abs(sums - reloaded.raw_scores(rows)))) if len(rows) else 0.0
+    if not worst <= 1e-6:
+        raise ExportMismatchError(f"TreeSHAP contributions miss the raw scores by {worst:.3g}")
+    return text

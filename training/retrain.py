@@ -212,6 +212,7 @@ def load_base(args: argparse.Namespace, features: ModuleType, code_version: str)
 @dataclass(frozen=True)
 class Challenger:
     onnx_bytes: bytes
+    explainer: bytes
     meta: dict[str, Any]
     thresholds: Thresholds
 
@@ -297,7 +298,7 @@ def fit_challenger(
         "by_class": {CLASS_NAMES[k]: int((y_lab == k).sum()) for k in range(len(CLASS_NAMES))},
         **labels.counts,
     }
-    return Challenger(onnx_bytes, meta, thresholds)
+    return Challenger(onnx_bytes, out.explainer, meta, thresholds)
 
 
 # --- comparison ----------------------------------------------------------------------------------
@@ -621,7 +622,9 @@ def run(args: argparse.Namespace) -> RetrainResult:
             False, f"dry run, not promoted (would have been {decision.reason})", decision.checks
         )
     report_dir = (args.report or models_dir.parent / "reports") / f"retrain-{started:%Y%m%dT%H%M%SZ}"
-    candidate, _ = write_model(report_dir / "candidate", challenger.onnx_bytes, challenger.meta)
+    candidate, _ = write_model(
+        report_dir / "candidate", challenger.onnx_bytes, challenger.meta, challenger.explainer
+    )
     if decision.promote:
         promote(models_dir, candidate)  # validates again and swaps atomically; ModelError = an error exit
     summary = {

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from training import model as mdl
-from training.artifacts import bucket_token_map, build_metadata, write_model
+from training.artifacts import bucket_token_map, build_metadata, token_examples, write_model
 from training.corpora import attach_dates, default_corpora_src, load_corpora
 from training.dataset import (
     SPLIT_NAMES,
@@ -204,6 +204,7 @@ class Exported:
     """A fitted booster as it ships: ONNX bytes, thresholds, test metrics and metadata."""
 
     onnx_bytes: bytes
+    explainer: bytes  # the LightGBM model text of the same trees (milter.explain)
     meta: dict[str, Any]
     thresholds: Thresholds
     results: Any
@@ -234,6 +235,7 @@ def export_and_evaluate(
     check = np.concatenate(parts)
     probs = mdl.onnx_probabilities(onnx_bytes, check)
     max_diff = mdl.check_parity(mdl.predict(booster, check), probs)
+    explainer = mdl.explainer_text(booster, onnx_bytes, check)
     p_val, p_test = probs[: len(va)], probs[len(va) : len(va) + len(te)]
     seen = ds.y[tr] if extra_y is None else np.concatenate([ds.y[tr], extra_y])
     trained = frozenset(int(k) for k in np.unique(seen))
@@ -253,6 +255,8 @@ def export_and_evaluate(
         features=features,
         booster=booster,
         onnx_bytes=onnx_bytes,
+        explainer=explainer,
+        token_examples=token_examples(features, ds),
         thresholds=thresholds,
         results=results,
         gain=gain,
@@ -262,7 +266,7 @@ def export_and_evaluate(
         code_version=code_version,
         created=datetime.now(UTC),
     )
-    return Exported(onnx_bytes, meta, thresholds, results, p_val, p_test, gain)
+    return Exported(onnx_bytes, explainer, meta, thresholds, results, p_val, p_test, gain)
 
 
 def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
@@ -337,7 +341,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     meta["threshold_selection"]["per_corpus"] = threshold_breakdown(
         p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr
     )
-    onnx_path, meta_path = write_model(args.out, onnx_bytes, meta)
+    onnx_path, meta_path = write_model(args.out, onnx_bytes, meta, out.explainer)
     report_path = write_report(
         args.report / str(meta["name"]),
         meta,

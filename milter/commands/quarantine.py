@@ -162,11 +162,12 @@ def _table(rows: list[MessageRow]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with the same facts.")
 @click.argument("message", type=int)
 def show_cmd(db_url: str | None, config_path: Path | None, as_json: bool, message: int) -> None:
-    """One message for review: envelope, headers, verdict, a safe text preview, top signals.
+    """One message for review: envelope, headers, verdict, a safe text preview, and why it was held.
 
     The preview is the text/plain part, or the HTML converted to text (never rendered), with control
-    characters and terminal escapes removed. Top signals weigh the stored feature vector by the current
-    model's gain importance ([model] path in --config): a guide, not an exact per-message attribution.
+    characters and terminal escapes removed. "Why" lists the policy rules that fired and the model's
+    exact per-feature contributions (TreeSHAP) to its score, in words: those stored with the verdict, or
+    for an older verdict computed from its stored vector by the current model ([model] path in --config).
     """
     with _open(db_url, config_path) as store:
         row = _call(lambda: store.get(message))
@@ -190,7 +191,7 @@ def _show_facts(row: MessageRow, raw: bytes | None, vector: Any, model_path: Pat
         facts.update(headers=view.headers(parsed), preview=text, preview_source=source)
     else:
         facts.update(headers={}, preview=None, preview_source=None)
-    facts["contributions"] = view.contributions(model_path, vector, row.schema_digest).as_json()
+    facts["why"] = view.explain_row(row, raw, vector, model_path).as_json()
     return facts
 
 
@@ -227,7 +228,6 @@ def _print_show(console: Console, row: MessageRow, facts: dict[str, Any]) -> Non
                 ),
                 ("verdict", f"{row.verdict} -> {row.action}  (model {row.model})"),
                 ("scores", "  ".join(f"{k} {v:.3f}" for k, v in row.scores.as_dict().items())),
-                ("reasons", "; ".join(row.reasons) or "-"),
                 ("label", f"{row.label} ({row.label_source})" if row.label else "-"),
             ],
         )
@@ -237,17 +237,33 @@ def _print_show(console: Console, row: MessageRow, facts: dict[str, Any]) -> Non
     source = facts["preview_source"]
     console.print(Text(f"preview from {source or 'no text body'}:", style="bold"))
     console.print(Text(facts["preview"] or "(quarantined bytes not available)"))
-    _print_contributions(console, facts["contributions"])
+    _print_why(console, row, facts["why"])
 
 
-def _print_contributions(console: Console, contrib: dict[str, Any]) -> None:
-    console.print(Text(f"top feature contributions: {view.CONTRIBUTIONS_NOTE}", style="bold"))
-    if contrib["unavailable"]:
-        console.print(Text(f"  unavailable: {contrib['unavailable']}"))
+def _print_why(console: Console, row: MessageRow, why: dict[str, Any]) -> None:
+    """The policy's rules, then the model's contributions: signed, largest first, in words."""
+    console.print(Text("why: the policy", style="bold"))
+    for reason in row.reasons or ("no rule fired",):
+        console.print(Text(f"  - {view.safe_line(reason)}"))
+    console.print(Text(f"why: the model ({why['source']})", style="bold"))
+    raw = why.get("explanation")
+    if raw is None:
         return
-    table = Table("feature", "value", "gain share", "value x gain", caption=f"model {contrib['model']}")
-    for c in contrib["top"]:
-        table.add_row(c["name"], f"{c['value']:.3f}", f"{c['share']:.3f}", f"{c['weight']:.1f}")
+    from milter.explain import Explanation  # here: `list` and `release` need not load the features
+
+    e = Explanation.from_json(raw)
+    console.print(Text(
+        f"  {e.headline()}: the message's log-odds of {e.target} against {e.versus}, "
+        f"the sum of the base and every feature's contribution below (exact, TreeSHAP)"
+    ))
+    table = Table("contribution", "in words", "feature", "value", show_edge=False)
+    for c in (*e.towards, *e.against):
+        table.add_row(f"{c.contribution:+.3f}", Text(view.safe_line(c.text)), c.feature, f"{c.value:.4g}")
+    listed = sum(c.contribution for c in e.contributions)
+    table.add_row(f"{e.rest:+.3f}", Text("all other features together"), "", "")
+    table.add_row(f"{e.base:+.3f}", Text("base value (before looking at the message)"), "", "")
+    total = f"= log-odds: base {e.base:+.3f}, listed {listed:+.3f}, all others {e.rest:+.3f}"
+    table.add_row(f"{e.score:+.3f}", Text(total), "", "")
     console.print(table)
 
 
@@ -371,11 +387,31 @@ def purge_cmd(db_url: str | None, config_path: Path | None, days: int | None) ->
     type=click.IntRange(1, 3650),
     default=14,
     show_default=True,
-    help="Per-day volumes for this many days.",
+    help="Per-day volumes (with --why: the reasons) for this many days.",
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (totals and per-day volumes).")
-def stats_cmd(db_url: str | None, config_path: Path | None, days: int, as_json: bool) -> None:
-    """Volumes by action and verdict: totals, and per day (UTC)."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (totals and daily volumes, or --why).")
+@click.option("--why", is_flag=True, help="Which reasons drive the quarantine (stored explanations).")
+@click.option("--verdict", type=click.Choice(VERDICTS), help="With --why: only held mail of this verdict.")
+@click.option("--top", type=click.IntRange(min=1), help="With --why: reasons per verdict [default: 15].")
+def stats_cmd(
+    db_url: str | None,
+    config_path: Path | None,
+    days: int,
+    as_json: bool,
+    why: bool,
+    verdict: str | None,
+    top: int | None,
+) -> None:
+    """Volumes by action and verdict: totals, and per day (UTC).
+
+    With --why: over the held messages of the period, per verdict, how often each reason is among a
+    message's three largest pushes towards its verdict (milter/commands/quarantine_why.py).
+    """
+    if why:
+        _stats_why(db_url, config_path, days, as_json, verdict, top or WHY_TOP)
+        return
+    if verdict is not None or top is not None:
+        raise click.UsageError("--verdict and --top go with --why")
     with _open(db_url, config_path) as store:
         st = _call(store.stats)
         daily = _call(lambda: store.daily_volumes(days))
@@ -412,6 +448,30 @@ def stats_cmd(db_url: str | None, config_path: Path | None, days: int, as_json: 
     for (d, a), counts in rows.items():
         table.add_row(d, a, *(str(counts.get(v, 0)) for v in VERDICTS))
     console.print(table)
+
+
+WHY_TOP = 15
+WHY_PAGE = 2000  # held messages per read: a long period is aggregated without holding it all
+
+
+def _stats_why(
+    db_url: str | None, config_path: Path | None, days: int, as_json: bool, verdict: str | None, top: int
+) -> None:
+    from milter.commands import quarantine_why as why_report  # loads the features: only when asked
+
+    since = datetime.now(UTC) - timedelta(days=days)
+    with _open(db_url, config_path) as store:
+
+        def fetch(after: int) -> list[why_report.HeldRow]:
+            page: list[why_report.HeldRow] = _call(
+                lambda: store.held_explanations(since, verdict, after, WHY_PAGE))
+            return page
+
+        report = why_report.aggregate(why_report.paged(fetch), since, days, verdict)
+    if as_json:
+        click.echo(json.dumps(report.as_json(top), ensure_ascii=False))
+    else:
+        why_report.render(_console(), report, top)
 
 
 # Defined in its own module (this one is long enough); it uses the helpers above, hence the late import.

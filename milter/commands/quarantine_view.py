@@ -11,25 +11,23 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 from selectolax.lexbor import LexborHTMLParser
 
-from milter.classifier import ModelMetadata, load_metadata, metadata_path
 from milter.errors import ModelError
-from milter.features import SCHEMA
 from milter.parse import ParsedMessage, decode_words
+from milter.store import MessageRow
+
+if TYPE_CHECKING:
+    from milter.explain import Explanation
 
 PREVIEW_LINES = 40
 PREVIEW_LINE_CHARS = 200
-TOP_CONTRIBUTIONS = 10
 SHOWN_HEADERS = {"from": "From", "to": "To", "cc": "Cc", "reply-to": "Reply-To", "subject": "Subject",
                  "message-id": "Message-ID", "date": "Date"}
-CONTRIBUTIONS_NOTE = (
-    "importance-weighted signals (feature value x the model's global gain importance), "
-    "not exact per-message attributions"
-)
 
 # ESC-introduced sequences: CSI (colours, cursor moves), OSC (titles, hyperlinks) and 2-byte escapes;
 # also their 8-bit C1 forms (CSI U+009B, OSC U+009D), which some terminals still honour.
@@ -109,60 +107,59 @@ def headers(parsed: ParsedMessage) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Contribution:
-    name: str
-    value: float
-    gain: float
-    share: float
-    weight: float  # value x gain
+class Why:
+    """The model's explanation of one stored verdict, and where it came from."""
+
+    explanation: Explanation | None
+    source: str  # "stored with the verdict", "computed now with model X", or why there is none
 
     def as_json(self) -> dict[str, object]:
-        return {"name": self.name, "value": self.value, "gain": self.gain, "share": self.share,
-                "weight": self.weight}
+        return {"source": self.source,
+                **({"explanation": self.explanation.as_json()} if self.explanation is not None else {})}
 
 
-@dataclass(frozen=True)
-class Contributions:
-    items: tuple[Contribution, ...]
-    model: str | None
-    unavailable: str | None  # why there are none, for the reader
+def explain_row(
+    row: MessageRow, raw: bytes | None, vector: npt.NDArray[np.float32] | None, model_path: Path
+) -> Why:
+    """The explanation stored with the verdict (what the gateway said then), else one computed now from
+    the stored vector with the current model; hashed words named by the message's own when the bytes are
+    still held. Never raises: a missing model or explainer must not hide the rest of `show`."""
+    # imported here: the model and the features cost a second of start-up that `list` need not pay
+    from milter.classifier import Classifier
+    from milter.explain import Explainer, Explanation
+    from milter.features import SCHEMA
 
-    def as_json(self) -> dict[str, object]:
-        return {"note": CONTRIBUTIONS_NOTE, "model": self.model, "unavailable": self.unavailable,
-                "top": [c.as_json() for c in self.items]}
-
-
-def _feature_names(meta: ModelMetadata) -> tuple[str, ...]:
-    names = meta.raw.get("schema", {}).get("feature_names")
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        return tuple(names)
-    return SCHEMA.names if meta.schema_digest == SCHEMA.digest else ()
-
-
-def contributions(
-    model_path: Path, vector: npt.NDArray[np.float32] | None, schema_digest: str
-) -> Contributions:
-    """Top features by value x gain importance; never raises (a missing model must not hide the rest)."""
+    words = _words(raw)
+    if row.explanation is not None:
+        try:
+            stored = Explanation.from_json(row.explanation)
+        except (KeyError, TypeError, ValueError) as exc:
+            return Why(None, f"stored explanation unreadable: {exc!r}")
+        return Why(stored.reworded(words), f"stored with the verdict by model {stored.model}")
     if vector is None:
-        return Contributions((), None, "no feature vector stored for this message")
+        return Why(None, "none stored with the verdict, and no feature vector kept to compute one")
+    if row.schema_digest != SCHEMA.digest or len(vector) != len(SCHEMA):
+        return Why(None, f"none stored; the stored vector uses feature schema {row.schema_digest}, "
+                         f"this code {SCHEMA.digest}")
     try:
-        meta = load_metadata(metadata_path(model_path))
+        classifier = Classifier.load(model_path, providers=("CPUExecutionProvider",))
+        explainer = Explainer.load(model_path, classifier.metadata.raw, classifier.predict)
     except ModelError as exc:
-        return Contributions((), None, str(exc))
-    names = _feature_names(meta)
-    if meta.schema_digest != schema_digest or len(names) != len(vector):
-        return Contributions((), meta.name, f"stored vector uses feature schema {schema_digest}, "
-                                            f"model {meta.name} uses {meta.schema_digest}")
-    if not meta.feature_importance:
-        return Contributions((), meta.name, f"model {meta.name} has no feature_importance_gain")
-    index = {name: i for i, name in enumerate(names)}
-    shares = {str(item.get("name")): float(item.get("share", 0.0))
-              for item in meta.raw.get("feature_importance_gain", []) if isinstance(item, dict)}
-    items = [
-        Contribution(name, float(vector[index[name]]), gain, shares.get(name, 0.0),
-                     float(vector[index[name]]) * gain)
-        for name, gain in meta.feature_importance
-        if name in index and float(vector[index[name]]) != 0.0 and gain > 0.0
-    ]
-    items.sort(key=lambda c: abs(c.weight), reverse=True)
-    return Contributions(tuple(items[:TOP_CONTRIBUTIONS]), meta.name, None)
+        return Why(None, f"none stored, and the current model cannot explain: {exc}")
+    if explainer is None:
+        return Why(None, f"none stored, and model {classifier.name} ships no explainer")
+    X = vector.reshape(1, -1)
+    (computed,) = explainer.explain(X, [row.verdict], classifier.predict(X), [words])
+    note = "" if classifier.name == row.model else f" (the verdict was given by model {row.model})"
+    return Why(computed, f"none stored; computed now with model {classifier.name}{note}")
+
+
+def _words(raw: bytes | None) -> dict[str, tuple[str, ...]]:
+    if raw is None:
+        return {}
+    from milter.features import bucket_words
+
+    try:
+        return bucket_words(raw)
+    except Exception:  # a reading aid: without it, hashed word groups are named by examples
+        return {}

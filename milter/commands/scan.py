@@ -2,6 +2,8 @@
 
 With --json, exactly one JSON object per line per message:
   {"path", "verdict", "action", "scores": {"ham", "spam", "bec"}, "reasons": [...], "model"}
+plus, for messages the policy did not simply accept (every message with --explain), the model's exact
+per-feature contributions: "explanation" (milter.explain.Explanation.as_json) and "why" (its short form).
 "verdict" is ham, bulk, spam or bec; "scores" are the model's three classes (bulk is no model class:
 the policy derives it from the sender's evidence, milter.policy.bulk).
 and {"path", "error"} for input that could not be read or scanned; the scan goes on and the exit status
@@ -35,7 +37,7 @@ from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
 from milter.gateway.auth import dns_resolver
-from milter.scan import Scanner, ScanResult, build_scanner, prepare
+from milter.scan import Scanner, ScanResult, build_scanner, prepare, words_from
 from milter.sources import Item, expand, read_items
 from milter.types import Envelope
 
@@ -58,6 +60,10 @@ PROGRESS_MIN = 200  # show a progress bar on stderr from this many files
 @click.option(
     "--dns", "use_dns", is_flag=True, help="Verify DKIM and evaluate DMARC over DNS (the [auth] table)."
 )
+@click.option(
+    "--explain", is_flag=True,
+    help="Explain every message's score, not only those the policy tags, quarantines or rejects.",
+)
 def scan(
     paths: tuple[str, ...],
     as_json: bool,
@@ -65,11 +71,12 @@ def scan(
     model_path: Path | None,
     workers: int,
     use_dns: bool,
+    explain: bool,
 ) -> None:
-    """Classify messages and print verdict, action, scores and reasons."""
+    """Classify messages and print verdict, action, scores, reasons and the model's explanation."""
     try:
         cfg = load_config(config_path)
-        scanner = build_scanner(cfg, model_path)
+        scanner = build_scanner(cfg, model_path, explain_all=explain)
         dns = _Dns(cfg.auth, cfg.auth.authserv_id or cfg.server.hostname) if use_dns else None
     except (ConfigError, ModelError) as exc:
         click.echo(f"milter scan: {exc}", err=True)
@@ -148,7 +155,9 @@ def _scan_batch(
     if ok:
         exts = [ext for _, ext in ok]
         envs = [Envelope()] * len(exts)
-        for (item, _), res in zip(ok, scanner.decide(exts, envs, scanner.predict(exts)), strict=True):
+        words_of = words_from([item.raw or b"" for item, _ in ok], pool.map if pool is not None else map)
+        decided = scanner.decide(exts, envs, scanner.predict(exts), words_of)
+        for (item, _), res in zip(ok, decided, strict=True):
             results[item.path] = res
     rows = []
     errors = {
@@ -197,6 +206,9 @@ def result_row(path: str, res: ScanResult, authserv_id: str = "") -> dict[str, A
     }
     if res.summary.auth is not None:  # only with --dns
         row["auth"] = res.summary.auth.header_value(authserv_id)
+    if res.explanation is not None:  # flagged mail, or every message with --explain
+        row["explanation"] = res.explanation.as_json()
+        row["why"] = _text(res.explanation.short(towards=3, against=1))
     return row
 
 
@@ -217,7 +229,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{s['ham']:.3f}",
             f"{s['spam']:.3f}",
             f"{s['bec']:.3f}",
-            row["reasons"][0] if row["reasons"] else "",
+            "\n".join(filter(None, [row["reasons"][0] if row["reasons"] else "", row.get("why", "")])),
         )
     console.print(table)
     verdicts = Counter(r.get("verdict", "error") for r in rows)

@@ -122,4 +122,13 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
     )
 
 
-__all__ = ["SCHEMA", "Extracted", "FeatureSchema", "MessageSummary", "Protected", "extract"]
+def bucket_words(raw: bytes, limit: int = 3) -> dict[str, tuple[str, ...]]:
+    """For explanations: each hashed word bucket (tok_0123) -> the message's own n-grams in it, commonest
+    first, tokenised exactly as `extract` does. Parses the message again: call it only for messages
+    being explained."""
+    parsed = parse(raw)
+    ctx = build(parsed, Envelope(), Protected())
+    return text.bucket_grams(parsed.subject + "\n" + ctx.body_text, limit)
+
+
+__all__ = ["SCHEMA", "Extracted", "FeatureSchema", "MessageSummary", "Protected", "bucket_words", "extract"]

@@ -169,6 +169,22 @@ def hash_features(toks: list[str]) -> npt.NDArray[np.float32]:
     return np.log1p(counts).astype(np.float32)
 
 
+def bucket_grams(text: str, limit: int = 3) -> dict[str, tuple[str, ...]]:
+    """For explanations: each nonzero hashed column (`tok_0123`) -> the grams of `text` that fell in it,
+    commonest first (ties: first seen), at most `limit`. `text` is what `text_features` reads (subject,
+    newline, body text), tokenised and counted exactly as there."""
+    toks = [t for t in words(text)[:MAX_TOKENS] if t not in CORPUS_STOPWORDS]
+    seen: list[str] = []  # in reading order: each unigram, then the bigram it starts
+    for i, tok in enumerate(toks):
+        seen.append(tok)
+        if i + 1 < len(toks):
+            seen.append(f"{tok} {toks[i + 1]}")
+    by_bucket: dict[int, list[str]] = {}
+    for gram, _ in Counter(seen).most_common():  # a stable sort: equal counts stay in first-seen order
+        by_bucket.setdefault(bucket(gram), []).append(gram)
+    return {HASH_NAMES[b]: tuple(grams[: max(limit, 0)]) for b, grams in sorted(by_bucket.items())}
+
+
 def text_features(ctx: Context) -> tuple[list[float] | npt.NDArray[np.float32], list[str]]:
     """Language counts and hashed n-grams share one tokenisation of subject + body."""
     all_words = words(ctx.parsed.subject + "\n" + ctx.body_text)

@@ -184,14 +184,19 @@ def category_header(result: ScanResult) -> tuple[str, str]:
 
 
 def verdict_headers(result: ScanResult) -> list[tuple[str, str]]:
-    """The fields of tagged mail: verdict, category, scores and reasons."""
+    """The fields of tagged mail: verdict, category, scores, the policy's reasons and, when the model
+    explained its score, the features that moved it most (short form; `milter quarantine show` and
+    `milter scan --json` have the long one)."""
     s = result.scores
-    return [
+    fields = [
         ("X-Milter-Verdict", result.verdict.value),
         category_header(result),
         ("X-Milter-Scores", f"ham={s.ham:.3f} spam={s.spam:.3f} bec={s.bec:.3f}"),
         ("X-Milter-Reasons", "; ".join(result.reasons) or "none"),
     ]
+    if result.explanation is not None:
+        fields.append(("X-Milter-Explanation", result.explanation.short()))
+    return fields
 
 
 def resident_bytes() -> int:
@@ -617,5 +622,8 @@ class MessageProcessor:
                 reply=reply,
                 quarantine_id=row,
                 message_id=result.summary.message_id if result is not None else None,
+                # the model's top reasons for flagged mail, so a log search answers "why" too
+                why=result.explanation.short(towards=3, against=0)
+                if result is not None and result.explanation is not None else None,
             )
         )

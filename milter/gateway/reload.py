@@ -79,16 +79,17 @@ def load_checked(path: Path, policy: PolicyConfig, store: StoreLike | None = Non
     (learned senders). Blocking (files, ONNX, parsing, the store): use a thread."""
     from milter.classifier import Classifier
     from milter.policy import Policy
-    from milter.scan import Scanner, prepare
+    from milter.scan import Scanner, load_explainer, prepare
 
     classifier = Classifier.load(path)
     vectors = np.stack([prepare(raw).vector for raw in smoke_messages()])
     check_probabilities(classifier.name, classifier.predict(vectors))
+    explainer = load_explainer(classifier)  # a model whose explainer is not its graph's trees is refused
     labels = store.sender_labels() if store is not None else ()
     rebuilt = Policy(policy, classifier.metadata.thresholds, labels)
     if store is not None:
         log_learned(rebuilt.learned)
-    return Scanner(classifier, rebuilt)
+    return Scanner(classifier, rebuilt, explainer)
 
 
 def log_learned(learned: LearnedSenders) -> None:

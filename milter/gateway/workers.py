@@ -53,14 +53,15 @@ def load(config: Config) -> Loaded:
     from milter.classifier import Classifier
     from milter.features import SCHEMA
     from milter.policy import Policy
-    from milter.scan import Scanner
+    from milter.scan import Scanner, load_explainer
     from milter.store import Store
 
     classifier = Classifier.load(config.model.path)
+    explainer = load_explainer(classifier)
     store = Store.open(config.store.url)
     policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
     log_learned(policy.learned)
-    return Loaded(Scanner(classifier, policy), store, SCHEMA.digest)
+    return Loaded(Scanner(classifier, policy, explainer), store, SCHEMA.digest)
 
 
 def listen_socket(address: str, reuse_port: bool) -> socket.socket:

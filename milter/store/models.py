@@ -87,6 +87,8 @@ class Message(Base):
     score_spam: Mapped[float] = mapped_column(Float)
     score_bec: Mapped[float] = mapped_column(Float)
     reasons: Mapped[list[str]] = mapped_column(JSON)
+    # milter.explain.Explanation.as_json() for flagged verdicts; NULL for accepted mail and older rows
+    explanation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     model: Mapped[str] = mapped_column(String(200))
     # float32 little-endian, in the feature schema's order; NULL when vectors are not kept.
     feature_vector: Mapped[bytes | None] = mapped_column(LargeBinary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +32,7 @@ class MessageRow:
     action: str
     scores: Scores
     reasons: tuple[str, ...]
+    explanation: Mapping[str, Any] | None  # as stored: milter.explain.Explanation.from_json reads it
     model: str
     schema_digest: str
     label: str | None
@@ -53,7 +55,8 @@ class MessageRow:
             "scores": self.scores.as_dict(), "from": self.from_addr, "subject": self.subject,
             "mail_from": self.mail_from, "rcpt_tos": list(self.rcpt_tos),
             "client_addr": self.client_addr, "client_name": self.client_name, "helo": self.helo,
-            "reasons": list(self.reasons), "model": self.model, "label": self.label,
+            "reasons": list(self.reasons), "explanation": self.explanation, "model": self.model,
+            "label": self.label,
             "label_source": self.label_source, "labelled_at": iso(self.labelled_at),
             "quarantined": self.quarantined, "size": self.size,
             "released_at": iso(self.released_at), "deleted_at": iso(self.deleted_at),

@@ -283,6 +283,27 @@ class Store:
         with _guard("cannot list quarantine"), self._read() as s:
             return [to_row(m, q) for m, q in s.execute(stmt)]
 
+    def held_explanations(
+        self, since: datetime, verdict: str | None = None, after_id: int = 0, limit: int = 2000
+    ) -> list[tuple[int, str, object]]:
+        """(id, verdict, stored explanation: a JSON object, or None) of quarantined verdicts received
+        since `since`, by id, the first `limit` with an id above `after_id`: the caller pages through a
+        long period without holding it all (`milter quarantine stats --why`).
+
+        Quarantined means action "quarantine", released or deleted since or not: the report is about
+        why mail was held. Only these three columns are read (no vectors, no raw bytes).
+        """
+        stmt = (
+            select(Message.id, Message.verdict, Message.explanation)
+            .where(Message.action == "quarantine", Message.received_at >= since, Message.id > after_id)
+            .order_by(Message.id)
+            .limit(limit)
+        )
+        if verdict is not None:
+            stmt = stmt.where(Message.verdict == verdict)
+        with _guard("cannot read explanations"), self._read() as s:
+            return [(int(i), str(v), e) for i, v, e in s.execute(stmt)]
+
     def labelled_examples(self, schema_digest: str | None = None) -> list[LabelledExample]:
         """Labelled verdicts that kept their feature vector, oldest first (see rows.training_arrays)."""
         stmt = (
