@@ -18,7 +18,7 @@ import numpy.typing as npt
 from milter.auth import Evidence, evaluate_evidence
 from milter.classifier import Classifier
 from milter.config import Config
-from milter.explain import Explainer, Explanation, Words
+from milter.explain import Contribution, Explainer, Explanation, Words
 from milter.features import Protected, bucket_words, extract
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
@@ -111,11 +111,12 @@ class Scanner:
         if not rows:
             return results
         try:
-            words = list(words_of(rows)) if words_of is not None else None
             found = self.explainer.explain(
                 np.stack([results[i].vector for i in rows]), [results[i].verdict.value for i in rows],
-                probs[rows], words,
+                probs[rows],
             )
+            if words_of is not None:
+                found = _in_own_words(found, rows, words_of, self.explainer.token_examples)
         except Exception:  # LightGBM raises its own types; the message must still go on
             log.exception("explaining %d message(s) failed; their verdicts go on without reasons", len(rows))
             return results
@@ -132,6 +133,25 @@ class Scanner:
         envs = list(envelopes) if envelopes is not None else [Envelope()] * len(raws)
         items = [prepare(raw, env, self.policy.protected) for raw, env in zip(raws, envs, strict=True)]
         return self.decide(items, envs, self.predict(items), words_from(raws))
+
+
+def _in_own_words(
+    found: list[Explanation], rows: Sequence[int], words_of: WordsOf, examples: Words
+) -> list[Explanation]:
+    """`found` with hashed word groups named by each message's own words, read (a second parse) only for
+    the messages whose listed reasons include a word group the message has."""
+    wanted = [k for k, e in enumerate(found) if any(_has_words(c) for c in e.contributions)]
+    if not wanted:
+        return found
+    own = words_of([rows[k] for k in wanted])
+    out = list(found)
+    for k, words in zip(wanted, own, strict=True):
+        out[k] = found[k].reworded(words, examples)
+    return out
+
+
+def _has_words(c: Contribution) -> bool:
+    return c.feature.startswith("tok_") and c.value > 0
 
 
 def words_from(raws: Sequence[bytes], mapper: Callable[..., Iterable[Words]] = map) -> WordsOf:
@@ -155,4 +175,5 @@ def build_scanner(cfg: Config, model_path: Path | None = None, explain_all: bool
     thresholds."""
     classifier = Classifier.load(model_path or cfg.model.path)
     policy = Policy(cfg.policy, classifier.metadata.thresholds)
-    return Scanner(classifier, policy, load_explainer(classifier), explain_all)
+    explainer = load_explainer(classifier) if cfg.model.explain or explain_all else None
+    return Scanner(classifier, policy, explainer, explain_all)

@@ -20,7 +20,7 @@ from conftest import in_ci
 
 from milter.classifier import Classifier
 from milter.config import load_config
-from milter.errors import ModelError
+from milter.errors import ConfigError, ModelError
 from milter.explain import Explainer, Explanation, explainer_path, softmax, target_classes
 from milter.features import SCHEMA, bucket_words
 from milter.features.text import HASH_NAMES
@@ -187,3 +187,21 @@ def test_a_failing_explainer_never_stops_a_scan(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(scanner.explainer, "contributions", broken)
     (result,) = scanner.scan_batch([(ROOT / "fixtures" / "bec" / "bec-payroll-diversion.eml").read_bytes()])
     assert result.explanation is None and result.verdict.value in CLASS_NAMES
+
+
+def test_explanations_can_be_switched_off(tmp_path: Path) -> None:
+    """`[model] explain = false`: flagged mail goes on without reasons and LightGBM is never loaded;
+    `milter scan --explain` still explains (asked for explicitly)."""
+    cfg_file = tmp_path / "milter.toml"
+    cfg_file.write_text(f'[model]\npath = "{MODEL}"\nexplain = false\n')
+    cfg = load_config(cfg_file)
+    assert cfg.model.explain is False
+    raws = [p.read_bytes() for p in sorted((ROOT / "fixtures" / "bec").glob("bec-*.eml"))]
+    off = build_scanner(cfg).scan_batch(raws)
+    assert any(r.action is not Action.ACCEPT for r in off) and all(r.explanation is None for r in off)
+    asked = build_scanner(cfg, explain_all=True).scan_batch(raws)
+    assert all(r.explanation is not None for r in asked)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nexplain = "yes"\n')
+    with pytest.raises(ConfigError, match="model.explain"):
+        load_config(bad)

@@ -162,6 +162,9 @@ def test_bad_replacements_are_refused_and_the_old_model_keeps_serving(
     meta["schema"]["digest"] = "0" * len(SCHEMA.digest)
     other_schema.with_suffix(".json").write_text(json.dumps(meta))
     half_promoted = model_variant(tmp_path / "h", "half-promoted")  # its ONNX beside model-a's JSON
+    bad_explainer = model_variant(tmp_path / "e", "bad-explainer")  # its trees text cut short
+    text = bad_explainer.with_suffix(".lgb.txt")
+    text.write_bytes(text.read_bytes()[: len(text.read_bytes()) // 2])
     url = f"sqlite:///{tmp_path}/gw.db"
     store = open_store(url)
     sink_port = free_port()
@@ -175,6 +178,7 @@ def test_bad_replacements_are_refused_and_the_old_model_keeps_serving(
         ("garbage", lambda: install(garbage, live), "cannot load model"),
         ("schema", lambda: install(other_schema, live), "feature schema"),
         ("half", lambda: only_onnx(half_promoted), "sha256 differs"),
+        ("explainer", lambda: install(bad_explainer, live), "explainer"),
     ]
 
     async def main() -> None:

@@ -74,7 +74,9 @@ def check_probabilities(name: str, probs: npt.NDArray[np.float32]) -> None:
         raise ModelError(f"model {name} gives rows that are not probabilities (|sum - 1| up to {worst:.3g})")
 
 
-def load_checked(path: Path, policy: PolicyConfig, store: StoreLike | None = None) -> Scanner:
+def load_checked(
+    path: Path, policy: PolicyConfig, store: StoreLike | None = None, explain: bool = True
+) -> Scanner:
     """The model at `path`, smoke-tested, with its policy and, given a store, the labels it holds now
     (learned senders). Blocking (files, ONNX, parsing, the store): use a thread."""
     from milter.classifier import Classifier
@@ -84,7 +86,8 @@ def load_checked(path: Path, policy: PolicyConfig, store: StoreLike | None = Non
     classifier = Classifier.load(path)
     vectors = np.stack([prepare(raw).vector for raw in smoke_messages()])
     check_probabilities(classifier.name, classifier.predict(vectors))
-    explainer = load_explainer(classifier)  # a model whose explainer is not its graph's trees is refused
+    # a model whose explainer is not its graph's trees is refused
+    explainer = load_explainer(classifier) if explain else None
     labels = store.sender_labels() if store is not None else ()
     rebuilt = Policy(policy, classifier.metadata.thresholds, labels)
     if store is not None:

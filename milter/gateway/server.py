@@ -237,7 +237,7 @@ class Gateway:
         # The reload rereads the store's labels too (learned senders, milter.policy.learned).
         self.reloader = ModelReloader(
             self.model, Path(config.model.path), config.policy, self.metrics,
-            loader=functools.partial(load_checked, store=store),
+            loader=functools.partial(load_checked, store=store, explain=config.model.explain),
         )
         # As many prepare processes per worker as there are cores, not cores / workers: a burst that
         # lands on one worker can then use every core (bench/gateway.py at 300 msgs/s: p99 added

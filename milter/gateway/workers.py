@@ -57,7 +57,7 @@ def load(config: Config) -> Loaded:
     from milter.store import Store
 
     classifier = Classifier.load(config.model.path)
-    explainer = load_explainer(classifier)
+    explainer = load_explainer(classifier) if config.model.explain else None
     store = Store.open(config.store.url)
     policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
     log_learned(policy.learned)
