@@ -203,5 +203,5 @@ def test_explanations_can_be_switched_off(tmp_path: Path) -> None:
     assert all(r.explanation is not None for r in asked)
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nexplain = "yes"\n')
-    with pytest.raises(ConfigError, match="model.explain"):
+    with pytest.raises(ConfigError, match=r"model\.explain"):
         load_config(bad)

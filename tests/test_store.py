@@ -102,7 +102,8 @@ def test_a_store_from_before_explanations_keeps_its_rows(store: Store) -> None:
     row = store.get(old)
     assert row is not None and row.subject == "before" and row.explanation is None
     assert store.get_raw(old) == RAW
-    why = Explanation("m", "spam", "ham", -1.0, 2.5, (Contribution("html_len_log", 6.0, 3.0, "html"),), (), 0.5)
+    towards = (Contribution("html_len_log", 6.0, 3.0, "html"),)
+    why = Explanation("m", "spam", "ham", -1.0, 2.5, towards, (), 0.5)
     new = store.record(replace(make_result(), explanation=why), ENV, RAW, DIGEST)
     stored = store.get(new)
     assert stored is not None and stored.explanation is not None
