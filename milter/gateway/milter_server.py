@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from milter.gateway.logfmt import kv
+from milter.gateway.process import TRIM_AFTER, trim_heap
 from milter.protocol import codec
 from milter.protocol.codec import ProtocolError
 from milter.protocol.session import Close, Decide, Decision, FilterSession, Message, Send
@@ -192,6 +193,10 @@ class MilterConnection(asyncio.Protocol):
             self._drop(f"internal error: {type(exc).__name__}")
             return
         self._write(replies)
+        big = message.size > TRIM_AFTER
+        del message  # the last reference to the message: what it held can go back to the OS now
+        if big:
+            trim_heap()  # as the SMTP path does (Processor.handle): glibc would keep the heap it grew
         self._busy = False
         if self._open():
             self._arm_idle()

@@ -1,8 +1,8 @@
 """The SMTP session: aiosmtpd's `SMTP` plus XFORWARD, a DATA timeout, and clearer limit replies.
 
 `XForwardSMTP` is the reusable part (XFORWARD in EHLO and as a command); `GatewaySMTP` adds what
-the gateway needs: the DATA timeout, holding the idle timer while a message is processed, and a
-session counter for the concurrency limit.
+the gateway needs: the DATA timeout, DATA read into one buffer (milter.gateway.smtp_data), holding
+the idle timer while a message is processed, and a session counter for the concurrency limit.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import re
 from collections.abc import Callable
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
 from milter.gateway.logfmt import kv
+from milter.gateway.smtp_data import DataBuffer, receive
 from milter.gateway.xforward import ATTRIBUTES, XForward, XForwardError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,6 +29,7 @@ _PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#
 XFORWARD_FORBIDDEN = "550 5.7.0 Error: insufficient authorization"
 
 log = logging.getLogger("milter.gateway.session")
+_aiosmtpd_log = logging.getLogger("mail.log")  # where aiosmtpd logs a connection lost during DATA
 
 TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 TOO_BIG = "552 5.3.4 Message too big for system"
@@ -215,9 +217,60 @@ class GatewaySMTP(XForwardSMTP):
         self._reset_timeout(self._data_timeout)
         self._line_bytes, self._after_cr, self._in_data = 0, False, True
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self._in_data = False
+
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's `SMTP.smtp_DATA` (1.4.6), but the message is read into one buffer.
+
+        aiosmtpd keeps every DATA line as an object of its own until the end of DATA, so a message of
+        millions of short lines cost a worker hundreds of MiB and left its heap fragmented
+        (docs/soak.md, "Memory over 20 minutes"); milter.gateway.smtp_data reads it by the same rules.
+        Replies, envelope.content / original_content and the DATA hook are aiosmtpd's; only the
+        deprecated `process_message` handler API is not offered (the gateway's handler has handle_DATA).
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        body = DataBuffer(self.data_size_limit, self.line_length_limit)
+        try:
+            await receive(self._reader, body)
+        except asyncio.CancelledError:
+            _aiosmtpd_log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if body.refused is not None:
+            await self.push(body.refused)
+            self._set_post_data_state()
+            return
+        original = bytes(body.content)
+        del body  # the message is held once from here on
+        content: str | bytes = original
+        if self._decode_data:
+            if self.enable_SMTPUTF8:
+                content = original.decode("utf-8", errors="surrogateescape")
+            else:
+                try:
+                    content = original.decode("ascii", errors="strict")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: strict ASCII mode")
+                    return
+        envelope.content = content
+        envelope.original_content = original
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     def hold_timeout(self) -> None:
         """Stop the idle timer while the gateway itself works on a message (scan, relay)."""
