@@ -33,7 +33,6 @@ class ModelMetadata:
     schema_digest: str
     class_names: tuple[str, ...]
     thresholds: Mapping[str, Mapping[str, float]]
-    feature_importance: tuple[tuple[str, float], ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -50,16 +49,12 @@ def load_metadata(path: Path) -> ModelMetadata:
         raise ModelError(f"model metadata {path} is unreadable: {exc}") from exc
     try:
         schema = raw["schema"]
-        importance = tuple(
-            (str(item["name"]), float(item["gain"])) for item in raw.get("feature_importance_gain", [])
-        )
         return ModelMetadata(
             name=str(raw["name"]),
             schema_version=str(schema["version"]),
             schema_digest=str(schema["digest"]),
             class_names=tuple(raw["class_names"]),
             thresholds={k: {a: float(t) for a, t in v.items()} for k, v in raw["thresholds"].items()},
-            feature_importance=importance,
             raw=raw,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Generator
 
 import pytest
+from postfix import listen_port
 
 # Tests with these marks need a real service; a skip of one of them means "not tested", which CI
 # must not mistake for "passed".
@@ -38,11 +38,5 @@ def pytest_runtest_makereport(
 
 @pytest.fixture
 def free_port() -> Callable[[], int]:
-    """A factory of loopback TCP ports that nothing listens on right now (bind to 0, read, close)."""
-
-    def make() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    return make
+    """A factory of loopback TCP ports that nothing listens on right now (`listen_port`)."""
+    return listen_port

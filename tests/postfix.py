@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -79,11 +80,36 @@ def _tool(name: str) -> str:
     return found
 
 
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def listen_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, below the kernel's ephemeral range.
+
+    Not bind-to-0: that hands out an ephemeral port, which the kernel may give to an outgoing
+    connection (Postfix's, a client's) before the test binds it. In CI a gateway then failed to start
+    with "Address already in use"; ports outside the range are never taken that way.
+    """
+    top = min(_ephemeral_start(), 32768)
+    for _ in range(200):
+        port = random.randrange(20000, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in 20000-{top} on {host}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the usual bind-to-0 trick; racy but fine on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing listens on right now, outside the ephemeral range (`listen_port`)."""
+    return listen_port(host)
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
