@@ -167,6 +167,9 @@ def load_explainer(classifier: Classifier) -> Explainer | None:
     if explainer is None:
         log.warning("model %s ships no explainer (%s): verdicts carry no per-feature reasons",
                     classifier.name, classifier.path.with_suffix(".lgb.txt").name)
+    else:
+        log.info("explanations on: model %s's trees (%s) match its digest and its graph",
+                 classifier.name, classifier.path.with_suffix(".lgb.txt").name)
     return explainer
 
 
