@@ -209,31 +209,41 @@ def _internal_bucket_tokens() -> BucketTokens | None:
     return fn
 
 
-def bucket_token_map(
-    features: ModuleType, ds: Dataset, gain: npt.NDArray[np.float64], sample: int = 800
-) -> dict[str, list[str]] | None:
-    """For hashed token buckets among the top 30 by gain, the commonest training tokens that fall in them.
-
-    Uses the features module's `bucket_tokens(raw) -> {feature name: [tokens]}` when it has one, else
-    rebuilds the hashing from milter.features' parts; None when neither works (the report says so).
-    """
+def _bucket_counter(features: ModuleType) -> BucketTokens | None:
+    """The features module's `bucket_tokens(raw) -> {feature name: [tokens]}` when it has one, else the
+    hashing rebuilt from milter.features' parts; None when neither works."""
     fn: BucketTokens | None = getattr(features, "bucket_tokens", None)
     if fn is None and features.__name__ == "milter.features":
         fn = _internal_bucket_tokens()
+    return fn
+
+
+def _bucket_counts(fn: BucketTokens, ds: Dataset, sample: int) -> dict[str, Counter[str]]:
+    """Per hashed word bucket, its tokens counted over a sample of training messages (a sample is
+    enough to name a bucket; a message that cannot be read or parsed is skipped: a reading aid)."""
+    seen: dict[str, Counter[str]] = {}
+    train_rows = np.flatnonzero(ds.split == TRAIN)
+    for i in train_rows[:: max(1, len(train_rows) // sample)]:
+        try:
+            found = fn(ds.messages[i].path.read_bytes())
+        except Exception:
+            continue
+        for name, toks in found.items():
+            seen.setdefault(name, Counter()).update(toks)
+    return seen
+
+
+def bucket_token_map(
+    features: ModuleType, ds: Dataset, gain: npt.NDArray[np.float64], sample: int = 800
+) -> dict[str, list[str]] | None:
+    """For hashed token buckets among the top 30 by gain, the commonest training tokens that fall in them;
+    None when the hashing cannot be rebuilt (the report says so)."""
+    fn = _bucket_counter(features)
     if fn is None:
         return None
     top = {ds.feature_names[i] for i in np.argsort(-gain)[:30] if gain[i] > 0}
-    seen: dict[str, Counter[str]] = {}
-    train_rows = np.flatnonzero(ds.split == TRAIN)
-    for i in train_rows[:: max(1, len(train_rows) // sample)]:  # a sample is enough to name a bucket
-        try:
-            found = fn(ds.messages[i].path.read_bytes())
-        except Exception:  # the map is a reading aid; a message it cannot parse is skipped
-            continue
-        for name, toks in found.items():
-            if name in top:
-                seen.setdefault(name, Counter()).update(toks)
-    return {name: [t for t, _ in c.most_common(6)] for name, c in seen.items()}
+    counts = _bucket_counts(fn, ds, sample)
+    return {name: [t for t, _ in c.most_common(6)] for name, c in counts.items() if name in top}
 
 
 def token_examples(features: ModuleType, ds: Dataset, sample: int = 600) -> dict[str, list[str]]:
@@ -242,18 +252,8 @@ def token_examples(features: ModuleType, ds: Dataset, sample: int = 600) -> dict
     Explanations name a bucket by these when they cannot show the message's own words (the gateway's
     header, which is written without re-reading the text); empty when the hashing cannot be rebuilt.
     """
-    fn: BucketTokens | None = getattr(features, "bucket_tokens", None)
-    if fn is None and features.__name__ == "milter.features":
-        fn = _internal_bucket_tokens()
+    fn = _bucket_counter(features)
     if fn is None:
         return {}
-    seen: dict[str, Counter[str]] = {}
-    train_rows = np.flatnonzero(ds.split == TRAIN)
-    for i in train_rows[:: max(1, len(train_rows) // sample)]:
-        try:
-            found = fn(ds.messages[i].path.read_bytes())
-        except Exception:  # a reading aid: a message that cannot be read or parsed is skipped
-            continue
-        for name, toks in found.items():
-            seen.setdefault(name, Counter()).update(toks)
-    return {name: [t[:40] for t, _ in c.most_common(TOKEN_EXAMPLES)] for name, c in sorted(seen.items())}
+    counts = _bucket_counts(fn, ds, sample)
+    return {name: [t[:40] for t, _ in c.most_common(TOKEN_EXAMPLES)] for name, c in sorted(counts.items())}
