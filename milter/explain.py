@@ -32,6 +32,7 @@ import numpy.typing as npt
 from milter.errors import ModelError
 from milter.features import SCHEMA
 from milter.features.describe import describe
+from milter.stacking import TextStage
 from milter.types import CLASS_NAMES, Verdict
 
 log = logging.getLogger(__name__)
@@ -151,11 +152,32 @@ def target_classes(verdict: str, probs: Sequence[float]) -> tuple[int, int]:
 class Explainer:
     """The LightGBM trees of one model, for contributions; built by `load`, safe to share read-only."""
 
-    def __init__(self, booster: Any, model: str, token_examples: Mapping[str, Sequence[str]]) -> None:
+    def __init__(
+        self,
+        booster: Any,
+        model: str,
+        token_examples: Mapping[str, Sequence[str]],
+        stage: TextStage | None = None,
+    ) -> None:
         self._booster = booster
         self.model = model
         self.token_examples = token_examples
-        self._names = SCHEMA.names
+        # the trees read the feature vector extended by the text stage's scores (milter/stacking.py)
+        self._stage = stage
+        self._names = SCHEMA.names + (stage.names if stage else ())
+        if booster.num_feature() != len(self._names) or tuple(booster.feature_name()) != self._names:
+            raise ModelError(
+                f"explainer of model {model} has other features than the code's schema {SCHEMA.digest}"
+                + (" and the model's text stage" if stage else "")
+            )
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The trees' inputs: the schema's columns, then the text stage's scores (if any)."""
+        return self._names
+
+    def _extend(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return X if self._stage is None else self._stage.extend(X)
 
     @classmethod
     def load(
@@ -185,8 +207,10 @@ class Explainer:
             )
         booster = _booster(path, data)
         examples = entry.get("token_examples") or {}
+        stage = raw_meta.get("text_stage")
         explainer = cls(booster, str(raw_meta.get("name", "?")),
-                        {str(k): tuple(map(str, v)) for k, v in examples.items()})
+                        {str(k): tuple(map(str, v)) for k, v in examples.items()},
+                        None if stage is None else TextStage.from_json(stage, len(SCHEMA)))
         if probe is not None:
             explainer.check_against(probe)
         return explainer
@@ -206,7 +230,7 @@ class Explainer:
 
     def raw_scores(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """(n, 3) raw scores (what softmax turns into the class probabilities)."""
-        out = self._booster.predict(_rows(X), raw_score=True, num_threads=1)
+        out = self._booster.predict(_rows(self._extend(X)), raw_score=True, num_threads=1)
         return np.asarray(out, dtype=np.float64).reshape(len(X), len(CLASS_NAMES))
 
     def contributions(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -214,7 +238,7 @@ class Explainer:
 
         Per class they sum to the raw score (LightGBM's guarantee; tests/test_explain.py checks it).
         """
-        out = self._booster.predict(_rows(X), pred_contrib=True, num_threads=1)
+        out = self._booster.predict(_rows(self._extend(X)), pred_contrib=True, num_threads=1)
         return np.asarray(out, dtype=np.float64).reshape(len(X), len(CLASS_NAMES), len(self._names) + 1)
 
     def explain(
@@ -230,8 +254,9 @@ class Explainer:
         if not len(X):
             return []
         phi = self.contributions(X)
+        extended = self._extend(X)
         return [
-            self._one(X[i], phi[i], *target_classes(verdicts[i], probs[i].tolist()),
+            self._one(extended[i], phi[i], *target_classes(verdicts[i], probs[i].tolist()),
                       words[i] if words is not None else _NO_WORDS)
             for i in range(len(X))
         ]
@@ -268,8 +293,6 @@ def _booster(path: Path, data: bytes) -> Any:
         booster = lgb.Booster(model_str=data.decode("utf-8"))
     except (UnicodeDecodeError, lgb.basic.LightGBMError) as exc:
         raise ModelError(f"explainer {path} is not a LightGBM model: {exc}") from exc
-    if booster.num_feature() != len(SCHEMA) or tuple(booster.feature_name()) != SCHEMA.names:
-        raise ModelError(f"explainer {path} has other features than the code's schema {SCHEMA.digest}")
     if booster.num_model_per_iteration() != len(CLASS_NAMES):
         raise ModelError(f"explainer {path} is not a {len(CLASS_NAMES)}-class model")
     return booster

@@ -54,6 +54,15 @@ def _graph_raw_scores(X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return np.asarray(raw, dtype=np.float64)
 
 
+def _graph_stage_scores(X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The shipped graph's text-stage scores (an empty block for a model without a stage)."""
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    if "text_scores" not in [o.name for o in session.get_outputs()]:
+        return np.zeros((len(X), 0), dtype=np.float32)
+    (scores,) = session.run(["text_scores"], {"input": X})
+    return np.asarray(scores, dtype=np.float32)
+
+
 @pytest.fixture(scope="module")
 def loaded() -> tuple[Classifier, Explainer, npt.NDArray[np.float32]]:
     classifier = Classifier.load(MODEL, providers=("CPUExecutionProvider",))
@@ -69,7 +78,8 @@ def test_contributions_sum_to_the_graphs_raw_score_per_class(
     classifier, explainer, X = loaded
     assert len(X) > 100
     phi = explainer.contributions(X)
-    assert phi.shape == (len(X), len(CLASS_NAMES), len(SCHEMA) + 1)
+    assert phi.shape == (len(X), len(CLASS_NAMES), len(explainer.feature_names) + 1)
+    assert explainer.feature_names[: len(SCHEMA)] == SCHEMA.names
     raw = _graph_raw_scores(X)
     worst = np.abs(phi.sum(axis=2) - raw).max()
     assert worst <= SUM_TOLERANCE, worst
@@ -87,6 +97,7 @@ def test_an_explanation_adds_up_to_the_log_odds_it_explains(
     raw = _graph_raw_scores(X)
     verdicts = [CLASS_NAMES[int(k)] for k in probs.argmax(axis=1)]
     explained = explainer.explain(X, verdicts, probs)
+    stage = _graph_stage_scores(X)
     kinds = set()
     for i, e in enumerate(explained):
         t, v = target_classes(verdicts[i], probs[i].tolist())
@@ -97,7 +108,10 @@ def test_an_explanation_adds_up_to_the_log_odds_it_explains(
         assert all(c.contribution > 0 for c in e.towards) and all(c.contribution < 0 for c in e.against)
         assert [abs(c.contribution) for c in e.towards] == sorted((abs(c.contribution) for c in e.towards),
                                                                   reverse=True)
-        assert all(c.value == X[i, SCHEMA.names.index(c.feature)] for c in e.contributions)
+        # a feature's value is the message's; a text-stage score's is the one the graph computed
+        extended = dict(zip(explainer.feature_names, np.concatenate([X[i], stage[i]]), strict=True))
+        assert all(c.value == pytest.approx(float(extended[c.feature]), rel=1e-5, abs=1e-5)
+                   for c in e.contributions)  # float32 sums in another order: the last bits may differ
         assert all(c.text and c.text != c.feature for c in e.contributions)
         stored = Explanation.from_json(json.loads(json.dumps(e.as_json())))
         assert stored.score == pytest.approx(e.score, abs=1e-5)

@@ -184,7 +184,9 @@ def test_table_for_people(recorded: Recorded) -> None:
         row = s.get(pk)
         assert row is not None and row.explanation is not None
         doctored = dict(row.explanation)
-        doctored["towards"] = [{**doctored["towards"][0], "contribution": 99.0, "text": MARKUP}]
+        # a feature of its own, so that its only wording is this one (the commonest wording is shown)
+        doctored["towards"] = [{**doctored["towards"][0], "feature": "x_markup_probe", "contribution": 99.0,
+                                "text": MARKUP}]
         with s.engine.begin() as conn:
             conn.execute(sa.update(Message).where(Message.id == pk).values(explanation=doctored))
     command = ["quarantine", "stats", "--why", "--top", "100000", "--db", recorded.url]

@@ -36,16 +36,20 @@ CORPORA = REPO / ".cache" / "corpora"
 MAX_PER_GROUP = 600
 N_LABELS = 20  # what the admin labels; every 5th is held back as a "recent label"
 
-# The campaign: Enron-Spam's stock-promotion run "Investor Alert SPNI up NN%" (80 messages). Chosen by
-# training a subsampled model with every >= 40-message Subject cluster of enron-spam and phishing-pot
-# held out and keeping the clusters it missed: the three stock-pump runs were caught 0% (the test
-# asserts the miss again below). A fixed pattern rather than a search keeps the choice deterministic.
-CAMPAIGN = re.compile(rb"^subject:[ \t]*investor alert spni up \d+%", re.IGNORECASE | re.MULTILINE)
+# The campaign: Enron-Spam's stock promotion "Enjoy Media (EJYM) Enters Chinese TV Advertising Market"
+# (79 messages). Chosen by training a subsampled model with every >= 40-message Subject cluster of
+# enron-spam and phishing-pot held out and keeping the clusters it missed most: this one was caught 33 %
+# at the tag level (the test asserts the miss again below). The run this test used before ("Investor
+# Alert SPNI") is caught unaided since the text stage (docs/DETECTION.md); so is "Computer Products on
+# Sale", which was missed, but it is image-only shop mail, and learning it from 16 labels raised the
+# scores of the modern commercial ham it resembles: the gate refused the retrain (correctly), so it tests
+# the gate, not the loop. A fixed pattern rather than a search keeps the choice deterministic.
+CAMPAIGN = re.compile(rb"^subject:[ \t]*enjoy media \(ejym\)", re.IGNORECASE | re.MULTILINE)
 # Its family: the other stock-promotion runs of the same spam operation. They are held out of the base
 # training too, so the baseline has never seen stock-pump mail (with them in training it learns the family
-# and catches SPNI unaided, and the test would say nothing about the learning loop).
+# and catches the campaign unaided, and the test would say nothing about the learning loop).
 FAMILY = re.compile(
-    rb"^subject:[ \t]*(continued growth at orbit drop|enjoy media \(ejym\))", re.IGNORECASE | re.MULTILINE
+    rb"^subject:[ \t]*(investor alert spni up|continued growth at orbit drop)", re.IGNORECASE | re.MULTILINE
 )
 
 

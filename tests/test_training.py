@@ -38,6 +38,7 @@ from training.thresholds import (
     DISABLED,
     choose_thresholds,
     decide,
+    rule_threshold,
     threshold_for_fpr,
     worst_corpus_threshold,
 )
@@ -195,6 +196,26 @@ def test_worst_corpus_threshold_protects_small_corpus() -> None:
     assert t > 0.9  # pooled FPR would have allowed flagging it (1 of 10,003 < 0.1%)
 
 
+def test_rule_pools_old_ham_guards_each_corpus_and_keeps_modern_ham_apart() -> None:
+    """Old ham pooled at the target; a corpus never past its guard; the modern group at its own target."""
+    big = np.zeros(9_000)
+    mid = np.concatenate([np.zeros(997), [0.8, 0.81, 0.82]])  # three high ham in a 1,000-ham corpus
+    scores = np.concatenate([big, mid])
+    corpora = ["big"] * len(big) + ["mid"] * len(mid)
+    is_ham = np.ones(len(scores), dtype=bool)
+    # per corpus at 0.1 % the three would set the cut; pooled, 10 of 10,000 may be flagged
+    assert worst_corpus_threshold(scores, is_ham, corpora, 0.001) > 0.81
+    assert rule_threshold(scores, is_ham, corpora, 0.001, 0.005, 0.005) <= 0.8
+    # a guard of 0.2 % allows 2 of the corpus's 1,000: the third stays unflagged
+    assert 0.8 < rule_threshold(scores, is_ham, corpora, 0.001, 0.002, 0.005) <= 0.81
+    # modern ham is its own group: one of 40 newsletters at 0.95 sets the cut at a 0.5 % target
+    with_modern = np.concatenate([scores, np.zeros(39), [0.95]])
+    names = corpora + ["modern-bulk-ham"] * 40
+    is_ham = np.ones(len(with_modern), dtype=bool)
+    assert rule_threshold(with_modern, is_ham, names, 0.001, 0.005, 0.005) > 0.95
+    assert rule_threshold(with_modern, is_ham, names, 0.001, 0.005, 0.03) <= 0.8  # 1 of 40 allowed
+
+
 def test_class_without_training_examples_gets_disabled_thresholds() -> None:
     rng = np.random.default_rng(1)
     probs = np.zeros((200, 3), dtype=np.float32)
@@ -218,7 +239,7 @@ def test_decide_prefers_bec_when_its_threshold_passes() -> None:
 # --- export parity -------------------------------------------------------------------------------
 
 
-def _tiny_booster() -> tuple[lgb.Booster, npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+def _tiny_booster() -> tuple[mdl.Fitted, npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 6)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 1).astype(np.int64)
@@ -255,6 +276,7 @@ def test_export_is_exact_when_a_split_threshold_rounds_up_onto_a_feature_value()
     X = np.stack([np.array(levels)[k], rng.normal(size=3000)], axis=1).astype(np.float32)
     y = (k % 3).astype(np.int64)
     booster = lgb.train({**mdl.lgb_params(mdl.FitConfig()), "min_data_in_leaf": 5}, lgb.Dataset(X, y), 20)
+    fitted = mdl.Fitted(booster, None)
     naive = convert_lightgbm(
         booster,
         initial_types=[("input", FloatTensorType([None, 2]))],
@@ -262,10 +284,10 @@ def test_export_is_exact_when_a_split_threshold_rounds_up_onto_a_feature_value()
         target_opset=mdl.TARGET_OPSET,
     )
     with pytest.raises(mdl.ExportMismatchError):  # the converter alone gets rows wrong
-        mdl.check_parity(mdl.predict(booster, X), mdl.onnx_probabilities(naive.SerializeToString(), X))
-    fixed = mdl.to_onnx(booster, 2)
+        mdl.check_parity(mdl.predict(fitted, X), mdl.onnx_probabilities(naive.SerializeToString(), X))
+    fixed = mdl.to_onnx(fitted, 2)
     assert (
-        mdl.check_parity(mdl.predict(booster, X), mdl.onnx_probabilities(fixed.SerializeToString(), X)) < 1e-5
+        mdl.check_parity(mdl.predict(fitted, X), mdl.onnx_probabilities(fixed.SerializeToString(), X)) < 1e-5
     )
 
 

@@ -137,6 +137,12 @@ def _dominant_domains(messages: Sequence[Message]) -> frozenset[tuple[str, str, 
     )
 
 
+def sender_keys(messages: Sequence[Message]) -> list[str]:
+    """Every message's sender key, as the sender split groups them (folds within training use it too)."""
+    dominant = _dominant_domains(messages)
+    return [sender_key(m, dominant) for m in messages]
+
+
 def sender_split(
     messages: Sequence[Message], val_frac: float = 0.1, test_frac: float = 0.2
 ) -> npt.NDArray[np.int8]:
@@ -146,10 +152,9 @@ def sender_split(
     time split asks "on newer mail of the same senders". The hash makes it deterministic and the same
     sender lands on the same side in every corpus and every run.
     """
-    dominant = _dominant_domains(messages)
     split = np.full(len(messages), TRAIN, dtype=np.int8)
-    for i, msg in enumerate(messages):
-        u = int.from_bytes(hashlib.sha256(sender_key(msg, dominant).encode()).digest()[:8], "big") / 2.0**64
+    for i, key in enumerate(sender_keys(messages)):
+        u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
         split[i] = TEST if u < test_frac else VAL if u < test_frac + val_frac else TRAIN
     return split
 

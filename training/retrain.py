@@ -132,6 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--corpus-balance", type=float, default=d.corpus_balance)
     p.add_argument("--modern-ham-weight", type=float, default=d.modern_ham_weight)
+    p.add_argument("--text-c", type=float, default=d.text_c, help="as milter-train")
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")
@@ -244,6 +245,13 @@ def label_rows(
     return np.repeat(X, copies, axis=0), np.repeat(y, copies), np.repeat(w / copies, copies)
 
 
+def label_groups(labels: int, rows: int) -> list[str]:
+    """Fold groups of the label rows `label_rows` made: the copies of one label stay together, so the
+    text stage never scores a label with a fit that saw its own copies."""
+    copies = rows // max(labels, 1)
+    return [f"label:{i // copies}" for i in range(rows)] if labels else []
+
+
 def fit_challenger(
     args: argparse.Namespace,
     features: ModuleType,
@@ -262,7 +270,7 @@ def fit_challenger(
     w_lab = label_weights(y_lab, ds.y[tr], weights[tr], args.label_weight)
     X_fit, y_fit, w_fit = label_rows(X_lab, y_lab, w_lab, cfg.min_data_in_leaf)
     t0 = time.monotonic()
-    booster = mdl.fit(
+    fitted = mdl.fit(
         np.concatenate([setup.X_train, X_fit]),
         np.concatenate([ds.y[tr], y_fit]),
         np.concatenate([weights[tr], w_fit]),
@@ -271,17 +279,19 @@ def fit_challenger(
         weights[va],
         ds.feature_names,
         cfg,
+        groups=[setup.groups[i] for i in tr] + label_groups(len(y_lab), len(y_fit)),
+        labels=np.concatenate([np.zeros(len(tr), dtype=bool), np.ones(len(y_fit), dtype=bool)]),
     )
     log.info(
-        "LightGBM: %d rounds in %.1fs (%d base + %d label rows)",
-        booster.current_iteration(),
+        "text stage and LightGBM: %d rounds in %.1fs (%d base + %d label rows)",
+        fitted.booster.current_iteration(),
         time.monotonic() - t0,
         len(tr),
         len(y_lab),
     )
     out = export_and_evaluate(
         ds,
-        booster,
+        fitted,
         args=args,
         features=features,
         cfg=cfg,

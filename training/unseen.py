@@ -40,7 +40,7 @@ from training import model as mdl
 from training.corpora import read_header_block, sender_of
 from training.dataset import Dataset
 from training.evaluate import sliced_metrics
-from training.retrain import label_rows, label_weights
+from training.retrain import label_groups, label_rows, label_weights
 from training.thresholds import BEC, HAM, SPAM, Thresholds, choose_thresholds, decide
 from training.train import _features, fit_setup, load_dataset
 from training.train import parse_args as train_args
@@ -218,6 +218,8 @@ def run_source(
             setup.weights[va],
             ds.feature_names,
             setup.cfg,
+            groups=[setup.groups[i] for i in tr] + label_groups(len(labels), len(y_lab)),
+            labels=np.concatenate([np.zeros(len(tr), dtype=bool), np.ones(len(y_lab), dtype=bool)]),
         )
         trained = frozenset(int(c) for c in np.unique(ds.y[fit_rows]))
         th = choose_thresholds(

@@ -424,11 +424,39 @@ def _language(noun: str, examples: str) -> Count:
                 f"{{n}} {noun}s (such as {examples})")
 
 
+@dataclass(frozen=True)
+class Leaning:
+    """A text-stage score (milter/stacking.py): the log-odds of a linear model over all the message's
+    words, read as which way the words lean and how strongly."""
+
+    like: str
+    unlike: str
+
+    def render(self, value: float) -> str:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = 0.0
+        # three wordings, no number: `quarantine stats --why` counts messages per wording, and the
+        # contribution beside it already says how much the score moved
+        if not math.isfinite(v) or abs(v) < 0.5:
+            return f"its words, weighed together, lean neither way ({self.like} or not)"
+        strength = "strongly " if abs(v) >= 3 else ""
+        side = self.like if v > 0 else self.unlike
+        return f"its words, weighed together, read {strength}like {side}"
+
+
+# the text stage's scores (milter.stacking.STAGE_NAMES), appended to the trees' input
+_STAGE: dict[str, Phrase] = {
+    "txt_words_unwanted": Leaning("spam or phishing", "wanted mail"),
+    "txt_words_phishing": Leaning("phishing", "other mail"),
+}
+
 # a lexicon group added without words here falls back to its column name (and fails the tests)
 _LANG: dict[str, Phrase] = {f"lang_{group}": _language(*words) for group, words in _LANGUAGE_WORDS.items()}
 
 DESCRIPTIONS: Mapping[str, Phrase] = MappingProxyType(
-    {**_HEADERS, **_MIME, **_IDENTITY, **_HTML, **_URL, **_ATTACHMENTS, **_SENDER, **_TEXT, **_LANG}
+    {**_HEADERS, **_MIME, **_IDENTITY, **_HTML, **_URL, **_ATTACHMENTS, **_SENDER, **_TEXT, **_LANG, **_STAGE}
 )
 
 
