@@ -101,7 +101,7 @@ def test_the_graph_computes_the_stage_and_the_trees_on_its_scores() -> None:
     probs, scores = mdl.onnx_outputs(data, X)
     assert model.stage is not None and scores is not None
     np.testing.assert_allclose(scores, model.stage.scores(X), rtol=1e-5, atol=1e-5)
-    extended = mdl.graph_extended(data, X)
+    extended = np.hstack([X, scores])
     assert mdl.check_parity(mdl.predict_extended(model.booster, extended), probs) < mdl.PARITY_TOL
     # the stage matters: with its weights zeroed the graph scores differently
     weights = next(t for t in proto.graph.initializer if t.name == "text_weights")

@@ -364,13 +364,6 @@ def onnx_outputs(
     return probs, (np.asarray(out[1], dtype=np.float32) if len(out) > 1 else None)
 
 
-def graph_extended(model_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """The trees' input as the graph computes it (features + its own text scores): the parity check
-    compares the trees on exactly these, so float32 summation order in the stage cannot flip a split."""
-    _, scores = onnx_outputs(model_bytes, X)
-    return X if scores is None else np.hstack([X, scores])
-
-
 def check_parity(
     reference: npt.NDArray[np.float64], exported: npt.NDArray[np.float32], tol: float = PARITY_TOL
 ) -> float:

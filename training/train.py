@@ -226,6 +226,7 @@ class Exported:
 
     onnx_bytes: bytes
     explainer: bytes  # the LightGBM model text of the same trees (milter.explain)
+    feature_names: tuple[str, ...]  # the trees' inputs: the schema's, then the text stage's
     meta: dict[str, Any]
     thresholds: Thresholds
     results: Any
@@ -254,11 +255,10 @@ def export_and_evaluate(
     onnx_bytes = mdl.to_onnx(model, ds.X.shape[1]).SerializeToString()
     parts = [ds.X[va], ds.X[te]] + ([extra_X] if extra_X is not None and len(extra_X) else [])
     check = np.concatenate(parts)
-    probs = mdl.onnx_probabilities(onnx_bytes, check)
+    probs, stage_scores = mdl.onnx_outputs(onnx_bytes, check)
     # the trees on the graph's own text-stage scores: float32 summation order must not flip a split
-    max_diff = mdl.check_parity(
-        mdl.predict_extended(model.booster, mdl.graph_extended(onnx_bytes, check)), probs
-    )
+    extended = check if stage_scores is None else np.hstack([check, stage_scores])
+    max_diff = mdl.check_parity(mdl.predict_extended(model.booster, extended), probs)
     explainer = mdl.explainer_text(model, onnx_bytes, check)
     p_val, p_test = probs[: len(va)], probs[len(va) : len(va) + len(te)]
     seen = ds.y[tr] if extra_y is None else np.concatenate([ds.y[tr], extra_y])
@@ -291,7 +291,9 @@ def export_and_evaluate(
         code_version=code_version,
         created=datetime.now(UTC),
     )
-    return Exported(onnx_bytes, explainer, meta, thresholds, results, p_val, p_test, gain)
+    return Exported(
+        onnx_bytes, explainer, model.feature_names, meta, thresholds, results, p_val, p_test, gain
+    )
 
 
 def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
@@ -384,18 +386,12 @@ def run(args: argparse.Namespace) -> TrainResult:
         thresholds,
         p_test,
         ds.y[te],
-        top_features(meta_feature_names(ds, meta), gain, 30),
+        top_features(out.feature_names, gain, 30),
         bucket_token_map(features, ds, gain[: len(ds.feature_names)]),
         score_hard_ham(ds, onnx_bytes, thresholds),
     )
     passed = _print_summary(meta, results)
     return TrainResult(str(meta["name"]), onnx_path, meta_path, report_path, passed)
-
-
-def meta_feature_names(ds: Dataset, meta: dict[str, Any]) -> tuple[str, ...]:
-    """The trees' inputs: the schema's columns, then the text stage's (when the model has one)."""
-    stage = meta.get("text_stage")
-    return ds.feature_names + (tuple(stage["names"]) if stage else ())
 
 
 def score_hard_ham(ds: Dataset, onnx_bytes: bytes, t: Thresholds) -> list[HardHam]:
