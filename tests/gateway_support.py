@@ -126,6 +126,9 @@ class _SinkHandler:
 class Sink:
     """A downstream MTA stand-in: aiosmtpd with XFORWARD, keeping what it accepted."""
 
+    #: The session class; a subclass may raise aiosmtpd's limits (e.g. `line_length_limit`).
+    smtp_class: type[XForwardSMTP] = XForwardSMTP
+
     def __init__(self) -> None:
         self.messages: list[Received] = []
         self.behaviour = SinkBehaviour()
@@ -135,7 +138,7 @@ class Sink:
         handler = _SinkHandler(self)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: XForwardSMTP(
+            lambda: self.smtp_class(
                 handler, hostname="sink.test", data_size_limit=None, enable_SMTPUTF8=True, loop=loop
             ),
             "127.0.0.1",
