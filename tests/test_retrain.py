@@ -36,21 +36,20 @@ CORPORA = REPO / ".cache" / "corpora"
 MAX_PER_GROUP = 600
 N_LABELS = 20  # what the admin labels; every 5th is held back as a "recent label"
 
-# The campaign: Enron-Spam's stock promotion "Enjoy Media (EJYM) Enters Chinese TV Advertising Market"
-# (79 messages). Chosen by training a subsampled model with every >= 40-message Subject cluster of
-# enron-spam and phishing-pot held out and keeping the clusters it missed most: this one was caught 33 %
-# at the tag level (the test asserts the miss again below). The run this test used before ("Investor
-# Alert SPNI") is caught unaided since the text stage (docs/DETECTION.md); so is "Computer Products on
-# Sale", which was missed, but it is image-only shop mail, and learning it from 16 labels raised the
-# scores of the modern commercial ham it resembles: the gate refused the retrain (correctly), so it tests
-# the gate, not the loop. A fixed pattern rather than a search keeps the choice deterministic.
-CAMPAIGN = re.compile(rb"^subject:[ \t]*enjoy media \(ejym\)", re.IGNORECASE | re.MULTILINE)
-# Its family: the other stock-promotion runs of the same spam operation. They are held out of the base
-# training too, so the baseline has never seen stock-pump mail (with them in training it learns the family
-# and catches the campaign unaided, and the test would say nothing about the learning loop).
-FAMILY = re.compile(
-    rb"^subject:[ \t]*(investor alert spni up|continued growth at orbit drop)", re.IGNORECASE | re.MULTILINE
-)
+# The campaign: Enron-Spam's "1000's of Computer Products on Sale Now!" (87 messages of image-only shop
+# mail). Chosen by training a subsampled model with every >= 40-message Subject cluster of enron-spam
+# held out, then, for the clusters it missed, a baseline without that cluster alone (the way this test
+# trains it): every other cluster was caught unaided at the tag level, this one not at all (the test
+# asserts the miss again below). The runs this test used before are caught unaided by later models:
+# "Investor Alert SPNI" since the text stage, "Enjoy Media (EJYM)" (with its stock-pump family held
+# out) since the stage reads 2^18 hashed grams (docs/DETECTION.md). With the model before that, this
+# campaign's retrain was refused by the gate: learning it raised the modern commercial ham it resembles;
+# now it passes with the fixed-set ham FPR unchanged. A fixed pattern rather than a search keeps the
+# choice deterministic.
+CAMPAIGN = re.compile(rb"^subject:[ \t]*1000.s of computer products on sale", re.IGNORECASE | re.MULTILINE)
+# Related runs held out of the base training with the campaign (so the baseline has never seen their
+# kind), when the campaign has any: none among enron-spam's subjects for this one.
+FAMILY: re.Pattern[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,9 @@ def campaign() -> Campaign:
         return (when.timestamp() if when else float("inf"), m.order)
 
     members.sort(key=arrival)
-    family = [m for m in messages if m.label == "spam" and FAMILY.search(read_header_block(m.path))]
-    assert len(family) >= 80, f"family has {len(family)} members"
+    family = [
+        m for m in messages if FAMILY and m.label == "spam" and FAMILY.search(read_header_block(m.path))
+    ]
     return Campaign(tuple(members[:N_LABELS]), tuple(members[N_LABELS:]), tuple(family))
 
 

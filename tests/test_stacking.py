@@ -3,6 +3,8 @@ front of the trees, read back by the explainer, refused when its metadata is bro
 
 from __future__ import annotations
 
+import base64
+
 import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
@@ -11,7 +13,8 @@ import pytest
 from milter.errors import ModelError
 from milter.explain import Explainer
 from milter.features.describe import describe
-from milter.stacking import STAGE_NAMES, TextStage, stage_columns
+from milter.features.text import GRAM_SLOTS, GRAM_SPACE, gram_id, gram_ids
+from milter.stacking import STAGE_NAMES, TextStage, gram_norm, id_columns, stage_columns
 from training import model as mdl
 from training.retrain import label_groups
 
@@ -171,3 +174,123 @@ def test_stage_scores_are_described_in_words() -> None:
     assert describe("txt_words_phishing", 2.0).endswith("read like phishing")
     assert "lean neither way" in describe("txt_words_phishing", 0.1)
     assert "lean neither way" in describe("txt_words_phishing", float("nan"))
+
+
+# --- the wide vocabulary: gram ids read by the stage, never by the trees -------------------------------
+
+N_SLOTS = 24
+WIDE_NAMES = (*NAMES, *(f"gram_{i:03d}" for i in range(N_SLOTS)))
+
+
+def _wide_data(n: int = 1500, seed: int = 1) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The word columns are noise; the class is told by which of 6,000 gram ids a message holds (spam
+    draws a third of its grams from 300 ids of its own), which only the wide part can see."""
+    rng = np.random.default_rng(seed)
+    X, y = _words_only_data(n, seed)
+    X[:, 1:] = np.log1p(rng.poisson(0.6, size=(n, N_TOK))).astype(np.float32)
+    ids = np.zeros((n, N_SLOTS), dtype=np.float32)
+    for i in range(n):
+        k = int(rng.integers(4, N_SLOTS + 1))
+        pool = rng.choice(np.arange(1000, 7000), size=k, replace=False)
+        if y[i] == 1:
+            pool[: k // 3] = rng.choice(np.arange(1, 301), size=k // 3, replace=False)
+        ids[i, :k] = pool
+    return np.hstack([X, ids]).astype(np.float32), y
+
+
+def _wide_fitted() -> tuple[mdl.Fitted, npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    X, y = _wide_data()
+    w = np.ones(len(y))
+    groups = [f"sender{i % 97}" for i in range(len(y))]
+    return mdl.fit(X, y, w, X, y, w, WIDE_NAMES, CFG, groups=groups), X, y
+
+
+def test_the_wide_part_sees_what_the_word_columns_cannot() -> None:
+    model, X, y = _wide_fitted()
+    stage = model.stage
+    assert stage is not None and stage.table is not None
+    assert stage.id_columns == id_columns(WIDE_NAMES) == tuple(range(N_TOK + 1, N_TOK + 1 + N_SLOTS))
+    assert stage.space == GRAM_SPACE
+    scores = stage.scores(X)
+    assert scores[y == 1, 0].mean() > scores[y == 0, 0].mean() + 1.0
+    # the ids of spam carry the weight; an id never seen in training carries none
+    assert stage.table[1:301, 0].mean() > 0 > stage.table[1000:7000, 0].mean()
+    assert not stage.table[7000:].any()
+    # text_grams="unwanted" (the default): the phishing score reads the word columns only
+    assert not stage.table[:, 1].any()
+    # the trees never split on an id column: a hash is not a quantity
+    used = model.booster.feature_importance(importance_type="split")
+    assert not used[list(stage.id_columns)].any()
+    assert used[len(WIDE_NAMES)] > 0  # ... but on the stage's score
+
+
+def test_the_graph_computes_the_wide_part_as_the_stage_does() -> None:
+    model, X, _ = _wide_fitted()
+    assert model.stage is not None
+    proto = mdl.to_onnx(model, X.shape[1])
+    assert [i.name for i in proto.graph.input] == [mdl.INPUT_NAME]
+    data = proto.SerializeToString()
+    probs, scores = mdl.onnx_outputs(data, X)
+    assert scores is not None
+    np.testing.assert_allclose(scores, model.stage.scores(X), rtol=1e-5, atol=1e-5)
+    trees = mdl.predict_extended(model.booster, np.hstack([X, scores]))
+    assert mdl.check_parity(trees, probs) < mdl.PARITY_TOL
+    # ids outside the table (a hand-made vector) are clipped alike, not an inference error
+    odd = X[:5].copy()
+    odd[:, list(model.stage.id_columns)] = [[-7.0, 1e9, 3.5, *([0.0] * (N_SLOTS - 3))]] * 5
+    _, odd_scores = mdl.onnx_outputs(data, odd)
+    assert odd_scores is not None
+    np.testing.assert_allclose(odd_scores, model.stage.scores(odd), rtol=1e-5, atol=1e-5)
+    # the table matters: zeroed, the graph scores differently
+    table = next(t for t in proto.graph.initializer if t.name == "gram_table")
+    table.raw_data = np.zeros((table.dims[0], table.dims[1]), dtype=np.float32).tobytes()
+    assert np.abs(mdl.onnx_probabilities(proto.SerializeToString(), X) - probs).max() > 0.05
+
+
+def test_an_export_whose_trees_read_an_id_column_is_refused() -> None:
+    model, X, y = _wide_fitted()
+    assert model.stage is not None
+    leaky = lgb.train({**mdl.lgb_params(CFG), "min_data_in_leaf": 5}, lgb.Dataset(
+        np.hstack([X, model.stage.scores(X)]), y, feature_name=[*WIDE_NAMES, *STAGE_NAMES]), 20)
+    assert leaky.feature_importance(importance_type="split")[list(model.stage.id_columns)].any()
+    with pytest.raises(mdl.ExportMismatchError, match="gram id columns"):
+        mdl.to_onnx(mdl.Fitted(leaky, model.stage), X.shape[1])
+
+
+def test_the_wide_table_round_trips_and_a_broken_one_is_refused() -> None:
+    model, X, _ = _wide_fitted()
+    assert model.stage is not None
+    good = model.stage.as_json()
+    back = TextStage.from_json(good, X.shape[1])
+    np.testing.assert_array_equal(back.scores(X), model.stage.scores(X))
+    assert back.table is not None and back.table.shape == (GRAM_SPACE + 1, len(STAGE_NAMES))
+    row0 = np.zeros_like(back.table)
+    row0[0, 0] = 1.0
+    for broken, match in (
+        ({**good, "table_f32le_b64": "not base64!"}, "malformed"),
+        ({**good, "table_shape": [7, 2]}, "malformed"),
+        ({**good, "table_f32le_b64": base64.b64encode(row0.astype("<f4").tobytes()).decode()}, "malformed"),
+        ({**good, "id_columns": [X.shape[1]]}, "outside"),
+    ):
+        with pytest.raises(ModelError, match=match):
+            TextStage.from_json(broken, X.shape[1])
+
+
+def test_gram_ids_are_the_first_distinct_grams_in_reading_order() -> None:
+    toks = ["click", "here", "click", "here", "now"]
+    ids = gram_ids(toks)
+    assert ids.dtype == np.float32 and ids.shape == (GRAM_SLOTS,)
+    expected = [gram_id(g) for g in ("click", "click here", "here", "here click", "here now", "now")]
+    assert ids[:6].tolist() == expected  # "click here" once though it occurs twice
+    assert not ids[6:].any()
+    assert all(1 <= i <= GRAM_SPACE for i in expected) and max(expected) < 2**24  # exact in float32
+    long = gram_ids([f"w{i}" for i in range(5 * GRAM_SLOTS)])
+    assert long.all() and long[0] == gram_id("w0")  # full, and it kept the start
+    assert not gram_ids([]).any()
+
+
+def test_gram_norm_keeps_a_long_text_from_summing_to_certainty() -> None:
+    ids = np.zeros((3, 8), dtype=np.int64)
+    ids[1, :1] = 5
+    ids[2, :] = np.arange(1, 9)
+    assert gram_norm(ids).tolist() == pytest.approx([1.0, 1.0, np.sqrt(8)])

@@ -21,7 +21,8 @@ import onnxruntime as ort
 from onnxmltools import convert_lightgbm
 from onnxmltools.convert.common.data_types import FloatTensorType
 
-from milter.stacking import STAGE_NAMES, TextStage, stage_columns
+from milter.features.text import GRAM_SPACE
+from milter.stacking import STAGE_NAMES, TextStage, gram_norm, id_columns, stage_columns
 from milter.types import CLASS_NAMES
 from training.thresholds import BEC, HAM, MODERN_HAM
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 #: Highest ai.onnx opset onnxmltools' LightGBM converter emits; onnxruntime >= 1.18 runs it.
 TARGET_OPSET = 15
+WIDE_OPSET = 13  # the text stage's wide vocabulary (ReduceSum with axes input, Clip on int64)
 INPUT_NAME = "input"
 PROBA_OUTPUT = "probabilities"
 TEXT_OUTPUT = "text_scores"  # the text stage's scores, an extra output the parity check reads
@@ -65,6 +67,10 @@ class FitConfig:
     # columns (docs/DETECTION.md); 0 turns the stage off.
     text_c: float = 1.0
     text_folds: int = 5
+    # Which of the stage's regressions also read the wide vocabulary (the gram id columns, 2^18 hashed
+    # grams, milter/features/text.py): "none", "unwanted" (not-ham vs ham only) or "both".
+    text_grams: str = "unwanted"
+    gram_scale: float = 10.0
 
 
 def lgb_params(cfg: FitConfig) -> dict[str, Any]:
@@ -127,7 +133,7 @@ def fold_of(groups: Sequence[str], folds: int) -> npt.NDArray[np.int64]:
     return np.array([zlib.crc32(g.encode("utf-8", "replace")) % folds for g in groups], dtype=np.int64)
 
 
-def _linear(X: npt.NDArray[np.float32], target: npt.NDArray[np.bool_], w: npt.NDArray[np.float64], c: float
+def _linear(X: Any, target: npt.NDArray[np.bool_], w: npt.NDArray[np.float64], c: float
             ) -> tuple[npt.NDArray[np.float64], float]:
     """Weights and intercept of an L2 logistic regression; zeros when the target has one value (a
     class absent from training, e.g. bec without Phishing Pot: a constant carries no evidence)."""
@@ -145,19 +151,52 @@ def _linear(X: npt.NDArray[np.float32], target: npt.NDArray[np.bool_], w: npt.ND
     return np.asarray(model.coef_[0], dtype=np.float64), float(model.intercept_[0])
 
 
+def stage_design(
+    X: npt.NDArray[np.float32], columns: Sequence[int], ids: Sequence[int], space: int, scale: float = 1.0
+) -> Any:
+    """The regressions' input, sparse: the hashed word columns, then one column per gram id 1..space,
+    1/sqrt(n) where the row's n id columns hold it (ids above `space` are clipped, as in the graph)."""
+    from scipy import sparse
+
+    dense = sparse.csr_matrix(np.nan_to_num(X[:, list(columns)]))
+    if not ids:
+        return dense
+    grams = np.clip(X[:, list(ids)].astype(np.int64), 0, space)
+    rows, slots = np.nonzero(grams)
+    value = scale / gram_norm(grams)
+    wide = sparse.csr_matrix((value[rows], (rows, grams[rows, slots] - 1)), shape=(len(X), space))
+    return sparse.hstack([dense, wide], format="csr")
+
+
 def fit_text_stage(
     X: npt.NDArray[np.float32],
     y: npt.NDArray[np.int64],
     w: npt.NDArray[np.float64],
     columns: Sequence[int],
     c: float,
+    ids: Sequence[int] = (),
+    grams: str = "none",
+    space: int = GRAM_SPACE,
+    scale: float = 1.0,
 ) -> TextStage:
-    """The stage's two regressions (not-ham vs ham, bec vs the rest) over `columns` of X."""
-    T = np.nan_to_num(X[:, list(columns)])
-    fits = [_linear(T, target, w, c) for target in (y != HAM, y == BEC)]
-    weights = np.column_stack([f[0] for f in fits]).astype(np.float32)
-    bias = np.array([f[1] for f in fits], dtype=np.float32)
-    return TextStage(tuple(columns), weights, bias, STAGE_NAMES)
+    """The stage's two regressions (not-ham vs ham, bec vs the rest) over `columns` of X and, for the
+    heads `grams` names, the gram ids in the `ids` columns."""
+    ids = tuple(ids) if grams != "none" else ()
+    # `scale` sets the wide block's strength against the L2 penalty (a C of its own); the table is
+    # stored pre-multiplied, so the graph divides by sqrt(n) only
+    wide = stage_design(X, columns, ids, space, scale) if ids else None
+    narrow = stage_design(X, columns, (), space)
+    use = (grams in ("unwanted", "both"), grams == "both")
+    n = len(columns)
+    weights = np.zeros((n, len(STAGE_NAMES)), dtype=np.float32)
+    table = np.zeros((space + 1, len(STAGE_NAMES)), dtype=np.float32) if ids else None
+    bias = np.zeros(len(STAGE_NAMES), dtype=np.float32)
+    for k, target in enumerate((y != HAM, y == BEC)):
+        coef, bias[k] = _linear(wide if use[k] and wide is not None else narrow, target, w, c)
+        weights[:, k] = coef[:n]
+        if table is not None and len(coef) > n:
+            table[1:, k] = coef[n:] * scale
+    return TextStage(tuple(columns), weights, bias, STAGE_NAMES, ids, table)
 
 
 def out_of_fold_scores(
@@ -167,6 +206,7 @@ def out_of_fold_scores(
     groups: Sequence[str],
     columns: Sequence[int],
     cfg: FitConfig,
+    names: Sequence[str] = (),
 ) -> npt.NDArray[np.float32]:
     """The stage's scores for training rows, each from a stage fitted without its sender's fold.
 
@@ -177,7 +217,11 @@ def out_of_fold_scores(
     for k in range(cfg.text_folds):
         held = fold == k
         if held.any() and (~held).any():
-            out[held] = fit_text_stage(X[~held], y[~held], w[~held], columns, cfg.text_c).scores(X[held])
+            stage = fit_text_stage(
+                X[~held], y[~held], w[~held], columns, cfg.text_c, id_columns(names), cfg.text_grams,
+                scale=cfg.gram_scale,
+            )
+            out[held] = stage.scores(X[held])
     return out
 
 
@@ -207,15 +251,20 @@ def fit(
     if cfg.text_c > 0 and columns:
         groups = groups if groups is not None else [str(i) for i in range(len(y_train))]
         base = np.ones(len(y_train), dtype=bool) if labels is None else ~np.asarray(labels, dtype=bool)
-        stage = fit_text_stage(X_train[base], y_train[base], w_train[base], columns, cfg.text_c)
+        stage = fit_text_stage(
+            X_train[base], y_train[base], w_train[base], columns, cfg.text_c, id_columns(names),
+            cfg.text_grams, scale=cfg.gram_scale,
+        )
         scores = stage.scores(X_train)
         scores[base] = out_of_fold_scores(
             X_train[base], y_train[base], w_train[base], [g for g, b in zip(groups, base, strict=True) if b],
-            columns, cfg,
+            columns, cfg, names,
         )
         X_train = np.hstack([X_train, scores])
         X_val = stage.extend(X_val)
         names += list(stage.names)
+    # the gram ids are hashes, not quantities: constant columns are columns LightGBM never splits on
+    X_train, X_val = hide_ids(X_train, names), hide_ids(X_val, names)
     train = lgb.Dataset(X_train, y_train, weight=w_train, feature_name=names, free_raw_data=False)
     val = lgb.Dataset(X_val, y_val, weight=w_val, reference=train, feature_name=names)
     booster = lgb.train(
@@ -227,6 +276,15 @@ def fit(
         callbacks=[lgb.early_stopping(cfg.early_stopping, verbose=False), lgb.log_evaluation(0)],
     )
     return Fitted(booster, stage)
+
+
+def hide_ids(X: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np.float32]:
+    ids = list(id_columns(names))
+    if not ids:
+        return X
+    X = X.copy()
+    X[:, ids] = 0.0
+    return X
 
 
 def predict(model: Fitted, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -308,10 +366,15 @@ def to_onnx(model: Fitted, n_features: int) -> onnx.ModelProto:
             dims[0].dim_param = "N"
     log.info("ONNX export: %d split thresholds rounded down to float32", _fix_thresholds(proto, booster))
     if stage is not None:
+        _check_ids_unread(booster, stage.id_columns)
         _prepend_stage(proto, stage, n_features)
     # The converter lists opset imports in set order, which varies between runs: sort them so the same
     # fit always serialises to the same bytes (and the same model name).
     opsets = sorted((o.domain, o.version) for o in proto.opset_import)
+    if stage is not None and stage.id_columns:
+        # ReduceSum with its axes as an input and Clip on int64 need ai.onnx 13 (IR version 7)
+        opsets = [(d, max(v, WIDE_OPSET) if d == "" else v) for d, v in opsets]
+        proto.ir_version = max(proto.ir_version, 7)
     del proto.opset_import[:]
     for domain, version in opsets:
         proto.opset_import.add(domain=domain, version=version)
@@ -321,8 +384,10 @@ def to_onnx(model: Fitted, n_features: int) -> onnx.ModelProto:
 
 
 def _prepend_stage(proto: onnx.ModelProto, stage: TextStage, n_features: int) -> None:
-    """input -> Gather(columns) -> MatMul(weights) -> Add(bias) = text_scores; Concat(input, text_scores)
-    = the trees' input. Standard operators only (every execution provider has them)."""
+    """input -> Gather(columns) -> MatMul(weights) -> Add(bias) [+ the wide vocabulary] = text_scores;
+    Concat(input, text_scores) = the trees' input. The wide part: Gather(id columns) -> Cast(int64) ->
+    Clip(0, space) -> Gather(table rows) -> ReduceSum over the slots, divided by sqrt(number of ids).
+    Standard operators only (every execution provider has them)."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
@@ -335,18 +400,57 @@ def _prepend_stage(proto: onnx.ModelProto, stage: TextStage, n_features: int) ->
             numpy_helper.from_array(stage.bias.astype(np.float32), "text_bias"),
         ]
     )
+    dense = TEXT_OUTPUT if not stage.id_columns else "text_dense"
     nodes = [
         helper.make_node("Gather", [INPUT_NAME, "text_columns"], ["text_in"], axis=1, name="text_gather"),
         helper.make_node("MatMul", ["text_in", "text_weights"], ["text_mm"], name="text_matmul"),
-        helper.make_node("Add", ["text_mm", "text_bias"], [TEXT_OUTPUT], name="text_bias_add"),
-        helper.make_node("Concat", [INPUT_NAME, TEXT_OUTPUT], [EXTENDED], axis=1, name="text_concat"),
+        helper.make_node("Add", ["text_mm", "text_bias"], [dense], name="text_bias_add"),
     ]
+    if stage.id_columns and stage.table is not None:
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.asarray(stage.id_columns, dtype=np.int64), "gram_columns"),
+                numpy_helper.from_array(stage.table.astype(np.float32), "gram_table"),
+                numpy_helper.from_array(np.array(0, dtype=np.int64), "gram_low"),
+                numpy_helper.from_array(np.array(stage.space, dtype=np.int64), "gram_high"),
+                numpy_helper.from_array(np.array([1], dtype=np.int64), "gram_axis"),
+                numpy_helper.from_array(np.array(1.0, dtype=np.float32), "gram_min_n"),
+            ]
+        )
+        nodes += [
+            helper.make_node("Gather", [INPUT_NAME, "gram_columns"], ["gram_f"], axis=1, name="gram_gather"),
+            helper.make_node("Cast", ["gram_f"], ["gram_i"], to=TensorProto.INT64, name="gram_cast"),
+            helper.make_node("Clip", ["gram_i", "gram_low", "gram_high"], ["gram_ids"], name="gram_clip"),
+            helper.make_node("Gather", ["gram_table", "gram_ids"], ["gram_w"], axis=0, name="gram_lookup"),
+            helper.make_node("ReduceSum", ["gram_w", "gram_axis"], ["gram_sum"], keepdims=0, name="gram_sum"),
+            # / sqrt(max(1, number of ids)), as milter.stacking.gram_norm
+            helper.make_node("Greater", ["gram_ids", "gram_low"], ["gram_present"], name="gram_present"),
+            helper.make_node("Cast", ["gram_present"], ["gram_one"], to=TensorProto.FLOAT, name="gram_one"),
+            helper.make_node(
+                "ReduceSum", ["gram_one", "gram_axis"], ["gram_n"], keepdims=1, name="gram_count"
+            ),
+            helper.make_node("Max", ["gram_n", "gram_min_n"], ["gram_n1"], name="gram_at_least_one"),
+            helper.make_node("Sqrt", ["gram_n1"], ["gram_norm"], name="gram_sqrt"),
+            helper.make_node("Div", ["gram_sum", "gram_norm"], ["gram_scaled"], name="gram_scale"),
+            helper.make_node("Add", [dense, "gram_scaled"], [TEXT_OUTPUT], name="gram_add"),
+        ]
+    nodes.append(
+        helper.make_node("Concat", [INPUT_NAME, TEXT_OUTPUT], [EXTENDED], axis=1, name="text_concat")
+    )
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)
     graph.output.append(
         helper.make_tensor_value_info(TEXT_OUTPUT, TensorProto.FLOAT, [None, len(stage.names)])
     )
+
+
+def _check_ids_unread(booster: lgb.Booster, ids: Sequence[int]) -> None:
+    """The graph feeds the trees the id columns too: prove no split reads them."""
+    used = np.asarray(booster.feature_importance(importance_type="split"))
+    read = [i for i in ids if used[i] > 0]
+    if read:
+        raise ExportMismatchError(f"trees split on gram id columns {read[:5]}: ids must be hidden from them")
 
 
 def onnx_probabilities(model_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -133,6 +133,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus-balance", type=float, default=d.corpus_balance)
     p.add_argument("--modern-ham-weight", type=float, default=d.modern_ham_weight)
     p.add_argument("--text-c", type=float, default=d.text_c, help="as milter-train")
+    p.add_argument("--text-grams", choices=("none", "unwanted", "both"), default=d.text_grams,
+                   help="as milter-train")
+    p.add_argument("--gram-scale", type=float, default=d.gram_scale, help="as milter-train")
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")

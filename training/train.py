@@ -125,6 +125,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="L2 strength (sklearn C) of the text stage's regressions; 0: none (default: %(default)s)",
     )
     p.add_argument(
+        "--text-grams",
+        choices=("none", "unwanted", "both"),
+        default=mdl.FitConfig.text_grams,
+        help="which text-stage regressions also read the 2^18 hashed grams (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gram-scale",
+        type=float,
+        default=mdl.FitConfig.gram_scale,
+        help="strength of the hashed grams against the stage's L2 penalty (default: %(default)s)",
+    )
+    p.add_argument(
         "--split-by",
         choices=("sender", "corpus", "subcollection"),
         # per sender (default): no sender domain on two sides, the production question for a new site's
@@ -305,6 +317,8 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         learning_rate=args.learning_rate,
         modern_ham_weight=args.modern_ham_weight,
         text_c=args.text_c,
+        text_grams=args.text_grams,
+        gram_scale=args.gram_scale,
     )
 
 

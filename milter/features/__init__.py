@@ -24,7 +24,7 @@ from milter.types import Envelope
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class FeatureSchema:
     @property
     def digest(self) -> str:
         """Changes whenever a feature is added, removed, reordered or the hashing changes."""
-        blob = "\n".join((self.version, str(text.HASH_BUCKETS), *self.names)).encode()
+        blob = "\n".join((self.version, str(text.HASH_BUCKETS), str(text.GRAM_SPACE), *self.names)).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def __len__(self) -> int:
@@ -61,7 +61,7 @@ GROUPS: tuple[tuple[tuple[str, ...], Group], ...] = (
     (content.ATTACH_NAMES, content.attachment_features),
     (sender.NAMES, sender.compute),
     (text.STAT_NAMES, _no_signals(text.stat_features)),
-    ((*text.LANG_NAMES, *text.HASH_NAMES), text.text_features),
+    ((*text.LANG_NAMES, *text.HASH_NAMES, *text.GRAM_NAMES), text.text_features),
 )
 
 SCHEMA = FeatureSchema(

@@ -40,6 +40,16 @@ STAT_NAMES: tuple[str, ...] = (
 )
 LANG_NAMES: tuple[str, ...] = tuple(f"lang_{name}" for name in lexicon.LANGUAGE)
 HASH_NAMES: tuple[str, ...] = tuple(f"tok_{i:04d}" for i in range(HASH_BUCKETS))
+# The text stage's wide vocabulary (milter/stacking.py): the message's first GRAM_SLOTS distinct uni- and
+# bigrams, each as its hashed id in 1..GRAM_SPACE (0: an empty slot). In 1,024 shared buckets each word
+# shares its column with thousands of others; 2^18 ids share 256 times less (the training corpora's 9.8
+# million gram occurrences fall on all but 0.2 % of them, so ids still collide). The ids travel inside
+# the feature vector (as float32, exact below 2^24) so the gateway, the store and the training cache carry
+# one vector as before; the trees never read these columns (training/model.py hides them), only the
+# stage. 512 slots hold all of a median message (170 distinct grams) and the start of a long newsletter.
+GRAM_SPACE = 1 << 18
+GRAM_SLOTS = 512
+GRAM_NAMES: tuple[str, ...] = tuple(f"gram_{i:03d}" for i in range(GRAM_SLOTS))
 
 # Words that name the corpora or their collectors rather than saying anything about a message.
 CORPUS_STOPWORDS = frozenset(
@@ -169,6 +179,26 @@ def hash_features(toks: list[str]) -> npt.NDArray[np.float32]:
     return np.log1p(counts).astype(np.float32)
 
 
+def gram_ids(toks: list[str]) -> npt.NDArray[np.float32]:
+    """The first GRAM_SLOTS distinct gram ids in reading order (each unigram, then the bigram it starts),
+    zero-padded: a set, so a word repeated a hundred times counts once, and long mail keeps its start."""
+    seen: dict[int, None] = {}
+    for i, tok in enumerate(toks):
+        for gram in (tok, f"{tok} {toks[i + 1]}") if i + 1 < len(toks) else (tok,):
+            seen.setdefault(gram_id(gram))
+            if len(seen) >= GRAM_SLOTS:
+                break
+        if len(seen) >= GRAM_SLOTS:
+            break
+    out = np.zeros(GRAM_SLOTS, dtype=np.float32)
+    out[: len(seen)] = list(seen)
+    return out
+
+
+def gram_id(gram: str) -> int:
+    return zlib.crc32(gram.encode("utf-8", "replace")) % GRAM_SPACE + 1
+
+
 def bucket_grams(text: str, limit: int = 3) -> dict[str, tuple[str, ...]]:
     """For explanations: each nonzero hashed column (`tok_0123`) -> the grams of `text` that fell in it,
     commonest first (ties: first seen), at most `limit`. `text` is what `text_features` reads (subject,
@@ -190,7 +220,7 @@ def text_features(ctx: Context) -> tuple[list[float] | npt.NDArray[np.float32], 
     all_words = words(ctx.parsed.subject + "\n" + ctx.body_text)
     lang, signals = language_features(ctx, all_words)
     toks = [t for t in all_words[:MAX_TOKENS] if t not in CORPUS_STOPWORDS]
-    return np.concatenate([np.asarray(lang, dtype=np.float32), hash_features(toks)]), signals
+    return np.concatenate([np.asarray(lang, dtype=np.float32), hash_features(toks), gram_ids(toks)]), signals
 
 
 def _phrase_tables() -> tuple[dict[tuple[str, ...], str], dict[str, tuple[int, ...]]]:
