@@ -168,31 +168,34 @@ def bucket(token: str) -> int:
     return zlib.crc32(token.encode("utf-8", "replace")) % HASH_BUCKETS
 
 
-def hash_features(toks: list[str]) -> npt.NDArray[np.float32]:
-    grams = Counter(toks)
-    grams.update(map(" ".join, itertools.pairwise(toks)))
-    # hash each distinct n-gram once; numpy does the per-bucket sums and the log scaling
-    idx = np.fromiter((zlib.crc32(g.encode("utf-8", "replace")) for g in grams), np.int64, len(grams))
-    counts = np.bincount(idx % HASH_BUCKETS, weights=np.fromiter(grams.values(), np.float64, len(grams)),
+def hashed_grams(toks: list[str]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(the HASH_BUCKETS columns, the GRAM_SLOTS gram ids) of a token list, from one pass: each distinct
+    uni- and bigram is joined and hashed once (CRC-32) for both."""
+    pairs = list(map(" ".join, itertools.pairwise(toks)))
+    # reading order: each unigram, then the bigram it starts; a Counter keeps first-seen order
+    grams = Counter(itertools.chain.from_iterable(zip(toks, pairs, strict=False)))  # pairs: one fewer
+    grams.update(toks[len(pairs) :])  # the last token starts no bigram
+    crc = np.fromiter((zlib.crc32(g.encode("utf-8", "replace")) for g in grams), np.int64, len(grams))
+    # numpy does the per-bucket sums and the log scaling: a long newsletter must not drown the tree
+    # splits in raw counts
+    counts = np.bincount(crc % HASH_BUCKETS, weights=np.fromiter(grams.values(), np.float64, len(grams)),
                          minlength=HASH_BUCKETS)
-    # log scaling keeps a long newsletter from drowning the tree splits in raw counts
-    return np.log1p(counts).astype(np.float32)
+    ids = crc % GRAM_SPACE + 1
+    _, first = np.unique(ids, return_index=True)  # two grams may share an id: keep it once, where first seen
+    slots = np.zeros(GRAM_SLOTS, dtype=np.float32)
+    kept = ids[np.sort(first)[:GRAM_SLOTS]]
+    slots[: len(kept)] = kept
+    return np.log1p(counts).astype(np.float32), slots
+
+
+def hash_features(toks: list[str]) -> npt.NDArray[np.float32]:
+    return hashed_grams(toks)[0]
 
 
 def gram_ids(toks: list[str]) -> npt.NDArray[np.float32]:
     """The first GRAM_SLOTS distinct gram ids in reading order (each unigram, then the bigram it starts),
     zero-padded: a set, so a word repeated a hundred times counts once, and long mail keeps its start."""
-    seen: dict[int, None] = {}
-    for i, tok in enumerate(toks):
-        for gram in (tok, f"{tok} {toks[i + 1]}") if i + 1 < len(toks) else (tok,):
-            seen.setdefault(gram_id(gram))
-            if len(seen) >= GRAM_SLOTS:
-                break
-        if len(seen) >= GRAM_SLOTS:
-            break
-    out = np.zeros(GRAM_SLOTS, dtype=np.float32)
-    out[: len(seen)] = list(seen)
-    return out
+    return hashed_grams(toks)[1]
 
 
 def gram_id(gram: str) -> int:
@@ -220,7 +223,8 @@ def text_features(ctx: Context) -> tuple[list[float] | npt.NDArray[np.float32], 
     all_words = words(ctx.parsed.subject + "\n" + ctx.body_text)
     lang, signals = language_features(ctx, all_words)
     toks = [t for t in all_words[:MAX_TOKENS] if t not in CORPUS_STOPWORDS]
-    return np.concatenate([np.asarray(lang, dtype=np.float32), hash_features(toks), gram_ids(toks)]), signals
+    buckets, ids = hashed_grams(toks)
+    return np.concatenate([np.asarray(lang, dtype=np.float32), buckets, ids]), signals
 
 
 def _phrase_tables() -> tuple[dict[tuple[str, ...], str], dict[str, tuple[int, ...]]]:
