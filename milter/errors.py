@@ -58,6 +58,16 @@ class DeliveryError(MilterError):
             self.smtp_text = text
 
 
+class DownstreamProtocolError(DeliveryError):
+    """The downstream's reply was not SMTP: no reply code, a code that is not three digits or outside
+    2yz-5yz, a line or reply over aiosmtplib's limits, or a success where a refusal or the 354 was due.
+    A 451, whatever the code it sent: passed back, it could tell the client "delivered" (a 250 to DATA,
+    before a byte of the message was sent) or nothing SMTP at all."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 451, "4.5.0", "Downstream relay sent an invalid reply, try again later")
+
+
 class StoreError(MilterError):
     """The verdict / quarantine store could not commit."""
 

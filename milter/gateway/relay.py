@@ -12,6 +12,12 @@ a fresh one (an idle connection the downstream closed is not a delivery failure;
 byte of the message was sent). Once the 354 came, a failure is a 451: the message may have arrived, and
 a duplicate is better than a loss.
 
+A reply that is not SMTP (`garbled`: no reply code, a line or reply over aiosmtplib's limits, a code
+outside 4xx/5xx where a refusal was read) is never passed back: it becomes DownstreamProtocolError, a
+451, and the connection is closed like a lost one (what the downstream took from it is unknown), with
+the same retry rule at the 354. Any other exception inside a transaction also closes the connection
+and goes on to process.py, which answers 451: no connection in an unknown state goes back to the pool.
+
 DATA itself goes through milter.gateway.relay_data rather than aiosmtplib's `SMTP.data()`, whose
 per-line regex passes cost hundreds of MiB and a second of event loop on a message of many short lines.
 """
@@ -24,10 +30,12 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import aiosmtplib
+from aiosmtplib.typing import SMTPStatus
 
-from milter.errors import DeliveryError
+from milter.errors import DeliveryError, DownstreamProtocolError
 from milter.gateway.logfmt import kv
 from milter.gateway.relay_data import DataPayload, send_body, start_data
 from milter.gateway.xforward import XForward, advertised
@@ -36,6 +44,10 @@ log = logging.getLogger("milter.gateway.relay")
 
 DEFAULT_POOL_SIZE = 64
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
+#: The step after the 354: a failure from here on may follow a delivered message (no retry).
+AFTER_354 = "end of data"
+#: How much of an invalid reply goes into the error (and so into the relay_failed log line).
+_QUOTED = 100
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,23 @@ class Delivered:
         return f"{self.code} 2.0.0 Ok: delivered except refused {names}"
 
 
+def garbled(exc: BaseException) -> TypeGuard[aiosmtplib.SMTPResponseException]:
+    """Whether an aiosmtplib error is a reply that is not SMTP, rather than a refusal to pass back.
+
+    aiosmtplib raises a bare SMTPResponseException with code -1 for a line it cannot parse (no number,
+    over 8192 bytes, a reply over 32 KiB); it reads a code with `int()` of a line's first three bytes,
+    so "25 ok" is code 25; and its refusal errors carry whatever came where another code was due (a
+    250 to DATA, a 354 to MAIL). Only a 4xx or a 5xx is a refusal: passing back anything else could
+    tell the client "delivered" for a message the downstream never got, or send it no SMTP at all."""
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and not 400 <= exc.code <= 599
+
+
+def _what_came(exc: aiosmtplib.SMTPResponseException) -> str:
+    # aiosmtplib's parse errors quote the offending line themselves; otherwise the code it read
+    text = exc.message if exc.code == SMTPStatus.invalid_response else f"reply code {exc.code}: {exc.message}"
+    return repr(text[:_QUOTED])
+
+
 def passthrough(code: int, text: str, what: str) -> DeliveryError:
     """A downstream's error reply as our reply: same code and enhanced status, first line only.
     421 becomes 451: the downstream closing its channel is not us closing ours."""
@@ -76,12 +105,17 @@ def passthrough(code: int, text: str, what: str) -> DeliveryError:
 
 
 class _Failed(Exception):
-    """Connection-level failure; `before_data` says whether a retry could not duplicate."""
+    """A transaction failed with its connection in an unknown state (lost, timed out, or a reply that is
+    not SMTP) at `stage`; `before_data`: before the 354, so a retry cannot duplicate the message."""
 
-    def __init__(self, cause: BaseException, before_data: bool) -> None:
+    def __init__(self, cause: BaseException, stage: str) -> None:
         super().__init__(str(cause))
         self.cause = cause
-        self.before_data = before_data
+        self.stage = stage
+
+    @property
+    def before_data(self) -> bool:
+        return self.stage != AFTER_354
 
 
 class Downstream:
@@ -124,17 +158,31 @@ class Downstream:
                 except _Failed as exc:
                     client.close()
                     if reused and exc.before_data and attempt == 1:
-                        log.info(kv("downstream_reconnect", reason=type(exc.cause).__name__))
+                        log.info(kv("downstream_reconnect", stage=exc.stage, reason=type(exc.cause).__name__,
+                                    detail=str(self._failure(exc.cause, exc.stage))))
                         continue
-                    raise DeliveryError(f"downstream {self.host}:{self.port}: {exc.cause!r}") from exc.cause
+                    raise self._failure(exc.cause, exc.stage) from exc.cause
                 except DeliveryError:
                     await self._recycle(client, reset=True)
+                    raise
+                except BaseException:
+                    # A bug, or the task cancelled: where the downstream stands is unknown, so the
+                    # connection is closed, never pooled; process.py answers 451 and logs the traceback.
+                    client.close()
                     raise
                 await self._recycle(client, reset=False)
                 return result
             raise AssertionError("unreachable")
         finally:
             self._slots.release()
+
+    def _failure(self, cause: BaseException, stage: str) -> DeliveryError:
+        """The 451 for a failed step; its text (logged as relay_failed) names the downstream, the step,
+        and for a reply that is not SMTP what came."""
+        where = f"downstream {self.host}:{self.port}"
+        if garbled(cause):
+            return DownstreamProtocolError(f"{where} sent an invalid reply at {stage}: {_what_came(cause)}")
+        return DeliveryError(f"{where} at {stage}: {cause!r}")
 
     async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
         while self._idle:
@@ -148,12 +196,19 @@ class Downstream:
             local_hostname=self._local_hostname,
             start_tls=False,
         )
+        stage = "greeting"
         try:
             await client.connect()
+            stage = "EHLO"
             await client.ehlo()
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
+            if garbled(exc):
+                raise self._failure(exc, stage) from exc
             raise DeliveryError(f"cannot connect to downstream {self.host}:{self.port}: {exc!r}") from exc
+        except BaseException:
+            client.close()  # a bug or a cancel: no half-open connection left behind
+            raise
         return client, False
 
     async def _recycle(self, client: aiosmtplib.SMTP, reset: bool) -> None:
@@ -176,36 +231,44 @@ class Downstream:
         mail_options: Sequence[str],
         xforward: XForward | None,
     ) -> Delivered:
-        data_sent = False
+        stage = "XFORWARD"
         try:
             utf8 = "SMTPUTF8" in mail_options and client.supports_extension("smtputf8")
-            if xforward is not None and not xforward.empty and client.supports_extension("xforward"):
-                for args in xforward.commands(advertised(client.esmtp_extensions["xforward"])):
-                    resp = await client.execute_command(b"XFORWARD", args)
-                    if resp.code != 250:  # metadata only: deliver without it rather than fail
-                        log.warning(kv("xforward_refused", code=resp.code, text=resp.message))
+            await self._xforward(client, xforward)
+            stage = "MAIL"
             await self._mail(client, mail_from, self._options(client, raw, mail_options), utf8)
+            stage = "RCPT"
             refused = await self._recipients(client, rcpt_tos, utf8)
             # Built before DATA, so that nothing can fail between the 354 and the first byte of the
             # body; usually no copy at all (relay_data: why not `client.data(raw)`).
             payload = DataPayload.encode(raw)
             try:
+                stage = "DATA"
                 await start_data(client)
                 # Past the 354 the body goes out and may arrive even if we hear nothing more: no
                 # retry of our own from here; a failure is a 451 (the sender's retry may duplicate).
-                data_sent = True
+                stage = AFTER_354
                 resp = await send_body(client, payload)
             except aiosmtplib.SMTPDataError as exc:
+                if garbled(exc):
+                    raise
                 raise passthrough(exc.code, exc.message, "message") from None
             return Delivered(resp.code, resp.message, refused)
-        except (
-            aiosmtplib.SMTPServerDisconnected,
-            aiosmtplib.SMTPTimeoutError,
-            aiosmtplib.SMTPConnectError,
-            OSError,
-            TimeoutError,
-        ) as exc:
-            raise _Failed(exc, before_data=not data_sent) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            # Lost, timed out, a reply that is not SMTP, or an aiosmtplib error not met before: the
+            # refusals to pass back were taken above, so whatever this is, this connection is done.
+            raise _Failed(exc, stage) from exc
+
+    @staticmethod
+    async def _xforward(client: aiosmtplib.SMTP, xforward: XForward | None) -> None:
+        if xforward is None or xforward.empty or not client.supports_extension("xforward"):
+            return
+        for args in xforward.commands(advertised(client.esmtp_extensions["xforward"])):
+            resp = await client.execute_command(b"XFORWARD", args)
+            if not 200 <= resp.code <= 599:  # `execute_command` checks no code: "25 ok" is code 25
+                raise aiosmtplib.SMTPResponseException(resp.code, resp.message)
+            if resp.code != 250:  # metadata only: deliver without it rather than fail
+                log.warning(kv("xforward_refused", code=resp.code, text=resp.message))
 
     @staticmethod
     def _options(client: aiosmtplib.SMTP, raw: bytes, mail_options: Sequence[str]) -> list[str]:
@@ -223,6 +286,8 @@ class Downstream:
         try:
             await client.mail(mail_from, options=options, encoding="utf-8" if utf8 else "ascii")
         except aiosmtplib.SMTPSenderRefused as exc:
+            if garbled(exc):
+                raise  # not a refusal (`_transaction` ends the connection)
             raise passthrough(exc.code, exc.message, "sender") from None
 
     @staticmethod
@@ -234,6 +299,8 @@ class Downstream:
             try:
                 await client.rcpt(rcpt, encoding="utf-8" if utf8 else "ascii")
             except aiosmtplib.SMTPRecipientRefused as exc:
+                if garbled(exc):
+                    raise  # not a refusal: a "999" is no 5xx to deliver around (`_transaction`)
                 refused.append(Refusal(rcpt, exc.code, exc.message))
         temporary = [r for r in refused if r.code < 500]
         if temporary or len(refused) == len(rcpt_tos):

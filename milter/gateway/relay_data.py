@@ -20,7 +20,8 @@ The SMTP side stays aiosmtplib's: `SMTP.execute_command(b"DATA")` for the 354, t
 name used is `SMTPProtocol._drain_helper`, the stdlib flow-control hook that aiosmtplib's protocol
 implements for exactly this (what `asyncio.StreamWriter.drain` awaits). The errors are those of
 `SMTP.data()`: `SMTPDataError` for a reply other than 354 / 250, `SMTPServerDisconnected`,
-`SMTPReadTimeoutError`; the client is closed on the last two, as `SMTP.data()` closes it. One
+`SMTPReadTimeoutError`, and `SMTPResponseException` for a reply that is not SMTP; the client is closed
+on every error but a refusal of the whole message (`SMTP.data()` closes it on the middle two). One
 difference: a reply that comes before the whole message went out stops the sending (see `send_body`).
 
 The two halves are separate calls so that the caller knows which side of the 354 a failure is on: before
@@ -132,8 +133,10 @@ async def send_body(client: aiosmtplib.SMTP, payload: DataPayload) -> SMTPRespon
                 response, complete = await _exchange(protocol, payload)
         except TimeoutError as exc:
             raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.CancelledError):
-        # Part of a message may sit in the downstream's DATA state: this connection cannot be reused.
+    except BaseException:
+        # Lost, timed out, cancelled, or a reply aiosmtplib cannot parse (SMTPResponseException, which
+        # leaves its read buffer unconsumed): part of a message may sit in the downstream's DATA state,
+        # so this connection cannot be reused, whatever the error.
         client.close()
         raise
     if not complete:
