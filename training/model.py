@@ -22,7 +22,7 @@ from onnxmltools import convert_lightgbm
 from onnxmltools.convert.common.data_types import FloatTensorType
 
 from milter.features.text import GRAM_SPACE
-from milter.stacking import STAGE_NAMES, TextStage, gram_norm, id_columns, stage_columns
+from milter.stacking import STAGE_NAMES, TextStage, clip_ids, gram_norm, id_columns, stage_columns
 from milter.types import CLASS_NAMES
 from training.thresholds import BEC, HAM, MODERN_HAM
 
@@ -161,7 +161,7 @@ def stage_design(
     dense = sparse.csr_matrix(np.nan_to_num(X[:, list(columns)]))
     if not ids:
         return dense
-    grams = np.clip(X[:, list(ids)].astype(np.int64), 0, space)
+    grams = clip_ids(X, ids, space)
     rows, slots = np.nonzero(grams)
     value = scale / gram_norm(grams)
     wide = sparse.csr_matrix((value[rows], (rows, grams[rows, slots] - 1)), shape=(len(X), space))
