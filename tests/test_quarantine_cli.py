@@ -138,7 +138,10 @@ def test_show_raw_label_delete(filled: tuple[str, list[int]]) -> None:
     stats = json.loads(run(main, ["quarantine", "stats", "--json", "--db", url]).stdout)
     assert (stats["messages"], stats["quarantined"], stats["labelled"]) == (3, 1, 1)
     assert sum(d["count"] for d in stats["daily"]) == 3
-    assert {d["day"] for d in stats["daily"]} == {datetime.now(UTC).date().isoformat()}
+    # the fixture's old row was received 3 hours ago: between 00:00 and 03:00 UTC that is yesterday
+    now = datetime.now(UTC)
+    days = {t.date().isoformat() for t in (now, now - timedelta(hours=3))}
+    assert {d["day"] for d in stats["daily"]} == days
     table = run(main, ["quarantine", "stats", "--db", url]).stdout
     assert "last 14 days" in table and datetime.now(UTC).date().isoformat() in table
     with Store.open(url) as s:
