@@ -22,7 +22,16 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from gateway_support import Received, Sink, account, make_message, message_id, run_gateway_scenario, send
+from gateway_support import (
+    Received,
+    Sink,
+    account,
+    make_message,
+    message_id,
+    quarantined_ids,
+    run_gateway_scenario,
+    send,
+)
 
 from milter.errors import DeliveryError, DownstreamProtocolError, smtp_reply
 from milter.gateway import relay_data
@@ -86,6 +95,7 @@ class FakeDownstream:
     port: int = 0
     open: set[asyncio.StreamWriter] = field(default_factory=set)
     seen: list[bytes] = field(default_factory=list)  # the commands' verbs, in order
+    lines: list[bytes] = field(default_factory=list)  # the command lines, in order
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # set on every command and close
 
     def reply(self, stage: str) -> bytes:
@@ -100,6 +110,7 @@ class FakeDownstream:
             while line := await reader.readline():
                 verb = line[:4].upper()
                 self.seen.append(verb)
+                self.lines.append(line)
                 self._changed.set()
                 if verb == b"QUIT":
                     writer.write(b"221 Bye\r\n")
@@ -391,6 +402,110 @@ def test_send_body_closes_the_client_on_a_reply_it_cannot_parse() -> None:
 # -- through a listening gateway -----------------------------------------------------------------
 
 Ports = Callable[[], int]
+
+
+# -- addresses that need SMTPUTF8 (RFC 6531) -------------------------------------------------------
+
+NO_UTF8_EHLO = NORMAL["EHLO"]
+UTF8_EHLO = b"250-fake.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+UTF8_SENDER, UTF8_RCPT = "jürgen@sender.test", "zoë@rcpt.test"
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "options", "why"),
+    [
+        (NO_UTF8_EHLO, ["SMTPUTF8"], "the downstream does not offer SMTPUTF8"),
+        (UTF8_EHLO, [], "the client did not ask for SMTPUTF8"),
+    ],
+)
+def test_a_non_ascii_sender_without_smtputf8_is_553_5_6_7_and_nothing_is_sent(
+    ehlo: bytes, options: list[str], why: str
+) -> None:
+    """Not a 4xx (the sender would retry for days what can never go through), not an encoding
+    error from inside aiosmtplib (that was a 451 with a traceback); the connection stays usable."""
+
+    async def main() -> None:
+        async with fake_downstream(faults={"EHLO": [ehlo]}) as fake, relay_to(fake) as ds:
+            with pytest.raises(DeliveryError) as exc:
+                await ds.deliver(ONE, UTF8_SENDER, [RCPT], options)
+            assert (exc.value.smtp_code, exc.value.smtp_status) == (553, "5.6.7")
+            assert smtp_reply(exc.value).startswith("553 5.6.7 Non-ASCII sender")
+            assert why in str(exc.value) and UTF8_SENDER in str(exc.value)
+            assert b"MAIL" not in fake.seen and fake.received == []
+            assert (await ds.deliver(TWO, SENDER, [RCPT])).code == 250
+            assert fake.connections == 1 and fake.closed_by_relay == 0
+
+    asyncio.run(main())
+
+
+def test_a_non_ascii_recipient_without_smtputf8_is_refused_alone() -> None:
+    """Like any 5xx refusal among accepted recipients: delivered to the others, named in the reply."""
+
+    async def main() -> None:
+        async with fake_downstream() as fake, relay_to(fake) as ds:
+            result = await ds.deliver(ONE, SENDER, [RCPT, UTF8_RCPT], ["SMTPUTF8"])
+            assert result.code == 250
+            assert [(r.recipient, r.code, r.text[:5]) for r in result.refused] == [(UTF8_RCPT, 553, "5.6.7")]
+            assert [line for line in fake.lines if line.startswith(b"RCPT")] == [b"RCPT TO:<b@rcpt.test>\r\n"]
+            assert fake.received == [wire(ONE)]
+
+    asyncio.run(main())
+
+
+def test_only_non_ascii_recipients_without_smtputf8_is_553_5_6_7() -> None:
+    async def main() -> None:
+        async with fake_downstream() as fake, relay_to(fake) as ds:
+            with pytest.raises(DeliveryError) as exc:
+                await ds.deliver(ONE, SENDER, [UTF8_RCPT], ["SMTPUTF8"])
+            assert (exc.value.smtp_code, exc.value.smtp_status) == (553, "5.6.7")
+            assert b"RCPT" not in fake.seen and b"DATA" not in fake.seen and fake.received == []
+
+    asyncio.run(main())
+
+
+def test_non_ascii_addresses_go_through_when_both_hops_speak_smtputf8() -> None:
+    async def main() -> None:
+        async with fake_downstream(faults={"EHLO": [UTF8_EHLO]}) as fake, relay_to(fake) as ds:
+            result = await ds.deliver(ONE, UTF8_SENDER, [UTF8_RCPT], ["SMTPUTF8"])
+            assert (result.code, result.refused) == (250, ())
+            mail = next(line for line in fake.lines if line.startswith(b"MAIL"))
+            rcpt = next(line for line in fake.lines if line.startswith(b"RCPT"))
+            assert UTF8_SENDER.encode() in mail and b"SMTPUTF8" in mail
+            assert UTF8_RCPT.encode() in rcpt
+            assert fake.received == [wire(ONE)]
+
+    asyncio.run(main())
+
+
+def test_gateway_answers_553_5_6_7_to_an_address_the_downstream_cannot_take(
+    tmp_path: Path, free_port: Ports
+) -> None:
+    """Through a real gateway: its client speaks SMTPUTF8 (the gateway offers it), the downstream does
+    not. The non-ASCII recipient alone is refused at the end of DATA; with an ASCII one beside it, the
+    message is delivered to that one."""
+
+    async def send_utf8(port: int, raw: bytes, rcpts: list[str]) -> tuple[int, str]:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, start_tls=False)
+        try:
+            await client.connect()
+            _, text = await client.sendmail(SENDER, rcpts, raw, mail_options=["SMTPUTF8"])
+            return 250, text
+        except aiosmtplib.SMTPResponseException as exc:
+            return exc.code, exc.message
+        finally:
+            client.close()
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        async with fake_downstream(downstream_port(gw)) as fake:
+            code, text = await send_utf8(gw.address[1], make_message("utf8-alone@test"), [UTF8_RCPT])
+            assert (code, text[:5]) == (553, "5.6.7")
+            code, text = await send_utf8(gw.address[1], make_message("utf8-mixed@test"), [RCPT, UTF8_RCPT])
+            # named in the reply, in ASCII (a reply is ASCII unless the session negotiated otherwise)
+            assert code == 250 and "<zo?@rcpt.test> (553)" in text
+            assert [message_id(m) for m in fake.received] == ["<utf8-mixed@test>"]
+            assert "utf8-alone@test" not in quarantined_ids(store)
+
+    run_gateway_scenario(tmp_path, free_port, scenario, sink_up=False)
 
 
 def downstream_port(gw: Gateway) -> int:

@@ -18,6 +18,12 @@ outside 4xx/5xx where a refusal was read) is never passed back: it becomes Downs
 the same retry rule at the 354. Any other exception inside a transaction also closes the connection
 and goes on to process.py, which answers 451: no connection in an unknown state goes back to the pool.
 
+An address that is not ASCII needs SMTPUTF8 (RFC 6531) on both hops. When the client did not ask for it or
+the downstream does not offer it, the relay sends nothing for that address: a non-ASCII sender is
+553 5.6.7 for the message, a non-ASCII recipient a 553 5.6.7 refusal of that recipient (the others are
+delivered, as for any 5xx refusal). A 4xx would only make the sender retry for days what this downstream
+can never take (RFC 6531 section 3.5 asks for the 5.6.7 reply).
+
 DATA itself goes through milter.gateway.relay_data rather than aiosmtplib's `SMTP.data()`, whose
 per-line regex passes cost hundreds of MiB and a second of event loop on a message of many short lines.
 """
@@ -46,6 +52,9 @@ DEFAULT_POOL_SIZE = 64
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
 #: The step after the 354: a failure from here on may follow a delivered message (no retry).
 AFTER_354 = "end of data"
+#: RFC 3463 / RFC 6531: "non-ASCII addresses not permitted for that sender/recipient".
+NO_UTF8_STATUS = "5.6.7"
+NO_UTF8_RECIPIENT = f"{NO_UTF8_STATUS} Non-ASCII recipient address not accepted downstream (no SMTPUTF8)"
 #: How much of an invalid reply goes into the error (and so into the relay_failed log line).
 _QUOTED = 100
 
@@ -234,6 +243,13 @@ class Downstream:
         stage = "XFORWARD"
         try:
             utf8 = "SMTPUTF8" in mail_options and client.supports_extension("smtputf8")
+            if not utf8 and not mail_from.isascii():
+                raise DeliveryError(
+                    f"non-ASCII sender {mail_from!r} and {self._no_utf8(client, mail_options)}",
+                    553,
+                    NO_UTF8_STATUS,
+                    "Non-ASCII sender address not accepted downstream (no SMTPUTF8)",
+                )
             await self._xforward(client, xforward)
             stage = "MAIL"
             await self._mail(client, mail_from, self._options(client, raw, mail_options), utf8)
@@ -258,6 +274,12 @@ class Downstream:
             # Lost, timed out, a reply that is not SMTP, or an aiosmtplib error not met before: the
             # refusals to pass back were taken above, so whatever this is, this connection is done.
             raise _Failed(exc, stage) from exc
+
+    @staticmethod
+    def _no_utf8(client: aiosmtplib.SMTP, mail_options: Sequence[str]) -> str:
+        if "SMTPUTF8" not in mail_options:
+            return "the client did not ask for SMTPUTF8"
+        return "the downstream does not offer SMTPUTF8"
 
     @staticmethod
     async def _xforward(client: aiosmtplib.SMTP, xforward: XForward | None) -> None:
@@ -296,6 +318,9 @@ class Downstream:
     ) -> tuple[Refusal, ...]:
         refused: list[Refusal] = []
         for rcpt in rcpt_tos:
+            if not utf8 and not rcpt.isascii():
+                refused.append(Refusal(rcpt, 553, NO_UTF8_RECIPIENT))
+                continue
             try:
                 await client.rcpt(rcpt, encoding="utf-8" if utf8 else "ascii")
             except aiosmtplib.SMTPRecipientRefused as exc:
