@@ -300,6 +300,23 @@ def test_sample_weights_balance_classes_and_lift_small_corpora() -> None:
     assert w[100:104].sum() < w[:100].sum()  # but the small corpus as a whole still counts less
 
 
+def test_modern_spam_weight_lifts_modern_spam_within_the_spam_class_only() -> None:
+    y = np.array([0] * 50 + [1] * 100 + [1] * 10)
+    corpora = ["enron-spam-raw"] * 150 + ["cw-l-spam"] * 10
+    plain = mdl.sample_weights(y, corpora, 0.5)
+    lifted = mdl.sample_weights(y, corpora, 0.5, modern_spam_weight=4.0)
+    modern, old_spam, ham = slice(150, 160), slice(50, 150), slice(0, 50)
+    # within spam, the modern corpus's weight against the old one's grows fourfold
+
+    def share(w: np.ndarray) -> float:
+        return float(w[modern].sum() / w[old_spam].sum())
+
+    assert share(lifted) == pytest.approx(4 * share(plain))
+    # the classes stay balanced, and ham is untouched
+    assert lifted[y == 0].sum() == pytest.approx(lifted[y == 1].sum())
+    np.testing.assert_allclose(lifted[ham], plain[ham])
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 
@@ -342,6 +359,9 @@ def test_tiny_end_to_end_training(corpora_dir: Path, tmp_path: Path) -> None:
         assert set(meta["thresholds"][kind]) == {"tag", "quarantine"}
         assert 0.0 <= meta["thresholds"][kind]["tag"] <= meta["thresholds"][kind]["quarantine"]
     assert meta["seed"] == 5 and "CC BY-NC 4.0" in meta["licence"]
+    # the recipe beside the seed: a model can be refitted from its metadata
+    assert meta["recipe"]["modern_spam_weight"] == mdl.FitConfig.modern_spam_weight
+    assert meta["recipe"]["text_grams"] == mdl.FitConfig.text_grams and meta["recipe"]["max_rounds"] == 60
     assert "--exclude-corpus phishing-pot" in meta["licence"]
     assert meta["export"]["max_abs_diff"] <= 1e-5
     assert len(meta["training_data"]["manifest_digest"]) == 64

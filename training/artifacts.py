@@ -68,6 +68,21 @@ def _corpus_counts(ds: Dataset) -> dict[str, dict[str, int]]:
     return out
 
 
+#: milter-train / milter-retrain options besides the seed and the data that change the fitted model.
+RECIPE_KEYS = (
+    "split_by",
+    "corpus_balance",
+    "modern_ham_weight",
+    "modern_spam_weight",
+    "learning_rate",
+    "max_rounds",
+    "text_c",
+    "text_grams",
+    "gram_scale",
+    "label_weight",
+)
+
+
 def build_metadata(
     *,
     ds: Dataset,
@@ -153,6 +168,9 @@ def build_metadata(
             if gain[i] > 0
         ],
         "seed": args.seed,
+        # the rest of the command line that decides the fit (weights, text stage), so that a model can
+        # be refitted from its metadata alone
+        "recipe": {key: getattr(args, key) for key in RECIPE_KEYS if hasattr(args, key)},
         "export": {"max_abs_diff": max_diff, "tolerance": mdl.PARITY_TOL},
         "licence": NO_PHISHING_POT_NOTE if "phishing-pot" in excluded else LICENCE_NOTE,
     }

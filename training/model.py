@@ -24,7 +24,7 @@ from onnxmltools.convert.common.data_types import FloatTensorType
 from milter.features.text import GRAM_SPACE
 from milter.stacking import STAGE_NAMES, TextStage, clip_ids, gram_norm, id_columns, stage_columns
 from milter.types import CLASS_NAMES
-from training.thresholds import BEC, HAM, MODERN_HAM
+from training.thresholds import BEC, HAM, MODERN_HAM, MODERN_SPAM, SPAM
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class FitConfig:
     # the modern ham corpora's share of the ham class is multiplied by this (thresholds.MODERN_HAM):
     # a few hundred messages of the mail a site sees first must not be drowned by 25,000 old ones.
     modern_ham_weight: float = 20.0
+    # the same for the modern spam corpora's share of the spam class (MODERN_SPAM)
+    modern_spam_weight: float = 1.0
     # The text stage (milter/stacking.py): L2 strength of its logistic regressions (sklearn's C) and the
     # folds its out-of-fold scores for the training rows come from. C = 1 over the 1,024 hashed word
     # columns (docs/DETECTION.md); 0 turns the stage off.
@@ -71,6 +73,9 @@ class FitConfig:
     # grams, milter/features/text.py): "none", "unwanted" (not-ham vs ham only) or "both".
     text_grams: str = "unwanted"
     gram_scale: float = 10.0
+    # Which admin labels (milter-retrain) the stage learns from besides the trees: "none", "ham" or
+    # "all" (see `fit`).
+    stage_labels: str = "none"
 
 
 def lgb_params(cfg: FitConfig) -> dict[str, Any]:
@@ -93,7 +98,11 @@ def lgb_params(cfg: FitConfig) -> dict[str, Any]:
 
 
 def sample_weights(
-    y: npt.NDArray[np.int64], corpora: Sequence[str], corpus_balance: float, modern_ham_weight: float = 1.0
+    y: npt.NDArray[np.int64],
+    corpora: Sequence[str],
+    corpus_balance: float,
+    modern_ham_weight: float = 1.0,
+    modern_spam_weight: float = 1.0,
 ) -> npt.NDArray[np.float64]:
     """Weights giving each class equal total weight and, within a class, small corpora more say.
 
@@ -106,6 +115,8 @@ def sample_weights(
     mass = counts.astype(np.float64) ** corpus_balance
     modern = np.array([g.split("\t", 1)[1] in MODERN_HAM for g in groups]) & (group_class == HAM)
     mass[modern] *= modern_ham_weight
+    modern_spam = np.array([g.split("\t", 1)[1] in MODERN_SPAM for g in groups]) & (group_class == SPAM)
+    mass[modern_spam] *= modern_spam_weight
     for klass in np.unique(group_class):
         mass[group_class == klass] /= mass[group_class == klass].sum()
     weights: npt.NDArray[np.float64] = (mass / counts)[inverse]
@@ -251,6 +262,8 @@ def fit(
     if cfg.text_c > 0 and columns:
         groups = groups if groups is not None else [str(i) for i in range(len(y_train))]
         base = np.ones(len(y_train), dtype=bool) if labels is None else ~np.asarray(labels, dtype=bool)
+        if labels is not None and cfg.stage_labels != "none":
+            base |= np.asarray(labels, dtype=bool) & ((y_train == HAM) | (cfg.stage_labels == "all"))
         stage = fit_text_stage(
             X_train[base], y_train[base], w_train[base], columns, cfg.text_c, id_columns(names),
             cfg.text_grams, scale=cfg.gram_scale,

@@ -119,6 +119,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="multiply the modern ham corpora's share of the ham class (default: %(default)s)",
     )
     p.add_argument(
+        "--modern-spam-weight",
+        type=float,
+        default=mdl.FitConfig.modern_spam_weight,
+        help="multiply the modern spam corpora's share of the spam class (default: %(default)s)",
+    )
+    p.add_argument(
         "--text-c",
         type=float,
         default=mdl.FitConfig.text_c,
@@ -316,6 +322,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         corpus_balance=args.corpus_balance,
         learning_rate=args.learning_rate,
         modern_ham_weight=args.modern_ham_weight,
+        modern_spam_weight=args.modern_spam_weight,
         text_c=args.text_c,
         text_grams=args.text_grams,
         gram_scale=args.gram_scale,
@@ -343,7 +350,9 @@ def fit_setup(args: argparse.Namespace, ds: Dataset) -> FitSetup:
     tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
     if min(len(tr), len(va), len(te)) == 0:
         raise ValueError(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
-    weights = mdl.sample_weights(ds.y, corpora, cfg.corpus_balance, cfg.modern_ham_weight)
+    weights = mdl.sample_weights(
+        ds.y, corpora, cfg.corpus_balance, cfg.modern_ham_weight, cfg.modern_spam_weight
+    )
     X_train = hide_artefacts(ds.X[tr], [corpora[i] for i in tr], ds.feature_names)
     return FitSetup(cfg, weights, tr, va, te, corpora, X_train, sender_keys(ds.messages))
 
