@@ -294,3 +294,41 @@ def test_gram_norm_keeps_a_long_text_from_summing_to_certainty() -> None:
     ids[1, :1] = 5
     ids[2, :] = np.arange(1, 9)
     assert gram_norm(ids).tolist() == pytest.approx([1.0, 1.0, np.sqrt(8)])
+
+
+def test_stage_labels_choose_which_admin_labels_the_stage_learns_from() -> None:
+    """"none": labels teach the trees only, the stage is the corpora's; "ham": ham labels move the
+    stage (a word the corpora know as spam reads less so), spam labels still do not; "all": both."""
+    X, y = _words_only_data(600)
+    w = np.ones(len(y))
+    groups = [f"sender{i % 97}" for i in range(len(y))]
+    rng = np.random.default_rng(3)
+    spam_word = 1  # tok_0000: the corpora's spam carries it more (columns 1..15)
+    ham_labels = np.log1p(rng.poisson(0.6, size=(30, N_TOK + 1))).astype(np.float32)
+    ham_labels[:, spam_word] = 3.0
+    spam_labels = ham_labels.copy()
+    spam_labels[:, spam_word] = 0.0
+    spam_labels[:, 20] = 3.0
+
+    def stage(mode: str, with_spam: bool) -> TextStage:
+        rows = [X, ham_labels] + ([spam_labels] if with_spam else [])
+        ys = [y, np.zeros(30, dtype=np.int64)] + ([np.ones(30, dtype=np.int64)] if with_spam else [])
+        n_lab = 60 if with_spam else 30
+        labels = np.r_[np.zeros(len(y), dtype=bool), np.ones(n_lab, dtype=bool)]
+        cfg = mdl.FitConfig(max_rounds=5, early_stopping=5, min_data_in_leaf=10, stage_labels=mode)
+        fitted = mdl.fit(
+            np.vstack(rows), np.concatenate(ys), np.ones(len(labels)) * 5, X, y, w, NAMES, cfg,
+            groups=groups + label_groups(n_lab, n_lab), labels=labels,
+        )
+        assert fitted.stage is not None
+        return fitted.stage
+
+    corpora_only = mdl.fit_text_stage(X, y, np.ones(len(y)) * 5, stage_columns(NAMES), 1.0)
+    none = stage("none", True)
+    np.testing.assert_allclose(none.weights, corpora_only.weights, rtol=1e-6, atol=1e-6)
+    ham = stage("ham", False)
+    col = none.columns.index(spam_word)
+    assert ham.weights[col, 0] < none.weights[col, 0] - 0.2
+    np.testing.assert_allclose(stage("ham", True).weights, ham.weights, rtol=1e-6, atol=1e-6)
+    both = stage("all", True)
+    assert both.weights[none.columns.index(20), 0] > ham.weights[none.columns.index(20), 0] + 0.2

@@ -79,6 +79,7 @@ RECIPE_KEYS = (
     "text_c",
     "text_grams",
     "gram_scale",
+    "stage_labels",
     "label_weight",
 )
 

@@ -251,11 +251,14 @@ def fit(
     """The text stage (out-of-fold for the training rows, grouped by `groups`: their senders; one group
     per row when None), then the trees with early stopping on the (weighted) validation log-loss.
 
-    `labels` marks admin-label rows (milter-retrain): they teach the trees only. The stage is learned
-    from the corpora and scores the labels like new mail, so a retrain on unchanged corpora keeps the
-    champion's stage exactly and changes only the trees. Measured (tests/test_retrain.py's campaign
-    at 600 messages per group): with 16 labels weighted as 20 base messages each inside the stage, the
-    challenger's fixed-set ham FPR rose 0.18 -> 0.53 %; with them out of it, it did not rise."""
+    `labels` marks admin-label rows (milter-retrain): by default (`cfg.stage_labels` "none") they
+    teach the trees only. The stage is learned from the corpora and scores the labels like new mail,
+    so a retrain on unchanged corpora keeps the champion's stage exactly and changes only the trees.
+    Measured (tests/test_retrain.py's campaign at 600 messages per group): with 16 labels weighted as
+    20 base messages each inside the stage, the challenger's fixed-set ham FPR rose 0.18 -> 0.53 %;
+    with them out of it, it did not rise. "ham" puts the ham labels in the stage too (out of fold, like
+    the corpora); on the shop mailbox left out of training it held less of the rest after 20 labels
+    (three seeds) but tagged more, and is not the default (docs/DETECTION.md)."""
     names = list(feature_names)
     stage: TextStage | None = None
     columns = stage_columns(names)

@@ -137,6 +137,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--text-grams", choices=("none", "unwanted", "both"), default=d.text_grams,
                    help="as milter-train")
     p.add_argument("--gram-scale", type=float, default=d.gram_scale, help="as milter-train")
+    p.add_argument("--stage-labels", choices=("none", "ham", "all"), default=d.stage_labels,
+                   help="as milter-train")
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")

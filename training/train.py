@@ -143,6 +143,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="strength of the hashed grams against the stage's L2 penalty (default: %(default)s)",
     )
     p.add_argument(
+        "--stage-labels",
+        choices=("none", "ham", "all"),
+        default=mdl.FitConfig.stage_labels,
+        help="which admin labels (milter-retrain, make unseen) the text stage also learns from; "
+        "the trees learn from all (default: %(default)s)",
+    )
+    p.add_argument(
         "--split-by",
         choices=("sender", "corpus", "subcollection"),
         # per sender (default): no sender domain on two sides, the production question for a new site's
@@ -326,6 +333,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         text_c=args.text_c,
         text_grams=args.text_grams,
         gram_scale=args.gram_scale,
+        stage_labels=args.stage_labels,
     )
 
 
