@@ -157,6 +157,9 @@ class AuthConfig:
     # Upstream MTAs whose Authentication-Results we believe for SPF (their authserv-id), where we cannot
     # check it ourselves (no client address); nobody else's.
     trusted_authserv_ids: tuple[str, ...] = ()
+    # Answers kept per worker (milter/auth/cache.py): about 0.5-1 KiB each with their names, so the
+    # default is 5-10 MiB a worker once as many sender domains have been seen (docs/soak.md).
+    dns_cache_entries: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -330,12 +333,21 @@ def _check_networks(key: str, entries: tuple[str, ...]) -> None:
             raise ConfigError(f"{key}[{i}]", f"not an IP address or CIDR: {net!r}") from exc
 
 
+#: About 1 GiB of answers per worker: more is a typo, not a plan.
+MAX_DNS_CACHE_ENTRIES = 1_000_000
+
+
 def _auth(raw: Mapping[str, Any]) -> AuthConfig:
     auth: AuthConfig = _simple(AuthConfig, "auth", raw, AuthConfig())
     if auth.timeout <= 0:
         raise ConfigError("auth.timeout", f"must be more than 0 seconds, got {auth.timeout!r}")
     for i, entry in enumerate(auth.nameservers):
         nameserver(entry, f"auth.nameservers[{i}]")
+    if auth.dns_cache_entries > MAX_DNS_CACHE_ENTRIES:
+        raise ConfigError(
+            "auth.dns_cache_entries",
+            f"must be at most {MAX_DNS_CACHE_ENTRIES} (0: no cache), got {auth.dns_cache_entries!r}",
+        )
     return auth
 
 

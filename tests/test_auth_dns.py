@@ -362,6 +362,34 @@ def test_cache_over_a_txt_only_resolver() -> None:
     assert a.status == "temperror"
 
 
+def test_cache_gives_back_expired_entries_without_being_asked_again() -> None:
+    """A burst of new names fills the cache; once their answers expire, the next sweep drops them
+    (they used to stay until asked again or pushed out by newer ones: docs/soak.md)."""
+    from milter.auth.cache import SWEEP_EVERY
+
+    class Nothing:
+        async def txt(self, name: str) -> TxtAnswer:
+            return TxtAnswer.none("NXDOMAIN")
+
+    now = [1000.0]
+
+    async def main() -> None:
+        cache = CachingResolver(Nothing(), negative_ttl=300, clock=lambda: now[0])
+        for i in range(SWEEP_EVERY - 1):
+            await cache.txt(f"burst{i}.example")
+        assert len(cache) == SWEEP_EVERY - 1
+        now[0] += 299
+        await cache.txt("still-fresh.example")  # the sweep runs, but nothing has expired yet
+        assert len(cache) == SWEEP_EVERY
+        now[0] += 2
+        for i in range(SWEEP_EVERY):
+            await cache.txt(f"later{i}.example")
+        # the second sweep (at the last of these stores) dropped the expired burst; the rest stays
+        assert len(cache) == 1 + SWEEP_EVERY
+
+    asyncio.run(main())
+
+
 def test_static_resolver_typed_keys() -> None:
     static = StaticResolver(
         {

@@ -57,6 +57,9 @@ def test_nameserver_entries() -> None:
         ({"auth": {"nameservers": ["127.0.0.1:5353", "dns.example"]}}, "auth.nameservers[1]"),
         ({"auth": {"nameservers": ["127.0.0.1:99999"]}}, "auth.nameservers[0]"),
         ({"auth": {"enabled": "yes"}}, "auth.enabled"),
+        ({"auth": {"dns_cache_entries": -1}}, "auth.dns_cache_entries"),
+        ({"auth": {"dns_cache_entries": 10**9}}, "auth.dns_cache_entries"),
+        ({"auth": {"dns_cache_entries": 1.5}}, "auth.dns_cache_entries"),
         ({"policy": {"bulk": {"action": "reject"}}}, "policy.bulk.action"),
         ({"policy": {"bulk": {"enabled": "yes"}}}, "policy.bulk.enabled"),
         ({"policy": {"bulk": {"actions": "tag"}}}, "policy.bulk.actions"),
@@ -110,3 +113,15 @@ def test_bulk_settings(tmp_path: Path) -> None:
     assert result.exit_code == 1
     why = "config key 'policy.bulk.action': must be 'accept', 'tag' or 'quarantine', got 'reject'"
     assert why in result.output
+
+
+def test_dns_cache_size_reaches_the_gateway_resolver() -> None:
+    from milter.auth.cache import CachingResolver
+    from milter.gateway.auth import build_sender_auth
+
+    cfg = parse_config({"auth": {"dns_cache_entries": 250, "nameservers": ["127.0.0.1:5353"]}})
+    assert cfg.auth.dns_cache_entries == 250
+    auth = build_sender_auth(cfg.auth, "gw.test")
+    assert auth is not None and isinstance(auth.resolver, CachingResolver)
+    assert auth.resolver.max_entries == 250
+    assert parse_config({}).auth.dns_cache_entries == 10_000

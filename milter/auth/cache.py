@@ -8,6 +8,9 @@ while an authoritative server is down would cost each of them the whole deadline
 for `temperror_ttl` (30 s by default). "None" answers are cached for `negative_ttl`
 (dnspython does not hand us the SOA minimum on NXDOMAIN, so one configured value is used), and found
 answers for their TTL, capped at `max_ttl`. The size is bounded; when full, the oldest entry goes.
+Every `SWEEP_EVERY` stores the expired entries are dropped too, so that a cache filled by a burst of
+new sender domains gives its memory back once their answers expire, instead of keeping them until
+the same names are asked again (docs/soak.md: the workers' slow RSS rise was this cache filling).
 
 Entries and in-flight lookups are keyed by (name, type), so a name's TXT and A answers are kept, expire
 and are coalesced apart. `txt(name)` is `query(name, "TXT")` and asks the inner resolver's `txt`, so
@@ -30,6 +33,10 @@ from milter.auth.dns import TxtAnswer, TxtResolver, TypedLookups, normalise_name
 
 _Key = tuple[str, str]  # (normalised name, record type)
 
+#: Stores between sweeps of expired entries: one pass over at most max_entries, so about
+#: max_entries / SWEEP_EVERY entry checks per store.
+SWEEP_EVERY = 1000
+
 
 class CachingResolver(TypedLookups):
     def __init__(
@@ -49,9 +56,14 @@ class CachingResolver(TypedLookups):
         self._clock = clock
         self._entries: OrderedDict[_Key, tuple[float, TxtAnswer]] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Task[TxtAnswer]] = {}
+        self._stores = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def max_entries(self) -> int:
+        return self._max_entries
 
     async def _query(self, name: str, kind: str) -> TxtAnswer:
         key = (normalise_name(name), kind)
@@ -109,6 +121,14 @@ class CachingResolver(TypedLookups):
         if ttl <= 0 or self._max_entries <= 0:
             return
         self._entries.pop(key, None)
+        self._stores += 1
+        if self._stores % SWEEP_EVERY == 0:
+            self._sweep()
         while len(self._entries) >= self._max_entries:
             self._entries.popitem(last=False)
         self._entries[key] = (self._clock() + ttl, answer)
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for stale in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+            del self._entries[stale]

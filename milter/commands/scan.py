@@ -111,7 +111,7 @@ class _Dns:
 
     def __init__(self, config: AuthConfig, authserv_id: str) -> None:
         # an explicit --dns without a usable resolver is a configuration error (exit 2), not a warning
-        self.resolver: Resolver = CachingResolver(dns_resolver(config))
+        self.resolver: Resolver = CachingResolver(dns_resolver(config), max_entries=config.dns_cache_entries)
         self.config = config
         self.authserv_id = authserv_id
         self._runner = asyncio.Runner()

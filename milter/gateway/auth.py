@@ -75,7 +75,7 @@ def build_sender_auth(
         log.info(kv("auth", dkim_dmarc="off"))
         return None
     if resolver is None:
-        resolver = CachingResolver(_system_or_none(config))
+        resolver = CachingResolver(_system_or_none(config), max_entries=config.dns_cache_entries)
     authserv_id = config.authserv_id or hostname
     log.info(
         kv(
@@ -83,6 +83,7 @@ def build_sender_auth(
             dkim_dmarc="on",
             nameservers=",".join(config.nameservers) or "system",
             timeout=config.timeout,
+            cache_entries=config.dns_cache_entries,
             authserv_id=authserv_id,
         )
     )
