@@ -114,6 +114,37 @@ def test_from_addresses_are_read_from_the_header_and_survive_missing_files(tmp_p
     assert from_addresses(_synthetic(), rows) == ["", "", ""]  # no files: no senders, no crash
 
 
+def test_ham_only_labels_are_the_oldest_ham_and_the_source_spam_is_still_scored(tmp_path: Path) -> None:
+    """A mixed source whose oldest messages are spam (as the shop mailbox's are): its K oldest messages
+    would teach the model nothing about its ham; `ham_only` labels its K oldest ham instead."""
+    base = _synthetic(tmp_path)
+    rng = np.random.default_rng(5)
+    spam = [
+        _message("new", "n", "spam", len(base.messages) + i, START - timedelta(days=100 - i), tmp_path)
+        for i in range(60)
+    ]
+    x = rng.normal(0.0, 1.0, size=(60, 3)).astype(np.float32)
+    x[:, 0] += 6.0
+    x[:, 2] = 0.0
+    ds = Dataset(
+        messages=base.messages + tuple(spam),
+        X=np.vstack([base.X, x]),
+        y=np.concatenate([base.y, np.ones(60, dtype=np.int64)]),
+        split=np.concatenate([base.split, np.full(60, TRAIN, dtype=np.int8)]),
+        feature_names=base.feature_names,
+    )
+    args = train_args(["--max-rounds", "160"])
+    any_class = run_source(ds, args, "new", [40], 20.0)[0]
+    ham_only = run_source(ds, args, "new", [40], 20.0, ham_only=True)[0]
+    figures = {c.klass: c for c in any_class.source}
+    assert (figures["ham"].n, figures["spam"].n) == (120, 20)  # the 40 oldest were all spam
+    assert figures["ham"].quarantined > 0.8  # so its ham is still held
+    figures = {c.klass: c for c in ham_only.source}
+    assert (figures["ham"].n, figures["spam"].n) == (80, 60)  # 40 ham labelled, all its spam scored
+    assert figures["ham"].quarantined < 0.1
+    assert figures["ham"].vouched == 1.0  # 40 ham labels from news@new.example vouch for it
+
+
 def test_label_counts_that_leave_nothing_to_score_are_skipped() -> None:
     steps = run_source(_synthetic(), train_args(["--max-rounds", "20"]), "new", [0, 120], 20.0)
     assert [s.labels for s in steps] == [0]

@@ -78,6 +78,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, argparse
         default=DEFAULT_LEARNED_SENDER_LABELS,
         help="ham labels that vouch for a sender, as policy.learned_sender_labels (default: %(default)s)",
     )
+    p.add_argument(
+        "--label-ham-only",
+        action="store_true",
+        help="the K labels are the source's K oldest ham (as the acceptance words it), not its K oldest "
+        "messages of any class; the rest of the source is scored either way",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     own, rest = p.parse_known_args(argv)
     try:
@@ -185,8 +191,10 @@ def run_source(
     counts: Sequence[int],
     label_weight: float,
     min_ham: int = DEFAULT_LEARNED_SENDER_LABELS,
+    ham_only: bool = False,
 ) -> list[Step]:
-    """Leave `source` out, then add its K oldest messages as labels for each K in `counts`."""
+    """Leave `source` out, then add its K oldest messages (`ham_only`: its K oldest ham) as labels for
+    each K in `counts`."""
     setup = fit_setup(targs, ds)
     held = source_mask(ds, source)
     keep = ~held[setup.train]
@@ -194,18 +202,21 @@ def run_source(
     X_tr = setup.X_train[keep]
     known_test = setup.test[~held[setup.test]]
     source_rows = oldest_first(ds, np.flatnonzero(held))
-    senders = from_addresses(ds, source_rows)
+    sender_of_row = dict(zip(source_rows.tolist(), from_addresses(ds, source_rows), strict=True))
+    pool = source_rows[ds.y[source_rows] == HAM] if ham_only else source_rows
     steps = []
     for k in counts:
-        if k >= len(source_rows):
+        if k >= len(pool):
             log.warning(
-                "%s: %d labels would leave nothing to score (%d messages); skipped",
+                "%s: %d labels would leave none of its %d %s to score; skipped",
                 source,
                 k,
-                len(source_rows),
+                len(pool),
+                "ham" if ham_only else "messages",
             )
             continue
-        labels, rest = source_rows[:k], source_rows[k:]
+        labels = pool[:k]
+        rest = source_rows[~np.isin(source_rows, labels)]
         w_lab = label_weights(ds.y[labels], ds.y[tr], setup.weights[tr], label_weight)
         X_lab, y_lab, w_fit = label_rows(ds.X[labels], ds.y[labels], w_lab, setup.cfg.min_data_in_leaf)
         fit_rows = np.concatenate([tr, labels])
@@ -231,9 +242,11 @@ def run_source(
             trained,
         )
         learned = LearnedSenders.from_labels(
-            ((senders[j], CLASS_NAMES[int(ds.y[i])], 1) for j, i in enumerate(labels.tolist())), min_ham
+            ((sender_of_row[i], CLASS_NAMES[int(ds.y[i])], 1) for i in labels.tolist()), min_ham
         )
-        vouched = np.array([learned.vouched(sender_key(a)) is not None for a in senders[k:]], dtype=bool)
+        vouched = np.array(
+            [learned.vouched(sender_key(sender_of_row[i])) is not None for i in rest.tolist()], dtype=bool
+        )
         source_figures = _class_figures(mdl.predict(booster, ds.X[rest]), ds.y[rest], th, vouched)
         fpr, recall = _known_figures(ds, known_test, mdl.predict(booster, ds.X[known_test]), th)
         steps.append(Step(k, th.as_dict(), source_figures, fpr, recall))
@@ -275,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for source in own.source:
         try:
             steps = run_source(
-                ds, targs, source, own.label_counts, own.label_weight, own.learned_sender_labels
+                ds, targs, source, own.label_counts, own.label_weight, own.learned_sender_labels,
+                own.label_ham_only,
             )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
