@@ -168,3 +168,34 @@ def test_empty_and_headerless_input() -> None:
         ext = extract(raw)
         assert ext.vector.shape == (len(SCHEMA),)
         assert np.isfinite(ext.vector).all()
+
+
+def _report(body: str) -> bytes:
+    head = (
+        "From: CI <lava@ci.example>\r\nTo: results@lists.example\r\n"
+        "Subject: LAVA notification for Test Job 3729\r\n"
+        "Message-ID: <job3729@ci.example>\r\nDate: Mon, 16 Sep 2019 10:00:00 +0000\r\n\r\n"
+    )
+    return (head + body.replace("\n", "\r\n")).encode()
+
+
+CREDENTIAL_SIGNAL = "asks to log in or verify an account through a link"
+
+
+def test_credential_signal_reads_prose_not_test_case_names() -> None:
+    """An automated test report (lfdr's cip-testing-results) names `login-action` and a `validate` step
+    beside its log link: the reason shown to admins must not say it asks them to log in. The
+    lang_credentials feature still counts every one (the model is unchanged)."""
+    report = _report(
+        "The job with ID 3729 is now in state Finished.\n"
+        "Job details and log file: http://lava.ci.example/scheduler/job/3729\n\n"
+        "Test Case auto-login-action: Test passed\nTest Case login-action: Test passed\n"
+        "Test Case validate: Test passed\n"
+    )
+    ext = extract(report)
+    assert feat(ext.vector, "lang_credentials") == pytest.approx(np.log1p(3))
+    assert CREDENTIAL_SIGNAL not in ext.signals
+    phish = _report("Your mailbox is full. Please log in to verify your account:\nhttp://login.example.net/\n")
+    assert CREDENTIAL_SIGNAL in extract(phish).signals
+    hyphenated = _report("Unusual sign-in detected. Sign-in and verify it was you: http://x.example.net/\n")
+    assert CREDENTIAL_SIGNAL in extract(hyphenated).signals

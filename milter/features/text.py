@@ -144,9 +144,34 @@ def language_features(ctx: Context, toks: list[str]) -> tuple[list[float], list[
         signals.append("mentions changed bank or payroll details")
     if counts["payment"] and counts["urgency"] and counts["secrecy"]:
         signals.append("payment request with urgency and secrecy")
-    if counts["credentials"] >= 2 and ctx.links:
+    if counts["credentials"] >= 2 and ctx.links and _prose_count(ctx, "credentials") >= 2:
         signals.append("asks to log in or verify an account through a link")
     return [math.log1p(c) for c in counts.values()], signals
+
+
+#: Words joined by "-" or "_" ("login-action", "auto-login-action", "verify_boot_image"): the name of
+#: a test case, a job or a file, and no one is asked to log in by it. A join that is itself a phrase of
+#: the lexicon ("sign-in", "log-in") is how people write the request, and stays.
+_JOINED = re.compile(r"\w+(?:[-_]\w+)+")
+
+
+def _unjoin(match: re.Match[str]) -> str:
+    spaced = re.sub(r"[-_]", " ", match.group(0))
+    return spaced if tuple(_TOKEN.findall(_DIGITS.sub("0", spaced.lower()))) in _PHRASES else " "
+
+
+def _prose_count(ctx: Context, group: str) -> int:
+    """How often `group`'s phrases occur in subject and body outside names joined by "-" or "_".
+
+    For the reasons shown to admins only, never a feature (the lang_* counts keep every token, so
+    the model and its training data are unchanged): an automated test report that lists
+    `login-action` and a `validate` step beside its log link was explained as asking to log in."""
+    toks = words(_JOINED.sub(_unjoin, ctx.parsed.subject + "\n" + ctx.body_text))
+    found = 0
+    for i, tok in enumerate(toks):
+        for n in _FIRST_WORDS.get(tok, ()):
+            found += _PHRASES.get(tuple(toks[i : i + n])) == group
+    return found
 
 
 def words(text: str) -> list[str]:
