@@ -199,3 +199,12 @@ def test_credential_signal_reads_prose_not_test_case_names() -> None:
     assert CREDENTIAL_SIGNAL in extract(phish).signals
     hyphenated = _report("Unusual sign-in detected. Sign-in and verify it was you: http://x.example.net/\n")
     assert CREDENTIAL_SIGNAL in extract(hyphenated).signals
+
+
+def test_joined_names_are_found_in_linear_time_on_hostile_runs() -> None:
+    """The reason's scan must not backtrack on a long run of letters without a separator (a naive
+    `\\w+(?:[-_]\\w+)+` is quadratic there: minutes for this run); it finds the joined names all the same."""
+    from milter.features.text import _JOINED
+
+    assert _JOINED.findall("a" * 300_000 + "!") == []
+    assert _JOINED.findall("x" * 300_000 + " login-action and sign-in") == ["login-action", "sign-in"]

@@ -127,16 +127,19 @@ def stat_features(ctx: Context) -> list[float]:
     ]
 
 
-def language_features(ctx: Context, toks: list[str]) -> tuple[list[float], list[str]]:
+def phrase_counts(toks: list[str]) -> dict[str, int]:
+    """How many of each lexicon group's phrases occur in `toks`."""
     counts = dict.fromkeys(lexicon.LANGUAGE, 0)
     for i, tok in enumerate(toks):
-        lengths = _FIRST_WORDS.get(tok)
-        if lengths is None:
-            continue
-        for n in lengths:
+        for n in _FIRST_WORDS.get(tok, ()):
             group = _PHRASES.get(tuple(toks[i : i + n]))
             if group is not None:
                 counts[group] += 1
+    return counts
+
+
+def language_features(ctx: Context, toks: list[str]) -> tuple[list[float], list[str]]:
+    counts = phrase_counts(toks)
     signals = []
     if counts["giftcard"] and (counts["availability"] or counts["urgency"] or counts["secrecy"]):
         signals.append("asks for gift cards with urgency or secrecy")
@@ -151,12 +154,15 @@ def language_features(ctx: Context, toks: list[str]) -> tuple[list[float], list[
 
 #: Words joined by "-" or "_" ("login-action", "auto-login-action", "verify_boot_image"): the name of
 #: a test case, a job or a file, and no one is asked to log in by it. A join that is itself a phrase of
-#: the lexicon ("sign-in", "log-in") is how people write the request, and stays.
-_JOINED = re.compile(r"\w+(?:[-_]\w+)+")
+#: the lexicon ("sign-in", "log-in") is how people write the request, and stays. The lookbehind and the
+#: possessive parts keep it linear on a long run of letters (hostile mail): a match can only start
+#: where a word starts, and a part is never given back.
+_JOINED = re.compile(r"(?<![^\W_])[^\W_]++(?:[-_][^\W_]++)+")
+_JOIN_MARK = re.compile(r"[-_]")
 
 
 def _unjoin(match: re.Match[str]) -> str:
-    spaced = re.sub(r"[-_]", " ", match.group(0))
+    spaced = _JOIN_MARK.sub(" ", match.group(0))
     return spaced if tuple(_TOKEN.findall(_DIGITS.sub("0", spaced.lower()))) in _PHRASES else " "
 
 
@@ -166,12 +172,8 @@ def _prose_count(ctx: Context, group: str) -> int:
     For the reasons shown to admins only, never a feature (the lang_* counts keep every token, so
     the model and its training data are unchanged): an automated test report that lists
     `login-action` and a `validate` step beside its log link was explained as asking to log in."""
-    toks = words(_JOINED.sub(_unjoin, ctx.parsed.subject + "\n" + ctx.body_text))
-    found = 0
-    for i, tok in enumerate(toks):
-        for n in _FIRST_WORDS.get(tok, ()):
-            found += _PHRASES.get(tuple(toks[i : i + n])) == group
-    return found
+    text = (ctx.parsed.subject + "\n" + ctx.body_text)[:MAX_TEXT]
+    return phrase_counts(words(_JOINED.sub(_unjoin, text)))[group]
 
 
 def words(text: str) -> list[str]:
