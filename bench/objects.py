@@ -4,7 +4,7 @@
     .venv/bin/python bench/objects.py diff BEFORE.json AFTER.json [--top 12]
 
 RSS says that a process grows, not what grows. This tool asks the processes themselves: gdb attaches
-to each process under the `milter serve` pid (its workers, and their prepare processes) and runs
+to each process under the `milter serve` pid (itself, its workers and their prepare processes) and runs
 `gc.collect()` then counts `gc.get_objects()` by type name inside it (PyGILState_Ensure +
 PyRun_SimpleString, so the process's own interpreter does the counting, between two of its bytecodes).
 `diff` prints, per process role, the total and the types that changed most.
@@ -31,6 +31,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rss import roles as gateway_roles
+
 #: Run inside the target process: one line, no quotes that gdb's command line would need escaped.
 _COUNT = (
     "import gc, collections; gc.collect(); "
@@ -39,31 +42,14 @@ _COUNT = (
 )
 
 
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 def roles(serve_pid: int) -> dict[str, int]:
-    """worker-N and worker-N/prepare-K by pid order, as bench/rss.py names them (the resource tracker,
-    a child that spawns nothing and runs no gateway code, is left out)."""
-    out: dict[str, int] = {}
-    workers = [p for p in children(serve_pid) if b"resource_tracker" not in _cmdline(p)]
-    for n, worker in enumerate(sorted(workers)):
-        out[f"worker-{n}"] = worker
-        for k, prep in enumerate(sorted(children(worker))):
-            out[f"worker-{n}/prepare-{k}"] = prep
-    return out
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+    """The parent, worker-N and worker-N/prepare-K, named as bench/rss.py names them (the resource
+    tracker runs no gateway code and is left out)."""
+    return {
+        role: pid
+        for role, pid in gateway_roles(serve_pid, {}).items()
+        if role == "parent" or role.startswith("worker-")
+    }
 
 
 def count(pid: int, timeout: float = 60.0) -> tuple[int, dict[str, int]]:
