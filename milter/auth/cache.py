@@ -8,9 +8,10 @@ while an authoritative server is down would cost each of them the whole deadline
 for `temperror_ttl` (30 s by default). "None" answers are cached for `negative_ttl`
 (dnspython does not hand us the SOA minimum on NXDOMAIN, so one configured value is used), and found
 answers for their TTL, capped at `max_ttl`. The size is bounded; when full, the oldest entry goes.
-Every `SWEEP_EVERY` stores the expired entries are dropped too, so that a cache filled by a burst of
-new sender domains gives its memory back once their answers expire, instead of keeping them until
-the same names are asked again (docs/soak.md: the workers' slow RSS rise was this cache filling).
+Every `SWEEP_EVERY` stores (more for a bigger cache) the expired entries are dropped too,
+so that a cache filled by a burst of new sender domains gives its memory back once their answers
+expire, instead of keeping them until the same names are asked again (docs/soak.md: the workers'
+slow RSS rise was this cache filling).
 
 Entries and in-flight lookups are keyed by (name, type), so a name's TXT and A answers are kept, expire
 and are coalesced apart. `txt(name)` is `query(name, "TXT")` and asks the inner resolver's `txt`, so
@@ -33,8 +34,9 @@ from milter.auth.dns import TxtAnswer, TxtResolver, TypedLookups, normalise_name
 
 _Key = tuple[str, str]  # (normalised name, record type)
 
-#: Stores between sweeps of expired entries: one pass over at most max_entries, so about
-#: max_entries / SWEEP_EVERY entry checks per store.
+#: Stores between sweeps of expired entries (at least; a bigger cache sweeps every max_entries / 10
+#: stores). A sweep is one pass over the entries on the event loop, 1.4 ms for 10,000 and 17 ms for
+#: 100,000 (config.MAX_DNS_CACHE_ENTRIES); so about ten entry checks per store.
 SWEEP_EVERY = 1000
 
 
@@ -57,6 +59,7 @@ class CachingResolver(TypedLookups):
         self._entries: OrderedDict[_Key, tuple[float, TxtAnswer]] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Task[TxtAnswer]] = {}
         self._stores = 0
+        self._sweep_every = max(SWEEP_EVERY, max_entries // 10)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -122,7 +125,7 @@ class CachingResolver(TypedLookups):
             return
         self._entries.pop(key, None)
         self._stores += 1
-        if self._stores % SWEEP_EVERY == 0:
+        if self._stores % self._sweep_every == 0:
             self._sweep()
         while len(self._entries) >= self._max_entries:
             self._entries.popitem(last=False)

@@ -245,7 +245,7 @@ class Downstream:
             utf8 = "SMTPUTF8" in mail_options and client.supports_extension("smtputf8")
             if not utf8 and not mail_from.isascii():
                 raise DeliveryError(
-                    f"non-ASCII sender {mail_from!r} and {self._no_utf8(client, mail_options)}",
+                    f"non-ASCII sender {mail_from!r} and {self._no_utf8(mail_options)}",
                     553,
                     NO_UTF8_STATUS,
                     "Non-ASCII sender address not accepted downstream (no SMTPUTF8)",
@@ -276,7 +276,7 @@ class Downstream:
             raise _Failed(exc, stage) from exc
 
     @staticmethod
-    def _no_utf8(client: aiosmtplib.SMTP, mail_options: Sequence[str]) -> str:
+    def _no_utf8(mail_options: Sequence[str]) -> str:
         if "SMTPUTF8" not in mail_options:
             return "the client did not ask for SMTPUTF8"
         return "the downstream does not offer SMTPUTF8"
