@@ -67,6 +67,40 @@ def test_malformed_mime_becomes_defect_features() -> None:
     assert broken.defects, "broken base64 must be reported as a defect"
 
 
+def _text_part(payload: bytes, charset: str = "us-ascii") -> bytes:
+    import base64
+
+    return (
+        b"From: postmaster@example.jp\r\nTo: a@example.org\r\nSubject: Returned mail\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain; charset=" + charset.encode() + b"\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(payload).replace(b"\n", b"\r\n")
+        + b"--b--\r\n"
+    )
+
+
+def test_a_file_in_a_text_part_is_an_attachment_not_words() -> None:
+    """A bounce whose text/plain part is a base64 PNG (sisimai's corpus) was read as hundreds of garbage
+    words and quarantined as spam: a text part that starts with a file signature, or is a tenth or more
+    NUL bytes without a UTF-16/32 charset, is an attachment and a defect; a stray NUL in text is not."""
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8
+    parsed = parse(_text_part(png))
+    assert parsed.text == ""
+    assert [a.content_type for a in parsed.attachments] == ["text/plain"]
+    assert "BinaryText" in parsed.defects
+    assert feat(extract(_text_part(png)).vector, "txt_empty") == 1.0
+    nul = parse(_text_part(b"ok so far" + b"\x00\x01\x02\x00" * 200))
+    assert nul.text == "" and "BinaryText" in nul.defects
+    stray = parse(_text_part(b"<BODY>You have won\x00 a prize</BODY>" * 20))  # obfuscation, not a file
+    assert "You have won" in stray.text and "BinaryText" not in stray.defects
+    wide = parse(_text_part("Your message could not be delivered".encode("utf-16"), "utf-16"))
+    assert "could not be delivered" in wide.text and "BinaryText" not in wide.defects
+    for short in (b"", b"ok", b"a\x00" + b"b" * 40):  # an empty part, a tiny one, one stray NUL: no file
+        assert "BinaryText" not in parse(_text_part(short)).defects
+    plain = parse(_text_part(b"PNG files are attached separately"))
+    assert plain.text.startswith("PNG files") and not plain.attachments
+
+
 def test_deep_nesting_and_huge_header_do_not_crash() -> None:
     deep = parse(load("edge/deep-nesting-60.eml"))
     assert deep.max_depth >= 50
