@@ -359,7 +359,7 @@ def _binary(payload: bytes, part: Message) -> bool:
         return True
     head = payload[:4096]
     # a stray NUL is obfuscation inside real text (194 Enron spam have a few); a file has many
-    if head.count(b"\x00") * 10 < len(head) or not head:
+    if not head or head.count(b"\x00") * 10 < len(head):
         return False
     try:
         charset = (part.get_content_charset() or "").lower()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,6 @@ def test_malformed_mime_becomes_defect_features() -> None:
 
 
 def _text_part(payload: bytes, charset: str = "us-ascii") -> bytes:
-    import base64
-
     return (
         b"From: postmaster@example.jp\r\nTo: a@example.org\r\nSubject: Returned mail\r\nMIME-Version: 1.0\r\n"
         b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
