@@ -12,6 +12,9 @@ import pickle
 import time
 from typing import Any
 
+import dns.flags
+import dns.message
+import dns.rrset
 import pytest
 from auth_support import FakeDns, with_server
 
@@ -426,3 +429,82 @@ def test_static_resolver_typed_keys() -> None:
     assert other.records == ("explicit txt",)
     assert odd.records == ("a slash that names no type",)
     assert (down.status, down_txt.status, ptr.status) == ("temperror", "none", "temperror")
+
+
+def test_a_server_that_fails_is_dropped_and_the_next_one_answers() -> None:
+    """SERVFAIL (or REFUSED) from one server: the lookup asks the next configured one, and does not ask
+    the failing one again; NXDOMAIN from a server is final (no second opinion is sought)."""
+    broken = FakeDns(servfail={"example.org", "missing.example"})
+    good = FakeDns(records={"example.org": ['"v=spf1 -all"']})
+
+    async def listen(protocol: FakeDns) -> tuple[asyncio.DatagramTransport, int]:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, local_addr=("127.0.0.1", 0))
+        return transport, transport.get_extra_info("sockname")[1]
+
+    async def main() -> None:
+        ends = [await listen(broken), await listen(good)]
+        ports = [port for _, port in ends]
+        try:
+            r = DnsResolver(nameservers=[("127.0.0.1", p) for p in ports], lifetime=2.0)
+            answer = await r.txt("example.org")
+            assert (answer.status, answer.records) == ("found", ("v=spf1 -all",))
+            assert (broken.count("example.org"), good.count("example.org")) == (1, 1)
+            assert (await r.txt("nothing.example")).reason == "nxdomain"
+            assert (broken.count("nothing.example"), good.count("nothing.example")) == (1, 0)
+            both_fail = DnsResolver(nameservers=[("127.0.0.1", ports[0])] * 2, lifetime=2.0)
+            failed = await both_fail.txt("missing.example")
+            assert (failed.status, failed.reason) == ("temperror", "servfail")
+        finally:
+            for t, _ in ends:
+                t.close()
+
+    asyncio.run(main())
+
+
+def test_a_truncated_answer_is_asked_again_over_tcp() -> None:
+    """A UDP answer with the TC bit (too big for the server's UDP limit) is asked again over TCP, and
+    the full answer is what comes back."""
+    name = "big._domainkey.example.com"
+    key = '"v=DKIM1; k=rsa; p=' + "A" * 230 + '" "' + "B" * 230 + '"'
+    tcp_queries: list[str] = []
+
+    def full(query: dns.message.Message) -> dns.message.Message:
+        response = dns.message.make_response(query)
+        response.answer.append(dns.rrset.from_text_list(query.question[0].name, 300, "IN", "TXT", [key]))
+        return response
+
+    class TruncatingUdp(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            response = dns.message.make_response(dns.message.from_wire(data))
+            response.flags |= dns.flags.TC
+            self.transport.sendto(response.to_wire(), addr)
+
+    async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        query = dns.message.from_wire(await reader.readexactly(size))
+        tcp_queries.append(query.question[0].name.to_text(omit_final_dot=True))
+        wire = full(query).to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(tcp, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        udp, _ = await loop.create_datagram_endpoint(TruncatingUdp, local_addr=("127.0.0.1", port))
+        try:
+            answer = await DnsResolver(nameservers=["127.0.0.1"], port=port).txt(name)
+            assert answer.status == "found"
+            assert answer.records == ("v=DKIM1; k=rsa; p=" + "A" * 230 + "B" * 230,)
+            assert tcp_queries == [name]
+        finally:
+            udp.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
