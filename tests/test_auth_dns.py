@@ -434,8 +434,8 @@ def test_static_resolver_typed_keys() -> None:
 def test_a_server_that_fails_is_dropped_and_the_next_one_answers() -> None:
     """SERVFAIL (or REFUSED) from one server: the lookup asks the next configured one, and does not ask
     the failing one again; NXDOMAIN from a server is final (no second opinion is sought)."""
-    broken = FakeDns(servfail={"example.org", "missing.example"})
-    good = FakeDns(records={"example.org": ['"v=spf1 -all"']})
+    broken = FakeDns(servfail={"example.org", "missing.example", "slow.example"})
+    good = FakeDns(records={"example.org": ['"v=spf1 -all"']}, silent={"slow.example"})
 
     async def listen(protocol: FakeDns) -> tuple[asyncio.DatagramTransport, int]:
         loop = asyncio.get_running_loop()
@@ -455,6 +455,11 @@ def test_a_server_that_fails_is_dropped_and_the_next_one_answers() -> None:
             both_fail = DnsResolver(nameservers=[("127.0.0.1", ports[0])] * 2, lifetime=2.0)
             failed = await both_fail.txt("missing.example")
             assert (failed.status, failed.reason) == ("temperror", "servfail")
+            # one server failed, the other never answered: the lifetime ran out, and that is the reason
+            quick = DnsResolver(nameservers=[("127.0.0.1", p) for p in ports], lifetime=0.4)
+            slow = await quick.txt("slow.example")
+            assert (slow.status, slow.reason) == ("temperror", "timeout")
+            assert broken.count("slow.example") == 1 and good.count("slow.example") >= 2
         finally:
             for t, _ in ends:
                 t.close()

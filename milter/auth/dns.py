@@ -191,7 +191,7 @@ class DnsResolver(TypedLookups):
 
     Why not dnspython's `asyncresolver.Resolver`, which this used until 2026-12-04: its resolution
     machinery (per-lookup state objects, `Answer`, the chaining pass) cost 0.28-0.33 ms of CPU per
-    lookup, 0.20 ms through the same library's `dns.asyncquery` (3,000 TXT lookups on loopback, 50 in
+    lookup, 0.21 ms through the same library's `dns.asyncquery` (3,000 TXT lookups on loopback, 50 in
     flight), and lookups were a fifth of the gateway workers' Python time in bench/postfix.py. This
     does what the resolver did, in its order: each try asks every server in turn, a fresh socket and
     source port per query, answers from other addresses or with other ids ignored, a truncated answer
@@ -256,7 +256,7 @@ class DnsResolver(TypedLookups):
             for server in list(servers):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    return TxtAnswer.temperror(failure)
+                    return TxtAnswer.temperror("timeout")
                 try:
                     response = await self._ask(request, server, min(self._try_timeout, remaining))
                 except dns.exception.Timeout:
