@@ -22,7 +22,9 @@ each worker exports (a label whose values grow without bound would show there).
 Prints a table per role: RSS at the end of the warm-up (`--warmup` minutes), at the end, the growth,
 and the least-squares slope of RSS over the samples after the warm-up (MiB per 10 minutes, % per hour).
 The verdict is "flat" when every process's slope is under 5 MiB per 10 minutes and its growth from
-the end of the warm-up to the end under 10 %; else "GROWS", naming the processes. Writes
+the end of the warm-up to the end (means over the first and the last minute) under 10 %; else "GROWS",
+naming the processes. A role is a slot: where its process was replaced (a prepare pool recycled after
+`server.prepare_max_jobs` jobs), every process that held it counts. Writes
 OUT/samples.csv, OUT/metrics.csv, OUT/summary.json and OUT/rss.png (RSS over time per process).
 With `--trim` it then calls glibc's malloc_trim(0) in every process through gdb and prints each RSS
 before and after: memory the trim gives back was free memory the allocator kept, not live objects.
@@ -49,7 +51,7 @@ import time
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import aiosmtplib
@@ -240,7 +242,7 @@ STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads")
 
 
 def status(pid: int) -> dict[str, int] | None:
-    """The fields above (KiB; Threads a count) and open files, or None for a process gone."""
+    """The fields above (KiB; Threads a count) and open files, or None for a process gone or a zombie."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
         fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -251,7 +253,8 @@ def status(pid: int) -> dict[str, int] | None:
         key, _, value = line.partition(":")
         if key in STATUS_FIELDS:
             out[key] = int(value.split()[0])
-    return out
+    # a zombie (exited, not yet reaped: a recycled prepare process) has no memory lines
+    return out if "VmRSS" in out else None
 
 
 def series_count(port: int) -> int | None:
@@ -361,6 +364,13 @@ def slope_per_10min(rows: list[Sample]) -> float:
     return fit.slope * 600
 
 
+def _minute_mean(rows: list[Sample], start: float) -> Sample:
+    """The samples of the minute from `start`, as one: mean RSS and anonymous RSS, the last one's rest."""
+    window = [r for r in rows if start <= r.t <= start + 60] or rows[-1:]
+    return replace(window[-1], rss_kib=round(statistics.fmean(r.rss_kib for r in window)),
+                   anon_kib=round(statistics.fmean(r.anon_kib for r in window)))
+
+
 def summarise(samples: list[Sample], warmup: float, until: float) -> list[RoleSummary]:
     by_role: dict[str, list[Sample]] = defaultdict(list)
     for s in sorted(samples, key=lambda s: s.t):  # two threads sample at the load's end
@@ -370,9 +380,11 @@ def summarise(samples: list[Sample], warmup: float, until: float) -> list[RoleSu
         post = [r for r in rows if warmup <= r.t <= until]
         if len(post) < 2:
             continue
-        # A replaced process (prepare pool recycled, worker restarted): judge its latest incarnation.
-        latest = [r for r in post if r.pid == post[-1].pid]
-        first, last = latest[0], latest[-1]
+        # A role is a slot: when its process is replaced (prepare pools are recycled every
+        # server.prepare_max_jobs jobs), the host pays for the slot, so every incarnation counts.
+        # The ends are minute means, not single samples: one big message moves a sample by 20 MiB.
+        latest = post
+        first, last = _minute_mean(post, post[0].t), _minute_mean(post, post[-1].t - 60)
         slope = slope_per_10min(latest)
         warm = first.rss_kib / MIB
         out.append(RoleSummary(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from milter.features import SCHEMA, Protected, extract
-from milter.features.domains import lookalike_of, split_host
+from milter.features.domains import LOOKALIKE_CACHE, _target_skeleton, lookalike_of, split_host
 from milter.features.text import CORPUS_STOPWORDS, tokens
 from milter.parse import LIMITS, parse
 
@@ -153,6 +153,20 @@ def test_lookalike_rules() -> None:
     assert lookalike_of("sample.org", protected) is None
     assert lookalike_of("pineapple.com", ("apple.com",)) is None
     assert split_host("mail.acme.co.uk")[1] == "acme.co.uk"
+
+
+def test_lookalike_caches_stay_small_however_many_sender_domains() -> None:
+    """A prepare process lives for days and meets new sender domains all along: what the lookalike
+    check caches must be bounded by the protected names and a fill that ends within a warm-up, not by
+    the number of domains seen (docs/soak.md: a per-name cache grew RSS for 30,000 messages)."""
+    protected = ("example.com", "paypal.com", "contoso-bank.com")
+    lookalike_of.cache_clear()
+    _target_skeleton.cache_clear()
+    for i in range(LOOKALIKE_CACHE + 500):
+        assert lookalike_of(f"sender{i}-shop.net", protected) is None
+    assert lookalike_of("paypa1.com", protected) == "paypal.com"  # still finds what it should
+    assert _target_skeleton.cache_info().currsize == len(protected)
+    assert lookalike_of.cache_info().currsize == LOOKALIKE_CACHE
 
 
 def test_payment_language() -> None:

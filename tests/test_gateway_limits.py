@@ -3,7 +3,9 @@
 * a scan past `server.scan_timeout` gets `policy.on_error` (451, or accepted and tagged unscanned),
   is counted, and the prepare process stuck on it is killed while other mail goes on being served;
 * a prepare process whose memory passes `server.prepare_max_rss_mb` is retired after the job that
-  grew it, and that message is delivered all the same.
+  grew it, and that message is delivered all the same;
+* a prepare pool that ran `server.prepare_max_jobs` jobs hands over to a new, warmed-up one while
+  mail keeps flowing.
 
 The misbehaving prepare is tests/faulty_prepare.py, cued by a header.
 """
@@ -108,3 +110,30 @@ def test_a_prepare_process_over_max_rss_is_retired_without_losing_its_message(
         account([grown, *after], sink, store)
 
     run_gateway_scenario(tmp_path, free_port, scenario, prepare=faulty_prepare, prepare_max_rss_mb=256)
+
+
+def test_a_prepare_pool_past_max_jobs_hands_over_to_a_new_one_without_losing_mail(
+    tmp_path: Path, free_port: Ports
+) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        first = prepare_pids()
+        assert first, "the gateway's prepare processes should be running"
+        sent = []
+        for round_ in range(4):  # 4 x 4 messages, 4 at a time: the limit (5 jobs) is passed mid-flow
+            sent += await asyncio.gather(
+                *(send(gw.address[1], make_message(f"m{round_}-{i}@test")) for i in range(4))
+            )
+        assert [o.code for o in sent] == [250] * 16
+        for _ in range(100):  # the successor warms up (process start, imports) before it takes over
+            if sample(gw, "milter_prepare_recycles_total", reason="max_jobs"):
+                break
+            await asyncio.sleep(0.1)  # polling the metric for the background hand-over
+        assert sample(gw, "milter_prepare_recycles_total", reason="max_jobs") >= 1
+        # the old processes finished what they held and left by themselves; new ones serve
+        assert not await wait_gone(first, 20), "the retired pool's processes did not exit"
+        assert prepare_pids() - first
+        after = await send(gw.address[1], make_message("after@test"))
+        assert after.code == 250
+        account([*sent, after], sink, store)
+
+    run_gateway_scenario(tmp_path, free_port, scenario, prepare_max_jobs=5)

@@ -87,10 +87,17 @@ def to_unicode(host: str) -> str:
         return host
 
 
-@lru_cache(maxsize=8192)  # fills within the warm-up: a bigger one grew RSS for hours (bench/rss.py)
 def skeleton(label: str) -> str:
+    """The label as it looks: homoglyphs folded to ASCII, "rn" read as "m" and so on."""
     s = to_unicode(label).lower().translate(_SKELETON)
     return s.replace("rn", "m").replace("vv", "w").replace("cl", "d")
+
+
+# Only the protected names come back (every lookalike_of miss compares the sender's name with all of
+# them), so the cache holds those; a sender's own name is computed once per lookalike_of miss, uncached.
+# Cached for every name, this filled over ~30,000 messages per prepare process and was most of its
+# slow RSS rise (bench/rss.py, docs/soak.md).
+_target_skeleton = lru_cache(maxsize=1024)(skeleton)
 
 
 # Small on purpose: its only caller, lookalike_of, is cached per domain, so a pair comes back only when
@@ -113,7 +120,12 @@ def edit_distance(a: str, b: str, limit: int = 3) -> int:
     return prev[-1]
 
 
-@lru_cache(maxsize=8192)  # fills within the warm-up: a bigger one grew RSS for hours (bench/rss.py)
+# Per sender domain, so it keeps filling as long as new domains write in: sized to fill within a
+# few thousand messages (bench/rss.py's warm-up), after which it is flat.
+LOOKALIKE_CACHE = 2048
+
+
+@lru_cache(maxsize=LOOKALIKE_CACHE)
 def lookalike_of(domain: str, protected: tuple[str, ...]) -> str | None:
     """The protected registrable domain that `domain` imitates without being it, or None."""
     if not domain or domain in protected:
@@ -124,7 +136,7 @@ def lookalike_of(domain: str, protected: tuple[str, ...]) -> str | None:
         tname = target.split(".", 1)[0]
         if len(tname) < 4:
             continue  # short names give too many accidental near-matches
-        if skel == skeleton(tname):
+        if skel == _target_skeleton(tname):
             return target
         if tname not in name and abs(len(name) - len(tname)) > 2:
             continue  # cheap pre-check: neither a near-match nor a containment

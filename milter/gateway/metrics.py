@@ -28,7 +28,7 @@ log = logging.getLogger("milter.gateway.metrics")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 RELOAD_OUTCOMES = ("ok", "failed")
-RECYCLE_REASONS = ("max_rss", "scan_timeout", "broken")
+RECYCLE_REASONS = ("max_rss", "max_jobs", "scan_timeout", "broken")
 
 
 class GatewayMetrics:

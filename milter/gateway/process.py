@@ -237,6 +237,7 @@ def measured(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
 @dataclass(frozen=True)
 class PrepareLimits:
     max_rss: int = 0  # bytes; 0: never recycle for memory
+    max_jobs: int = 0  # jobs per pool before a new one takes over (as Postfix's max_use); 0: never
     kill_grace: float = 5.0  # seconds a retired pool's other jobs get before its processes are killed
     min_recycle_interval: float = 30.0  # memory recycles no more often (a limit set below the baseline)
 
@@ -247,6 +248,11 @@ class PreparePool:
     * a process died (BrokenProcessPool): a new pool, the messages it held are tempfailed;
     * a process's memory passed `max_rss` after a job: the pool is retired gracefully (its processes
       finish the jobs they hold, then exit) and a new one takes the next jobs: nothing is lost;
+    * the pool ran `max_jobs` jobs: a new pool is started and warmed up while the old one goes on
+      serving, then takes over, and the old one is retired gracefully. A long-lived CPython process
+      fragments its small-object arenas (docs/soak.md: +13 arenas, about 13 MiB, per 9,000 messages
+      with hostile mail among them, while live objects grew 2 MiB), so its memory is bounded by its
+      lifetime, as Postfix bounds its daemons' with max_use;
     * a scan passed its deadline (`abandon`): retired the same way, and killed after `kill_grace`,
       since one of its processes is stuck; a job killed with it is run again once on the new pool.
 
@@ -268,6 +274,9 @@ class PreparePool:
         self._pool = factory()
         self._retired: dict[Executor, tuple[BaseProcess, ...]] = {}
         self._last_memory_recycle = -math.inf
+        self._jobs = 0  # on the current pool
+        self._successor: asyncio.Task[None] | None = None  # warming `_warming` up to take over
+        self._warming: Executor | None = None
 
     async def run(
         self, raw: bytes, envelope: Envelope, protected: Any, evidence: Evidence | None = None
@@ -294,6 +303,7 @@ class PreparePool:
                     self._replace("broken", kill_after=None)
                 raise
             self._check_memory(rss)
+            self._count_job(pool)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -307,6 +317,36 @@ class PreparePool:
         self._last_memory_recycle = now
         log.warning(kv("prepare_pool_recycled", reason="max_rss", rss_mb=rss >> 20, limit_mb=limit >> 20))
         self._replace("max_rss", kill_after=None)
+
+    def _count_job(self, pool: Executor) -> None:
+        if pool is not self._pool:
+            return
+        self._jobs += 1
+        limit = self._limits.max_jobs
+        if limit and self._jobs >= limit and self._successor is None:
+            self._successor = asyncio.get_running_loop().create_task(
+                self._take_over(pool), name="prepare-pool-successor"
+            )
+
+    async def _take_over(self, old: Executor) -> None:
+        """Start and warm up a new pool, then send new jobs there and retire `old` gracefully. Warmed
+        first so that no message waits for a process to start (about a second of imports)."""
+        loop = asyncio.get_running_loop()
+        new = self._warming = self._factory()
+        try:
+            n = getattr(new, "_max_workers", 1)
+            await asyncio.gather(*(loop.run_in_executor(new, _started) for _ in range(n)))
+        except Exception as exc:  # the old pool goes on serving; the next job tries again
+            new.shutdown(wait=False, cancel_futures=True)
+            log.error(kv("prepare_pool_successor_failed", error=type(exc).__name__, detail=str(exc)[:200]))
+            self._successor = self._warming = None
+            return
+        if self._pool is old:  # not replaced meanwhile (broken, max_rss, scan_timeout)
+            log.info(kv("prepare_pool_recycled", reason="max_jobs", jobs=self._jobs))
+            self._install(new, "max_jobs")
+        else:
+            new.shutdown(wait=False)
+        self._successor = self._warming = None
 
     @property
     def current(self) -> Executor:
@@ -322,7 +362,11 @@ class PreparePool:
         self._replace("scan_timeout", kill_after=self._limits.kill_grace)
 
     def _replace(self, reason: str, kill_after: float | None) -> None:
-        old, self._pool = self._pool, self._factory()
+        self._install(self._factory(), reason, kill_after)
+
+    def _install(self, new: Executor, reason: str, kill_after: float | None = None) -> None:
+        old, self._pool = self._pool, new
+        self._jobs = 0
         if self._metrics is not None:
             self._metrics.prepare_recycles.labels(reason).inc()
         if reason == "broken":
@@ -340,9 +384,18 @@ class PreparePool:
         asyncio.get_running_loop().call_later(60.0, self._retired.pop, pool, None)
 
     def close(self) -> None:
+        if self._successor is not None:
+            self._successor.cancel()
+        if self._warming is not None:
+            self._warming.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         for processes in self._retired.values():
             _kill(processes)
+
+
+def _started() -> int:
+    """A no-op job: returns once a new pool's process has started and run its initializer."""
+    return os.getpid()
 
 
 def _processes(pool: Executor) -> tuple[BaseProcess, ...]:

@@ -247,7 +247,7 @@ class Gateway:
         self._prepare_pool = PreparePool(
             prepare_pool or default_prepare_pool(processes),
             prepare,
-            PrepareLimits(max_rss=srv.prepare_max_rss_mb << 20),
+            PrepareLimits(max_rss=srv.prepare_max_rss_mb << 20, max_jobs=srv.prepare_max_jobs),
             self.metrics,
         )
         self._store_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milter-store")
