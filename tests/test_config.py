@@ -46,6 +46,7 @@ def test_nameserver_entries() -> None:
         ({"policy": {"lists": {"deny_ips": ["10.0.0.0/8", "nonsense"]}}}, "policy.lists.deny_ips[1]"),
         ({"server": {"listen": "localhost"}}, "server.listen"),
         ({"server": {"workers": "two"}}, "server.workers"),
+        ({"server": {"prepare_max_jobs": -1}}, "server.prepare_max_jobs"),
         ({"server": {"mode": "sideways"}}, "server.mode"),
         ({"server": {"xforward_hosts": ["127.0.0.1", "localhost"]}}, "server.xforward_hosts[1]"),
         ({"store": {"retention_days": -1}}, "store.retention_days"),
