@@ -13,17 +13,23 @@ The misbehaving prepare is tests/faulty_prepare.py, cued by a header.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from faulty_prepare import GROW, HANG, faulty_prepare
 from gateway_support import TEST_POLICY, Sink, account, make_message, run_gateway_scenario, send
 
+from milter.gateway.process import PrepareLimits, PreparePool
 from milter.gateway.server import Gateway
+from milter.scan import prepare
+from milter.types import Envelope
 
 Ports = Callable[[], int]
 SCAN_TIMEOUT = 2.0
@@ -137,3 +143,49 @@ def test_a_prepare_pool_past_max_jobs_hands_over_to_a_new_one_without_losing_mai
         account([*sent, after], sink, store)
 
     run_gateway_scenario(tmp_path, free_port, scenario, prepare_max_jobs=5)
+
+
+class _NoProcesses(ThreadPoolExecutor):
+    """A pool whose processes cannot start (no memory, no pids): every job fails."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cannot start a process")
+
+
+def test_a_successor_pool_that_cannot_start_leaves_the_old_one_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    made: list[ThreadPoolExecutor] = []
+
+    def factory() -> ThreadPoolExecutor:
+        made.append(_NoProcesses(1) if len(made) == 1 else ThreadPoolExecutor(1))
+        return made[-1]
+
+    async def main() -> None:
+        pool = PreparePool(factory, prepare, PrepareLimits(max_jobs=2))
+        first = pool.current
+
+        async def subject(mid: str) -> str | None:
+            return (await pool.run(make_message(mid, subject=mid), Envelope(), None)).summary.subject
+
+        assert [await subject(f"m{i}@test") for i in range(2)] == ["m0@test", "m1@test"]
+        for _ in range(50):  # the successor is tried in the background
+            if "prepare_pool_successor_failed" in caplog.text:
+                break
+            await asyncio.sleep(0.01)  # polling the log for the background attempt
+        assert pool.current is first  # still serving
+        assert await subject("m2@test") == "m2@test"
+        await asyncio.sleep(0.1)  # time for a successor, had that job started one
+        assert len(made) == 2  # not retried on the very next job...
+        await subject("m3@test")
+        for _ in range(50):  # ...but after max_jobs more, and that one takes over
+            if pool.current is not first:
+                break
+            await asyncio.sleep(0.01)  # polling for the background hand-over
+        assert pool.current is made[2]
+        assert await subject("m4@test") == "m4@test"
+        pool.close()
+
+    with caplog.at_level(logging.INFO, logger="milter.gateway"):
+        asyncio.run(main())
+    assert "prepare_pool_recycled reason=max_jobs" in caplog.text

@@ -336,10 +336,12 @@ class PreparePool:
         try:
             n = getattr(new, "_max_workers", 1)
             await asyncio.gather(*(loop.run_in_executor(new, _started) for _ in range(n)))
-        except Exception as exc:  # the old pool goes on serving; the next job tries again
+        except Exception as exc:  # the old pool goes on serving; tried again after max_jobs more jobs
             new.shutdown(wait=False, cancel_futures=True)
             log.error(kv("prepare_pool_successor_failed", error=type(exc).__name__, detail=str(exc)[:200]))
             self._successor = self._warming = None
+            if self._pool is old:
+                self._jobs = 0  # not on every job while processes cannot start (no memory, no pids)
             return
         if self._pool is old:  # not replaced meanwhile (broken, max_rss, scan_timeout)
             log.info(kv("prepare_pool_recycled", reason="max_jobs", jobs=self._jobs))
