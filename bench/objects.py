@@ -17,6 +17,10 @@ workers' slow rise was the DNS cache filling to its bound (docs/soak.md, run F).
 
 Needs gdb and ptrace rights over the processes (root, or the same user with ptrace_scope 0). Each
 attach stops a process for well under a second; do not use it on a production gateway under load.
+Where gdb answers "Couldn't write extended state status: Bad address" (seen on a Firecracker VM,
+2026-12-04) it cannot restore the registers after the call, and the process is left broken: a worker
+aborted ("The futex facility returned an unexpected error code") and the parent was left holding the
+GIL, so it no longer restarted workers. Check with a throw-away process first.
 """
 
 from __future__ import annotations
