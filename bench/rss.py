@@ -383,9 +383,8 @@ def summarise(samples: list[Sample], warmup: float, until: float) -> list[RoleSu
         # A role is a slot: when its process is replaced (prepare pools are recycled every
         # server.prepare_max_jobs jobs), the host pays for the slot, so every incarnation counts.
         # The ends are minute means, not single samples: one big message moves a sample by 20 MiB.
-        latest = post
         first, last = _minute_mean(post, post[0].t), _minute_mean(post, post[-1].t - 60)
-        slope = slope_per_10min(latest)
+        slope = slope_per_10min(post)
         warm = first.rss_kib / MIB
         out.append(RoleSummary(
             role=role, pids=len({r.pid for r in post}), warm_mib=round(warm, 1),
@@ -393,7 +392,7 @@ def summarise(samples: list[Sample], warmup: float, until: float) -> list[RoleSu
             hwm_mib=round(last.hwm_kib / MIB, 1), growth_mib=round((last.rss_kib - first.rss_kib) / MIB, 1),
             growth_pct=round(100 * (last.rss_kib - first.rss_kib) / max(1, first.rss_kib), 1),
             slope_mib_10min=round(slope, 2), slope_pct_hour=round(100 * slope * 6 / max(warm, 1e-9), 1),
-            last_half_mib_10min=round(slope_per_10min(latest[len(latest) // 2 :]), 2),
+            last_half_mib_10min=round(slope_per_10min(post[len(post) // 2 :]), 2),
             anon_growth_mib=round((last.anon_kib - first.anon_kib) / MIB, 1),
             threads=f"{first.threads}->{last.threads}", fds=f"{first.fds}->{last.fds}",
         ))

@@ -129,7 +129,8 @@ class ServerConfig:
     # Jobs (messages, and DKIM verifications of signed ones) a prepare pool runs before a fresh pool,
     # started and warmed up beside it, takes over; the old one finishes what it holds. CPython's heap
     # fragments under months of varied mail, so a process's lifetime bounds its memory (as Postfix's
-    # max_use does). About 1 s of CPU per new process, i.e. 0.05 ms per job at the default. 0: never.
+    # max_use does). About 1 s of CPU per new pool (0.5 s per process): 0.05 ms per job at the
+    # default. 0: never.
     prepare_max_jobs: int = 20_000
     downstream_timeout: float = 60.0
     batch_max: int = 32
