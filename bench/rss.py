@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import itertools
 import json
 import os
 import random
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -291,6 +293,8 @@ class Recorder:
     series: list[tuple[float, int, int]] = field(default_factory=list)  # t, worker, series
     index: dict[int, int] = field(default_factory=dict)  # worker pid -> index, from the serve log
     trimmed: dict[str, tuple[int, int]] = field(default_factory=dict)  # --trim: role -> RSS KiB before, after
+    report_roles: dict[int, str] = field(default_factory=dict)  # pid -> role, when asked for a report
+    report_times: list[float] = field(default_factory=list)
 
     def worker_index(self) -> dict[int, int]:
         """Read again only when the parent has a worker we have not seen (one was restarted)."""
@@ -316,6 +320,50 @@ class Recorder:
             if n is not None:
                 self.series.append((round(t, 1), w, n))
         return now
+
+
+def ask_reports(rec: Recorder, t: float) -> None:
+    """SIGUSR2 to the gateway's parent (it forwards to every worker) and to every prepare process: each
+    logs a `memory_report` (milter.gateway.memreport) in serve.log. Remembers which role a pid held."""
+    for role, pid in roles(rec.root, rec.worker_index()).items():
+        if role == "parent" or "/prepare-" in role:  # never a resource tracker: USR2 would end it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
+        rec.report_roles[pid] = role
+    rec.report_times.append(round(t, 1))
+
+
+REPORT = re.compile(r"memory_report (?:worker=\d+ |role=\w+ )?pid=(\d+) (.*)")
+
+
+def memory_reports(rec: Recorder) -> dict[str, list[dict[str, str]]]:
+    """Role -> its memory reports in serve.log, in order (a recycled slot: all its processes')."""
+    text = rec.log.read_text(errors="replace") if rec.log.exists() else ""
+    out: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for pid, rest in REPORT.findall(text):
+        role = rec.report_roles.get(int(pid))
+        if role is not None and role != "parent":
+            out[role].append(dict(kv.split("=", 1) for kv in rest.split() if "=" in kv))
+    return out
+
+
+REPORT_COLUMNS = ("rss_mib", "malloc_in_use_mib", "malloc_free_mib", "malloc_mmapped_mib", "py_arenas",
+                  "py_blocks", "gc_objects")
+
+
+def print_reports(reports: dict[str, list[dict[str, str]]]) -> None:
+    """The first report after the warm-up and the last, per role: where the memory went."""
+    if not reports:
+        return
+    print("\nmemory reports (SIGUSR2), first after the warm-up -> last; MiB except counts:")
+    print(f"  {'process':24s}" + "".join(f"{c.removesuffix('_mib'):>24s}" for c in REPORT_COLUMNS))
+    for role, rows in sorted(reports.items()):
+        first, last = rows[0], rows[-1]
+        cells = "".join(f"{first.get(c, '?') + ' -> ' + last.get(c, '?'):>24s}" for c in REPORT_COLUMNS)
+        print(f"  {role:24s}{cells}")
+    for role, rows in sorted(reports.items()):
+        if len(rows) > 1 and not role.count("/"):
+            print(f"  {role} object types grown most since its previous report: {rows[-1].get('top', '?')}")
 
 
 def trim_all(rec: Recorder) -> dict[str, tuple[int, int]]:
@@ -492,11 +540,17 @@ async def run_load(args: argparse.Namespace, port: int, rec: Recorder, source: S
     progress: list[tuple[float, int]] = []
     stop = threading.Event()
 
+    next_report = args.warmup * 60
+
     async def sampler() -> None:
+        nonlocal next_report
         while True:
             t = time.monotonic() - start
             done = stats.done
             now = await asyncio.to_thread(rec.sample, t, done)
+            if args.report_every and t >= next_report:
+                ask_reports(rec, t)
+                next_report += args.report_every * 60
             progress.append((t, done))
             rate = done / t if t > 0 else 0.0
             cells = " ".join(f"{short(s.role)}={s.rss_kib / MIB:.0f}" for s in now)
@@ -512,6 +566,9 @@ async def run_load(args: argparse.Namespace, port: int, rec: Recorder, source: S
     wall = time.monotonic() - start
     # The judged window ends with this sample: --linger and --trim come after it.
     await asyncio.to_thread(rec.sample, wall, stats.done)
+    if args.report_every:
+        ask_reports(rec, wall)
+        await asyncio.sleep(5)  # a busy worker answers within a second or two
     if args.linger:
         print(f"load over; the gateway idles {args.linger:g} s (sampled on)", flush=True)
         await asyncio.sleep(args.linger)
@@ -536,6 +593,9 @@ def main() -> None:
     ap.add_argument("--trim", action="store_true",
                     help="after the load (and --linger), call malloc_trim(0) in every gateway process "
                          "through gdb and report its RSS before and after: retained free memory vs live")
+    ap.add_argument("--report-every", type=float, default=4.0,
+                    help="minutes between memory reports (SIGUSR2) from the warm-up's end, one at the "
+                         "end; 0: none")
     ap.add_argument("--out", default="/tmp/rss", help="folder for serve.log, samples, summary and plot")
     args = ap.parse_args()
     out = Path(args.out)
@@ -610,6 +670,8 @@ url = "sqlite:///{tmp}/rss.db"
     for t, kind, size, took, reply in slowest[:12]:
         print(f"  {t / 60:5.1f}  {kind:36s} {size:>10,d}  {took:6.1f}  {reply}")
     print_table(rows, warmup)
+    reports = memory_reports(rec)
+    print_reports(reports)
     if rec.trimmed:
         print("\nafter the load, malloc_trim(0) in each process (gdb): RSS MiB before -> after (given back)")
         for role, (before, after) in rec.trimmed.items():
@@ -623,7 +685,8 @@ url = "sqlite:///{tmp}/rss.db"
         sent_bytes=stats.sent_bytes, over_1mb=stats.big, broken=stats.broken, replies=dict(stats.replies),
         kinds=dict(stats.kinds), slow=slowest, gateway_events=dict(events), metrics_series=series,
         thresholds=dict(slope_mib_per_10min=FLAT_SLOPE_MIB_PER_10MIN, growth_pct=FLAT_GROWTH_PCT),
-        verdict=verdict, growing=growing, trimmed_kib=rec.trimmed, roles=[asdict(r) for r in rows],
+        verdict=verdict, growing=growing, trimmed_kib=rec.trimmed, memory_reports=reports,
+        report_times=rec.report_times, roles=[asdict(r) for r in rows],
         progress=progress,
     )
     write_outputs(out, rec, summary)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from gateway_support import (
     MODEL,
     QUARANTINE_SENDER,
@@ -86,7 +87,12 @@ async def wait_listening(port: int, proc: subprocess.Popen[bytes], limit: float 
     raise AssertionError("milter serve did not start listening")
 
 
-def test_corrupt_model_is_refused_at_start(tmp_path: Path, free_port: Callable[[], int]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_model_is_refused_at_start(
+    tmp_path: Path, free_port: Callable[[], int], workers: int
+) -> None:
+    """With workers, the check runs in a short-lived child (the parent keeps no model): its error
+    still reaches the admin, as the same class and text, and nothing is left listening."""
     model = tmp_path / "broken.onnx"
     model.write_bytes(b"this is not an onnx model")
     # valid metadata for the current schema, so it is the ONNX file itself that is refused
@@ -99,13 +105,30 @@ def test_corrupt_model_is_refused_at_start(tmp_path: Path, free_port: Callable[[
     model.with_suffix(".json").write_text(json.dumps(meta))
     cfg = write_config(tmp_path, free_port(), free_port(), model)
     proc = subprocess.run(
-        [*MILTER, "serve", "--config", str(cfg), "--metrics-listen", "off"],
+        [*MILTER, "serve", "--config", str(cfg), "--metrics-listen", "off", "--workers", str(workers)],
         cwd=ROOT,
         capture_output=True,
         timeout=120,
     )
     assert proc.returncode != 0
     assert b"cannot load model " + str(model).encode() in proc.stderr, proc.stderr
+    assert b"worker_started" not in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_a_config_error_found_at_load_names_its_key_with_workers(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    cfg = write_config(tmp_path, free_port(), free_port(), MODEL)
+    cfg.write_text(cfg.read_text().replace('url = "sqlite:///', 'url = "nosuchdb:///'))
+    proc = subprocess.run(
+        [*MILTER, "serve", "--config", str(cfg), "--metrics-listen", "off", "--workers", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert b"store" in proc.stderr.lower() and b"nosuchdb" in proc.stderr, proc.stderr
+    assert b"worker_started" not in proc.stderr and b"Traceback" not in proc.stderr
 
 
 def test_kill_9_during_load_loses_nothing_that_got_250(tmp_path: Path, free_port: Callable[[], int]) -> None:

@@ -89,6 +89,12 @@ class GatewayMetrics:
             "milter_prepare_rss_bytes", "Resident memory of the prepare process after its latest job",
             registry=r,
         )
+        self.heap_trims = Counter(
+            "milter_heap_trims", "Trims of glibc's free memory (server.heap_trim_interval)", registry=r
+        )
+        self.heap_trimmed = Counter(
+            "milter_heap_trimmed_bytes", "Resident memory the heap keeper's trims gave back", registry=r
+        )
 
     def set_model(self, name: str, providers: Sequence[str]) -> None:
         self.model.info({"name": name, "providers": ",".join(providers)})

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -29,7 +30,9 @@ from aiosmtpd.smtp import Session
 from milter.config import Config, host_port, milter_address
 from milter.gateway.auth import build_sender_auth
 from milter.gateway.batcher import MicroBatcher
+from milter.gateway.heap import HeapKeeper
 from milter.gateway.logfmt import kv, new_message_id
+from milter.gateway.memreport import MemoryReporter
 from milter.gateway.metrics import GatewayMetrics, MetricsServer
 from milter.gateway.milter_act import MilterActor
 from milter.gateway.milter_server import MilterConnection, MilterSettings, Refused
@@ -80,6 +83,9 @@ def _prepare_process_init() -> None:
     40-54 ms per collection under bench/gateway.py, and every message waiting meanwhile paid for it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # `systemctl kill -s USR2` signals every process of the unit: a report here, not a dead process.
+    signal.signal(signal.SIGUSR2, functools.partial(_report_memory, MemoryReporter()))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})  # blocked since birth (submit)
     _exit_with_parent()
     from milter.features.context import Protected
     from milter.scan import prepare
@@ -90,6 +96,12 @@ def _prepare_process_init() -> None:
         log.exception(kv("prepare_warmup_failed"))
     gc.collect()
     gc.freeze()
+
+
+def _report_memory(reporter: MemoryReporter, _signum: int, _frame: object) -> None:
+    """SIGUSR2 in a prepare process: its memory report on stderr, where its gateway's log goes."""
+    line = kv("memory_report", role="prepare", pid=os.getpid(), **reporter.report().fields()) + "\n"
+    os.write(sys.stderr.fileno(), line.encode())  # one write: its sibling may report at the same moment
 
 
 def _exit_with_parent() -> None:
@@ -111,17 +123,18 @@ def _exit_with_parent() -> None:
 
 
 class _QuietChildrenPool(ProcessPoolExecutor):
-    """A process pool whose children are born with SIGINT blocked.
+    """A process pool whose children are born with SIGINT and SIGUSR2 blocked.
 
     The pool starts a child inside `submit` (the first jobs after start-up). A Ctrl-C on the process
     group that lands while that child still imports, before `_prepare_process_init` ignores SIGINT,
     printed a KeyboardInterrupt traceback per child. A blocked signal mask survives fork and exec, so
     blocking SIGINT in this thread for the length of `submit` covers the child from its first
     instruction; here a SIGINT meanwhile stays pending and is handled as soon as the mask is restored.
+    SIGUSR2 (a memory report) would end a child that has no handler yet; the initializer unblocks it.
     """
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR2})
         try:
             return super().submit(fn, *args, **kwargs)
         finally:
@@ -290,6 +303,7 @@ class Gateway:
             progress_interval=srv.milter_progress_interval,
         )
         self._worker_index = worker_index
+        self._heap = HeapKeeper(srv.heap_trim_interval, self.metrics)
         self._handler = _Handler(self)
         self._sessions: set[GatewaySMTP | MilterConnection] = set()
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -307,6 +321,7 @@ class Gateway:
         the milter protocol on `milter_sock` or server.milter_listen (if set)."""
         self.batcher.start()
         await self._warm_up()
+        self._heap.start()
         loop = asyncio.get_running_loop()
         srv = self.config.server
         if sock is not None:
@@ -403,6 +418,7 @@ class Gateway:
             if server is not None:
                 server.close()
         await self.reloader.close()
+        await self._heap.close()
         if self._inflight:
             log.info(kv("draining", messages=len(self._inflight)))
             await asyncio.wait(self._inflight, timeout=grace)

@@ -25,18 +25,24 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from milter import errors
 from milter.config import Config, host_port
+from milter.errors import ConfigError, MilterError
 from milter.gateway.logfmt import kv
+from milter.gateway.memreport import MemoryReporter
 from milter.gateway.reload import log_learned
 from milter.gateway.server import Gateway, bind_milter, tcp_socket
 
 log = logging.getLogger("milter.gateway.workers")
 
 RESTART_DELAY = 1.0
+# Signals whose default action ends the process but which mean something else here (SIGHUP: reload,
+# SIGUSR2: memory report): blocked from a process's start until its handler is installed.
+HELD = frozenset({signal.SIGHUP, signal.SIGUSR2})
 STOP_GRACE = 30.0
 
 
@@ -62,6 +68,58 @@ def load(config: Config) -> Loaded:
     policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
     log_learned(policy.learned)
     return Loaded(Scanner(classifier, policy, explainer), store, SCHEMA.digest)
+
+
+def check_loads(config: Config) -> None:
+    """Fail fast: load the model, the policy and the store once, as every worker will, and raise what
+    that raised. A model or store that cannot load would otherwise only make the workers crash-loop.
+
+    In a short-lived child, not here: what loading allocates (ONNX Runtime, the explainer, the store:
+    140 MiB, measured) stayed in the parent's heap for the life of the service, which only supervises."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_check_child, args=(config, send), name="milter-check")
+    proc.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:  # it died before it could say (a crash inside a native library)
+        outcome = ("MilterError", f"the start-up check died (exit code {_exit_code(proc)})", None)
+    finally:
+        receive.close()
+        proc.join()
+    if outcome is not None:
+        raise _rebuilt(*outcome)
+
+
+def _check_child(config: Config, send: Connection) -> None:
+    try:
+        load(config).store.close()
+    except MilterError as exc:
+        key = (exc.key, exc.problem) if isinstance(exc, ConfigError) else None
+        send.send((type(exc).__name__, str(exc), key))
+    except Exception as exc:  # not ours: the parent names it
+        send.send(("MilterError", f"start-up check failed: {type(exc).__name__}: {exc}", None))
+    else:
+        send.send(None)
+    finally:
+        send.close()
+
+
+def _exit_code(proc: BaseProcess) -> int | None:
+    proc.join(timeout=5)
+    return proc.exitcode
+
+
+def _rebuilt(name: str, message: str, config_key: tuple[str, str] | None) -> MilterError:
+    """The child's error as the same class of the one hierarchy (exceptions with extra constructor
+    arguments do not survive pickling, so class name and text travel instead)."""
+    if config_key is not None:
+        return ConfigError(*config_key)
+    cls = getattr(errors, name, MilterError)
+    if not (isinstance(cls, type) and issubclass(cls, MilterError)):
+        cls = MilterError
+    return cls(message)
 
 
 def listen_socket(address: str, reuse_port: bool) -> socket.socket:
@@ -121,7 +179,9 @@ async def serve_gateway(
     gc.freeze()
     await gateway.start(sock, milter_sock)
     loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a SIGHUP held since start-up fires now
+    reporter = MemoryReporter()
+    loop.add_signal_handler(signal.SIGUSR2, _log_memory, reporter, worker_index)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # a SIGHUP or SIGUSR2 held since start-up fires now
     try:
         await stop.wait()
     finally:
@@ -130,15 +190,20 @@ async def serve_gateway(
         await asyncio.to_thread(loaded.store.close)
 
 
+def _log_memory(reporter: MemoryReporter, worker_index: int) -> None:
+    """SIGUSR2: what this gateway process's memory is made of (milter.gateway.memreport)."""
+    log.info(kv("memory_report", worker=worker_index, pid=os.getpid(), **reporter.report().fields()))
+
+
 def run_single(config: Config) -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until serve_gateway handles it
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # until serve_gateway handles them
     loaded = load(config)
     sock = smtp_socket(config, reuse_port=False)
     asyncio.run(serve_gateway(config, loaded, sock, milter_sock=milter_socket(config, reuse_port=False)))
 
 
 def _worker_main(config: Config, index: int, log_level: int, shared: socket.socket | None = None) -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # already, from the parent; kept explicit
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # already, from the parent; kept explicit
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s worker={index} %(name)s: %(message)s"
     )
@@ -153,9 +218,8 @@ def _worker_main(config: Config, index: int, log_level: int, shared: socket.sock
 
 def run_workers(config: Config, log_level: int) -> None:
     """Start config.server.workers processes and keep them running until SIGTERM/SIGINT."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # held until on_reload is installed
-    # Fail fast in the parent: a model or store that cannot load would only make workers crash-loop.
-    load(config).store.close()
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # held until on_reload and on_report are installed
+    check_loads(config)
     for probe in (smtp_socket(config, reuse_port=True), milter_socket(config, reuse_port=True)):
         if probe is not None:
             probe.close()
@@ -169,7 +233,7 @@ def run_workers(config: Config, log_level: int) -> None:
             target=_worker_main, args=(config, index, log_level, shared), name=f"milter-worker-{index}"
         )
         # The child inherits the signal mask: blocked, a SIGHUP during its start-up waits for its handler.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         try:
             proc.start()
         finally:
@@ -191,12 +255,19 @@ def run_workers(config: Config, log_level: int) -> None:
         sent = [index for index, proc in procs.items() if _send(proc, signal.SIGHUP)]
         log.info(kv("reload_forwarded", workers=",".join(map(str, sent))))
 
+    def on_report(_signum: int, _frame: object) -> None:
+        # The main pid is the one an admin knows (systemd's MAINPID): each worker reports its own.
+        log.info(kv("memory_report", role="parent", pid=os.getpid(), **MemoryReporter().report().fields()))
+        for proc in procs.values():
+            _send(proc, signal.SIGUSR2)
+
     signal.signal(signal.SIGHUP, on_reload)
+    signal.signal(signal.SIGUSR2, on_report)
     for i in range(config.server.workers):
         procs[i] = start(i)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
     while procs:
         wait([p.sentinel for p in procs.values()], timeout=1.0)
         for index, proc in list(procs.items()):

@@ -1,0 +1,79 @@
+"""Hand the free memory glibc keeps back to the system, every `server.heap_trim_interval` seconds.
+
+A worker's memory rose over a 20-minute load while its live objects did not (bench/rss.py with
+memory reports, docs/soak.md run I): glibc's free bytes went from 39 to 62 MiB and from 61 to 91 MiB
+in the two workers, Python's arenas and objects stayed where they were. glibc returns memory from the
+top of a heap only; free chunks inside it stay resident until `malloc_trim` releases their pages. Each
+thread that allocates (the event loop, the store's threads, ONNX Runtime's, the pool's manager) gets
+an arena of its own, so the free memory is spread over many heaps. A message over 1 MiB already trims
+(`process.trim_heap`); the small ones never did.
+
+The trim runs in a thread: it takes each arena's lock in turn, so the event loop waits at most for
+one arena's walk, not all of them. Not glibc (musl): nothing to trim, the keeper does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from milter.gateway.logfmt import kv
+from milter.gateway.memreport import malloc_stats
+from milter.gateway.metrics import GatewayMetrics
+from milter.gateway.process import resident_bytes, trim_heap
+
+log = logging.getLogger("milter.gateway.heap")
+
+#: Below this much free memory in glibc's arenas a trim is not worth its walk.
+TRIM_FREE_MIN = 8 << 20
+
+
+def trim_once(metrics: GatewayMetrics | None = None) -> tuple[int, int] | None:
+    """Trim if glibc holds at least TRIM_FREE_MIN free: (RSS before, RSS after), else None."""
+    stats = malloc_stats()  # None where there is no glibc, and so no malloc_trim either
+    if stats is None or stats.free < TRIM_FREE_MIN:
+        return None
+    before = resident_bytes()
+    started = time.perf_counter()
+    trim_heap()
+    after = resident_bytes()
+    if metrics is not None:
+        metrics.heap_trims.inc()
+        metrics.heap_trimmed.inc(max(0, before - after))
+    log.debug(kv("heap_trimmed", rss_mib=_mib(after), returned_mib=_mib(before - after),
+                 ms=round((time.perf_counter() - started) * 1000, 1)))
+    return before, after
+
+
+def _mib(n: int) -> float:
+    return round(n / (1 << 20), 1)
+
+
+class HeapKeeper:
+    """A background task of one gateway process: a trim every `interval` seconds (0: never)."""
+
+    def __init__(self, interval: float, metrics: GatewayMetrics | None = None) -> None:
+        self._interval = interval
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._interval > 0 and malloc_stats() is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="heap-keeper")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await asyncio.to_thread(trim_once, self._metrics)
+            except Exception:  # a diagnostic aid must never take the worker down
+                log.exception(kv("heap_trim_failed"))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,174 @@
+"""Memory reports (`kill -USR2`): the counters follow what the process allocates, and a live gateway's
+parent, workers and prepare processes each report and keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from gateway_support import MODEL, Sink, make_message, send
+from test_gateway_reload import LogTail, serve
+from test_gateway_serve import wait_listening, with_group_killed
+
+from milter.gateway.heap import HeapKeeper, trim_once
+from milter.gateway.memreport import MemoryReporter, malloc_stats, pymalloc_arenas
+from milter.gateway.metrics import GatewayMetrics
+
+MIB = 1 << 20
+
+
+class _Grown:
+    """Instances of a type no other code makes, so the report's ranking can only name it for this."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def test_a_report_ranks_first_the_type_that_grew_since_the_previous_one() -> None:
+    reporter = MemoryReporter()
+    first = reporter.report()
+    held = [_Grown(i) for i in range(30_000)]
+    second = reporter.report()
+    name, count, change = second.top[0]
+    assert (name, count, change) == ("_Grown", 30_000, 30_000), second.top[:3]
+    assert second.blocks - first.blocks >= 30_000  # one small block per instance at least
+    del held
+    fields = reporter.report().fields()
+    assert float(str(fields["rss_mib"])) > 10
+    assert str(fields["top"]).count(":") == len(second.top)  # name:count(change), comma-separated
+
+
+def test_arenas_follow_small_objects_and_glibc_counts_a_big_buffer() -> None:
+    before = pymalloc_arenas()
+    assert before is not None and before > 0
+    small = [(i, float(i)) for i in range(300_000)]  # ~ 300,000 x (tuple 56 + float 24) bytes
+    grown = pymalloc_arenas()
+    assert grown is not None and grown - before >= 10, (before, grown)
+    del small
+    shrunk = pymalloc_arenas()
+    assert shrunk is not None and shrunk < grown
+
+    if platform.libc_ver()[0] != "glibc":
+        assert malloc_stats() is None
+        return
+    base = malloc_stats()
+    assert base is not None
+    buffer = bytearray(64 * MIB)  # above glibc's largest mmap threshold: a chunk of its own
+    big = malloc_stats()
+    assert big is not None and big.mmapped - base.mmapped >= 63 * MIB
+    assert big.in_use - base.in_use >= 63 * MIB
+    del buffer
+    after = malloc_stats()
+    assert after is not None and after.mmapped - base.mmapped < MIB
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text()
+        kids.extend(int(p) for p in text.split())
+    return kids
+
+
+def _spawned(parent: int) -> list[int]:
+    """A process's multiprocessing children, not its resource tracker (a USR2 there would end it)."""
+    kids = _children(parent)
+    return [p for p in kids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_sigusr2_to_the_main_pid_and_to_prepare_processes_reports_and_ends_none(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    listen, sink_port = free_port(), free_port()
+    proc = serve(tmp_path, listen, sink_port, MODEL, workers=2)
+    assert proc.stderr is not None
+    log = LogTail(proc.stderr)
+
+    async def main() -> None:
+        sink = Sink()
+        await sink.start(sink_port)
+        try:
+            await wait_listening(listen, proc)
+            assert (await send(listen, make_message("before@test"))).code == 250
+            await log.wait_for(r"worker_started worker=1 ", 1, proc)
+            workers = _spawned(proc.pid)
+            prepare = {w: _spawned(w) for w in workers}
+            assert all(prepare.values()), prepare  # each worker's pool has started its processes
+            os.kill(proc.pid, signal.SIGUSR2)  # as `systemctl kill -s USR2 --kill-whom=main` would
+            await log.wait_for(r"memory_report role=parent pid=", 1, proc)
+            await log.wait_for(r"memory_report worker=\d pid=\d+ rss_mib=[\d.]+ .*py_arenas=\d+ ", 2, proc)
+            targets = [pid for pids in prepare.values() for pid in pids]
+            for pid in targets:
+                os.kill(pid, signal.SIGUSR2)
+            await log.wait_for(r"memory_report role=prepare pid=\d+ rss_mib=", len(targets), proc)
+            reported = {int(line.split(" pid=")[1].split()[0]) for line in log.matching("role=prepare")}
+            assert reported == set(targets)
+            assert (await send(listen, make_message("after@test"))).code == 250
+            # nobody ended: the same workers and prepare processes are there
+            assert _spawned(proc.pid) == workers
+            assert {w: _spawned(w) for w in workers} == prepare
+        finally:
+            await sink.stop()
+
+    try:
+        asyncio.run(main())
+        assert not log.matching("worker_died|Traceback|BrokenProcessPool")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "\n".join(log.lines[-30:])
+    finally:
+        with_group_killed(proc)
+
+
+# -- the heap keeper -------------------------------------------------------------------------------
+
+
+def _holes(mib: int) -> list[bytearray]:
+    """Free memory glibc keeps: `2 * mib` MiB of 64 KiB buffers, written (so resident), and every other
+    one freed. The holes lie between live buffers, so nothing but malloc_trim can give them back."""
+    buffers = [bytearray(b"x" * (64 << 10)) for _ in range(mib * 32)]
+    return buffers[::2]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_trim_once_gives_back_what_glibc_kept_and_counts_it() -> None:
+    kept = _holes(48)
+    stats = malloc_stats()
+    assert stats is not None and stats.free >= 40 * MIB, stats
+    metrics = GatewayMetrics()
+    trimmed = trim_once(metrics)
+    assert trimmed is not None
+    before, after = trimmed
+    assert before - after >= 32 * MIB, (before, after)
+    assert metrics.heap_trims._value.get() == 1
+    assert metrics.heap_trimmed._value.get() == before - after
+    assert len(kept) == 48 * 16  # the live half is still there
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_the_heap_keeper_trims_on_its_interval_and_stops_when_closed() -> None:
+    metrics = GatewayMetrics()
+
+    async def main() -> None:
+        keeper = HeapKeeper(0.05, metrics)
+        keeper.start()
+        kept = _holes(16)
+        await asyncio.sleep(0.5)
+        assert metrics.heap_trims._value.get() >= 1
+        await keeper.close()
+        done = metrics.heap_trims._value.get()
+        more = _holes(16)
+        await asyncio.sleep(0.3)
+        assert metrics.heap_trims._value.get() == done
+        assert kept and more
+        off = HeapKeeper(0.0, metrics)
+        off.start()  # 0: never
+        await asyncio.sleep(0.2)
+        assert metrics.heap_trims._value.get() == done
+        await off.close()
+
+    asyncio.run(main())
