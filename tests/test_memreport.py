@@ -7,6 +7,7 @@ import asyncio
 import os
 import platform
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from test_gateway_serve import wait_listening, with_group_killed
 from milter.gateway.heap import HeapKeeper, trim_once
 from milter.gateway.memreport import MemoryReporter, malloc_stats, pymalloc_arenas
 from milter.gateway.metrics import GatewayMetrics
+from milter.gateway.process import resident_bytes
+from milter.gateway.server import default_prepare_pool
 
 MIB = 1 << 20
 
@@ -172,3 +175,27 @@ def test_the_heap_keeper_trims_on_its_interval_and_stops_when_closed() -> None:
         await off.close()
 
     asyncio.run(main())
+
+
+def _holes_then_wait(seconds: float) -> tuple[int, int]:
+    """In a prepare process: RSS with 32 MiB of freed holes, and RSS `seconds` later."""
+    kept = _holes(32)
+    before = resident_bytes()
+    time.sleep(seconds)
+    after = resident_bytes()
+    assert kept
+    return before, after
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+@pytest.mark.parametrize("interval", [0.1, 0.0])
+def test_prepare_processes_trim_on_their_own_interval(interval: float) -> None:
+    pool = default_prepare_pool(1, heap_trim_interval=interval)()
+    try:
+        before, after = pool.submit(_holes_then_wait, 1.0).result(timeout=60)
+    finally:
+        pool.shutdown()
+    if interval:
+        assert before - after >= 24 * MIB, (before, after)
+    else:
+        assert abs(before - after) < 4 * MIB, (before, after)

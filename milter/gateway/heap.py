@@ -6,7 +6,8 @@ in the two workers, Python's arenas and objects stayed where they were. glibc re
 top of a heap only; free chunks inside it stay resident until `malloc_trim` releases their pages. Each
 thread that allocates (the event loop, the store's threads, ONNX Runtime's, the pool's manager) gets
 an arena of its own, so the free memory is spread over many heaps. A message over 1 MiB already trims
-(`process.trim_heap`); the small ones never did.
+(`process.trim_heap`); the small ones never did. The prepare processes run the same check in a thread
+of their own (`keep_heap`), at the same interval.
 
 The trim runs in a thread: it takes each arena's lock in turn, so the event loop waits at most for
 one arena's walk, not all of them. Not glibc (musl): nothing to trim, the keeper does nothing.
@@ -49,6 +50,19 @@ def trim_once(metrics: GatewayMetrics | None = None) -> tuple[int, int] | None:
 
 def _mib(n: int) -> float:
     return round(n / (1 << 20), 1)
+
+
+def keep_heap(interval: float) -> None:
+    """A prepare process's keeper: a thread that trims every `interval` seconds, for the process's life
+    (a daemon thread; the prepare processes have no event loop of their own to run a task on)."""
+    if malloc_stats() is None:
+        return
+    while True:
+        time.sleep(interval)
+        try:
+            trim_once()
+        except Exception:
+            log.exception(kv("heap_trim_failed"))
 
 
 class HeapKeeper:

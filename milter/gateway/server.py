@@ -30,7 +30,7 @@ from aiosmtpd.smtp import Session
 from milter.config import Config, host_port, milter_address
 from milter.gateway.auth import build_sender_auth
 from milter.gateway.batcher import MicroBatcher
-from milter.gateway.heap import HeapKeeper
+from milter.gateway.heap import HeapKeeper, keep_heap
 from milter.gateway.logfmt import kv, new_message_id
 from milter.gateway.memreport import MemoryReporter
 from milter.gateway.metrics import GatewayMetrics, MetricsServer
@@ -72,7 +72,7 @@ class _Busy(asyncio.Protocol):
         transport.close()
 
 
-def _prepare_process_init() -> None:
+def _prepare_process_init(heap_trim_interval: float = 0.0) -> None:
     """Set up a prepare process before its first job.
 
     Ctrl-C in a terminal signals the whole process group: the prepare processes leave stopping to
@@ -81,12 +81,20 @@ def _prepare_process_init() -> None:
     Then the feature code is run once and what that allocated (modules, the public-suffix list,
     lexicons) is frozen out of the cyclic collector: otherwise each full collection walked it all,
     40-54 ms per collection under bench/gateway.py, and every message waiting meanwhile paid for it.
+
+    Every `heap_trim_interval` seconds a thread gives glibc's free memory back, as the worker's
+    HeapKeeper does (the prepare processes held 6-33 MiB free each in bench/rss.py's run I).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # `systemctl kill -s USR2` signals every process of the unit: a report here, not a dead process.
     signal.signal(signal.SIGUSR2, functools.partial(_report_memory, MemoryReporter()))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})  # blocked since birth (submit)
     _exit_with_parent()
+    if heap_trim_interval > 0:
+        keeper = threading.Thread(
+            target=keep_heap, args=(heap_trim_interval,), daemon=True, name="heap-keeper"
+        )
+        keeper.start()
     from milter.features.context import Protected
     from milter.scan import prepare
 
@@ -141,13 +149,14 @@ class _QuietChildrenPool(ProcessPoolExecutor):
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def default_prepare_pool(processes: int) -> Callable[[], Executor]:
+def default_prepare_pool(processes: int, heap_trim_interval: float = 0.0) -> Callable[[], Executor]:
     # spawn, not fork: forking a process that runs an event loop and ONNX Runtime threads is unsafe.
     def make() -> Executor:
         return _QuietChildrenPool(
             max_workers=processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_prepare_process_init,
+            initargs=(heap_trim_interval,),
         )
 
     return make
@@ -258,7 +267,7 @@ class Gateway:
         # memory only.
         processes = self._prepare_processes = max(1, os.cpu_count() or 1)
         self._prepare_pool = PreparePool(
-            prepare_pool or default_prepare_pool(processes),
+            prepare_pool or default_prepare_pool(processes, srv.heap_trim_interval),
             prepare,
             PrepareLimits(max_rss=srv.prepare_max_rss_mb << 20, max_jobs=srv.prepare_max_jobs),
             self.metrics,
