@@ -7,12 +7,14 @@ import asyncio
 import os
 import platform
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from gateway_support import MODEL, Sink, make_message, send
+from gateway_support import MODEL, ROOT, Sink, make_message, send
 from test_gateway_reload import LogTail, serve
 from test_gateway_serve import wait_listening, with_group_killed
 
@@ -199,3 +201,28 @@ def test_prepare_processes_trim_on_their_own_interval(interval: float) -> None:
         assert before - after >= 24 * MIB, (before, after)
     else:
         assert abs(before - after) < 4 * MIB, (before, after)
+
+
+_AFTER_A_BIG_FREE = """
+import sys
+from milter.gateway.heap import fix_mmap_threshold
+from milter.gateway.memreport import malloc_stats
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+big = bytearray(20 << 20)  # a 20 MB message, mmapped, then freed: glibc's default raises its threshold
+del big
+base = malloc_stats()
+held = [bytearray(1 << 20) for _ in range(10)]  # ten 1 MiB buffers after it
+print((malloc_stats().mmapped - base.mmapped) >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_after_a_big_message_mid_sized_buffers_still_get_pages_of_their_own() -> None:
+    def mmapped_mib(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _AFTER_A_BIG_FREE, mode], capture_output=True,
+                             check=True, cwd=ROOT, timeout=60)
+        return int(out.stdout)
+
+    assert mmapped_mib("fixed") >= 10  # returned to the system as soon as each is freed
+    assert mmapped_mib("default") == 0  # glibc's own adaptation: carved out of the heap

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import time
 
@@ -29,6 +30,27 @@ log = logging.getLogger("milter.gateway.heap")
 
 #: Below this much free memory in glibc's arenas a trim is not worth its walk.
 TRIM_FREE_MIN = 8 << 20
+
+#: Allocations from this size up get pages of their own (mmap), returned to the system when freed.
+MMAP_THRESHOLD = 256 << 10
+#: Free memory at the top of a heap past this size goes back to the system at once.
+TRIM_THRESHOLD = 1 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def fix_mmap_threshold() -> bool:
+    """Stop glibc from raising its mmap and trim thresholds after each big free. By default, once a
+    20 MB message is freed, every allocation up to 20 MB (a 500 KB message, its pickled copy for the
+    prepare process, a result) is carved out of a thread's heap instead of mmapped, the heap fragments
+    around them, and up to 40 MB free at a heap's top is kept. Setting both thresholds turns that
+    adaptation off (mallopt(3)). Call at a process's start, before its threads. False where there is
+    no glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and mmap_set
 
 
 def trim_once(metrics: GatewayMetrics | None = None) -> tuple[int, int] | None:

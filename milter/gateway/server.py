@@ -30,7 +30,7 @@ from aiosmtpd.smtp import Session
 from milter.config import Config, host_port, milter_address
 from milter.gateway.auth import build_sender_auth
 from milter.gateway.batcher import MicroBatcher
-from milter.gateway.heap import HeapKeeper, keep_heap
+from milter.gateway.heap import HeapKeeper, fix_mmap_threshold, keep_heap
 from milter.gateway.logfmt import kv, new_message_id
 from milter.gateway.memreport import MemoryReporter
 from milter.gateway.metrics import GatewayMetrics, MetricsServer
@@ -85,6 +85,7 @@ def _prepare_process_init(heap_trim_interval: float = 0.0) -> None:
     Every `heap_trim_interval` seconds a thread gives glibc's free memory back, as the worker's
     HeapKeeper does (the prepare processes held 6-33 MiB free each in bench/rss.py's run I).
     """
+    fix_mmap_threshold()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # `systemctl kill -s USR2` signals every process of the unit: a report here, not a dead process.
     signal.signal(signal.SIGUSR2, functools.partial(_report_memory, MemoryReporter()))

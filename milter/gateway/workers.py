@@ -32,6 +32,7 @@ from typing import Any
 from milter import errors
 from milter.config import Config, host_port
 from milter.errors import ConfigError, MilterError
+from milter.gateway.heap import fix_mmap_threshold
 from milter.gateway.logfmt import kv
 from milter.gateway.memreport import MemoryReporter
 from milter.gateway.reload import log_learned
@@ -197,6 +198,7 @@ def _log_memory(reporter: MemoryReporter, worker_index: int) -> None:
 
 def run_single(config: Config) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # until serve_gateway handles them
+    fix_mmap_threshold()
     loaded = load(config)
     sock = smtp_socket(config, reuse_port=False)
     asyncio.run(serve_gateway(config, loaded, sock, milter_sock=milter_socket(config, reuse_port=False)))
@@ -204,6 +206,7 @@ def run_single(config: Config) -> None:
 
 def _worker_main(config: Config, index: int, log_level: int, shared: socket.socket | None = None) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # already, from the parent; kept explicit
+    fix_mmap_threshold()  # before any thread has a heap of its own
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s worker={index} %(name)s: %(message)s"
     )
