@@ -1,7 +1,7 @@
 """Resident memory of every gateway process under a long mixed load: is it flat after warm-up?
 
     .venv/bin/python bench/rss.py [--minutes 20] [--clients 8] [--sample 10] [--warmup 2]
-                                  [--workers 2] [--hostile 0.02] [--out DIR] [--seed N]
+                                  [--workers 2] [--hostile 0.02] [--report-every 4] [--out DIR] [--seed N]
 
 Starts `milter serve --workers 2` (tests/serve_support.py: its own session, `-v` log in OUT/serve.log)
 with a SQLite store in a temporary folder, sender authentication on against bench/gateway.py's loopback
@@ -26,6 +26,11 @@ the end of the warm-up to the end (means over the first and the last minute) und
 naming the processes. A role is a slot: where its process was replaced (a prepare pool recycled after
 `server.prepare_max_jobs` jobs), every process that held it counts. Writes
 OUT/samples.csv, OUT/metrics.csv, OUT/summary.json and OUT/rss.png (RSS over time per process).
+Every `--report-every` minutes from the warm-up's end, and once at the end, it sends SIGUSR2 to the
+gateway's parent (which forwards it to the workers) and to every prepare process: each logs a
+`memory_report` (milter/gateway/memreport.py) in serve.log, and the summary sets each process's first
+report after the warm-up beside its last: glibc's bytes in use, free and mmapped, CPython's arenas
+and blocks, the collector's objects, and the object types that grew most. What grew says why.
 With `--trim` it then calls glibc's malloc_trim(0) in every process through gdb and prints each RSS
 before and after: memory the trim gives back was free memory the allocator kept, not live objects.
 Exit status 0 only for "flat".

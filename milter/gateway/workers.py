@@ -11,6 +11,8 @@ worker, the parent forwarding it (see milter.gateway.reload). SIGHUP's default a
 process, so it stays blocked from the start of a gateway process until its handler is installed: a
 reload requested while a worker starts is held pending, then carried out, instead of killing it.
 Workers inherit the blocked mask from the parent's `start`, which covers their interpreter start-up.
+SIGUSR2 is held the same way: it asks for a memory report (milter.gateway.memreport), which the parent
+logs for itself and forwards to every worker.
 """
 
 from __future__ import annotations
