@@ -132,9 +132,9 @@ class ServerConfig:
     # max_use does). About 1 s of CPU per new pool (0.5 s per process): 0.05 ms per job at the
     # default. 0: never.
     prepare_max_jobs: int = 20_000
-    # Seconds between checks of the free memory glibc holds in each worker; past 8 MiB it is given
-    # back (malloc_trim). Without it a worker's RSS rose by the free memory its threads' heaps kept
-    # (docs/soak.md run I). A few milliseconds per trim, in a thread. 0: never.
+    # Seconds between checks of the free memory glibc holds in each worker and prepare process; past
+    # 8 MiB it is given back (malloc_trim). A second line behind the fixed malloc thresholds
+    # (milter.gateway.heap; docs/soak.md runs I-K). A few milliseconds per trim, in a thread. 0: never.
     heap_trim_interval: float = 60.0
     downstream_timeout: float = 60.0
     batch_max: int = 32

@@ -1,16 +1,24 @@
-"""Hand the free memory glibc keeps back to the system, every `server.heap_trim_interval` seconds.
+"""Keep glibc's heaps from holding memory the gateway no longer uses.
 
 A worker's memory rose over a 20-minute load while its live objects did not (bench/rss.py with
-memory reports, docs/soak.md run I): glibc's free bytes went from 39 to 62 MiB and from 61 to 91 MiB
-in the two workers, Python's arenas and objects stayed where they were. glibc returns memory from the
-top of a heap only; free chunks inside it stay resident until `malloc_trim` releases their pages. Each
-thread that allocates (the event loop, the store's threads, ONNX Runtime's, the pool's manager) gets
-an arena of its own, so the free memory is spread over many heaps. A message over 1 MiB already trims
-(`process.trim_heap`); the small ones never did. The prepare processes run the same check in a thread
-of their own (`keep_heap`), at the same interval.
+memory reports, docs/soak.md run I): glibc's free bytes went from 39 to 63 MiB and from 61 to 83 MiB
+in the two workers, while Python's arenas, its objects and glibc's bytes in use stayed where they were.
+The cause is glibc's adaptive thresholds: after it frees an mmapped block (a 20 MB message), it raises
+its mmap threshold to that size and its trim threshold to twice that, so every later buffer up to
+20 MB comes out of a thread's heap, the heap fragments around those buffers, and up to 40 MB free at
+its top is kept. A worker has nine or ten threads, each with a heap of its own.
+
+* `fix_mmap_threshold`, called at the start of every worker and prepare process, sets both thresholds
+  (256 KiB, 1 MiB), which turns the adaptation off: run K of docs/soak.md is flat, glibc's free memory
+  4-7 MiB in each worker;
+* `HeapKeeper` (workers, an asyncio task) and `keep_heap` (prepare processes, a thread) give whatever
+  free memory is still kept back with `malloc_trim` every `server.heap_trim_interval` seconds, when
+  there is more than 8 MiB of it. Alone (run J) this did not stop the rise; it stays as a second line
+  for allocation patterns the thresholds do not cover. A message over 1 MiB also trims at once
+  (`process.trim_heap`).
 
 The trim runs in a thread: it takes each arena's lock in turn, so the event loop waits at most for
-one arena's walk, not all of them. Not glibc (musl): nothing to trim, the keeper does nothing.
+one arena's walk, not all of them. Not glibc (musl): nothing to set or trim, and nothing is done.
 """
 
 from __future__ import annotations
@@ -104,7 +112,7 @@ class HeapKeeper:
             await asyncio.sleep(self._interval)
             try:
                 await asyncio.to_thread(trim_once, self._metrics)
-            except Exception:  # a diagnostic aid must never take the worker down
+            except Exception:  # giving memory back must never take the worker down
                 log.exception(kv("heap_trim_failed"))
 
     async def close(self) -> None:

@@ -16,7 +16,7 @@ could not restore a worker's extended state). This reads counters the allocators
   process has built since it began serving.
 
 Written here because no library reads these together; `sys._debugmallocstats` prints its figures
-to the C-level stderr only, so it is read through a temporary file. Counting objects walks the
+to the C-level stderr only, so it is read through an in-memory file. Counting objects walks the
 collector's lists: tens of milliseconds to half a second in a busy worker, which the event loop waits
 for; a report is a diagnostic an admin asks for, not something to run every second.
 """
@@ -70,21 +70,37 @@ def pymalloc_arenas() -> int | None:
     debug = getattr(sys, "_debugmallocstats", None)
     if debug is None:
         return None
+    try:
+        out = _scratch_fd()
+    except OSError:
+        return None
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as out:
-            # Other threads' stderr lines in this moment (well under a millisecond) land in the file.
-            os.dup2(out.fileno(), 2)
-            try:
-                debug()
-            finally:
-                os.dup2(saved, 2)
-            out.seek(0)
-            match = _ARENAS.search(out.read())
+        # Other threads' stderr lines in this moment (well under a millisecond) land in the file.
+        os.dup2(out, 2)
+        try:
+            debug()
+        finally:
+            os.dup2(saved, 2)
+        os.lseek(out, 0, os.SEEK_SET)
+        text = b"".join(iter(lambda: os.read(out, 1 << 16), b""))
+    except OSError:
+        return None
     finally:
         os.close(saved)
+        os.close(out)
+    match = _ARENAS.search(text)
     return int(match.group(1).replace(b",", b"")) if match else None
+
+
+def _scratch_fd() -> int:
+    """A file descriptor of an anonymous file: in memory where the system has memfd (Linux), since
+    the unit's file system may be read-only (ProtectSystem=strict)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("mallocstats")
+    with tempfile.TemporaryFile() as f:
+        return os.dup(f.fileno())
 
 
 def proc_status() -> dict[str, int]:

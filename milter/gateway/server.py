@@ -108,9 +108,13 @@ def _prepare_process_init(heap_trim_interval: float = 0.0) -> None:
 
 
 def _report_memory(reporter: MemoryReporter, _signum: int, _frame: object) -> None:
-    """SIGUSR2 in a prepare process: its memory report on stderr, where its gateway's log goes."""
-    line = kv("memory_report", role="prepare", pid=os.getpid(), **reporter.report().fields()) + "\n"
-    os.write(sys.stderr.fileno(), line.encode())  # one write: its sibling may report at the same moment
+    """SIGUSR2 in a prepare process: its memory report on stderr, where its gateway's log goes. The
+    handler runs inside whatever job the process is doing, so nothing may escape it into that job."""
+    try:
+        line = kv("memory_report", role="prepare", pid=os.getpid(), **reporter.report().fields()) + "\n"
+        os.write(sys.stderr.fileno(), line.encode())  # one write: its sibling may report at the same time
+    except Exception:
+        log.exception(kv("memory_report_failed"))
 
 
 def _exit_with_parent() -> None:
