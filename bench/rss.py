@@ -27,7 +27,7 @@ naming the processes. A role is a slot: where its process was replaced (a prepar
 `server.prepare_max_jobs` jobs), every process that held it counts. Writes
 OUT/samples.csv, OUT/metrics.csv, OUT/summary.json and OUT/rss.png (RSS over time per process).
 Every `--report-every` minutes from the warm-up's end, and once at the end, it sends SIGUSR2 to the
-gateway's parent (which forwards it to the workers) and to every prepare process: each logs a
+gateway's parent (which forwards it to the workers, and they to their prepare processes): each logs a
 `memory_report` (milter/gateway/memreport.py) in serve.log, and the summary sets each process's first
 report after the warm-up beside its last: glibc's bytes in use, free and mmapped, CPython's arenas
 and blocks, the collector's objects, and the object types that grew most. What grew says why.
@@ -328,13 +328,13 @@ class Recorder:
 
 
 def ask_reports(rec: Recorder, t: float) -> None:
-    """SIGUSR2 to the gateway's parent (it forwards to every worker) and to every prepare process: each
-    logs a `memory_report` (milter.gateway.memreport) in serve.log. Remembers which role a pid held."""
+    """SIGUSR2 to the gateway's parent, as an admin sends it: the parent forwards it to every worker and
+    each worker to its prepare processes, and each logs a `memory_report` (milter.gateway.memreport)
+    in serve.log. Remembers which role each pid held, to read the reports by role."""
     for role, pid in roles(rec.root, rec.worker_index()).items():
-        if role == "parent" or "/prepare-" in role:  # never a resource tracker: USR2 would end it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR2)
         rec.report_roles[pid] = role
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(rec.root, signal.SIGUSR2)
     rec.report_times.append(round(t, 1))
 
 

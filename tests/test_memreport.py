@@ -108,11 +108,13 @@ def test_sigusr2_to_the_main_pid_and_to_prepare_processes_reports_and_ends_none(
             await log.wait_for(r"memory_report role=parent pid=", 1, proc)
             await log.wait_for(r"memory_report worker=\d pid=\d+ rss_mib=[\d.]+ .*py_arenas=\d+ ", 2, proc)
             targets = [pid for pids in prepare.values() for pid in pids]
-            for pid in targets:
-                os.kill(pid, signal.SIGUSR2)
+            # each worker forwards it to its prepare processes
             await log.wait_for(r"memory_report role=prepare pid=\d+ rss_mib=", len(targets), proc)
             reported = {int(line.split(" pid=")[1].split()[0]) for line in log.matching("role=prepare")}
             assert reported == set(targets)
+            for pid in targets:  # and one signalled on its own reports too
+                os.kill(pid, signal.SIGUSR2)
+            await log.wait_for(r"memory_report role=prepare pid=\d+ rss_mib=", 2 * len(targets), proc)
             assert (await send(listen, make_message("after@test"))).code == 250
             # nobody ended: the same workers and prepare processes are there
             assert _spawned(proc.pid) == workers

@@ -385,6 +385,14 @@ class PreparePool:
         # the jobs killed with it learn so within moments; after that it needs no remembering
         asyncio.get_running_loop().call_later(60.0, self._retired.pop, pool, None)
 
+    def pids(self) -> list[int]:
+        """Every prepare process alive now: the current pool's, a successor's still warming up, and
+        those of retired pools still finishing their jobs."""
+        pools = [self._pool, *([self._warming] if self._warming is not None else [])]
+        procs = [p for pool in pools for p in _processes(pool)]
+        procs += [p for retired in self._retired.values() for p in retired]
+        return sorted({p.pid for p in procs if p.pid is not None and p.is_alive()})
+
     def close(self) -> None:
         if self._successor is not None:
             self._successor.cancel()

@@ -394,6 +394,10 @@ class Gateway:
             log.error(kv("model_warmup_failed", error=type(exc).__name__, detail=str(exc)[:200],
                          on_error=self.config.policy.on_error))
 
+    def prepare_pids(self) -> list[int]:
+        """This gateway's prepare processes (to forward a memory report request to)."""
+        return self._prepare_pool.pids()
+
     def request_reload(self) -> None:
         """What SIGHUP does: reload the model in the background (see milter.gateway.reload)."""
         self.reloader.request()

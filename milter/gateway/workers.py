@@ -12,7 +12,7 @@ process, so it stays blocked from the start of a gateway process until its handl
 reload requested while a worker starts is held pending, then carried out, instead of killing it.
 Workers inherit the blocked mask from the parent's `start`, which covers their interpreter start-up.
 SIGUSR2 is held the same way: it asks for a memory report (milter.gateway.memreport), which the parent
-logs for itself and forwards to every worker.
+logs for itself and forwards to every worker, and each worker to its prepare processes.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ async def serve_gateway(
     await gateway.start(sock, milter_sock)
     loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     reporter = MemoryReporter()
-    loop.add_signal_handler(signal.SIGUSR2, _log_memory, reporter, worker_index)
+    loop.add_signal_handler(signal.SIGUSR2, _log_memory, reporter, worker_index, gateway)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # a SIGHUP or SIGUSR2 held since start-up fires now
     try:
         await stop.wait()
@@ -193,9 +193,13 @@ async def serve_gateway(
         await asyncio.to_thread(loaded.store.close)
 
 
-def _log_memory(reporter: MemoryReporter, worker_index: int) -> None:
-    """SIGUSR2: what this gateway process's memory is made of (milter.gateway.memreport)."""
+def _log_memory(reporter: MemoryReporter, worker_index: int, gateway: Gateway) -> None:
+    """SIGUSR2: what this gateway process's memory is made of (milter.gateway.memreport), then the
+    same asked of its prepare processes, so one signal to the main pid reports every process."""
     log.info(kv("memory_report", worker=worker_index, pid=os.getpid(), **reporter.report().fields()))
+    for pid in gateway.prepare_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR2)
 
 
 def run_single(config: Config) -> None:
@@ -261,7 +265,9 @@ def run_workers(config: Config, log_level: int) -> None:
         log.info(kv("reload_forwarded", workers=",".join(map(str, sent))))
 
     def on_report(_signum: int, _frame: object) -> None:
-        # The main pid is the one an admin knows (systemd's MAINPID): each worker reports its own.
+        # The main pid is the one an admin knows (systemd's MAINPID): each worker reports its own and
+        # asks its prepare processes. Not `systemctl kill` without --kill-whom=main: that also signals
+        # multiprocessing's resource tracker, which has no handler and would end.
         log.info(kv("memory_report", role="parent", pid=os.getpid(), **MemoryReporter().report().fields()))
         for proc in procs.values():
             _send(proc, signal.SIGUSR2)
