@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _tree(root: int) -> set[int]:
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo.extend(_children(pid))
+    return out
+
+
 def _spawned(parent: int) -> list[int]:
     """A process's multiprocessing children, not its resource tracker (a USR2 there would end it)."""
     kids = _children(parent)
@@ -115,16 +125,25 @@ def test_sigusr2_to_the_main_pid_and_to_prepare_processes_reports_and_ends_none(
             for pid in targets:  # and one signalled on its own reports too
                 os.kill(pid, signal.SIGUSR2)
             await log.wait_for(r"memory_report role=prepare pid=\d+ rss_mib=", 2 * len(targets), proc)
+            # As plain `systemctl kill -s USR2` does: every process of the unit at once, the resource
+            # tracker too, so prepare processes get it directly and forwarded, one inside the other.
+            everyone = _tree(proc.pid)
+            for _ in range(3):
+                for pid in everyone:
+                    os.kill(pid, signal.SIGUSR2)
+                await asyncio.sleep(0.2)
+            await log.wait_for(r"memory_report role=parent pid=", 4, proc)
             assert (await send(listen, make_message("after@test"))).code == 250
-            # nobody ended: the same workers and prepare processes are there
+            # nobody ended: the same workers, prepare processes and resource tracker are there
             assert _spawned(proc.pid) == workers
             assert {w: _spawned(w) for w in workers} == prepare
+            assert _tree(proc.pid) == everyone
         finally:
             await sink.stop()
 
     try:
         asyncio.run(main())
-        assert not log.matching("worker_died|Traceback|BrokenProcessPool")
+        assert not log.matching("worker_died|Traceback|BrokenProcessPool|memory_report_failed")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, "\n".join(log.lines[-30:])
     finally:
@@ -228,3 +247,31 @@ def test_after_a_big_message_mid_sized_buffers_still_get_pages_of_their_own() ->
 
     assert mmapped_mib("fixed") >= 10  # returned to the system as soon as each is freed
     assert mmapped_mib("default") == 0  # glibc's own adaptation: carved out of the heap
+
+
+def test_a_report_asked_for_inside_a_report_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A prepare process signalled directly and by its worker at once: the second signal's handler
+    runs inside the first's report. It must not start a report of its own there (measured before the
+    guard: a LookupError from the codec registry, mid-import)."""
+    from milter.gateway import memreport
+    from milter.gateway.server import _report_memory
+
+    reporter = MemoryReporter()
+    counted = memreport.object_counts
+    calls: list[int] = []
+
+    def counts_with_a_second_signal() -> Counter[str]:
+        calls.append(1)
+        if len(calls) == 1:
+            _report_memory(reporter, signal.SIGUSR2, None)
+        return counted()
+
+    monkeypatch.setattr(memreport, "object_counts", counts_with_a_second_signal)
+    _report_memory(reporter, signal.SIGUSR2, None)
+    err = capfd.readouterr().err
+    assert err.count("memory_report role=prepare") == 1, err
+    assert len(calls) == 1 and not reporter.busy
+    _report_memory(reporter, signal.SIGUSR2, None)  # and the next signal is served again
+    assert capfd.readouterr().err.count("memory_report role=prepare") == 1

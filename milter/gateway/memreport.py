@@ -105,14 +105,16 @@ def _scratch_fd() -> int:
 
 def proc_status() -> dict[str, int]:
     """VmRSS, VmHWM and RssAnon in bytes (empty where there is no /proc)."""
-    wanted = {"VmRSS", "VmHWM", "RssAnon"}
+    wanted = {b"VmRSS", b"VmHWM", b"RssAnon"}
     found: dict[str, int] = {}
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        # Bytes, not text: a report can run in a signal handler that interrupted an import, where a
+        # codec lookup fails (measured: LookupError "unknown encoding: ascii").
+        with open("/proc/self/status", "rb") as f:
             for line in f:
-                key, _, value = line.partition(":")
+                key, _, value = line.partition(b":")
                 if key in wanted:
-                    found[key] = int(value.split()[0]) * 1024
+                    found[key.decode()] = int(value.split()[0]) * 1024
     except OSError:
         pass
     return found
@@ -165,6 +167,7 @@ class MemoryReporter:
     """Makes reports; keeps the previous object counts so each report says what changed since."""
 
     previous: Counter[str] = field(default_factory=Counter)
+    busy: bool = False  # a report is being made (a second signal arrived inside the first's handler)
 
     def report(self) -> MemoryReport:
         counts = object_counts()

@@ -109,12 +109,19 @@ def _prepare_process_init(heap_trim_interval: float = 0.0) -> None:
 
 def _report_memory(reporter: MemoryReporter, _signum: int, _frame: object) -> None:
     """SIGUSR2 in a prepare process: its memory report on stderr, where its gateway's log goes. The
-    handler runs inside whatever job the process is doing, so nothing may escape it into that job."""
+    handler runs inside whatever job the process is doing, so nothing may escape it into that job.
+    A signal that arrives while a report is being made (sent directly and forwarded by the worker, as
+    `systemctl kill` does) is dropped rather than starting a report inside the report."""
+    if reporter.busy:
+        return
+    reporter.busy = True
     try:
         line = kv("memory_report", role="prepare", pid=os.getpid(), **reporter.report().fields()) + "\n"
         os.write(sys.stderr.fileno(), line.encode())  # one write: its sibling may report at the same time
     except Exception:
         log.exception(kv("memory_report_failed"))
+    finally:
+        reporter.busy = False
 
 
 def _exit_with_parent() -> None:

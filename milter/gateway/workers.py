@@ -264,11 +264,21 @@ def run_workers(config: Config, log_level: int) -> None:
         sent = [index for index, proc in procs.items() if _send(proc, signal.SIGHUP)]
         log.info(kv("reload_forwarded", workers=",".join(map(str, sent))))
 
+    reporter = MemoryReporter()
+
     def on_report(_signum: int, _frame: object) -> None:
         # The main pid is the one an admin knows (systemd's MAINPID): each worker reports its own and
-        # asks its prepare processes. Not `systemctl kill` without --kill-whom=main: that also signals
-        # multiprocessing's resource tracker, which has no handler and would end.
-        log.info(kv("memory_report", role="parent", pid=os.getpid(), **MemoryReporter().report().fields()))
+        # asks its prepare processes. multiprocessing's resource tracker, which has no handler, was
+        # started while the parent held SIGUSR2 blocked and keeps it blocked: a signal to every
+        # process of the unit (plain `systemctl kill`) leaves it pending there, harmless.
+        # A plain Python handler can be entered again by a second signal; that one is dropped.
+        if reporter.busy:
+            return
+        reporter.busy = True
+        try:
+            log.info(kv("memory_report", role="parent", pid=os.getpid(), **reporter.report().fields()))
+        finally:
+            reporter.busy = False
         for proc in procs.values():
             _send(proc, signal.SIGUSR2)
 
