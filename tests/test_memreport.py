@@ -4,6 +4,7 @@ parent, workers and prepare processes each report and keep serving."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import platform
 import signal
@@ -37,9 +38,15 @@ class _Grown:
 
 def test_a_report_ranks_first_the_type_that_grew_since_the_previous_one() -> None:
     reporter = MemoryReporter()
-    first = reporter.report()
-    held = [_Grown(i) for i in range(30_000)]
-    second = reporter.report()
+    # No collection in between: one would free other tests' garbage and hide the blocks added here.
+    gc.collect()
+    gc.disable()
+    try:
+        first = reporter.report()
+        held = [_Grown(i) for i in range(30_000)]
+        second = reporter.report()
+    finally:
+        gc.enable()
     name, count, change = second.top[0]
     assert (name, count, change) == ("_Grown", 30_000, 30_000), second.top[:3]
     assert second.blocks - first.blocks >= 30_000  # one small block per instance at least
