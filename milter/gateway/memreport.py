@@ -24,12 +24,14 @@ for; a report is a diagnostic an admin asks for, not something to run every seco
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import re
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MIB = 1 << 20
@@ -54,13 +56,22 @@ class MallocStats:
     mmapped: int  # bytes in chunks mmapped on their own (big allocations)
 
 
-def malloc_stats() -> MallocStats | None:
-    """glibc's counters, or None where there is no `mallinfo2` (musl, glibc < 2.33)."""
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's `mallinfo2`, looked up once per process (as process._malloc_trim is)."""
     try:
         fn = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
         return None
     fn.restype = _MallInfo2
+    return fn  # type: ignore[no-any-return]
+
+
+def malloc_stats() -> MallocStats | None:
+    """glibc's counters, or None where there is no `mallinfo2` (musl, glibc < 2.33)."""
+    fn = _mallinfo2()
+    if fn is None:
+        return None
     info = fn()
     return MallocStats(in_use=info.uordblks + info.hblkhd, free=info.fordblks, mmapped=info.hblkhd)
 
