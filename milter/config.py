@@ -7,6 +7,7 @@ SQLite under ./var, loopback ports.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -170,6 +171,9 @@ class AuthConfig:
     # Answers kept per worker (milter/auth/cache.py): about 0.5-1 KiB each with their names, so the
     # default is 5-10 MiB a worker once as many sender domains have been seen (docs/soak.md).
     dns_cache_entries: int = 10_000
+    # ARC sealers (the d= of the newest ARC-Seal, exact domains) whose recorded results we believe when
+    # forwarding broke DMARC (milter.policy.dmarc); nobody's by default: anyone can seal a chain.
+    trusted_arc_sealers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -359,7 +363,31 @@ def _auth(raw: Mapping[str, Any]) -> AuthConfig:
             "auth.dns_cache_entries",
             f"must be at most {MAX_DNS_CACHE_ENTRIES} (0: no cache), got {auth.dns_cache_entries!r}",
         )
-    return auth
+    sealers = tuple(
+        _sealer(f"auth.trusted_arc_sealers[{i}]", d) for i, d in enumerate(auth.trusted_arc_sealers)
+    )
+    return replace(auth, trusted_arc_sealers=sealers)
+
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+")
+
+
+def _sealer(key: str, value: str) -> str:
+    """A trusted ARC sealer: a domain name with at least two labels (an ARC-Seal's d=), lower case.
+    Compared exactly, so a typo or a wildcard must fail here rather than trust nobody silently."""
+    domain = value.strip().rstrip(".").lower()
+    if _DOMAIN_NAME.fullmatch(domain) is None or _is_ip(domain):
+        raise ConfigError(key, f"must be a domain name such as 'lists.example.org', got {value!r}")
+    return domain
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def nameserver(entry: str, key: str = "nameserver") -> tuple[str, int]:

@@ -1,4 +1,5 @@
-"""Shared by the authentication tests: a DNS server on loopback, an RSA key, dkimpy signing."""
+"""Shared by the authentication tests: a DNS server on loopback, an RSA key, dkimpy signing and ARC
+sealing."""
 
 from __future__ import annotations
 
@@ -131,6 +132,15 @@ def sign(raw: bytes, pem: bytes, domain: str = "mail.example.com", selector: str
         raw, selector.encode(), domain.encode(), pem, include_headers=[h.encode() for h in SIGNED]
     )
     return bytes(header) + raw
+
+
+def arc_seal(raw: bytes, pem: bytes, domain: str, selector: str, saw: str) -> bytes:
+    """What a forwarder does (RFC 8617): record what it verified in an Authentication-Results header of
+    its own (authserv-id `domain`, results `saw`), then ARC-seal with dkimpy as `domain`/`selector`."""
+    received = f"Authentication-Results: {domain}; {saw}\r\n".encode() + raw
+    arc_set = dkim.arc_sign(received, selector.encode(), domain.encode(), pem, domain.encode())
+    assert arc_set, "dkimpy declined to seal"
+    return b"".join(arc_set) + received
 
 
 @contextlib.contextmanager

@@ -26,8 +26,15 @@ def test_example_config_is_valid() -> None:
     assert cfg.policy.protected_domains == ("example.com",)
     assert cfg.policy.domains[0].action_override == "tag"
     assert cfg.auth.enabled and cfg.policy.dmarc_fail_action == "tag"
+    assert cfg.auth.trusted_arc_sealers == ()
     assert (cfg.policy.bulk.enabled, cfg.policy.bulk.action) == (True, "accept")
     assert cfg.policy.domains[0].bulk_action == "tag"
+
+
+def test_trusted_arc_sealers_are_normalised_and_default_to_none() -> None:
+    cfg = parse_config({"auth": {"trusted_arc_sealers": [" Lists.Example.ORG. ", "google.com"]}})
+    assert cfg.auth.trusted_arc_sealers == ("lists.example.org", "google.com")
+    assert parse_config({}).auth.trusted_arc_sealers == ()
 
 
 def test_nameserver_entries() -> None:
@@ -61,6 +68,11 @@ def test_nameserver_entries() -> None:
         ({"auth": {"dns_cache_entries": -1}}, "auth.dns_cache_entries"),
         ({"auth": {"dns_cache_entries": 10**9}}, "auth.dns_cache_entries"),
         ({"auth": {"dns_cache_entries": 1.5}}, "auth.dns_cache_entries"),
+        ({"auth": {"trusted_arc_sealers": "lists.example.org"}}, "auth.trusted_arc_sealers"),
+        ({"auth": {"trusted_arc_sealers": ["lists.example.org", 7]}}, "auth.trusted_arc_sealers"),
+        ({"auth": {"trusted_arc_sealers": ["lists.test", "*.google.com"]}}, "auth.trusted_arc_sealers[1]"),
+        ({"auth": {"trusted_arc_sealers": ["192.0.2.1"]}}, "auth.trusted_arc_sealers[0]"),
+        ({"auth": {"trusted_arc_sealers": ["localhost"]}}, "auth.trusted_arc_sealers[0]"),
         ({"policy": {"bulk": {"action": "reject"}}}, "policy.bulk.action"),
         ({"policy": {"bulk": {"enabled": "yes"}}}, "policy.bulk.enabled"),
         ({"policy": {"bulk": {"actions": "tag"}}}, "policy.bulk.actions"),

@@ -64,7 +64,7 @@ def test_accept_relays_bytes_with_forged_headers_stripped_and_xforward(
         # ones gone, the upstream's kept, every other byte as it came.
         ours = (
             b"Authentication-Results: gw.test; dkim=none; spf=none\r\n"
-            b" smtp.mailfrom=sender.test; dmarc=none header.from=sender.test\r\n"
+            b" smtp.mailfrom=sender.test; dmarc=none header.from=sender.test; arc=none\r\n"
             b"X-Milter-Category: ham\r\n"
         )
         assert got.raw == ours + raw.replace(forged.encode(), b"")

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from auth_support import SELECTOR, FakeDns, generate_key, sign
+from auth_support import SELECTOR, FakeDns, arc_seal, generate_key, sign
 from gateway_support import Outcome, Sink, config_for, load_scanner, open_store, running_gateway
 
 from milter.config import AuthConfig, ClassThresholds, Config
@@ -37,7 +37,7 @@ def invoice(from_addr: str) -> bytes:
 
 
 def run(tmp_path: Path, free_port: Callable[[], int], dns: FakeDns, scenario: Scenario,
-        **policy: Any) -> Any:
+        arc_sealers: tuple[str, ...] = (), **policy: Any) -> Any:
     url = f"sqlite:///{tmp_path}/gw.db"
     store = open_store(url)
     sink_port = free_port()
@@ -49,7 +49,9 @@ def run(tmp_path: Path, free_port: Callable[[], int], dns: FakeDns, scenario: Sc
         await sink.start(sink_port)
         cfg = config_for(free_port(), sink_port, url)
         port = transport.get_extra_info("sockname")[1]
-        auth = AuthConfig(nameservers=(f"127.0.0.1:{port}",), timeout=TIMEOUT)
+        auth = AuthConfig(
+            nameservers=(f"127.0.0.1:{port}",), timeout=TIMEOUT, trusted_arc_sealers=arc_sealers
+        )
         cfg = Config(policy=replace(cfg.policy, **policy), server=cfg.server, store=cfg.store, auth=auth)
         try:
             async with running_gateway(cfg, load_scanner(cfg.policy), store, real_dns=True) as gw:
@@ -286,3 +288,42 @@ def test_senders_the_admins_released_are_tagged_after_a_reload(
         await quarantined_id(port, genuine)
 
     run(tmp_path, free_port, dns, scenario, spam=ClassThresholds(tag=0.0, quarantine=0.0))
+
+
+def test_forwarded_mail_with_a_trusted_arc_chain_is_not_punished(
+    tmp_path: Path, free_port: Callable[[], int], rsa_key: tuple[bytes, str]
+) -> None:
+    """milter.auth.arc on the serving path: a list breaks the author's signature (DMARC p=reject fails
+    directly) but seals what it verified; its key is fetched with the others, once, and the trusted
+    chain spares the protected domain's message the spoof verdict. The same chain tampered after
+    sealing is quarantined."""
+    pem, record = rsa_key
+    list_pem, list_record = generate_key(tmp_path)
+    list_key = "fwd._domainkey.lists.example.org"
+    dns = FakeDns(records={
+        KEY_NAME: [f'"{record}"'], list_key: [f'"{list_record}"'],
+        "_dmarc.example.com": ['"v=DMARC1; p=reject"'],
+    })
+    relayed = sign(invoice("billing@example.com"), pem).replace(b"\r\nSubject: ", b"\r\nSubject: [team] ", 1)
+    saw = "dkim=pass header.d=mail.example.com; dmarc=pass header.from=example.com"
+    forwarded = arc_seal(relayed + b"-- \r\nteam list\r\n", list_pem, "lists.example.org", "fwd", saw)
+    tampered = forwarded.replace(b"-- \r\nteam list", b"-- \r\nteam list, edited")
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        out = await send(gw.address[1], forwarded)
+        assert out.code == 250 and "quarantined" not in out.text, out
+        head = re.sub(r"\r\n[ \t]+", " ", sink.messages[0].raw.split(b"\r\n\r\n", 1)[0].decode())
+        value = our_header(sink.messages[0].raw)
+        assert "dmarc=fail" in value and "arc=pass (i=1 sealer lists.example.org)" in value
+        assert "X-Milter-Verdict" not in head  # accepted untouched: neither spoof verdict nor DMARC tag
+        out = await send(gw.address[1], tampered)
+        assert "quarantined as" in out.text, out
+        row = await asyncio.to_thread(store.get, int(out.text.rsplit(" ", 1)[1]))
+        assert row.verdict == "bec" and "arc=fail(i=1 sealer=lists.example.org trusted)" in row.reasons[0]
+        assert dns.count(list_key) == 1  # fetched with the DKIM key and DMARC record, then cached
+        metrics = gw.metrics.render().decode()
+        assert 'milter_auth_results_total{check="arc",result="pass"} 1.0' in metrics
+        assert 'milter_auth_results_total{check="arc",result="fail"} 1.0' in metrics
+
+    run(tmp_path, free_port, dns, scenario, arc_sealers=("lists.example.org",),
+        protected_domains=("example.com",))

@@ -83,8 +83,10 @@ CLIENT = {"hostname": "mx.client.test", "family": mc.SMFIA_INET, "port": 41234, 
 HELO = "helo.client.test"
 # Our Authentication-Results for make_message's From from CLIENT, with no DNS answers (as on the SMTP
 # path, tests/test_gateway.py): SPF is checked for an outside client, not for an authenticated one.
-AR_OUTSIDE = "gw.test; dkim=none; spf=none smtp.mailfrom=sender.test; dmarc=none header.from=sender.test"
-AR_INTERNAL = "gw.test; dkim=none; dmarc=none header.from=sender.test"
+AR_OUTSIDE = (
+    "gw.test; dkim=none; spf=none smtp.mailfrom=sender.test; dmarc=none header.from=sender.test; arc=none"
+)
+AR_INTERNAL = "gw.test; dkim=none; dmarc=none header.from=sender.test; arc=none"
 
 
 # -- the MTA side ------------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ def test_full_v6_offer_negotiates_no_replies_macros_and_accepts_with_the_smtp_pa
     fields, body = split(raw)
     ours = (
         b"Authentication-Results: gw.test; dkim=none; spf=none\r\n"
-        b" smtp.mailfrom=sender.test; dmarc=none header.from=sender.test\r\n"
+        b" smtp.mailfrom=sender.test; dmarc=none header.from=sender.test; arc=none\r\n"
         b"X-Milter-Category: ham\r\n"
     )
     delivered = render(apply(fields, replies, lead=True)) + b"\r\n" + body.encode()

@@ -1,6 +1,7 @@
 """The policy's use of DKIM / DMARC results: the exact-domain spoof rule, allow entries a domain's own
-DMARC disowns, and the last-resort action for DMARC failures. Results are built as values here; the
-gateway test (test_gateway_auth.py) produces them from real signatures over real DNS."""
+DMARC disowns, the last-resort action for DMARC failures, and a trusted ARC sealer's override. Results
+are built as values here; the gateway test (test_gateway_auth.py) and test_auth_arc.py produce them
+from real signatures and chains."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from milter.auth import AuthResults, DkimResult, DmarcResult
+from milter.auth import ArcResult, AuthResults, DkimResult, DmarcResult, RecordedResult
 from milter.config import Lists, PolicyConfig
 from milter.errors import ConfigError
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
+from milter.policy.bulk import dkim_mark_holds
 from milter.types import Action, Decision, Envelope, Scores, Verdict
 
 META = {"spam": {"tag": 0.5, "quarantine": 0.9}, "bec": {"tag": 0.3, "quarantine": 0.6}}
@@ -153,3 +155,50 @@ def test_internal_networks_are_configurable() -> None:
     with pytest.raises(ConfigError) as info:
         Policy(PolicyConfig(internal_networks=("10.0.0.0/8", "intranet")), META)
     assert info.value.key == "policy.internal_networks[1]"
+
+
+def forwarded(
+    arc: str = "pass", trusted: bool = True, dmarc: str = "pass", transient: bool = False
+) -> AuthResults:
+    """A DMARC failure (p=reject) after a list broke the signature, with the list's ARC chain."""
+    recorded = (RecordedResult("dmarc", dmarc, "example.com"), RecordedResult("dkim", "pass", "example.com"))
+    sealer = "lists.example.org"
+    chain = ArcResult(arc, 1, sealer, trusted, transient, sealer, recorded)  # type: ignore[arg-type]
+    return replace(auth(), arc=chain)
+
+
+@pytest.mark.parametrize("key", ["allow_senders", "allow_domains"])
+def test_allow_entries_and_the_dmarc_rule_agree_on_a_trusted_arc_chain(key: str) -> None:
+    entry = "jane@example.com" if key == "allow_senders" else "example.com"
+    cfg = PolicyConfig(lists=Lists(**{key: (entry,)}))
+    vouched = decide(forwarded(), cfg, scores=SPAM)
+    assert (vouched.verdict, vouched.action) == (Verdict.HAM, Action.ACCEPT)  # the entry applies again
+    assert "is on the allow list" in vouched.reasons[0]
+    assert vouched.reasons[-1] == (
+        "DMARC failed after forwarding; trusted ARC sealer lists.example.org recorded dmarc=pass"
+    )
+    for why, results in {
+        "untrusted sealer": forwarded(trusted=False),
+        "failed chain": forwarded(arc="fail"),
+        "sealer saw dmarc=fail": forwarded(dmarc="fail"),
+    }.items():
+        disowned = decide(results, cfg, scores=SPAM)
+        assert disowned.action is Action.QUARANTINE, why
+        assert "not applied: From domain example.com fails DMARC" in disowned.reasons[1], why
+
+
+def test_summary_quoted_in_reasons_mentions_the_chain() -> None:
+    d = decide(forwarded(trusted=False), PolicyConfig(dmarc_fail_action="quarantine"))
+    assert d.reasons[0].endswith(
+        "dmarc=fail(p=reject from=example.com) arc=pass(i=1 sealer=lists.example.org))"
+    )
+
+
+def test_bulk_dkim_mark_follows_the_trusted_sealer() -> None:
+    """The bulk rule's DKIM mark agrees with the DMARC rule: forgiven by a trusted chain, the sealer's
+    validated DKIM pass stands in for ours; untrusted, failed or merely unverifiable, it does not."""
+    summary = extracted(forwarded()).summary
+    assert dkim_mark_holds(summary, "example.com")
+    assert not dkim_mark_holds(summary, "other.test")  # the sealer recorded no pass for that domain
+    for results in (forwarded(trusted=False), forwarded(arc="fail"), forwarded(arc="fail", transient=True)):
+        assert not dkim_mark_holds(extracted(results).summary, "example.com")

@@ -1,4 +1,4 @@
-"""DKIM + DMARC for one message in three phases: plan (pure), fetch (all the I/O), evaluate (pure).
+"""DKIM + DMARC (+ ARC) for one message in three phases: plan (pure), fetch (all the I/O), evaluate (pure).
 
 Why three phases: the gateway runs on one event loop and pushes CPU work (RSA, canonicalising big
 bodies) to a process pool. Mixing DNS into verification, as dkimpy's own API does, would either block
@@ -6,6 +6,8 @@ the loop or ship sockets into workers. So the header block says which TXT names 
 they are all fetched concurrently under one deadline on the loop (`fetch`), and the verdict is
 computed from the message plus the frozen, picklable answers in a worker (`evaluate`). Neither fetch
 nor evaluate raises for any input; every failure becomes a result (temperror, permerror, neutral).
+ARC chains ride along: their key names are planned and fetched with the DKIM keys (same deadline, no
+extra round trip) and verified in the same worker call (milter.auth.arc).
 SPF needs an iterative walk and cannot be planned: `gather` runs `check_spf` beside the fetch, under the
 same deadline, when the caller knows the client; otherwise a trusted upstream result may be used.
 """
@@ -17,6 +19,7 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from milter.auth.arc import ArcResult, verify_arc
 from milter.auth.dkim import DkimResult, verify_signatures
 from milter.auth.dmarc import DmarcResult, evaluate_dmarc
 from milter.auth.dns import Answers, Resolver, TxtAnswer, TxtResolver
@@ -49,6 +52,7 @@ class Evidence:
     answers: Answers
     trusted_authserv_ids: tuple[str, ...] = ()
     spf: SpfResult | None = None  # our own check, when the client was known
+    trusted_arc_sealers: tuple[str, ...] = ()  # auth.trusted_arc_sealers, for ArcResult.trusted
 
 
 # ASYNC109: the timeout is part of the contract on purpose: it is one deadline over the whole fan-out,
@@ -96,9 +100,14 @@ def _clamp(timeout: float) -> float:
 
 
 def evaluate(
-    raw: bytes, plan: AuthPlan, answers: Answers, trusted_spf: SpfResult | None = None
+    raw: bytes,
+    plan: AuthPlan,
+    answers: Answers,
+    trusted_spf: SpfResult | None = None,
+    trusted_arc_sealers: Collection[str] = (),
 ) -> AuthResults:
-    """Phase 3 (pure, CPU only): verify the signatures of `plan` and evaluate DMARC from `answers`."""
+    """Phase 3 (pure, CPU only): verify the signatures and ARC chain of `plan` and evaluate DMARC
+    from `answers`."""
     dkim = _dkim(raw, plan, answers)
     try:
         dmarc = evaluate_dmarc(
@@ -106,7 +115,7 @@ def evaluate(
         )
     except Exception as e:  # a bug here must not turn into a rejection: report "could not tell"
         dmarc = DmarcResult("temperror", plan.from_domain, reason=f"internal error: {type(e).__name__}")
-    return AuthResults(dkim, dmarc, trusted_spf)
+    return AuthResults(dkim, dmarc, trusted_spf, _arc(raw, plan, answers, trusted_arc_sealers))
 
 
 def _dkim(raw: bytes, plan: AuthPlan, answers: Answers) -> tuple[DkimResult, ...]:
@@ -117,15 +126,23 @@ def _dkim(raw: bytes, plan: AuthPlan, answers: Answers) -> tuple[DkimResult, ...
         return tuple(DkimResult(s.domain, s.selector, "neutral", why) for s in plan.signatures)
 
 
+def _arc(raw: bytes, plan: AuthPlan, answers: Answers, trusted: Collection[str]) -> ArcResult:
+    try:
+        return verify_arc(raw, plan.arc, answers, trusted)
+    except Exception as e:  # verify_arc does not raise; should it, the chain is simply not believed
+        return ArcResult("fail", reason=f"internal error: {type(e).__name__}")
+
+
 async def gather(
     raw: bytes,
     resolver: Resolver,
     timeout: float,  # noqa: ASYNC109 (as for fetch)
     trusted_authserv_ids: Collection[str] = (),
     client: SpfClient | None = None,
+    trusted_arc_sealers: Collection[str] = (),
 ) -> Evidence:
-    """Phases 1 and 2 (on the event loop): read the header block, look everything up; with `client`,
-    check SPF meanwhile, under the same deadline."""
+    """Phases 1 and 2 (on the event loop): read the header block, look everything up (DKIM and ARC
+    keys, DMARC records); with `client`, check SPF meanwhile, under the same deadline."""
     started = asyncio.get_running_loop().time()
     the_plan = plan(raw)
     spf_task = None
@@ -136,7 +153,7 @@ async def gather(
     if spf_task is not None:
         left = _clamp(timeout) - (asyncio.get_running_loop().time() - started)
         spf = await _spf_within(spf_task, left)
-    return Evidence(the_plan, answers, tuple(trusted_authserv_ids), spf)
+    return Evidence(the_plan, answers, tuple(trusted_authserv_ids), spf, tuple(trusted_arc_sealers))
 
 
 async def _spf_within(task: asyncio.Future[SpfResult], seconds: float) -> SpfResult:
@@ -152,7 +169,7 @@ def evaluate_evidence(raw: bytes, evidence: Evidence) -> AuthResults:
     """Phase 3 for gathered evidence (in a worker): our SPF result, else a trusted upstream's, then
     `evaluate`."""
     spf = evidence.spf or trusted_spf_from_headers(raw, evidence.trusted_authserv_ids)
-    return evaluate(raw, evidence.plan, evidence.answers, spf)
+    return evaluate(raw, evidence.plan, evidence.answers, spf, evidence.trusted_arc_sealers)
 
 
 async def authenticate(
@@ -160,6 +177,10 @@ async def authenticate(
     resolver: Resolver,
     timeout: float = 2.0,  # noqa: ASYNC109 (as for fetch)
     trusted_authserv_ids: Collection[str] = (),
+    trusted_arc_sealers: Collection[str] = (),
 ) -> AuthResults:
     """plan + fetch + evaluate in one call (tests); the gateway runs evaluate in a worker."""
-    return evaluate_evidence(raw, await gather(raw, resolver, timeout, trusted_authserv_ids))
+    evidence = await gather(
+        raw, resolver, timeout, trusted_authserv_ids, trusted_arc_sealers=trusted_arc_sealers
+    )
+    return evaluate_evidence(raw, evidence)

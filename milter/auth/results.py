@@ -7,12 +7,14 @@ reason strings. `summary` is a compact one-line form for logs and verdict reason
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import authres
+import authres.arc
 import authres.dmarc
 
+from milter.auth.arc import ArcResult
 from milter.auth.dkim import DkimResult
 from milter.auth.dmarc import DmarcResult
 from milter.auth.spf import SpfResult
@@ -23,6 +25,7 @@ class AuthResults:
     dkim: tuple[DkimResult, ...]
     dmarc: DmarcResult
     spf: SpfResult | None = None
+    arc: ArcResult = field(default_factory=ArcResult)
 
     @property
     def dkim_pass_domains(self) -> tuple[str, ...]:
@@ -37,11 +40,13 @@ class AuthResults:
             mailfrom = self.spf.domain or None
             results.append(authres.SPFAuthenticationResult(result=self.spf.result, smtp_mailfrom=mailfrom))
         results.append(_dmarc_clause(self.dmarc))
+        results.append(_arc_clause(self.arc))
         header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
         return str(header.header_value())
 
     def summary(self) -> str:
-        """E.g. "dkim=pass(example.com) dmarc=fail(p=reject from=example.com) spf=pass(example.com)"."""
+        """E.g. "dkim=pass(example.com) dmarc=fail(p=reject from=example.com) spf=pass(example.com)
+        arc=pass(i=1 sealer=lists.example.org trusted)"; arc only where the message carries a chain."""
         dkim = " ".join(f"dkim={r.result}({r.domain or '?'})" for r in self.dkim) or "dkim=none"
         d = self.dmarc
         dmarc_bits = [f"p={d.policy}" if d.policy else "", f"from={d.from_domain}" if d.from_domain else ""]
@@ -51,6 +56,8 @@ class AuthResults:
         parts = [dkim, f"dmarc={d.result}({detail})" if detail else f"dmarc={d.result}"]
         if self.spf is not None:
             parts.append(f"spf={self.spf.result}({self.spf.domain})")
+        if self.arc.result != "none":
+            parts.append(_arc_summary(self.arc))
         return " ".join(parts)
 
 
@@ -69,3 +76,19 @@ def _dmarc_clause(d: DmarcResult) -> Any:
     if d.from_domain:
         clause.header_from = d.from_domain
     return clause
+
+
+def _arc_clause(a: ArcResult) -> Any:
+    comment = f"i={a.instances} sealer {a.sealer}" if a.sealer else None
+    return authres.arc.ARCAuthenticationResult(
+        result=a.result, reason=a.reason or None, result_comment=comment
+    )
+
+
+def _arc_summary(a: ArcResult) -> str:
+    bits = [f"i={a.instances}" if a.instances else "", f"sealer={a.sealer}" if a.sealer else ""]
+    bits.append("trusted" if a.trusted and a.sealer else "")
+    if a.result == "fail":
+        bits.append("transient" if a.transient else "")
+    detail = " ".join(b for b in bits if b)
+    return f"arc={a.result}({detail})" if detail else f"arc={a.result}"

@@ -121,7 +121,11 @@ class _Dns:
         cfg = self.config
 
         async def all_of() -> list[Evidence]:
-            jobs = (gather(r, self.resolver, cfg.timeout, cfg.trusted_authserv_ids) for r in raws)
+            jobs = (
+                gather(r, self.resolver, cfg.timeout, cfg.trusted_authserv_ids,
+                       trusted_arc_sealers=cfg.trusted_arc_sealers)
+                for r in raws
+            )
             return list(await asyncio.gather(*jobs))
 
         return self._runner.run(all_of())

@@ -1,7 +1,7 @@
 """The gateway's side of sender authentication: DNS on the event loop, verification after it.
 
 `SenderAuth.gather` runs while the prepare process parses the message: it reads the header block and
-looks up DKIM keys and DMARC records through one cached resolver per worker process (one deadline per
+looks up DKIM and ARC keys and DMARC records through one cached resolver per worker process (one deadline per
 message, `auth.timeout`). The answers are then evaluated (milter.auth.check explains the split): on
 the loop for unsigned mail, in the pool when there are signatures to verify (MessageProcessor._verify).
 A DNS outage therefore costs at most `auth.timeout` per message and ends as "temperror", which no
@@ -38,19 +38,23 @@ class SenderAuth:
         authserv_id: str,
         trusted_ids: tuple[str, ...] = (),
         internal: Sequence[IPNetwork] = (),
+        trusted_arc_sealers: tuple[str, ...] = (),
     ) -> None:
         self.resolver = resolver
         self.timeout = timeout
         self.authserv_id = authserv_id
         self.trusted_ids = trusted_ids
         self.internal = tuple(internal)
+        self.trusted_arc_sealers = trusted_arc_sealers
 
     async def gather(self, raw: bytes, msg_id: str, envelope: Envelope | None = None) -> Evidence | None:
         """The DNS evidence for one message; None (and a log line) if gathering itself broke, so a bug
         here costs the message its authentication results, never its delivery."""
         try:
             client = self.spf_client(envelope) if envelope is not None else None
-            return await gather(raw, self.resolver, self.timeout, self.trusted_ids, client)
+            return await gather(
+                raw, self.resolver, self.timeout, self.trusted_ids, client, self.trusted_arc_sealers
+            )
         except Exception as exc:
             log.error(kv("auth_gather_failed", id=msg_id, error=type(exc).__name__, detail=str(exc)[:200]))
             return None
@@ -85,10 +89,14 @@ def build_sender_auth(
             timeout=config.timeout,
             cache_entries=config.dns_cache_entries,
             authserv_id=authserv_id,
+            trusted_arc_sealers=",".join(config.trusted_arc_sealers) or "none",
         )
     )
     internal = parse_networks("internal_networks", internal_networks, "policy")
-    return SenderAuth(resolver, config.timeout, authserv_id, config.trusted_authserv_ids, internal)
+    return SenderAuth(
+        resolver, config.timeout, authserv_id, config.trusted_authserv_ids, internal,
+        config.trusted_arc_sealers,
+    )
 
 
 def dns_resolver(config: AuthConfig) -> DnsResolver:

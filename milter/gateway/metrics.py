@@ -57,8 +57,8 @@ class GatewayMetrics:
         self.errors = Counter("milter_errors", "Failures by kind", ["kind"], registry=r)
         # DKIM / DMARC outcomes, and the DNS wait per message: a rising temperror count is DNS trouble.
         self.auth_results = Counter(
-            "milter_auth_results", "DKIM signatures and DMARC evaluations by result", ["check", "result"],
-            registry=r,
+            "milter_auth_results", "DKIM signatures, DMARC evaluations and ARC chains by result",
+            ["check", "result"], registry=r,
         )
         self.auth_seconds = Histogram(
             "milter_auth_dns_seconds",

@@ -554,9 +554,9 @@ class MessageProcessor:
                 prepared.cancel()
 
     async def _verify(self, msg: Inbound, evidence: Evidence) -> AuthResults:
-        if not evidence.plan.signatures:  # DMARC over the answers alone: microseconds, here
+        if not evidence.plan.needs_crypto:  # DMARC over the answers alone: microseconds, here
             return evaluate_evidence(msg.raw, evidence)
-        return await self.prepare.verify(msg.raw, evidence)  # RSA and body hashes: in the pool
+        return await self.prepare.verify(msg.raw, evidence)  # RSA and body hashes (DKIM, ARC): in the pool
 
     def _count_auth(self, ext: Extracted) -> None:
         auth = ext.summary.auth
@@ -565,6 +565,7 @@ class MessageProcessor:
         for sig in auth.dkim:
             self.metrics.auth_results.labels("dkim", sig.result).inc()
         self.metrics.auth_results.labels("dmarc", auth.dmarc.result).inc()
+        self.metrics.auth_results.labels("arc", auth.arc.result).inc()
 
     async def _act(self, msg: Inbound, result: ScanResult) -> str:
         action = result.action

@@ -47,6 +47,8 @@ Precedence (the order of `RULES`), and why:
    ladders; its verdict is `spam` because the BEC ladder, which is tuned for BEC, did not fire.
 7. DMARC failure under p=quarantine / p=reject -> spam, `dmarc_fail_action` (tag by default; none makes
    it a reason only). Last, so it never softens the model's answer; mailing-list copies are exempt.
+   A failure that a trusted ARC sealer's validated chain explains (forwarding; `dmarc.py`) is only a
+   reason, here and for every rule above that asks whether DMARC disowns the message.
 8. Nothing fired -> ham, accept.
 
 Thresholds come from the model's metadata (chosen at training time); `PolicyConfig.spam` / `.bec`, when

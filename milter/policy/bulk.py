@@ -20,7 +20,9 @@ recipients), when
   and list traffic is conversation, not a newsletter;
 * where the gateway verified the sender (`summary.auth`), the From domain's owner does not disown it:
   under DMARC p=quarantine or p=reject a failure leaves the message to the DMARC rule; any DMARC failure,
-  or an aligned signature that did not verify, drops the DKIM mark (it was only claimed).
+  or an aligned signature that did not verify, drops the DKIM mark (it was only claimed). Both follow the
+  DMARC rule on ARC: a failure that a trusted sealer's validated chain forgives (milter.policy.dmarc) is
+  no refutation, and the DKIM mark holds if that sealer recorded the signature's pass.
 
 Without `summary.auth` (`milter scan` without --dns, `[auth] enabled = false`) the DKIM mark counts as
 present, which is all feature extraction can see.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from milter.features.domains import registrable
 from milter.features.summary import MessageSummary
-from milter.policy.dmarc import refuted_by_dmarc
+from milter.policy.dmarc import forwarded_pass, refuted_by_dmarc
 from milter.policy.table import Context, Hit
 from milter.types import Verdict
 
@@ -73,11 +75,18 @@ def counted_evidence(summary: MessageSummary) -> tuple[str, ...]:
 
 def dkim_mark_holds(summary: MessageSummary, domain: str) -> bool:
     """The aligned signature of `domain` verified and the From domain does not fail DMARC; True when
-    nothing was verified (the mark then says only what the headers claim, as in training)."""
+    nothing was verified (the mark then says only what the headers claim, as in training). Where DMARC
+    failed after forwarding and a trusted ARC sealer vouches for the message (milter.policy.dmarc), the
+    sealer's validated record of a DKIM pass for `domain` stands in for our own check."""
     auth = summary.auth
     if auth is None:
         return True
-    if auth.dmarc.result == "fail":
-        return False
     wanted = registrable(domain)
-    return bool(wanted) and any(registrable(d) == wanted for d in auth.dkim_pass_domains)
+    if not wanted:
+        return False
+    if auth.dmarc.result != "fail":
+        return any(registrable(d) == wanted for d in auth.dkim_pass_domains)
+    if auth.arc.result != "pass" or forwarded_pass(auth) is None:
+        return False
+    passed = (r.domain for r in auth.arc.recorded if r.method == "dkim" and r.result == "pass")
+    return any(registrable(d) == wanted for d in passed)

@@ -1,17 +1,32 @@
 """Rules on the sender's authentication (milter/auth): they act only where the From domain's owner
-disowns the message (DMARC fails under p=quarantine or p=reject), and never for our own clients."""
+disowns the message (DMARC fails under p=quarantine or p=reject), and never for our own clients.
+
+ARC (RFC 8617) is the one exception, RFC 7489 6.7's "local policy override" for forwarded mail: when
+DMARC fails here but the message carries a validated ARC chain whose newest sealer the admin trusts
+(`auth.trusted_arc_sealers`) and that sealer recorded dmarc=pass for the From domain (or, recording no
+DMARC result, a DKIM pass aligned with it), the failure is the forwarding's doing, not a forgery: no
+rule here acts on it, and the DMARC rule says why in a reason. A chain from an untrusted sealer, a
+failed chain, or a sealer that recorded dmarc=fail changes nothing. A trusted chain that could not be
+checked because a key lookup failed transiently is treated as DMARC temperror is: not acted on.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from milter.policy.table import Context, Hit, in_domain
 from milter.types import Action, Verdict
 
+if TYPE_CHECKING:  # only a type here: the policy's imports stay as they were
+    from milter.auth import AuthResults
 
-def refuted_by_dmarc(ctx: Context) -> str | None:
-    """Why the From domain's owner disowns this message, or None: DMARC failed and the domain publishes
-    p=quarantine or p=reject. Under p=none (or with no record) a failure proves nothing: the owner has
-    not said that all its mail is aligned, and much legitimate mail is not. Mail from our own clients
-    is not judged: our users' mail passes the filter before (or without) being signed."""
+
+def direct_failure(ctx: Context) -> str | None:
+    """Why the From domain's owner disowns this message as it reached us, or None: DMARC failed and the
+    domain publishes p=quarantine or p=reject. Under p=none (or with no record) a failure proves
+    nothing: the owner has not said that all its mail is aligned, and much legitimate mail is not. Mail
+    from our own clients is not judged: our users' mail passes the filter before (or without) being
+    signed."""
     auth = ctx.summary.auth
     if auth is None or ctx.internal:
         return None
@@ -19,6 +34,28 @@ def refuted_by_dmarc(ctx: Context) -> str | None:
     if dmarc.result != "fail" or dmarc.policy not in ("quarantine", "reject"):
         return None
     return f"From domain {dmarc.from_domain} fails DMARC (p={dmarc.policy}; {auth.summary()})"
+
+
+def forwarded_pass(auth: AuthResults) -> str | None:
+    """Why a DMARC failure is forgiven for forwarding (module docstring), or None."""
+    arc = auth.arc
+    if not arc.trusted or not (arc.result == "pass" or arc.transient):
+        return None
+    if (recorded := arc.vouches_for(auth.dmarc.from_domain)) is None:
+        return None
+    if arc.result == "pass":
+        return f"DMARC failed after forwarding; trusted ARC sealer {arc.sealer} recorded {recorded}"
+    return (f"DMARC failed after forwarding; trusted ARC sealer {arc.sealer} could not be verified "
+            f"({arc.reason}): not acted on")
+
+
+def refuted_by_dmarc(ctx: Context) -> str | None:
+    """Why the From domain's owner disowns this message (`direct_failure`), or None, also when a trusted
+    ARC sealer vouches for it (`forwarded_pass`): the rules that act on DMARC all ask this."""
+    auth = ctx.summary.auth
+    if auth is None or (why := direct_failure(ctx)) is None or forwarded_pass(auth) is not None:
+        return None
+    return why
 
 
 def spoofed_protected_domain(ctx: Context) -> Hit | None:
@@ -44,8 +81,11 @@ def unproven(ctx: Context, listed: str) -> Hit | None:
 def dmarc_fail(ctx: Context) -> Hit | None:
     """The domain owner disowns the message (p=quarantine / p=reject). Last, so the model's stricter
     answer stands; a mailing list's copy is exempt, since lists that keep From break its signature."""
-    if ctx.summary.list_mail or (why := refuted_by_dmarc(ctx)) is None:
+    auth = ctx.summary.auth
+    if ctx.summary.list_mail or auth is None or (why := direct_failure(ctx)) is None:
         return None
+    if (forgiven := forwarded_pass(auth)) is not None:
+        return Hit(forgiven)  # a reason only: the record of why the failure was not acted on
     if ctx.dmarc_fail_action is None:
         return Hit(why)
     return Hit(why, Verdict.SPAM, ctx.dmarc_fail_action)
