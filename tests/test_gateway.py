@@ -95,7 +95,9 @@ def test_tag_adds_verdict_headers_and_subject_prefix(tmp_path: Path, free_port: 
         assert out.code == 250
         got = sink.messages[0].raw
         head, _, body = got.partition(b"\r\n\r\n")
-        assert head.startswith(b"Authentication-Results: gw.test; dkim=none; dmarc=none ")
+        assert re.sub(rb"\r\n[ \t]+", b" ", head).startswith(
+            b"Authentication-Results: gw.test; dkim=none; dmarc=none header.from=sender.test; arc=none\r\n"
+        )
         assert b"\r\nX-Milter-Verdict: spam\r\nX-Milter-Category: spam\r\nX-Milter-Scores: ham=" in head
         assert b"\r\nX-Milter-Reasons: " in head
         assert b"\r\nSubject: [SPAM] Cheap meds\r\n" in head
