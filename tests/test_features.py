@@ -255,3 +255,23 @@ def test_joined_names_are_found_in_linear_time_on_hostile_runs() -> None:
 
     assert _JOINED.findall("a" * 300_000 + "!") == []
     assert _JOINED.findall("x" * 300_000 + " login-action and sign-in") == ["login-action", "sign-in"]
+
+
+@pytest.mark.parametrize(
+    ("display", "domain", "brand"),
+    [
+        ("Hello WaImart", "qpstoree.com", "walmart"),  # a capital I for the l
+        ("Sam's Club Rewards", "mswoodtrader.com", "samsclub"),  # punctuation between the words
+        ("V\u200de\u200dn\u200dm\u200do Support", "kuroit.co.uk", "venmo"),  # zero-width joiners
+        ("\uff37\uff41\uff4c\uff4d\uff41\uff52\uff54", "example.net", "walmart"),  # fullwidth letters
+        ("Walmart", "walmart.com", None),  # the brand's own domain
+        ("Lowest Prices Today", "1000bulbs.com", None),  # no brand inside an ordinary word
+        ("PayPaI Billing", "paypa1-billing.com", "paypal"),
+    ],
+)
+def test_a_brand_in_the_display_name_is_read_as_a_reader_reads_it(
+    display: str, domain: str, brand: str | None
+) -> None:
+    from milter.features.identity import _brand_mismatch, display_letters
+
+    assert _brand_mismatch(display_letters(display), domain) == brand

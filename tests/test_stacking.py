@@ -4,6 +4,7 @@ front of the trees, read back by the explainer, refused when its metadata is bro
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import lightgbm as lgb
 import numpy as np
@@ -332,3 +333,30 @@ def test_stage_labels_choose_which_admin_labels_the_stage_learns_from() -> None:
     np.testing.assert_allclose(stage("ham", True).weights, ham.weights, rtol=1e-6, atol=1e-6)
     both = stage("all", True)
     assert both.weights[none.columns.index(20), 0] > ham.weights[none.columns.index(20), 0] + 0.2
+
+
+def test_threshold_rows_are_scored_by_trees_that_never_saw_their_sender() -> None:
+    """As for the stage: each sender's rows sit at its own value of a feature and share one class, so
+    trees fitted on a sender's mail know it (in sample) and trees fitted without it cannot. The scores
+    the thresholds are chosen on (`Fitted.oof`) must be the second kind."""
+    rng = np.random.default_rng(3)
+    senders, per = 24, 60
+    y = np.repeat(rng.integers(0, 2, senders), per).astype(np.int64)
+    jitter = rng.normal(0, 0.01, (senders * per, 1))
+    X: npt.NDArray[np.float32] = (np.repeat(np.arange(senders), per)[:, None] + jitter).astype(np.float32)
+    w = np.ones(len(y))
+    groups = [f"s{i}" for i in np.repeat(np.arange(senders), per)]
+    cfg = mdl.FitConfig(max_rounds=60, early_stopping=60, min_data_in_leaf=20, text_c=0.0, threshold_folds=4)
+    model = mdl.fit(X, y, w, X, y, w, ("sender",), cfg, groups=groups)
+    assert model.oof is not None and model.oof.shape == (len(y), 3)
+    in_sample = mdl.predict(model, X)
+
+    def hit(p: npt.NDArray[np.float64]) -> float:
+        return float((p[:, 1].round() == y).mean())
+
+    assert hit(in_sample) > 0.95  # every sender's value gives its class away to trees that saw it
+    assert hit(model.oof) < 0.75  # and nothing away to trees that did not
+    np.testing.assert_allclose(model.oof.sum(axis=1), 1.0, rtol=1e-6)
+    # without the setting there are no such scores (and no extra fits)
+    off = mdl.fit(X, y, w, X, y, w, ("sender",), replace(cfg, threshold_folds=0), groups=groups)
+    assert off.oof is None

@@ -14,6 +14,7 @@ from training.corpora import Message
 from training.dataset import TEST, TRAIN, VAL, Dataset
 from training.retrain import LABELS_PER_LEAF, label_rows
 from training.train import parse_args as train_args
+from training.train import threshold_rows
 from training.unseen import from_addresses, main, oldest_first, run_source, source_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +194,19 @@ def test_label_rows_fill_a_leaf_and_keep_their_total_weight() -> None:
     assert wr.sum() == w.sum() and (yr == 1).sum() == copies
     np.testing.assert_array_equal(Xr[copies], X[1])
     assert len(label_rows(X, y, w, min_data_in_leaf=1)[0]) == 3  # a leaf of one row needs no copies
+
+
+def test_thresholds_are_chosen_on_validation_and_out_of_fold_training_rows_not_on_labels() -> None:
+    ds = _synthetic()
+    tr, va = ds.rows(TRAIN), ds.rows(VAL)
+    p_val = np.full((len(va), 3), 1 / 3, dtype=np.float32)
+    probs, y, corpora = threshold_rows(ds, va, tr, p_val, None)
+    assert len(probs) == len(y) == len(corpora) == len(va)  # validation only by default
+    assert y.tolist() == ds.y[va].tolist()
+    labels = 7  # milter-retrain appends admin labels after the corpus rows: they are not a rate
+    oof = np.random.default_rng(0).dirichlet(np.ones(3), len(tr) + labels)
+    probs, y, corpora = threshold_rows(ds, va, tr, p_val, oof)
+    assert len(probs) == len(va) + len(tr)
+    np.testing.assert_allclose(probs[len(va) :], oof[: len(tr)], rtol=1e-6)
+    assert y.tolist() == ds.y[np.concatenate([va, tr])].tolist()
+    assert corpora[len(va)] == ds.messages[tr[0]].corpus

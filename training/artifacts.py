@@ -133,7 +133,8 @@ def build_metadata(
         "thresholds": thresholds.as_dict(),
         "threshold_scores": SCORE_DEFINITIONS,
         "threshold_selection": {
-            "split": "validation",
+            "split": "validation" if model.oof is None else "validation + training rows out of fold",
+            "out_of_fold_folds": getattr(args, "threshold_folds", 0) if model.oof is not None else 0,
             "quarantine_ham_fpr": args.target_fpr,
             "tag_ham_fpr": args.tag_fpr,
             "rule": "strictest of: old ham pooled at the target, modern ham group at 2 % / 0.5 %, "

@@ -255,7 +255,7 @@ def write_report(
     ]
     per_corpus_cuts = metadata["threshold_selection"].get("per_corpus", {})
     if per_corpus_cuts:
-        lines += ["## Per-corpus thresholds on validation (the shipped one is the largest)", ""]
+        lines += ["## Per-corpus thresholds (validation and out-of-fold training rows)", ""]
         lines += ["| score | level | " + " | ".join(sorted(per_corpus_cuts["spam"]["tag"])) + " |"]
         lines += ["|---|---|" + "---:|" * len(per_corpus_cuts["spam"]["tag"])]
         for kind, levels in per_corpus_cuts.items():

@@ -6,7 +6,9 @@ Two scores come out of the class probabilities (columns in CLASS_NAMES order: ha
 * the *bec* score ``P(bec)``.
 
 Each has a "tag" threshold (looser FPR) and a "quarantine" threshold (strict FPR). A threshold is
-the strictest of three cuts on validation ham (`rule_threshold`):
+the strictest of three cuts on the ham of the threshold rows (`rule_threshold`): validation, and the
+training rows scored out of fold by sender (`training.train.threshold_rows`, `--threshold-folds`), so
+that every row is scored by trees that never saw its sender, as a new site's mail will be:
 
 * the old ham corpora *pooled* at the target (0.4 % tagged, 0.1 % quarantined: the acceptance
   targets for all ham, with room for the test split's noise);

@@ -150,6 +150,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the trees learn from all (default: %(default)s)",
     )
     p.add_argument(
+        "--threshold-folds",
+        type=int,
+        default=mdl.FitConfig.threshold_folds,
+        help="choose thresholds on validation and on the training rows scored out of fold by this many "
+        "sender folds; 0: validation only (default: %(default)s)",
+    )
+    p.add_argument(
         "--split-by",
         choices=("sender", "corpus", "subcollection"),
         # per sender (default): no sender domain on two sides, the production question for a new site's
@@ -273,7 +280,7 @@ def export_and_evaluate(
     extra_y: npt.NDArray[np.int64] | None = None,
 ) -> Exported:
     """Export to ONNX, check parity on every validation and test row (and `extra_X`, e.g. store labels),
-    choose thresholds on validation, evaluate on test, build the metadata. Shared by milter-train and
+    choose thresholds (`threshold_rows`), evaluate on test, build the metadata. Shared by milter-train and
     milter-retrain so both ship models made the same way."""
     tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
     corpora = [m.corpus for m in ds.messages]
@@ -288,9 +295,8 @@ def export_and_evaluate(
     p_val, p_test = probs[: len(va)], probs[len(va) : len(va) + len(te)]
     seen = ds.y[tr] if extra_y is None else np.concatenate([ds.y[tr], extra_y])
     trained = frozenset(int(k) for k in np.unique(seen))
-    thresholds = choose_thresholds(
-        p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr, trained
-    )
+    p_cut, y_cut, c_cut = threshold_rows(ds, va, tr, p_val, model.oof)
+    thresholds = choose_thresholds(p_cut, y_cut, c_cut, args.target_fpr, args.tag_fpr, trained)
     results = evaluate(
         p_test, ds.y[te], [corpora[i] for i in te], [ds.messages[i].subcollection for i in te], thresholds
     )
@@ -321,6 +327,24 @@ def export_and_evaluate(
     )
 
 
+def threshold_rows(
+    ds: Dataset,
+    va: npt.NDArray[np.intp],
+    tr: npt.NDArray[np.intp],
+    p_val: npt.NDArray[np.float32],
+    oof: npt.NDArray[np.float64] | None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], list[str]]:
+    """The rows thresholds are chosen on: validation `va`, and with `--threshold-folds` the corpus
+    training rows `tr` (the first rows of the fit, in its order) scored out of fold too (`Fitted.oof`).
+    Admin labels, which milter-retrain appends after them, stay out: a few dozen hand-picked rows are
+    not a rate."""
+    rows, probs = np.asarray(va), p_val
+    if oof is not None:
+        rows = np.concatenate([va, tr])
+        probs = np.concatenate([p_val, oof[: len(tr)].astype(np.float32)])
+    return probs, ds.y[rows], [ds.messages[i].corpus for i in rows]
+
+
 def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
     """The LightGBM settings from milter-train's (or milter-retrain's) command line."""
     return mdl.FitConfig(
@@ -334,6 +358,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         text_grams=args.text_grams,
         gram_scale=args.gram_scale,
         stage_labels=args.stage_labels,
+        threshold_folds=args.threshold_folds,
     )
 
 
@@ -372,7 +397,7 @@ def run(args: argparse.Namespace) -> TrainResult:
         setup = fit_setup(args, ds)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    cfg, weights, corpora = setup.cfg, setup.weights, setup.corpora
+    cfg, weights = setup.cfg, setup.weights
     tr, va, te = setup.train, setup.val, setup.test
 
     t0 = time.monotonic()
@@ -404,10 +429,10 @@ def run(args: argparse.Namespace) -> TrainResult:
         out.p_test,
         out.gain,
     )
-    p_val = out.p_val
     # Which corpus sets each threshold: the shipped one is the strictest of these.
+    p_cut, y_cut, c_cut = threshold_rows(ds, va, tr, out.p_val, fitted.oof)
     meta["threshold_selection"]["per_corpus"] = threshold_breakdown(
-        p_val, ds.y[va], [corpora[i] for i in va], args.target_fpr, args.tag_fpr
+        p_cut, y_cut, c_cut, args.target_fpr, args.tag_fpr
     )
     onnx_path, meta_path = write_model(args.out, onnx_bytes, meta, out.explainer)
     report_path = write_report(

@@ -42,7 +42,7 @@ from training.dataset import Dataset
 from training.evaluate import sliced_metrics
 from training.retrain import label_groups, label_rows, label_weights
 from training.thresholds import BEC, HAM, SPAM, Thresholds, choose_thresholds, decide
-from training.train import _features, fit_setup, load_dataset
+from training.train import _features, fit_setup, load_dataset, threshold_rows
 from training.train import parse_args as train_args
 
 log = logging.getLogger("milter-unseen")
@@ -233,10 +233,13 @@ def run_source(
             labels=np.concatenate([np.zeros(len(tr), dtype=bool), np.ones(len(y_lab), dtype=bool)]),
         )
         trained = frozenset(int(c) for c in np.unique(ds.y[fit_rows]))
+        p_cut, y_cut, c_cut = threshold_rows(
+            ds, va, tr, mdl.predict(booster, ds.X[va]).astype(np.float32), booster.oof
+        )
         th = choose_thresholds(
-            mdl.predict(booster, ds.X[va]).astype(np.float32),
-            ds.y[va],
-            [setup.corpora[i] for i in va],
+            p_cut,
+            y_cut,
+            c_cut,
             targs.target_fpr,
             targs.tag_fpr,
             trained,

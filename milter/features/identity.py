@@ -8,6 +8,7 @@ it to the admin's domains at serving time.
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 
 from milter.features import lexicon
@@ -66,7 +67,7 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     org_display = freemail and bool(_ORG_WORDS.search(s.display) or _TITLES.search(s.display))
     if org_display:
         signals.append(f"free-mail sender ({s.domain}) uses an organisation or title display name")
-    brand_display = _brand_mismatch(s.display.lower().replace(" ", ""), s.domain)
+    brand_display = _brand_mismatch(display_letters(s.display), s.domain)
     if brand_display:
         signals.append(f"display name mentions {brand_display} but the sender domain is {s.domain}")
     brand_domain = _brand_mismatch(s.host.replace("-", "").replace(".", ""), s.domain)
@@ -111,6 +112,19 @@ def _protected_domains(configured: tuple[str, ...]) -> tuple[str, ...]:
     """The deployment's domains, then the built-in brands: built once per configuration, not per message
     (and one tuple object, so lookalike_of's cache keys on it cheaply)."""
     return tuple(dict.fromkeys(configured + _BRAND_DOMAINS))
+
+
+# A capital I after a lower-case letter reads as an l in most sans-serif fonts: "WaImart", "PayPaI".
+_CAPITAL_I_AS_L = re.compile(r"(?<=[a-z])I")
+_NOT_ALNUM = re.compile(r"[^0-9a-z]+")
+
+
+def display_letters(display: str) -> str:
+    """A display name as a reader takes it in, for brand names: the capital-I-for-l trick undone,
+    compatibility forms folded (fullwidth, ligatures), lower case, letters and digits only ("Sam's Club"
+    -> "samsclub")."""
+    text = unicodedata.normalize("NFKC", _CAPITAL_I_AS_L.sub("l", display)).lower()
+    return _NOT_ALNUM.sub("", text)
 
 
 def _brand_mismatch(text: str, domain: str) -> str | None:

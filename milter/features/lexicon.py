@@ -117,6 +117,42 @@ BRANDS: dict[str, tuple[str, ...]] = {
     "whatsapp": ("whatsapp.com",),
     "zoom": ("zoom.us",),
     "wetransfer": ("wetransfer.com",),
+    # Retailers, insurers, carriers and media whose names front "reward", "points expire", "free kit"
+    # and "special edition" spam (FTC and BBB scam alerts, 2023-2025): the brand is in the display name,
+    # the sender's domain is a throwaway. Names only where a display name would not hold them by
+    # chance: not "target", "discover" or "spectrum", nor names inside common words ("lowes" in
+    # "lowest", "allstate" in "All State Plumbing", "oralb" in "floral boutique").
+    "walmart": ("walmart.com",),
+    "costco": ("costco.com",),
+    "samsclub": ("samsclub.com",),
+    "kohls": ("kohls.com",),
+    "homedepot": ("homedepot.com",),
+    "bestbuy": ("bestbuy.com",),
+    "geeksquad": ("bestbuy.com", "geeksquad.com"),
+    "harborfreight": ("harborfreight.com",),
+    "tractorsupply": ("tractorsupply.com",),
+    "acehardware": ("acehardware.com",),
+    "walgreens": ("walgreens.com",),
+    "kroger": ("kroger.com",),
+    "statefarm": ("statefarm.com",),
+    "geico": ("geico.com",),
+    "libertymutual": ("libertymutual.com",),
+    "unitedhealthcare": ("uhc.com", "unitedhealthcare.com", "myuhc.com"),
+    "verizon": ("verizon.com", "verizonwireless.com", "verizon.net"),
+    "tmobile": ("t-mobile.com", "tmobile.com"),
+    "xfinity": ("xfinity.com", "comcast.com", "comcast.net"),
+    "usatoday": ("usatoday.com",),
+    "ebay": ("ebay.com", "ebay.de", "ebay.co.uk"),
+    "aliexpress": ("aliexpress.com",),
+    "temu": ("temu.com",),
+    "americanexpress": ("americanexpress.com", "aexp.com"),
+    "capitalone": ("capitalone.com",),
+    "citibank": ("citi.com", "citibank.com"),
+    "navyfederal": ("navyfederal.org",),
+    "venmo": ("venmo.com",),
+    "cashapp": ("cash.app", "square.com", "squareup.com"),
+    "roblox": ("roblox.com",),
+    "spotify": ("spotify.com",),
 }
 
 SHORTENERS = frozenset(
