@@ -111,8 +111,8 @@ TAG_EVERYTHING = {"tag": 0.0, "quarantine": 1.0}  # model B: every message's spa
 def headers_of(raw: bytes) -> bytes:
     """The header block without our Authentication-Results, which every relayed message gets on top."""
     head = raw.partition(b"\r\n\r\n")[0]
-    ours = b"Authentication-Results: gw.test;"
-    return head.partition(b"\r\n")[2] if head.startswith(ours) else head
+    ours = re.match(rb"Authentication-Results: gw\.test;.*?\r\n(?![ \t])", head, re.DOTALL)
+    return head[ours.end() :] if ours else head  # the field and its folded lines
 
 
 def test_reload_swaps_model_and_thresholds(tmp_path: Path, free_port: Callable[[], int]) -> None:

@@ -101,8 +101,11 @@ def test_unseen_source_is_flagged_until_its_own_labels_teach_the_model(tmp_path:
     assert never_seen.quarantined > 0.8
     # 40 labels carry the one feature that sets it apart: the rest of it now passes
     assert labelled.quarantined < 0.1
-    # the known corpus keeps being caught at the thresholds each fit chose
-    assert steps[1].known_recall["old"] > 0.9 and steps[1].known_ham_fpr["old"] < 0.05
+    # the known corpus keeps being caught at the thresholds each fit chose. Those come from validation
+    # and the out-of-fold training rows: on this small set validation alone put the cuts under 0.12 and
+    # let 2.5-3.8 % of the known ham through as spam (recall 1.0); out of fold they sit at the target,
+    # none of that ham is held, and the overlap of the two classes costs recall (0.81 here)
+    assert steps[1].known_recall["old"] > 0.75 and steps[1].known_ham_fpr["old"] < 0.01
     # the learned-sender rule: no labels vouch for nobody; 40 from news@new.example vouch for its domain
     assert never_seen.vouched == 0.0 and never_seen.quarantined_if_authenticated == never_seen.quarantined
     assert labelled.vouched == 1.0 and labelled.quarantined_if_authenticated == 0.0
