@@ -23,11 +23,11 @@ with a hyphen.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formataddr
 
+from milter.gateway.headers import field_name, header_fields, line_ending, split_header_block
 from milter.policy.table import name_tokens
 
 KINDS = ("freemail_name", "lookalike_vendor", "reply_to_bank")
@@ -57,7 +57,6 @@ PRETEXTS = (
     "Can you confirm by reply where to send the new account details? It is urgent.",
 )
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass(frozen=True)
@@ -75,21 +74,14 @@ class Case:
 
 
 def _split(raw: bytes) -> tuple[list[bytes], bytes, bytes]:
-    """(header fields, each with its folded continuation lines; the newline used; the blank line + body)."""
-    end = _HEADER_END.search(raw)
-    head, rest = (raw[: end.start()], raw[end.start():]) if end else (raw, b"")
-    newline = b"\r\n" if b"\r\n" in head else b"\n"
-    fields: list[bytes] = []
-    for line in head.split(newline):
-        if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += newline + line
-        else:
-            fields.append(line)
-    return fields, newline, rest
-
-
-def _name(field: bytes) -> bytes:
-    return field.split(b":", 1)[0].strip().lower()
+    """(header fields, each with its folded continuation lines and no line ending; the newline used; the
+    blank line + body), read as the gateway reads a header block (milter.gateway.headers)."""
+    block, blank, body = split_header_block(raw)
+    newline = blank or line_ending(raw)
+    fields = [f.rstrip(b"\r\n") for f in header_fields(block)]
+    if blank:
+        return fields, newline, newline + blank + body
+    return fields, newline, newline if block.endswith(newline) else b""
 
 
 def set_header(raw: bytes, name: str, value: str) -> bytes:
@@ -97,20 +89,20 @@ def set_header(raw: bytes, name: str, value: str) -> bytes:
     fields, newline, rest = _split(raw)
     key = name.lower().encode()
     new = f"{name}: {value}".encode()
-    at = next((i for i, f in enumerate(fields) if _name(f) == key), None)
+    at = next((i for i, f in enumerate(fields) if field_name(f) == key), None)
     if at is None:
-        after = next((i for i, f in enumerate(fields) if _name(f) == b"from"), len(fields) - 1)
+        after = next((i for i, f in enumerate(fields) if field_name(f) == b"from"), len(fields) - 1)
         fields.insert(after + 1, new)
     else:
         fields[at] = new
-        fields = [f for i, f in enumerate(fields) if i == at or _name(f) != key]
+        fields = [f for i, f in enumerate(fields) if i == at or field_name(f) != key]
     return newline.join(fields) + rest
 
 
 def remove_header(raw: bytes, name: str) -> bytes:
     fields, newline, rest = _split(raw)
     key = name.lower().encode()
-    return newline.join(f for f in fields if _name(f) != key) + rest
+    return newline.join(f for f in fields if field_name(f) != key) + rest
 
 
 def replace_body(raw: bytes, body: str) -> bytes:
@@ -121,8 +113,7 @@ def replace_body(raw: bytes, body: str) -> bytes:
 
 
 def body_of(raw: bytes) -> bytes:
-    end = _HEADER_END.search(raw)
-    return raw[end.end():] if end else b""
+    return split_header_block(raw)[2]
 
 
 # --- the attacker's addresses ------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -209,8 +209,7 @@ def facts_of(raw: bytes, mail: Mail, owner: str, outbound: bool) -> MessageFacts
     recipients = mail.recipients if outbound else (owner,)
     facts = facts_from_summary(summary, recipients)
     if not facts.display and summary.from_addr == mail.sender:
-        facts = MessageFacts(facts.sender, mail.display, facts.recipients, facts.reply_to,
-                             facts.language, facts.list_mail)
+        facts = replace(facts, display=mail.display)
     return facts
 
 

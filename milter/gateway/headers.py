@@ -38,7 +38,7 @@ def split_header_block(raw: bytes) -> tuple[bytes, bytes, bytes]:
     return raw, b"", b""
 
 
-def _fields(block: bytes) -> list[bytes]:
+def header_fields(block: bytes) -> list[bytes]:
     """Header fields, each with its continuation lines and line endings."""
     # Lines gathered per field and joined once: `field += line` copied the whole field for every
     # continuation line, and this runs on the event loop. A 1.8 MB header of 300,000 folded lines
@@ -52,7 +52,7 @@ def _fields(block: bytes) -> list[bytes]:
     return [b"".join(p) for p in parts]
 
 
-def _name(field: bytes) -> bytes:
+def field_name(field: bytes) -> bytes:
     return field.split(b":", 1)[0].strip().lower()
 
 
@@ -86,7 +86,7 @@ def _prefixed_subject(field: bytes, prefix: bytes) -> bytes:
 
 
 def forged(field: bytes, authserv_id: bytes | None) -> bool:
-    name = _name(field)
+    name = field_name(field)
     if name.startswith(OWN_PREFIX):
         return True
     if authserv_id is None or name != b"authentication-results":
@@ -113,10 +113,10 @@ def rewrite(
         cut = block.rfind(b"\n", 0, MAX_EDITED) + 1
         block, rest = block[:cut], block[cut:]
     own_id = authserv_id.lower().encode("ascii", "replace") if authserv_id else None
-    kept = [f for f in _fields(block) if not forged(f, own_id)]
+    kept = [f for f in header_fields(block) if not forged(f, own_id)]
     if subject_prefix:
         prefix = _prefix_bytes(subject_prefix)
-        subjects = [i for i, f in enumerate(kept) if _name(f) == b"subject"]
+        subjects = [i for i, f in enumerate(kept) if field_name(f) == b"subject"]
         if subjects:
             kept[subjects[0]] = _prefixed_subject(kept[subjects[0]], prefix)
         else:
