@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -76,17 +77,46 @@ def run_dns(port: int) -> None:
         sock.sendto(reply.to_wire(), addr)
 
 
-def dns_config(mode: str, base: str | None, port: int, tmp: str) -> str | None:
-    """The config file to serve with: `base` plus the [auth] table the --dns mode needs."""
-    if mode == "system":
-        return base
+def serve_config(mode: str, base: str | None, port: int, tmp: str, history: bool = True) -> str | None:
+    """The config file to serve with: `base` plus the [auth] table the --dns mode needs, and
+    `[policy.history] enabled = false` for --history off."""
     text = Path(base).read_text() if base else ""
-    if "[auth]" in text:
-        sys.exit("--dns local / off set [auth] themselves: use a --config without an [auth] table")
-    auth = f'nameservers = ["127.0.0.1:{port}"]' if mode == "local" else "enabled = false"
+    extra = ""
+    if mode != "system":
+        if "[auth]" in text:
+            sys.exit("--dns local / off set [auth] themselves: use a --config without an [auth] table")
+        auth = f'nameservers = ["127.0.0.1:{port}"]' if mode == "local" else "enabled = false"
+        extra += f"\n[auth]\n{auth}\n"
+    if not history:
+        if "[policy.history]" in text:
+            sys.exit("--history off sets [policy.history] itself: use a --config without that table")
+        extra += "\n[policy.history]\nenabled = false\n"
+    if not extra:
+        return base
     path = Path(tmp) / "bench.toml"
-    path.write_text(f"{text}\n[auth]\n{auth}\n")
+    path.write_text(text + extra)
     return str(path)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and its live descendants (the gateway,
+    its workers and their prepare processes), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo.extend(c for c, (parent, _) in stats.items() if parent == p)
+    return total
 
 
 # -- sink (own process) ------------------------------------------------------------------------
@@ -228,16 +258,20 @@ def report(name: str, r: Result) -> None:
 
 
 def run_once(
-    sink_port: int, gw_port: int, messages: list[bytes], args: argparse.Namespace
-) -> tuple[float, float, float]:
-    """Both phases, one after the other; (gateway msgs/s, added p50 ms, added p99 ms)."""
+    sink_port: int, gw_port: int, messages: list[bytes], args: argparse.Namespace, gw_pid: int
+) -> tuple[float, float, float, float]:
+    """Both phases, one after the other; (gateway msgs/s, added p50 ms, added p99 ms, gateway CPU ms
+    per message: the whole process tree's CPU over the gateway phase, over the messages answered)."""
     direct = asyncio.run(load(sink_port, messages, args.messages, args.clients, args.rate))
     report("direct", direct)
+    cpu0 = tree_cpu(gw_pid)
     gateway = asyncio.run(load(gw_port, messages, args.messages, args.clients, args.rate, xforward=True))
+    cpu = (tree_cpu(gw_pid) - cpu0) * 1000 / max(1, len(gateway.latencies))
     report("gateway", gateway)
     p50, p99 = gateway.pct(0.5) - direct.pct(0.5), gateway.pct(0.99) - direct.pct(0.99)
-    print(f"   added: p50 {p50:.1f} ms, p99 {p99:.1f} ms; throughput {gateway.rate:.0f} msgs/s")
-    return gateway.rate, p50, p99
+    print(f"   added: p50 {p50:.1f} ms, p99 {p99:.1f} ms; throughput {gateway.rate:.0f} msgs/s; "
+          f"gateway CPU {cpu:.2f} ms per message")
+    return gateway.rate, p50, p99, cpu
 
 
 def main() -> None:
@@ -254,6 +288,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="repeat both phases; prints the medians at the end")
     ap.add_argument("--config", help="milter config file (model, policy); flags below override it")
     ap.add_argument("--dns", choices=("local", "system", "off"), default="local", help="see above")
+    ap.add_argument("--history", choices=("on", "off"), default="on",
+                    help="off: [policy.history] enabled = false (to measure what the history costs)")
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dns-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -269,7 +305,7 @@ def main() -> None:
     if args.dns == "local":
         procs.append(subprocess.Popen([sys.executable, __file__, "--dns-server", str(dns_port)]))
     with tempfile.TemporaryDirectory() as tmp:
-        config = dns_config(args.dns, args.config, dns_port, tmp)
+        config = serve_config(args.dns, args.config, dns_port, tmp, history=args.history == "on")
         cmd = [
             sys.executable,
             "-c",
@@ -291,7 +327,8 @@ def main() -> None:
         # The gateway logs a line per message, as in production; to a file, not over the figures.
         log_path = Path(args.gateway_log or f"{tmp}/gateway.log")
         gateway_log = log_path.open("wb")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stderr=gateway_log))
+        gateway_proc = subprocess.Popen(cmd, cwd=ROOT, stderr=gateway_log)
+        procs.append(gateway_proc)
         try:
             if not asyncio.run(wait_port(sink_port)):
                 sys.exit(f"the sink does not answer on port {sink_port}")
@@ -302,16 +339,16 @@ def main() -> None:
             print(
                 f"{len(messages)} corpus messages (median {median_kib:.1f} KiB), "
                 f"{args.clients} clients, {args.messages} messages per phase, "
-                f"{args.workers} gateway workers, DNS {args.dns}"
+                f"{args.workers} gateway workers, DNS {args.dns}, history {args.history}"
             )
             warm = min(200, args.messages)
             asyncio.run(load(gw_port, messages, warm, args.clients, xforward=True))  # warm-up
-            rows = [run_once(sink_port, gw_port, messages, args) for _ in range(args.runs)]
+            rows = [run_once(sink_port, gw_port, messages, args, gateway_proc.pid) for _ in range(args.runs)]
             if args.runs > 1:
-                rate, p50, p99 = (statistics.median(col) for col in zip(*rows, strict=True))
+                rate, p50, p99, cpu = (statistics.median(col) for col in zip(*rows, strict=True))
                 print(
                     f"  median of {args.runs} runs: throughput {rate:.0f} msgs/s, "
-                    f"added p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+                    f"added p50 {p50:.1f} ms, p99 {p99:.1f} ms, gateway CPU {cpu:.2f} ms per message"
                 )
         finally:
             for p in procs:

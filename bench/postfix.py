@@ -68,7 +68,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gateway import ROOT, Result, corpus, dns_config, envelope_sender, free_port, run_dns
+from bench.gateway import ROOT, Result, corpus, envelope_sender, free_port, run_dns, serve_config
 from tests.postfix import DOMAIN, Postfix, running_postfix, skip_reason
 
 MODES = ("alone", "milter", "filter")
@@ -417,7 +417,7 @@ def queued_ids(pf: Postfix) -> set[str]:
 
 def gateway_config(args: argparse.Namespace, dns_port: int, tmp: str) -> str:
     """The shipped model and policy; [auth] as --dns says; loopback clients outside unless asked."""
-    path = dns_config(args.dns, None, dns_port, tmp)
+    path = serve_config(args.dns, None, dns_port, tmp)
     assert path is not None
     if not args.loopback_internal:
         with open(path, "a") as f:

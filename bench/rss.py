@@ -66,7 +66,7 @@ import aiosmtplib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from gateway import dns_config, envelope_sender, free_port  # noqa: E402
+from gateway import envelope_sender, free_port, serve_config  # noqa: E402
 from hostile import ATTACKS, mutate, random_message  # noqa: E402
 from serve_support import ServeProcess  # noqa: E402
 from soak import live_processes  # noqa: E402
@@ -631,7 +631,7 @@ hostname = "gw.rss.test"
 [store]
 url = "sqlite:///{tmp}/rss.db"
 """)
-            config = dns_config("local", str(base), dns_port, tmp)
+            config = serve_config("local", str(base), dns_port, tmp)
             assert config is not None
             t0 = time.monotonic()
             serve.launch(Path(config).read_text(), [], answers(gw_port), timeout=300)

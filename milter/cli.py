@@ -15,6 +15,7 @@ import click
 #: name -> (module, attribute) of each sub-command
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("milter.commands.config_cmd", "check_config"),
+    "history": ("milter.commands.history", "history"),
     "model": ("milter.commands.model", "model"),
     "quarantine": ("milter.commands.quarantine", "quarantine"),
     "report": ("milter.commands.report", "report"),

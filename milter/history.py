@@ -4,12 +4,13 @@ Pure: no I/O, no clock, no module state. The caller says when a message happened
 wrote it (`outbound`); the history answers, for a new message, exactly what the history signals
 (`milter.history_signals`) need, as a frozen `HistoryView`.
 
-**Model.** The store's table (issue 17, item 1) will hold one row per
-(correspondent address, correspondent domain) x (our user's address, our domain) with first seen, last
-seen, a message count each way. The signals never read a row alone: they ask "has this address / domain
-written to this recipient", "... to anyone here", "have we written to it". So in memory the history
-keeps exactly those projections of the table (the GROUP BYs the store would run), each updated by the
-same `observe`, and nothing else:
+**Model.** The issue's table is one row per (correspondent address, correspondent domain) x (our user's
+address, our domain) with first seen, last seen and a message count each way. The signals never read a
+row alone: they ask "has this address / domain written to this recipient", "... to anyone here", "have we
+written to it". So the history keeps exactly those projections (the GROUP BYs a store would run), each
+updated by the same `observe`, and nothing else; the store keeps the same projections row by row (table
+`history`, one `HistoryRow` per entry), so a gateway loads them with one read and writes a message's
+changes as a handful of upserts, never a GROUP BY over the whole table:
 
 * `pairs`      (correspondent address, our address) -> Tally
 * `key_pairs`  (correspondent key, our address)     -> Tally
@@ -42,16 +43,19 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from milter.features.domains import registrable
+from milter.features.domains import registrable, sender_key
+from milter.features.identity import contains_name, name_tokens
 from milter.features.lexicon import FREEMAIL
 from milter.features.summary import MessageSummary
-from milter.policy.table import contains_name, name_tokens, sender_key
+
+if TYPE_CHECKING:
+    from milter.config import HistoryConfig
 
 K = TypeVar("K")
 
@@ -74,6 +78,15 @@ class HistoryLimits:
     max_correspondents: int = 100_000  # per correspondent table (addresses, keys, Reply-Tos)
     max_identities: int = 50_000  # display names, local parts
     max_per_identity: int = 8  # addresses per display name, domains per local part
+
+
+def limits_of(config: HistoryConfig) -> HistoryLimits:
+    """The bounds `[policy.history]` sets (one definition for the gateway and `milter history rebuild`):
+    `max_entries` per pair and correspondent table, a quarter of it for identities (each holds up to
+    `max_per_identity` members)."""
+    n = config.max_entries
+    return HistoryLimits(max_age_days=float(config.max_age_days), max_pairs=n, max_correspondents=n,
+                         max_identities=max(1, n // 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,36 @@ def _new(when: float, outbound: bool) -> Tally:
     return Tally(when, when, int(not outbound), int(outbound))
 
 
+def combined(a: Tally, b: Tally) -> Tally:
+    """Two tallies of one entry (kept apart: two gateway processes, or the store and a journal) as one."""
+    return Tally(min(a.first_seen, b.first_seen), max(a.last_seen, b.last_seen),
+                 a.inbound + b.inbound, a.outbound + b.outbound)
+
+
+#: The tables, as the store names them (`HistoryRow.kind`).
+KINDS = ("pair", "key_pair", "address", "key", "reply_to", "name", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One entry of one table, as the store keeps it (table `history`, milter.store.models). `key` and
+    `member` per kind: pair and key_pair (correspondent address or key, our user's address); address,
+    key, reply_to (the address or key, ''); name (normalised display name, address); local (local part,
+    registrable domain)."""
+
+    kind: str
+    key: str
+    member: str
+    first_seen: float
+    last_seen: float
+    inbound: int = 0
+    outbound: int = 0
+
+    @property
+    def tally(self) -> Tally:
+        return Tally(self.first_seen, self.last_seen, self.inbound, self.outbound)
+
+
 @dataclass(frozen=True)
 class MessageFacts:
     """What the history and its signals read from one message (decoded, lower-cased addresses)."""
@@ -117,11 +160,16 @@ def facts_from_summary(summary: MessageSummary, recipients: Iterable[str]) -> Me
     return MessageFacts(
         sender=(summary.from_addr or "").lower(),
         display=summary.from_display or "",
-        recipients=tuple(dict.fromkeys(r.strip().strip("<>").lower() for r in recipients if "@" in r)),
+        recipients=addresses(recipients),
         reply_to=(summary.reply_to_addr or "").lower(),
         language=summary.language,
         list_mail=summary.list_mail,
     )
+
+
+def addresses(recipients: Iterable[str]) -> tuple[str, ...]:
+    """Envelope recipients as the history keys them: bare, lower-cased, each once, addresses only."""
+    return tuple(dict.fromkeys(r.strip().strip("<>").lower() for r in recipients if "@" in r))
 
 
 def normal_name(display: str) -> str:
@@ -169,6 +217,15 @@ class HistoryView:
     @property
     def name_domains(self) -> frozenset[str]:
         return frozenset(domain_of(a) for a in self.name_addresses)
+
+
+@dataclass(frozen=True)
+class HistoryLookup:
+    """One inbound message's facts and what the history knew about them: what the policy's history
+    rules read (`milter.policy.history`)."""
+
+    facts: MessageFacts
+    view: HistoryView
 
 
 class CorrespondenceHistory:
@@ -260,6 +317,57 @@ class CorrespondenceHistory:
         if len(members) > self.limits.max_per_identity:
             del members[min(members, key=lambda m: members[m].last_seen)]
 
+    # --- exchange with the store ---------------------------------------------------------------------
+
+    def rows(self) -> Iterator[HistoryRow]:
+        """Every entry as a store row (see `HistoryRow`)."""
+        flat: tuple[tuple[str, OrderedDict[str, Tally]], ...] = (
+            ("address", self.addresses), ("key", self.keys), ("reply_to", self.reply_tos))
+        paired: tuple[tuple[str, OrderedDict[tuple[str, str], Tally]], ...] = (
+            ("pair", self.pairs), ("key_pair", self.key_pairs))
+        nested: tuple[tuple[str, OrderedDict[str, dict[str, Tally]]], ...] = (
+            ("name", self.names), ("local", self.locals))
+        for kind, pairs in paired:
+            for (key, member), t in pairs.items():
+                yield HistoryRow(kind, key, member, t.first_seen, t.last_seen, t.inbound, t.outbound)
+        for kind, table in flat:
+            for key, t in table.items():
+                yield HistoryRow(kind, key, "", t.first_seen, t.last_seen, t.inbound, t.outbound)
+        for kind, idents in nested:
+            for key, members in idents.items():
+                for member, t in members.items():
+                    yield HistoryRow(kind, key, member, t.first_seen, t.last_seen, t.inbound, t.outbound)
+
+    def put(self, row: HistoryRow, add: bool = False) -> None:
+        """Set one entry from a store row (`add`: add it to what is held instead), as the most recently
+        observed; the size caps apply, ageing does not (`expire` does that). Rows given in `last_seen`
+        order rebuild the tables' order. Unknown kinds are ignored: a newer gateway may have written them."""
+        lim = self.limits
+        if row.kind in ("pair", "key_pair"):
+            pairs = self.pairs if row.kind == "pair" else self.key_pairs
+            _set(pairs, (row.key, row.member), row.tally, add, lim.max_pairs)
+        elif row.kind in ("address", "key", "reply_to"):
+            flat = {"address": self.addresses, "key": self.keys, "reply_to": self.reply_tos}[row.kind]
+            _set(flat, row.key, row.tally, add, lim.max_correspondents)
+        elif row.kind in ("name", "local"):
+            table = self.names if row.kind == "name" else self.locals
+            members = table.get(row.key)
+            if members is None:
+                members = table[row.key] = {}
+                if len(table) > lim.max_identities:
+                    table.popitem(last=False)
+            else:
+                table.move_to_end(row.key)
+            old = members.get(row.member)
+            members[row.member] = combined(old, row.tally) if add and old is not None else row.tally
+            if len(members) > lim.max_per_identity:
+                del members[min(members, key=lambda m: members[m].last_seen)]
+
+    def merge(self, other: CorrespondenceHistory) -> None:
+        """Add every entry of `other` (a journal of messages observed since) to this history."""
+        for row in other.rows():
+            self.put(row, add=True)
+
     # --- ageing --------------------------------------------------------------------------------------
 
     def expire(self, now: float) -> None:
@@ -318,6 +426,14 @@ def _bump(table: OrderedDict[K, Tally], key: K, now: float, outbound: bool, cap:
     else:
         table[key] = old.add(now, outbound)
         table.move_to_end(key)
+
+
+def _set(table: OrderedDict[K, Tally], key: K, tally: Tally, add: bool, cap: int) -> None:
+    old = table.get(key)
+    table[key] = combined(old, tally) if add and old is not None else tally
+    table.move_to_end(key)
+    if old is None and len(table) > cap:
+        table.popitem(last=False)
 
 
 def _expire(table: OrderedDict[K, Tally], cutoff: float) -> None:

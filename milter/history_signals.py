@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from milter.features.context import Protected
-from milter.features.domains import edit_distance, lookalike_of, skeleton
+from milter.features.domains import edit_distance, in_domain, lookalike_of, skeleton
 from milter.features.lexicon import FREEMAIL
 from milter.history import HistoryView, MessageFacts, domain_of, personal_local
-from milter.policy.table import in_domain
 
 Signal = Callable[[MessageFacts, HistoryView, Protected], "str | None"]
 

@@ -21,6 +21,7 @@ from milter.config import Config
 from milter.explain import Contribution, Explainer, Explanation, Words
 from milter.features import Protected, bucket_words, extract
 from milter.features.summary import Extracted, MessageSummary
+from milter.history import HistoryLookup
 from milter.policy import Policy
 from milter.types import Action, Envelope, Scores, Verdict
 
@@ -41,6 +42,8 @@ class ScanResult:
     vector: npt.NDArray[np.float32]
     subject_prefix: str | None = None
     explanation: Explanation | None = None  # the model's reasons in features (flagged mail, or asked for)
+    teaches: bool = False  # Decision.teaches: the correspondence history learns from it once delivered
+    outbound: bool = False  # Decision.outbound: our users' mail to their correspondents
 
 
 def prepare(
@@ -78,14 +81,16 @@ class Scanner:
         envelopes: Sequence[Envelope],
         probs: npt.NDArray[np.float32],
         words_of: WordsOf | None = None,
+        histories: Sequence[HistoryLookup | None] | None = None,
     ) -> list[ScanResult]:
         """Scores and policy decision per message. Explanations (see `_explained`) name hashed words by
         the message's own when `words_of` gives them (for the rows explained), by the model's examples
         if not."""
         out = []
-        for ext, env, row in zip(items, envelopes, probs, strict=True):
+        known = histories if histories is not None else [None] * len(items)
+        for ext, env, row, history in zip(items, envelopes, probs, known, strict=True):
             scores = Scores(ham=float(row[0]), spam=float(row[1]), bec=float(row[2]))
-            decision = self.policy.decide(scores, ext, env)
+            decision = self.policy.decide(scores, ext, env, history)
             out.append(
                 ScanResult(
                     verdict=decision.verdict,
@@ -96,6 +101,8 @@ class Scanner:
                     summary=ext.summary,
                     vector=ext.vector,
                     subject_prefix=decision.subject_prefix,
+                    teaches=decision.teaches,
+                    outbound=decision.outbound,
                 )
             )
         return self._explained(out, probs, words_of)

@@ -85,3 +85,7 @@ class Decision:
     action: Action
     reasons: tuple[str, ...] = field(default_factory=tuple)
     subject_prefix: str | None = None
+    # The correspondence history (milter.history) learns from this message once it is delivered: mail
+    # judged ham or bulk, or tagged only because its sender is new (never spam, never held mail).
+    teaches: bool = False
+    outbound: bool = False  # our users' mail: an internal client, From one of policy.protected_domains

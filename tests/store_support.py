@@ -42,24 +42,29 @@ except ImportError:  # pragma: no cover - only while the tree is being built
         summary: MessageSummary
         vector: npt.NDArray[np.float32]
         subject_prefix: str | None = None
+        explanation: Any = None
+        teaches: bool = False
+        outbound: bool = False
 
 
 def summary(message_id: str | None = "<m1@example.com>", subject: str | None = "Hello",
-            from_addr: str | None = "alice@example.com") -> MessageSummary:
+            from_addr: str | None = "alice@example.com", from_display: str | None = "Alice",
+            reply_to_addr: str | None = None) -> MessageSummary:
     return MessageSummary(
-        message_id=message_id, subject=subject, from_addr=from_addr, from_display="Alice",
-        from_domain=from_addr.rpartition("@")[2] if from_addr else None, reply_to_addr=None,
+        message_id=message_id, subject=subject, from_addr=from_addr, from_display=from_display,
+        from_domain=from_addr.rpartition("@")[2] if from_addr else None, reply_to_addr=reply_to_addr,
         to_addrs=("bob@example.org",), date=None, defects=(),
     )
 
 
 def make_result(verdict: Verdict = Verdict.SPAM, action: Action = Action.QUARANTINE,
                 scores: tuple[float, float, float] = (0.05, 0.9, 0.05), dim: int = 8,
-                **summary_kw: Any) -> Any:
+                teaches: bool = False, outbound: bool = False, **summary_kw: Any) -> Any:
     vector = (np.arange(dim, dtype=np.float32) / 4 + 0.125).astype(np.float32)
     return _ScanResult(
         verdict=verdict, action=action, scores=Scores(*scores), reasons=("spam score 0.90",),
         model="lgbm-test-1", summary=summary(**summary_kw), vector=vector,
+        teaches=teaches, outbound=outbound,
     )
 
 

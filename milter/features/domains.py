@@ -9,9 +9,12 @@ attackers use in practice (Latin/Cyrillic/Greek homoglyphs and digit-for-letter 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from functools import lru_cache
 
 import tldextract
+
+from milter.features.lexicon import FREEMAIL
 
 _EXTRACT = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
@@ -152,3 +155,26 @@ def _contains_word(name: str, word: str) -> bool:
     if name == word or word not in name:
         return False
     return name.startswith(word) or f"-{word}" in name or f"{word}-" in name
+
+
+def in_domain(domain: str | None, listed: Iterable[str]) -> str | None:
+    """The listed domain that `domain` is, or is a subdomain of (mail.example.com is in example.com)."""
+    if not domain:
+        return None
+    for entry in listed:
+        if domain == entry or domain.endswith("." + entry):
+            return entry
+    return None
+
+
+def sender_key(addr: str | None) -> str:
+    """Whom a From address's labels speak for: its registrable domain, or for a free-mail provider the
+    address itself (DMARC pass for gmail.com proves Gmail sent it, not that one of its users is known).
+    '' when there is no usable address."""
+    if not addr or "@" not in addr:
+        return ""
+    addr = addr.strip(" <>").lower()
+    domain = registrable(addr.rpartition("@")[2])
+    if not domain:
+        return ""
+    return addr if domain in FREEMAIL else domain

@@ -164,3 +164,22 @@ def impersonated_name(display: str, protected_names: tuple[str, ...]) -> str | N
 
 
 __all__ = ["NAMES", "Address", "Protected", "compute", "impersonated_name"]
+
+
+_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
+
+
+def name_tokens(text: str) -> tuple[str, ...]:
+    """Case-, punctuation- and whitespace-insensitive words: "Jane  SMITH, CEO" -> (jane, smith, ceo)."""
+    return tuple(t for t in _NON_WORD.split(text.casefold()) if t)
+
+
+def contains_name(display: str, name: str) -> bool:
+    """The protected name's words appear together in the display name, in order or reversed
+    ("Smith, Jane"): titles and decorations around them ("Jane Smith, CEO") do not hide a match."""
+    words, wanted = name_tokens(display), name_tokens(name)
+    if not wanted:
+        return False
+    n = len(wanted)
+    windows = {words[i:i + n] for i in range(len(words) - n + 1)}
+    return wanted in windows or tuple(reversed(wanted)) in windows

@@ -96,6 +96,18 @@ class GatewayMetrics:
             "milter_heap_trimmed_bytes", "Resident memory the heap keeper's trims gave back", registry=r
         )
 
+        # The correspondence history (milter.gateway.history): 1 once loaded, 0 while unknown (loading,
+        # or its table unreadable); messages judged without it; entries held in this worker's memory.
+        self.history_ready = Gauge(
+            "milter_history_ready", "1 when the correspondence history is loaded, 0 while unknown", registry=r
+        )
+        self.history_unknown = Counter(
+            "milter_history_unknown", "Messages judged without the correspondence history", registry=r
+        )
+        self.history_entries = Gauge(
+            "milter_history_entries", "Correspondence history entries held in memory", registry=r
+        )
+
     def set_model(self, name: str, providers: Sequence[str]) -> None:
         self.model.info({"name": name, "providers": ",".join(providers)})
 

@@ -42,6 +42,8 @@ from milter.types import Action, Envelope
 if TYPE_CHECKING:
     from milter.auth import AuthResults, Evidence
     from milter.features.summary import Extracted
+    from milter.gateway.history import HistoryKeeper
+    from milter.history import HistoryLookup, HistoryRow
     from milter.scan import ScanResult
 
 log = logging.getLogger("milter.gateway")
@@ -73,7 +75,12 @@ class ScannerLike(Protocol):
     def predict(self, items: Sequence[Extracted]) -> npt.NDArray[np.float32]: ...
 
     def decide(
-        self, items: Sequence[Extracted], envelopes: Sequence[Envelope], probs: npt.NDArray[np.float32]
+        self,
+        items: Sequence[Extracted],
+        envelopes: Sequence[Envelope],
+        probs: npt.NDArray[np.float32],
+        words_of: Any = None,
+        histories: Sequence[HistoryLookup | None] | None = None,
     ) -> list[ScanResult]: ...
 
 
@@ -97,6 +104,13 @@ class StoreLike(Protocol):
     ) -> int: ...
 
     def sender_labels(self) -> list[tuple[str | None, str, int]]: ...
+
+    # the correspondence history's rows (milter.gateway.history.HistoryStore)
+    def history_apply(self, rows: Sequence[HistoryRow]) -> int: ...
+
+    def history_rows(self, since: float | None = None) -> list[HistoryRow]: ...
+
+    def history_purge(self, before: float) -> int: ...
 
 
 PrepareFn = Callable[..., "Extracted"]
@@ -165,11 +179,16 @@ class ModelSlot:
         return old
 
 
-def score_batch(slot: ModelSlot, items: Sequence[tuple[Extracted, Envelope]]) -> list[ScanResult]:
+#: What the batcher scores: the prepared message, its envelope, what the correspondence history knew.
+Scoring = tuple["Extracted", Envelope, "HistoryLookup | None"]
+
+
+def score_batch(slot: ModelSlot, items: Sequence[Scoring]) -> list[ScanResult]:
     """The batch function (runs in the batcher's thread): one model call, then the policy per item."""
     scanner = slot.scanner  # read once: a swap during this batch takes effect with the next one
-    exts = [e for e, _ in items]
-    return scanner.decide(exts, [v for _, v in items], scanner.predict(exts))
+    exts = [e for e, _, _ in items]
+    envelopes, histories = [v for _, v, _ in items], [h for _, _, h in items]
+    return scanner.decide(exts, envelopes, scanner.predict(exts), histories=histories)
 
 
 def scan_failed_reply(exc: Exception) -> str:
@@ -428,15 +447,17 @@ class MessageProcessor:
         settings: ProcessorSettings,
         model: ModelSlot,
         prepare: PreparePool,
-        batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult],
+        batcher: MicroBatcher[Scoring, ScanResult],
         downstream: Downstream,
         store: StoreLike,
         metrics: GatewayMetrics,
         store_executor: Executor,
         auth: SenderAuth | None = None,
+        history: HistoryKeeper | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth
+        self.history = history  # None: [policy.history] enabled = false
         self.model = model
         self.prepare = prepare
         self.batcher = batcher
@@ -532,7 +553,7 @@ class MessageProcessor:
         if self.auth is None:
             with self.batcher.expect() as submit:
                 ext = await progress.pooled(self.prepare.run(msg.raw, msg.envelope, protected), pool)
-                return await submit((ext, msg.envelope))
+                return await submit((ext, msg.envelope, self._history(ext, msg, protected.names)))
         # Parse and features in the pool while the DNS lookups run on the loop (bounded by
         # auth.timeout); the message is announced to the batcher only once its answers are in (a batch
         # waits a moment for announced messages, not for DNS).
@@ -548,10 +569,14 @@ class MessageProcessor:
                     auth = await progress.pooled(self._verify(msg, evidence), self.prepare.current)
                     ext = replace(ext, summary=replace(ext.summary, auth=auth))
                 self._count_auth(ext)
-                return await submit((ext, msg.envelope))
+                return await submit((ext, msg.envelope, self._history(ext, msg, protected.names)))
         finally:
             if not prepared.done():
                 prepared.cancel()
+
+    def _history(self, ext: Extracted, msg: Inbound, names: Sequence[str]) -> HistoryLookup | None:
+        """What the correspondence history knows of this sender (on the loop, which owns it)."""
+        return self.history.lookup(ext.summary, msg.envelope, names) if self.history is not None else None
 
     async def _verify(self, msg: Inbound, evidence: Evidence) -> AuthResults:
         if not evidence.plan.needs_crypto:  # DMARC over the answers alone: microseconds, here
@@ -650,6 +675,8 @@ class MessageProcessor:
     async def record_later(self, msg: Inbound, result: ScanResult) -> None:
         """Queue the verdict of a delivered message; written in batches without holding up the reply."""
         self.recorder.start()
+        if self.history is not None:
+            self.history.learn(result, msg.envelope)  # delivered: the history may learn from it
         await self.recorder.add(result, msg.envelope)
 
     def _records_failed(self, rows: int, exc: BaseException) -> None:

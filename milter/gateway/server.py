@@ -31,6 +31,7 @@ from milter.config import Config, host_port, milter_address
 from milter.gateway.auth import build_sender_auth
 from milter.gateway.batcher import MicroBatcher
 from milter.gateway.heap import HeapKeeper, fix_mmap_threshold, keep_heap
+from milter.gateway.history import HistoryKeeper
 from milter.gateway.logfmt import kv, new_message_id
 from milter.gateway.memreport import MemoryReporter
 from milter.gateway.metrics import GatewayMetrics, MetricsServer
@@ -45,6 +46,7 @@ from milter.gateway.process import (
     PreparePool,
     ProcessorSettings,
     ScannerLike,
+    Scoring,
     StoreLike,
     score_batch,
 )
@@ -55,7 +57,6 @@ from milter.types import Envelope
 
 if TYPE_CHECKING:
     from milter.auth import Resolver
-    from milter.features.summary import Extracted
     from milter.scan import ScanResult
 
 log = logging.getLogger("milter.gateway")
@@ -285,7 +286,13 @@ class Gateway:
             self.metrics,
         )
         self._store_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milter-store")
-        self.batcher: MicroBatcher[tuple[Extracted, Envelope], ScanResult] = MicroBatcher(
+        hist = config.policy.history
+        # its own thread: history writes never queue with the quarantine commits (milter.gateway.history)
+        self._history_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milter-history")
+        self.history = (
+            HistoryKeeper(hist, store, self._history_executor, self.metrics) if hist.enabled else None
+        )
+        self.batcher: MicroBatcher[Scoring, ScanResult] = MicroBatcher(
             partial(score_batch, self.model),
             srv.batch_max,
             srv.batch_wait_ms / 1000.0,
@@ -316,6 +323,7 @@ class Gateway:
             self.metrics,
             self._store_executor,
             build_sender_auth(config.auth, srv.hostname, resolver, config.policy.internal_networks),
+            self.history,
         )
         self.milter = MilterActor(self.processor, srv.milter_quarantine)
         self._milter_settings = MilterSettings(
@@ -343,6 +351,8 @@ class Gateway:
         self.batcher.start()
         await self._warm_up()
         self._heap.start()
+        if self.history is not None:
+            self.history.start()  # loads in the background: until then the history is "unknown"
         loop = asyncio.get_running_loop()
         srv = self.config.server
         if sock is not None:
@@ -395,7 +405,7 @@ class Gateway:
         ]
         ext = (await asyncio.gather(*runs))[0]
         try:
-            await self.batcher.submit((ext, env))
+            await self.batcher.submit((ext, env, None))
         except Exception as exc:
             self.metrics.errors.labels("scan").inc()
             log.error(kv("model_warmup_failed", error=type(exc).__name__, detail=str(exc)[:200],
@@ -454,6 +464,9 @@ class Gateway:
             if server is not None:
                 await server.wait_closed()
         await self.processor.close()
+        if self.history is not None:
+            await self.history.close()
+        self._history_executor.shutdown(wait=True)
         await self.batcher.close()
         await self.downstream.close()
         if self._metrics_server is not None:

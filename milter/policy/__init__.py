@@ -45,11 +45,16 @@ Precedence (the order of `RULES`), and why:
 6. Spam model ladder on P(spam) + P(bec), the probability that the message is *not ham*. Summing keeps a
    message the model splits between the two bad classes (say 0.5 / 0.45) from slipping through both
    ladders; its verdict is `spam` because the BEC ladder, which is tuned for BEC, did not fire.
-7. DMARC failure under p=quarantine / p=reject -> spam, `dmarc_fail_action` (tag by default; none makes
+7. The correspondence history (`history.py`, issue 17): a familiar display name from a new address, a
+   known correspondent from a lookalike or free-mail address, a never-seen Reply-To, first contact (with
+   money talk) -> a reason, or bec and tag, per `[policy.history]`; never more than tag (each fires on
+   over 0.1 % of real ham). After every rule that could quarantine, so a tag never pre-empts one; after
+   the allow and bulk rules, so those senders are accepted with the reasons attached.
+8. DMARC failure under p=quarantine / p=reject -> spam, `dmarc_fail_action` (tag by default; none makes
    it a reason only). Last, so it never softens the model's answer; mailing-list copies are exempt.
    A failure that a trusted ARC sealer's validated chain explains (forwarding; `dmarc.py`) is only a
    reason, here and for every rule above that asks whether DMARC disowns the message.
-8. Nothing fired -> ham, accept.
+9. Nothing fired -> ham, accept.
 
 Thresholds come from the model's metadata (chosen at training time); `PolicyConfig.spam` / `.bec`, when
 set, replace that class's thresholds as a whole (a `None` field there disables that action, as the config
@@ -70,14 +75,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from milter.config import BULK_ACTIONS, ClassThresholds, DomainRule, PolicyConfig
+from milter.config import BULK_ACTIONS, HISTORY_SIGNALS, ClassThresholds, DomainRule, PolicyConfig
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.bulk import bulk_sender
 from milter.policy.dmarc import dmarc_fail, spoofed_protected_domain
+from milter.policy.history import (
+    history_correspondent_elsewhere,
+    history_display_name_new_address,
+    history_first_contact_money,
+    history_first_contact_org,
+    history_first_contact_recipient,
+    history_reply_to_unseen,
+)
 from milter.policy.learned import learned_sender
 from milter.policy.rules import (
     allow_domain,
@@ -96,6 +111,7 @@ from milter.policy.table import (
     MAX_SIGNALS,
     SEVERITY,
     Context,
+    Hit,
     Ladder,
     LearnedSenders,
     Lists,
@@ -110,6 +126,9 @@ from milter.policy.table import (
     parse_networks,
 )
 from milter.types import Action, Decision, Envelope, Scores, Verdict
+
+if TYPE_CHECKING:
+    from milter.history import HistoryLookup
 
 __all__ = ["RULES", "Ladder", "Policy", "contains_name", "evaluate", "parse_client"]
 
@@ -133,6 +152,12 @@ RULES: tuple[Rule, ...] = (
     allow_ip,
     bulk_sender,
     spam_score,
+    history_display_name_new_address,
+    history_correspondent_elsewhere,
+    history_reply_to_unseen,
+    history_first_contact_money,
+    history_first_contact_recipient,
+    history_first_contact_org,
     dmarc_fail,
 )
 
@@ -142,7 +167,7 @@ def evaluate(ctx: Context, rules: Iterable[Rule] = RULES) -> Decision:
     hits = [hit for rule in rules if (hit := rule(ctx)) is not None]
     decider = next((h for h in hits if h.action is not None), None)
     if decider is None:
-        return Decision(Verdict.HAM, Action.ACCEPT, tuple(h.reason for h in hits))
+        return Decision(Verdict.HAM, Action.ACCEPT, tuple(h.reason for h in hits), teaches=True)
     assert decider.verdict is not None and decider.action is not None
     action = decider.action
     reasons = [decider.reason, *(h.reason for h in hits if h is not decider)]
@@ -150,7 +175,16 @@ def evaluate(ctx: Context, rules: Iterable[Rule] = RULES) -> Decision:
     if override is not None and action is not Action.ACCEPT and override is not action:
         reasons.insert(1, f"recipient domain {ctx.rules.domain} rule: {action.value} -> {override.value}")
         action = override
-    return Decision(decider.verdict, action, tuple(reasons))
+    return Decision(decider.verdict, action, tuple(reasons), teaches=_teaches(decider, action))
+
+
+def _teaches(decider: Hit, action: Action) -> bool:
+    """Whether the correspondence history may learn from the message once delivered: wanted mail
+    (ham, bulk), or mail tagged only for being new (`Hit.novel`). Never what the model or a content rule
+    found bad, never held mail: an attacker must not become a known correspondent by writing twice."""
+    if action not in (Action.ACCEPT, Action.TAG):
+        return False
+    return decider.novel or decider.verdict in (Verdict.HAM, Verdict.BULK)
 
 
 # --- the public object -------------------------------------------------------------------------------
@@ -215,6 +249,11 @@ class Policy:
             deny_domains=normalised(raw.deny_domains),
             deny_ips=parse_networks("deny_ips", raw.deny_ips),
         )
+        hist = config.history
+        # signal -> "note" / "tag"; none at all when the history is off (the rules then never run)
+        self.history_modes: Mapping[str, str] = MappingProxyType(
+            {name: hist.action(name) for name in HISTORY_SIGNALS} if hist.enabled else {}
+        )
         self.internal_networks = parse_networks("internal_networks", config.internal_networks, "policy")
         self._protected = Protected(
             domains=normalised(config.protected_domains),
@@ -253,7 +292,11 @@ class Policy:
                 return rules
         return self.default_rules
 
-    def decide(self, scores: Scores, extracted: Extracted, envelope: Envelope) -> Decision:
+    def decide(
+        self, scores: Scores, extracted: Extracted, envelope: Envelope, history: HistoryLookup | None = None
+    ) -> Decision:
+        """`history`: what the site's correspondence history knew before this message (the gateway's;
+        None where there is none or it is unknown: the history rules are then silent)."""
         summary = extracted.summary
         senders = tuple(dict.fromkeys(
             s for s in (_clean_address(envelope.mail_from), _clean_address(summary.from_addr)) if s
@@ -264,6 +307,7 @@ class Policy:
             scores=scores, summary=summary, senders=senders, client_ip=client_ip,
             lists=self.lists, protected=self._protected, rules=self.default_rules,
             dmarc_fail_action=self.dmarc_fail_action, internal=internal, learned=self.learned,
+            history=history, history_modes=self.history_modes,
         )
         # One evaluation per distinct rule set among the recipients, strictest wins (module docstring).
         per_rcpt = (self.rules_for(r) for r in envelope.rcpt_tos)
@@ -275,7 +319,10 @@ class Policy:
             s for s in extracted.signals[:MAX_SIGNALS] if not any(s in reason for reason in decision.reasons)
         )
         prefix = self.config.subject_prefix if decision.action is Action.TAG else None
-        return Decision(decision.verdict, decision.action, decision.reasons + signals, prefix)
+        # our users' mail to their correspondents: from our clients, From one of our domains
+        ours = in_domain(domain_of(summary.from_addr or "") or "", self._protected.domains) is not None
+        return Decision(decision.verdict, decision.action, decision.reasons + signals, prefix,
+                        teaches=decision.teaches, outbound=internal and ours)
 
 
 def _clean_address(address: str | None) -> str | None:

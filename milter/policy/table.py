@@ -8,14 +8,23 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from milter.config import DEFAULT_LEARNED_SENDER_LABELS, ClassThresholds
 from milter.errors import ConfigError
 from milter.features import Protected
-from milter.features.domains import registrable
-from milter.features.lexicon import FREEMAIL
+
+# Re-exported: the rules import them from here; they live beside the features so that the pure
+# correspondence history (milter.history) can use them without importing the policy package.
+from milter.features.domains import in_domain as in_domain
+from milter.features.domains import sender_key as sender_key
+from milter.features.identity import contains_name as contains_name
+from milter.features.identity import name_tokens as name_tokens
 from milter.features.summary import MessageSummary
 from milter.types import Action, Envelope, Scores, Verdict, wanted_label
+
+if TYPE_CHECKING:  # milter.history imports the policy's helpers' modules: keep this one type-only
+    from milter.history import HistoryLookup
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -27,7 +36,6 @@ MAX_SIGNALS = 5
 SEVERITY: Mapping[Action, int] = {Action.ACCEPT: 0, Action.TAG: 1, Action.QUARANTINE: 2, Action.REJECT: 3}
 
 ADDR_IN_TEXT = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)", re.UNICODE)
-_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
 
 
 # --- data the rules read -----------------------------------------------------------------------------
@@ -85,18 +93,6 @@ class SenderLabels:
     unwanted: int = 0  # spam or bec
 
 
-def sender_key(addr: str | None) -> str:
-    """Whom a From address's labels speak for: its registrable domain, or for a free-mail provider the
-    address itself (DMARC pass for gmail.com proves Gmail sent it, not that one of its users is known).
-    '' when there is no usable address."""
-    if not addr or "@" not in addr:
-        return ""
-    addr = addr.strip(" <>").lower()
-    domain = registrable(addr.rpartition("@")[2])
-    if not domain:
-        return ""
-    return addr if domain in FREEMAIL else domain
-
 
 @dataclass(frozen=True)
 class LearnedSenders:
@@ -146,6 +142,8 @@ class Context:
     dmarc_fail_action: Action | None = Action.TAG  # None: a DMARC failure is only a reason
     internal: bool = False  # from our own clients (policy.internal_networks, XFORWARD SOURCE=LOCAL)
     learned: LearnedSenders = field(default_factory=LearnedSenders)  # admins' labels per From domain
+    history: HistoryLookup | None = None  # what the correspondence history knew (None: unknown or off)
+    history_modes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # signal -> mode
 
 
 @dataclass(frozen=True)
@@ -155,6 +153,7 @@ class Hit:
     reason: str
     verdict: Verdict | None = None
     action: Action | None = None
+    novel: bool = False  # decided for who sent it, not what it says: the history may still learn it
 
 
 Rule = Callable[[Context], "Hit | None"]
@@ -169,15 +168,6 @@ def domain_of(address: str) -> str | None:
         return None
     return domain.lower().rstrip(".") or None
 
-
-def in_domain(domain: str | None, listed: Iterable[str]) -> str | None:
-    """The listed domain that `domain` is, or is a subdomain of (mail.example.com is in example.com)."""
-    if not domain:
-        return None
-    for entry in listed:
-        if domain == entry or domain.endswith("." + entry):
-            return entry
-    return None
 
 
 def parse_client(addr: str | None) -> IPAddress | None:
@@ -214,20 +204,8 @@ def is_internal(envelope: Envelope, networks: Iterable[IPNetwork]) -> bool:
     return in_networks(parse_client(envelope.client_addr), networks) is not None
 
 
-def name_tokens(text: str) -> tuple[str, ...]:
-    """Case-, punctuation- and whitespace-insensitive words: "Jane  SMITH, CEO" -> (jane, smith, ceo)."""
-    return tuple(t for t in _NON_WORD.split(text.casefold()) if t)
 
 
-def contains_name(display: str, name: str) -> bool:
-    """The protected name's words appear together in the display name, in order or reversed
-    ("Smith, Jane"): titles and decorations around them ("Jane Smith, CEO") do not hide a match."""
-    words, wanted = name_tokens(display), name_tokens(name)
-    if not wanted:
-        return False
-    n = len(wanted)
-    windows = {words[i:i + n] for i in range(len(words) - n + 1)}
-    return wanted in windows or tuple(reversed(wanted)) in windows
 
 
 def parse_networks(key: str, entries: Iterable[str], table: str = "policy.lists") -> tuple[IPNetwork, ...]:

@@ -1,6 +1,23 @@
 """Verdict / quarantine store: SQLAlchemy 2.0 models, shipped Alembic migrations, the Store API."""
 
-from milter.store.rows import LabelledExample, MessageRow, PurgeCounts, StoreStats, training_arrays
+from milter.store.rows import (
+    HistorySource,
+    HistoryStats,
+    LabelledExample,
+    MessageRow,
+    PurgeCounts,
+    StoreStats,
+    training_arrays,
+)
 from milter.store.store import Store
 
-__all__ = ["LabelledExample", "MessageRow", "PurgeCounts", "Store", "StoreStats", "training_arrays"]
+__all__ = [
+    "HistorySource",
+    "HistoryStats",
+    "LabelledExample",
+    "MessageRow",
+    "PurgeCounts",
+    "Store",
+    "StoreStats",
+    "training_arrays",
+]

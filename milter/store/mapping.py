@@ -73,6 +73,10 @@ def message_values(
         "model": clean(result.model, 200) or "",
         "feature_vector": vector_bytes(result.vector) if keep_vector else None,
         "schema_digest": schema_digest[:128],
+        "from_display": clean(summary.from_display),
+        "reply_to": clean(summary.reply_to_addr),
+        "outbound": bool(result.outbound),
+        "teaches": bool(result.teaches),
     }
 
 

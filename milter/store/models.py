@@ -1,7 +1,8 @@
 """SQLAlchemy 2.0 ORM models of the verdict / quarantine store: every table lives in this module.
 
 `messages` holds one row per scanned message (the verdict, cheap to list); `quarantine` holds the raw
-bytes of quarantined messages only, so listing verdicts never drags message bodies off disk.
+bytes of quarantined messages only, so listing verdicts never drags message bodies off disk; `history`
+holds the correspondence history (milter.history), one row per entry, shared by every gateway.
 Alembic migrations in milter/migrations/versions/ must mirror these definitions.
 """
 
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -96,6 +98,12 @@ class Message(Base):
     label: Mapped[str | None] = mapped_column(String(16))
     label_source: Mapped[str | None] = mapped_column(String(64))
     labelled_at: Mapped[datetime | None] = mapped_column()
+    # What the correspondence history learns from (`milter history rebuild` replays them); NULL for
+    # verdicts stored before revision 0003.
+    from_display: Mapped[str | None] = mapped_column(Text)
+    reply_to: Mapped[str | None] = mapped_column(Text)
+    outbound: Mapped[bool | None] = mapped_column(Boolean)  # our users' mail to their correspondents
+    teaches: Mapped[bool | None] = mapped_column(Boolean)  # the history learned from it (Decision.teaches)
 
     quarantine: Mapped[Quarantine | None] = relationship(
         back_populates="message", cascade="all, delete-orphan", passive_deletes=True, uselist=False
@@ -118,6 +126,23 @@ class Quarantine(Base):
     message: Mapped[Message] = relationship(back_populates="quarantine")
 
 
+class HistoryEntry(Base):
+    """One entry of the correspondence history (milter.history.HistoryRow, `kind`, `key` and `member`
+    as documented there). Gateways add to the counts (Store.history_apply) and never overwrite them:
+    several processes and nodes learn at once."""
+
+    __tablename__ = "history"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    member: Mapped[str] = mapped_column(String(500), primary_key=True, default="")
+    first_seen: Mapped[float] = mapped_column(Float)  # POSIX seconds
+    # indexed: ageing deletes, and gateways re-read, by last_seen
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    inbound: Mapped[int] = mapped_column(Integer)
+    outbound: Mapped[int] = mapped_column(Integer)
+
+
 def _table(model: type[Base]) -> Table:
     table = model.__table__
     assert isinstance(table, Table)
@@ -127,3 +152,4 @@ def _table(model: type[Base]) -> Table:
 # The tables themselves, for Core statements on the gateway's hot path (see Store.record_batch).
 MESSAGES = _table(Message)
 QUARANTINE = _table(Quarantine)
+HISTORY = _table(HistoryEntry)

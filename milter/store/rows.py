@@ -115,3 +115,35 @@ def training_arrays(
     x = np.stack([e.vector for e in examples]).astype(np.float32, copy=False)
     y = np.array([label_class(e.label) for e in examples], dtype=np.int64)
     return x, y
+
+
+@dataclass(frozen=True)
+class HistoryStats:
+    """What the correspondence history table holds (`milter history stats`)."""
+
+    by_kind: Mapping[str, int]  # entries per kind (milter.history.KINDS; a newer gateway's too)
+    oldest: float | None  # the least recent last_seen, POSIX seconds; None when empty
+    newest: float | None  # the most recent last_seen
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+
+@dataclass(frozen=True)
+class HistorySource:
+    """The facts of one stored verdict that the correspondence history learns from: what
+    `milter history rebuild` replays. `outbound` and `teaches` are None for verdicts stored before
+    revision 0003, which did not record them."""
+
+    id: int
+    received_at: datetime
+    from_addr: str | None
+    from_display: str | None
+    reply_to: str | None
+    rcpt_tos: tuple[str, ...]
+    outbound: bool | None
+    teaches: bool | None
+    verdict: str
+    action: str
+    label: str | None

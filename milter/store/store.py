@@ -7,7 +7,7 @@ bound to a session or a thread escapes. Every database failure surfaces as Store
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -33,14 +33,24 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer, sessionmaker
 
 from milter.errors import StoreError
+from milter.store import history as history_sql
 from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
 from milter.store.mapping import envelope_of, message_values, new_message, to_row, vector_from_bytes
 from milter.store.migrate import upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
-from milter.store.rows import LabelledExample, MessageRow, PurgeCounts, StaleExample, StoreStats
+from milter.store.rows import (
+    HistorySource,
+    HistoryStats,
+    LabelledExample,
+    MessageRow,
+    PurgeCounts,
+    StaleExample,
+    StoreStats,
+)
 from milter.types import VERDICTS, Envelope
 
 if TYPE_CHECKING:
+    from milter.history import HistoryRow
     from milter.scan import ScanResult
 
 PURGE_BATCH = 2000  # rows per purge transaction: short write locks, so record() never waits long
@@ -369,6 +379,45 @@ class Store:
         )
         with _guard("cannot read statistics"), self._read() as s:
             return [(str(d), str(a), str(v), int(n)) for d, a, v, n in s.execute(stmt)]
+
+
+    # -- correspondence history (milter.history; the SQL is in milter/store/history.py) ---------------
+
+    def history_apply(self, rows: Sequence[HistoryRow]) -> int:
+        """Add what a gateway learned to the shared history, in one transaction: per entry the counts
+        are summed, first_seen is the earliest and last_seen the latest (never an overwrite: other
+        processes and nodes write the same entries). How many entries were written."""
+        with _guard("cannot write correspondence history"):
+            return history_sql.apply(self._writer, rows)
+
+    def history_rows(self, since: float | None = None) -> list[HistoryRow]:
+        """Entries last seen at or after `since` (POSIX seconds; all when None), by last_seen, then
+        kind, key and member: given to `CorrespondenceHistory.put` in this order, they rebuild its
+        tables' order."""
+        with _guard("cannot read correspondence history"):
+            return history_sql.read(self.engine, since)
+
+    def history_purge(self, before: float) -> int:
+        """Delete the entries last seen before `before` (POSIX seconds), in short transactions; how many."""
+        with _guard("cannot purge correspondence history"):
+            return history_sql.purge(self._writer, before)
+
+    def history_replace(self, rows: Iterable[HistoryRow]) -> int:
+        """Replace the whole history with `rows` in one transaction (a failure keeps the old one); how
+        many entries were written."""
+        with _guard("cannot replace correspondence history"):
+            return history_sql.replace(self._writer, rows)
+
+    def history_stats(self) -> HistoryStats:
+        with _guard("cannot read correspondence history"):
+            return history_sql.stats(self.engine)
+
+    def history_sources(self, after_id: int = 0, limit: int = 2000) -> list[HistorySource]:
+        """What the history learns from, for the first `limit` verdicts with an id above `after_id`,
+        by id: the caller pages through the store (`milter history rebuild`). Reads only those columns
+        (no vectors, no raw bytes)."""
+        with _guard("cannot read verdicts"):
+            return history_sql.sources(self.engine, after_id, limit)
 
 
 def _like_escape(text: str) -> str:

@@ -1,0 +1,163 @@
+"""The correspondence-history rules in the policy table (milter/policy/history.py): what each mode does,
+that a history tag never pre-empts a stronger action, what the history may learn from (`teaches`), which
+mail is ours (`outbound`), and `[policy.history]` parsing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from milter.config import HistoryConfig, Lists, PolicyConfig, parse_config
+from milter.errors import ConfigError
+from milter.features.summary import Extracted, MessageSummary
+from milter.history import CorrespondenceHistory, HistoryLookup, MessageFacts, facts_from_summary
+from milter.policy import Policy
+from milter.types import Action, Decision, Envelope, Scores, Verdict
+
+META = {"spam": {"tag": 0.5, "quarantine": 0.9}, "bec": {"tag": 0.3, "quarantine": 0.6}}
+HAM = Scores(ham=0.98, spam=0.01, bec=0.01)
+OURS = ("corp.test",)
+ALICE = "alice@corp.test"
+OUTSIDE = Envelope(rcpt_tos=(ALICE,), client_addr="203.0.113.7")  # a client outside internal_networks
+T0 = datetime(2026, 1, 5, tzinfo=UTC)
+
+
+def extracted(from_addr: str, display: str = "", reply_to: str | None = None,
+              language: frozenset[str] = frozenset()) -> Extracted:
+    summary = MessageSummary(
+        message_id="<m@test>", subject="hello", from_addr=from_addr, from_display=display,
+        from_domain=from_addr.rpartition("@")[2], reply_to_addr=reply_to, to_addrs=(ALICE,), date=None,
+        defects=(), language=language,
+    )
+    return Extracted(vector=np.zeros(1, np.float32), summary=summary, signals=())
+
+
+def known_history() -> CorrespondenceHistory:
+    """Jane Doe of vendor.test has written to Alice three times; Alice has written back."""
+    h = CorrespondenceHistory()
+    for n in range(3):
+        h.observe(MessageFacts("jane.doe@vendor.test", "Jane Doe", (ALICE,)), T0 + timedelta(days=n), False)
+    h.observe(MessageFacts(ALICE, "Alice", ("jane.doe@vendor.test",)), T0 + timedelta(days=4), True)
+    return h
+
+
+def decide(ext: Extracted, history: CorrespondenceHistory | None, config: PolicyConfig | None = None,
+           scores: Scores = HAM, envelope: Envelope = OUTSIDE) -> Decision:
+    cfg = config or PolicyConfig(protected_domains=OURS)
+    policy = Policy(cfg, META)
+    lookup = None
+    if history is not None:
+        facts = facts_from_summary(ext.summary, envelope.rcpt_tos)
+        lookup = HistoryLookup(facts, history.lookup(facts, policy.protected.names))
+    return policy.decide(scores, ext, envelope, lookup)
+
+
+BORROWED = extracted("jane.doe.vendor@gmail.com", "Jane Doe")  # her name, a free-mail address
+
+
+def test_a_borrowed_name_is_tagged_bec_with_the_reason_and_still_teaches() -> None:
+    d = decide(BORROWED, known_history())
+    assert (d.verdict, d.action) == (Verdict.BEC, Action.TAG)
+    assert "display name 'Jane Doe' has come from jane.doe@vendor.test" in d.reasons[0]
+    assert any("now writes from free-mail" in r for r in d.reasons)  # correspondent_elsewhere too
+    assert d.teaches  # tagged for being new, not for its content: the history may learn it
+    assert not d.outbound
+
+
+def test_the_real_correspondent_passes_untouched() -> None:
+    d = decide(extracted("jane.doe@vendor.test", "Jane Doe"), known_history())
+    assert (d.verdict, d.action, d.reasons) == (Verdict.HAM, Action.ACCEPT, ())
+    assert d.teaches
+
+
+def test_first_contact_is_a_note_by_default_and_a_tag_when_configured() -> None:
+    stranger = extracted("sales@newco.test", "New Co")
+    note = decide(stranger, known_history())
+    assert (note.verdict, note.action) == (Verdict.HAM, Action.ACCEPT)
+    assert note.reasons == ("first contact: sales@newco.test (domain newco.test) never exchanged mail "
+                            "with this organisation",)
+    tagging = PolicyConfig(protected_domains=OURS, history=HistoryConfig(first_contact_org="tag"))
+    tagged = decide(stranger, known_history(), tagging)
+    assert (tagged.verdict, tagged.action) == (Verdict.BEC, Action.TAG)
+
+
+def test_off_silences_a_signal_and_disabled_silences_all() -> None:
+    off = PolicyConfig(protected_domains=OURS, history=HistoryConfig(
+        display_name_new_address="off", correspondent_elsewhere="off"))
+    d = decide(BORROWED, known_history(), off)
+    # only the first-contact note is left (a free-mail address is its own correspondent)
+    assert (d.action, d.reasons) == (Action.ACCEPT, (
+        "first contact: jane.doe.vendor@gmail.com never exchanged mail with this organisation",))
+    disabled = PolicyConfig(protected_domains=OURS, history=HistoryConfig(enabled=False))
+    assert decide(BORROWED, known_history(), disabled).reasons == ()
+
+
+def test_unknown_history_is_silent() -> None:
+    d = decide(BORROWED, None)
+    assert (d.verdict, d.action, d.reasons) == (Verdict.HAM, Action.ACCEPT, ())
+
+
+def test_a_history_tag_never_preempts_a_quarantine() -> None:
+    d = decide(BORROWED, known_history(), scores=Scores(ham=0.02, spam=0.95, bec=0.03))
+    assert (d.verdict, d.action) == (Verdict.SPAM, Action.QUARANTINE)
+    assert any("display name 'Jane Doe'" in r for r in d.reasons)  # still said, as a reason
+    assert not d.teaches  # held mail never teaches
+
+
+def test_spam_tag_does_not_teach_but_the_history_tag_does() -> None:
+    spam_tag = decide(extracted("jane.doe@vendor.test", "Jane Doe"), known_history(),
+                      scores=Scores(ham=0.4, spam=0.6, bec=0.0))
+    assert (spam_tag.verdict, spam_tag.action, spam_tag.teaches) == (Verdict.SPAM, Action.TAG, False)
+
+
+def test_allow_list_accepts_with_the_reasons_attached() -> None:
+    cfg = PolicyConfig(protected_domains=OURS, lists=Lists(allow_domains=("gmail.com",)))
+    d = decide(BORROWED, known_history(), cfg)
+    assert (d.verdict, d.action) == (Verdict.HAM, Action.ACCEPT)
+    assert any("display name 'Jane Doe'" in r for r in d.reasons)
+
+
+def test_a_new_reply_to_is_tagged_and_a_same_domain_one_is_not() -> None:
+    d = decide(extracted("jane.doe@vendor.test", "Jane Doe", reply_to="jd.payments@outlook.com"),
+               known_history())
+    assert (d.verdict, d.action) == (Verdict.BEC, Action.TAG)
+    assert d.reasons[0] == "Reply-To jd.payments@outlook.com has never exchanged mail with this organisation"
+    same = decide(extracted("jane.doe@vendor.test", "Jane Doe", reply_to="billing@vendor.test"),
+                  known_history())
+    assert same.action is Action.ACCEPT
+
+
+def test_our_own_clients_are_not_judged_and_their_mail_is_outbound() -> None:
+    internal = Envelope(rcpt_tos=("someone@else.test",), client_addr="10.1.2.3")
+    mine = decide(extracted(ALICE, "Jane Doe"), known_history(), envelope=internal)
+    assert (mine.action, mine.reasons, mine.outbound, mine.teaches) == (Action.ACCEPT, (), True, True)
+    # an internal client sending as someone outside our domains: not judged, not outbound either
+    relayed = decide(BORROWED, known_history(), envelope=internal)
+    assert (relayed.action, relayed.outbound) == (Action.ACCEPT, False)
+
+
+def test_money_talk_on_first_contact_is_noted() -> None:
+    invoice = extracted("ar@supplier.test", "Supplier AR", language=frozenset({"payment"}))
+    d = decide(invoice, known_history())
+    assert "first contact from supplier.test talks about payment" in d.reasons
+    assert d.action is Action.ACCEPT
+
+
+@pytest.mark.parametrize("value", ["quarantine", "reject", "TAG", 1])
+def test_config_refuses_anything_but_off_note_tag(value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"policy": {"history": {"reply_to_unseen": value}}})
+    assert "policy.history.reply_to_unseen" in str(err.value)
+
+
+def test_config_parses_the_history_table() -> None:
+    cfg = parse_config({"policy": {"history": {"first_contact_org": "tag", "max_age_days": 30,
+                                               "refresh_seconds": 5}}})
+    assert cfg.policy.history.first_contact_org == "tag"
+    assert (cfg.policy.history.max_age_days, cfg.policy.history.refresh_seconds) == (30, 5.0)
+    with pytest.raises(ConfigError, match=r"policy\.history\.flush_seconds"):
+        parse_config({"policy": {"history": {"flush_seconds": 0}}})
+    with pytest.raises(ConfigError, match=r"policy\.history\.colour"):
+        parse_config({"policy": {"history": {"colour": "tag"}}})
