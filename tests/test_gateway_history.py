@@ -248,3 +248,23 @@ def test_a_dropped_history_table_never_costs_a_message(
     assert [r for r in caplog.records if "history_unavailable" in r.getMessage()]
     assert len(store.quarantine_list()) == 0 and store.stats().messages == 5
     store.close()
+
+
+def test_loading_is_retried_every_refresh_interval_until_the_table_is_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        with Store.open(f"sqlite:///{tmp_path}/h.db") as store:
+            with store.engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE history RENAME TO history_away"))
+            metrics = GatewayMetrics()
+            k = keeper(store, metrics, refresh_seconds=0.3, flush_seconds=0.02)
+            k.start()
+            await asyncio.sleep(1.0)
+            attempts = counter(metrics, "milter_errors_total", {"kind": "history"})
+            assert 2 <= attempts <= 5  # every 0.3 s, not at every 0.02 s flush
+            assert not k.ready and counter(metrics, "milter_history_ready") == 0
+            with store.engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE history_away RENAME TO history"))
+            await asyncio.sleep(0.5)
+            assert k.ready and counter(metrics, "milter_history_ready") == 1
+            await k.close()
+    asyncio.run(main())

@@ -160,10 +160,13 @@ class HistoryKeeper:
         await self.flush()
 
     async def _run(self) -> None:
+        tried = float("-inf")  # when loading was last tried: retried every refresh_seconds
         while True:
             now = self._clock()
             if self._history is None:
-                await self.load()
+                if now - tried >= self._config.refresh_seconds:
+                    tried = now
+                    await self.load()
             elif now - self._refreshed >= self._config.refresh_seconds:
                 await self.refresh()
             if now - self._purged >= PURGE_EVERY and self._history is not None:
