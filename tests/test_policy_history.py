@@ -11,8 +11,10 @@ import pytest
 
 from milter.config import HistoryConfig, Lists, PolicyConfig, parse_config
 from milter.errors import ConfigError
+from milter.features import Protected, extract
 from milter.features.summary import Extracted, MessageSummary
-from milter.history import CorrespondenceHistory, HistoryLookup, MessageFacts, facts_from_summary
+from milter.history import CorrespondenceHistory, HistoryLookup, HistoryView, MessageFacts, facts_from_summary
+from milter.history_signals import SIGNALS, evaluate
 from milter.policy import Policy
 from milter.types import Action, Decision, Envelope, Scores, Verdict
 
@@ -161,3 +163,58 @@ def test_config_parses_the_history_table() -> None:
         parse_config({"policy": {"history": {"flush_seconds": 0}}})
     with pytest.raises(ConfigError, match=r"policy\.history\.colour"):
         parse_config({"policy": {"history": {"colour": "tag"}}})
+
+
+# --- the generated BEC cases (training/bec_cases.py) through feature extraction and the policy --------
+
+VENDOR_MAIL = (
+    b"Message-ID: <1.2@vendor.test>\nDate: Mon, 2 Apr 2026 10:00:00 -0700\n"
+    b"From: Jane Doe <jane.doe@vendor.test>\nTo: alice@corp.test\nSubject: March invoice\n"
+    b"Mime-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n\n"
+    b"Hi Alice,\n  the March invoice is attached.\nJane\n"
+)
+
+
+def through_policy(raw: bytes, history: CorrespondenceHistory) -> Decision:
+    ext = extract(raw, Envelope(rcpt_tos=(ALICE,)))
+    return decide(ext, history)
+
+
+def vendor_history() -> CorrespondenceHistory:
+    """Jane Doe's real mail, as the gateway learns it: twice, through feature extraction."""
+    h = CorrespondenceHistory()
+    ext = extract(VENDOR_MAIL, Envelope(rcpt_tos=(ALICE,)))
+    for n in range(2):
+        h.observe(facts_from_summary(ext.summary, (ALICE,)), T0 + timedelta(days=n), False)
+    return h
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_generated_cases_are_flagged_for_the_right_reason_and_counterparts_pass(seed: int) -> None:
+    """Each kind of generated case, through the gateway's feature extraction and the policy: flagged as
+    bec, with its history signal's reason (naming the forged address) among the reasons; the real
+    message it was made from is accepted without a word. The changed-bank-details reply is also one of
+    the content rules' patterns (replies to another domain): those quarantine it, before the history's
+    tag."""
+    from training import bec_cases
+
+    cases = {
+        "display_name_new_address": bec_cases.freemail_name(VENDOR_MAIL, "Jane Doe", seed),
+        "correspondent_elsewhere": bec_cases.lookalike_vendor(
+            VENDOR_MAIL, "Jane Doe", "jane.doe@vendor.test", seed, "vendor.test"),
+        "reply_to_unseen": bec_cases.reply_to_bank(VENDOR_MAIL, "jane.doe@vendor.test", seed, "vendor.test"),
+    }
+    for signal, case in cases.items():
+        attack = through_policy(case.attack, vendor_history())
+        assert attack.verdict is Verdict.BEC and attack.action in (Action.TAG, Action.QUARANTINE), signal
+        reason = dict(SIGNALS)[signal](*signal_inputs(case.attack))
+        assert reason is not None and reason in attack.reasons, (signal, attack.reasons)
+        assert case.attacker.rpartition("@")[2] in reason
+        real = through_policy(case.counterpart, vendor_history())
+        assert (real.verdict, real.action) == (Verdict.HAM, Action.ACCEPT)
+        assert evaluate(*signal_inputs(case.counterpart)) == {}  # no history signal at all
+
+
+def signal_inputs(raw: bytes) -> tuple[MessageFacts, HistoryView, Protected]:
+    facts = facts_from_summary(extract(raw, Envelope(rcpt_tos=(ALICE,))).summary, (ALICE,))
+    return facts, vendor_history().lookup(facts), Protected(domains=OURS)
