@@ -343,7 +343,12 @@ def raw_cmd(db_url: str | None, config_path: Path | None, message: int) -> None:
 @_store_options
 @click.argument("messages", type=int, nargs=-1, required=True)
 def delete_cmd(db_url: str | None, config_path: Path | None, messages: tuple[int, ...]) -> None:
-    """Delete the bytes of quarantined messages (their verdicts stay)."""
+    """Delete the bytes of quarantined messages (their verdicts stay).
+
+    A message being released right now (here or on another node) is not deleted: the release would
+    deliver it and find it deleted. Once that release has ended it is released, or held again and can
+    be deleted. An abandoned release (its process died) stops protecting the message after 10 minutes.
+    """
     with _open(db_url, config_path) as store:
         n = _call(lambda: store.delete(messages))
     click.echo(f"deleted {n} of {len(messages)}")

@@ -1,8 +1,15 @@
 """Releasing quarantined messages: deliver the stored bytes downstream with the stored envelope.
 
-Order matters for a reviewer's trust: a message is marked released only after the downstream said 250,
-so a failed delivery leaves it held and can simply be retried. The reverse risk (delivered, then the
-store write fails) is reported as a failure naming it, so nobody releases it twice unknowingly.
+Exactly once, even when admins on several nodes release the same message at the same moment: a release
+first claims the message in the store (milter/store/release.py says how, and what an abandoned claim
+costs), and only the claimer delivers. After the downstream's 250 it marks the message released; when
+the delivery fails it drops its claim, so the message stays held and can simply be retried. The loser of
+a race gets an outcome naming the winner ("being released by another process since ...", or "already
+released at ..."), never a second delivery.
+
+The remaining risks are reported, never silent: delivered but the store write failed ("delivered ...
+but not recorded"), delivered but the claim was taken over meanwhile, and a release that took over a
+dead process's claim (that process may have delivered before it died).
 """
 
 from __future__ import annotations
@@ -13,7 +20,12 @@ from dataclasses import dataclass
 
 from milter.errors import DeliveryError, StoreError
 from milter.gateway.relay import Downstream
-from milter.store import Store
+from milter.store import ClaimResult, ClaimState, Store
+from milter.store import release as release_sql
+
+#: Seconds after which a release's claim counts as abandoned (its process died). Every process sharing
+#: the store must use the same value; a live release gives up delivering at half of it.
+CLAIM_TIMEOUT_S = release_sql.STALE_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -35,68 +47,120 @@ class _Held:
     rcpt_tos: tuple[str, ...]
 
 
-def _check(store: Store, id: int) -> _Held | str:
-    """The message to deliver, or why it cannot be released."""
+@dataclass(frozen=True)
+class _Release:
+    """One release run: its claim token and timeout, and what to do after a 250."""
+
+    store: Store
+    token: str
+    claim_timeout: float
+    label: bool
+
+
+def _refused(claim: ClaimResult) -> str:
+    """Why a message could not be claimed, in the words the release command has always used."""
+    since = claim.since.isoformat() if claim.since is not None else "?"
+    match claim.state:
+        case ClaimState.BUSY:
+            return f"being released by another process since {since} ({claim.holder})"
+        case ClaimState.RELEASED:
+            return f"already released at {since}"
+        case ClaimState.DELETED:
+            return "deleted from the quarantine"
+        case ClaimState.NOT_QUARANTINED:
+            return "not quarantined"
+        case _:
+            return "no message with this id"
+
+
+def _load(store: Store, id: int) -> _Held | str:
+    """The claimed message to deliver, or why it cannot be."""
     row = store.get(id)
-    if row is None:
-        return "no message with this id"
-    if not row.quarantined:
-        return "not quarantined"
-    if row.deleted_at is not None:
-        return "deleted from the quarantine"
-    if row.released_at is not None:
-        return f"already released at {row.released_at.isoformat()}"
     raw = store.get_raw(id)
-    if raw is None:
+    if row is None or raw is None:
         return "quarantined bytes are gone"
     if not row.rcpt_tos:
         return "no envelope recipients stored"
     return _Held(id, raw, row.mail_from or "", row.rcpt_tos)
 
 
-def _finish(store: Store, held: _Held, reply: str, label: bool) -> ReleaseOutcome:
+def _abandon(run: _Release, id: int, why: str) -> ReleaseOutcome:
+    """Not delivered: drop the claim so that the message can be released again."""
     try:
-        if not store.mark_released(held.id):
-            return ReleaseOutcome(held.id, False, False,
-                                  f"delivered ({reply}) but released or deleted meanwhile by someone else")
-        labelled = label and store.set_label(held.id, "ham", "release") == 1
+        run.store.abandon_release(id, run.token)
     except StoreError as exc:
-        return ReleaseOutcome(held.id, False, False, f"delivered ({reply}) but not recorded: {exc}")
+        why = f"{why}; the claim could not be dropped ({exc}): release it again in {run.claim_timeout:.0f} s"
+    return ReleaseOutcome(id, False, False, why)
+
+
+def _finish(run: _Release, held: _Held, reply: str, claim: ClaimResult) -> ReleaseOutcome:
+    """Delivered: mark released (only if our claim still holds) and label."""
+    if claim.took_over:
+        reply = (f"{reply}; took over the abandoned release of {claim.holder} (claimed "
+                 f"{claim.since.isoformat() if claim.since else '?'}): if that one reached the downstream "
+                 "before it died, this was a second delivery")
+    try:
+        if not run.store.finish_release(held.id, run.token):
+            return ReleaseOutcome(held.id, False, False,
+                                  f"delivered ({reply}) but this release's claim was taken over or the "
+                                  "message purged meanwhile: it may be delivered twice")
+        labelled = run.label and run.store.set_label(held.id, "ham", "release") == 1
+    except StoreError as exc:
+        return ReleaseOutcome(held.id, False, False,
+                              f"delivered ({reply}) but not recorded: {exc}; the message stays claimed, "
+                              f"and a release after {run.claim_timeout:.0f} s would deliver it again")
     return ReleaseOutcome(held.id, True, labelled, reply)
 
 
-async def _deliver_all(
-    store: Store, ids: Sequence[int], downstream: Downstream, label: bool
-) -> list[ReleaseOutcome]:
-    outcomes: list[ReleaseOutcome] = []
-    for id in ids:  # one at a time: a review batch is small and the order of lines should be the input's
-        try:
-            held = await asyncio.to_thread(_check, store, id)
-        except StoreError as exc:
-            outcomes.append(ReleaseOutcome(id, False, False, str(exc)))
-            continue
-        if isinstance(held, str):
-            outcomes.append(ReleaseOutcome(id, False, False, held))
-            continue
-        try:
+async def _release_one(run: _Release, id: int, downstream: Downstream) -> ReleaseOutcome:
+    try:
+        claim = await asyncio.to_thread(run.store.claim_release, id, run.token, run.claim_timeout)
+    except StoreError as exc:
+        return ReleaseOutcome(id, False, False, str(exc))
+    if not claim.claimed:
+        return ReleaseOutcome(id, False, False, _refused(claim))
+    try:
+        held = await asyncio.to_thread(_load, run.store, id)
+    except StoreError as exc:
+        return await asyncio.to_thread(_abandon, run, id, str(exc))
+    if isinstance(held, str):
+        return await asyncio.to_thread(_abandon, run, id, held)
+    try:
+        # Bounded as a whole (the downstream's timeout is per step), well inside the claim's lifetime:
+        # a live release must never have its claim taken over.
+        async with asyncio.timeout(run.claim_timeout / 2):
             done = await downstream.deliver(held.raw, held.mail_from, held.rcpt_tos)
-        except DeliveryError as exc:
-            outcomes.append(ReleaseOutcome(id, False, False, str(exc)))
-            continue
-        outcomes.append(await asyncio.to_thread(_finish, store, held, done.reply, label))
-    return outcomes
+    except DeliveryError as exc:
+        return await asyncio.to_thread(_abandon, run, id, str(exc))
+    except TimeoutError:
+        why = f"delivery took over {run.claim_timeout / 2:.0f} s, given up (the downstream may have it)"
+        return await asyncio.to_thread(_abandon, run, id, why)
+    return await asyncio.to_thread(_finish, run, held, done.reply, claim)
+
+
+async def _deliver_all(run: _Release, ids: Sequence[int], downstream: Downstream) -> list[ReleaseOutcome]:
+    # one at a time: a review batch is small and the order of lines should be the input's
+    return [await _release_one(run, id, downstream) for id in ids]
 
 
 def release(
-    store: Store, ids: Sequence[int], host: str, port: int, timeout: float, hostname: str, label: bool
+    store: Store,
+    ids: Sequence[int],
+    host: str,
+    port: int,
+    timeout: float,
+    hostname: str,
+    label: bool,
+    claim_timeout: float = CLAIM_TIMEOUT_S,
 ) -> list[ReleaseOutcome]:
     """Release each id in turn; one outcome per id, in the given order."""
+    run = _Release(store, release_sql.new_token(), claim_timeout, label)
 
-    async def run() -> list[ReleaseOutcome]:
+    async def go() -> list[ReleaseOutcome]:
         downstream = Downstream(host, port, timeout, hostname, size=1)
         try:
-            return await _deliver_all(store, ids, downstream, label)
+            return await _deliver_all(run, ids, downstream)
         finally:
             await downstream.close()
 
-    return asyncio.run(run())
+    return asyncio.run(go())

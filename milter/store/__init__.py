@@ -1,6 +1,8 @@
 """Verdict / quarantine store: SQLAlchemy 2.0 models, shipped Alembic migrations, the Store API."""
 
 from milter.store.rows import (
+    ClaimResult,
+    ClaimState,
     HistorySource,
     HistoryStats,
     LabelledExample,
@@ -12,6 +14,8 @@ from milter.store.rows import (
 from milter.store.store import Store
 
 __all__ = [
+    "ClaimResult",
+    "ClaimState",
     "HistorySource",
     "HistoryStats",
     "LabelledExample",

@@ -111,7 +111,8 @@ class Message(Base):
 
 
 class Quarantine(Base):
-    """Raw bytes of a quarantined message; `raw` becomes NULL once deleted by an operator."""
+    """Raw bytes of a quarantined message; `raw` becomes NULL once deleted by an operator. A release
+    claims the row before it delivers, so that of several nodes releasing it at once only one does."""
 
     __tablename__ = "quarantine"
 
@@ -122,6 +123,10 @@ class Quarantine(Base):
     size: Mapped[int] = mapped_column(Integer)
     released_at: Mapped[datetime | None] = mapped_column()
     deleted_at: Mapped[datetime | None] = mapped_column()
+    # A release in progress (milter/store/release.py): the releasing process's token ("host pid N
+    # random") and when it claimed the message, by the database's clock. NULL when none is.
+    release_claim: Mapped[str | None] = mapped_column(String(255))
+    release_claimed_at: Mapped[datetime | None] = mapped_column()
 
     message: Mapped[Message] = relationship(back_populates="quarantine")
 

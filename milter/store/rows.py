@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,37 @@ class StaleExample:
     label: str
     raw: bytes | None
     envelope: Envelope
+
+
+class ClaimState(StrEnum):
+    """What `Store.claim_release` found (milter/store/release.py)."""
+
+    CLAIMED = "claimed"  # the caller holds the claim now and may deliver
+    BUSY = "busy"  # another process holds a live claim: it is delivering right now
+    RELEASED = "released"
+    DELETED = "deleted"
+    NOT_QUARANTINED = "not quarantined"
+    MISSING = "missing"  # no message with this id
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """The outcome of a claim. `since` and `holder` describe, for BUSY, the live claim (when it was
+    taken, its token); for CLAIMED, the abandoned claim this one took over (None when the message was
+    unclaimed); for RELEASED and DELETED `since` is when that happened."""
+
+    state: ClaimState
+    since: datetime | None = None
+    holder: str | None = None
+
+    @property
+    def claimed(self) -> bool:
+        return self.state is ClaimState.CLAIMED
+
+    @property
+    def took_over(self) -> bool:
+        """Whether this claim replaced a dead process's: that one may have delivered already."""
+        return self.claimed and self.holder is not None
 
 
 @dataclass(frozen=True)

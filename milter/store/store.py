@@ -34,11 +34,13 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, defer, sessionmaker
 
 from milter.errors import StoreError
 from milter.store import history as history_sql
+from milter.store import release as release_sql
 from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
 from milter.store.mapping import envelope_of, message_values, new_message, to_row, vector_from_bytes
 from milter.store.migrate import upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
 from milter.store.rows import (
+    ClaimResult,
     HistorySource,
     HistoryStats,
     LabelledExample,
@@ -175,7 +177,9 @@ class Store:
         return ids
 
     def mark_released(self, id: int) -> bool:
-        """True when the message was held (not deleted, not yet released) and is now marked released."""
+        """True when the message was held (not deleted, not yet released) and is now marked released.
+
+        Ignores release claims: the release command uses claim_release / finish_release instead."""
         stmt = (
             update(Quarantine)
             .where(Quarantine.message_pk == id, Quarantine.released_at.is_(None),
@@ -185,17 +189,33 @@ class Store:
         with _guard("cannot mark released"), self._write.begin() as s:
             return _rowcount(s.execute(stmt)) == 1
 
-    def delete(self, ids: Sequence[int]) -> int:
-        """Drop the raw bytes of quarantined messages (the verdicts stay); how many were deleted."""
-        if not ids:
-            return 0
-        stmt = (
-            update(Quarantine)
-            .where(Quarantine.message_pk.in_(list(ids)), Quarantine.deleted_at.is_(None))
-            .values(raw=None, deleted_at=_now())
-        )
-        with _guard("cannot delete"), self._write.begin() as s:
-            return _rowcount(s.execute(stmt))
+    def delete(self, ids: Sequence[int], stale_after_s: float = release_sql.STALE_AFTER_S) -> int:
+        """Drop the raw bytes of quarantined messages (the verdicts stay); how many were deleted. A
+        message being released (a claim younger than `stale_after_s`) is not deleted."""
+        with _guard("cannot delete"):
+            return release_sql.delete(self._writer, ids, stale_after_s)
+
+    # -- releasing exactly once across processes and nodes (the SQL is in milter/store/release.py) --
+
+    def claim_release(
+        self, id: int, token: str, stale_after_s: float = release_sql.STALE_AFTER_S
+    ) -> ClaimResult:
+        """Claim held message `id` for the release `token` (release_sql.new_token) before delivering it:
+        CLAIMED when the caller may deliver (taking over a claim older than `stale_after_s`, which
+        ClaimResult.took_over reports), otherwise why not (BUSY: another release is delivering it)."""
+        with _guard("cannot claim message for release"):
+            return release_sql.claim(self._writer, id, token, stale_after_s)
+
+    def finish_release(self, id: int, token: str) -> bool:
+        """After the downstream's 250: mark `id` released and drop the claim. False when `token` no
+        longer holds it (taken over as abandoned, or purged): it may then be delivered twice."""
+        with _guard("cannot mark released"):
+            return release_sql.finish(self._writer, id, token)
+
+    def abandon_release(self, id: int, token: str) -> bool:
+        """After a failed delivery: drop `token`'s claim, the message stays held; whether it held one."""
+        with _guard("cannot clear release claim"):
+            return release_sql.abandon(self._writer, id, token)
 
     def set_label(self, ref: int | str, label: str, source: str) -> int:
         """Label by row id (int) or Message-ID (str, every copy); how many rows were labelled."""
