@@ -167,6 +167,15 @@ def facts_from_summary(summary: MessageSummary, recipients: Iterable[str]) -> Me
     )
 
 
+def stored_facts(
+    from_addr: str | None, from_display: str | None, recipients: Iterable[str], reply_to: str | None
+) -> MessageFacts:
+    """The facts of a message from its stored verdict row (`milter history rebuild`, a release): what
+    `facts_from_summary` made of it at the gateway, from the columns that keep it."""
+    return MessageFacts(sender=(from_addr or "").lower(), display=from_display or "",
+                        recipients=addresses(recipients), reply_to=(reply_to or "").lower())
+
+
 def addresses(recipients: Iterable[str]) -> tuple[str, ...]:
     """Envelope recipients as the history keys them: bare, lower-cased, each once, addresses only."""
     return tuple(dict.fromkeys(r.strip().strip("<>").lower() for r in recipients if "@" in r))

@@ -257,6 +257,9 @@ def test_release_delivers_marks_and_labels(filled: tuple[str, list[int]], sink: 
         assert (row.label, row.label_source) == ("ham", "release")
         untouched = s.get(old)
         assert untouched is not None and untouched.released_at is None
+        # released as ham: the correspondence history knows the sender now (every gateway, at its refresh)
+        pairs = {(r.key, r.member, r.inbound) for r in s.history_rows() if r.kind == "pair"}
+        assert pairs == {("alice@example.com", "bob@example.org", 1)}
     again, lines, err = _release(url, "--downstream", f"127.0.0.1:{port}", str(new))
     assert again == 1 and "already released" in str(lines[0]["detail"])
     assert err.startswith("Error: 1 of 1 message(s) not released") and len(handler.received) == 1
@@ -276,6 +279,7 @@ def test_release_no_label_and_deleted(filled: tuple[str, list[int]], sink: tuple
     with Store.open(url) as s:
         row = s.get(new)
         assert row is not None and row.released_at is not None and row.label is None
+        assert s.history_rows() == []  # not labelled ham: the history learns nothing from it
 
 
 def test_release_to_closed_port_stays_quarantined(filled: tuple[str, list[int]], free_port: object) -> None:

@@ -27,7 +27,7 @@ import click
 from rich.table import Table
 
 from milter.commands.quarantine import _call, _config, _console, _open, _store_options
-from milter.history import KINDS, CorrespondenceHistory, HistoryLimits, MessageFacts, addresses, limits_of
+from milter.history import KINDS, CorrespondenceHistory, HistoryLimits, MessageFacts, limits_of, stored_facts
 from milter.store import HistorySource, Store
 
 PAGE = 2000  # verdicts per read: a large store is replayed without holding it all
@@ -46,13 +46,8 @@ def teaches(src: HistorySource) -> bool:
 
 
 def facts_of(src: HistorySource) -> MessageFacts:
-    """The facts `observe` reads, as `milter.history.facts_from_summary` makes them at the gateway."""
-    return MessageFacts(
-        sender=(src.from_addr or "").lower(),
-        display=src.from_display or "",
-        recipients=addresses(src.rcpt_tos),
-        reply_to=(src.reply_to or "").lower(),
-    )
+    """The facts `observe` reads, as `milter.history.facts_from_summary` made them at the gateway."""
+    return stored_facts(src.from_addr, src.from_display, src.rcpt_tos, src.reply_to)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ released at ..."), never a second delivery.
 The remaining risks are reported, never silent: delivered but the store write failed ("delivered ...
 but not recorded"), delivered but the claim was taken over meanwhile, and a release that took over a
 dead process's claim (that process may have delivered before it died).
+
+A release labelled ham also teaches the correspondence history at once (`_teach`): the sender was
+wanted after all, and every gateway sharing the store knows it at its next refresh (a minute), instead
+of at the next `milter history rebuild`. Best effort: the label is the record, and a rebuild learns
+from it anyway.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from milter.errors import DeliveryError, StoreError
 from milter.gateway.relay import Downstream
+from milter.history import CorrespondenceHistory, stored_facts
 from milter.store import ClaimResult, ClaimState, Store
 from milter.store import release as release_sql
 
@@ -105,11 +112,31 @@ def _finish(run: _Release, held: _Held, reply: str, claim: ClaimResult) -> Relea
                                   f"delivered ({reply}) but this release's claim was taken over or the "
                                   "message purged meanwhile: it may be delivered twice")
         labelled = run.label and run.store.set_label(held.id, "ham", "release") == 1
+        if labelled:
+            _teach(run.store, held.id)
     except StoreError as exc:
         return ReleaseOutcome(held.id, False, False,
                               f"delivered ({reply}) but not recorded: {exc}; the message stays claimed, "
                               f"and a release after {run.claim_timeout:.0f} s would deliver it again")
     return ReleaseOutcome(held.id, True, labelled, reply)
+
+
+def _teach(store: Store, id: int) -> bool:
+    """Add a message released as ham to the correspondence history (one transaction of deltas, as a
+    gateway writes them), dated now: gateways adopt rows changed since their last read, by last seen.
+    False when it could not be done (the rebuild will learn it from the label)."""
+    try:
+        found = store.history_sources(id - 1, 1)
+        if not found or found[0].id != id:
+            return False
+        history = CorrespondenceHistory()
+        src = found[0]
+        facts = stored_facts(src.from_addr, src.from_display, src.rcpt_tos, src.reply_to)
+        history.observe(facts, datetime.now(UTC), outbound=False)
+        store.history_apply(list(history.rows()))
+    except StoreError:
+        return False
+    return True
 
 
 async def _release_one(run: _Release, id: int, downstream: Downstream) -> ReleaseOutcome:
