@@ -408,3 +408,14 @@ def test_split_by_subcollection_trains_on_every_part() -> None:
     by_sub = time_split(msgs, by_subcollection=True)
     assert {m.subcollection for m, s in zip(msgs, by_sub, strict=True) if s == TRAIN} == {"s0", "s1"}
     assert {m.subcollection for m, s in zip(msgs, by_sub, strict=True) if s == TEST} == {"s0", "s1"}
+
+
+def test_infinite_split_thresholds_stay_infinite_in_the_export() -> None:
+    """`dump_model()` writes LightGBM's +inf thresholds as 1e300; exported as the largest finite float32,
+    an input of +inf would go the other way than in LightGBM. The shipped booster has such splits."""
+    booster = lgb.Booster(model_file=str(REPO / "models" / "current.lgb.txt"))
+    floors = mdl._exact_split_thresholds(booster)
+    assert any(np.isposinf(v) for v in floors.values())
+    assert not any(v == float(np.finfo(np.float32).max) for v in floors.values())
+    assert mdl.lightgbm_threshold(1e300) == np.inf and mdl.lightgbm_threshold(-1e300) == -np.inf
+    assert mdl.lightgbm_threshold(2.5) == 2.5

@@ -7,6 +7,7 @@ export that drifts (threshold rounding to float32, a converter bug) fails the ru
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -362,6 +363,19 @@ def _float32_floor(t: float) -> float:
     return float(near if float(near) <= t else np.nextafter(near, np.float32(-np.inf)))
 
 
+#: What `Booster.dump_model()` writes for an infinite split threshold (the model text says "inf").
+DUMPED_INFINITY = 1e300
+
+
+def lightgbm_threshold(dumped: float) -> float:
+    """A split threshold as LightGBM compares with it: the dump's 1e300 is +inf. Read as 1e300, its
+    float32 floor would be the largest finite float32, and an input of +inf would take the other branch
+    than LightGBM's (found by tests/test_tensor_graph.py's edge rows, 41 splits of the shipped model)."""
+    if abs(dumped) >= DUMPED_INFINITY:
+        return math.copysign(math.inf, dumped)
+    return dumped
+
+
 def _exact_split_thresholds(booster: lgb.Booster) -> dict[tuple[int, float], float]:
     """(feature, threshold as the converter rounds it to float32) -> float32 floor of LightGBM's double."""
     mapping: dict[tuple[int, float], float] = {}
@@ -370,7 +384,7 @@ def _exact_split_thresholds(booster: lgb.Booster) -> dict[tuple[int, float], flo
         node = stack.pop()
         if "split_feature" not in node:
             continue
-        t = float(node["threshold"])
+        t = lightgbm_threshold(float(node["threshold"]))
         key, floor = (int(node["split_feature"]), float(np.float32(t))), _float32_floor(t)
         if mapping.setdefault(key, floor) != floor:
             raise ExportMismatchError(f"two split thresholds on feature {key[0]} within one float32 step")
