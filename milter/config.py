@@ -136,6 +136,11 @@ class ModelConfig:
     # Explain what the policy does not simply accept (milter.explain: about 2.5 ms of CPU a flagged
     # message); false skips it, and `milter quarantine show` then explains from the stored vector.
     explain: bool = True
+    # Where promotions live: "local" (the folder of `path`, reloaded by SIGHUP) or "store" (the fleet's
+    # registry in [store] url: every node adopts the current model by itself, docs/fleet.md).
+    registry: str = "local"
+    # With registry = "store": how often each worker asks the store which model the fleet serves.
+    registry_poll_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,8 @@ class ServerConfig:
     # Clients whose XFORWARD is believed (the MTA that hands us mail). Anyone else could claim any client
     # address and walk past the IP allow and deny lists, so XFORWARD is neither offered nor accepted.
     xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # This node's name in the fleet's registry (`milter model status`); "" means the host name.
+    node_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,24 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     return replace(pol, domains=tuple(rules))
 
 
+#: What [model] registry may say.
+REGISTRIES: tuple[str, ...] = ("local", "store")
+#: The file a registry (local or the fleet's) makes current: a node following the fleet loads this one.
+CURRENT_MODEL_FILE = "current.onnx"
+
+
+def _model(raw: Mapping[str, Any]) -> ModelConfig:
+    model: ModelConfig = _simple(ModelConfig, "model", raw, ModelConfig())
+    if model.registry not in REGISTRIES:
+        raise ConfigError("model.registry", f"must be 'local' or 'store', got {model.registry!r}")
+    if model.registry_poll_seconds <= 0:
+        raise ConfigError("model.registry_poll_seconds", "must be more than 0 seconds")
+    if model.registry == "store" and model.path.name != CURRENT_MODEL_FILE:
+        raise ConfigError("model.path", f"must name a {CURRENT_MODEL_FILE} with registry = 'store' "
+                          f"(the fleet's model is installed as that file), got {model.path.name!r}")
+    return model
+
+
 def _history(raw: Mapping[str, Any]) -> HistoryConfig:
     hist: HistoryConfig = _simple(HistoryConfig, "policy.history", raw, HistoryConfig())
     for signal in HISTORY_SIGNALS:
@@ -363,7 +388,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         if name not in known:
             raise ConfigError(name, f"unknown table (known: {', '.join(sorted(known))})")
     if "model" in raw:
-        cfg = replace(cfg, model=_simple(ModelConfig, "model", _table("model", raw["model"]), ModelConfig()))
+        cfg = replace(cfg, model=_model(_table("model", raw["model"])))
     if "policy" in raw:
         cfg = replace(cfg, policy=_policy(_table("policy", raw["policy"])))
     if "server" in raw:

@@ -17,6 +17,10 @@ exposes; it never gets a silently mismatched pair.
 
 history/log.jsonl records every change of the current model (time, name, action): it is the audit
 trail, and what `rollback()` without a name follows back to the model that was current before.
+
+With [model] registry = "store" the fleet's registry in the store decides (milter.store.registry), and
+each node installs the fleet's current model here with `adopt`: the same validation and swap, action
+"fleet" in the log, so a node that restarts while the store is down still loads that model.
 """
 
 from __future__ import annotations
@@ -363,15 +367,77 @@ def promote(
             shutil.copyfile(json_path, staged.with_suffix(".json"))
             if explainer_path(onnx_path).is_file():
                 shutil.copyfile(explainer_path(onnx_path), explainer_path(staged))
-            meta = validate(staged, samples)
-            previous = _archive_current(directory)
-            _archive(directory / HISTORY, meta.name, staged, staged.with_suffix(".json"))
-            _swap(directory, staged, staged.with_suffix(".json"))
-            _record_change(directory, previous, meta.name, "promote")
+            done = _install_staged(directory, staged, "promote", samples)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-    log.info("promoted model %s (previous: %s)", meta.name, previous)
+    log.info("promoted model %s (previous: %s)", done.name, done.previous)
+    return done
+
+
+def _install_staged(
+    directory: Path, staged: Path, action: str, samples: Sequence[bytes] | None
+) -> SwapResult:
+    """Validate the staged candidate, keep it in history, make it current; the lock is held."""
+    meta = validate(staged, samples)
+    previous = _archive_current(directory)
+    _archive(directory / HISTORY, meta.name, staged, staged.with_suffix(".json"))
+    _swap(directory, staged, staged.with_suffix(".json"))
+    _record_change(directory, previous, meta.name, action)
     return SwapResult(name=meta.name, previous=previous)
+
+
+def current_digest(directory: Path) -> str | None:
+    """The ONNX sha256 the current model's metadata declares; None when there is none or it is unreadable."""
+    try:
+        meta = _current_meta(directory)
+    except ModelError:
+        return None
+    onnx = meta.raw.get("onnx") if meta is not None else None
+    digest = onnx.get("sha256") if isinstance(onnx, Mapping) else None
+    return digest if isinstance(digest, str) else None
+
+
+@dataclass(frozen=True)
+class FleetModel:
+    """A model as the fleet's registry hands it out (milter.store.registry.ModelFiles, without the
+    store: this module stays importable by the CLI without SQLAlchemy's cost)."""
+
+    name: str
+    onnx_sha256: str
+    onnx: bytes
+    meta_json: bytes
+    lgb_text: bytes | None = None
+
+
+def adopt(directory: Path, model: FleetModel, samples: Sequence[bytes] | None = None) -> SwapResult | None:
+    """Make the fleet's `model` current here, validated exactly as a promotion; None when it already is.
+
+    Several worker processes of one node adopt the same model at about the same time: under the
+    directory's lock the first installs it and the others find current.json already naming its digest.
+    ModelError (a model unfit here, or bytes that are not what the store says) leaves current untouched.
+    """
+    if not _SAFE_NAME.match(model.name):
+        raise ModelError(f"model name {model.name!r} is not usable as a file name")
+    if hashlib.sha256(model.onnx).hexdigest() != model.onnx_sha256:
+        raise ModelError(f"model {model.name}: the ONNX bytes fetched do not match the store's sha256")
+    with _locked(directory):
+        if current_digest(directory) == model.onnx_sha256:
+            return None
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=directory))
+        try:
+            staged = stage / "candidate.onnx"
+            staged.write_bytes(model.onnx)
+            staged.with_suffix(".json").write_bytes(model.meta_json)
+            if model.lgb_text is not None:
+                explainer_path(staged).write_bytes(model.lgb_text)
+            meta = load_metadata(staged.with_suffix(".json"))
+            if meta.name != model.name:
+                raise ModelError(f"model {model.name}: its metadata names it {meta.name!r}")
+            done = _install_staged(directory, staged, "fleet", samples)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    log.info("adopted the fleet's model %s (previous: %s)", done.name, done.previous)
+    return done
 
 
 def _previous_name(directory: Path, current: str, entries: Sequence[ModelInfo]) -> str:
@@ -428,5 +494,5 @@ def describe_metrics(metrics: Mapping[str, float | None]) -> str:
     return " · ".join(parts)
 
 
-__all__ = ["ModelInfo", "SwapResult", "describe_metrics", "list_models", "model_dir", "promote",
-           "rollback", "validate"]
+__all__ = ["FleetModel", "ModelInfo", "SwapResult", "adopt", "current_digest", "describe_metrics",
+           "list_models", "model_dir", "promote", "rollback", "validate"]

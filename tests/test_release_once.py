@@ -327,7 +327,7 @@ def test_delete_refuses_while_a_release_holds_the_claim(store: Store, url: str) 
 
 
 def test_migration_round_trip_keeps_held_messages(store: Store, sink: tuple[int, SlowSink]) -> None:
-    """0004 -> 0003 -> 0004 with messages held, released and being released: the bytes and states stay;
+    """0004 -> 0003 -> head with messages held, released and being released: the bytes and states stay;
     a claim in progress is dropped with its columns, so that message can be released afterwards."""
     from alembic import command
 
@@ -344,7 +344,7 @@ def test_migration_round_trip_keeps_held_messages(store: Store, sink: tuple[int,
     assert "release_claim" not in columns and "release_claimed_at" not in columns
     with store.engine.begin() as conn:
         upgrade(conn)
-        assert current_revision(conn) == "0004"
+        assert current_revision(conn) == "0005"
     for id, name in ((held, "held"), (released, "released"), (claimed, "claimed")):
         assert store.get_raw(id) == _raw(f"{name}@x")
         assert _claim_of(store, id) == (None, None)

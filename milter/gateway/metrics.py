@@ -76,6 +76,14 @@ class GatewayMetrics:
         )
         for outcome in RELOAD_OUTCOMES:  # export 0, not nothing, so alerts on "failed" see a series
             self.model_reloads.labels(outcome)
+        # [model] registry = "store": the fleet's models this worker adopted, or refused and kept its own
+        # (milter.gateway.fleet); a store it could not read counts as milter_errors{kind="registry"}.
+        self.registry_adoptions = Counter(
+            "milter_registry_adoptions", "Fleet models adopted from the store, by outcome", ["outcome"],
+            registry=r,
+        )
+        for outcome in RELOAD_OUTCOMES:
+            self.registry_adoptions.labels(outcome)
         # A scan past server.scan_timeout is counted here, and as milter_errors{kind="scan"} with the rest.
         self.scan_timeouts = Counter(
             "milter_scan_timeouts", "Messages whose scan passed server.scan_timeout", registry=r

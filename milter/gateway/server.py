@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session
@@ -30,6 +30,7 @@ from aiosmtpd.smtp import Session
 from milter.config import Config, host_port, milter_address
 from milter.gateway.auth import build_sender_auth
 from milter.gateway.batcher import MicroBatcher
+from milter.gateway.fleet import FleetFollower, FleetSettings, FleetStore, node_name
 from milter.gateway.heap import HeapKeeper, fix_mmap_threshold, keep_heap
 from milter.gateway.history import HistoryKeeper
 from milter.gateway.logfmt import kv, new_message_id
@@ -53,6 +54,7 @@ from milter.gateway.process import (
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
 from milter.gateway.reload import ModelReloader, ReloadResult, load_checked
 from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
+from milter.registry import model_dir
 from milter.types import Envelope
 
 if TYPE_CHECKING:
@@ -274,6 +276,16 @@ class Gateway:
             self.model, Path(config.model.path), config.policy, self.metrics,
             loader=functools.partial(load_checked, store=store, explain=config.model.explain),
         )
+        self._registry_executor: ThreadPoolExecutor | None = None
+        self.fleet: FleetFollower | None = None
+        if config.model.registry == "store":
+            # its own thread: a store that hangs, or a model's validation, never delays verdict commits
+            self._registry_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milter-registry")
+            fleet = FleetSettings(node_name(srv.node_name), model_dir(Path(config.model.path)),
+                                  config.model.registry_poll_seconds)
+            # the real Store has the registry methods; StoreLike only names what messages need
+            self.fleet = FleetFollower(fleet, cast(FleetStore, store), self.model, self.reloader,
+                                       self.metrics, self._registry_executor)
         # As many prepare processes per worker as there are cores, not cores / workers: a burst that
         # lands on one worker can then use every core (bench/gateway.py at 300 msgs/s: p99 added
         # latency 11-12 ms instead of 18-20; saturated, 834 msgs/s instead of 747). Idle ones cost
@@ -353,6 +365,8 @@ class Gateway:
         self._heap.start()
         if self.history is not None:
             self.history.start()  # loads in the background: until then the history is "unknown"
+        if self.fleet is not None:
+            self.fleet.start()  # its first poll adopts the fleet's model if start-up could not
         loop = asyncio.get_running_loop()
         srv = self.config.server
         if sock is not None:
@@ -452,6 +466,8 @@ class Gateway:
         for server in (self._server, self._milter_server):
             if server is not None:
                 server.close()
+        if self.fleet is not None:
+            await self.fleet.close()  # before the reloader: a poll may be about to request a reload
         await self.reloader.close()
         await self._heap.close()
         if self._inflight:
@@ -473,6 +489,8 @@ class Gateway:
             await self._metrics_server.close()
         self._prepare_pool.close()
         self._store_executor.shutdown(wait=True)
+        if self._registry_executor is not None:
+            self._registry_executor.shutdown(wait=True)
 
     # -- sessions ----------------------------------------------------------------------------------
 

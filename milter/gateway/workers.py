@@ -65,9 +65,15 @@ def load(config: Config) -> Loaded:
     from milter.scan import Scanner, load_explainer
     from milter.store import Store
 
+    store = Store.open(config.store.url)
+    if config.model.registry == "store":
+        # before the model loads: a node joining (or restarting into) the fleet serves its model
+        from milter.gateway.fleet import adopt_at_start
+        from milter.registry import model_dir
+
+        adopt_at_start(store, model_dir(config.model.path))
     classifier = Classifier.load(config.model.path)
     explainer = load_explainer(classifier) if config.model.explain else None
-    store = Store.open(config.store.url)
     policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
     log_learned(policy.learned)
     return Loaded(Scanner(classifier, policy, explainer), store, SCHEMA.digest)

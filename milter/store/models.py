@@ -2,7 +2,8 @@
 
 `messages` holds one row per scanned message (the verdict, cheap to list); `quarantine` holds the raw
 bytes of quarantined messages only, so listing verdicts never drags message bodies off disk; `history`
-holds the correspondence history (milter.history), one row per entry, shared by every gateway.
+holds the correspondence history (milter.history), one row per entry, shared by every gateway;
+`models`, `model_log` and `nodes` are the fleet's model registry (milter/store/registry.py).
 Alembic migrations in milter/migrations/versions/ must mirror these definitions.
 """
 
@@ -148,6 +149,47 @@ class HistoryEntry(Base):
     outbound: Mapped[int] = mapped_column(Integer)
 
 
+class RegistryModel(Base):
+    """A model published to the fleet: its three files' bytes, so a node needs nothing but the store.
+    A name is bound to one ONNX digest for good (publishing another under it is refused)."""
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    onnx_sha256: Mapped[str] = mapped_column(String(64))
+    onnx: Mapped[bytes] = mapped_column(LargeBinary)
+    meta_json: Mapped[bytes] = mapped_column(LargeBinary)
+    lgb_text: Mapped[bytes | None] = mapped_column(LargeBinary)  # NULL: a model from before explanations
+    promoted_at: Mapped[datetime] = mapped_column()
+    promoted_by: Mapped[str] = mapped_column(String(255))
+
+
+class ModelLogEntry(Base):
+    """One change of the fleet's current model; the row with the highest id says which model it is."""
+
+    __tablename__ = "model_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column()
+    name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # "promote" or "rollback"
+    by: Mapped[str] = mapped_column(String(255))
+
+
+class NodeEntry(Base):
+    """What one gateway node said at its latest check-in (every registry poll of every worker)."""
+
+    __tablename__ = "nodes"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    onnx_sha256: Mapped[str] = mapped_column(String(64))
+    last_checkin: Mapped[datetime] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(255))
+
+
 def _table(model: type[Base]) -> Table:
     table = model.__table__
     assert isinstance(table, Table)
@@ -158,3 +200,6 @@ def _table(model: type[Base]) -> Table:
 MESSAGES = _table(Message)
 QUARANTINE = _table(Quarantine)
 HISTORY = _table(HistoryEntry)
+MODELS = _table(RegistryModel)
+MODEL_LOG = _table(ModelLogEntry)
+NODES = _table(NodeEntry)

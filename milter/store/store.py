@@ -34,11 +34,13 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, defer, sessionmaker
 
 from milter.errors import StoreError
 from milter.store import history as history_sql
+from milter.store import registry as registry_sql
 from milter.store import release as release_sql
 from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
 from milter.store.mapping import envelope_of, message_values, new_message, to_row, vector_from_bytes
 from milter.store.migrate import upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
+from milter.store.registry import CurrentModel, ModelFiles, NodeStatus, PublishedModel
 from milter.store.rows import (
     ClaimResult,
     HistorySource,
@@ -438,6 +440,45 @@ class Store:
         (no vectors, no raw bytes)."""
         with _guard("cannot read verdicts"):
             return history_sql.sources(self.engine, after_id, limit)
+
+    # -- the fleet's model registry (the SQL is in milter/store/registry.py) -----------------------
+
+    def model_publish(self, files: ModelFiles, by: str) -> bool:
+        """Add a model's files; True when added, False when that name and digest were there already.
+        StoreError when the name is taken by other bytes."""
+        with _guard("cannot publish model"):
+            return registry_sql.publish(self._writer, files, by)
+
+    def model_set_current(self, name: str, action: str, by: str) -> None:
+        """Make published model `name` the fleet's current one; `action` is "promote" or "rollback"."""
+        with _guard("cannot change the current model"):
+            registry_sql.set_current(self._writer, name, action, by)
+
+    def model_current(self) -> CurrentModel | None:
+        """The fleet's current model (name, ONNX sha256); None before the first promotion."""
+        with _guard("cannot read the current model"):
+            return registry_sql.current(self.engine)
+
+    def model_previous(self) -> str | None:
+        """The model that was current before the current one (what a rollback without a name picks)."""
+        with _guard("cannot read the model log"):
+            return registry_sql.previous(self.engine)
+
+    def model_fetch(self, name: str) -> ModelFiles | None:
+        with _guard("cannot read model"):
+            return registry_sql.fetch(self.engine, name)
+
+    def model_list(self) -> list[PublishedModel]:
+        with _guard("cannot list models"):
+            return registry_sql.models(self.engine)
+
+    def node_check_in(self, status: NodeStatus) -> None:
+        with _guard("cannot check in"):
+            registry_sql.check_in(self._writer, status)
+
+    def node_list(self) -> list[NodeStatus]:
+        with _guard("cannot list nodes"):
+            return registry_sql.nodes(self.engine)
 
 
 def _like_escape(text: str) -> str:
