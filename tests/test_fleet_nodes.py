@@ -176,6 +176,8 @@ def test_two_nodes_a_promotion_and_one_killed_midway_lose_nothing(
         with store.engine.connect() as conn:
             models = {mid: m for mid, m in conn.execute(sa.select(MESSAGES.c.message_id, MESSAGES.c.model))}
         assert {models[m] for m in by_a} <= {MODEL_NAME, "fleet-v2"}
+        # B's verdict rows, written in batches by two workers beside A's until it died: none lost
+        assert {m for m, n in first_node.items() if n == "b"} <= set(models)
         assert "fleet-v2" in {models[m] for m, n in first_node.items() if n == "a" and m in models}
         # what A learned before it died is in the shared history: the early senders wrote to A alone
         learned = {r.key for r in store.history_rows() if r.kind == "address"}
