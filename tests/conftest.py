@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 
 import pytest
 from postfix import listen_port
+from store_support import BACKENDS, backend_url
 
 # Tests with these marks need a real service; a skip of one of them means "not tested", which CI
 # must not mistake for "passed".
@@ -40,3 +42,10 @@ def pytest_runtest_makereport(
 def free_port() -> Callable[[], int]:
     """A factory of loopback TCP ports that nothing listens on right now (`listen_port`)."""
     return listen_port
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL per backend: SQLite in the test's folder, and a throw-away PostgreSQL schema (which
+    must be reachable under CI=true: store_support)."""
+    yield from backend_url(request.param, tmp_path)

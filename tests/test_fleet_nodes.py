@@ -14,7 +14,6 @@ are shared.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,9 +25,8 @@ from click.testing import CliRunner
 from gateway_support import QUARANTINE_SENDER, Outcome, Sink, make_message, send
 from serve_support import ServeProcess
 from store_support import pg_schema_url
-from test_fleet_registry import MODEL_NAME, fleet_config, listening, local_models, served
+from test_fleet_registry import MODEL_NAME, fleet_config, local_models, node_toml, served, start_nodes
 from test_gateway_reload import model_variant
-from test_gateway_serve import POLICY_TOML
 
 from milter.cli import main as cli
 from milter.store import Store
@@ -44,23 +42,10 @@ def pg_url() -> Iterator[str]:
     yield from pg_schema_url()
 
 
-def node_toml(url: str, model_path: Path, port: int, sink_port: int, name: str) -> str:
-    return f"""
-[model]
-path = "{model_path}"
-registry = "store"
-registry_poll_seconds = 1
-[server]
-listen = "127.0.0.1:{port}"
-downstream = "127.0.0.1:{sink_port}"
-workers = 2
-downstream_timeout = 5.0
-node_name = "{name}"
-[store]
-url = "{url}"
+#: What the nodes here add to test_fleet_registry's: no DNS, and a history written often.
+NODE_EXTRA = """
 [auth]
 enabled = false
-""" + POLICY_TOML + """
 [policy.history]
 flush_seconds = 0.2
 refresh_seconds = 1.0
@@ -117,13 +102,7 @@ def test_two_nodes_a_promotion_and_one_killed_midway_lose_nothing(
         sink = Sink()
         await sink.start(sink_port)
         try:
-            starts = []
-            for n, proc in nodes.items():
-                proc.workdir.mkdir()
-                toml = node_toml(pg_url, local_models(proc.workdir / "models"), ports[n], sink_port, n)
-                ready = functools.partial(listening, proc)
-                starts.append(asyncio.to_thread(proc.launch, toml, ("--metrics-listen", "off"), ready, 300))
-            await asyncio.gather(*starts)
+            await start_nodes(nodes, lambda n, m: node_toml(pg_url, m, ports[n], sink_port, n, NODE_EXTRA))
             for k in range(EARLY):  # to A alone, a second before the load: A's history must keep them
                 sender = f"early{k}@early{k}.test"
                 raw = make_message(f"early{k}@fleet.test").replace(b"alice@sender.test", sender.encode())

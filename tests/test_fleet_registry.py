@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,6 @@ from gateway_support import (
     send,
 )
 from serve_support import ServeProcess
-from store_support import BACKENDS, backend_url
 from test_gateway_reload import model_variant
 from test_gateway_serve import POLICY_TOML
 
@@ -52,11 +51,6 @@ from milter.store.registry import ModelFiles, NodeStatus
 MODEL_NAME = json.loads(MODEL.with_suffix(".json").read_text())["name"]
 
 # -- fixtures and helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from backend_url(request.param, tmp_path)
 
 
 @pytest.fixture
@@ -322,13 +316,25 @@ def test_cli_status_needs_the_store_registry(tmp_path: Path) -> None:
 # -- end to end: two nodes, one store ----------------------------------------------------------------
 
 
-def node_toml(url: str, model_path: Path, port: int, sink_port: int, name: str) -> str:
+def node_toml(url: str, model_path: Path, port: int, sink_port: int, name: str, extra: str = "") -> str:
     return (
         f'[model]\npath = "{model_path}"\nregistry = "store"\nregistry_poll_seconds = 1\n'
         f'[server]\nlisten = "127.0.0.1:{port}"\ndownstream = "127.0.0.1:{sink_port}"\nworkers = 2\n'
         f'node_name = "{name}"\nhostname = "{name}.test"\n'
-        f'[store]\nurl = "{url}"\n' + POLICY_TOML
+        f'[store]\nurl = "{url}"\n' + POLICY_TOML + extra
     )
+
+
+async def start_nodes(nodes: Mapping[str, ServeProcess], toml_of: Callable[[str, Path], str]) -> None:
+    """Launch every node at once, each with a copy of the shipped model as its model directory and the
+    config `toml_of(name, model path)`; return when both workers of every node listen."""
+    starts = []
+    for name, proc in nodes.items():
+        proc.workdir.mkdir()
+        toml = toml_of(name, local_models(proc.workdir / "models"))
+        ready = functools.partial(listening, proc)
+        starts.append(asyncio.to_thread(proc.launch, toml, ("--metrics-listen", "off"), ready, 300))
+    await asyncio.gather(*starts)
 
 
 def verdict_models(url: str) -> dict[str, str]:
@@ -379,13 +385,7 @@ def test_two_nodes_adopt_a_promotion_while_mail_flows_and_refuse_a_broken_one(
         sink = Sink()
         await sink.start(sink_port)
         try:
-            starts = []
-            for name, proc in nodes.items():
-                proc.workdir.mkdir()
-                toml = node_toml(url, local_models(proc.workdir / "models"), ports[name], sink_port, name)
-                ready = functools.partial(listening, proc)
-                starts.append(asyncio.to_thread(proc.launch, toml, ("--metrics-listen", "off"), ready, 300))
-            await asyncio.gather(*starts)
+            await start_nodes(nodes, lambda name, path: node_toml(url, path, ports[name], sink_port, name))
             outcomes.extend(await mail("before", 3))
             # mail keeps flowing to both nodes while the fleet's model changes
             flowing = asyncio.create_task(mail("during", 8))

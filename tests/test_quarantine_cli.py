@@ -16,7 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from click.testing import CliRunner
-from store_support import BACKENDS, backend_url, make_result
+from store_support import make_result
 
 from milter.cli import main
 from milter.store import Store
@@ -25,11 +25,6 @@ from milter.types import Action, Envelope, Verdict
 ENV = Envelope(mail_from="alice@example.com", rcpt_tos=("bob@example.org",), client_addr="192.0.2.7")
 RAW = b"Subject: Hi\r\n\r\nbody\r\n"
 MILTER = Path(sys.executable).with_name("milter")
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from backend_url(request.param, tmp_path)
 
 
 @pytest.fixture

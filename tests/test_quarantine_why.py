@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from store_support import BACKENDS, backend_url
 
 from milter.cli import main
 from milter.commands.quarantine_why import WORDS_FEATURE, WORDS_TEXT, aggregate, paged
@@ -58,11 +56,6 @@ def scanned() -> list[tuple[bytes, ScanResult]]:
     assert scanner.explainer is not None, "the shipped model ships no explainer (models/current.lgb.txt)"
     raws = [p.read_bytes() for p in FIXTURES]
     return list(zip(raws, scanner.scan_batch(raws, [ENV] * len(raws)), strict=True))
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from backend_url(request.param, tmp_path)
 
 
 @pytest.fixture

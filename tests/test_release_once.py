@@ -23,7 +23,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from click.testing import CliRunner
-from store_support import BACKENDS, backend_url, make_result
+from store_support import make_result
 
 from milter.cli import main
 from milter.commands.quarantine_release import CLAIM_TIMEOUT_S, ReleaseOutcome, release
@@ -64,11 +64,6 @@ class SlowSink:
 
     def count(self, mid: str) -> int:
         return sum(1 for raw in self.received if f"<{mid}>".encode() in raw)
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from backend_url(request.param, tmp_path)
 
 
 @pytest.fixture

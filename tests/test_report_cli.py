@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from store_support import BACKENDS, backend_url, make_result
+from store_support import make_result
 
 from milter.commands.report import forwarded_inner, report
 from milter.config import DEFAULT_MODEL
@@ -24,11 +23,6 @@ from milter.store import Store, training_arrays
 from milter.types import Action, Envelope, Verdict
 
 ENV = Envelope(mail_from="alice@example.com", rcpt_tos=("bob@example.org",))
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from backend_url(request.param, tmp_path)
 
 
 @pytest.fixture(scope="module")

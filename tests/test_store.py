@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from store_support import BACKENDS, backend_url, make_result
+from store_support import make_result
 
 import milter.store.store as store_module
 from milter.errors import StoreError
@@ -26,11 +26,6 @@ ENV = Envelope(mail_from="alice@example.com", rcpt_tos=("bob@example.org", "caro
                queue_id="4Xyz12")
 RAW = b"From: alice@example.com\r\nSubject: Hello\r\n\r\nbody\r\n"
 DIGEST = "sha256:abc123"
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from backend_url(request.param, tmp_path)
 
 
 @pytest.fixture

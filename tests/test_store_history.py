@@ -7,12 +7,11 @@ import random
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from store_support import BACKENDS, backend_url, make_result
+from store_support import make_result
 
 import milter.store.history as history_sql
 from milter.cli import main
@@ -23,11 +22,6 @@ from milter.types import Action, Envelope, Verdict
 
 DIGEST = "sha256:abc123"
 BASE = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from backend_url(request.param, tmp_path)
 
 
 @pytest.fixture
