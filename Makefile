@@ -1,14 +1,15 @@
 # Development entry points. `make test` is what CI runs (.ci/run); see README, "Development".
 #
-# The venv is made on first use and the project (editable, with the dev and training extras) is
-# installed only when pyproject.toml is newer than the stamp inside the venv: every target below
-# depends on the stamp, so nothing reinstalls on each call, and deleting .venv starts afresh.
+# The venv is made on first use and the project (editable, with the dev, training and distributed
+# extras; the last one because tests/test_retrain_dask.py runs `milter-retrain --dask`) is installed
+# only when pyproject.toml is newer than the stamp inside the venv: every target below depends on the
+# stamp, so nothing reinstalls on each call, and deleting .venv starts afresh.
 
 PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
-EXTRAS  ?= dev,training
+EXTRAS  ?= dev,training,distributed
 CORPORA ?= .cache/corpora
 UNPACK  ?= ../shared/corpora/unpack
 # Extra arguments, e.g. `make test PYTEST_ARGS='-k postfix -x'`, `make pytest TESTS=tests/test_store.py`,

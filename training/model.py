@@ -12,7 +12,7 @@ import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -104,6 +104,41 @@ def lgb_params(cfg: FitConfig) -> dict[str, Any]:
         "num_threads": 2,
         "verbose": -1,
     }
+
+
+Rows = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float64]]  # X, y, weights
+
+
+class TreeFitter(Protocol):
+    """Where the trees grow: this process (`local_trees`) or a Dask cluster (training/dask_retrain.py).
+
+    With `val`, at most `rounds` rounds, early-stopped on `val`'s weighted log-loss after
+    `cfg.early_stopping` rounds without improvement (`best_iteration` set); without, exactly `rounds`."""
+
+    def __call__(
+        self, train: Rows, names: Sequence[str], cfg: FitConfig, rounds: int, val: Rows | None = None
+    ) -> lgb.Booster: ...
+
+
+def local_trees(
+    train: Rows, names: Sequence[str], cfg: FitConfig, rounds: int, val: Rows | None = None
+) -> lgb.Booster:
+    """lgb.train in this process: the single-process fit milter-train has always made."""
+    X, y, w = train
+    if val is None:
+        part = lgb.Dataset(X, y, weight=w, feature_name=list(names))
+        return lgb.train(lgb_params(cfg), part, num_boost_round=rounds)
+    data = lgb.Dataset(X, y, weight=w, feature_name=list(names), free_raw_data=False)
+    X_val, y_val, w_val = val
+    held = lgb.Dataset(X_val, y_val, weight=w_val, reference=data, feature_name=list(names))
+    return lgb.train(
+        lgb_params(cfg),
+        data,
+        num_boost_round=rounds,
+        valid_sets=[held],
+        valid_names=["validation"],
+        callbacks=[lgb.early_stopping(cfg.early_stopping, verbose=False), lgb.log_evaluation(0)],
+    )
 
 
 def sample_weights(
@@ -259,6 +294,7 @@ def fit(
     cfg: FitConfig,
     groups: Sequence[str] | None = None,
     labels: npt.NDArray[np.bool_] | None = None,
+    trees: TreeFitter = local_trees,
 ) -> Fitted:
     """The text stage (out-of-fold for the training rows, grouped by `groups`: their senders; one group
     per row when None), then the trees with early stopping on the (weighted) validation log-loss.
@@ -270,7 +306,10 @@ def fit(
     20 base messages each inside the stage, the challenger's fixed-set ham FPR rose 0.18 -> 0.53 %;
     with them out of it, it did not rise. "ham" puts the ham labels in the stage too (out of fold, like
     the corpora); on the shop mailbox left out of training it held less of the rest after 20 labels
-    (three seeds) but tagged more, and is not the default (docs/DETECTION.md)."""
+    (three seeds) but tagged more, and is not the default (docs/DETECTION.md).
+
+    `trees` grows the trees (the final fit and the out-of-fold ones); the text stage is always fitted
+    here, in this process."""
     names = list(feature_names)
     stage: TextStage | None = None
     columns = stage_columns(names)
@@ -293,20 +332,11 @@ def fit(
         names += list(stage.names)
     # the gram ids are hashes, not quantities: constant columns are columns LightGBM never splits on
     X_train, X_val = hide_ids(X_train, names), hide_ids(X_val, names)
-    train = lgb.Dataset(X_train, y_train, weight=w_train, feature_name=names, free_raw_data=False)
-    val = lgb.Dataset(X_val, y_val, weight=w_val, reference=train, feature_name=names)
-    booster = lgb.train(
-        lgb_params(cfg),
-        train,
-        num_boost_round=cfg.max_rounds,
-        valid_sets=[val],
-        valid_names=["validation"],
-        callbacks=[lgb.early_stopping(cfg.early_stopping, verbose=False), lgb.log_evaluation(0)],
-    )
+    booster = trees((X_train, y_train, w_train), names, cfg, cfg.max_rounds, (X_val, y_val, w_val))
     oof = None
     if cfg.threshold_folds > 1:
         rounds = booster.best_iteration or booster.current_iteration()
-        oof = out_of_fold_trees(X_train, y_train, w_train, groups, names, cfg, rounds)
+        oof = out_of_fold_trees(X_train, y_train, w_train, groups, names, cfg, rounds, trees)
     return Fitted(booster, stage, oof)
 
 
@@ -318,6 +348,7 @@ def out_of_fold_trees(
     names: Sequence[str],
     cfg: FitConfig,
     rounds: int,
+    trees: TreeFitter = local_trees,
 ) -> npt.NDArray[np.float64]:
     """Each training row's P(class) from trees fitted, for the final model's number of rounds, on the
     other senders' folds (the text stage's folds, so its scores and the trees leave out the same senders).
@@ -331,9 +362,8 @@ def out_of_fold_trees(
         held = fold == k
         if not held.any() or held.all():
             continue
-        part = lgb.Dataset(X[~held], y[~held], weight=w[~held], feature_name=list(names))
-        trees = lgb.train(lgb_params(cfg), part, num_boost_round=rounds)
-        out[held] = np.asarray(trees.predict(X[held]), dtype=np.float64)
+        fold_model = trees((X[~held], y[~held], w[~held]), names, cfg, rounds)
+        out[held] = np.asarray(fold_model.predict(X[held]), dtype=np.float64)
     return out
 
 

@@ -26,6 +26,10 @@
      * recall on the recent spam/bec labels, and FPR on recent ham labels, no worse (same tolerances);
    otherwise refuse. Either way a report (report.md + retrain.json) says what was compared and why.
 
+With `--dask SCHEDULER` (or `--dask local:N`, a LocalCluster of N worker processes on loopback) the trees
+are grown on a Dask cluster by lightgbm.dask and stale stored messages are re-extracted as a Dask bag;
+data, text stage, export, thresholds and gate are the same (training/dask_retrain.py says what differs).
+
 Exit status: 0 when a model was promoted or cleanly refused (systemd then reloads the gateway), 1 on errors.
 """
 
@@ -37,7 +41,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +59,7 @@ from milter.errors import MilterError
 from milter.features import Protected
 from milter.registry import promote
 from milter.store import Store
-from milter.types import CLASS_NAMES, VERDICTS, label_class
+from milter.types import CLASS_NAMES, VERDICTS, Envelope, label_class
 from training import model as mdl
 from training.artifacts import write_model
 from training.corpora import CorporaError, default_corpora_src
@@ -142,6 +147,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threshold-folds", type=int, default=d.threshold_folds, help="as milter-train")
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--dask",
+        metavar="SCHEDULER",
+        help="grow the trees on Dask: a scheduler address (tcp://HOST:PORT) or local:N for a local "
+        "cluster of N worker processes (needs the 'distributed' extra; see training/dask_retrain.py)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -170,26 +181,57 @@ class Labelled:
         return np.flatnonzero(~recent), np.flatnonzero(recent)
 
 
-def load_labelled(store: Store, features: ModuleType, protected: Protected) -> Labelled:
-    """Current vectors as stored; stale ones recomputed from raw bytes when held, else skipped."""
+#: (store id, raw bytes, envelope) of stored messages -> (store id, vector or None, error or None)
+Recompute = Callable[
+    [Sequence[tuple[int, bytes, Envelope]]], list[tuple[int, FloatArray | None, str | None]]
+]
+
+
+def extract_here(
+    features: ModuleType, protected: Protected
+) -> Recompute:
+    """Re-extraction in this process, one message after another (the default; --dask uses a bag)."""
+
+    def run(items: Sequence[tuple[int, bytes, Envelope]]) -> list[tuple[int, FloatArray | None, str | None]]:
+        out: list[tuple[int, FloatArray | None, str | None]] = []
+        for pk, raw, envelope in items:
+            try:
+                vector = np.asarray(features.extract(raw, envelope, protected).vector, dtype=np.float32)
+            except Exception as exc:  # one unparseable message must not stop the nightly run; counted
+                log.exception("feature extraction failed for stored message %d", pk)
+                out.append((pk, None, str(exc)))
+                continue
+            out.append((pk, vector, None))
+        return out
+
+    return run
+
+
+def load_labelled(
+    store: Store, features: ModuleType, protected: Protected, recompute: Recompute | None = None
+) -> Labelled:
+    """Current vectors as stored; stale ones recomputed (`recompute`) from raw bytes when held, else
+    skipped."""
     digest = features.SCHEMA.digest
     rows: dict[int, tuple[FloatArray, str]] = {
         e.id: (np.asarray(e.vector, dtype=np.float32), e.label) for e in store.labelled_examples(digest)
     }
     counts = {"stored": len(rows), "recomputed": 0, "skipped_no_raw": 0, "failed": 0}
     width = len(features.SCHEMA.names)
+    held: list[tuple[int, bytes, Envelope]] = []
+    label_of: dict[int, str] = {}
     for stale in store.stale_examples(digest):
         if stale.raw is None:
             counts["skipped_no_raw"] += 1
             continue
-        try:
-            extracted = features.extract(stale.raw, stale.envelope, protected)
-            vector = np.asarray(extracted.vector, dtype=np.float32)
-        except Exception:  # one unparseable message must not stop the nightly run; it is counted
-            log.exception("feature extraction failed for stored message %d", stale.id)
+        held.append((stale.id, stale.raw, stale.envelope))
+        label_of[stale.id] = stale.label
+    for pk, vector, error in (recompute or extract_here(features, protected))(held):
+        if vector is None:
+            log.error("feature extraction failed for stored message %d: %s", pk, error)
             counts["failed"] += 1
             continue
-        rows[stale.id] = (vector, stale.label)
+        rows[pk] = (vector, label_of[pk])
         counts["recomputed"] += 1
     ids = tuple(sorted(pk for pk, (vec, lab) in rows.items() if vec.shape == (width,) and lab in VERDICTS))
     counts["failed"] += len(rows) - len(ids)
@@ -266,8 +308,10 @@ def fit_challenger(
     ds: Dataset,
     labels: Labelled,
     train_rows: npt.NDArray[np.intp],
+    trees: mdl.TreeFitter = mdl.local_trees,
 ) -> Challenger:
-    """milter-train's fit, export, parity check and thresholds, with the labels added to training."""
+    """milter-train's fit, export, parity check and thresholds, with the labels added to training;
+    `trees` grows the trees (this process, or a Dask cluster with --dask)."""
     try:
         setup = fit_setup(args, ds)
     except ValueError as exc:
@@ -288,6 +332,7 @@ def fit_challenger(
         cfg,
         groups=[setup.groups[i] for i in tr] + label_groups(len(y_lab), len(y_fit)),
         labels=np.concatenate([np.zeros(len(tr), dtype=bool), np.ones(len(y_fit), dtype=bool)]),
+        trees=trees,
     )
     log.info(
         "text stage and LightGBM: %d rounds in %.1fs (%d base + %d label rows)",
@@ -611,18 +656,56 @@ def _decide(
     return decision
 
 
+@dataclass(frozen=True)
+class Engine:
+    """Where the trees grow and stale messages are re-extracted: here (default) or on Dask (--dask)."""
+
+    trees: mdl.TreeFitter = mdl.local_trees
+    recompute: Recompute | None = None
+    describe: Callable[[], dict[str, Any]] | None = None  # the model metadata's `fitted_on`, if any
+
+
+@contextmanager
+def engine(args: argparse.Namespace, protected: Protected) -> Iterator[Engine]:
+    """This process, or a Dask client for `--dask` (connected first: a bad address fails before the
+    corpora load; a LocalCluster is closed at the end)."""
+    if not args.dask:
+        yield Engine()
+        return
+    from training import dask_retrain as dr  # imports dask only when asked for
+
+    with dr.connect(args.dask) as client:
+        trees = dr.DaskTrees(client, args.dask)
+
+        def recompute(
+            items: Sequence[tuple[int, bytes, Envelope]],
+        ) -> list[tuple[int, FloatArray | None, str | None]]:
+            return dr.extract_bag(client, items, args.features_module, protected)
+
+        yield Engine(trees, recompute, trees.describe)
+
+
 def run(args: argparse.Namespace) -> RetrainResult:
-    started, t0 = datetime.now(UTC), time.monotonic()
     url, models_dir, protected = _locations(args)
+    with engine(args, protected) as eng:
+        return _run(args, eng, url, models_dir, protected)
+
+
+def _run(
+    args: argparse.Namespace, eng: Engine, url: str, models_dir: Path, protected: Protected
+) -> RetrainResult:
+    started, t0 = datetime.now(UTC), time.monotonic()
     features, code_version = _features(args.features_module)
     with Store.open(url) as store:
-        labels = load_labelled(store, features, protected)
+        labels = load_labelled(store, features, protected, eng.recompute)
     train_rows, recent_rows = labels.split(args.holdout_every)
     log.info(
         "store labels: %s; %d train, %d held back", dict(labels.counts), len(train_rows), len(recent_rows)
     )
     ds = load_base(args, features, code_version)
-    challenger = fit_challenger(args, features, code_version, ds, labels, train_rows)
+    challenger = fit_challenger(args, features, code_version, ds, labels, train_rows, eng.trees)
+    if eng.describe is not None:
+        challenger.meta["fitted_on"] = eng.describe()
     te = ds.rows(TEST)
     ev = EvalSet(
         ds.X[te],
