@@ -439,3 +439,21 @@ def test_two_nodes_adopt_a_promotion_while_mail_flows_and_refuse_a_broken_one(
     assert models["before-node-a-0@fleet.test"] == models["before-node-b-0@fleet.test"] == shipped
     cli = CliRunner().invoke(model, ["status", "--config", str(admin)])
     assert cli.exit_code == 0 and "node-a" in cli.output and "node-b" in cli.output and "NO" in cli.output
+
+
+def test_the_nightly_retrain_publishes_its_promotion_to_the_fleet(tmp_path: Path) -> None:
+    """milter-retrain on a node of a fleet: the challenger it promotes becomes the fleet's current model
+    (without it, that node's own follower would reinstall the fleet's older model at its next poll)."""
+    from training.retrain import install
+
+    url = f"sqlite:///{tmp_path}/fleet.db"
+    here = local_models(tmp_path / "models").parent
+    candidate = model_variant(tmp_path / "cand", "nightly-1")
+    install(here, candidate, None)  # a lone node: local only, the store's registry untouched
+    with Store.open(url) as s:
+        assert s.model_current() is None
+    install(here, model_variant(tmp_path / "cand2", "nightly-2"), url)
+    with Store.open(url) as s:
+        current = s.model_current()
+        assert current is not None and current.name == "nightly-2"
+    assert json.loads((here / CURRENT_JSON).read_text())["name"] == "nightly-2"

@@ -54,6 +54,7 @@ import numpy.typing as npt
 import onnx
 
 from milter.classifier import Classifier
+from milter.commands.model_fleet import promote as fleet_promote
 from milter.config import load_config
 from milter.errors import MilterError
 from milter.features import Protected
@@ -602,11 +603,22 @@ def _load_champion(models_dir: Path) -> tuple[Classifier | None, str | None]:
         return None, f"current model unusable: {exc}"
 
 
-def _locations(args: argparse.Namespace) -> tuple[str, Path, Protected]:
+def _locations(args: argparse.Namespace) -> tuple[str, Path, Protected, bool]:
+    """Store URL, models folder, protected identities, and whether the fleet's registry is the store's."""
     cfg = load_config(args.config)
     models_dir = args.models_dir or cfg.model.path.parent
     protected = Protected(domains=cfg.policy.protected_domains, names=cfg.policy.protected_names)
-    return args.db or cfg.store.url, models_dir, protected
+    return args.db or cfg.store.url, models_dir, protected, cfg.model.registry == "store"
+
+
+def install(models_dir: Path, candidate: Path, fleet_url: str | None) -> None:
+    """Promote `candidate` here (validated, atomic swap) and, with the store's registry (`fleet_url`),
+    publish it as the fleet's current model: every node then adopts it (milter.gateway.fleet). Without
+    that, this node's own follower would put the fleet's older model back at its next poll."""
+    promote(models_dir, candidate)  # validates again and swaps atomically; ModelError = an error exit
+    if fleet_url is not None:
+        with Store.open(fleet_url) as store:
+            fleet_promote(store, candidate, None)
 
 
 def _evaluate_both(champion: Classifier | None, challenger: Challenger, ev: EvalSet) -> list[Scored]:
@@ -686,13 +698,13 @@ def engine(args: argparse.Namespace, protected: Protected) -> Iterator[Engine]:
 
 
 def run(args: argparse.Namespace) -> RetrainResult:
-    url, models_dir, protected = _locations(args)
+    url, models_dir, protected, fleet = _locations(args)
     with engine(args, protected) as eng:
-        return _run(args, eng, url, models_dir, protected)
+        return _run(args, eng, url, models_dir, protected, fleet)
 
 
 def _run(
-    args: argparse.Namespace, eng: Engine, url: str, models_dir: Path, protected: Protected
+    args: argparse.Namespace, eng: Engine, url: str, models_dir: Path, protected: Protected, fleet: bool
 ) -> RetrainResult:
     started, t0 = datetime.now(UTC), time.monotonic()
     features, code_version = _features(args.features_module)
@@ -726,7 +738,7 @@ def _run(
         report_dir / "candidate", challenger.onnx_bytes, challenger.meta, challenger.explainer
     )
     if decision.promote:
-        promote(models_dir, candidate)  # validates again and swaps atomically; ModelError = an error exit
+        install(models_dir, candidate, url if fleet else None)
     summary = {
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - t0, 1),
