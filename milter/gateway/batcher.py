@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from milter.gateway.background import stop
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -53,11 +55,8 @@ class MicroBatcher(Generic[T, R]):
             self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
         for _, fut in self._pending:
             if not fut.done():
                 fut.set_exception(RuntimeError("batcher closed"))

@@ -25,7 +25,6 @@ Blocking work (the store, files, ONNX) runs in the worker's registry executor, n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from milter.errors import MilterError, ModelError
+from milter.gateway.background import stop
 from milter.gateway.logfmt import kv
 from milter.gateway.metrics import GatewayMetrics
 from milter.gateway.process import ModelSlot
@@ -106,11 +106,8 @@ class FleetFollower:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="fleet-follower")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -24,11 +24,11 @@ one arena's walk, not all of them. Not glibc (musl): nothing to set or trim, and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import time
 
+from milter.gateway.background import stop
 from milter.gateway.logfmt import kv
 from milter.gateway.memreport import malloc_stats
 from milter.gateway.metrics import GatewayMetrics
@@ -116,8 +116,5 @@ class HeapKeeper:
                 log.exception(kv("heap_trim_failed"))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
