@@ -141,6 +141,16 @@ class ModelConfig:
     registry: str = "local"
     # With registry = "store": how often each worker asks the store which model the fleet serves.
     registry_poll_seconds: float = 30.0
+    # Which graph scores the mail (docs/gpu.md): "cpu" the TreeEnsemble graph on the CPU; "auto" the
+    # model's tensor graph on CUDA when onnxruntime offers CUDAExecutionProvider and every node runs
+    # there, else the CPU graph; "cuda" the same, with an ERROR line when it falls back (it never
+    # refuses to start: the gateway keeps scoring on the CPU).
+    provider: str = "auto"
+    # The micro-batcher's settings while the CUDA graph scores (server.batch_max / batch_wait_ms stay
+    # for the CPU): a GPU call costs about the same for one row as for hundreds, so it waits for more
+    # company; `milter scan` scores in batches of gpu_batch_size too.
+    gpu_batch_size: int = 512
+    gpu_batch_wait_ms: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -324,6 +334,12 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
 
 #: What [model] registry may say.
 REGISTRIES: tuple[str, ...] = ("local", "store")
+#: What [model] provider may say (milter.classifier.PROVIDER_SETTINGS; not imported: config stays light).
+MODEL_PROVIDERS: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: Bounds of the GPU batch: past 65,536 rows a call holds seconds of mail; a wait past a second would
+#: delay every message of a quiet gateway by that much.
+MAX_GPU_BATCH = 65_536
+MAX_GPU_BATCH_WAIT_MS = 1000.0
 #: The file a registry (local or the fleet's) makes current: a node following the fleet loads this one.
 CURRENT_MODEL_FILE = "current.onnx"
 
@@ -334,6 +350,13 @@ def _model(raw: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError("model.registry", f"must be 'local' or 'store', got {model.registry!r}")
     if model.registry_poll_seconds <= 0:
         raise ConfigError("model.registry_poll_seconds", "must be more than 0 seconds")
+    if model.provider not in MODEL_PROVIDERS:
+        raise ConfigError("model.provider", f"must be 'auto', 'cpu' or 'cuda', got {model.provider!r}")
+    if not 1 <= model.gpu_batch_size <= MAX_GPU_BATCH:
+        raise ConfigError("model.gpu_batch_size", f"must be 1 to {MAX_GPU_BATCH}, got {model.gpu_batch_size}")
+    if not 0 <= model.gpu_batch_wait_ms <= MAX_GPU_BATCH_WAIT_MS:
+        raise ConfigError("model.gpu_batch_wait_ms",
+                          f"must be 0 to {MAX_GPU_BATCH_WAIT_MS:g} ms, got {model.gpu_batch_wait_ms:g}")
     if model.registry == "store" and model.path.name != CURRENT_MODEL_FILE:
         raise ConfigError("model.path", f"must name a {CURRENT_MODEL_FILE} with registry = 'store' "
                           f"(the fleet's model is installed as that file), got {model.path.name!r}")

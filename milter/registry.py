@@ -4,14 +4,17 @@ Layout of a model directory (the folder of `[model] path`, models/ by default):
 
     current.onnx, current.json        what the gateway loads
     current.lgb.txt                   the same trees as LightGBM text, for explanations (milter.explain)
-    history/<name>.onnx, .json, .lgb.txt   every model ever promoted (name = the metadata's "name")
+    current.tensor.onnx               the same trees as standard tensor operators, for the CUDA provider
+                                      (docs/gpu.md; older models have none)
+    history/<name>.onnx, .json, .lgb.txt, .tensor.onnx   every model ever promoted (name = "name")
 
 A candidate is validated before anything changes: its metadata must carry the sha256 of its ONNX file,
 `Classifier.load` must accept it (feature-schema check) and a smoke scan of the sample fixtures must
 give finite probabilities that sum to 1; the explainer its metadata names must match its digest and
-compute the graph's probabilities (older models without one are accepted, with a warning). The swap
+compute the graph's probabilities (older models without one are accepted, with a warning); so must the
+tensor graph it names (on the CPU provider, against the TreeEnsemble graph's probabilities). The swap
 writes the files under temporary names in the same directory, then replaces current.onnx, then
-current.lgb.txt and last current.json. A reader that loads the JSON first and
+current.lgb.txt and current.tensor.onnx, and last current.json. A reader that loads the JSON first and
 the ONNX second can therefore only ever catch "old JSON + new ONNX", which the sha256 in the JSON
 exposes; it never gets a silently mismatched pair.
 
@@ -42,8 +45,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
 
-from milter.classifier import Classifier, ModelMetadata, load_metadata
+from milter.classifier import (
+    CPU,
+    CUDA_PARITY_TOLERANCE,
+    Classifier,
+    ModelMetadata,
+    load_metadata,
+    tensor_graph_path,
+)
 from milter.errors import ModelError
 from milter.explain import Explainer, explainer_path
 from milter.features import SCHEMA
@@ -205,6 +217,7 @@ def validate(onnx_path: Path, samples: Sequence[bytes] | None = None) -> ModelMe
         raise ModelError(
             f"model {meta.name} gives rows that are not probabilities (|sum - 1| up to {worst:.3g})"
         )
+    check_tensor_graph(onnx_path, meta, classifier, vectors)
     explainer = Explainer.load(onnx_path, meta.raw, classifier.predict)
     if explainer is None:
         log.warning("model %s ships no explainer: its verdicts will carry no per-feature reasons", meta.name)
@@ -212,6 +225,38 @@ def validate(onnx_path: Path, samples: Sequence[bytes] | None = None) -> ModelMe
         explainer.check_against(classifier.predict, vectors)
     log.info("model %s validated on %d sample messages", meta.name, len(messages))
     return meta
+
+
+def check_tensor_graph(
+    onnx_path: Path, meta: ModelMetadata, classifier: Classifier, vectors: npt.NDArray[np.float32]
+) -> None:
+    """The tensor graph the metadata names must be there, match its sha256 and score `vectors` as the
+    TreeEnsemble graph does (on the CPU provider: what runs on CUDA is checked by each gateway at load).
+    A model that names none is accepted: older models, and GPU-less fleets, do without."""
+    entry = meta.raw.get("tensor_graph")
+    if entry is None:
+        log.info("model %s ships no tensor graph: it will be scored on the CPU everywhere", meta.name)
+        return
+    path = tensor_graph_path(onnx_path)
+    expected = entry.get("sha256") if isinstance(entry, Mapping) else None
+    if not isinstance(expected, str):
+        raise ModelError(f"model metadata for {meta.name} lacks tensor_graph.sha256")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read tensor graph {path}: {exc.strerror}") from exc
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ModelError(f"tensor graph {path} does not match its metadata (sha256 differs): corrupt or "
+                         "from another model")
+    try:
+        session = ort.InferenceSession(data, providers=[CPU])
+        (probs,) = session.run(["probabilities"], {session.get_inputs()[0].name: vectors})
+    except Exception as exc:  # onnxruntime raises its own types
+        raise ModelError(f"tensor graph {path} cannot score: {exc}") from exc
+    worst = float(np.max(np.abs(np.asarray(probs, dtype=np.float64) - classifier.predict(vectors))))
+    if not worst <= CUDA_PARITY_TOLERANCE:
+        raise ModelError(f"tensor graph {path} scores otherwise than the model's graph (max probability "
+                         f"difference {worst:.3g} > {CUDA_PARITY_TOLERANCE:g}): not the same trees")
 
 
 # -- file operations ---------------------------------------------------------------------------
@@ -253,13 +298,20 @@ def _copy_temp(src: Path, directory: Path) -> Path:
     return tmp
 
 
+def companions(onnx_path: Path) -> list[Path]:
+    """The files that travel with a model's graph: its explainer and its tensor graph (either may be
+    absent: models from before them)."""
+    return [explainer_path(onnx_path), tensor_graph_path(onnx_path)]
+
+
 def _swap(directory: Path, onnx_src: Path, json_src: Path) -> None:
-    """Make (onnx_src, its explainer, json_src) current: all staged first, then .onnx replaced, then the
-    explainer, then .json. A model without an explainer removes the outgoing one's (after the .json)."""
+    """Make (onnx_src, its companions, json_src) current: all staged first, then .onnx replaced, then the
+    companions, then .json. A companion the model lacks is removed after the .json (no stale explainer
+    or tensor graph of another model stays current)."""
     current_onnx = directory / CURRENT_ONNX
-    pairs = [(onnx_src, current_onnx), (json_src, directory / CURRENT_JSON)]
-    if explainer_path(onnx_src).is_file():
-        pairs.insert(1, (explainer_path(onnx_src), explainer_path(current_onnx)))
+    shipped = [(src, dst) for src, dst in zip(companions(onnx_src), companions(current_onnx), strict=True)
+               if src.is_file()]
+    pairs = [(onnx_src, current_onnx), *shipped, (json_src, directory / CURRENT_JSON)]
     staged: list[tuple[Path, Path]] = []
     try:
         for src, dst in pairs:
@@ -269,8 +321,9 @@ def _swap(directory: Path, onnx_src: Path, json_src: Path) -> None:
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    if len(pairs) == 2:
-        explainer_path(current_onnx).unlink(missing_ok=True)
+    for src, dst in zip(companions(onnx_src), companions(current_onnx), strict=True):
+        if not src.is_file():
+            dst.unlink(missing_ok=True)
     _fsync_dir(directory)
 
 
@@ -282,16 +335,16 @@ def _archive(history: Path, name: str, onnx_src: Path, json_src: Path) -> None:
     """Put a model into history under its name; an existing entry must hold the same bytes."""
     history.mkdir(parents=True, exist_ok=True)
     dst_onnx, dst_json = history / f"{name}.onnx", history / f"{name}.json"
+    extra = [(src, dst) for src, dst in zip(companions(onnx_src), companions(dst_onnx), strict=True)
+             if src.is_file()]
     if dst_onnx.exists() and dst_json.exists():
         if _same_bytes(onnx_src, dst_onnx) and _same_bytes(json_src, dst_json):
-            if explainer_path(onnx_src).is_file() and not explainer_path(dst_onnx).is_file():
-                os.replace(_copy_temp(explainer_path(onnx_src), history), explainer_path(dst_onnx))
+            for src, dst in extra:  # an entry archived before it had this companion
+                if not dst.is_file():
+                    os.replace(_copy_temp(src, history), dst)
             return
         raise ModelError(f"history already holds a different model named {name}")
-    pairs = [(onnx_src, dst_onnx), (json_src, dst_json)]
-    if explainer_path(onnx_src).is_file():
-        pairs.insert(1, (explainer_path(onnx_src), explainer_path(dst_onnx)))
-    for src, dst in pairs:
+    for src, dst in [(onnx_src, dst_onnx), *extra, (json_src, dst_json)]:
         os.replace(_copy_temp(src, history), dst)
     _fsync_dir(history)
 
@@ -365,8 +418,9 @@ def promote(
             staged = stage / "candidate.onnx"
             shutil.copyfile(onnx_path, staged)
             shutil.copyfile(json_path, staged.with_suffix(".json"))
-            if explainer_path(onnx_path).is_file():
-                shutil.copyfile(explainer_path(onnx_path), explainer_path(staged))
+            for src, dst in zip(companions(onnx_path), companions(staged), strict=True):
+                if src.is_file():
+                    shutil.copyfile(src, dst)
             done = _install_staged(directory, staged, "promote", samples)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -407,6 +461,7 @@ class FleetModel:
     onnx: bytes
     meta_json: bytes
     lgb_text: bytes | None = None
+    tensor_onnx: bytes | None = None  # the tensor graph (None: a model without one)
 
 
 def adopt(directory: Path, model: FleetModel, samples: Sequence[bytes] | None = None) -> SwapResult | None:
@@ -430,6 +485,8 @@ def adopt(directory: Path, model: FleetModel, samples: Sequence[bytes] | None = 
             staged.with_suffix(".json").write_bytes(model.meta_json)
             if model.lgb_text is not None:
                 explainer_path(staged).write_bytes(model.lgb_text)
+            if model.tensor_onnx is not None:
+                tensor_graph_path(staged).write_bytes(model.tensor_onnx)
             meta = load_metadata(staged.with_suffix(".json"))
             if meta.name != model.name:
                 raise ModelError(f"model {model.name}: its metadata names it {meta.name!r}")
@@ -494,5 +551,6 @@ def describe_metrics(metrics: Mapping[str, float | None]) -> str:
     return " · ".join(parts)
 
 
-__all__ = ["FleetModel", "ModelInfo", "SwapResult", "adopt", "current_digest", "describe_metrics",
-           "list_models", "model_dir", "promote", "rollback", "validate"]
+__all__ = ["FleetModel", "ModelInfo", "SwapResult", "adopt", "check_tensor_graph", "companions",
+           "current_digest", "describe_metrics", "list_models", "model_dir", "promote", "rollback",
+           "validate"]

@@ -183,7 +183,7 @@ def load_explainer(classifier: Classifier) -> Explainer | None:
 def build_scanner(cfg: Config, model_path: Path | None = None, explain_all: bool = False) -> Scanner:
     """Load the model named by the config (or `model_path`), its explainer and the policy around its
     thresholds."""
-    classifier = Classifier.load(model_path or cfg.model.path)
+    classifier = Classifier.load(model_path or cfg.model.path, provider=cfg.model.provider)
     policy = Policy(cfg.policy, classifier.metadata.thresholds)
     explainer = load_explainer(classifier) if cfg.model.explain or explain_all else None
     return Scanner(classifier, policy, explainer, explain_all)

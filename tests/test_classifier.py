@@ -28,6 +28,7 @@ def copy_model(tmp_path: Path) -> Path:
     shutil.copy(DEFAULT_MODEL, dst)
     shutil.copy(DEFAULT_MODEL.with_suffix(".json"), dst.with_suffix(".json"))
     shutil.copy(DEFAULT_MODEL.with_suffix(".lgb.txt"), dst.with_suffix(".lgb.txt"))
+    shutil.copy(DEFAULT_MODEL.with_suffix(".tensor.onnx"), dst.with_suffix(".tensor.onnx"))
     return dst
 
 

@@ -78,6 +78,15 @@ def test_nameserver_entries() -> None:
         ({"policy": {"bulk": {"actions": "tag"}}}, "policy.bulk.actions"),
         ({"policy": {"bulk": "tag"}}, "policy.bulk"),
         ({"policy": {"domain": [{"domain": "a.test", "bulk_action": "no"}]}}, "policy.domain[0].bulk_action"),
+        ({"model": {"provider": "gpu"}}, "model.provider"),
+        ({"model": {"provider": "CUDA"}}, "model.provider"),
+        ({"model": {"provider": 1}}, "model.provider"),
+        ({"model": {"gpu_batch_size": 0}}, "model.gpu_batch_size"),
+        ({"model": {"gpu_batch_size": 65_537}}, "model.gpu_batch_size"),
+        ({"model": {"gpu_batch_size": 256.0}}, "model.gpu_batch_size"),
+        ({"model": {"gpu_batch_wait_ms": -1}}, "model.gpu_batch_wait_ms"),
+        ({"model": {"gpu_batch_wait_ms": 5000}}, "model.gpu_batch_wait_ms"),
+        ({"model": {"gpu_batch_wait": 5}}, "model.gpu_batch_wait"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
@@ -85,6 +94,15 @@ def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
         parse_config(raw)
     assert info.value.key == key
     assert repr(key) in str(info.value)
+
+
+def test_model_provider_and_gpu_batching_keys() -> None:
+    default = load_config(None).model
+    assert (default.provider, default.gpu_batch_size, default.gpu_batch_wait_ms) == ("auto", 512, 5.0)
+    for provider in ("auto", "cpu", "cuda"):
+        assert parse_config({"model": {"provider": provider}}).model.provider == provider
+    model = parse_config({"model": {"gpu_batch_size": 4096, "gpu_batch_wait_ms": 0}}).model
+    assert (model.gpu_batch_size, model.gpu_batch_wait_ms) == (4096, 0.0)
 
 
 def test_relative_model_path_is_relative_to_the_file(tmp_path: Path) -> None:

@@ -59,9 +59,10 @@ def store(url: str) -> Iterator[Store]:
         yield s
 
 
-def files(name: str, onnx: bytes = b"onnx bytes", lgb: bytes | None = b"trees") -> ModelFiles:
+def files(name: str, onnx: bytes = b"onnx bytes", lgb: bytes | None = b"trees",
+          tensor: bytes | None = None) -> ModelFiles:
     meta = json.dumps({"name": name}).encode()
-    return ModelFiles(name, hashlib.sha256(onnx).hexdigest(), onnx, meta, lgb)
+    return ModelFiles(name, hashlib.sha256(onnx).hexdigest(), onnx, meta, lgb, tensor)
 
 
 def node(name: str, model_name: str = "m1", error: str | None = None) -> NodeStatus:
@@ -72,7 +73,7 @@ def node(name: str, model_name: str = "m1", error: str | None = None) -> NodeSta
 def local_models(directory: Path) -> Path:
     """A model directory holding a copy of the shipped model as current (what a node starts with)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for suffix in (".onnx", ".json", ".lgb.txt"):
+    for suffix in (".onnx", ".json", ".lgb.txt", ".tensor.onnx"):
         shutil.copyfile(MODEL.with_suffix(suffix), directory / f"current{suffix}")
     return directory / "current.onnx"
 
@@ -98,7 +99,8 @@ def as_fleet_model(path: Path) -> FleetModel:
     meta = json.loads(path.with_suffix(".json").read_text())
     onnx = path.read_bytes()
     return FleetModel(meta["name"], hashlib.sha256(onnx).hexdigest(), onnx,
-                      path.with_suffix(".json").read_bytes(), path.with_suffix(".lgb.txt").read_bytes())
+                      path.with_suffix(".json").read_bytes(), path.with_suffix(".lgb.txt").read_bytes(),
+                      path.with_suffix(".tensor.onnx").read_bytes())
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float) -> float:
@@ -123,8 +125,10 @@ def test_publish_is_idempotent_and_a_name_keeps_its_bytes(store: Store) -> None:
     assert got == files("m1")
     assert store.model_publish(files("old", lgb=None), "a")
     assert store.model_fetch("old") == files("old", lgb=None)
+    assert store.model_publish(files("gpu", tensor=b"tensor graph"), "a")  # the tensor graph travels too
+    assert store.model_fetch("gpu") == files("gpu", tensor=b"tensor graph")
     assert store.model_fetch("nope") is None
-    assert [(m.name, m.promoted_by) for m in store.model_list()] == [("m1", "alice@h"), ("old", "a")]
+    assert [(m.name, m.promoted_by) for m in store.model_list()][:2] == [("m1", "alice@h"), ("old", "a")]
 
 
 def test_current_follows_the_log_and_rollback_undoes(store: Store) -> None:
@@ -185,6 +189,7 @@ def test_adopt_installs_once_and_refuses_bytes_that_are_not_the_stores(tmp_path:
     done = adopt(live.parent, variant)
     assert done is not None and done.name == "fleet-v2"
     assert current_digest(live.parent) == variant.onnx_sha256
+    assert (live.parent / "current.tensor.onnx").read_bytes() == variant.tensor_onnx
     assert adopt(live.parent, variant) is None  # a second worker of the node: already swapped
     before = (live.parent / CURRENT_JSON).read_bytes()
     tampered = FleetModel("fleet-v3", variant.onnx_sha256, variant.onnx + b"x", variant.meta_json)
@@ -210,7 +215,7 @@ def test_a_starting_node_adopts_the_fleets_model_and_starts_anyway_without_it(
     assert current_digest(live.parent) == shipped and "fleet_model_not_adopted_at_start" in caplog.text
     variant = as_fleet_model(model_variant(tmp_path / "cand", "fleet-v2"))
     store.model_publish(ModelFiles(variant.name, variant.onnx_sha256, variant.onnx, variant.meta_json,
-                                   variant.lgb_text), "t")
+                                   variant.lgb_text, variant.tensor_onnx), "t")
     store.model_set_current("fleet-v2", "promote", "t")
     adopt_at_start(store, live.parent)
     assert current_digest(live.parent) == variant.onnx_sha256
@@ -277,6 +282,9 @@ def test_cli_promote_list_rollback_status_act_on_the_store(tmp_path: Path, url: 
         return now.name if now else ""
 
     assert "promoted fleet-a for the fleet (previous: none)" in cli("promote", str(a))
+    with Store.open(url) as s:
+        published = s.model_fetch("fleet-a")
+    assert published is not None and published.tensor_onnx == a.with_suffix(".tensor.onnx").read_bytes()
     assert "previous: fleet-a" in cli("promote", str(b))
     cli("promote", str(b))  # the same model again: idempotent
     bad = tmp_path / "cand" / "bad.onnx"

@@ -69,13 +69,15 @@ def model_variant(
     path.write_bytes(data)
     path.with_suffix(".json").write_text(json.dumps(meta))
     path.with_suffix(".lgb.txt").write_bytes(MODEL.with_suffix(".lgb.txt").read_bytes())
+    path.with_suffix(".tensor.onnx").write_bytes(MODEL.with_suffix(".tensor.onnx").read_bytes())
     return path
 
 
 def install(model: Path, live: Path) -> None:
-    """Make `model` the live one the way the registry does: all staged, then .onnx, the explainer, .json."""
+    """Make `model` the live one the way the registry does: all staged, then .onnx, the explainer and the
+    tensor graph, .json."""
     live.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in (".onnx", ".lgb.txt", ".json"):
+    for suffix in (".onnx", ".lgb.txt", ".tensor.onnx", ".json"):
         src, dst = model.with_suffix(suffix), live.with_suffix(suffix)
         tmp = dst.with_name(f".{dst.name}.tmp")
         tmp.write_bytes(src.read_bytes())

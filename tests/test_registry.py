@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from milter.classifier import tensor_graph_path
 from milter.commands.model import model
 from milter.config import DEFAULT_MODEL
 from milter.errors import ModelError, SchemaMismatchError
@@ -58,9 +59,10 @@ def _varint(n: int) -> bytes:
 
 def make_candidate(where: Path, name: str, created: str, *, onnx_bytes: bytes | None = None,
                    schema_digest: str | None = None, fix_sha: bool = True,
-                   explainer: bool = True) -> Candidate:
+                   explainer: bool = True, tensor: bool = True) -> Candidate:
     """A copy of the shipped model renamed `name`; its ONNX bytes made unique unless given. With the
-    shipped explainer beside it, or (explainer=False) as a model from before explanations."""
+    shipped explainer and tensor graph beside it, or (explainer=False, tensor=False) as a model from
+    before them."""
     where.mkdir(parents=True, exist_ok=True)
     if onnx_bytes is None:
         doc = f"variant {name}".encode()
@@ -76,6 +78,10 @@ def make_candidate(where: Path, name: str, created: str, *, onnx_bytes: bytes | 
         shutil.copyfile(explainer_path(DEFAULT_MODEL), explainer_path(onnx))
     else:
         del meta["explainer"]
+    if tensor:
+        shutil.copyfile(tensor_graph_path(DEFAULT_MODEL), tensor_graph_path(onnx))
+    else:
+        del meta["tensor_graph"]
     onnx.write_bytes(onnx_bytes)
     js.write_text(json.dumps(meta, indent=2) + "\n")
     return Candidate(onnx, js, name)
@@ -223,6 +229,7 @@ def test_current_written_by_training_is_archived_on_promotion(tmp_path: Path, mo
     shutil.copyfile(trained.onnx, models / CURRENT_ONNX)
     shutil.copyfile(trained.json, models / CURRENT_JSON)
     shutil.copyfile(explainer_path(trained.onnx), explainer_path(models / CURRENT_ONNX))
+    shutil.copyfile(tensor_graph_path(trained.onnx), tensor_graph_path(models / CURRENT_ONNX))
     assert [(r.name, r.in_history, r.is_current) for r in list_models(models)] == [
         ("model-trained", False, True)]
     new = make_candidate(tmp_path / "n", "model-new", "2024-05-01T00:00:00+00:00")
@@ -293,3 +300,73 @@ def test_a_candidate_with_a_broken_explainer_is_refused(tmp_path: Path, models: 
         promote(models, bad.onnx, samples=SAMPLES)
     assert (current_pair(models), explainer_path(models / CURRENT_ONNX).read_bytes()) == before
     assert leftovers(models) == []
+
+
+# -- the tensor graph (docs/gpu.md) -----------------------------------------------------------------
+
+
+def test_the_tensor_graph_travels_with_its_model_and_rollback_restores_it(tmp_path: Path,
+                                                                          models: Path) -> None:
+    """Promotion installs and archives the tensor graph beside the graph; rolling back restores the
+    previous model's, and to a model from before tensor graphs leaves none of another model current."""
+    old = make_candidate(tmp_path / "cand", "model-old", "2024-05-01T00:00:00+00:00", tensor=False)
+    a = make_candidate(tmp_path / "cand", "model-a", "2024-05-02T00:00:00+00:00")
+    b = make_candidate(tmp_path / "cand", "model-b", "2024-05-03T00:00:00+00:00")
+    other = tensor_graph_path(DEFAULT_MODEL).read_bytes() + b"\x32\x07variant"  # doc_string: other bytes
+    tensor_graph_path(b.onnx).write_bytes(other)
+    meta = json.loads(b.json.read_text())
+    meta["tensor_graph"]["sha256"] = hashlib.sha256(other).hexdigest()
+    b.json.write_text(json.dumps(meta, indent=2) + "\n")
+    current_tensor = tensor_graph_path(models / CURRENT_ONNX)
+
+    promote(models, old.onnx, samples=SAMPLES)
+    assert not current_tensor.exists()
+    promote(models, a.onnx, samples=SAMPLES)
+    assert current_tensor.read_bytes() == tensor_graph_path(DEFAULT_MODEL).read_bytes()
+    promote(models, b.onnx, samples=SAMPLES)
+    assert current_tensor.read_bytes() == other
+    assert tensor_graph_path(models / HISTORY / "model-b.onnx").read_bytes() == other
+    assert tensor_graph_path(models / HISTORY / "model-a.onnx").read_bytes() == tensor_graph_path(
+        DEFAULT_MODEL).read_bytes()
+    assert rollback(models, samples=SAMPLES).name == "model-a"
+    assert current_tensor.read_bytes() == tensor_graph_path(DEFAULT_MODEL).read_bytes()
+    assert rollback(models, to="model-old", samples=SAMPLES).name == "model-old"
+    assert not current_tensor.exists()
+    assert leftovers(models) == []
+
+
+def test_a_candidate_with_a_missing_or_mismatched_tensor_graph_is_refused(tmp_path: Path,
+                                                                        models: Path) -> None:
+    good = make_candidate(tmp_path / "cand", "model-good", "2024-05-01T00:00:00+00:00")
+    promote(models, good.onnx, samples=SAMPLES)
+    before = current_pair(models), tensor_graph_path(models / CURRENT_ONNX).read_bytes()
+    bad = make_candidate(tmp_path / "cand", "model-bad", "2024-05-02T00:00:00+00:00")
+    tensor = tensor_graph_path(bad.onnx)
+    tensor.write_bytes(tensor.read_bytes()[:-100])  # a truncated copy
+    with pytest.raises(ModelError, match=r"tensor graph .* does not match its metadata"):
+        promote(models, bad.onnx, samples=SAMPLES)
+    tensor.unlink()
+    with pytest.raises(ModelError, match="cannot read tensor graph"):
+        promote(models, bad.onnx, samples=SAMPLES)
+    # a graph whose digest the metadata names but whose trees are not the model's (leaf values doubled)
+    other = other_trees(tensor_graph_path(DEFAULT_MODEL).read_bytes())
+    tensor.write_bytes(other)
+    meta = json.loads(bad.json.read_text())
+    meta["tensor_graph"]["sha256"] = hashlib.sha256(other).hexdigest()
+    bad.json.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="scores otherwise than the model's graph"):
+        promote(models, bad.onnx, samples=SAMPLES)
+    assert (current_pair(models), tensor_graph_path(models / CURRENT_ONNX).read_bytes()) == before
+    assert leftovers(models) == []
+
+
+def other_trees(tensor: bytes) -> bytes:
+    """The tensor graph with its leaf values doubled: a valid graph of other trees."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(tensor)
+    (scores,) = [t for t in proto.graph.initializer if t.name.startswith("tg_scores")]
+    scores.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scores) * 2, scores.name))
+    data: bytes = proto.SerializeToString()
+    return data

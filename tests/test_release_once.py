@@ -339,7 +339,7 @@ def test_migration_round_trip_keeps_held_messages(store: Store, sink: tuple[int,
     assert "release_claim" not in columns and "release_claimed_at" not in columns
     with store.engine.begin() as conn:
         upgrade(conn)
-        assert current_revision(conn) == "0005"
+        assert current_revision(conn) == "0006"
     for id, name in ((held, "held"), (released, "released"), (claimed, "claimed")):
         assert store.get_raw(id) == _raw(f"{name}@x")
         assert _claim_of(store, id) == (None, None)

@@ -186,6 +186,11 @@ def test_campaign_is_learned_from_twenty_admin_labels(
     assert caught_after >= 0.9
     assert chall["fixed"]["quarantine"]["ALL"]["ham_fpr"] <= fpr_before + 0.002  # the slack above
     assert (models / "history" / f"{before.classifier.name}.onnx").is_file()  # rollback stays possible
+    # the challenger's tensor graph (docs/gpu.md) was exported, parity-checked and promoted with it
+    tensor = json.loads((models / "current.json").read_text())["tensor_graph"]
+    assert tensor["sha256"] == _sha(models / "current.tensor.onnx") and tensor["max_abs_diff"] <= 1e-5
+    assert (models / "history" / f"{result.challenger}.tensor.onnx").is_file()
+    assert (models / "history" / f"{before.classifier.name}.tensor.onnx").is_file()
 
 
 def _some_ham(n: int) -> tuple[Message, ...]:

@@ -50,7 +50,7 @@ def test_open_migrates_empty_database_to_head(url: str) -> None:
         assert "raw" not in {c["name"] for c in insp.get_columns("messages")}
         with s.engine.connect() as conn:
             version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
-    assert version == head_revision() == "0005"
+    assert version == head_revision() == "0006"
     with Store.open(url) as again:  # re-opening an up-to-date database is a no-op
         assert again.stats().messages == 0
 

@@ -11,6 +11,8 @@ thresholds placed by hand in LightGBM's zero band and at +-inf.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,6 +155,55 @@ def test_whole_graph_matches_lightgbm_and_the_shipped_graph_on_corpus_mail(
     X = _vectors(corpus[::step][:CORPUS_SAMPLE])
     assert len(X) == min(CORPUS_SAMPLE, len(corpus))
     check_real_mail(X, whole, shipped, booster, stage)
+
+
+# --- the tensor graph shipped in models/ (training/tensor_export.py) ------------------------------------
+
+
+SHIPPED_TENSOR = ROOT / "models" / "current.tensor.onnx"
+
+
+def test_the_shipped_tensor_graph_is_the_compiled_model_and_its_metadata_says_so(
+    whole: onnx.ModelProto,
+) -> None:
+    """models/current.tensor.onnx is exactly what the compiler makes of the shipped model (reproducible:
+    `python -m training.tensor_export`), and current.json names it with its digest, operators and parity."""
+    data = SHIPPED_TENSOR.read_bytes()
+    assert data == whole.SerializeToString()
+    entry = json.loads(MODEL.with_suffix(".json").read_text())["tensor_graph"]
+    assert entry["file"] == SHIPPED_TENSOR.name
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["ops"] == sorted(used_ops(onnx.load_from_string(data))) and set(entry["ops"]) <= OPS
+    assert entry["max_abs_diff"] <= entry["tolerance"] == SHIPPED_TOL
+    assert entry["cuda_provider_options"] == {"use_tf32": "0"}
+
+
+def test_the_shipped_tensor_graph_matches_lightgbm_on_the_fixtures(
+    booster: lgb.Booster, stage: TextStage | None
+) -> None:
+    paths = sorted((ROOT / "fixtures").rglob("*.eml"))
+    X = _vectors(paths)
+    sess = ort.InferenceSession(SHIPPED_TENSOR.read_bytes(), providers=["CPUExecutionProvider"])
+    ours = probabilities(sess, X)
+    extended = X if stage is None else stage.extend(X)
+    assert worst(ours, np.asarray(booster.predict(extended), dtype=np.float64)) <= SHIPPED_TOL
+
+
+def test_export_fails_when_the_tensor_graph_misses_lightgbm(shipped: onnx.ModelProto) -> None:
+    """milter-train's check: a reference the graph does not meet within 1e-5 fails the export."""
+    from training.model import ExportMismatchError
+    from training.tensor_export import export_tensor_graph
+
+    text, onnx_bytes = TEXT.read_text(), shipped.SerializeToString()
+    X = _vectors(sorted((ROOT / "fixtures" / "sample").glob("*.eml"))[:20])
+    _, stage_scores = session(shipped).run(["probabilities", "text_scores"], {"input": X})
+    reference = np.asarray(lgb.Booster(model_str=text).predict(np.hstack([X, stage_scores])), np.float64)
+    done = export_tensor_graph(text, onnx_bytes, X, reference)
+    assert done.data == SHIPPED_TENSOR.read_bytes() and done.rows == len(X) and done.max_abs_diff <= 1e-5
+    off = reference.copy()
+    off[3] += np.array([2e-5, -2e-5, 0.0])
+    with pytest.raises(ExportMismatchError, match=r"tensor graph: .* 1 of 20 rows"):
+        export_tensor_graph(text, onnx_bytes, X, off)
 
 
 def test_whole_graph_keeps_the_shipped_inputs_and_outputs(

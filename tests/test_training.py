@@ -34,6 +34,7 @@ from training.corpora import (
     subcollection,
 )
 from training.dataset import TEST, TRAIN, VAL, subsample, time_split
+from training.tensor_graph import OPS
 from training.thresholds import (
     DISABLED,
     choose_thresholds,
@@ -389,9 +390,23 @@ def test_tiny_end_to_end_training(corpora_dir: Path, tmp_path: Path) -> None:
     (result,) = scanner.scan_batch([raw])
     assert result.explanation is not None and result.explanation.model == meta["name"]
 
+    # the tensor graph ships beside it (docs/gpu.md): named with its digest, operators and parity on every
+    # validation and test row; it scores as the TreeEnsemble graph does
+    tensor = (out / "current.tensor.onnx").read_bytes()
+    entry = meta["tensor_graph"]
+    assert entry["file"] == "current.tensor.onnx" and entry["sha256"] == hashlib.sha256(tensor).hexdigest()
+    assert entry["max_abs_diff"] <= entry["tolerance"] == 1e-5
+    split_rows = meta["training_data"]["rows"]
+    assert entry["rows"] == split_rows["validation"] + split_rows["test"]
+    assert set(entry["ops"]) <= OPS and "TreeEnsembleClassifier" not in entry["ops"]
+    gpu_graph = ort.InferenceSession(tensor, providers=["CPUExecutionProvider"])
+    (tensor_probs,) = gpu_graph.run(["probabilities"], {"input": vector})
+    assert float(np.max(np.abs(tensor_probs - probs))) <= 1e-5
+
     again = train("models-again")  # features now cached: quick, and must give the same bytes
     assert (again / "current.onnx").read_bytes() == onnx_bytes
     assert (again / "current.lgb.txt").read_bytes() == text
+    assert (again / "current.tensor.onnx").read_bytes() == tensor
 
 
 def test_split_by_subcollection_trains_on_every_part() -> None:

@@ -24,6 +24,7 @@ from milter.types import CLASS_NAMES
 from training import model as mdl
 from training.dataset import SPLIT_NAMES, TRAIN, Dataset
 from training.evaluate import Metrics
+from training.tensor_export import TENSOR_NAME  # the same trees as standard tensor operators (CUDA)
 from training.thresholds import DISABLED, SCORE_DEFINITIONS, Thresholds
 
 FORMAT_VERSION = 1
@@ -98,6 +99,7 @@ def build_metadata(
     gain: npt.NDArray[np.float64],
     max_diff: float,
     dropped: Mapping[str, int],
+    tensor_graph: Mapping[str, Any] | None = None,
     params: Mapping[str, Any],
     created: datetime,
     code_version: str = "",
@@ -129,6 +131,8 @@ def build_metadata(
             "purpose": "TreeSHAP contributions (LightGBM pred_contrib) of the same trees as the ONNX graph",
             "token_examples": {k: list(v) for k, v in sorted(token_examples.items())},
         },
+        # the compiled tensor graph (training/tensor_export.py): file, sha256, operators, parity
+        **({"tensor_graph": dict(tensor_graph)} if tensor_graph is not None else {}),
         **({"text_stage": model.stage.as_json()} if model.stage is not None else {}),
         "thresholds": thresholds.as_dict(),
         "threshold_scores": SCORE_DEFINITIONS,
@@ -188,9 +192,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_model(
-    out_dir: Path, onnx_bytes: bytes, meta: Mapping[str, Any], explainer: bytes
+    out_dir: Path, onnx_bytes: bytes, meta: Mapping[str, Any], explainer: bytes,
+    tensor_onnx: bytes | None = None,
 ) -> tuple[Path, Path]:
-    """Write current.onnx, current.lgb.txt, then current.json, each atomically (no half files).
+    """Write current.onnx, current.lgb.txt, current.tensor.onnx (when given), then current.json, each
+    atomically (no half files). Without a tensor graph a stale one of an earlier model is removed.
 
     The JSON carries the other files' sha256, so a reader that catches them mid-swap can tell.
     """
@@ -198,6 +204,10 @@ def write_model(
     onnx_path, meta_path = out_dir / ONNX_NAME, out_dir / META_NAME
     _write_atomic(onnx_path, onnx_bytes)
     _write_atomic(out_dir / EXPLAINER_NAME, explainer)
+    if tensor_onnx is not None:
+        _write_atomic(out_dir / TENSOR_NAME, tensor_onnx)
+    else:
+        (out_dir / TENSOR_NAME).unlink(missing_ok=True)
     _write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return onnx_path, meta_path
 

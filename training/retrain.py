@@ -266,6 +266,7 @@ class Challenger:
     explainer: bytes
     meta: dict[str, Any]
     thresholds: Thresholds
+    tensor_onnx: bytes | None = None  # the tensor graph (training/tensor_export.py)
 
 
 def label_weights(
@@ -361,7 +362,7 @@ def fit_challenger(
         "by_class": {CLASS_NAMES[k]: int((y_lab == k).sum()) for k in range(len(CLASS_NAMES))},
         **labels.counts,
     }
-    return Challenger(onnx_bytes, out.explainer, meta, thresholds)
+    return Challenger(onnx_bytes, out.explainer, meta, thresholds, out.tensor_onnx)
 
 
 # --- comparison ----------------------------------------------------------------------------------
@@ -735,7 +736,8 @@ def _run(
         )
     report_dir = (args.report or models_dir.parent / "reports") / f"retrain-{started:%Y%m%dT%H%M%SZ}"
     candidate, _ = write_model(
-        report_dir / "candidate", challenger.onnx_bytes, challenger.meta, challenger.explainer
+        report_dir / "candidate", challenger.onnx_bytes, challenger.meta, challenger.explainer,
+        challenger.tensor_onnx,
     )
     if decision.promote:
         install(models_dir, candidate, url if fleet else None)

@@ -37,6 +37,7 @@ from training.dataset import (
 )
 from training.evaluate import acceptance, evaluate
 from training.report import HardHam, load_hard_ham, production_rows, top_features, write_report
+from training.tensor_export import export_tensor_graph
 from training.thresholds import HAM, Thresholds, choose_thresholds, decide, threshold_breakdown
 from training.traps import hide_artefacts, label_noise
 
@@ -265,6 +266,7 @@ class Exported:
     p_val: npt.NDArray[np.float32]
     p_test: npt.NDArray[np.float32]
     gain: npt.NDArray[np.float64]
+    tensor_onnx: bytes  # the same trees as standard tensor operators, for the CUDA provider
 
 
 def export_and_evaluate(
@@ -290,8 +292,11 @@ def export_and_evaluate(
     probs, stage_scores = mdl.onnx_outputs(onnx_bytes, check)
     # the trees on the graph's own text-stage scores: float32 summation order must not flip a split
     extended = check if stage_scores is None else np.hstack([check, stage_scores])
-    max_diff = mdl.check_parity(mdl.predict_extended(model.booster, extended), probs)
+    reference = mdl.predict_extended(model.booster, extended)
+    max_diff = mdl.check_parity(reference, probs)
     explainer = mdl.explainer_text(model, onnx_bytes, check)
+    # the same trees for the CUDA provider, held to the same rows and bound (training/tensor_export.py)
+    tensor = export_tensor_graph(explainer.decode("utf-8"), onnx_bytes, check, reference)
     p_val, p_test = probs[: len(va)], probs[len(va) : len(va) + len(te)]
     seen = ds.y[tr] if extra_y is None else np.concatenate([ds.y[tr], extra_y])
     trained = frozenset(int(k) for k in np.unique(seen))
@@ -317,13 +322,17 @@ def export_and_evaluate(
         results=results,
         gain=gain,
         max_diff=max_diff,
+        tensor_graph=tensor.entry(
+            "every validation and test row" + (" and the store's labels" if len(parts) > 2 else "")
+        ),
         dropped=dropped,
         params=mdl.lgb_params(cfg),
         code_version=code_version,
         created=datetime.now(UTC),
     )
     return Exported(
-        onnx_bytes, explainer, model.feature_names, meta, thresholds, results, p_val, p_test, gain
+        onnx_bytes, explainer, model.feature_names, meta, thresholds, results, p_val, p_test, gain,
+        tensor.data,
     )
 
 
@@ -434,7 +443,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     meta["threshold_selection"]["per_corpus"] = threshold_breakdown(
         p_cut, y_cut, c_cut, args.target_fpr, args.tag_fpr
     )
-    onnx_path, meta_path = write_model(args.out, onnx_bytes, meta, out.explainer)
+    onnx_path, meta_path = write_model(args.out, onnx_bytes, meta, out.explainer, out.tensor_onnx)
     report_path = write_report(
         args.report / str(meta["name"]),
         meta,

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from rich.table import Table
 
+from milter.classifier import tensor_graph_path
 from milter.errors import ModelError
 from milter.explain import explainer_path
-from milter.registry import sha256_file, validate
+from milter.registry import companions, sha256_file, validate
 from milter.store import Store
 from milter.store.registry import CurrentModel, ModelFiles, NodeStatus, PublishedModel
 
@@ -48,10 +49,11 @@ def _staged() -> Iterator[Path]:
 
 
 def _files_of(staged: Path, name: str) -> ModelFiles:
-    lgb = explainer_path(staged)
+    lgb, tensor = explainer_path(staged), tensor_graph_path(staged)
     return ModelFiles(name=name, onnx_sha256=sha256_file(staged), onnx=staged.read_bytes(),
                       meta_json=staged.with_suffix(".json").read_bytes(),
-                      lgb_text=lgb.read_bytes() if lgb.is_file() else None)
+                      lgb_text=lgb.read_bytes() if lgb.is_file() else None,
+                      tensor_onnx=tensor.read_bytes() if tensor.is_file() else None)
 
 
 def promote(store: Store, onnx: Path, json_path: Path | None) -> tuple[str, str | None]:
@@ -63,8 +65,9 @@ def promote(store: Store, onnx: Path, json_path: Path | None) -> tuple[str, str 
     with _staged() as staged:  # validated from the copy, so the bytes checked are the bytes published
         shutil.copyfile(onnx, staged)
         shutil.copyfile(json_path, staged.with_suffix(".json"))
-        if explainer_path(onnx).is_file():
-            shutil.copyfile(explainer_path(onnx), explainer_path(staged))
+        for src, dst in zip(companions(onnx), companions(staged), strict=True):
+            if src.is_file():
+                shutil.copyfile(src, dst)
         meta = validate(staged)
         files = _files_of(staged, meta.name)
     previous = store.model_current()
@@ -89,6 +92,8 @@ def rollback(store: Store, name: str | None) -> tuple[str, str | None]:
         staged.with_suffix(".json").write_bytes(files.meta_json)
         if files.lgb_text is not None:
             explainer_path(staged).write_bytes(files.lgb_text)
+        if files.tensor_onnx is not None:
+            tensor_graph_path(staged).write_bytes(files.tensor_onnx)
         validate(staged)
     store.model_set_current(to, "rollback", who())
     return to, previous.name if previous else None

@@ -75,6 +75,12 @@ def served_digest(slot: ModelSlot) -> str:
     return digest if isinstance(digest, str) else ""
 
 
+def fleet_model(files: ModelFiles) -> FleetModel:
+    """The store's row as milter.registry installs it (graph, metadata, explainer, tensor graph)."""
+    return FleetModel(files.name, files.onnx_sha256, files.onnx, files.meta_json, files.lgb_text,
+                      files.tensor_onnx)
+
+
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -144,7 +150,7 @@ class FleetFollower:
             return
         if files is None or files.onnx_sha256 != fleet.onnx_sha256:
             return  # changed between the two reads: the next poll sees the newer one
-        model = FleetModel(files.name, files.onnx_sha256, files.onnx, files.meta_json, files.lgb_text)
+        model = fleet_model(files)
         try:
             # the promotion validated it on every sample; here a few are enough (the GIL is shared)
             await self._call(adopt, self._settings.directory, model, smoke_messages())
@@ -202,7 +208,7 @@ def adopt_at_start(store: FleetStore, directory: Path) -> None:
         files = store.model_fetch(fleet.name)
         if files is None:
             return
-        model = FleetModel(files.name, files.onnx_sha256, files.onnx, files.meta_json, files.lgb_text)
+        model = fleet_model(files)
         adopt(directory, model, smoke_messages())
         log.info(kv("fleet_model_adopted_at_start", model=fleet.name))
     except (MilterError, OSError) as exc:

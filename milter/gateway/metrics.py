@@ -71,6 +71,12 @@ class GatewayMetrics:
         # milter_model_info{name=...,providers=...} 1: which model this worker scores with right now
         # (after a reload, each worker's target shows whether it took the new one).
         self.model = Info("milter_model", "The model in use", registry=r)
+        # milter_model_graph_info{graph="tensor",provider="CUDAExecutionProvider"} 1: which graph scores
+        # the mail on which provider (docs/gpu.md); "tree-ensemble" / CPUExecutionProvider without a GPU.
+        self.model_graph = Gauge(
+            "milter_model_graph_info", "The graph scoring the mail and its provider", ["graph", "provider"],
+            registry=r,
+        )
         self.model_reloads = Counter(
             "milter_model_reloads", "Model reloads (SIGHUP) by outcome", ["outcome"], registry=r
         )
@@ -116,8 +122,11 @@ class GatewayMetrics:
             "milter_history_entries", "Correspondence history entries held in memory", registry=r
         )
 
-    def set_model(self, name: str, providers: Sequence[str]) -> None:
+    def set_model(self, name: str, providers: Sequence[str], graph: str = "tree-ensemble") -> None:
         self.model.info({"name": name, "providers": ",".join(providers)})
+        # one series at a time: the graph and provider scoring now, not every one ever used
+        self.model_graph.clear()
+        self.model_graph.labels(graph, providers[0] if providers else "none").set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -75,15 +75,17 @@ def check_probabilities(name: str, probs: npt.NDArray[np.float32]) -> None:
 
 
 def load_checked(
-    path: Path, policy: PolicyConfig, store: StoreLike | None = None, explain: bool = True
+    path: Path, policy: PolicyConfig, store: StoreLike | None = None, explain: bool = True,
+    provider: str = "auto",
 ) -> Scanner:
     """The model at `path`, smoke-tested, with its policy and, given a store, the labels it holds now
-    (learned senders). Blocking (files, ONNX, parsing, the store): use a thread."""
+    (learned senders); `provider` is [model] provider. Blocking (files, ONNX, parsing, the store): use
+    a thread."""
     from milter.classifier import Classifier
     from milter.policy import Policy
     from milter.scan import Scanner, load_explainer, prepare
 
-    classifier = Classifier.load(path)
+    classifier = Classifier.load(path, provider=provider)
     vectors = np.stack([prepare(raw).vector for raw in smoke_messages()])
     check_probabilities(classifier.name, classifier.predict(vectors))
     # a model whose explainer is not its graph's trees is refused
@@ -93,6 +95,11 @@ def load_checked(
     if store is not None:
         log_learned(rebuilt.learned)
     return Scanner(classifier, rebuilt, explainer)
+
+
+def graph_of(classifier: object) -> str:
+    """The graph a classifier scores with ("tree-ensemble" for a test double that does not say)."""
+    return str(getattr(classifier, "graph", "tree-ensemble"))
 
 
 def log_learned(learned: LearnedSenders) -> None:
@@ -158,9 +165,10 @@ class ModelReloader:
             return ReloadResult(ok=False, old=old, current=old, reason=reason)
         self._slot.swap(scanner)
         new, providers = scanner.classifier.name, tuple(scanner.classifier.providers)
-        self._metrics.set_model(new, providers)
+        graph = graph_of(scanner.classifier)
+        self._metrics.set_model(new, providers, graph)
         self._metrics.model_reloads.labels("ok").inc()
-        log.info("model reloaded: %s -> %s, providers %s", old, new, list(providers))
+        log.info("model reloaded: %s -> %s, providers %s, the %s graph", old, new, list(providers), graph)
         return ReloadResult(ok=True, old=old, current=new, providers=providers)
 
     async def close(self) -> None:
@@ -173,6 +181,7 @@ class ModelReloader:
                 await task
 
 
-__all__ = ["Loader", "ModelReloader", "ReloadResult", "check_probabilities", "load_checked", "log_learned",
+__all__ = ["Loader", "ModelReloader", "ReloadResult", "check_probabilities", "graph_of", "load_checked",
+           "log_learned",
            "smoke_messages"]
 

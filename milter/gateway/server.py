@@ -52,7 +52,7 @@ from milter.gateway.process import (
     score_batch,
 )
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
-from milter.gateway.reload import ModelReloader, ReloadResult, load_checked
+from milter.gateway.reload import ModelReloader, ReloadResult, graph_of, load_checked
 from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
 from milter.registry import model_dir
 from milter.types import Envelope
@@ -227,6 +227,15 @@ def bind_milter(address: str, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def batch_settings(config: Config, classifier: object) -> tuple[int, float]:
+    """(most items, wait in ms) of the micro-batcher: [model] gpu_batch_* while the tensor graph scores
+    on CUDA (a GPU call costs about the same for hundreds of rows as for one), server.batch_* on the CPU.
+    Chosen at start: a reload that changes the graph keeps the batcher it found (a restart adapts it)."""
+    if getattr(classifier, "on_gpu", False):
+        return config.model.gpu_batch_size, config.model.gpu_batch_wait_ms
+    return config.server.batch_max, config.server.batch_wait_ms
+
+
 class _Handler:
     """aiosmtpd hook object: DATA goes to the processor, shielded from the client going away."""
 
@@ -269,12 +278,14 @@ class Gateway:
         self._xforward_hosts = tuple(ipaddress.ip_network(n, strict=False) for n in srv.xforward_hosts)
         self.metrics = GatewayMetrics()
         self.model = ModelSlot(scanner)
-        self.metrics.set_model(scanner.classifier.name, scanner.classifier.providers)
+        clf = scanner.classifier
+        self.metrics.set_model(clf.name, clf.providers, graph_of(clf))
         # SIGHUP (serve) and tests call this; it reloads config.model.path, not the path loaded first.
         # The reload rereads the store's labels too (learned senders, milter.policy.learned).
         self.reloader = ModelReloader(
             self.model, Path(config.model.path), config.policy, self.metrics,
-            loader=functools.partial(load_checked, store=store, explain=config.model.explain),
+            loader=functools.partial(load_checked, store=store, explain=config.model.explain,
+                                     provider=config.model.provider),
         )
         self._registry_executor: ThreadPoolExecutor | None = None
         self.fleet: FleetFollower | None = None
@@ -304,10 +315,11 @@ class Gateway:
         self.history = (
             HistoryKeeper(hist, store, self._history_executor, self.metrics) if hist.enabled else None
         )
+        batch_max, batch_wait_ms = batch_settings(config, scanner.classifier)
         self.batcher: MicroBatcher[Scoring, ScanResult] = MicroBatcher(
             partial(score_batch, self.model),
-            srv.batch_max,
-            srv.batch_wait_ms / 1000.0,
+            batch_max,
+            batch_wait_ms / 1000.0,
             on_batch=self.metrics.batch_size.observe,
         )
         host, port = host_port(srv.downstream, "server.downstream")

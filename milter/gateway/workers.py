@@ -72,7 +72,7 @@ def load(config: Config) -> Loaded:
         from milter.registry import model_dir
 
         adopt_at_start(store, model_dir(config.model.path))
-    classifier = Classifier.load(config.model.path)
+    classifier = Classifier.load(config.model.path, provider=config.model.provider)
     explainer = load_explainer(classifier) if config.model.explain else None
     policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
     log_learned(policy.learned)

@@ -150,7 +150,7 @@ class HistoryEntry(Base):
 
 
 class RegistryModel(Base):
-    """A model published to the fleet: its three files' bytes, so a node needs nothing but the store.
+    """A model published to the fleet: its files' bytes, so a node needs nothing but the store.
     A name is bound to one ONNX digest for good (publishing another under it is refused)."""
 
     __tablename__ = "models"
@@ -160,6 +160,7 @@ class RegistryModel(Base):
     onnx: Mapped[bytes] = mapped_column(LargeBinary)
     meta_json: Mapped[bytes] = mapped_column(LargeBinary)
     lgb_text: Mapped[bytes | None] = mapped_column(LargeBinary)  # NULL: a model from before explanations
+    tensor_onnx: Mapped[bytes | None] = mapped_column(LargeBinary)  # NULL: a model without a tensor graph
     promoted_at: Mapped[datetime] = mapped_column()
     promoted_by: Mapped[str] = mapped_column(String(255))
 

@@ -31,13 +31,15 @@ _m, _log, _n = MODELS.c, MODEL_LOG.c, NODES.c
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """A model as files: ONNX bytes, metadata JSON bytes, LightGBM text (None: none shipped)."""
+    """A model as files: ONNX bytes, metadata JSON bytes, LightGBM text and tensor graph (None: none
+    shipped)."""
 
     name: str
     onnx_sha256: str
     onnx: bytes
     meta_json: bytes
     lgb_text: bytes | None = None
+    tensor_onnx: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ def _now() -> datetime:
 def publish(writer: Engine, files: ModelFiles, by: str) -> bool:
     """Add a model; True when added, False when the same name and digest were already there."""
     values = {"name": files.name, "onnx_sha256": files.onnx_sha256, "onnx": files.onnx,
-              "meta_json": files.meta_json, "lgb_text": files.lgb_text, "promoted_at": _now(),
-              "promoted_by": by}
+              "meta_json": files.meta_json, "lgb_text": files.lgb_text, "tensor_onnx": files.tensor_onnx,
+              "promoted_at": _now(), "promoted_by": by}
     with writer.begin() as conn:
         # ON CONFLICT DO NOTHING: two admins publishing one model at once must both succeed
         stmt = _insert_ignoring_conflict(writer.dialect.name).values(values).returning(_m.name)
@@ -137,13 +139,16 @@ def previous(engine: Engine) -> str | None:
 
 
 def fetch(engine: Engine, name: str) -> ModelFiles | None:
-    stmt = select(_m.name, _m.onnx_sha256, _m.onnx, _m.meta_json, _m.lgb_text).where(_m.name == name)
+    stmt = select(_m.name, _m.onnx_sha256, _m.onnx, _m.meta_json, _m.lgb_text, _m.tensor_onnx).where(
+        _m.name == name
+    )
     with engine.connect() as conn:
         row = conn.execute(stmt).first()
     if row is None:
         return None
     return ModelFiles(str(row.name), str(row.onnx_sha256), bytes(row.onnx), bytes(row.meta_json),
-                      None if row.lgb_text is None else bytes(row.lgb_text))
+                      None if row.lgb_text is None else bytes(row.lgb_text),
+                      None if row.tensor_onnx is None else bytes(row.tensor_onnx))
 
 
 def models(engine: Engine) -> list[PublishedModel]:
