@@ -2,7 +2,7 @@
 """Retraining time against the number of labelled rows: one process against Dask (issue 16, item 3).
 
     .venv/bin/python bench/retrain_scale.py [--rows 50000,200000] [--dask local:2] [--real 3000]
-                                            [--rounds 100]
+                                            [--rounds 100] [--engines one,dask]
 
 What is timed is the part `--dask` moves to the cluster: growing the trees (`training.model.local_trees`
 against `training.dask_retrain.DaskTrees`, the very functions milter-retrain calls), for a fixed number of
@@ -15,14 +15,20 @@ are prepared with the gateway's `prepare`, then padded to each size by drawing r
 how many of them are distinct, so the timing is that of a store holding this many labelled messages.
 With `--dask local:N` the cluster runs on this machine: on one host it can only show Dask's overhead; the
 crossover a site cares about needs workers on other hosts (`--dask tcp://SCHEDULER:8786`).
+`--engines one` or `--engines dask` times one engine alone, in its own process: at 1,000,000 rows the
+matrix is 6.8 GB, and one host holding the caller's copy, LightGBM's bins and a local cluster's partitions
+at once needs more memory than the fit itself. Each line also prints this process's peak resident memory
+(a local cluster's workers are processes of their own, not counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -66,24 +72,31 @@ def main() -> None:
     ap.add_argument("--dask", default="local:2", help="local:N or tcp://SCHEDULER:PORT")
     ap.add_argument("--real", type=int, default=3000, help="real corpus messages to draw rows from")
     ap.add_argument("--rounds", type=int, default=100, help="boosting rounds per fit (fixed)")
+    ap.add_argument("--engines", default="one,dask", help="which of one,dask to time")
     args = ap.parse_args()
     X, y = real_rows(args.real)
     names = list(SCHEMA.names)
     cfg = FitConfig()
     print(f"{len(y)} real rows ({np.bincount(y, minlength=3).tolist()} ham/spam/phish), {X.shape[1]} "
           f"features, {args.rounds} rounds a fit; Dask: {args.dask}")
-    print(f"{'rows':>9}  {'one process':>12}  {'dask':>12}  dask / one process")
-    with connect(args.dask) as client:
-        trees = DaskTrees(client, args.dask)
+    engines = set(args.engines.split(","))
+    print(f"{'rows':>9}  {'one process':>12}  {'dask':>12}  dask / one process  peak RSS (this process)")
+    with connect(args.dask) if "dask" in engines else nullcontext() as client:
+        trees = DaskTrees(client, args.dask) if client is not None else None
         for rows in (int(r) for r in args.rows.split(",")):
             train = padded(X, y, rows, cfg.seed)
-            t0 = time.perf_counter()
-            local_trees(train, names, cfg, args.rounds)
-            single = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            trees(train, names, cfg, args.rounds)
-            dask = time.perf_counter() - t0
-            print(f"{rows:>9,}  {single:>10.1f} s  {dask:>10.1f} s  {dask / single:.2f}", flush=True)
+            single = dask = float("nan")
+            if "one" in engines:
+                t0 = time.perf_counter()
+                local_trees(train, names, cfg, args.rounds)
+                single = time.perf_counter() - t0
+            if trees is not None:
+                t0 = time.perf_counter()
+                trees(train, names, cfg, args.rounds)
+                dask = time.perf_counter() - t0
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+            print(f"{rows:>9,}  {single:>10.1f} s  {dask:>10.1f} s  {dask / single:>18.2f}  {peak:.1f} GiB",
+                  flush=True)
 
 
 if __name__ == "__main__":
