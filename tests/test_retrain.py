@@ -171,6 +171,11 @@ def test_campaign_is_learned_from_twenty_admin_labels(
     report = json.loads((result.report_dir / "retrain.json").read_text())
     assert result.promoted, result.reason
     assert report["data"]["labels"]["train"] == 16 and report["data"]["labels"]["held_back"] == 4
+    # both models were scored as the gateway scores them, loaded from their files (CPU build here)
+    assert report["scored_with"] == {
+        "champion": "the tree-ensemble graph on CPUExecutionProvider",
+        "challenger": "the tree-ensemble graph on CPUExecutionProvider",
+    }
 
     after = build_scanner(load_config(None), models / "current.onnx")
     assert after.classifier.name == result.challenger != before.classifier.name
