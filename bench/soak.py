@@ -1076,7 +1076,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     model_dir = workdir / "models"
     model_dir.mkdir()
-    for name in ("current.onnx", "current.lgb.txt", "current.json"):
+    for name in ("current.onnx", "current.lgb.txt", "current.tensor.onnx", "current.json"):  # every file
         shutil.copy2(MODEL_DIR / name, model_dir / name)
     sink = Sink(free_port())
     await sink.start()

@@ -147,7 +147,7 @@ def test_only_flagged_mail_is_explained_unless_asked(tmp_path: Path) -> None:
 
 
 def _copy_model(tmp_path: Path) -> Path:
-    for suffix in (".onnx", ".json", ".lgb.txt"):
+    for suffix in (".onnx", ".json", ".lgb.txt", ".tensor.onnx"):  # every file of the model
         shutil.copyfile(MODEL.with_suffix(suffix), tmp_path / f"current{suffix}")
     return tmp_path / "current.onnx"
 
