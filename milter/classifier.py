@@ -156,7 +156,7 @@ class Classifier:
         meta = load_metadata(metadata_path(path))
         check_schema(meta)
         data = _read_checked(path, meta)
-        tensor, absent = _tensor_graph(path, meta)  # read even for the CPU: a mismatched pair is refused
+        tensor, absent = read_tensor_graph(path, meta)  # read even for the CPU: a mismatched pair is refused
         cpu = _session(data, path, providers or (CPU,))
         _check_width(cpu, path)
         clf = cls(cpu, meta, path)
@@ -314,7 +314,7 @@ def _check_cuda_parity(session: ort.InferenceSession, cpu: Classifier) -> None:
         )
 
 
-def _tensor_graph(path: Path, meta: ModelMetadata) -> tuple[TensorGraph | None, str]:
+def read_tensor_graph(path: Path, meta: ModelMetadata) -> tuple[TensorGraph | None, str]:
     """(the tensor graph, '') or (None, why there is none). ModelError when the file does not match its
     digest (corrupt, or caught mid-swap: retry), even when only the CPU will score: a model whose files do
     not belong together is not loaded."""

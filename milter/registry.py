@@ -54,6 +54,7 @@ from milter.classifier import (
     Classifier,
     ModelMetadata,
     load_metadata,
+    read_tensor_graph,
     tensor_graph_path,
 )
 from milter.errors import ModelError
@@ -233,21 +234,13 @@ def check_tensor_graph(
     """The tensor graph the metadata names must be there, match its sha256 and score `vectors` as the
     TreeEnsemble graph does (on the CPU provider: what runs on CUDA is checked by each gateway at load).
     A model that names none is accepted: older models, and GPU-less fleets, do without."""
-    entry = meta.raw.get("tensor_graph")
-    if entry is None:
+    if meta.raw.get("tensor_graph") is None:
         log.info("model %s ships no tensor graph: it will be scored on the CPU everywhere", meta.name)
         return
-    path = tensor_graph_path(onnx_path)
-    expected = entry.get("sha256") if isinstance(entry, Mapping) else None
-    if not isinstance(expected, str):
-        raise ModelError(f"model metadata for {meta.name} lacks tensor_graph.sha256")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"cannot read tensor graph {path}: {exc.strerror}") from exc
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise ModelError(f"tensor graph {path} does not match its metadata (sha256 differs): corrupt or "
-                         "from another model")
+    tensor, absent = read_tensor_graph(onnx_path, meta)  # the classifier's own digest check
+    if tensor is None:  # named by the metadata, not on disk: a pair that does not belong together
+        raise ModelError(f"cannot read tensor graph: {absent}")
+    path, data = tensor.path, tensor.data
     try:
         session = ort.InferenceSession(data, providers=[CPU])
         (probs,) = session.run(["probabilities"], {session.get_inputs()[0].name: vectors})
