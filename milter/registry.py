@@ -457,6 +457,18 @@ class FleetModel:
     tensor_onnx: bytes | None = None  # the tensor graph (None: a model without one)
 
 
+def write_files(
+    staged: Path, onnx: bytes, meta_json: bytes, lgb_text: bytes | None, tensor_onnx: bytes | None
+) -> None:
+    """A model's files as `staged` (.onnx), its .json and the companions it has, for validation or install:
+    a model fetched from the fleet's store arrives as bytes."""
+    staged.write_bytes(onnx)
+    staged.with_suffix(".json").write_bytes(meta_json)
+    for path, data in zip(companions(staged), (lgb_text, tensor_onnx), strict=True):
+        if data is not None:
+            path.write_bytes(data)
+
+
 def adopt(directory: Path, model: FleetModel, samples: Sequence[bytes] | None = None) -> SwapResult | None:
     """Make the fleet's `model` current here, validated exactly as a promotion; None when it already is.
 
@@ -474,12 +486,7 @@ def adopt(directory: Path, model: FleetModel, samples: Sequence[bytes] | None = 
         stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=directory))
         try:
             staged = stage / "candidate.onnx"
-            staged.write_bytes(model.onnx)
-            staged.with_suffix(".json").write_bytes(model.meta_json)
-            if model.lgb_text is not None:
-                explainer_path(staged).write_bytes(model.lgb_text)
-            if model.tensor_onnx is not None:
-                tensor_graph_path(staged).write_bytes(model.tensor_onnx)
+            write_files(staged, model.onnx, model.meta_json, model.lgb_text, model.tensor_onnx)
             meta = load_metadata(staged.with_suffix(".json"))
             if meta.name != model.name:
                 raise ModelError(f"model {model.name}: its metadata names it {meta.name!r}")
@@ -546,4 +553,4 @@ def describe_metrics(metrics: Mapping[str, float | None]) -> str:
 
 __all__ = ["FleetModel", "ModelInfo", "SwapResult", "adopt", "check_tensor_graph", "companions",
            "current_digest", "describe_metrics", "list_models", "model_dir", "promote", "rollback",
-           "validate"]
+           "validate", "write_files"]

@@ -23,7 +23,7 @@ from rich.table import Table
 from milter.classifier import tensor_graph_path
 from milter.errors import ModelError
 from milter.explain import explainer_path
-from milter.registry import companions, sha256_file, validate
+from milter.registry import companions, sha256_file, validate, write_files
 from milter.store import Store
 from milter.store.registry import CurrentModel, ModelFiles, NodeStatus, PublishedModel
 
@@ -88,12 +88,7 @@ def rollback(store: Store, name: str | None) -> tuple[str, str | None]:
         known = ", ".join(m.name for m in store.model_list()) or "none"
         raise ModelError(f"no model named {to!r} in the store (known: {known})")
     with _staged() as staged:
-        staged.write_bytes(files.onnx)
-        staged.with_suffix(".json").write_bytes(files.meta_json)
-        if files.lgb_text is not None:
-            explainer_path(staged).write_bytes(files.lgb_text)
-        if files.tensor_onnx is not None:
-            tensor_graph_path(staged).write_bytes(files.tensor_onnx)
+        write_files(staged, files.onnx, files.meta_json, files.lgb_text, files.tensor_onnx)
         validate(staged)
     store.model_set_current(to, "rollback", who())
     return to, previous.name if previous else None
