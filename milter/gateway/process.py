@@ -62,6 +62,9 @@ class ClassifierLike(Protocol):
     @property
     def providers(self) -> Sequence[str]: ...
 
+    # which graph scores: "tree-ensemble" or "tensor" (docs/gpu.md)
+    graph: str
+
 
 class ScannerLike(Protocol):
     """What the gateway needs of `milter.scan.Scanner` (a protocol so tests can inject faults)."""

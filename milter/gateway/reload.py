@@ -97,11 +97,6 @@ def load_checked(
     return Scanner(classifier, rebuilt, explainer)
 
 
-def graph_of(classifier: object) -> str:
-    """The graph a classifier scores with ("tree-ensemble" for a test double that does not say)."""
-    return str(getattr(classifier, "graph", "tree-ensemble"))
-
-
 def log_learned(learned: LearnedSenders) -> None:
     """At start and on every reload: how many senders the admins' labels vouch for now."""
     log.info(kv("learned senders", vouched=learned.vouched_count, labelled_domains=len(learned.counts),
@@ -165,7 +160,7 @@ class ModelReloader:
             return ReloadResult(ok=False, old=old, current=old, reason=reason)
         self._slot.swap(scanner)
         new, providers = scanner.classifier.name, tuple(scanner.classifier.providers)
-        graph = graph_of(scanner.classifier)
+        graph = scanner.classifier.graph
         self._metrics.set_model(new, providers, graph)
         self._metrics.model_reloads.labels("ok").inc()
         log.info("model reloaded: %s -> %s, providers %s, the %s graph", old, new, list(providers), graph)
@@ -181,7 +176,6 @@ class ModelReloader:
                 await task
 
 
-__all__ = ["Loader", "ModelReloader", "ReloadResult", "check_probabilities", "graph_of", "load_checked",
-           "log_learned",
+__all__ = ["Loader", "ModelReloader", "ReloadResult", "check_probabilities", "load_checked", "log_learned",
            "smoke_messages"]
 

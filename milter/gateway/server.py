@@ -52,7 +52,7 @@ from milter.gateway.process import (
     score_batch,
 )
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
-from milter.gateway.reload import ModelReloader, ReloadResult, graph_of, load_checked
+from milter.gateway.reload import ModelReloader, ReloadResult, load_checked
 from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
 from milter.registry import model_dir
 from milter.types import Envelope
@@ -279,7 +279,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.model = ModelSlot(scanner)
         clf = scanner.classifier
-        self.metrics.set_model(clf.name, clf.providers, graph_of(clf))
+        self.metrics.set_model(clf.name, clf.providers, clf.graph)
         # SIGHUP (serve) and tests call this; it reloads config.model.path, not the path loaded first.
         # The reload rereads the store's labels too (learned senders, milter.policy.learned).
         self.reloader = ModelReloader(
