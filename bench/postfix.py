@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/postfix.py [--messages 2000] [--clients 50] [--modes alone,milter,filter]
                                       [--scan-procs 20] [--reinject-procs N] [--workers 2]
-                                      [--dns local|off] [--runs N] [--spool DIR] [--json FILE] [--keep DIR]
+                                      [--dns local|off] [--config FILE] [--runs N] [--spool DIR]
+                                      [--json FILE] [--keep DIR]
 
 Needs root and Postfix (see tests/postfix.py). For each mode a fresh private Postfix on loopback
 (tests/postfix.py: inbound smtpd -> queue -> virtual(8) Maildir) and, for the two filter modes, a fresh
@@ -416,8 +417,9 @@ def queued_ids(pf: Postfix) -> set[str]:
 
 
 def gateway_config(args: argparse.Namespace, dns_port: int, tmp: str) -> str:
-    """The shipped model and policy; [auth] as --dns says; loopback clients outside unless asked."""
-    path = serve_config(args.dns, None, dns_port, tmp)
+    """The shipped model and policy (or --config's tables); [auth] as --dns says; loopback clients
+    outside unless asked."""
+    path = serve_config(args.dns, str(args.config) if args.config else None, dns_port, tmp)
     assert path is not None
     if not args.loopback_internal:
         with open(path, "a") as f:
@@ -769,6 +771,8 @@ def main() -> None:
                     help="make every temporary folder (Postfix's queue and Maildir, the gateway's store) "
                          "under this one, e.g. /dev/shm to take the disk out (default: the system's)")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--config", type=Path,
+                    help="gateway config to start from (no [auth] table: --dns sets it; no [policy] table)")
     ap.add_argument("--keep", type=Path, help="copy each mode's mail log and gateway log into this folder")
     ap.add_argument("--dns-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
