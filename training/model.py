@@ -627,11 +627,12 @@ def _topic_nodes(
             # int32 and float16: half the bytes; the table's values are float16 already (fit_topics)
             numpy_helper.from_array(topics.remap(space).astype(np.int32), "topic_remap"),
             numpy_helper.from_array(topics.table.astype(np.float16), "topic_table16"),
-            numpy_helper.from_array(np.array(TOPIC_EPS, dtype=np.float32), "topic_eps"),
+            numpy_helper.from_array(np.array(TOPIC_EPS, dtype=np.float64), "topic_eps"),
         ]
     )
+    # float64 from the table to the division, as TopicProjection computes it (why: its __call__)
     return [
-        helper.make_node("Cast", ["topic_table16"], ["topic_table"], to=TensorProto.FLOAT, name="topic_f32"),
+        helper.make_node("Cast", ["topic_table16"], ["topic_table"], to=TensorProto.DOUBLE, name="topic_f64"),
         helper.make_node("Gather", ["topic_remap", "gram_ids"], ["topic_rows"], axis=0, name="topic_remap"),
         helper.make_node("Gather", ["topic_table", "topic_rows"], ["topic_w"], axis=0, name="topic_lookup"),
         helper.make_node("ReduceSum", ["topic_w", "gram_axis"], ["topic_v"], keepdims=0, name="topic_sum"),
@@ -639,7 +640,8 @@ def _topic_nodes(
         helper.make_node("ReduceSum", ["topic_sq", "gram_axis"], ["topic_ss"], keepdims=1, name="topic_ss"),
         helper.make_node("Sqrt", ["topic_ss"], ["topic_len"], name="topic_len"),
         helper.make_node("Max", ["topic_len", "topic_eps"], ["topic_len1"], name="topic_len_floor"),
-        helper.make_node("Div", ["topic_v", "topic_len1"], ["topic_out"], name="topic_unit"),
+        helper.make_node("Div", ["topic_v", "topic_len1"], ["topic_unit"], name="topic_unit"),
+        helper.make_node("Cast", ["topic_unit"], ["topic_out"], to=TensorProto.FLOAT, name="topic_f32"),
         helper.make_node("Concat", [heads, "topic_out"], [TEXT_OUTPUT], axis=1, name="text_outputs"),
     ]
 
