@@ -20,9 +20,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from milter.classifier import tensor_graph_path
 from milter.errors import ModelError
-from milter.explain import explainer_path
 from milter.registry import companions, sha256_file, validate, write_files
 from milter.store import Store
 from milter.store.registry import CurrentModel, ModelFiles, NodeStatus, PublishedModel
@@ -49,7 +47,7 @@ def _staged() -> Iterator[Path]:
 
 
 def _files_of(staged: Path, name: str) -> ModelFiles:
-    lgb, tensor = explainer_path(staged), tensor_graph_path(staged)
+    lgb, tensor = companions(staged)  # the same companions write_files lays out
     return ModelFiles(name=name, onnx_sha256=sha256_file(staged), onnx=staged.read_bytes(),
                       meta_json=staged.with_suffix(".json").read_bytes(),
                       lgb_text=lgb.read_bytes() if lgb.is_file() else None,
