@@ -31,8 +31,8 @@ import numpy.typing as npt
 
 from milter.errors import ModelError
 from milter.features import SCHEMA
-from milter.features.describe import describe
-from milter.stacking import TextStage
+from milter.features.describe import TOPICS, describe
+from milter.stacking import TOPIC_PREFIX, TextStage
 from milter.types import CLASS_NAMES, Verdict
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ class Explainer:
         self.token_examples = token_examples
         # the trees read the feature vector extended by the text stage's scores (milter/stacking.py)
         self._stage = stage
-        self._names = SCHEMA.names + (stage.names if stage else ())
+        self._names = SCHEMA.names + (stage.out_names if stage else ())
+        self._topics = tuple(i for i, n in enumerate(self._names) if n.startswith(TOPIC_PREFIX))
         if booster.num_feature() != len(self._names) or tuple(booster.feature_name()) != self._names:
             raise ModelError(
                 f"explainer of model {model} has other features than the code's schema {SCHEMA.digest}"
@@ -266,6 +267,12 @@ class Explainer:
     ) -> Explanation:
         diff = phi[t] - phi[v]
         base, per_feature = float(diff[-1]), diff[:-1]
+        if self._topics:
+            # the topic columns are one reason (TreeSHAP is additive: their sum is exact); the group
+            # takes the first topic's place, the other topic columns count nothing
+            per_feature = per_feature.copy()
+            per_feature[self._topics[0]] = per_feature[list(self._topics)].sum()
+            per_feature[list(self._topics[1:])] = 0.0
         order = np.argsort(-per_feature, kind="stable")
         towards = [int(j) for j in order[:TOP_TOWARDS] if per_feature[j] >= MIN_SHOWN]
         against = [int(j) for j in order[::-1][:TOP_AGAINST] if per_feature[j] <= -MIN_SHOWN]
@@ -281,6 +288,9 @@ class Explainer:
     def _item(
         self, x: npt.NDArray[np.float32], per_feature: npt.NDArray[np.float64], j: int, words: Words
     ) -> Contribution:
+        if self._topics and j == self._topics[0]:
+            return Contribution(TOPICS, float(len(self._topics)), float(per_feature[j]),
+                                describe(TOPICS, float(len(self._topics))))
         name, value = self._names[j], float(x[j])
         text = describe(name, value, words.get(name, ()), self.token_examples.get(name, ()))
         return Contribution(name, value, float(per_feature[j]), text)

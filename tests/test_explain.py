@@ -23,9 +23,11 @@ from milter.config import load_config
 from milter.errors import ConfigError, ModelError
 from milter.explain import Explainer, Explanation, explainer_path, softmax, target_classes
 from milter.features import SCHEMA, bucket_words
+from milter.features.describe import TOPICS
 from milter.features.text import HASH_NAMES
 from milter.registry import validate
 from milter.scan import build_scanner, load_explainer, prepare
+from milter.stacking import TOPIC_PREFIX
 from milter.types import CLASS_NAMES, Action
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +101,7 @@ def test_an_explanation_adds_up_to_the_log_odds_it_explains(
     explained = explainer.explain(X, verdicts, probs)
     stage = _graph_stage_scores(X)
     kinds = set()
+    topics_listed = 0
     for i, e in enumerate(explained):
         t, v = target_classes(verdicts[i], probs[i].tolist())
         assert (e.target, e.versus) == (CLASS_NAMES[t], CLASS_NAMES[v])
@@ -108,15 +111,25 @@ def test_an_explanation_adds_up_to_the_log_odds_it_explains(
         assert all(c.contribution > 0 for c in e.towards) and all(c.contribution < 0 for c in e.against)
         assert [abs(c.contribution) for c in e.towards] == sorted((abs(c.contribution) for c in e.towards),
                                                                   reverse=True)
-        # a feature's value is the message's; a text-stage score's is the one the graph computed
+        # a feature's value is the message's; a text-stage score's is the one the graph computed; the
+        # topics are one reason, valued by how many columns it stands for
         extended = dict(zip(explainer.feature_names, np.concatenate([X[i], stage[i]]), strict=True))
+        extended[TOPICS] = float(sum(n.startswith(TOPIC_PREFIX) for n in explainer.feature_names))
         assert all(c.value == pytest.approx(float(extended[c.feature]), rel=1e-5, abs=1e-5)
                    for c in e.contributions)  # float32 sums in another order: the last bits may differ
+        assert not any(c.feature.startswith(TOPIC_PREFIX) for c in e.contributions)
+        topics = [j for j, n in enumerate(explainer.feature_names) if n.startswith(TOPIC_PREFIX)]
+        if any(c.feature == TOPICS for c in e.contributions):
+            topics_listed += 1
+            one = next(c for c in e.contributions if c.feature == TOPICS)
+            phi = explainer.contributions(X[i : i + 1])[0]
+            assert one.contribution == pytest.approx(float((phi[t, topics] - phi[v, topics]).sum()), abs=1e-9)
         assert all(c.text and c.text != c.feature for c in e.contributions)
         stored = Explanation.from_json(json.loads(json.dumps(e.as_json())))
         assert stored.score == pytest.approx(e.score, abs=1e-5)
         kinds.add(e.target)
     assert kinds == {"ham", "spam", "bec"}  # the sample exercises all three targets
+    assert topics_listed > 0  # the shipped model's topics are among the reasons of some messages
 
 
 def test_hashed_words_are_named_by_the_messages_own_words() -> None:

@@ -38,18 +38,23 @@ N_LABELS = 20  # what the admin labels; every 5th is held back as a "recent labe
 
 # The campaign: Enron-Spam's "1000's of Computer Products on Sale Now!" (87 messages of image-only shop
 # mail). Chosen by training a subsampled model with every >= 40-message Subject cluster of enron-spam
-# held out, then, for the clusters it missed, a baseline without that cluster alone (the way this test
-# trains it): every other cluster was caught unaided at the tag level, this one not at all (the test
-# asserts the miss again below). The runs this test used before are caught unaided by later models:
-# "Investor Alert SPNI" since the text stage, "Enjoy Media (EJYM)" (with its stock-pump family held
-# out) since the stage reads 2^18 hashed grams (docs/DETECTION.md). With the model before that, this
-# campaign's retrain was refused by the gate: learning it raised the modern commercial ham it resembles;
-# now it passes with the fixed-set ham FPR unchanged. A fixed pattern rather than a search keeps the
-# choice deterministic.
+# held out, then, for the clusters it missed, a baseline without that cluster (and its kind) alone, the
+# way this test trains it. The runs this test used before are caught unaided by later models: "Investor
+# Alert SPNI" since the text stage, "Enjoy Media (EJYM)" (with its stock-pump family held out) since the
+# stage reads 2^18 hashed grams, and this campaign alone since the stage's topics (docs/DETECTION.md);
+# so did every other cluster tried then (the postcards, the gadgets, "top dog training", the weight-loss
+# run), each held out alone, and with the four image-only runs most like it. Held out with every other
+# run of 40 or more messages (its family below: 28 runs, 2,250 messages), the campaign is missed unaided
+# (measured: tag level, none of it caught): the baseline has never seen a large campaign, as a site has
+# not seen the next one. A fixed rule rather than a search keeps the choice deterministic.
 CAMPAIGN = re.compile(rb"^subject:[ \t]*1000.s of computer products on sale", re.IGNORECASE | re.MULTILINE)
-# Related runs held out of the base training with the campaign (so the baseline has never seen their
-# kind), when the campaign has any: none among enron-spam's subjects for this one.
-FAMILY: re.Pattern[bytes] | None = None
+SUBJECT = re.compile(rb"^subject:[ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
+FAMILY_MIN = 40  # messages with one Subject (case and runs of spaces folded) that make a run
+
+
+def _run_of(header: bytes) -> bytes:
+    m = SUBJECT.search(header)
+    return re.sub(rb"\s+", b" ", m.group(1).strip().lower())[:60] if m else b""
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,12 @@ def campaign() -> Campaign:
         return (when.timestamp() if when else float("inf"), m.order)
 
     members.sort(key=arrival)
-    family = [
-        m for m in messages if FAMILY and m.label == "spam" and FAMILY.search(read_header_block(m.path))
-    ]
+    runs: dict[bytes, list[Message]] = {}
+    for m in messages:
+        header = read_header_block(m.path)
+        if m.label == "spam" and not CAMPAIGN.search(header) and (run := _run_of(header)):
+            runs.setdefault(run, []).append(m)
+    family = [m for run in runs.values() if len(run) >= FAMILY_MIN for m in run]
     return Campaign(tuple(members[:N_LABELS]), tuple(members[N_LABELS:]), tuple(family))
 
 

@@ -10,12 +10,21 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 import pytest
+from onnx import TensorProto, numpy_helper
 
 from milter.errors import ModelError
 from milter.explain import Explainer
 from milter.features.describe import describe
 from milter.features.text import GRAM_SLOTS, GRAM_SPACE, gram_id, gram_ids
-from milter.stacking import STAGE_NAMES, TextStage, gram_norm, id_columns, stage_columns
+from milter.stacking import (
+    STAGE_NAMES,
+    TOPIC_PREFIX,
+    TextStage,
+    TopicProjection,
+    gram_norm,
+    id_columns,
+    stage_columns,
+)
 from training import model as mdl
 from training.retrain import label_groups
 
@@ -104,13 +113,13 @@ def test_the_graph_computes_the_stage_and_the_trees_on_its_scores() -> None:
     data = proto.SerializeToString()
     probs, scores = mdl.onnx_outputs(data, X)
     assert model.stage is not None and scores is not None
-    np.testing.assert_allclose(scores, model.stage.scores(X), rtol=1e-5, atol=1e-5)
+    # to the bit: the trees split on these scores, and the explainer computes them in numpy
+    np.testing.assert_array_equal(scores, model.stage.scores(X))
     extended = np.hstack([X, scores])
     assert mdl.check_parity(mdl.predict_extended(model.booster, extended), probs) < mdl.PARITY_TOL
     # the stage matters: with its weights zeroed the graph scores differently
     weights = next(t for t in proto.graph.initializer if t.name == "text_weights")
-    zeroed = np.zeros((weights.dims[0], weights.dims[1]), dtype=np.float32)
-    weights.raw_data = zeroed.tobytes()
+    weights.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(weights)), weights.name))
     changed = mdl.onnx_probabilities(proto.SerializeToString(), X)
     assert np.abs(changed - probs).max() > 0.05
 
@@ -128,7 +137,8 @@ class _Fake(Explainer):
         self.model = "toy"
         self.token_examples = {}
         self._stage = stage
-        self._names = names + (stage.names if stage else ())
+        self._names = names + (stage.out_names if stage else ())
+        self._topics = tuple(i for i, n in enumerate(self._names) if n.startswith(TOPIC_PREFIX))
 
 
 def test_explanations_include_the_stage_and_sum_to_the_graph_score() -> None:
@@ -233,7 +243,8 @@ def test_the_graph_computes_the_wide_part_as_the_stage_does() -> None:
     data = proto.SerializeToString()
     probs, scores = mdl.onnx_outputs(data, X)
     assert scores is not None
-    np.testing.assert_allclose(scores, model.stage.scores(X), rtol=1e-5, atol=1e-5)
+    # the stage's output: its two scores, then its topics
+    np.testing.assert_array_equal(scores, model.stage.outputs(X))  # to the bit (TextStage._scores64)
     trees = mdl.predict_extended(model.booster, np.hstack([X, scores]))
     assert mdl.check_parity(trees, probs) < mdl.PARITY_TOL
     # ids outside the table (a hand-made vector) are clipped alike, not an inference error
@@ -241,7 +252,7 @@ def test_the_graph_computes_the_wide_part_as_the_stage_does() -> None:
     odd[:, list(model.stage.id_columns)] = [[-7.0, 1e9, 3.5, *([0.0] * (N_SLOTS - 3))]] * 5
     _, odd_scores = mdl.onnx_outputs(data, odd)
     assert odd_scores is not None
-    np.testing.assert_allclose(odd_scores, model.stage.scores(odd), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(odd_scores, model.stage.outputs(odd))
     # the table matters: zeroed, the graph scores differently
     table = next(t for t in proto.graph.initializer if t.name == "gram_table")
     table.raw_data = np.zeros((table.dims[0], table.dims[1]), dtype=np.float32).tobytes()
@@ -252,7 +263,7 @@ def test_an_export_whose_trees_read_an_id_column_is_refused() -> None:
     model, X, y = _wide_fitted()
     assert model.stage is not None
     leaky = lgb.train({**mdl.lgb_params(CFG), "min_data_in_leaf": 5}, lgb.Dataset(
-        np.hstack([X, model.stage.scores(X)]), y, feature_name=[*WIDE_NAMES, *STAGE_NAMES]), 20)
+        np.hstack([X, model.stage.outputs(X)]), y, feature_name=[*WIDE_NAMES, *model.stage.out_names]), 20)
     assert leaky.feature_importance(importance_type="split")[list(model.stage.id_columns)].any()
     with pytest.raises(mdl.ExportMismatchError, match="gram id columns"):
         mdl.to_onnx(mdl.Fitted(leaky, model.stage), X.shape[1])
@@ -272,9 +283,41 @@ def test_the_wide_table_round_trips_and_a_broken_one_is_refused() -> None:
         ({**good, "table_shape": [7, 2]}, "malformed"),
         ({**good, "table_f32le_b64": base64.b64encode(row0.astype("<f4").tobytes()).decode()}, "malformed"),
         ({**good, "id_columns": [X.shape[1]]}, "outside"),
+        ({**good, "precision": "float16"}, "malformed"),
     ):
         with pytest.raises(ModelError, match=match):
             TextStage.from_json(broken, X.shape[1])
+
+
+def test_a_stage_from_before_float64_sums_is_read_and_exported_in_float32() -> None:
+    """Models exported before the float64 sums carry no "precision": their graphs sum in float32, and
+    the explainer must sum as they do (its load check compares the two)."""
+    model, X, _ = _wide_fitted()
+    assert model.stage is not None and model.stage.precision == "float64"
+    old = {k: v for k, v in model.stage.as_json().items() if k != "precision"}
+    stage32 = TextStage.from_json(old, X.shape[1])
+    assert stage32.precision == "float32"
+    proto = mdl.to_onnx(mdl.Fitted(model.booster, stage32), X.shape[1])
+    words = [n for n in proto.graph.node if n.op_type == "Cast" and not n.name.startswith("topic")]
+    assert TensorProto.DOUBLE not in [a.i for n in words for a in n.attribute if a.name == "to"]
+    _, scores = mdl.onnx_outputs(proto.SerializeToString(), X)
+    assert scores is not None
+    np.testing.assert_allclose(scores, stage32.outputs(X), rtol=1e-5, atol=1e-5)
+    # the two precisions are different computations (else this test would prove nothing)
+    assert not np.array_equal(stage32.scores(X), model.stage.scores(X))
+
+
+def test_float64_sums_agree_with_the_graph_to_the_bit_on_many_rows() -> None:
+    """The bug this guards against: summed in float32, numpy and ONNX Runtime differed by 12 float32
+    steps on one message of 1,872 and a tree's split read them on both sides (a refused retrain)."""
+    model, X, _ = _wide_fitted()
+    assert model.stage is not None
+    rng = np.random.default_rng(7)
+    rows = np.repeat(X, 8, axis=0)
+    tok = list(model.stage.columns)
+    rows[:, tok] = rng.gamma(1.0, 3.0, (len(rows), len(tok))).astype(np.float32)
+    _, scores = mdl.onnx_outputs(mdl.to_onnx(model, X.shape[1]).SerializeToString(), rows)
+    np.testing.assert_array_equal(scores, model.stage.outputs(rows))
 
 
 def test_gram_ids_are_the_first_distinct_grams_in_reading_order() -> None:
@@ -360,3 +403,100 @@ def test_threshold_rows_are_scored_by_trees_that_never_saw_their_sender() -> Non
     # without the setting there are no such scores (and no extra fits)
     off = mdl.fit(X, y, w, X, y, w, ("sender",), replace(cfg, threshold_folds=0), groups=groups)
     assert off.oof is None
+
+
+# --- the stage's topics: what the text is about (TopicProjection, mdl.fit_topics) -------------------
+
+
+def test_topics_follow_the_scores_and_the_trees_read_them() -> None:
+    model, X, y = _wide_fitted()
+    stage = model.stage
+    assert stage is not None and stage.topics is not None
+    assert stage.out_names == (*STAGE_NAMES, *(f"{TOPIC_PREFIX}{j:02d}" for j in range(CFG.topics)))
+    assert model.feature_names == (*WIDE_NAMES, *stage.out_names)
+    topics = stage.outputs(X)[:, len(STAGE_NAMES):]
+    # unit length: only the direction of a text's grams counts, not how many it has
+    np.testing.assert_allclose(np.linalg.norm(topics, axis=1), 1.0, atol=1e-5)
+    # spam's 300 ids of its own point somewhere ham's do not: the nearer of the two centroids tells
+    # most spam from ham (no labels went into the topics; a coin would get half)
+    pair = (y == 0) | (y == 1)
+    centroids = np.stack([topics[y == 0].mean(axis=0), topics[y == 1].mean(axis=0)])
+    nearer = np.argmax(topics[pair] @ centroids.T, axis=1)
+    assert (nearer == y[pair]).mean() > 0.8
+    used = model.booster.feature_importance(importance_type="split")
+    assert used[len(WIDE_NAMES) + len(STAGE_NAMES):].sum() > 0
+    # the graph computes the very same topics, to the bit (float64 sums of float16 values are exact in any
+    # order): a last-bit difference can flip a tree's split, and the explainer's check would refuse it
+    _, graph_out = mdl.onnx_outputs(mdl.to_onnx(model, X.shape[1]).SerializeToString(), X)
+    assert graph_out is not None
+    np.testing.assert_array_equal(graph_out[:, len(STAGE_NAMES):], topics)
+
+
+def test_a_text_without_known_grams_has_zero_topics_not_nan() -> None:
+    model, X, _ = _wide_fitted()
+    stage = model.stage
+    assert stage is not None and stage.topics is not None
+    empty = X[:3].copy()
+    empty[:, list(stage.id_columns)] = 0.0  # no grams at all
+    empty[1, list(stage.id_columns)[:2]] = [GRAM_SPACE - 1, GRAM_SPACE - 2]  # grams outside the vocabulary
+    topics = stage.outputs(empty)[:, len(STAGE_NAMES):]
+    assert np.isfinite(topics).all() and not topics.any()
+    _, scores = mdl.onnx_outputs(mdl.to_onnx(model, X.shape[1]).SerializeToString(), empty)
+    assert scores is not None
+    np.testing.assert_array_equal(scores[:, len(STAGE_NAMES):], topics)
+
+
+def test_the_topics_read_the_commonest_grams_and_the_same_rows_give_the_same_table() -> None:
+    X, _ = _wide_data(600)
+    ids = id_columns(WIDE_NAMES)
+    a = mdl.fit_topics(X, ids, 8, 500, seed=3)
+    b = mdl.fit_topics(X.copy(), ids, 8, 500, seed=3)
+    assert a is not None and b is not None
+    np.testing.assert_array_equal(a.vocab, b.vocab)
+    np.testing.assert_array_equal(a.table, b.table)
+    # the vocabulary is the 500 grams found in most rows
+    assert len(a.vocab) == 500 and a.table.shape == (501, 8)
+    df = np.bincount(np.clip(X[:, list(ids)].astype(np.int64), 0, None).ravel(), minlength=GRAM_SPACE + 1)
+    df[0] = 0
+    assert df[a.vocab].min() >= np.delete(df, a.vocab).max()
+    assert mdl.fit_topics(X, ids, 0, 500, seed=3) is None
+    assert mdl.fit_topics(X, (), 8, 500, seed=3) is None
+
+
+def test_the_topics_round_trip_and_broken_ones_are_refused() -> None:
+    model, X, _ = _wide_fitted()
+    assert model.stage is not None and model.stage.topics is not None
+    good = model.stage.as_json()
+    back = TextStage.from_json(good, X.shape[1])
+    np.testing.assert_array_equal(back.outputs(X), model.stage.outputs(X))
+    topics = model.stage.topics
+    with pytest.raises(ValueError, match="vocab"):
+        TopicProjection(topics.vocab[::-1].copy(), topics.table)
+    row0 = topics.table.copy()
+    row0[0, 0] = 1.0
+    with pytest.raises(ValueError, match="row 0"):
+        TopicProjection(topics.vocab, row0)
+    nan = topics.table.copy()
+    nan[1, 0] = np.nan
+    broken = {**good, "topics": TopicProjection(topics.vocab, nan).as_json()}
+    with pytest.raises(ModelError, match="non-finite"):
+        TextStage.from_json(broken, X.shape[1])
+    with pytest.raises(ModelError, match="malformed"):
+        TextStage.from_json({**good, "topics": {"table_shape": [2, 2]}}, X.shape[1])
+
+
+def test_the_topics_are_one_reason_in_an_explanation() -> None:
+    model, X, _ = _wide_fitted()
+    assert model.stage is not None
+    explainer = _explainer(model, WIDE_NAMES)
+    probs = mdl.onnx_probabilities(mdl.to_onnx(model, X.shape[1]).SerializeToString(), X[:40])
+    found = explainer.explain(X[:40], ["spam"] * 40, probs)
+    names = [c.feature for e in found for c in e.contributions]
+    assert not any(n.startswith(TOPIC_PREFIX) for n in names)
+    assert "txt_topics" in names
+    # grouping moves no weight: listed + rest is still the score above the base
+    for e in found:
+        listed = sum(c.contribution for c in e.towards) + sum(c.contribution for c in e.against)
+        assert abs(e.base + listed + e.rest - e.score) < 1e-6
+    one = next(c for e in found for c in e.contributions if c.feature == "txt_topics")
+    assert one.text == "what the text is about (its topics, weighed together)"

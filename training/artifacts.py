@@ -80,6 +80,8 @@ RECIPE_KEYS = (
     "text_c",
     "text_grams",
     "gram_scale",
+    "topics",
+    "topic_vocab",
     "stage_labels",
     "label_weight",
 )

@@ -143,6 +143,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--text-grams", choices=("none", "unwanted", "both"), default=d.text_grams,
                    help="as milter-train")
     p.add_argument("--gram-scale", type=float, default=d.gram_scale, help="as milter-train")
+    p.add_argument("--topics", type=int, default=d.topics, help="as milter-train")
+    p.add_argument("--topic-vocab", type=int, default=d.topic_vocab, help="as milter-train")
     p.add_argument("--stage-labels", choices=("none", "ham", "all"), default=d.stage_labels,
                    help="as milter-train")
     p.add_argument("--threshold-folds", type=int, default=d.threshold_folds, help="as milter-train")

@@ -144,6 +144,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="strength of the hashed grams against the stage's L2 penalty (default: %(default)s)",
     )
     p.add_argument(
+        "--topics",
+        type=int,
+        default=mdl.FitConfig.topics,
+        help="topic columns the text stage gives the trees (an SVD of the grams' tf-idf); 0: none "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--topic-vocab",
+        type=int,
+        default=mdl.FitConfig.topic_vocab,
+        help="the commonest grams of the training corpora the topics are read from (default: %(default)s)",
+    )
+    p.add_argument(
         "--stage-labels",
         choices=("none", "ham", "all"),
         default=mdl.FitConfig.stage_labels,
@@ -366,6 +379,8 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         text_c=args.text_c,
         text_grams=args.text_grams,
         gram_scale=args.gram_scale,
+        topics=args.topics,
+        topic_vocab=args.topic_vocab,
         stage_labels=args.stage_labels,
         threshold_folds=args.threshold_folds,
     )

@@ -460,6 +460,10 @@ DESCRIPTIONS: Mapping[str, Phrase] = MappingProxyType(
 )
 
 
+#: the text stage's topics (milter.stacking.TopicProjection), one explanation line for all of them
+TOPICS = "txt_topics"
+
+
 def describe(name: str, value: float, words: Sequence[str] = (), examples: Sequence[str] = ()) -> str:
     """`name`'s value for one message in words. For a hashed word column (`tok_NNNN`), `words` are the
     message's own n-grams in that bucket (most frequent first) and `examples` common training n-grams
@@ -467,6 +471,10 @@ def describe(name: str, value: float, words: Sequence[str] = (), examples: Seque
     phrase = DESCRIPTIONS.get(name)
     if phrase is not None:
         return phrase.render(value)
+    if name == TOPICS:
+        # no number: one direction of a learned projection means nothing alone; together they say
+        # what kind of text the trees took it for
+        return "what the text is about (its topics, weighed together)"
     m = _TOKEN_NAME.fullmatch(name)
     if m:
         return _tokens(int(m.group(1)), _clean(value), words, examples)
