@@ -71,13 +71,16 @@ def test_arenas_follow_small_objects_and_glibc_counts_a_big_buffer() -> None:
         return
     base = malloc_stats()
     assert base is not None
-    buffer = bytearray(64 * MIB)  # above glibc's largest mmap threshold: a chunk of its own
+    buffer = bytearray(64 * MIB)
     big = malloc_stats()
-    assert big is not None and big.mmapped - base.mmapped >= 63 * MIB
-    assert big.in_use - base.in_use >= 63 * MIB
+    # Counted in use wherever glibc puts it: a chunk of its own (mmapped: above its largest mmap
+    # threshold) or, when earlier tests in the process left that much free in the heap, a free chunk of
+    # the heap (seen in CI: 860 MB free before, mmapped unchanged, free down by the buffer).
+    assert big is not None and big.in_use - base.in_use >= 63 * MIB
+    assert big.mmapped - base.mmapped >= 63 * MIB or base.free - big.free >= 63 * MIB, (base, big)
     del buffer
     after = malloc_stats()
-    assert after is not None and after.mmapped - base.mmapped < MIB
+    assert after is not None and after.in_use - base.in_use < MIB, (base, after)
 
 
 def _children(pid: int) -> list[int]:
