@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,7 @@ class TopicProjection:
 
     vocab: npt.NDArray[np.int64]  # (V,) sorted gram ids 1..space
     table: npt.NDArray[np.float32]  # (V + 1, k), float16 values; row 0 (not in the vocabulary) is zero
+    _remaps: dict[int, npt.NDArray[np.int64]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         v = self.vocab
@@ -87,6 +88,12 @@ class TopicProjection:
     def names(self) -> tuple[str, ...]:
         return topic_names(self.table.shape[1])
 
+    def _index(self, space: int) -> npt.NDArray[np.int64]:
+        # a cache in a frozen value: filled once per space (one in practice); a race computes it twice
+        if space not in self._remaps:
+            self._remaps[space] = self.remap(space)
+        return self._remaps[space]
+
     def remap(self, space: int) -> npt.NDArray[np.int64]:
         """(space + 1,) gram id -> row of `table` (0: not in the vocabulary)."""
         out = np.zeros(space + 1, dtype=np.int64)
@@ -100,11 +107,13 @@ class TopicProjection:
         # division) to within float64 rounding, far below a float32 step. Summed in float32, their orders
         # differed in the last bits and once flipped a tree's split (the explainer's check refused a
         # retrain's candidate: 0.0007 > 1e-4).
-        rows = self.remap(space)[ids]
-        table = self.table.astype(np.float64)
-        out = np.empty((len(rows), table.shape[1]), dtype=np.float32)
+        # Only the gathered rows are widened (the same values: float16 is exact in float32 and float64),
+        # and the index is built once per space: widening the whole table (16 MB) and rebuilding the
+        # index (2 MB) on every call made one message's explanation 4.8 ms instead of 1.3 (bench/scan.py).
+        rows = self._index(space)[ids]
+        out = np.empty((len(rows), self.table.shape[1]), dtype=np.float32)
         for start in range(0, len(rows), TOPIC_CHUNK):  # the gathered rows are 0.5 MB a message
-            v = table[rows[start : start + TOPIC_CHUNK]].sum(axis=1)
+            v = self.table[rows[start : start + TOPIC_CHUNK]].astype(np.float64).sum(axis=1)
             norm = np.sqrt((v * v).sum(axis=1, keepdims=True))
             out[start : start + TOPIC_CHUNK] = v / np.maximum(norm, TOPIC_EPS)
         return out
