@@ -53,7 +53,7 @@ TOPIC_PREFIX = "txt_topic_"
 TOPIC_EPS = 1e-12
 #: The sums' precision: "float64" (every model since) or "float32" (models exported before it).
 PRECISIONS = ("float32", "float64")
-TOPIC_CHUNK = 256  # messages at a time when computing topics in numpy (training: tens of thousands)
+TOPIC_CHUNK = 256  # messages at a time for the stage's float64 gathers in numpy (training: tens of thousands)
 
 
 def topic_names(k: int) -> tuple[str, ...]:
@@ -199,7 +199,7 @@ class TextStage:
         if self.id_columns and self.table is not None:
             ids = self.ids(X)
             wide = self.table[ids].astype(np.float64).sum(axis=1)
-            out = out + wide / np.sqrt(np.maximum((ids > 0).sum(axis=1), 1).astype(np.float64))[:, None]
+            out = out + wide / gram_norm(ids, np.float64)[:, None]
         return out.astype(np.float32)
 
     def _scores32(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -296,11 +296,11 @@ def clip_ids(X: npt.NDArray[np.float32], columns: Sequence[int], space: int) -> 
     return np.clip(X[:, list(columns)].astype(np.int64), 0, space)
 
 
-def gram_norm(ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+def gram_norm(ids: npt.NDArray[np.int64], dtype: type[np.floating[Any]] = np.float32) -> npt.NDArray[Any]:
     """sqrt(number of grams), at least 1: each gram of a message counts 1/sqrt(n) (a unit-length row),
     so a long or garbled text (a base64 image decoded as text: 512 random grams) cannot add up
     hundreds of small weights into a certainty."""
-    norm: npt.NDArray[np.float32] = np.sqrt(np.maximum((ids > 0).sum(axis=1), 1)).astype(np.float32)
+    norm: npt.NDArray[Any] = np.sqrt(np.maximum((ids > 0).sum(axis=1), 1)).astype(dtype)
     return norm
 
 
