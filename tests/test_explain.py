@@ -21,7 +21,7 @@ from conftest import in_ci
 from milter.classifier import Classifier
 from milter.config import load_config
 from milter.errors import ConfigError, ModelError
-from milter.explain import Explainer, Explanation, explainer_path, softmax, target_classes
+from milter.explain import Explainer, Explanation, class_texts, explainer_path, softmax, target_classes
 from milter.features import SCHEMA, bucket_words
 from milter.features.describe import TOPICS
 from milter.features.text import HASH_NAMES
@@ -132,6 +132,44 @@ def test_an_explanation_adds_up_to_the_log_odds_it_explains(
     assert topics_listed > 0  # the shipped model's topics are among the reasons of some messages
 
 
+def test_each_class_booster_holds_that_class_and_explains_as_the_whole_model(
+    loaded: tuple[Classifier, Explainer, npt.NDArray[np.float32]],
+) -> None:
+    """An explanation walks only the trees of its two classes; its numbers are the whole model's."""
+    classifier, explainer, X = loaded
+    text = explainer_path(MODEL).read_text(encoding="utf-8")
+    boosters = [lgb.Booster(model_str=t) for t in class_texts(text)]
+    whole = lgb.Booster(model_str=text)
+    assert [b.num_trees() for b in boosters] == [whole.num_trees() // len(CLASS_NAMES)] * len(CLASS_NAMES)
+    ext = explainer._extend(X).astype(np.float64)
+    raw = np.asarray(whole.predict(ext, raw_score=True, num_threads=1))
+    for k, booster in enumerate(boosters):
+        np.testing.assert_array_equal(booster.predict(ext, raw_score=True, num_threads=1), raw[:, k])
+    probs = classifier.predict(X)
+    verdicts = [CLASS_NAMES[int(k)] for k in probs.argmax(axis=1)]
+    phi = explainer.contributions(X)  # all trees, LightGBM's multiclass pred_contrib
+    for i, e in enumerate(explainer.explain(X, verdicts, probs)):
+        t, v = target_classes(verdicts[i], probs[i].tolist())
+        whole_model = explainer._one(ext[i].astype(np.float32), phi[i], t, v, {})
+        assert e == whole_model
+    assert {target_classes(v, p.tolist()) for v, p in zip(verdicts, probs, strict=True)} >= {(1, 0), (0, 1)}
+
+
+def test_trees_that_do_not_split_into_classes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = explainer_path(MODEL).read_text(encoding="utf-8")
+    cut = text.rfind("\nTree=")
+    with pytest.raises(ModelError, match="not a 3-class model's"):
+        class_texts(text[:cut] + text[text.find("\nend of trees\n"):])  # one tree fewer
+    # classes in the wrong order add up to other scores: the load check refuses them
+    import milter.explain as ex
+
+    real = load_explainer(Classifier.load(MODEL, providers=("CPUExecutionProvider",)))
+    assert real is not None
+    monkeypatch.setattr(ex, "class_texts", lambda t: tuple(reversed(class_texts(t))))
+    with pytest.raises(ModelError, match="split by class"):
+        Explainer(lgb.Booster(model_str=text), "shuffled", {}, real._stage)
+
+
 def test_hashed_words_are_named_by_the_messages_own_words() -> None:
     raw = (ROOT / "fixtures" / "bec" / "bec-gift-card-ceo.eml").read_bytes()
     words = bucket_words(raw)
@@ -211,7 +249,7 @@ def test_a_failing_explainer_never_stops_a_scan(monkeypatch: pytest.MonkeyPatch)
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("LightGBM fell over")
 
-    monkeypatch.setattr(scanner.explainer, "contributions", broken)
+    monkeypatch.setattr(scanner.explainer, "_pair_contributions", broken)
     (result,) = scanner.scan_batch([(ROOT / "fixtures" / "bec" / "bec-payroll-diversion.eml").read_bytes()])
     assert result.explanation is None and result.verdict.value in CLASS_NAMES
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from milter.errors import ModelError
-from milter.explain import Explainer
+from milter.explain import Explainer, class_boosters
 from milter.features.describe import describe
 from milter.features.text import GRAM_SLOTS, GRAM_SPACE, gram_id, gram_ids
 from milter.stacking import (
@@ -134,6 +134,7 @@ class _Fake(Explainer):
 
     def __init__(self, booster: lgb.Booster, stage: TextStage | None, names: tuple[str, ...]) -> None:
         self._booster = booster
+        self._per_class = class_boosters(booster)
         self.model = "toy"
         self.token_examples = {}
         self._stage = stage
