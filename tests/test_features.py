@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from milter.features import SCHEMA, Protected, extract
 from milter.features.domains import LOOKALIKE_CACHE, _target_skeleton, lookalike_of, split_host
-from milter.features.text import CORPUS_STOPWORDS, tokens
+from milter.features.sender import _NON_ALNUM, alnum_bytes
+from milter.features.text import CORPUS_STOPWORDS, tokens, words
 from milter.parse import LIMITS, parse
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -275,3 +278,29 @@ def test_a_brand_in_the_display_name_is_read_as_a_reader_reads_it(
     from milter.features.identity import _brand_mismatch, display_letters
 
     assert _brand_mismatch(display_letters(display), domain) == brand
+
+
+# letters whose lower case is or holds ASCII (Kelvin sign, dotted I), other scripts, a lone surrogate
+_MIXED = st.text(st.sampled_from(list("aZ09 -._@/:\n\tK\u0130\u00e9\u00df\u0436\u4e2d\U0001f600\udc80<>w")),
+                 max_size=80)
+
+
+@given(_MIXED)
+def test_alnum_bytes_keeps_what_the_regex_keeps(text: str) -> None:
+    lowered = text.lower()
+    assert alnum_bytes(lowered) == _NON_ALNUM.sub("", lowered).encode("ascii")
+
+
+@given(_MIXED)
+def test_words_drop_the_same_tokens_as_a_regex_on_every_word(text: str) -> None:
+    """The dot check before the host-name regex only skips words the regex cannot match."""
+    import milter.features.text as tx
+
+    kept = " ".join(w for w in text[: tx.MAX_TEXT].split() if "@" not in w and "://" not in w
+                    and not w.startswith(("www.", "<www.")) and not tx._HOSTNAME.search(w))
+    assert words(text) == tx._TOKEN.findall(tx._DIGITS.sub("0", kept.lower()))
+
+
+def test_host_names_in_text_are_not_words() -> None:
+    assert words("Sent from mail.example.com to neko.example.jp, etc. today. Ok.") == [
+        "sent", "from", "to", "etc", "today", "ok"]
