@@ -202,10 +202,16 @@ def test_unix_socket_shared_by_two_workers(tmp_path: Path) -> None:
             for i in range(6):
                 pf.send(_message(f"over a unix socket {i}"), source_addr=CLIENT_ADDR)
             delivered = pf.wait_for_mail(6)
+            maillog = pf.log()
     finally:
         gw.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
-    assert all(b"X-Milter-Category: ham" in raw for raw in delivered)
+    # One clean-clone CI run (7d717f6) saw a message here without the header, and 12 runs alone did
+    # not: should it come back, the failure shows what was delivered and what both sides logged.
+    unmarked = [raw.split(b"\n\n", 1)[0].decode(errors="replace") for raw in delivered
+                if b"X-Milter-Category: ham" not in raw]
+    assert not unmarked, (
+        f"delivered without our header: {unmarked}\ngateway:\n{gw.output}\nPostfix:\n{maillog}")
     assert gw.output.count("action=accept") == 6
     assert len(set(re.findall(r"worker=(\d)", gw.output))) == 2  # both workers started on the socket
 
