@@ -380,7 +380,10 @@ def class_boosters(booster: Any) -> tuple[Any, ...]:
     """One booster per class, of that class's trees (`class_texts`)."""
     import lightgbm as lgb
 
-    return tuple(lgb.Booster(model_str=t) for t in class_texts(booster.model_to_string()))
+    try:
+        return tuple(lgb.Booster(model_str=t) for t in class_texts(booster.model_to_string()))
+    except lgb.basic.LightGBMError as exc:  # a model text this code cannot split: refused, not a crash
+        raise ModelError(f"explainer trees cannot be split by class: {exc}") from exc
 
 
 def _rows(X: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

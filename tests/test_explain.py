@@ -160,13 +160,18 @@ def test_trees_that_do_not_split_into_classes_are_refused(monkeypatch: pytest.Mo
     cut = text.rfind("\nTree=")
     with pytest.raises(ModelError, match="not a 3-class model's"):
         class_texts(text[:cut] + text[text.find("\nend of trees\n"):])  # one tree fewer
-    # classes in the wrong order add up to other scores: the load check refuses them
+    # a text LightGBM cannot read once split is refused as a ModelError, not raised as its own error
     import milter.explain as ex
 
+    with monkeypatch.context() as patched:
+        patched.setattr(ex, "class_texts", lambda t: ("tree\nversion=v4\nnum_class=1\n",) * 3)
+        with pytest.raises(ModelError, match="cannot be split by class"):
+            ex.class_boosters(lgb.Booster(model_str=text))
+    # classes in the wrong order add up to other scores: the load check refuses them
     real = load_explainer(Classifier.load(MODEL, providers=("CPUExecutionProvider",)))
     assert real is not None
     monkeypatch.setattr(ex, "class_texts", lambda t: tuple(reversed(class_texts(t))))
-    with pytest.raises(ModelError, match="split by class"):
+    with pytest.raises(ModelError, match="split by class score differently"):
         Explainer(lgb.Booster(model_str=text), "shuffled", {}, real._stage)
 
 
