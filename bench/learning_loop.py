@@ -16,6 +16,7 @@ alone: it says what the labels *could* teach. This runs what a site runs instead
    bulk verdict and the BEC rules; learned senders are not counted here: `make unseen` reports them).
 
 Usage: .venv/bin/python bench/learning_loop.py --source foff-milter-mailbox [--labels 20] [--label-ham-only]
+       [--label-subcollection TEXT] [--language-adjust X]
        [--work DIR] [--max-per-group N]  (a fit of the full corpora takes a few minutes on 2 cores)
 """
 
@@ -116,10 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--source", required=True, help="corpus to hold out and then label")
     p.add_argument("--labels", type=int, default=20)
     p.add_argument("--label-ham-only", action="store_true", help="label the K oldest ham, not messages")
+    p.add_argument(
+        "--label-subcollection",
+        metavar="TEXT",
+        help="label only messages of the sub-collections whose name contains TEXT (a site's own kind of "
+        "mail, e.g. its language: BBND-unspy is the German newsletters); the rest of it is shown apart",
+    )
     p.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     p.add_argument("--max-per-group", type=int, help="base messages per (corpus, label), for a quick run")
+    p.add_argument("--language-adjust", type=float, help="milter-retrain's --language-adjust, both retrains")
     args = p.parse_args(argv)
     extra = ["--max-per-group", str(args.max_per_group)] if args.max_per_group else []
+    if args.language_adjust is not None:
+        extra += ["--language-adjust", str(args.language_adjust)]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -128,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         holdout.write_text("".join(f"{m.sha256}\n" for m in source))
         ordered = oldest_first(source)
         pool = [m for m in ordered if m.klass == HAM] if args.label_ham_only else ordered
+        if args.label_subcollection:
+            pool = [m for m in pool if args.label_subcollection in m.subcollection]
         labelled = pool[: args.labels]
         rest_ham = [m for m in ordered if m not in labelled and m.klass == HAM]
 
@@ -135,19 +147,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = "promoted" if base.promoted else base.reason
         print(f"base model without {args.source}: {base.challenger} ({outcome})")
         champion = build_scanner(load_config(None), work / "models" / "current.onnx")
-        before = figures(champion, rest_ham)
+        own = args.label_subcollection
+        kin = [m for m in rest_ham if own and own in m.subcollection]
+        before, before_kin = figures(champion, rest_ham), figures(champion, kin) if kin else None
 
         db = f"sqlite:///{work / 'store.db'}"
         with Store.open(db) as store:
             label(store, champion, labelled)
         by_class = {c: sum(CLASS_NAMES[m.klass] == c for m in labelled) for c in CLASS_NAMES}
         result = retrain(work, db, holdout, extra)
-        after = figures(build_scanner(load_config(None), work / "models" / "current.onnx"), rest_ham)
+        current = build_scanner(load_config(None), work / "models" / "current.onnx")
+        after, after_kin = figures(current, rest_ham), figures(current, kin) if kin else None
 
     print(f"{args.source}: {len(labelled)} labels ({by_class}), {len(rest_ham)} more ham scored")
     print(f"  retrain: {'PROMOTED' if result.promoted else 'REFUSED'} {result.challenger}: {result.reason}")
     show("before the labels", before)
     show("after the nightly retrain", after)
+    if before_kin and after_kin:
+        print(f"  of which {args.label_subcollection} (the labels' own kind of mail):")
+        show("before the labels", before_kin)
+        show("after the nightly retrain", after_kin)
     return 0
 
 

@@ -84,6 +84,7 @@ RECIPE_KEYS = (
     "topic_vocab",
     "stage_labels",
     "label_weight",
+    "language_adjust",
 )
 
 

@@ -148,6 +148,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stage-labels", choices=("none", "ham", "all"), default=d.stage_labels,
                    help="as milter-train")
     p.add_argument("--threshold-folds", type=int, default=d.threshold_folds, help="as milter-train")
+    p.add_argument("--language-adjust", type=float, default=d.language_adjust, help="as milter-train")
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
     p.add_argument(

@@ -164,6 +164,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the trees learn from all (default: %(default)s)",
     )
     p.add_argument(
+        "--language-adjust",
+        type=float,
+        default=mdl.FitConfig.language_adjust,
+        help="learn the text stage with the rows' language as a column it does not ship, and the topics "
+        "from English rows only (training/languages.py); the column's scale, 0: off (default: %(default)s)",
+    )
+    p.add_argument(
         "--threshold-folds",
         type=int,
         default=mdl.FitConfig.threshold_folds,
@@ -383,6 +390,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         topic_vocab=args.topic_vocab,
         stage_labels=args.stage_labels,
         threshold_folds=args.threshold_folds,
+        language_adjust=args.language_adjust,
     )
 
 

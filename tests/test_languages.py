@@ -1,0 +1,141 @@
+"""training/languages.py and FitConfig.language_adjust: the language is not learned as a label."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from milter.features.text import GRAM_SLOTS, GRAM_SPACE, gram_ids, tokens
+from milter.stacking import STAGE_NAMES, TextStage
+from training import model as mdl
+from training.languages import LANGUAGES, STOPWORDS, english_or_unknown, language_columns
+
+GERMAN = (
+    "Liebe Leserinnen und Leser, in diesem Monat berichten wir über die Arbeit unserer Beratungsstelle "
+    "und laden Sie herzlich zu unserem Sommerfest ein. Bitte melden Sie sich bei uns an, wenn Sie mit "
+    "der Familie kommen, und bringen Sie gute Laune mit."
+)
+PORTUGUESE = (
+    "Prezado cliente, sua conta foi bloqueada por motivos de segurança. Para desbloquear, clique aqui e "
+    "confirme os seus dados em nosso site. Você tem mais dois dias para fazer isso."
+)
+ENGLISH = (
+    "Dear readers, this month we report on the work of our advice centre and warmly invite you to our "
+    "summer party. Please let us know if you will come with your family, and bring good spirits."
+)
+
+
+def _row(*texts: str) -> npt.NDArray[np.float32]:
+    return np.stack([gram_ids(tokens(t)) for t in texts]).astype(np.float32)
+
+
+def test_a_row_s_language_is_read_from_its_gram_ids() -> None:
+    ids = tuple(range(GRAM_SLOTS))
+    cols = language_columns(_row(GERMAN, PORTUGUESE, ENGLISH, "und der die", ""), ids)
+    assert cols.shape == (5, len(LANGUAGES))
+    assert cols[0].tolist() == [float(lang == "de") for lang in LANGUAGES]
+    assert cols[1].tolist() == [float(lang == "pt") for lang in LANGUAGES]
+    assert not cols[2:].any()  # English, three stopwords only, no text: no column
+    assert english_or_unknown(_row(GERMAN, ENGLISH), ids).tolist() == [False, True]
+    assert not language_columns(_row(GERMAN), ()).any()  # no gram ids, no language
+
+
+def test_every_stopword_is_a_token_the_features_emit() -> None:
+    """A word the tokeniser never emits (one letter, an upper-case letter) could never match."""
+    for words in STOPWORDS.values():
+        for word in words:
+            assert tokens(word) == [word]
+
+
+N_TOK = 30  # 0-9: words of the other language, 10-19: phishing words, 20-29: ham words
+NAMES = ("other", *(f"tok_{i:04d}" for i in range(N_TOK)), *(f"gram_{i:03d}" for i in range(GRAM_SLOTS)))
+
+
+def _data(n: int = 1600, seed: int = 3) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """English mail is ham or phishing, told apart by its words; mail in the other language (its own words
+    and German function words among its gram ids) is all phishing, as in the corpora."""
+    rng = np.random.default_rng(seed)
+    german = rng.random(n) < 0.3
+    y = np.where(german, 2, rng.choice([0, 2], size=n, p=[0.7, 0.3])).astype(np.int64)
+    tok = rng.poisson(0.2, size=(n, N_TOK)).astype(np.float64)
+    tok[german, :10] += rng.poisson(1.5, size=(int(german.sum()), 10))
+    tok[y == 2, 10:20] += rng.poisson(0.8, size=(int((y == 2).sum()), 10))
+    tok[y == 0, 20:30] += rng.poisson(0.8, size=(int((y == 0).sum()), 10))
+    ids = np.zeros((n, GRAM_SLOTS), dtype=np.float32)
+    german_ids = gram_ids(tokens(GERMAN))
+    english_ids = gram_ids(tokens(ENGLISH))
+    ids[german] = german_ids
+    ids[~german] = english_ids
+    # a few grams of their own, so that the rows are not all alike to the topics' SVD
+    ids[:, -4:] = rng.integers(GRAM_SPACE // 2, GRAM_SPACE, size=(n, 4))
+    X = np.hstack([rng.normal(size=(n, 1)), np.log1p(tok), ids]).astype(np.float32)
+    return X, y
+
+
+def _stage(language_scale: float) -> TextStage:
+    X, y = _data()
+    columns = tuple(range(1, N_TOK + 1))
+    id_cols = tuple(range(N_TOK + 1, N_TOK + 1 + GRAM_SLOTS))
+    return mdl.fit_text_stage(
+        X, y, np.ones(len(y)), columns, 1.0, id_cols, "unwanted", scale=10.0, language_scale=language_scale
+    )
+
+
+def test_with_language_adjust_the_stage_reads_the_words_not_the_language() -> None:
+    plain, adjusted = _stage(0.0), _stage(20.0)
+    # nothing of the language is shipped: the same shapes as a stage fitted without it
+    assert adjusted.weights.shape == plain.weights.shape == (N_TOK, len(STAGE_NAMES))
+    assert adjusted.table is not None and adjusted.table.shape == (GRAM_SPACE + 1, len(STAGE_NAMES))
+    rows = {
+        # a German newsletter: the language's own words and ham's, no phishing words
+        "german ham": np.r_[0.0, [np.log1p(2.0)] * 10, [0.0] * 10, [np.log1p(1.0)] * 10],
+        "english ham": np.r_[0.0, [0.0] * 10, [0.0] * 10, [np.log1p(1.0)] * 10],
+        "english phish": np.r_[0.0, [0.0] * 10, [np.log1p(1.0)] * 10, [0.0] * 10],
+    }
+    german_ids = gram_ids(tokens(GERMAN))
+    english_ids = gram_ids(tokens(ENGLISH))
+    probe = np.stack(
+        [
+            np.r_[rows["german ham"], german_ids],
+            np.r_[rows["english ham"], english_ids],
+            np.r_[rows["english phish"], english_ids],
+        ]
+    ).astype(np.float32)
+    before, after = plain.scores(probe), adjusted.scores(probe)
+    phishing = STAGE_NAMES.index("txt_words_phishing")
+    # the plain stage reads the German newsletter as phishing; adjusted, it is scored by its words
+    assert before[0, phishing] > before[1, phishing] + 2.0
+    assert after[0, phishing] < before[0, phishing] - 2.0
+    # English mail is told apart as well as before
+    for stage_scores in (before, after):
+        assert stage_scores[2, phishing] > stage_scores[1, phishing] + 2.0
+
+
+def test_with_language_adjust_the_topics_are_learned_from_english_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    real = mdl.fit_topics
+
+    def spy(X: npt.NDArray[np.float32], *args: object, **kwargs: object) -> object:
+        seen.append(len(X))
+        return real(X, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mdl, "fit_topics", spy)
+    X, y = _data(600)
+    w = np.ones(len(y))
+    groups = [f"s{i % 53}" for i in range(len(y))]
+    english = int(english_or_unknown(X, tuple(range(N_TOK + 1, N_TOK + 1 + GRAM_SLOTS))).sum())
+    assert 0 < english < len(y)
+    for adjust, rows in ((0.0, len(y)), (20.0, english)):
+        cfg = mdl.FitConfig(
+            max_rounds=5,
+            early_stopping=5,
+            min_data_in_leaf=10,
+            topics=4,
+            topic_vocab=64,
+            language_adjust=adjust,
+        )
+        mdl.fit(X, y, w, X, y, w, NAMES, cfg, groups=groups)
+        assert seen[-1] == rows
