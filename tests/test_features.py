@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from milter.features import SCHEMA, Protected, extract
 from milter.features.domains import LOOKALIKE_CACHE, _target_skeleton, lookalike_of, split_host
-from milter.features.sender import _NON_ALNUM, alnum_bytes
+from milter.features.sender import _NON_ALNUM, _POSTAL, POSTAL_STREET_WORDS, alnum_bytes
 from milter.features.text import CORPUS_STOPWORDS, tokens, words
 from milter.parse import LIMITS, parse
 
@@ -304,3 +305,60 @@ def test_words_drop_the_same_tokens_as_a_regex_on_every_word(text: str) -> None:
 def test_host_names_in_text_are_not_words() -> None:
     assert words("Sent from mail.example.com to neko.example.jp, etc. today. Ok.") == [
         "sent", "from", "to", "etc", "today", "ok"]
+
+
+# The readable form of `sender._POSTAL` (see its comment): the fast pattern must find what this finds,
+# span for span, or the snd_footer_postal column would differ from the one the model was trained on.
+_POSTAL_REFERENCE = re.compile(
+    r"\b\d{1,6}\s+(?:[A-Z][\w.'-]*\s+){1,4}" + POSTAL_STREET_WORDS + r"\b\.?"
+    r"|\b[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"
+    r"|\b\d{5}\s+[A-ZÄÖÜ][a-zäöüß]+"
+    r"|(?i:straße|strasse|str\.|platz|weg|allee)\s*\d+"
+    r"|\b(?i:p\.?\s?o\.?\s+box)\s+\d+"
+    r"|\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b"
+)
+
+_POSTAL_PIECES = (
+    tuple("0123456789 \n\t.-'_ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyzſßẞÄÖÜäöüéK"),
+    ("Street ", "st ", "Ave", "Strasse ", "STRASSE", "straße", "Str.", "ſtr.", "Platz", "weg", "allee",
+     "P.O. Box ", "po box", "PO  Box ", "SW1A 1AA", "TX 78701", "10115 Berlin", "Suite ", "x1", " 12 ",
+     "1600 Main "),
+)
+
+
+def _spans(pattern: re.Pattern[str], text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in pattern.finditer(text)]
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("ACME Inc., 1600 Amphitheatre Parkway, Mountain View, CA 94043", True),
+        ("Muster GmbH, Hauptstraße 5, 10115 Berlin", True),
+        ("Muſterweg 12", True),
+        ("Hauptſtraße 5", True),  # a long s, as (?i) folds it
+        ("PO Box 42", True),
+        ("London EC1A 1BB", True),
+        ("Suite 100", False),
+        ("order A12345 shipped", False),
+        ("x10115 Berlin", False),  # no word boundary before the postcode
+        ("aTX 78701", False),
+        ("", False),
+    ],
+)
+def test_postal_address_in_a_footer(text: str, found: bool) -> None:
+    assert bool(_POSTAL.search(text)) is found
+    assert bool(_POSTAL_REFERENCE.search(text)) is found
+
+
+def test_postal_pattern_matches_its_readable_form_on_fixtures() -> None:
+    texts = [raw.decode("utf-8", "replace") for raw in map(Path.read_bytes, ALL)]
+    assert sum(bool(_POSTAL_REFERENCE.search(t)) for t in texts) >= 3  # the check has matches to compare
+    for text in texts:
+        assert _spans(_POSTAL, text) == _spans(_POSTAL_REFERENCE, text)
+
+
+@given(st.lists(st.sampled_from(_POSTAL_PIECES[0]) | st.sampled_from(_POSTAL_PIECES[1]), max_size=30))
+def test_postal_pattern_matches_its_readable_form_on_generated_text(parts: list[str]) -> None:
+    text = "".join(parts)
+    assert _spans(_POSTAL, text) == _spans(_POSTAL_REFERENCE, text)

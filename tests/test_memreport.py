@@ -285,3 +285,23 @@ def test_a_report_asked_for_inside_a_report_is_dropped(
     assert len(calls) == 1 and not reporter.busy
     _report_memory(reporter, signal.SIGUSR2, None)  # and the next signal is served again
     assert capfd.readouterr().err.count("memory_report role=prepare") == 1
+
+
+def test_resident_bytes_of_a_forked_child_are_its_own() -> None:
+    """The statm descriptor is kept open per process: a child forked after the parent read its memory
+    must read its own, not the parent's (the descriptor names the process that opened it)."""
+    parent = resident_bytes()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        before = resident_bytes()
+        grown = bytearray(128 << 20)
+        grown[::4096] = b"\x01" * len(range(0, len(grown), 4096))  # touch every page
+        os.write(write_end, str(resident_bytes() - before).encode())
+        os._exit(0)
+    os.close(write_end)
+    child_growth = int(os.read(read_end, 64))
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert child_growth >= 100 << 20
+    assert resident_bytes() - parent < 64 << 20  # and the parent's own figure did not grow with it

