@@ -16,7 +16,7 @@ alone: it says what the labels *could* teach. This runs what a site runs instead
    bulk verdict and the BEC rules; learned senders are not counted here: `make unseen` reports them).
 
 Usage: .venv/bin/python bench/learning_loop.py --source foff-milter-mailbox [--labels 20] [--label-ham-only]
-       [--label-subcollection TEXT] [--language-adjust X]
+       [--label-subcollection TEXT] [--language-adjust X] [--no-tree-words]
        [--work DIR] [--max-per-group N]  (a fit of the full corpora takes a few minutes on 2 cores)
 """
 
@@ -126,10 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     p.add_argument("--max-per-group", type=int, help="base messages per (corpus, label), for a quick run")
     p.add_argument("--language-adjust", type=float, help="milter-retrain's --language-adjust, both retrains")
+    p.add_argument("--no-tree-words", action="store_true", help="milter-retrain's --no-tree-words, both")
     args = p.parse_args(argv)
     extra = ["--max-per-group", str(args.max_per_group)] if args.max_per_group else []
     if args.language_adjust is not None:
         extra += ["--language-adjust", str(args.language_adjust)]
+    if args.no_tree_words:
+        extra.append("--no-tree-words")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

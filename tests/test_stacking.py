@@ -501,3 +501,27 @@ def test_the_topics_are_one_reason_in_an_explanation() -> None:
         assert abs(e.base + listed + e.rest - e.score) < 1e-6
     one = next(c for e in found for c in e.contributions if c.feature == "txt_topics")
     assert one.text == "what the text is about (its topics, weighed together)"
+
+
+def _split_features(booster: lgb.Booster) -> set[str]:
+    names = booster.feature_name()
+    used = booster.feature_importance(importance_type="split")
+    return {n for n, k in zip(names, used, strict=True) if k > 0}
+
+
+def test_without_tree_words_the_trees_read_the_words_only_through_the_stage() -> None:
+    """FitConfig.tree_words=False: no tree splits on a hashed word column, the stage still reads them
+    all and the model still separates the classes (through the stage's scores)."""
+    X, y = _words_only_data()
+    w = np.ones(len(y))
+    groups = [f"sender{i % 97}" for i in range(len(y))]
+    with_words, _, _ = _fitted()
+    assert any(n.startswith("tok_") for n in _split_features(with_words.booster))  # the test can fail
+    cfg = replace(CFG, tree_words=False, threshold_folds=0)
+    model = mdl.fit(X, y, w, X, y, w, NAMES, cfg, groups=groups)
+    used = _split_features(model.booster)
+    assert not [n for n in used if n.startswith("tok_")]
+    assert used & set(STAGE_NAMES)
+    assert model.stage is not None and model.stage.columns == stage_columns(NAMES)
+    accuracy = float((mdl.predict(model, X).argmax(axis=1) == y).mean())
+    assert accuracy > 0.6  # three classes: a third by chance

@@ -85,6 +85,7 @@ RECIPE_KEYS = (
     "stage_labels",
     "label_weight",
     "language_adjust",
+    "tree_words",
 )
 
 

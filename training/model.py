@@ -110,6 +110,11 @@ class FitConfig:
     # corpus left out of training were quarantined 33 -> 5 %, English phishing 85.3 -> 82.4 % on the
     # test split, and the nightly job still left the newsletters above 3 %.
     language_adjust: float = 0.0
+    # Whether the trees read the 1,024 hashed word columns (`tok_*`) themselves, beside the text stage's
+    # scores and topics that are computed from them. False leaves the words to the stage alone, where
+    # `language_adjust` can take the language out of them: a tree reading a German word's bucket learns
+    # "German -> phishing" again (docs/DETECTION.md). The graph still computes the columns for the stage.
+    tree_words: bool = True
 
 
 def lgb_params(cfg: FitConfig) -> dict[str, Any]:
@@ -419,6 +424,8 @@ def fit(
         names += list(stage.out_names)
     # the gram ids are hashes, not quantities: constant columns are columns LightGBM never splits on
     X_train, X_val = hide_ids(X_train, names), hide_ids(X_val, names)
+    if not cfg.tree_words:
+        X_train, X_val = hide_words(X_train, names), hide_words(X_val, names)
     booster = trees((X_train, y_train, w_train), names, cfg, cfg.max_rounds, (X_val, y_val, w_val))
     oof = None
     if cfg.threshold_folds > 1:
@@ -460,6 +467,14 @@ def hide_ids(X: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np
         return X
     X = X.copy()
     X[:, ids] = 0.0
+    return X
+
+
+def hide_words(X: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np.float32]:
+    """The hashed word columns made constant, so the trees never split on them (`FitConfig.tree_words`)."""
+    words = [i for i, n in enumerate(names) if n.startswith("tok_")]
+    X = X.copy()
+    X[:, words] = 0.0
     return X
 
 

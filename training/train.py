@@ -171,6 +171,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "from English rows only (training/languages.py); the column's scale, 0: off (default: %(default)s)",
     )
     p.add_argument(
+        "--no-tree-words",
+        dest="tree_words",
+        action="store_false",
+        help="the trees do not read the hashed word columns themselves, only the text stage's scores "
+        "and topics made from them (with --language-adjust, the words then carry no language)",
+    )
+    p.add_argument(
         "--threshold-folds",
         type=int,
         default=mdl.FitConfig.threshold_folds,
@@ -391,6 +398,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         stage_labels=args.stage_labels,
         threshold_folds=args.threshold_folds,
         language_adjust=args.language_adjust,
+        tree_words=args.tree_words,
     )
 
 
