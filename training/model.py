@@ -114,6 +114,9 @@ class FitConfig:
     # scores and topics that are computed from them. False leaves the words to the stage alone, where
     # `language_adjust` can take the language out of them: a tree reading a German word's bucket learns
     # "German -> phishing" again (docs/DETECTION.md). The graph still computes the columns for the stage.
+    # Measured (one fit each, docs/DETECTION.md): alone it moves the test split by a message or two and
+    # not the newsletters never seen (4.2 % held); with language_adjust 20 they fall to 0.8 %, but spam
+    # flagged falls 2.1 points and phishing 1.9, and German phishing stays 100 %. On by default.
     tree_words: bool = True
 
 
