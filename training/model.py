@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnxmltools import convert_lightgbm
 from onnxmltools.convert.common.data_types import FloatTensorType
 
-from milter.features.text import GRAM_SPACE
+from milter.features.text import GRAM_SPACE, HASH_NAMES
 from milter.stacking import (
     STAGE_NAMES,
     TOPIC_EPS,
@@ -473,9 +473,12 @@ def hide_ids(X: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np
     return X
 
 
+_HASH_NAMES = frozenset(HASH_NAMES)
+
+
 def hide_words(X: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np.float32]:
     """The hashed word columns made constant, so the trees never split on them (`FitConfig.tree_words`)."""
-    words = [i for i, n in enumerate(names) if n.startswith("tok_")]
+    words = [i for i, n in enumerate(names) if n in _HASH_NAMES]
     X = X.copy()
     X[:, words] = 0.0
     return X

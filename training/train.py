@@ -175,7 +175,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         dest="tree_words",
         action="store_false",
         help="the trees do not read the hashed word columns themselves, only the text stage's scores "
-        "and topics made from them (with --language-adjust, the words then carry no language)",
+        "and topics made from them (measured with and without --language-adjust: docs/DETECTION.md)",
     )
     p.add_argument(
         "--threshold-folds",

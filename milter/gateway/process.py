@@ -234,8 +234,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 @functools.cache
 def _statm(pid: int) -> int:
-    """/proc/self/statm opened once per process: the cache is keyed by pid because the descriptor names
-    the process that opened it, and a forked child must not read its parent's memory."""
+    """This process's statm, opened once: the cache is keyed by pid because a descriptor names the
+    process it was opened for, and a forked child must not read its parent's memory."""
     return os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
 
 
