@@ -426,9 +426,8 @@ def fit(
         X_val = stage.extend(X_val)
         names += list(stage.out_names)
     # the gram ids are hashes, not quantities: constant columns are columns LightGBM never splits on
-    X_train, X_val = hide_ids(X_train, names), hide_ids(X_val, names)
-    if not cfg.tree_words:
-        X_train, X_val = hide_words(X_train, names), hide_words(X_val, names)
+    hidden = hidden_columns(names, cfg.tree_words)
+    X_train, X_val = constant(X_train, hidden), constant(X_val, hidden)
     booster = trees((X_train, y_train, w_train), names, cfg, cfg.max_rounds, (X_val, y_val, w_val))
     oof = None
     if cfg.threshold_folds > 1:
@@ -464,23 +463,23 @@ def out_of_fold_trees(
     return out
 
 
-def hide_ids(X: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np.float32]:
-    ids = list(id_columns(names))
-    if not ids:
-        return X
-    X = X.copy()
-    X[:, ids] = 0.0
-    return X
-
-
 _HASH_NAMES = frozenset(HASH_NAMES)
 
 
-def hide_words(X: npt.NDArray[np.float32], names: Sequence[str]) -> npt.NDArray[np.float32]:
-    """The hashed word columns made constant, so the trees never split on them (`FitConfig.tree_words`)."""
-    words = [i for i, n in enumerate(names) if n in _HASH_NAMES]
+def hidden_columns(names: Sequence[str], tree_words: bool = True) -> list[int]:
+    """Columns the trees must not split on: the gram ids (hashes, read by the stage only) and, without
+    `FitConfig.tree_words`, the hashed word columns too."""
+    words = [] if tree_words else [i for i, n in enumerate(names) if n in _HASH_NAMES]
+    return list(id_columns(names)) + words
+
+
+def constant(X: npt.NDArray[np.float32], columns: Sequence[int]) -> npt.NDArray[np.float32]:
+    """A copy of X with `columns` zeroed (X itself when there are none): one copy of the training matrix,
+    however many kinds of column are hidden."""
+    if not columns:
+        return X
     X = X.copy()
-    X[:, words] = 0.0
+    X[:, list(columns)] = 0.0
     return X
 
 
