@@ -12,7 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from milter.features import SCHEMA, Protected, extract
-from milter.features.domains import LOOKALIKE_CACHE, _target_skeleton, lookalike_of, split_host
+from milter.features.domains import (
+    LOOKALIKE_CACHE,
+    _targets,
+    edit_distance,
+    lookalike_of,
+    skeleton,
+    split_host,
+)
+from milter.features.identity import _protected_domains
 from milter.features.sender import _NON_ALNUM, _POSTAL, POSTAL_STREET_WORDS, alnum_bytes
 from milter.features.text import CORPUS_STOPWORDS, tokens, words
 from milter.parse import LIMITS, parse
@@ -165,12 +173,88 @@ def test_lookalike_caches_stay_small_however_many_sender_domains() -> None:
     the number of domains seen (docs/soak.md: a per-name cache grew RSS for 30,000 messages)."""
     protected = ("example.com", "paypal.com", "contoso-bank.com")
     lookalike_of.cache_clear()
-    _target_skeleton.cache_clear()
+    _targets.cache_clear()
     for i in range(LOOKALIKE_CACHE + 500):
         assert lookalike_of(f"sender{i}-shop.net", protected) is None
     assert lookalike_of("paypa1.com", protected) == "paypal.com"  # still finds what it should
-    assert _target_skeleton.cache_info().currsize == len(protected)
+    assert _targets.cache_info().currsize == 1  # one entry per protected tuple, not per sender
     assert lookalike_of.cache_info().currsize == LOOKALIKE_CACHE
+
+
+def _lookalike_reference(domain: str, protected: tuple[str, ...]) -> str | None:
+    """lookalike_of as it read before its prefilters: every protected name in order, the edit distance
+    for every name of a similar length."""
+    if not domain or domain in protected:
+        return None
+    name = domain.split(".", 1)[0]
+    for target in protected:
+        tname = target.split(".", 1)[0]
+        if len(tname) < 4:
+            continue
+        if skeleton(name) == skeleton(tname):
+            return target
+        if tname not in name and abs(len(name) - len(tname)) > 2:
+            continue
+        if edit_distance(name, tname) <= (1 if len(tname) < 9 else 2):
+            return target
+        if name != tname and tname in name and (
+            name.startswith(tname) or f"-{tname}" in name or f"{tname}-" in name
+        ):
+            return target
+    return None
+
+
+_BRANDS = _protected_domains(("example.com", "contoso-bank.com", "northwindtraders.com"))
+_EDITS = st.lists(
+    st.tuples(st.sampled_from("sid"), st.integers(0, 40), st.sampled_from("abcdefilmnorstuvw01-rn")),
+    max_size=3,
+)
+
+
+def _edited(name: str, edits: list[tuple[str, int, str]]) -> str:
+    chars = list(name)
+    for op, at, c in edits:
+        i = at % (len(chars) + 1)
+        if op == "i":
+            chars.insert(i, c)
+        elif chars and op == "s":
+            chars[min(i, len(chars) - 1)] = c
+        elif chars:
+            del chars[min(i, len(chars) - 1)]
+    return "".join(chars)
+
+
+@given(
+    target=st.sampled_from(_BRANDS),
+    edits=_EDITS,
+    prefix=st.sampled_from(["", "secure-", "my", "login"]),
+    suffix=st.sampled_from(["", "-support", "x", "online"]),
+    tld=st.sampled_from([".com", ".net", ".shop", ".co.uk"]),
+)
+def test_lookalike_of_answers_as_the_reference_does(
+    target: str, edits: list[tuple[str, int, str]], prefix: str, suffix: str, tld: str
+) -> None:
+    """The prefilters skip only names that could not match: near misses of every built-in brand (and of
+    configured domains) get the same answer, target included, as comparing with every name in full."""
+    domain = prefix + _edited(target.split(".", 1)[0], edits) + suffix + tld
+    lookalike_of.cache_clear()
+    assert lookalike_of(domain, _BRANDS) == _lookalike_reference(domain, _BRANDS)
+
+
+def test_lookalike_of_finds_near_misses_past_the_prefilters() -> None:
+    """The reference comparison above is not vacuous: these are caught by the edit distance (a
+    substitution, an insertion, two edits of a long name), a skeleton and a word, and not by a mere
+    look-alike of a different length."""
+    assert lookalike_of("paypak.com", _BRANDS) == "paypal.com"
+    assert lookalike_of("paypall.net", _BRANDS) == "paypal.com"
+    assert lookalike_of("payipal.net", _BRANDS) == "paypal.com"  # an insertion inside
+    assert lookalike_of("northwndtradrs.com", _BRANDS) == "northwindtraders.com"  # two deletions
+    assert lookalike_of("northwindtradrs.com", _BRANDS) == "northwindtraders.com"
+    assert lookalike_of("northwlndtradrs.com", _BRANDS) == "northwindtraders.com"
+    assert lookalike_of("rnicrosoft.com", _BRANDS) == "microsoft.com"
+    assert lookalike_of("secure-contoso-bank.com", _BRANDS) == "contoso-bank.com"
+    assert lookalike_of("paypxyz.com", _BRANDS) is None  # three edits
+    assert lookalike_of("paypxl.com", _BRANDS) == "paypal.com"  # one
 
 
 def test_payment_language() -> None:
