@@ -14,6 +14,7 @@ from typing import Any
 
 import dns.flags
 import dns.message
+import dns.rcode
 import dns.rrset
 import pytest
 from auth_support import FakeDns, with_server
@@ -28,6 +29,7 @@ from milter.auth import (
     TxtAnswer,
     fetch,
 )
+from milter.auth.dns import _EDNS_PAYLOAD, Question
 
 MARGIN = 0.5  # seconds of scheduling slack allowed on top of a deadline
 
@@ -511,5 +513,94 @@ def test_a_truncated_answer_is_asked_again_over_tcp() -> None:
             udp.close()
             server.close()
             await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_the_query_on_the_wire_is_the_one_dnspython_would_send() -> None:
+    """`Question` packs the query by hand: dnspython reads it back as its own make_query's, for each
+    record type we ask (id, RD, one question, EDNS0 with our payload size, nothing else)."""
+    for kind in ("TXT", "A", "AAAA", "MX"):
+        question = Question.of("sel._domainkey.example.com", kind)
+        sent = dns.message.from_wire(question.wire)
+        expected = dns.message.make_query(
+            "sel._domainkey.example.com", kind, use_edns=0, payload=_EDNS_PAYLOAD
+        )
+        expected.id = question.id
+        assert sent == expected
+        assert sent.flags == expected.flags and sent.edns == 0 and sent.payload == _EDNS_PAYLOAD
+        assert question.message() == expected and question.message().id == question.id
+        assert question.answered_by(dns.message.make_response(expected))
+
+
+def test_datagrams_that_do_not_answer_the_query_are_ignored() -> None:
+    """A forger races the real server: answers with another id, another name or type, a query echoed
+    back (no QR), and garbage reach the socket first; each is dropped and the real answer counts."""
+    good = "v=spf1 -all"
+
+    def forgeries(query: dns.message.Message) -> list[bytes]:
+        other_id = dns.message.make_response(query)
+        other_id.id = (query.id + 1) % 65536
+        other_id.answer.append(dns.rrset.from_text(query.question[0].name, 300, "IN", "TXT", '"forged"'))
+        other_name = dns.message.make_response(
+            dns.message.make_query("forged.example.net", "TXT", id=query.id)
+        )
+        other_name.answer.append(dns.rrset.from_text("forged.example.net.", 300, "IN", "TXT", '"forged"'))
+        other_type = dns.message.make_response(
+            dns.message.make_query(query.question[0].name, "A", id=query.id)
+        )
+        forged = [other_id, other_name, other_type, query]
+        return [m.to_wire() for m in forged] + [b"\x00\x01junk"]
+
+    class Racing(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            query = dns.message.from_wire(data)
+            for forged in forgeries(query):
+                self.transport.sendto(forged, addr)
+            response = dns.message.make_response(query)
+            response.answer.append(dns.rrset.from_text(query.question[0].name, 300, "IN", "TXT", f'"{good}"'))
+            self.transport.sendto(response.to_wire(), addr)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        udp, _ = await loop.create_datagram_endpoint(Racing, local_addr=("127.0.0.1", 0))
+        port = udp.get_extra_info("sockname")[1]
+        try:
+            answer = await resolver(port).txt("Example.COM")
+            assert (answer.status, answer.records, answer.ttl) == ("found", (good,), 300.0)
+        finally:
+            udp.close()
+
+    asyncio.run(main())
+
+
+def test_a_refusal_without_the_question_still_counts_as_the_answer() -> None:
+    """Servers may answer REFUSED with an empty question section; that is this server's answer (it is
+    dropped for the lookup, a temperror here), not a forgery to wait past until the deadline."""
+
+    class Refusing(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            response = dns.message.make_response(dns.message.from_wire(data))
+            response.question = []
+            response.set_rcode(dns.rcode.REFUSED)
+            self.transport.sendto(response.to_wire(), addr)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        udp, _ = await loop.create_datagram_endpoint(Refusing, local_addr=("127.0.0.1", 0))
+        port = udp.get_extra_info("sockname")[1]
+        try:
+            start = time.monotonic()
+            answer = await resolver(port, lifetime=2.0).txt("example.com")
+            assert answer.status == "temperror" and answer.reason == "servfail"
+            assert time.monotonic() - start < 1.0  # not the lifetime
+        finally:
+            udp.close()
 
     asyncio.run(main())
