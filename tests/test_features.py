@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from milter.features.domains import (
     LOOKALIKE_CACHE,
     _targets,
     edit_distance,
+    is_ip,
     lookalike_of,
     skeleton,
     split_host,
@@ -446,3 +448,29 @@ def test_postal_pattern_matches_its_readable_form_on_fixtures() -> None:
 def test_postal_pattern_matches_its_readable_form_on_generated_text(parts: list[str]) -> None:
     text = "".join(parts)
     assert _spans(_POSTAL, text) == _spans(_POSTAL_REFERENCE, text)
+
+
+def _is_ip_reference(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+@given(
+    st.one_of(
+        st.ip_addresses().map(str),
+        st.ip_addresses().map(lambda a: f"[{a}]"),
+        st.from_regex(r"\A[0-9a-f.:\[\]%a-z²٣]{0,40}\Z"),
+        st.text(max_size=40),
+    )
+)
+def test_is_ip_answers_as_ipaddress_does(host: str) -> None:
+    """The shortcut for names gives ipaddress's answer on addresses, near-addresses and anything else."""
+    assert is_ip(host) == _is_ip_reference(host)
+
+
+def test_is_ip_examples() -> None:
+    assert is_ip("192.0.2.1") and is_ip("[2001:db8::1]") and is_ip("fe80::1%eth0")
+    assert not is_ip("mail.example.com") and not is_ip("1.2.3") and not is_ip("") and not is_ip("1.2.3.4.5")

@@ -73,7 +73,12 @@ def registrable(host: str) -> str:
 
 
 def is_ip(host: str) -> bool:
+    """`host` (brackets allowed) is an IPv4 or IPv6 address. Most hosts are names, and a failed
+    `ip_address` costs an exception; a string with no colon (IPv6 has one) and something besides
+    digits and dots (all IPv4 has) is no address, so names are answered without it."""
     host = host.strip("[]")
+    if ":" not in host and not host.replace(".", "").isdigit():
+        return False
     try:
         ipaddress.ip_address(host)
     except ValueError:
