@@ -3,7 +3,9 @@
 
 * ProcessPoolExecutor through `loop.run_in_executor` (what the gateway's prepare pool does);
 * a pipe per process that the event loop reads (`loop.add_reader`), the cheaper hand-off that
-  docs/milter.md weighs.
+  docs/milter.md weighed;
+* milter.gateway.procpool.LoopProcessPool, which the gateway's prepare pool uses since 2026-12-05
+  (a socket per process read by the loop, with ProcessPoolExecutor's failure semantics).
 
 The task does nothing: it takes a 3 KB message and returns what `prepare` returns in size (a float32
 vector of 1,700 and a small summary), so what is measured is the hand-off alone. Two spawned processes,
@@ -27,6 +29,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+
+from milter.gateway.procpool import LoopProcessPool
 
 PAYLOAD = os.urandom(3000)
 RESULT = (np.zeros(1700, dtype=np.float32), {"subject": "x" * 60, "from": "a@example.org"}, ("signal",))
@@ -64,6 +68,16 @@ async def executor(tasks: int, in_flight: int) -> float:
         await asyncio.gather(*(loop.run_in_executor(pool, work, PAYLOAD) for _ in range(WARM_UP)))
         pids = list(pool._processes)  # a benchmark reads the pool's pids, nothing more
         return await measured(pids, tasks, lambda: loop.run_in_executor(pool, work, PAYLOAD), in_flight)
+
+
+async def loop_pool(tasks: int, in_flight: int) -> float:
+    pool = LoopProcessPool(2, multiprocessing.get_context("spawn"))
+    try:
+        await asyncio.gather(*(pool.call(work, PAYLOAD) for _ in range(WARM_UP)))
+        pids = [p.pid for p in pool.processes if p.pid]
+        return await measured(pids, tasks, lambda: pool.call(work, PAYLOAD), in_flight)
+    finally:
+        pool.shutdown()
 
 
 def child(conn: Connection) -> None:
@@ -119,9 +133,9 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=8)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
-    rows: dict[str, list[float]] = {"ProcessPoolExecutor": [], "pipe per process": []}
+    rows: dict[str, list[float]] = {"ProcessPoolExecutor": [], "pipe per process": [], "LoopProcessPool": []}
     for _ in range(args.runs):
-        for label, way in zip(rows, (executor, pipes), strict=True):
+        for label, way in zip(rows, (executor, pipes, loop_pool), strict=True):
             rows[label].append(asyncio.run(way(args.tasks, args.in_flight)))
     for label, figures in rows.items():
         shown = ", ".join(f"{f:.3f}" for f in figures)

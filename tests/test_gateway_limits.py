@@ -4,6 +4,8 @@
   is counted, and the prepare process stuck on it is killed while other mail goes on being served;
 * a prepare process whose memory passes `server.prepare_max_rss_mb` is retired after the job that
   grew it, and that message is delivered all the same;
+* a prepare process that dies (a crash in a C extension, the OOM killer) tempfails the messages it
+  held, and a new pool serves the next ones;
 * a prepare pool that ran `server.prepare_max_jobs` jobs hands over to a new, warmed-up one while
   mail keeps flowing.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faulty_prepare import GROW, HANG, faulty_prepare
+from faulty_prepare import CRASH, GROW, HANG, faulty_prepare
 from gateway_support import TEST_POLICY, Sink, account, make_message, run_gateway_scenario, send
 
 from milter.gateway.process import PrepareLimits, PreparePool
@@ -95,6 +97,26 @@ def test_scan_past_the_deadline_with_on_error_accept_is_relayed_unscanned(
     run_gateway_scenario(
         tmp_path, free_port, scenario, prepare=faulty_prepare, policy=on_accept, scan_timeout=SCAN_TIMEOUT
     )
+
+
+def test_a_prepare_process_that_dies_tempfails_its_message_and_a_new_pool_serves_the_next(
+    tmp_path: Path, free_port: Ports, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        old = prepare_pids()
+        assert old, "the gateway's prepare processes should be running"
+        crashed = await send(gw.address[1], make_message("crash@test", extra=CRASH.decode() + "\r\n"))
+        assert crashed.code == 451  # the sender retries; nothing is lost
+        assert sample(gw, "milter_prepare_recycles_total", reason="broken") == 1
+        after = [await send(gw.address[1], make_message(f"after{i}@test")) for i in range(3)]
+        assert [o.code for o in after] == [250] * 3
+        assert not await wait_gone(old, 10), "the broken pool's other process was left running"
+        account([crashed, *after], sink, store)
+        assert "<crash@test>" not in sink.message_ids()
+
+    with caplog.at_level(logging.ERROR, logger="milter.gateway"):
+        run_gateway_scenario(tmp_path, free_port, scenario, prepare=faulty_prepare)
+    assert "prepare_pool_broken action=restarting" in caplog.text
 
 
 def test_a_prepare_process_over_max_rss_is_retired_without_losing_its_message(

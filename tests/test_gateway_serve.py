@@ -191,11 +191,16 @@ def test_prepare_processes_are_born_deaf_to_ctrl_c() -> None:
     from milter.gateway.server import default_prepare_pool
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    pool = default_prepare_pool(1)()
-    try:
-        assert pool.submit(_child_signal_state).result(timeout=60) == (True, True)
-    finally:
-        pool.shutdown()
+
+    async def main() -> tuple[bool, bool]:
+        pool = default_prepare_pool(1)()
+        try:
+            state: tuple[bool, bool] = await asyncio.wait_for(pool.call(_child_signal_state), 60)
+            return state
+        finally:
+            pool.shutdown()
+
+    assert asyncio.run(main()) == (True, True)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
 
 

@@ -225,11 +225,15 @@ def _holes_then_wait(seconds: float) -> tuple[int, int]:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 @pytest.mark.parametrize("interval", [0.1, 0.0])
 def test_prepare_processes_trim_on_their_own_interval(interval: float) -> None:
-    pool = default_prepare_pool(1, heap_trim_interval=interval)()
-    try:
-        before, after = pool.submit(_holes_then_wait, 1.0).result(timeout=60)
-    finally:
-        pool.shutdown()
+    async def main() -> tuple[int, int]:
+        pool = default_prepare_pool(1, heap_trim_interval=interval)()
+        try:
+            result: tuple[int, int] = await asyncio.wait_for(pool.call(_holes_then_wait, 1.0), 60)
+            return result
+        finally:
+            pool.shutdown()
+
+    before, after = asyncio.run(main())
     if interval:
         assert before - after >= 24 * MIB, (before, after)
     else:

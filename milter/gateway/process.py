@@ -34,6 +34,7 @@ from milter.gateway.batcher import MicroBatcher
 from milter.gateway.headers import rewrite
 from milter.gateway.logfmt import kv
 from milter.gateway.metrics import GatewayMetrics
+from milter.gateway.procpool import LoopProcessPool
 from milter.gateway.recorder import GroupCommit, VerdictRecorder
 from milter.gateway.relay import Downstream
 from milter.gateway.xforward import XForward
@@ -48,6 +49,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("milter.gateway")
 T = TypeVar("T")
+
+#: What runs prepare jobs: the gateway's own process pool, or any Executor (tests use thread pools).
+Pool = LoopProcessPool | Executor
+
+
+async def in_pool(pool: Pool, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in `pool`, awaited on the running loop."""
+    if isinstance(pool, LoopProcessPool):
+        result: T = await pool.call(fn, *args)
+        return result
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 REJECT_CODE = "550 5.7.1"
 TEMPFAIL_REPLY = "451 4.7.1 Message deferred by policy, try again later"
@@ -147,9 +159,9 @@ class _Progress:
 
     def __init__(self) -> None:
         self.in_pool = 0
-        self.pool: Executor | None = None  # the pool the latest job went to
+        self.pool: Pool | None = None  # the pool the latest job went to
 
-    async def pooled(self, job: Awaitable[T], pool: Executor) -> T:
+    async def pooled(self, job: Awaitable[T], pool: Pool) -> T:
         self.in_pool += 1
         self.pool = pool
         result = await job  # no finally: a job cancelled by the deadline is still in its process
@@ -290,13 +302,14 @@ class PreparePool:
     * a scan passed its deadline (`abandon`): retired the same way, and killed after `kill_grace`,
       since one of its processes is stuck; a job killed with it is run again once on the new pool.
 
-    Retiring the whole pool, not the one process, because ProcessPoolExecutor has no way to stop one
-    process; these events are rare, and a pool starts in about a second.
+    Retiring the whole pool, not the one process: a pool is broken as a whole when one of its processes
+    dies (as ProcessPoolExecutor's, whose semantics `LoopProcessPool` keeps); these events are rare,
+    and a pool starts in about a second.
     """
 
     def __init__(
         self,
-        factory: Callable[[], Executor],
+        factory: Callable[[], Pool],
         prepare: PrepareFn,
         limits: PrepareLimits | None = None,
         metrics: GatewayMetrics | None = None,
@@ -306,11 +319,11 @@ class PreparePool:
         self._limits = limits or PrepareLimits()
         self._metrics = metrics
         self._pool = factory()
-        self._retired: dict[Executor, tuple[BaseProcess, ...]] = {}
+        self._retired: dict[Pool, tuple[BaseProcess, ...]] = {}
         self._last_memory_recycle = -math.inf
         self._jobs = 0  # on the current pool
         self._successor: asyncio.Task[None] | None = None  # warming `_warming` up to take over
-        self._warming: Executor | None = None
+        self._warming: Pool | None = None
 
     async def run(
         self, raw: bytes, envelope: Envelope, protected: Any, evidence: Evidence | None = None
@@ -324,11 +337,10 @@ class PreparePool:
         return result
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
         for attempt in (1, 2):
             pool = self._pool
             try:
-                result, rss = await loop.run_in_executor(pool, measured, fn, *args)
+                result, rss = await in_pool(pool, measured, fn, *args)
             except BrokenProcessPool:
                 if pool in self._retired and attempt == 1:
                     continue  # killed with a pool we retired: not this message's fault, run it again
@@ -352,7 +364,7 @@ class PreparePool:
         log.warning(kv("prepare_pool_recycled", reason="max_rss", rss_mb=rss >> 20, limit_mb=limit >> 20))
         self._replace("max_rss", kill_after=None)
 
-    def _count_job(self, pool: Executor) -> None:
+    def _count_job(self, pool: Pool) -> None:
         if pool is not self._pool:
             return
         self._jobs += 1
@@ -362,14 +374,13 @@ class PreparePool:
                 self._take_over(pool), name="prepare-pool-successor"
             )
 
-    async def _take_over(self, old: Executor) -> None:
+    async def _take_over(self, old: Pool) -> None:
         """Start and warm up a new pool, then send new jobs there and retire `old` gracefully. Warmed
         first so that no message waits for a process to start (about a second of imports)."""
-        loop = asyncio.get_running_loop()
         new = self._warming = self._factory()
         try:
-            n = getattr(new, "_max_workers", 1)
-            await asyncio.gather(*(loop.run_in_executor(new, _started) for _ in range(n)))
+            n = new.max_workers if isinstance(new, LoopProcessPool) else getattr(new, "_max_workers", 1)
+            await asyncio.gather(*(in_pool(new, _started) for _ in range(n)))
         except Exception as exc:  # the old pool goes on serving; tried again after max_jobs more jobs
             new.shutdown(wait=False, cancel_futures=True)
             log.error(kv("prepare_pool_successor_failed", error=type(exc).__name__, detail=str(exc)[:200]))
@@ -385,11 +396,11 @@ class PreparePool:
         self._successor = self._warming = None
 
     @property
-    def current(self) -> Executor:
+    def current(self) -> Pool:
         """The pool new jobs go to."""
         return self._pool
 
-    def abandon(self, pool: Executor) -> None:
+    def abandon(self, pool: Pool) -> None:
         """A job in `pool` overran its deadline: new jobs go to a new pool; the old one is killed after
         the grace. A pool already replaced (another stuck job's) is left to its own kill."""
         if pool is not self._pool:
@@ -400,7 +411,7 @@ class PreparePool:
     def _replace(self, reason: str, kill_after: float | None) -> None:
         self._install(self._factory(), reason, kill_after)
 
-    def _install(self, new: Executor, reason: str, kill_after: float | None = None) -> None:
+    def _install(self, new: Pool, reason: str, kill_after: float | None = None) -> None:
         old, self._pool = self._pool, new
         self._jobs = 0
         if self._metrics is not None:
@@ -414,7 +425,7 @@ class PreparePool:
             self._retired[old] = processes
             asyncio.get_running_loop().call_later(kill_after, self._kill_retired, old)
 
-    def _kill_retired(self, pool: Executor) -> None:
+    def _kill_retired(self, pool: Pool) -> None:
         _kill(self._retired.get(pool, ()))
         # the jobs killed with it learn so within moments; after that it needs no remembering
         asyncio.get_running_loop().call_later(60.0, self._retired.pop, pool, None)
@@ -442,9 +453,11 @@ def _started() -> int:
     return os.getpid()
 
 
-def _processes(pool: Executor) -> tuple[BaseProcess, ...]:
-    """A process pool's processes. ProcessPoolExecutor keeps them in `_processes` (CPython 3.8-3.13)
-    and has no public way to stop a running job; a thread pool has none."""
+def _processes(pool: Pool) -> tuple[BaseProcess, ...]:
+    """A pool's processes. ProcessPoolExecutor keeps them in `_processes` (CPython 3.8-3.13); a
+    thread pool has none."""
+    if isinstance(pool, LoopProcessPool):
+        return pool.processes
     return tuple((getattr(pool, "_processes", None) or {}).values())
 
 

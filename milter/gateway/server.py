@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -42,6 +42,7 @@ from milter.gateway.process import (
     Inbound,
     MessageProcessor,
     ModelSlot,
+    Pool,
     PrepareFn,
     PrepareLimits,
     PreparePool,
@@ -51,6 +52,7 @@ from milter.gateway.process import (
     StoreLike,
     score_batch,
 )
+from milter.gateway.procpool import LoopProcessPool
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
 from milter.gateway.reload import ModelReloader, ReloadResult, load_checked
 from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
@@ -145,33 +147,24 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-class _QuietChildrenPool(ProcessPoolExecutor):
-    """A process pool whose children are born with SIGINT and SIGUSR2 blocked.
-
-    The pool starts a child inside `submit` (the first jobs after start-up). A Ctrl-C on the process
-    group that lands while that child still imports, before `_prepare_process_init` ignores SIGINT,
-    printed a KeyboardInterrupt traceback per child. A blocked signal mask survives fork and exec, so
-    blocking SIGINT in this thread for the length of `submit` covers the child from its first
-    instruction; here a SIGINT meanwhile stays pending and is handled as soon as the mask is restored.
-    SIGUSR2 (a memory report) would end a child that has no handler yet; the initializer unblocks it.
-    """
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR2})
-        try:
-            return super().submit(fn, *args, **kwargs)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+#: Signals a prepare process is born with blocked. A Ctrl-C on the process group that lands while a
+#: child still imports, before `_prepare_process_init` ignores SIGINT, printed a KeyboardInterrupt
+#: traceback per child; a blocked mask survives fork and exec, so blocking it for the length of the
+#: start covers the child from its first instruction (the gateway's own SIGINT meanwhile stays pending
+#: and is handled as soon as the mask is restored). SIGUSR2 (a memory report) would end a child that
+#: has no handler yet; the initializer unblocks it.
+PREPARE_BLOCKED_SIGNALS = frozenset({signal.SIGINT, signal.SIGUSR2})
 
 
-def default_prepare_pool(processes: int, heap_trim_interval: float = 0.0) -> Callable[[], Executor]:
+def default_prepare_pool(processes: int, heap_trim_interval: float = 0.0) -> Callable[[], LoopProcessPool]:
     # spawn, not fork: forking a process that runs an event loop and ONNX Runtime threads is unsafe.
-    def make() -> Executor:
-        return _QuietChildrenPool(
-            max_workers=processes,
-            mp_context=multiprocessing.get_context("spawn"),
+    def make() -> LoopProcessPool:
+        return LoopProcessPool(
+            processes,
+            multiprocessing.get_context("spawn"),
             initializer=_prepare_process_init,
             initargs=(heap_trim_interval,),
+            blocked_signals=PREPARE_BLOCKED_SIGNALS,
         )
 
     return make
@@ -269,7 +262,7 @@ class Gateway:
         *,
         prepare: PrepareFn,
         schema_digest: str,
-        prepare_pool: Callable[[], Executor] | None = None,
+        prepare_pool: Callable[[], Pool] | None = None,
         worker_index: int = 0,
         resolver: Resolver | None = None,
     ) -> None:
