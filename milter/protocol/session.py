@@ -133,6 +133,7 @@ class FilterSession:
         self.steps = c.Step(0)
         self.version = 0
         self._negotiated = False
+        self._silent: frozenset[bytes] = frozenset()  # commands the MTA expects no reply to
         self._deciding = False
         self._conn_macros: dict[str, str] = {}
         self._msg_macros: dict[str, str] = {}
@@ -155,6 +156,9 @@ class FilterSession:
             self.actions |= c.Action.SETSYMLIST
             macros = tuple((int(stage), names) for stage, names in self._want_macros)
         self._negotiated = True
+        # Worked out once: a Flag membership test per header and body chunk cost more than the rest
+        # of the command's handling.
+        self._silent = frozenset(cmd for cmd, step in c.NO_REPLY.items() if step in self.steps)
         return codec.Negotiated(self.version, int(self.actions), int(self.steps), macros)
 
     # -- events ------------------------------------------------------------------------------------
@@ -172,6 +176,16 @@ class FilterSession:
         if not self._negotiated:
             raise ProtocolError(f"{type(command).__name__} before option negotiation")
         match command:
+            # The commands of every message first: `match` tries the class patterns in order.
+            case codec.Header(name, value):
+                self._require_mail("header")
+                if self._keep(len(name) + len(value) + 4):
+                    self._tx.headers.append((name, value))
+                return self._ack(c.SMFIC_HEADER)
+            case codec.Body(chunk):
+                self._require_mail("body")
+                self._add_body(chunk)
+                return self._ack(c.SMFIC_BODY)
             case codec.Macros(stage, values):
                 target = self._conn_macros if stage in (c.SMFIC_CONNECT, c.SMFIC_HELO) else self._msg_macros
                 target.update(values)
@@ -197,17 +211,8 @@ class FilterSession:
                 return self._ack(c.SMFIC_RCPT)
             case codec.Data():
                 return self._ack(c.SMFIC_DATA)
-            case codec.Header(name, value):
-                self._require_mail("header")
-                if self._keep(len(name) + len(value) + 4):
-                    self._tx.headers.append((name, value))
-                return self._ack(c.SMFIC_HEADER)
             case codec.EndOfHeaders():
                 return self._ack(c.SMFIC_EOH)
-            case codec.Body(chunk):
-                self._require_mail("body")
-                self._add_body(chunk)
-                return self._ack(c.SMFIC_BODY)
             case codec.EndOfMessage(chunk):
                 self._require_mail("end of message")
                 self._add_body(chunk)
@@ -241,7 +246,7 @@ class FilterSession:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _ack(self, command: bytes) -> Send:
-        if c.NO_REPLY[command] in self.steps:
+        if command in self._silent:
             return NOTHING
         return Send((codec.CONTINUE,))
 
