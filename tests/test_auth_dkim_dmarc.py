@@ -15,7 +15,10 @@ from pathlib import Path
 import authres
 import pytest
 from auth_support import SELECTOR, generate_key, sign
+from hypothesis import given
+from hypothesis import strategies as st
 
+import milter.auth.message as message_module
 from milter.auth import (
     Answers,
     AuthResults,
@@ -29,6 +32,7 @@ from milter.auth import (
     plan,
     trusted_spf_from_headers,
 )
+from milter.auth.message import header_fields
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 INVOICE = FIXTURES / "bec" / "ham-vendor-invoice.eml"  # real fixture; its From is replaced per test
@@ -433,3 +437,45 @@ def test_authenticate_end_to_end_and_results_pickle(rsa_key: tuple[bytes, str]) 
     the_plan = plan(raw)
     answers = asyncio.run(fetch(the_plan, resolver, 1.0))
     assert pickle.loads(pickle.dumps((the_plan, answers, results))) == (the_plan, answers, results)
+
+
+_HEADER_END_REFERENCE = re.compile(rb"\r?\n\r?\n")
+
+
+def _header_fields_reference(raw: bytes) -> list[tuple[str, str]]:
+    """header_fields as it read with regular expressions for the blank line and the line ends."""
+    if raw.startswith((b"\n", b"\r\n")):
+        block = b""
+    else:
+        m = _HEADER_END_REFERENCE.search(raw, 0, message_module._MAX_HEADER_BYTES)
+        block = raw[: m.start()] if m else raw[: message_module._MAX_HEADER_BYTES]
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in re.split(rb"\r?\n", block):
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                fields[-1][1].append(line)
+            continue
+        m = message_module._FIELD.match(line)
+        if m is not None:
+            fields.append((m.group(1).decode("ascii").lower(), [line[m.end() :]]))
+    return [(name, b"".join(parts).decode("utf-8", "replace").strip()) for name, parts in fields]
+
+
+@given(st.lists(st.sampled_from([b"From: a@b.example", b"X:", b" folded", b"\tmore", b"\r", b"\n", b"\r\n",
+                                 b"\n\r\n", b"\r\r\n", b"junk", b":", b"DKIM-Signature: v=1; d=x", b"\xff"]),
+                max_size=30))
+def test_header_fields_reads_as_the_regular_expressions_did(pieces: list[bytes]) -> None:
+    """The blank line and the line ends found with bytes methods: the same fields as the patterns
+    gave, for every mix of LF, CRLF, lone CR, folding and junk."""
+    raw = b"".join(pieces)
+    assert header_fields(raw) == _header_fields_reference(raw)
+
+
+def test_header_fields_stop_at_the_first_blank_line_and_at_the_budget() -> None:
+    assert header_fields(b"A: 1\r\nB: 2\r\n\r\nC: 3\r\n") == [("a", "1"), ("b", "2")]
+    assert header_fields(b"A: 1\nB: 2\n\nC: 3\n") == [("a", "1"), ("b", "2")]
+    assert header_fields(b"A: 1\r\n\nC: 3") == [("a", "1")]
+    assert header_fields(b"A: 1\r\n \r\nC: 3") == [("a", "1"), ("c", "3")]  # a blank-looking fold
+    huge = b"A: 1\r\n" + b"X: " + b"y" * (message_module._MAX_HEADER_BYTES) + b"\r\n\r\nB: 2"
+    assert [name for name, _ in header_fields(huge)] == ["a", "x"]
+    assert header_fields(huge) == _header_fields_reference(huge)
