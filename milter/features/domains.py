@@ -111,6 +111,11 @@ def edit_distance(a: str, b: str, limit: int = 3) -> int:
     # each edit changes the character sets by at most two: a cheap bound that skips most pairs
     if abs(len(a) - len(b)) > limit or len(set(a) ^ set(b)) > 2 * limit:
         return limit + 1
+    return _distance(a, b, limit)
+
+
+def _distance(a: str, b: str, limit: int) -> int:
+    """Levenshtein distance, or limit + 1 as soon as a row's best exceeds `limit`."""
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
@@ -184,16 +189,8 @@ def lookalike_of(domain: str, protected: tuple[str, ...]) -> str | None:
 
 
 def _within(a: str, b: str, limit: int) -> bool:
-    """Levenshtein distance of `a` and `b` at most `limit`, giving up once a row's best exceeds it."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        if min(cur) > limit:
-            return False
-        prev = cur
-    return prev[-1] <= limit
+    """Levenshtein distance of `a` and `b` at most `limit` (uncached: lookalike_of is cached per domain)."""
+    return _distance(a, b, limit) <= limit
 
 
 def _contains_word(name: str, word: str) -> bool:
