@@ -51,6 +51,7 @@ _HEAD = struct.Struct("!Q")
 # trims, and past glibc's mmap threshold (128 KiB) that allocation would be an mmap per result.
 _READ = 1 << 16
 _JOIN_TIMEOUT = 5.0  # seconds `shutdown(wait=True)` gives a process to exit before killing it
+_REAP_INTERVAL, _REAP_TRIES = 0.5, 240  # a retired child's exit is looked for this often, this long
 
 
 class RemoteTraceback(Exception):
@@ -195,6 +196,7 @@ class LoopProcessPool:
         if self._shut and not self._waiting:
             for worker in self._idle:
                 self._close(worker)  # end of file: the child exits
+                self._reap(worker.process, _REAP_TRIES)
             self._idle.clear()
 
     def _send(self, worker: _Worker, frame: bytes) -> None:
@@ -274,6 +276,7 @@ class LoopProcessPool:
             self._close(w)
             if w.process.is_alive():
                 w.process.kill()
+            self._reap(w.process, _REAP_TRIES)
         self._fail_all(self._broken)
 
     def _fail_all(self, why: str) -> None:
@@ -285,6 +288,13 @@ class LoopProcessPool:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(BrokenProcessPool(why))
+
+    def _reap(self, process: BaseProcess, tries: int) -> None:
+        """Collect a retired child's exit status once it has exited (`is_alive` waits for it without
+        blocking), so that a pool retired while the gateway runs on leaves no zombie behind."""
+        loop = self._loop
+        if process.is_alive() and tries > 0 and loop is not None and not loop.is_closed():
+            loop.call_later(_REAP_INTERVAL, self._reap, process, tries - 1)
 
     def _close(self, worker: _Worker) -> None:
         if worker.closed:
