@@ -54,6 +54,11 @@ def unpicklable() -> Any:
     return lambda: None
 
 
+def in_proc(pid: int | None) -> bool:
+    """The process still has a /proc entry (running, or exited and not yet collected: a zombie)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
 def pool(n: int = 2) -> LoopProcessPool:
     return LoopProcessPool(n, multiprocessing.get_context("spawn"))
 
@@ -147,10 +152,10 @@ def test_shutdown_without_wait_finishes_what_it_holds_then_the_processes_exit() 
         # The pool itself collects the child's exit (no zombie left): its /proc entry goes. Not asked
         # through `proc`, whose is_alive() and exitcode would collect it themselves.
         for _ in range(100):
-            if not os.path.exists(f"/proc/{proc.pid}"):
+            if not in_proc(proc.pid):
                 break
             await asyncio.sleep(0.05)  # polling for the child's exit after its last job
-        assert not os.path.exists(f"/proc/{proc.pid}")
+        assert not in_proc(proc.pid)
         assert proc.exitcode == 0
 
     run(main())
