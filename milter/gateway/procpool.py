@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import pickle
 import signal
 import socket
@@ -67,7 +68,7 @@ class RemoteTraceback(Exception):
 
 @dataclass
 class _Job:
-    payload: bytes
+    frame: memoryview | None  # length and pickle, as sent; dropped once handed to the socket
     future: asyncio.Future[Any]
 
 
@@ -124,7 +125,7 @@ class LoopProcessPool:
             raise RuntimeError("a LoopProcessPool serves the event loop that started it")
         if not self._workers:
             self._start(loop)
-        job = _Job(pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL), loop.create_future())
+        job = _Job(_frame((fn, args)), loop.create_future())
         self._waiting.append(job)
         self._dispatch()
         return await job.future
@@ -192,15 +193,17 @@ class LoopProcessPool:
                 continue
             worker = self._idle.pop()
             worker.job = job
-            self._send(worker, _HEAD.pack(len(job.payload)) + job.payload)
+            frame, job.frame = job.frame, None  # a big message is not kept twice while its job runs
+            assert frame is not None
+            self._send(worker, frame)
         if self._shut and not self._waiting:
             for worker in self._idle:
                 self._close(worker)  # end of file: the child exits
                 self._reap(worker.process, _REAP_TRIES)
             self._idle.clear()
 
-    def _send(self, worker: _Worker, frame: bytes) -> None:
-        worker.outbox = memoryview(frame)
+    def _send(self, worker: _Worker, frame: memoryview) -> None:
+        worker.outbox = frame
         self._flush(worker)
 
     def _flush(self, worker: _Worker) -> None:
@@ -308,6 +311,17 @@ class LoopProcessPool:
         worker.writing = False
         worker.outbox = None
         worker.sock.close()
+
+
+def _frame(job: tuple[Callable[..., Any], tuple[Any, ...]]) -> memoryview:
+    """The job pickled behind room for its length, then the length filled in: the message is copied
+    once (into the buffer), not again to put a header in front of it."""
+    buf = io.BytesIO()
+    buf.write(bytes(_HEAD.size))
+    pickle.dump(job, buf, protocol=pickle.HIGHEST_PROTOCOL)
+    frame = buf.getbuffer()
+    _HEAD.pack_into(frame, 0, len(frame) - _HEAD.size)
+    return frame
 
 
 # -- the child's side -------------------------------------------------------------------------------
