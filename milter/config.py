@@ -233,12 +233,36 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class ZoneConfig:
+    """One `[[reputation.zone]]`: a DNS blocklist (milter/auth/dnsbl.py says how answers are read)."""
+
+    name: str  # the list's zone, "zen.spamhaus.org"
+    kind: str  # "ip" (the client address) or "domain" (sender and link domains)
+    action: str = "tag"  # "tag", "quarantine" or "reject" (reject needs server.mode = "before-queue")
+    verdict: str = "spam"  # "spam" or "bec"
+    # answer address -> meaning; empty: every list answer (127.0.0.0/8 less the refusals) counts
+    codes: tuple[tuple[str, str], ...] = ()
+    sources: tuple[str, ...] = ("sender", "links")  # domain zones: the sender's domains, the links'
+    refusals: tuple[str, ...] = ("127.255.255.0/24", "127.0.0.1/32")  # answers that mean "refused"
+
+
+@dataclass(frozen=True)
+class ReputationConfig:
+    """DNS blocklists, asked through the [auth] resolver (its nameservers and cache)."""
+
+    zones: tuple[ZoneConfig, ...] = ()  # none: nothing is asked
+    # One deadline for all of a message's blocklist lookups; past it they are errors, never listings.
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
 
 
 def _thresholds(key: str, raw: Any) -> ClassThresholds:
@@ -406,7 +430,7 @@ def _domain_rule(key: str, raw: Any) -> DomainRule:
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     cfg = Config()
-    known = {"model", "policy", "server", "store", "auth"}
+    known = {"model", "policy", "server", "store", "auth", "reputation"}
     for name in raw:
         if name not in known:
             raise ConfigError(name, f"unknown table (known: {', '.join(sorted(known))})")
@@ -436,7 +460,58 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cfg = replace(cfg, store=_simple(StoreConfig, "store", _table("store", raw["store"]), StoreConfig()))
     if "auth" in raw:
         cfg = replace(cfg, auth=_auth(_table("auth", raw["auth"])))
+    if "reputation" in raw:
+        cfg = replace(cfg, reputation=_reputation(_table("reputation", raw["reputation"])))
+        if cfg.reputation.zones and not cfg.auth.enabled:
+            raise ConfigError("reputation.zone", "needs auth.enabled = true (its resolver asks the lists)")
     return cfg
+
+
+ZONE_KINDS = ("ip", "domain")
+ZONE_ACTIONS = ("tag", "quarantine", "reject")
+ZONE_VERDICTS = ("spam", "bec")
+ZONE_SOURCES = ("sender", "links")
+
+
+def _reputation(raw: Mapping[str, Any]) -> ReputationConfig:
+    unknown = set(raw) - {"zone", "timeout"}
+    if unknown:
+        raise ConfigError(f"reputation.{sorted(unknown)[0]}", "unknown key (known: timeout, zone)")
+    rep: ReputationConfig = _simple(
+        ReputationConfig, "reputation", {k: v for k, v in raw.items() if k == "timeout"}, ReputationConfig()
+    )
+    if rep.timeout <= 0:
+        raise ConfigError("reputation.timeout", f"must be more than 0 seconds, got {rep.timeout!r}")
+    zones = raw.get("zone", [])
+    if not isinstance(zones, list):
+        raise ConfigError("reputation.zone", "must be an array of tables ([[reputation.zone]])")
+    return replace(rep, zones=tuple(_zone(f"reputation.zone[{i}]", z) for i, z in enumerate(zones)))
+
+
+def _zone(key: str, raw: Any) -> ZoneConfig:
+    item = dict(_table(key, raw))
+    for required in ("name", "kind"):
+        if not isinstance(item.get(required), str):
+            raise ConfigError(f"{key}.{required}", "required string")
+    codes = item.pop("codes", {})
+    if not isinstance(codes, Mapping) or not all(isinstance(v, str) for v in codes.values()):
+        raise ConfigError(f"{key}.codes", 'must be a table of "127.0.0.2" = "meaning" entries')
+    base = ZoneConfig(name=item["name"], kind=item["kind"])
+    zone: ZoneConfig = _simple(ZoneConfig, key, {k: v for k, v in item.items() if k != "codes"}, base)
+    name = zone.name.strip().rstrip(".").lower()
+    if _DOMAIN_NAME.fullmatch(name) is None:
+        raise ConfigError(f"{key}.name", f"must be a DNS zone such as zen.spamhaus.org, got {zone.name!r}")
+    for field_name, allowed in (("kind", ZONE_KINDS), ("action", ZONE_ACTIONS), ("verdict", ZONE_VERDICTS)):
+        if (got := getattr(zone, field_name)) not in allowed:
+            raise ConfigError(f"{key}.{field_name}", f"must be one of {', '.join(allowed)}, got {got!r}")
+    for i, source in enumerate(zone.sources):
+        if source not in ZONE_SOURCES:
+            raise ConfigError(f"{key}.sources[{i}]", f"must be 'sender' or 'links', got {source!r}")
+    for code in codes:
+        if not _is_ip(code) or ipaddress.ip_address(code) not in ipaddress.ip_network("127.0.0.0/8"):
+            raise ConfigError(f"{key}.codes", f"{code!r} is not a list answer (an address in 127.0.0.0/8)")
+    _check_networks(f"{key}.refusals", zone.refusals)
+    return replace(zone, name=name, codes=tuple(sorted(codes.items())))
 
 
 def _check_networks(key: str, entries: tuple[str, ...]) -> None:

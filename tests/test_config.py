@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,21 @@ def test_dns_cache_size_reaches_the_gateway_resolver() -> None:
     assert auth is not None and isinstance(auth.resolver, CachingResolver)
     assert auth.resolver.max_entries == 250
     assert parse_config({}).auth.dns_cache_entries == 10_000
+
+
+def test_the_example_blocklists_are_valid_when_uncommented() -> None:
+    """docs/milter.example.toml shows Spamhaus zones commented out (no list is asked by default)."""
+    assert load_config(EXAMPLE).reputation.zones == ()
+    text = EXAMPLE.read_text()
+    start = text.index("[reputation]")
+    end = text.index("\n\n", start)
+    block = "\n".join(
+        line[2:] if line.startswith("# ") and not line.startswith("# DNS") else line
+        for line in text[start:end].splitlines()
+    )
+    zones = parse_config(tomllib.loads(block)).reputation.zones
+    assert [(z.name, z.kind, z.verdict) for z in zones] == [
+        ("zen.spamhaus.org", "ip", "spam"), ("dbl.spamhaus.org", "domain", "spam"),
+        ("dbl.spamhaus.org", "domain", "bec"),
+    ]
+    assert dict(zones[2].codes) == {"127.0.1.4": "phish domain"}

@@ -16,7 +16,7 @@ import pytest
 from auth_support import SELECTOR, FakeDns, arc_seal, generate_key, sign
 from gateway_support import Outcome, Sink, config_for, load_scanner, open_store, running_gateway
 
-from milter.config import AuthConfig, ClassThresholds, Config
+from milter.config import AuthConfig, ClassThresholds, Config, ReputationConfig, ZoneConfig
 from milter.gateway.server import Gateway
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "bec" / "ham-vendor-invoice.eml"
@@ -37,7 +37,8 @@ def invoice(from_addr: str) -> bytes:
 
 
 def run(tmp_path: Path, free_port: Callable[[], int], dns: FakeDns, scenario: Scenario,
-        arc_sealers: tuple[str, ...] = (), **policy: Any) -> Any:
+        arc_sealers: tuple[str, ...] = (), reputation: ReputationConfig | None = None,
+        **policy: Any) -> Any:
     url = f"sqlite:///{tmp_path}/gw.db"
     store = open_store(url)
     sink_port = free_port()
@@ -52,7 +53,8 @@ def run(tmp_path: Path, free_port: Callable[[], int], dns: FakeDns, scenario: Sc
         auth = AuthConfig(
             nameservers=(f"127.0.0.1:{port}",), timeout=TIMEOUT, trusted_arc_sealers=arc_sealers
         )
-        cfg = Config(policy=replace(cfg.policy, **policy), server=cfg.server, store=cfg.store, auth=auth)
+        cfg = Config(policy=replace(cfg.policy, **policy), server=cfg.server, store=cfg.store, auth=auth,
+                     reputation=reputation or ReputationConfig())
         try:
             async with running_gateway(cfg, load_scanner(cfg.policy), store, real_dns=True) as gw:
                 await scenario(gw, sink, store)
@@ -327,3 +329,68 @@ def test_forwarded_mail_with_a_trusted_arc_chain_is_not_punished(
 
     run(tmp_path, free_port, dns, scenario, arc_sealers=("lists.example.org",),
         protected_domains=("example.com",))
+
+
+# --- DNS blocklists ([reputation]) ----------------------------------------------------------------------
+
+ZEN = ZoneConfig("zen.test", "ip", action="quarantine", codes=(("127.0.0.2", "SBL"),))
+DBL = ZoneConfig("dbl.test", "domain", action="quarantine", codes=(("127.0.1.2", "spam domain"),))
+LISTS = ReputationConfig(zones=(ZEN, DBL), timeout=TIMEOUT)
+
+
+def test_a_listed_client_or_sender_domain_is_quarantined_with_the_listing_as_reason(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    """The same invoice the model scores ham: delivered from a clean client and domain, held when the
+    client address or the From domain is listed; our own clients' addresses are never asked."""
+    dns = FakeDns(typed={("99.2.0.192.zen.test", "A"): ["127.0.0.2"],
+                         ("listed.example.dbl.test", "A"): ["127.0.1.2"]})
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        clean = await send(gw.address[1], invoice("billing@example.com"))
+        assert clean.code == 250 and "quarantined" not in clean.text
+        by_ip = await send(gw.address[1], invoice("billing@example.com"), client="192.0.2.99")
+        by_domain = await send(gw.address[1], invoice("billing@listed.example"))
+        for out, reason in (
+            (by_ip, "client address 192.0.2.99 listed in zen.test (127.0.0.2: SBL)"),
+            (by_domain, "From domain listed.example listed in dbl.test (127.0.1.2: spam domain)"),
+        ):
+            assert "quarantined as" in out.text, out
+            row = await asyncio.to_thread(store.get, int(out.text.rsplit(" ", 1)[1]))
+            assert (row.verdict, row.reasons[0]) == ("spam", reason)
+        assert (await send(gw.address[1], invoice("billing@example.com"), client="10.1.2.3")).code == 250
+        assert len(sink.messages) == 2 and dns.count("3.2.1.10.zen.test") == 0
+        assert dns.count("7.100.51.198.zen.test", "A") == 1 and dns.count("example.com.dbl.test", "A") == 1
+        metrics = gw.metrics.render().decode()
+        assert 'milter_dnsbl_results_total{result="listed",zone="zen.test"} 1.0' in metrics
+        assert 'milter_dnsbl_results_total{result="listed",zone="dbl.test"} 1.0' in metrics
+
+    run(tmp_path, free_port, dns, scenario, reputation=LISTS)
+
+
+def test_a_list_that_refuses_us_or_never_answers_holds_nothing(
+    tmp_path: Path, free_port: Callable[[], int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Spamhaus's answer to a public resolver (127.255.255.254) is logged with the fix and counted, never
+    acted on; a silent list costs the deadline, not the message."""
+    dns = FakeDns(
+        typed={("7.100.51.198.zen.test", "A"): ["127.255.255.254"]}, silent={"example.com.dbl.test"}
+    )
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        started = time.monotonic()
+        first = await send(gw.address[1], invoice("billing@example.com"))
+        elapsed = time.monotonic() - started
+        second = await send(gw.address[1], invoice("billing@example.com"))
+        assert (first.code, second.code) == (250, 250) and len(sink.messages) == 2
+        assert all(b"X-Milter-Verdict" not in m.raw.split(b"\r\n\r\n")[0] for m in sink.messages)
+        assert TIMEOUT * 0.8 < elapsed < TIMEOUT + 5  # waited for the silent list, once, bounded
+        metrics = gw.metrics.render().decode()
+        assert 'milter_dnsbl_results_total{result="refused",zone="zen.test"} 2.0' in metrics
+        assert dns.count("7.100.51.198.zen.test") == 1  # the second message's answer came from the cache
+        assert 'milter_dnsbl_results_total{result="error",zone="dbl.test"} 2.0' in metrics
+
+    with caplog.at_level("WARNING", logger="milter.gateway"):
+        run(tmp_path, free_port, dns, scenario, reputation=LISTS)
+    refusals = [r.getMessage() for r in caplog.records if "dnsbl_refused" in r.getMessage()]
+    assert len(refusals) == 1 and "zone=zen.test" in refusals[0] and "local recursive resolver" in refusals[0]

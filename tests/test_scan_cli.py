@@ -191,3 +191,34 @@ def test_explain_explains_accepted_mail_too() -> None:
     check_row(b, explain_all=True)
     explanation = b["explanation"]
     assert isinstance(explanation, dict) and explanation["target"] == "ham"  # against the likelier other
+
+
+def test_scan_dns_asks_the_blocklists_about_sender_and_link_domains(tmp_path: Path) -> None:
+    """--dns with [reputation] zones: the From domain and the link domains are asked (a file has no
+    client address), and a listing decides as in the gateway."""
+    from auth_support import FakeDns, dns_in_thread
+
+    invoice = (FIXTURES / "bec" / "ham-vendor-invoice.eml").read_bytes()
+    path = tmp_path / "invoice.eml"
+    link = b"Pay online: https://pay.invoices-portal.test/inv/88213\n\nAcme Supplies Billing"
+    path.write_bytes(invoice.replace(b"Acme Supplies Billing\n--", link + b"\n--", 1))
+    server = FakeDns(typed={("acme-supplies.test.dbl.test", "A"): ["127.0.1.2"]})
+    with dns_in_thread(server) as port:
+        cfg = tmp_path / "milter.toml"
+        cfg.write_text(
+            f'[auth]\nnameservers = ["127.0.0.1:{port}"]\n'
+            '[[reputation.zone]]\nname = "dbl.test"\nkind = "domain"\naction = "quarantine"\n'
+            'codes = { "127.0.1.2" = "spam domain" }\n'
+        )
+        listed = CliRunner().invoke(main, ["scan", "--json", "--dns", "--config", str(cfg), str(path)])
+        plain = CliRunner().invoke(main, ["scan", "--json", "--config", str(cfg), str(path)])
+    assert listed.exit_code == 0, listed.output
+    (row,) = rows(listed.output)
+    assert (row["verdict"], row["action"]) == ("spam", "quarantine")
+    reasons = row["reasons"]
+    assert isinstance(reasons, list)
+    assert reasons[0] == "From domain acme-supplies.test listed in dbl.test (127.0.1.2: spam domain)"
+    (unasked,) = rows(plain.output)
+    assert unasked["action"] == "accept"  # without --dns no list is asked
+    assert server.count("acme-supplies.test.dbl.test") == 1
+    assert server.count("invoices-portal.test.dbl.test") == 1  # the link's domain, not listed

@@ -10,8 +10,10 @@ and {"path", "error"} for input that could not be read or scanned; the scan goes
 is 1 when any message failed (2 for a bad model or configuration).
 
 With --dns, DKIM signatures are verified and DMARC evaluated as the gateway does ([auth] settings), and
-each row gains "auth" (the Authentication-Results value). Off by default: a folder of old mail
-would cost a DNS lookup per sender, and the keys of years-old signatures are long gone.
+each row gains "auth" (the Authentication-Results value); the [reputation] zones are asked about the
+sender and link domains (a file has no client address) and a listing shows in the reasons. Off by
+default: a folder of old mail would cost a DNS lookup per sender, and the keys of years-old signatures
+are long gone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -32,11 +35,13 @@ from rich.table import Table
 from tqdm import tqdm
 
 from milter.auth import CachingResolver, Evidence, Resolver, gather
-from milter.config import AuthConfig, Config, load_config
+from milter.auth.dnsbl import Reputation
+from milter.config import Config, load_config
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
 from milter.gateway.auth import dns_resolver
+from milter.gateway.reputation import build_blocklists
 from milter.scan import Scanner, ScanResult, build_scanner, prepare, words_from
 from milter.sources import Item, expand, read_items
 from milter.types import Envelope
@@ -77,7 +82,7 @@ def scan(
     try:
         cfg = load_config(config_path)
         scanner = build_scanner(cfg, model_path, explain_all=explain)
-        dns = _Dns(cfg.auth, cfg.auth.authserv_id or cfg.server.hostname) if use_dns else None
+        dns = _Dns(cfg, cfg.auth.authserv_id or cfg.server.hostname) if use_dns else None
     except (ConfigError, ModelError) as exc:
         click.echo(f"milter scan: {exc}", err=True)
         sys.exit(2)
@@ -109,11 +114,16 @@ def scan(
 class _Dns:
     """One event loop and one cached resolver for the whole scan, so repeated senders cost one lookup."""
 
-    def __init__(self, config: AuthConfig, authserv_id: str) -> None:
+    def __init__(self, config: Config, authserv_id: str) -> None:
         # an explicit --dns without a usable resolver is a configuration error (exit 2), not a warning
-        self.resolver: Resolver = CachingResolver(dns_resolver(config), max_entries=config.dns_cache_entries)
-        self.config = config
+        auth = config.auth
+        self.resolver: Resolver = CachingResolver(dns_resolver(auth), max_entries=auth.dns_cache_entries)
+        self.config = auth
         self.authserv_id = authserv_id
+        # [reputation] zones, asked for the sender and link domains (a file has no client address)
+        self.blocklists = build_blocklists(
+            config.reputation, self.resolver, protected_domains=config.policy.protected_domains
+        )
         self._runner = asyncio.Runner()
 
     def evidence(self, raws: list[bytes]) -> list[Evidence]:
@@ -129,6 +139,22 @@ class _Dns:
             return list(await asyncio.gather(*jobs))
 
         return self._runner.run(all_of())
+
+    def listed(self, exts: list[Extracted]) -> list[Extracted]:
+        """`exts` with what the [reputation] zones said of each (unchanged without zones)."""
+        blocklists = self.blocklists
+        if blocklists is None:
+            return exts
+
+        async def all_of() -> list[Reputation | None]:
+            jobs = (blocklists.check(ext.summary, Envelope(), ext.summary.message_id or "") for ext in exts)
+            return list(await asyncio.gather(*jobs))
+
+        found = self._runner.run(all_of())
+        return [
+            ext if rep is None else replace(ext, summary=replace(ext.summary, reputation=rep))
+            for ext, rep in zip(exts, found, strict=True)
+        ]
 
     def close(self) -> None:
         self._runner.close()
@@ -164,6 +190,8 @@ def _scan_batch(
     results: dict[str, ScanResult] = {}
     if ok:
         exts = [ext for _, ext in ok]
+        if dns is not None:
+            exts = dns.listed(exts)
         envs = [Envelope()] * len(exts)
         words_of = words_from([item.raw or b"" for item, _ in ok], pool.map if pool is not None else map)
         decided = scanner.decide(exts, envs, scanner.predict(exts), words_of)

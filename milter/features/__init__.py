@@ -25,6 +25,9 @@ from milter.types import Envelope
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "3"
+#: Link domains the summary keeps for the domain blocklists (milter.auth.dnsbl.MAX_LINK_DOMAINS; not
+#: imported: milter.auth imports this package).
+LINK_DOMAINS = 10
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         # for the policy only: list headers are no feature (the corpora's lists made them a ham marker)
         list_mail=sender.is_list_copy(parsed),
         bulk_evidence=sender.bulk_evidence(parsed, (s.domain if s else "")),
+        link_domains=tuple(dict.fromkeys(link.domain for link in ctx.links if link.domain))[:LINK_DOMAINS],
     )
 
 

@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:  # milter.auth imports milter.features.domains: a runtime import here would be circular
     from milter.auth import AuthResults
+    from milter.auth.dnsbl import Reputation
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class MessageSummary:
     # DKIM / DMARC (milter/auth) when the caller looked them up (the gateway; `scan --dns`); never a
     # model input: the corpora's keys are long gone, so no model could learn from it.
     auth: AuthResults | None = None
+    # Registrable domains of the message's links, distinct, in order, at most MAX_LINK_DOMAINS (for the
+    # domain blocklists; never a model input).
+    link_domains: tuple[str, ...] = ()
+    # What the DNS blocklists said (milter/auth/dnsbl.py) when the gateway asked them; never a model
+    # input, for the same reason as `auth`.
+    reputation: Reputation | None = None
 
     @property
     def replies_elsewhere(self) -> bool:

@@ -21,9 +21,10 @@ import logging
 from collections.abc import Sequence
 
 from milter.auth import CachingResolver, DnsResolver, Evidence, NoResolver, Resolver, SpfClient, gather
-from milter.config import AuthConfig, nameserver
+from milter.config import AuthConfig, ReputationConfig, nameserver
 from milter.errors import ConfigError
 from milter.gateway.logfmt import kv
+from milter.gateway.reputation import Blocklists, build_blocklists
 from milter.policy.table import IPNetwork, is_internal, parse_client, parse_networks
 from milter.types import Envelope
 
@@ -39,8 +40,10 @@ class SenderAuth:
         trusted_ids: tuple[str, ...] = (),
         internal: Sequence[IPNetwork] = (),
         trusted_arc_sealers: tuple[str, ...] = (),
+        blocklists: Blocklists | None = None,
     ) -> None:
         self.resolver = resolver
+        self.blocklists = blocklists  # [reputation] zones, asked through the same resolver
         self.timeout = timeout
         self.authserv_id = authserv_id
         self.trusted_ids = trusted_ids
@@ -72,9 +75,12 @@ def build_sender_auth(
     hostname: str,
     resolver: Resolver | None = None,
     internal_networks: Sequence[str] = (),
+    reputation: ReputationConfig | None = None,
+    protected_domains: Sequence[str] = (),
 ) -> SenderAuth | None:
     """From the [auth] table; `resolver` replaces the DNS one (tests, offline use). None when disabled.
-    `internal_networks` (policy.internal_networks, already validated) are not SPF-checked."""
+    `internal_networks` (policy.internal_networks, already validated) are not SPF-checked, nor asked of
+    the [reputation] zones, which use the same resolver; `protected_domains` are never asked."""
     if not config.enabled:
         log.info(kv("auth", dkim_dmarc="off"))
         return None
@@ -93,9 +99,12 @@ def build_sender_auth(
         )
     )
     internal = parse_networks("internal_networks", internal_networks, "policy")
+    blocklists = None
+    if reputation is not None:
+        blocklists = build_blocklists(reputation, resolver, internal, protected_domains)
     return SenderAuth(
         resolver, config.timeout, authserv_id, config.trusted_authserv_ids, internal,
-        config.trusted_arc_sealers,
+        config.trusted_arc_sealers, blocklists,
     )
 
 

@@ -66,6 +66,15 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # DNS blocklists ([reputation]): a rising "refused" count means the list refuses our resolver.
+        self.dnsbl_results = Counter(
+            "milter_dnsbl_results", "DNS blocklist answers by zone and result (listed clean refused error)",
+            ["zone", "result"], registry=r,
+        )
+        self.dnsbl_seconds = Histogram(
+            "milter_dnsbl_seconds", "Time a message's blocklist lookups took", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.sessions = Gauge("milter_sessions", "Open SMTP sessions", registry=r)
         self.pending = Gauge("milter_pending_messages", "Messages received and not yet answered", registry=r)
         # milter_model_info{name=...,providers=...} 1: which model this worker scores with right now

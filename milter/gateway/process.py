@@ -42,6 +42,7 @@ from milter.types import Action, Envelope
 
 if TYPE_CHECKING:
     from milter.auth import AuthResults, Evidence
+    from milter.auth.dnsbl import Reputation
     from milter.features.summary import Extracted
     from milter.gateway.history import HistoryKeeper
     from milter.history import HistoryLookup, HistoryRow
@@ -587,20 +588,44 @@ class MessageProcessor:
         # waits a moment for announced messages, not for DNS).
         job = self.prepare.run(msg.raw, msg.envelope, protected)
         prepared = asyncio.ensure_future(progress.pooled(job, pool))
+        # The blocklists need the parse (link domains): asked as soon as it is in, beside the rest of
+        # the DKIM / DMARC lookups and the verification, and awaited before the batcher is told.
+        listed = asyncio.ensure_future(self._blocklists(prepared, msg)) if self.auth.blocklists else None
         try:
             started = time.perf_counter()
             evidence = await self.auth.gather(msg.raw, msg.id, msg.envelope)
             self.metrics.auth_seconds.observe(time.perf_counter() - started)
+            reputation = await listed if listed is not None else None
             with self.batcher.expect() as submit:
                 ext = await prepared
                 if evidence is not None:
                     auth = await progress.pooled(self._verify(msg, evidence), self.prepare.current)
                     ext = replace(ext, summary=replace(ext.summary, auth=auth))
+                if reputation is not None:
+                    ext = replace(ext, summary=replace(ext.summary, reputation=reputation))
                 self._count_auth(ext)
                 return await submit((ext, msg.envelope, self._history(ext, msg, protected.names)))
         finally:
-            if not prepared.done():
-                prepared.cancel()
+            for task in (prepared, listed):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    async def _blocklists(self, prepared: asyncio.Future[Extracted], msg: Inbound) -> Reputation | None:
+        """The [reputation] zones' answers once `prepared` is in; None if it failed (the scan reports
+        that where it awaits `prepared` itself) or there are no zones."""
+        blocklists = self.auth.blocklists if self.auth is not None else None
+        if blocklists is None:
+            return None
+        try:
+            ext = await asyncio.shield(prepared)
+        except Exception:
+            return None
+        started = time.perf_counter()
+        reputation = await blocklists.check(ext.summary, msg.envelope, msg.id)
+        self.metrics.dnsbl_seconds.observe(time.perf_counter() - started)
+        for result in reputation.results if reputation is not None else ():
+            self.metrics.dnsbl_results.labels(result.zone, result.result).inc()
+        return reputation
 
     def _history(self, ext: Extracted, msg: Inbound, names: Sequence[str]) -> HistoryLookup | None:
         """What the correspondence history knows of this sender (on the loop, which owns it)."""

@@ -339,7 +339,10 @@ class Gateway:
             store,
             self.metrics,
             self._store_executor,
-            build_sender_auth(config.auth, srv.hostname, resolver, config.policy.internal_networks),
+            build_sender_auth(
+                config.auth, srv.hostname, resolver, config.policy.internal_networks, config.reputation,
+                config.policy.protected_domains,
+            ),
             self.history,
         )
         self.milter = MilterActor(self.processor, srv.milter_quarantine)

@@ -36,6 +36,10 @@ Precedence (the order of `RULES`), and why:
    model only: an allowed vendor whose account is taken over still meets the BEC rules above. A sender
    or domain entry is not applied when the From domain's own DMARC (p=quarantine / reject) disowns the
    message: the entry trusted a claim its owner denies.
+   DNS blocklists (`reputation.py`, [reputation] zones): a listed client address, sender domain or
+   link domain -> the zone's verdict and action, or the spam ladder's when that is stricter. After the
+   allow lists, so an admin can vouch for a sender a list names by mistake; a lookup that failed or that
+   the list refused is no evidence.
 5. Bulk senders (`bulk.py`): an unsubscribe offer plus Feedback-ID, Precedence: bulk or an aligned DKIM
    signature (`MessageSummary.bulk_evidence`) -> bulk, `policy.bulk.action` (accept by default), where
    the model would accept the message (both ladders silent): a category, never a softened tag. After the
@@ -94,6 +98,7 @@ from milter.policy.history import (
     history_reply_to_unseen,
 )
 from milter.policy.learned import learned_sender
+from milter.policy.reputation import blocklisted
 from milter.policy.rules import (
     allow_domain,
     allow_ip,
@@ -150,6 +155,7 @@ RULES: tuple[Rule, ...] = (
     allow_sender,
     allow_domain,
     allow_ip,
+    blocklisted,
     bulk_sender,
     spam_score,
     history_display_name_new_address,
