@@ -344,6 +344,9 @@ nameservers = ["127.0.0.1:{dns}"]
 timeout = 2.0
 [policy]
 internal_networks = []
+[[reputation.zone]]
+name = "dbl.test"
+kind = "domain"
 """
 
 
@@ -406,6 +409,7 @@ def test_serve_and_scan_contact_only_what_the_configuration_names(
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert len(rows) == len(FIXTURES) + 1 and all("auth" in r for r in rows), rows
     assert dns.queries, "no sender-authentication lookup reached the configured DNS server"
+    assert any(q.endswith(".dbl.test") for q in dns.queries), "no blocklist lookup reached it"
 
     for name, w in (("milter serve", serve_w), ("milter scan", scan_w)):
         found = w.contacts()

@@ -191,7 +191,8 @@ def subjects(
     return tuple(out)
 
 
-def _asks(zone: Zone, subject: Subject) -> bool:
+def asks(zone: Zone, subject: Subject) -> bool:
+    """Whether `zone` lists things of `subject`'s kind (an IP zone addresses; a domain zone its sources)."""
     if zone.kind == "ip":
         return subject.source == "ip"
     return subject.source in zone.sources
@@ -204,7 +205,7 @@ async def look_up(
     """Every (zone, subject) pair the zones ask about, concurrently, within `timeout` seconds; a name two
     zones share (one list configured twice, for two sets of codes) is asked once. Never raises for DNS."""
     pairs = [
-        (z, s, name) for z in zones for s in targets if _asks(z, s) and (name := query_name(s.value, z.name))
+        (z, s, name) for z in zones for s in targets if asks(z, s) and (name := query_name(s.value, z.name))
     ]
     if not pairs:
         return Reputation()
