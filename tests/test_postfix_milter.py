@@ -25,6 +25,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from auth_support import FakeDns, dns_in_thread
 from postfix import DOMAIN, Postfix, free_port, running_postfix, skip_reason
 from serve_support import REPO, ServeProcess, milter_command
 
@@ -70,6 +71,7 @@ class MilterGateway(ServeProcess):
     workers: int = 1
     extra_config: str = ""
     socket_path: Path | None = None  # listen on this unix socket instead of the port
+    policy: str = POLICY  # the [policy] and [auth] tables (a test may replace them)
 
     @property
     def address(self) -> str:
@@ -79,7 +81,7 @@ class MilterGateway(ServeProcess):
         args = ["--listen", "off", "--milter-listen", self.address,
                 "--downstream", f"127.0.0.1:{downstream_port}", "--db", self.db_url,
                 "--workers", str(self.workers), "--metrics-listen", "off"]
-        self.launch(self.extra_config + POLICY, args,
+        self.launch(self.extra_config + self.policy, args,
                     lambda: "listening" in self.output and _accepts(self.port, self.socket_path), timeout)
 
 
@@ -245,6 +247,38 @@ def test_spam_is_held_in_our_quarantine_and_a_release_delivers_the_same_bytes(
     # what the client sent (Maildir stores LF line endings).
     assert raw.endswith(b"\n" + sent.replace(b"\r\n", b"\n"))
     assert b"X-Milter-Verdict: ham (forged by the sender)" in raw  # untouched: the stored bytes
+
+
+def test_a_client_address_the_blocklist_lists_is_held_by_its_milter_macros(tmp_path: Path) -> None:
+    """[reputation]: the address asked is the client's as Postfix's milter macros give it ({client_addr}),
+    not the gateway's peer; the listed client's mail is held, the same mail from a clean one delivered."""
+    dns = FakeDns(typed={("2.0.0.127.zen.test", "A"): ["127.0.0.2"]})
+    with dns_in_thread(dns) as dns_port:
+        lists = (f'[auth]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+                 '[[reputation.zone]]\nname = "zen.test"\nkind = "ip"\naction = "quarantine"\n'
+                 'codes = { "127.0.0.2" = "SBL" }\n')
+        policy_text = POLICY.replace("[policy]\n", "[policy]\ninternal_networks = []\n", 1)
+        gw = MilterGateway(workdir=tmp_path, port=free_port(), db_url=f"sqlite:///{tmp_path / 'milter.db'}",
+                           policy=policy_text.replace("[auth]\nenabled = false\n", lists))
+        try:
+            with _postfix(gw.port) as pf:
+                gw.start(pf.reinject_port)
+                held = _message("From a listed client")
+                pf.send(held, source_addr=CLIENT_ADDR)
+                pf.wait_for_log(r"milter-discard: END-OF-MESSAGE from \S+: milter triggers DISCARD action")
+                ((row_id, message_id),) = _quarantined(gw.db_url, 1)
+                clean = _message("From a clean client")
+                pf.send(clean, source_addr="127.0.0.3")
+                (raw,) = pf.wait_for_mail(1)
+        finally:
+            gw.stop()
+    assert message_id == held["Message-ID"]
+    assert message_from_bytes(raw, policy=policy.default)["Message-ID"] == clean["Message-ID"]
+    with Store.open(gw.db_url) as store:
+        row = store.get(row_id)
+    assert row is not None and row.verdict == "spam"
+    assert row.reasons[0] == "client address 127.0.0.2 listed in zen.test (127.0.0.2: SBL)"
+    assert dns.count("2.0.0.127.zen.test", "A") == 1 and dns.count("3.0.0.127.zen.test", "A") == 1
 
 
 def test_hold_mode_leaves_the_message_in_postfix_hold_queue_with_our_reason(gateway: MilterGateway) -> None:
