@@ -128,6 +128,9 @@ class PolicyConfig:
     learned_sender_labels: int = DEFAULT_LEARNED_SENDER_LABELS
     bulk: BulkConfig = field(default_factory=BulkConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    # Mail from a From domain on an often-abused TLD (.shop, .xyz, ...) is tagged as spam once the model
+    # scores it at least this much as not-ham (milter.policy.abused_tld); None (false in TOML): off.
+    abused_tld_tag: float | None = 0.5
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,14 @@ def _thresholds(key: str, raw: Any) -> ClassThresholds:
     return ClassThresholds(**out)
 
 
+def _score_or_off(key: str, value: Any) -> float | None:
+    if value is False:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ConfigError(key, f"must be a number between 0 and 1 or false, got {value!r}")
+    return float(value)
+
+
 def _table(key: str, raw: Any) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
         raise ConfigError(key, "must be a table")
@@ -331,8 +342,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
-    flat = {k: v for k, v in raw.items() if k not in ("spam", "bec", "domain", "lists", "bulk", "history")}
+    nested = ("spam", "bec", "domain", "lists", "bulk", "history", "abused_tld_tag")
+    flat = {k: v for k, v in raw.items() if k not in nested}
     pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)
+    if "abused_tld_tag" in raw:
+        pol = replace(pol, abused_tld_tag=_score_or_off("policy.abused_tld_tag", raw["abused_tld_tag"]))
     if pol.on_error not in ("tempfail", "accept"):
         raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
     _check_networks("policy.internal_networks", pol.internal_networks)

@@ -40,6 +40,9 @@ Precedence (the order of `RULES`), and why:
    link domain -> the zone's verdict and action, or the spam ladder's when that is stricter. After the
    allow lists, so an admin can vouch for a sender a list names by mistake; a lookup that failed or that
    the list refused is no evidence.
+   Abused TLDs (`abused_tld.py`): a From domain on an often-abused TLD (.shop, .xyz, ...) whose message
+   the model scores at least `policy.abused_tld_tag` as not-ham -> spam, tag (the ladder's action when
+   stricter). Before the bulk rule, so such a sender's unsubscribe header does not make it bulk.
 5. Bulk senders (`bulk.py`): an unsubscribe offer plus Feedback-ID, Precedence: bulk or an aligned DKIM
    signature (`MessageSummary.bulk_evidence`) -> bulk, `policy.bulk.action` (accept by default), where
    the model would accept the message (both ladders silent): a category, never a softened tag. After the
@@ -86,6 +89,7 @@ from milter.config import BULK_ACTIONS, HISTORY_SIGNALS, ClassThresholds, Domain
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
+from milter.policy.abused_tld import abused_tld_sender
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.bulk import bulk_sender
 from milter.policy.dmarc import dmarc_fail, spoofed_protected_domain
@@ -156,6 +160,7 @@ RULES: tuple[Rule, ...] = (
     allow_domain,
     allow_ip,
     blocklisted,
+    abused_tld_sender,
     bulk_sender,
     spam_score,
     history_display_name_new_address,
@@ -243,9 +248,13 @@ class Policy:
         bec = config.bec or _metadata_thresholds("bec", model_thresholds.get("bec"))
         bulk = _bulk_action("policy.bulk.action", config.bulk.action) if config.bulk.enabled else None
         self.default_rules = RuleSet(
-            spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec), bulk_action=bulk
+            spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec), bulk_action=bulk,
+            abused_tld_tag=config.abused_tld_tag,
         )
-        self.domain_rules = tuple(self._domain_rules(r, spam, bec, bulk) for r in config.domains)
+        self.domain_rules = tuple(
+            replace(self._domain_rules(r, spam, bec, bulk), abused_tld_tag=config.abused_tld_tag)
+            for r in config.domains
+        )
         raw = config.lists
         self.lists = Lists(
             allow_senders=frozenset(normalised(raw.allow_senders)),

@@ -71,6 +71,7 @@ class RuleSet:
     action_override: Action | None = None
     domain: str | None = None  # the DomainRule's domain; None for the global set
     bulk_action: Action | None = None  # what the bulk rule does (milter.policy.bulk); None: it is off
+    abused_tld_tag: float | None = None  # policy.abused_tld_tag (milter.policy.abused_tld); None: off
 
 
 @dataclass(frozen=True)
