@@ -15,20 +15,18 @@ same deadline, when the caller knows the client; otherwise a trusted upstream re
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import partial
 
 from milter.auth.arc import ArcResult, verify_arc
 from milter.auth.dkim import DkimResult, verify_signatures
 from milter.auth.dmarc import DmarcResult, evaluate_dmarc
-from milter.auth.dns import Answers, Resolver, TxtAnswer, TxtResolver
+from milter.auth.dns import Answers, Resolver, TxtResolver, deadline_seconds, lookup_all
 from milter.auth.message import AuthPlan, plan
 from milter.auth.results import AuthResults
 from milter.auth.spf import SpfResult, trusted_spf_from_headers
 from milter.auth.spf_check import check_spf
-
-_MAX_TIMEOUT = 3600.0
 
 __all__ = [
     "Evidence", "SpfClient", "authenticate", "evaluate", "evaluate_evidence", "fetch", "gather", "plan",
@@ -67,36 +65,7 @@ async def fetch(plan: AuthPlan, resolver: TxtResolver, timeout: float) -> Answer
     names = plan.names
     if not names:
         return Answers()
-    tasks = {name: asyncio.ensure_future(_lookup(resolver, name)) for name in names}
-    try:
-        await asyncio.wait(tasks.values(), timeout=_clamp(timeout))
-    finally:
-        for task in tasks.values():
-            if not task.done():
-                task.cancel()
-    return Answers.of({name: _outcome(task) for name, task in tasks.items()})
-
-
-async def _lookup(resolver: TxtResolver, name: str) -> TxtAnswer:
-    answer = await resolver.txt(name)
-    return answer if isinstance(answer, TxtAnswer) else TxtAnswer.temperror("resolver returned junk")
-
-
-def _outcome(task: asyncio.Future[TxtAnswer]) -> TxtAnswer:
-    if not task.done():
-        return TxtAnswer.temperror("timeout")
-    if task.cancelled():
-        return TxtAnswer.temperror("cancelled")
-    error = task.exception()
-    return task.result() if error is None else TxtAnswer.temperror(f"resolver error: {type(error).__name__}")
-
-
-def _clamp(timeout: float) -> float:
-    try:
-        value = float(timeout)
-    except (TypeError, ValueError):
-        return 0.0
-    return 0.0 if math.isnan(value) or value <= 0 else min(value, _MAX_TIMEOUT)
+    return Answers.of(await lookup_all({name: partial(resolver.txt, name) for name in names}, timeout))
 
 
 def evaluate(
@@ -151,7 +120,7 @@ async def gather(
     answers = await fetch(the_plan, resolver, timeout)
     spf = None
     if spf_task is not None:
-        left = _clamp(timeout) - (asyncio.get_running_loop().time() - started)
+        left = deadline_seconds(timeout) - (asyncio.get_running_loop().time() - started)
         spf = await _spf_within(spf_task, left)
     return Evidence(the_plan, answers, tuple(trusted_authserv_ids), spf, tuple(trusted_arc_sealers))
 

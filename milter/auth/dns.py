@@ -16,9 +16,10 @@ process where the CPU-bound verification runs, so it holds plain strings only.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
@@ -74,6 +75,50 @@ class TxtAnswer:
     @classmethod
     def temperror(cls, reason: str = "") -> TxtAnswer:
         return cls("temperror", (), 0.0, reason)
+
+
+#: The longest deadline a caller may ask of `lookup_all` (a typo of 1e9 seconds must not hold a message).
+MAX_DEADLINE = 3600.0
+
+
+def deadline_seconds(timeout: float) -> float:
+    """`timeout` as a usable deadline: 0 for anything not a positive number, at most MAX_DEADLINE."""
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(value) or value <= 0 else min(value, MAX_DEADLINE)
+
+
+# ASYNC109: one deadline over the whole fan-out, expiry giving temperror answers instead of raising,
+# which a caller's asyncio.timeout cannot do.
+async def lookup_all(
+    lookups: Mapping[str, Callable[[], Awaitable[TxtAnswer]]], timeout: float  # noqa: ASYNC109
+) -> dict[str, TxtAnswer]:
+    """Run every lookup concurrently, all within `timeout` seconds; every key gets an answer. Lookups
+    still running at the deadline are cancelled and answer temperror, as do lookups that raise or return
+    something that is not a TxtAnswer. Cancelling this call propagates (after cancelling its lookups)."""
+    tasks = {key: asyncio.ensure_future(call()) for key, call in lookups.items()}
+    if not tasks:
+        return {}
+    try:
+        await asyncio.wait(tasks.values(), timeout=deadline_seconds(timeout))
+    finally:
+        for task in tasks.values():
+            if not task.done():
+                task.cancel()
+    return {key: _settled(task) for key, task in tasks.items()}
+
+
+def _settled(task: asyncio.Future[TxtAnswer]) -> TxtAnswer:
+    if not task.done():
+        return TxtAnswer.temperror("timeout")
+    if task.cancelled():
+        return TxtAnswer.temperror("cancelled")
+    if (error := task.exception()) is not None:
+        return TxtAnswer.temperror(f"resolver error: {type(error).__name__}")
+    answer = task.result()
+    return answer if isinstance(answer, TxtAnswer) else TxtAnswer.temperror("resolver returned junk")
 
 
 class TxtResolver(Protocol):

@@ -28,15 +28,13 @@ The module is pure except `look_up`, which does the queries (on the event loop, 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from types import MappingProxyType
 
-from milter.auth.dns import Resolver, TxtAnswer, normalise_name
+from milter.auth.dns import Resolver, TxtAnswer, lookup_all, normalise_name
 from milter.types import Action, Verdict
 
 #: What a domain zone may be asked about: the sender's domains (From, envelope sender, Reply-To) and the
@@ -51,7 +49,6 @@ DEFAULT_REFUSALS = ("127.255.255.0/24", "127.0.0.1/32")
 #: but a spam of a hundred throwaway domains must not make a hundred queries per zone.
 MAX_LINK_DOMAINS = 10
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
-_MAX_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -209,39 +206,13 @@ async def look_up(
     ]
     if not pairs:
         return Reputation()
-    names = dict.fromkeys(name for _, _, name in pairs)
-    tasks = {name: asyncio.ensure_future(resolver.query(name, "A")) for name in names}
-    try:
-        await asyncio.wait(tasks.values(), timeout=_clamp(timeout))
-    finally:
-        for task in tasks.values():
-            if not task.done():
-                task.cancel()
+    answers = await lookup_all({name: partial(resolver.query, name, "A") for _, _, name in pairs}, timeout)
     results: list[ZoneResult] = []
     listings: list[Listing] = []
     for zone, subject, name in pairs:
-        result, listing = read_answer(zone, subject, _outcome(tasks[name]))
+        result, listing = read_answer(zone, subject, answers[name])
         results.append(result)
         if listing is not None:
             listings.append(listing)
     return Reputation(tuple(listings), tuple(results))
 
-
-def _outcome(task: asyncio.Future[TxtAnswer]) -> TxtAnswer:
-    if not task.done():
-        return TxtAnswer.temperror("timeout")
-    if task.cancelled():
-        return TxtAnswer.temperror("cancelled")
-    error = task.exception()
-    if error is not None:
-        return TxtAnswer.temperror(f"resolver error: {type(error).__name__}")
-    answer = task.result()
-    return answer if isinstance(answer, TxtAnswer) else TxtAnswer.temperror("resolver returned junk")
-
-
-def _clamp(timeout: float) -> float:
-    try:
-        value = float(timeout)
-    except (TypeError, ValueError):
-        return 0.0
-    return 0.0 if math.isnan(value) or value <= 0 else min(value, _MAX_TIMEOUT)
