@@ -62,6 +62,11 @@ def test_an_allow_list_entry_and_the_setting_turn_it_off() -> None:
     assert decide("fipie.shop", Scores(ham=0.25, spam=0.7, bec=0.05), stricter)[:2] == ("spam", "tag")
 
 
+def test_our_own_domain_on_such_a_tld_is_not_judged_by_it() -> None:
+    ours = PolicyConfig(protected_domains=("fipie.shop",))
+    assert decide("fipie.shop", LEANS, ours)[:2] == ("ham", "accept")
+
+
 def test_an_unsubscribe_header_does_not_make_it_bulk() -> None:
     evidence = ("one-click unsubscribe (RFC 8058)", "DKIM signature of fipie.shop")
     assert decide("fipie.com", LEANS, bulk_evidence=evidence)[:2] == ("bulk", "accept")
