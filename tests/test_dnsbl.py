@@ -11,6 +11,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from auth_support import FakeDns, with_server
+from hypothesis import given
+from hypothesis import strategies as st
 
 from milter.auth import DnsResolver, TxtAnswer
 from milter.auth.dnsbl import (
@@ -109,6 +111,20 @@ def test_codes_not_configured_do_not_list() -> None:
 def test_no_answer_is_no_listing(answer: TxtAnswer, result: str) -> None:
     got, listing = read_answer(DBL, SHOP, answer)
     assert listing is None and got.result == result
+
+
+@given(st.text(max_size=300), st.lists(st.text(max_size=40), max_size=4))
+def test_hostile_names_and_answers_never_raise_and_never_list_outside_127(
+    subject: str, records: list[str]
+) -> None:
+    """Whatever a message or a resolver hands over: a name for the zone or none, and a listing only for
+    an answer in 127.0.0.0/8 that is no refusal."""
+    name = query_name(subject, "dbl.test")
+    assert name is None or (name.endswith(".dbl.test") and name == name.lower())
+    _, listing = read_answer(ANY, Subject(subject, "link domain", "links"), TxtAnswer.found(records))
+    if listing is not None:
+        assert all(r.startswith("127.") and r != "127.0.0.1" and not r.startswith("127.255.255.")
+                   for r in records)
 
 
 def test_subjects_dedupe_and_cap_the_link_domains() -> None:
