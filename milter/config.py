@@ -478,6 +478,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cfg = replace(cfg, reputation=_reputation(_table("reputation", raw["reputation"])))
         if cfg.reputation.zones and not cfg.auth.enabled:
             raise ConfigError("reputation.zone", "needs auth.enabled = true (its resolver asks the lists)")
+    dns_wait = cfg.auth.timeout + cfg.reputation.timeout
+    if cfg.reputation.zones and cfg.server.scan_timeout and dns_wait >= cfg.server.scan_timeout:
+        raise ConfigError(
+            "reputation.timeout",
+            f"auth.timeout + reputation.timeout ({dns_wait:g} s) must stay under server.scan_timeout "
+            f"({cfg.server.scan_timeout:g} s), or a DNS outage would fail every scan",
+        )
     return cfg
 
 

@@ -344,3 +344,14 @@ def test_zones_need_the_auth_resolver() -> None:
     with pytest.raises(ConfigError) as bad:
         parse_config({"reputation": {"timeout": 0}})
     assert bad.value.key == "reputation.timeout"
+
+
+def test_the_dns_deadlines_must_fit_in_the_scan_timeout() -> None:
+    zone = {"name": "zen.spamhaus.org", "kind": "ip"}
+    raw = {"server": {"scan_timeout": 5.0}, "auth": {"timeout": 2.0},
+           "reputation": {"timeout": 3.0, "zone": [zone]}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.key == "reputation.timeout" and "server.scan_timeout" in err.value.problem
+    assert parse_config({**raw, "reputation": {"timeout": 2.5, "zone": [zone]}}).reputation.timeout == 2.5
+    assert parse_config({**raw, "server": {"scan_timeout": 0.0}}).reputation.zones  # 0: no scan limit
