@@ -247,6 +247,8 @@ class ZoneConfig:
     codes: tuple[tuple[str, str], ...] = ()
     sources: tuple[str, ...] = ("sender", "links")  # domain zones: the sender's domains, the links'
     refusals: tuple[str, ...] = ("127.255.255.0/24", "127.0.0.1/32")  # answers that mean "refused"
+    # a listing acts only when the model scores the message at least this much as not-ham (0: always)
+    min_score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -532,6 +534,8 @@ def _zone(key: str, raw: Any) -> ZoneConfig:
         if not _is_ip(code) or ipaddress.ip_address(code) not in ipaddress.ip_network("127.0.0.0/8"):
             raise ConfigError(f"{key}.codes", f"{code!r} is not a list answer (an address in 127.0.0.0/8)")
     _check_networks(f"{key}.refusals", zone.refusals)
+    if not 0.0 <= zone.min_score <= 1.0:
+        raise ConfigError(f"{key}.min_score", f"must be a number between 0 and 1, got {zone.min_score!r}")
     return replace(zone, name=name, codes=tuple(sorted(codes.items())))
 
 

@@ -248,7 +248,8 @@ SPAM = Scores(ham=0.02, spam=0.90, bec=0.08)
 
 
 def listing(zone: Zone = DBL, subject: str = "landyselect.com", role: str = "From domain") -> Listing:
-    return Listing(zone.name, subject, role, "127.0.1.2", "spam domain", zone.verdict, zone.action)
+    return Listing(zone.name, subject, role, "127.0.1.2", "spam domain", zone.verdict, zone.action,
+                   zone.min_score)
 
 
 def decide(listings: tuple[Listing, ...], scores: Scores = HAM, config: PolicyConfig | None = None,
@@ -280,6 +281,21 @@ def test_the_strictest_listing_decides_and_the_reason_is_bounded() -> None:
     _, action, reasons = decide((*links, zen))
     assert action == "quarantine" and reasons[0].startswith("client address 192.0.2.99 listed in zen")
     assert reasons[0].endswith("; 3 more listed")
+
+
+def test_a_zone_with_a_min_score_acts_only_where_the_model_leans_to_spam() -> None:
+    broad = Zone("dnsbl-2.example", "ip", Action.TAG, min_score=0.5)
+    _, listed = read_answer(broad, CLIENT, TxtAnswer.found(["127.0.0.2"]))
+    assert listed is not None and listed.min_score == 0.5
+    assert decide((listed,))[:2] == ("ham", "accept")  # not-ham 0.03
+    leaning = Scores(ham=0.45, spam=0.5, bec=0.05)
+    verdict, action, reasons = decide((listed,), leaning)
+    assert (verdict, action) == ("spam", "tag") and reasons[0].startswith("client address 192.0.2.99")
+    # a listing of another zone without a minimum still decides alone
+    assert decide((listed, listing()))[:2] == ("spam", "tag")
+    zone = {"name": "dnsbl-2.example", "kind": "ip", "min_score": 0.5}
+    cfg = parse_config({"reputation": {"zone": [zone]}})
+    assert cfg.reputation.zones[0].min_score == 0.5
 
 
 def test_a_bec_zone_gives_a_bec_verdict() -> None:
@@ -328,6 +344,7 @@ def test_zones_are_read_from_the_config() -> None:
          "reputation.zone[0].sources[0]"),
         ({"name": "zen.spamhaus.org", "kind": "ip", "refusals": ["nope"]}, "reputation.zone[0].refusals[0]"),
         ({"name": "zen.spamhaus.org", "kind": "ip", "weight": 3}, "reputation.zone[0].weight"),
+        ({"name": "zen.spamhaus.org", "kind": "ip", "min_score": 1.5}, "reputation.zone[0].min_score"),
     ],
 )
 def test_a_broken_zone_names_its_key(zone: dict[str, object], key: str) -> None:

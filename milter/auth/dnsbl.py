@@ -63,6 +63,9 @@ class Zone:
     codes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     sources: tuple[str, ...] = DOMAIN_SOURCES  # domain zones: what is looked up
     refusals: tuple[str, ...] = DEFAULT_REFUSALS
+    # a listing acts only when the model's not-ham score reaches this (0: always), for lists too broad to
+    # decide alone (dynamic-address lists, "level 2" lists of whole networks)
+    min_score: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codes", MappingProxyType(dict(self.codes)))
@@ -95,6 +98,7 @@ class Listing:
     meaning: str  # the zone's word for the code, "" when it has none
     verdict: Verdict
     action: Action
+    min_score: float = 0.0  # the zone's: the listing acts only from this not-ham score
 
     @property
     def reason(self) -> str:
@@ -159,7 +163,7 @@ def read_answer(zone: Zone, subject: Subject, answer: TxtAnswer) -> tuple[ZoneRe
         return ZoneResult(zone.name, query, "clean", unlisted), None
     code = min(listed, key=ipaddress.IPv4Address)
     listing = Listing(zone.name, subject.value, subject.role, code, zone.codes.get(code, ""),
-                      zone.verdict, zone.action)
+                      zone.verdict, zone.action, zone.min_score)
     return ZoneResult(zone.name, query, "listed", code), listing
 
 

@@ -38,6 +38,7 @@ def zone_of(config: ZoneConfig) -> Zone:
     return Zone(
         name=config.name, kind=config.kind, action=Action(config.action), verdict=Verdict(config.verdict),
         codes=dict(config.codes), sources=config.sources, refusals=config.refusals,
+        min_score=config.min_score,
     )
 
 

@@ -6,8 +6,10 @@ documented false positives are shared hosting and abused legitimate domains); af
 the BEC ladder, which decide first with their own verdict. Before the bulk rule, so a listed newsletter
 is not accepted as bulk for its headers, and before the spam ladder, which it never softens: when the
 model alone would act more strictly than the zone (quarantine against a zone's tag), the stricter
-action stands, with the listing as the reason. Only listings count: a refused, timed-out or failed
-lookup is no evidence (the gateway counts and logs those), so a DNS outage changes no decision.
+action stands, with the listing as the reason. A zone's `min_score` makes its listings count only
+where the model's not-ham score reaches it (for lists too broad to decide alone). Only listings
+count: a refused, timed-out or failed lookup is no evidence (the gateway counts and logs those), so a
+DNS outage changes no decision.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ MAX_QUOTED = 3
 
 def blocklisted(ctx: Context) -> Hit | None:
     reputation = ctx.summary.reputation
-    if reputation is None or not reputation.listings:
+    score = ctx.scores.spam + ctx.scores.bec
+    listings = tuple(x for x in reputation.listings if score >= x.min_score) if reputation else ()
+    if not listings:
         return None
-    listings = reputation.listings
     strongest = max(listings, key=lambda listing: SEVERITY[listing.action])  # the first on ties
     action = strongest.action
-    model = ctx.rules.spam.step(ctx.scores.spam + ctx.scores.bec)
+    model = ctx.rules.spam.step(score)
     if model is not None and SEVERITY[model[0]] > SEVERITY[action]:
         action = model[0]
     quoted = [strongest, *(listing for listing in listings if listing is not strongest)][:MAX_QUOTED]
