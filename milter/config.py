@@ -258,6 +258,10 @@ class ReputationConfig:
     zones: tuple[ZoneConfig, ...] = ()  # none: nothing is asked
     # One deadline for all of a message's blocklist lookups; past it they are errors, never listings.
     timeout: float = 1.0
+    # Domains never asked of the domain lists (besides our protected domains and the free-mail
+    # providers, which are never asked): large senders no list names, as SpamAssassin's
+    # uridnsbl_skip_domain; each saves a query per message that carries it.
+    skip_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -497,12 +501,14 @@ ZONE_SOURCES = ("sender", "links")
 
 
 def _reputation(raw: Mapping[str, Any]) -> ReputationConfig:
-    unknown = set(raw) - {"zone", "timeout"}
+    unknown = set(raw) - {"zone", "timeout", "skip_domains"}
     if unknown:
-        raise ConfigError(f"reputation.{sorted(unknown)[0]}", "unknown key (known: timeout, zone)")
+        known = "skip_domains, timeout, zone"
+        raise ConfigError(f"reputation.{sorted(unknown)[0]}", f"unknown key (known: {known})")
     rep: ReputationConfig = _simple(
-        ReputationConfig, "reputation", {k: v for k, v in raw.items() if k == "timeout"}, ReputationConfig()
+        ReputationConfig, "reputation", {k: v for k, v in raw.items() if k != "zone"}, ReputationConfig()
     )
+    rep = replace(rep, skip_domains=tuple(d.strip().rstrip(".").lower() for d in rep.skip_domains))
     if rep.timeout <= 0:
         raise ConfigError("reputation.timeout", f"must be more than 0 seconds, got {rep.timeout!r}")
     zones = raw.get("zone", [])

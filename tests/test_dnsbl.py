@@ -231,6 +231,17 @@ def test_the_gateway_asks_outside_clients_and_never_our_own_domains() -> None:
     assert "client address" not in [s.role for s in lists.targets(summary(), local)]
 
 
+def test_free_mail_and_skipped_domains_are_never_asked() -> None:
+    lists = Blocklists(object(), [DBL], 0.5, skip_domains=("Google.com",))  # type: ignore[arg-type]
+    s = summary(from_org_domain="gmail.com", reply_to_domain="hotmail.co.uk",
+                link_domains=("docs.google.com", "google.com", "notgoogle.com", "trk.example"))
+    got = [(t.role, t.value) for t in lists.targets(s, Envelope(mail_from="<x@ymail.com>"))]
+    assert got == [("link domain", "notgoogle.com"), ("link domain", "trk.example")]
+    assert lists.skipped("mail.GMAIL.com") and not lists.skipped("gmail.com.evil.example")
+    cfg = parse_config({"reputation": {"skip_domains": ["Example.ORG."]}})
+    assert cfg.reputation.skip_domains == ("example.org",)
+
+
 def test_link_domains_come_from_the_parse() -> None:
     raw = (b"From: a@shop.example\r\nTo: b@corp.test\r\nSubject: x\r\nContent-Type: text/html\r\n\r\n"
            b'<a href="https://www.Click.Example.com/x">a</a> <a href="http://click.example.com/y">b</a> '

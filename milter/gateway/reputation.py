@@ -10,7 +10,9 @@ The client address is asked only for clients from outside (`policy.internal_netw
 SOURCE=LOCAL): our own users' addresses say nothing, and a dynamic-address list (Spamhaus PBL) lists
 most of them by design. Sender domains are the From, envelope sender and Reply-To registrable domains,
 less our protected domains (a list naming our own domain would hold all our mail; that is an incident
-for a person, not a filter decision).
+for a person, not a filter decision). Neither they nor the link domains are asked when they are a
+free-mail provider's (no domain list names gmail.com; asking costs a query per message) or in
+`reputation.skip_domains`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections.abc import Sequence
 from milter.auth import Resolver
 from milter.auth.dnsbl import Reputation, Subject, Zone, look_up, subjects
 from milter.config import ReputationConfig, ZoneConfig
-from milter.features.domains import in_domain, registrable
+from milter.features.domains import registrable
+from milter.features.lexicon import FREEMAIL
 from milter.features.summary import MessageSummary
 from milter.gateway.logfmt import kv
 from milter.policy.table import IPNetwork, is_internal, parse_client
@@ -50,12 +53,15 @@ class Blocklists:
         timeout: float,
         internal: Sequence[IPNetwork] = (),
         protected_domains: Sequence[str] = (),
+        skip_domains: Sequence[str] = (),
     ) -> None:
         self.resolver = resolver
         self.zones = tuple(zones)
         self.timeout = timeout
         self.internal = tuple(internal)
         self.protected_domains = tuple(d.lower() for d in protected_domains)
+        # never asked: ours, the free-mail providers (no domain list names them), the admin's skip list
+        self.unasked = frozenset((*self.protected_domains, *FREEMAIL, *(d.lower() for d in skip_domains)))
         self._refusal_logged: dict[str, float] = {}  # zone -> when its refusal was last logged
 
     def targets(self, summary: MessageSummary, envelope: Envelope) -> tuple[Subject, ...]:
@@ -70,9 +76,15 @@ class Blocklists:
                 ("envelope sender domain", envelope_domain),
                 ("Reply-To domain", summary.reply_to_domain),
             )
-            if domain and in_domain(domain, self.protected_domains) is None
+            if domain and not self.skipped(domain)
         ]
-        return subjects(client, senders, summary.link_domains)
+        links = [d for d in summary.link_domains if not self.skipped(d)]
+        return subjects(client, senders, links)
+
+    def skipped(self, domain: str) -> bool:
+        """`domain` is, or is under, a domain never asked (a set lookup per label, not a scan)."""
+        labels = domain.lower().split(".")
+        return any(".".join(labels[i:]) in self.unasked for i in range(len(labels)))
 
     async def check(self, summary: MessageSummary, envelope: Envelope, msg_id: str) -> Reputation | None:
         """The lists' answers for one message; None (and a log line) if asking itself broke, so a bug
@@ -114,4 +126,4 @@ def build_blocklists(
     zones = tuple(zone_of(z) for z in config.zones)
     log.info(kv("dnsbl", zones=",".join(f"{z.name}:{z.kind}:{z.action.value}" for z in zones),
                 timeout=config.timeout))
-    return Blocklists(resolver, zones, config.timeout, internal, protected_domains)
+    return Blocklists(resolver, zones, config.timeout, internal, protected_domains, config.skip_domains)
