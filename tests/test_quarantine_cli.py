@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,28 @@ def test_list_sender_filter(addressed: tuple[str, dict[str, int]]) -> None:
     assert _listed(url, "--sender", "nobody@example.com") == []
     both = _listed(url, "--sender", "news@example.net", "--recipient", "dave_x@example.org", "--limit", "1")
     assert both == [ids["b"]]
+
+
+def test_list_reason_filter(url: str) -> None:
+    """--reason: what one blocklist (or any rule) held, to audit it; any case, '_' and '%' literal."""
+    reasons = {
+        "dbl": ("From domain shop.example listed in dbl.spamhaus.org (127.0.1.2: spam domain)",),
+        "zen": ("spam score 0.99", "client address 192.0.2.7 listed in zen.spamhaus.org (127.0.0.2: SBL)"),
+        "tld": ("sender domain fipie.shop is on an often-abused TLD (.shop) and scores 0.60 as spam",),
+        "pct": ("spam score 0.91", "100% off_today"),
+    }
+    ids: dict[str, int] = {}
+    with Store.open(url) as s:
+        for hours, (key, why) in enumerate(reasons.items()):
+            ids[key] = s.record(replace(make_result(), reasons=why), Envelope(rcpt_tos=("bob@example.org",)),
+                                RAW, "d", received_at=datetime.now(UTC) - timedelta(hours=10 - hours))
+    assert _listed(url, "--reason", "DBL.Spamhaus.org") == [ids["dbl"]]
+    assert _listed(url, "--reason", "zen.spamhaus.org") == [ids["zen"]]  # a later reason counts too
+    assert set(_listed(url, "--reason", "spamhaus.org")) == {ids["dbl"], ids["zen"]}
+    assert _listed(url, "--reason", "often-abused TLD", "--verdict", "spam") == [ids["tld"]]
+    assert _listed(url, "--reason", "0% off_") == [ids["pct"]]
+    assert _listed(url, "--reason", "1%0") == [] and _listed(url, "--reason", "off_t_day") == []
+    assert _listed(url, "--reason", "surbl") == []
 
 
 # -- release ---------------------------------------------------------------------------------------

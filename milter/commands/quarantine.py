@@ -102,6 +102,8 @@ def quarantine() -> None:
 @click.option("--offset", type=click.IntRange(min=0), default=0)
 @click.option("--recipient", metavar="ADDR", help="Only messages with ADDR among the envelope recipients.")
 @click.option("--sender", metavar="ADDR", help="Only messages whose envelope sender or From is ADDR.")
+@click.option("--reason", metavar="TEXT",
+              help="Only messages with a reason containing TEXT (e.g. a blocklist's zone), any case.")
 @click.option("--all", "include_deleted", is_flag=True, help="Include deleted messages.")
 def list_cmd(
     db_url: str | None,
@@ -113,6 +115,7 @@ def list_cmd(
     offset: int,
     recipient: str | None,
     sender: str | None,
+    reason: str | None,
     include_deleted: bool,
 ) -> None:
     """Quarantined messages, newest first (addresses match whole, case-insensitively)."""
@@ -120,7 +123,8 @@ def list_cmd(
     with _open(db_url, config_path) as store:
         rows = _call(
             lambda: store.quarantine_list(
-                after, verdict, limit, offset, include_deleted, recipient=recipient, sender=sender
+                after, verdict, limit, offset, include_deleted, recipient=recipient, sender=sender,
+                reason=reason,
             )
         )
     if as_json:

@@ -286,11 +286,15 @@ class Store:
         include_deleted: bool = False,
         recipient: str | None = None,
         sender: str | None = None,
+        reason: str | None = None,
     ) -> list[MessageRow]:
         """Quarantined messages, newest first, without their bytes.
 
         `recipient` matches any envelope recipient, `sender` the envelope sender or the From address;
-        both whole addresses, case-insensitive (ASCII letters; see `_recipient_match`).
+        both whole addresses, case-insensitive (ASCII letters; see `_recipient_match`). `reason` is a
+        piece of text any of the message's reasons contains ("dbl.spamhaus.org": what one blocklist
+        held), case-insensitive, `%` and `_` literal; matched in the stored JSON text, so text that JSON
+        escapes (quotes, backslashes, non-ASCII letters) matches as escaped.
         """
         stmt = (
             select(Message, Quarantine)
@@ -312,6 +316,9 @@ class Store:
             wanted = sender.strip().lower()
             stmt = stmt.where(or_(func.lower(Message.mail_from) == wanted,
                                   func.lower(Message.from_addr) == wanted))
+        if reason:
+            text = func.lower(cast(Message.reasons, Text))
+            stmt = stmt.where(text.contains(reason.lower(), autoescape=True))
         with _guard("cannot list quarantine"), self._read() as s:
             return [to_row(m, q) for m, q in s.execute(stmt)]
 
