@@ -40,9 +40,6 @@ from milter.types import Action, Verdict
 #: What a domain zone may be asked about: the sender's domains (From, envelope sender, Reply-To) and the
 #: domains of the message's links.
 DOMAIN_SOURCES = ("sender", "links")
-ZONE_KINDS = ("ip", "domain")
-ZONE_ACTIONS = (Action.TAG, Action.QUARANTINE, Action.REJECT)
-ZONE_VERDICTS = (Verdict.SPAM, Verdict.BEC)
 #: Answers that mean "we refuse to answer you", not "listed" (module docstring).
 DEFAULT_REFUSALS = ("127.255.255.0/24", "127.0.0.1/32")
 #: A message's link domains looked up at most: a page of links to one tracking domain is one lookup,
@@ -139,9 +136,12 @@ def query_name(subject: str, zone: str) -> str | None:
     return ".".join(reversed(ip.exploded.replace(":", ""))) + f".{zone}"
 
 
-def read_answer(zone: Zone, subject: Subject, answer: TxtAnswer) -> tuple[ZoneResult, Listing | None]:
-    """The zone's answer for `subject`, as a result and the listing if there is one (module docstring)."""
-    query = query_name(subject.value, zone.name) or subject.value
+def read_answer(
+    zone: Zone, subject: Subject, answer: TxtAnswer, query: str | None = None
+) -> tuple[ZoneResult, Listing | None]:
+    """The zone's answer for `subject` (asked as `query`, worked out here if not given), as a result and
+    the listing if there is one (module docstring)."""
+    query = query or query_name(subject.value, zone.name) or subject.value
     if answer.status == "none":
         return ZoneResult(zone.name, query, "clean"), None
     if answer.status != "found":
@@ -214,7 +214,7 @@ async def look_up(
     results: list[ZoneResult] = []
     listings: list[Listing] = []
     for zone, subject, name in pairs:
-        result, listing = read_answer(zone, subject, answers[name])
+        result, listing = read_answer(zone, subject, answers[name], name)
         results.append(result)
         if listing is not None:
             listings.append(listing)

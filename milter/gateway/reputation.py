@@ -59,9 +59,8 @@ class Blocklists:
         self.zones = tuple(zones)
         self.timeout = timeout
         self.internal = tuple(internal)
-        self.protected_domains = tuple(d.lower() for d in protected_domains)
         # never asked: ours, the free-mail providers (no domain list names them), the admin's skip list
-        self.unasked = frozenset((*self.protected_domains, *FREEMAIL, *(d.lower() for d in skip_domains)))
+        self.unasked = frozenset(d.lower() for d in (*protected_domains, *FREEMAIL, *skip_domains))
         self._refusal_logged: dict[str, float] = {}  # zone -> when its refusal was last logged
 
     def targets(self, summary: MessageSummary, envelope: Envelope) -> tuple[Subject, ...]:
