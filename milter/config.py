@@ -131,6 +131,12 @@ class PolicyConfig:
     # Mail from a From domain on an often-abused TLD (.shop, .xyz, ...) is tagged as spam once the model
     # scores it at least this much as not-ham (milter.policy.abused_tld); None (false in TOML): off.
     abused_tld_tag: float | None = 0.5
+    # HTML mail with no DKIM signature and no unsubscribe offer is tagged as spam once the model scores it
+    # at least this much as not-ham (milter.policy.unsigned); None (false in TOML): off.
+    unsigned_html_tag: float | None = 0.93
+    # A multipart/digest holding parts that are not messages is tagged as spam once the model scores it at
+    # least this much as not-ham (milter.policy.unsigned); None (false in TOML): off.
+    odd_digest_tag: float | None = 0.5
 
 
 @dataclass(frozen=True)
@@ -348,11 +354,13 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
-    nested = ("spam", "bec", "domain", "lists", "bulk", "history", "abused_tld_tag")
+    lower_cuts = ("abused_tld_tag", "unsigned_html_tag", "odd_digest_tag")
+    nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}
     pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)
-    if "abused_tld_tag" in raw:
-        pol = replace(pol, abused_tld_tag=_score_or_off("policy.abused_tld_tag", raw["abused_tld_tag"]))
+    for key in lower_cuts:  # a score, or false: off
+        if key in raw:
+            pol = replace(pol, **{key: _score_or_off(f"policy.{key}", raw[key])})  # type: ignore[arg-type]
     if pol.on_error not in ("tempfail", "accept"):
         raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
     _check_networks("policy.internal_networks", pol.internal_networks)

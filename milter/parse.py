@@ -88,6 +88,9 @@ class ParsedMessage:
     max_depth: int
     defects: tuple[str, ...]
     raw_size: int  # bytes after the header block, line endings normalised
+    # A multipart/digest holds a part that is no message (RFC 2046 5.1.5: a digest's parts are messages;
+    # spam nests its HTML in one to slip past filters that skip digests). For the policy, not the model.
+    odd_digest: bool = False
 
     def get(self, name: str) -> str | None:
         """First value of a header (case-insensitive), or None."""
@@ -274,6 +277,7 @@ def _from_message(msg: Message, raw_size: int, cuts: tuple[str, ...], limits: Li
     attachments: list[Attachment] = []
     ctypes: list[str] = []
     max_depth = 0
+    odd_digest = False
     # (part, depth, inside an attached message): the text of a message quoted whole (a bounce's copy of
     # what it returns, a forwarded .eml) is not this message's body: a bounce of spam is no spam.
     stack: list[tuple[Message, int, bool]] = [(msg, 0, False)]
@@ -290,6 +294,8 @@ def _from_message(msg: Message, raw_size: int, cuts: tuple[str, ...], limits: Li
             inner = quoted or ctype.startswith("message/")
             if isinstance(payload, list):
                 stack.extend((p, depth + 1, inner) for p in reversed(payload) if isinstance(p, Message))
+                if ctype == "multipart/digest" and not quoted:
+                    odd_digest = odd_digest or any(_not_a_message(p) for p in payload)
         elif quoted:
             _leaf(part, ctype, [], [], attachments, defects)
         else:
@@ -310,7 +316,13 @@ def _from_message(msg: Message, raw_size: int, cuts: tuple[str, ...], limits: Li
         max_depth=max_depth,
         defects=tuple(sorted(defects)),
         raw_size=raw_size,
+        odd_digest=odd_digest,
     )
+
+
+def _not_a_message(part: object) -> bool:
+    """A digest's part that is not a message (its default type is message/rfc822: RFC 2046 5.1.5)."""
+    return not isinstance(part, Message) or not part.get_content_type().startswith("message/")
 
 
 def _leaf(

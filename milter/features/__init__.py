@@ -79,6 +79,8 @@ _DISGUISE_COLUMNS = tuple(
     SCHEMA.names.index(name) for name in ("id_freemail_org_display", "id_display_address_differs")
 )
 _FREEMAIL_COLUMN = SCHEMA.names.index("id_freemail")
+_HTML_COLUMN = SCHEMA.names.index("mime_has_html")
+_REPORT_COLUMN = SCHEMA.names.index("snd_auto_report")
 
 
 def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected | None = None) -> Extracted:
@@ -123,6 +125,10 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         list_mail=sender.is_list_copy(parsed),
         bulk_evidence=sender.bulk_evidence(parsed, (s.domain if s else "")),
         link_domains=tuple(dict.fromkeys(link.domain for link in ctx.links if link.domain))[:LINK_DOMAINS],
+        dkim_signers=sender.dkim_domains(parsed),
+        html=bool(vector[_HTML_COLUMN] > 0),
+        auto_report=bool(vector[_REPORT_COLUMN] > 0),
+        odd_digest=parsed.odd_digest,
     )
 
 

@@ -43,6 +43,12 @@ class MessageSummary:
     # Registrable domains of the message's links, distinct, in order, at most MAX_LINK_DOMAINS (for the
     # domain blocklists; never a model input).
     link_domains: tuple[str, ...] = ()
+    # Registrable d= domains of its DKIM-Signature headers (not verified here; `auth` says what verified):
+    # empty for unsigned mail (milter.policy.unsigned).
+    dkim_signers: tuple[str, ...] = ()
+    html: bool = False  # it has an HTML part
+    auto_report: bool = False  # a machine-generated report: a DSN, an auto-reply (Auto-Submitted)
+    odd_digest: bool = False  # a multipart/digest holds a part that is no message (milter.parse)
     # What the DNS blocklists said (milter/auth/dnsbl.py) when the gateway asked them; never a model
     # input, for the same reason as `auth`.
     reputation: Reputation | None = None

@@ -43,6 +43,11 @@ Precedence (the order of `RULES`), and why:
    Abused TLDs (`abused_tld.py`): a From domain on an often-abused TLD (.shop, .xyz, ...) whose message
    the model scores at least `policy.abused_tld_tag` as not-ham -> spam, tag (the ladder's action when
    stricter). Before the bulk rule, so such a sender's unsubscribe header does not make it bulk.
+   Unsigned HTML (`unsigned.py`): HTML mail with no DKIM signature, no unsubscribe offer, no Feedback-ID
+   and no Precedence: bulk, which the model scores at least `policy.unsigned_html_tag` as not-ham -> spam,
+   tag (the ladder's action when stricter). Not for internal clients, our own domains, list copies or
+   bounces. Odd digests (same module): a multipart/digest whose parts are not messages, scored at least
+   `policy.odd_digest_tag` -> spam, tag (the ladder's when stricter).
 5. Bulk senders (`bulk.py`): an unsubscribe offer plus Feedback-ID, Precedence: bulk or an aligned DKIM
    signature (`MessageSummary.bulk_evidence`) -> bulk, `policy.bulk.action` (accept by default), where
    the model would accept the message (both ladders silent): a category, never a softened tag. After the
@@ -124,6 +129,7 @@ from milter.policy.table import (
     Ladder,
     LearnedSenders,
     Lists,
+    LowerCuts,
     Rule,
     RuleSet,
     contains_name,
@@ -134,6 +140,7 @@ from milter.policy.table import (
     parse_client,
     parse_networks,
 )
+from milter.policy.unsigned import odd_digest, unsigned_html
 from milter.types import Action, Decision, Envelope, Scores, Verdict
 
 if TYPE_CHECKING:
@@ -161,6 +168,8 @@ RULES: tuple[Rule, ...] = (
     allow_ip,
     blocklisted,
     abused_tld_sender,
+    unsigned_html,
+    odd_digest,
     bulk_sender,
     spam_score,
     history_display_name_new_address,
@@ -249,11 +258,11 @@ class Policy:
         bulk = _bulk_action("policy.bulk.action", config.bulk.action) if config.bulk.enabled else None
         self.default_rules = RuleSet(
             spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec), bulk_action=bulk,
-            abused_tld_tag=config.abused_tld_tag,
+            cuts=LowerCuts(config.abused_tld_tag, config.unsigned_html_tag, config.odd_digest_tag),
         )
+        cuts = self.default_rules.cuts
         self.domain_rules = tuple(
-            replace(self._domain_rules(r, spam, bec, bulk), abused_tld_tag=config.abused_tld_tag)
-            for r in config.domains
+            replace(self._domain_rules(r, spam, bec, bulk), cuts=cuts) for r in config.domains
         )
         raw = config.lists
         self.lists = Lists(

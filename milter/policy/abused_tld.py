@@ -23,23 +23,16 @@ ladder alone would quarantine, that stands.
 from __future__ import annotations
 
 from milter.features.lexicon import SUSPICIOUS_TLDS
-from milter.policy.table import SEVERITY, Context, Hit, in_domain
-from milter.types import Action, Verdict
+from milter.policy.table import Context, Hit, in_domain, tag_from
 
 
 def abused_tld_sender(ctx: Context) -> Hit | None:
-    cut = ctx.rules.abused_tld_tag
+    cut = ctx.rules.cuts.abused_tld
     domain = ctx.summary.from_org_domain or ""
     tld = domain.rpartition(".")[2]
     if cut is None or not domain or tld not in SUSPICIOUS_TLDS:
         return None
     if in_domain(domain, ctx.protected.domains) is not None:  # a site of our own on such a TLD
         return None
-    score = ctx.scores.spam + ctx.scores.bec
-    if score < cut:
-        return None
-    action = Action.TAG
-    if (step := ctx.rules.spam.step(score)) is not None and SEVERITY[step[0]] > SEVERITY[action]:
-        action = step[0]
-    reason = f"sender domain {domain} is on an often-abused TLD (.{tld}) and scores {score:.2f} as spam"
-    return Hit(f"{reason} (at least {cut:g} tags such mail)", Verdict.SPAM, action)
+    where = f"sender domain {domain} is on an often-abused TLD (.{tld})"
+    return tag_from(ctx, cut, lambda score: f"{where} and scores {score:.2f} as spam")

@@ -63,6 +63,15 @@ class Ladder:
 
 
 @dataclass(frozen=True)
+class LowerCuts:
+    """Not-ham scores from which one kind of mail is tagged as spam (`tag_from`); None: that rule is off."""
+
+    abused_tld: float | None = None  # policy.abused_tld_tag (milter.policy.abused_tld)
+    unsigned_html: float | None = None  # policy.unsigned_html_tag (milter.policy.unsigned)
+    odd_digest: float | None = None  # policy.odd_digest_tag (milter.policy.unsigned)
+
+
+@dataclass(frozen=True)
 class RuleSet:
     """Thresholds and override that apply to one recipient (the global set, or one DomainRule's)."""
 
@@ -71,7 +80,7 @@ class RuleSet:
     action_override: Action | None = None
     domain: str | None = None  # the DomainRule's domain; None for the global set
     bulk_action: Action | None = None  # what the bulk rule does (milter.policy.bulk); None: it is off
-    abused_tld_tag: float | None = None  # policy.abused_tld_tag (milter.policy.abused_tld); None: off
+    cuts: LowerCuts = field(default_factory=lambda: LowerCuts())  # the same for every recipient
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,19 @@ Rule = Callable[[Context], "Hit | None"]
 
 
 # --- small helpers -----------------------------------------------------------------------------------
+
+
+def tag_from(ctx: Context, cut: float, reason: Callable[[float], str]) -> Hit | None:
+    """Spam, tag, once the not-ham score reaches `cut`: the rules that lower the spam cut for one kind of
+    mail (abused TLDs, unsigned HTML, odd digests). Never softer than the spam ladder: where it alone would
+    quarantine or reject, that stands. `reason` says why, given the score."""
+    score = ctx.scores.spam + ctx.scores.bec
+    if score < cut:
+        return None
+    action = Action.TAG
+    if (step := ctx.rules.spam.step(score)) is not None and SEVERITY[step[0]] > SEVERITY[action]:
+        action = step[0]
+    return Hit(f"{reason(score)} (at least {cut:g} tags such mail)", Verdict.SPAM, action)
 
 
 def domain_of(address: str) -> str | None:
