@@ -43,11 +43,11 @@ def decide(
     return (d.verdict.value, d.action.value, *d.reasons)
 
 
-def verified(dkim: tuple[str, ...] = (), arc: ArcResult | None = None) -> AuthResults:
-    """What the gateway found: one signature by DOMAIN per entry of `dkim` (its result)."""
+def verified(dkim: tuple[str, ...] = (), arc: ArcResult | None = None, dmarc: str = "none") -> AuthResults:
+    """What the gateway found: one signature by DOMAIN per entry of `dkim` (its result), DMARC `dmarc`."""
     return AuthResults(
         tuple(DkimResult(DOMAIN, "s1", r) for r in dkim),  # type: ignore[arg-type]
-        DmarcResult("none", DOMAIN, None),
+        DmarcResult(dmarc, DOMAIN, None),  # type: ignore[arg-type]
         arc=arc or ArcResult(),
     )
 
@@ -98,9 +98,11 @@ def test_our_own_clients_and_domains_are_never_judged_by_it() -> None:
         (verified(("temperror",)), False),
         (verified((), ArcResult("pass", 1, "lists.example", trusted=True)), False),
         (verified((), ArcResult("pass", 1, "relay.example", trusted=False)), True),
+        (verified((), dmarc="pass"), False),
+        (verified(("fail",), dmarc="fail"), True),
     ],
     ids=["broken-signature", "permerror-neutral", "none", "one-verified", "dns-error", "trusted-arc",
-         "untrusted-arc"],
+         "untrusted-arc", "spf-aligned-dmarc-pass", "dmarc-fail"],
 )
 def test_with_verification_only_a_signature_that_holds_counts(auth: AuthResults, tagged: bool) -> None:
     # the header is there either way: what verification said decides, so a forged header does not dodge it

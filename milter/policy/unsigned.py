@@ -18,9 +18,10 @@ many senders) old ham 0.25 -> 0.32 % and modern ham +1 message (a shipping notic
 From/To/Subject/Date, so its signature is an artefact of the corpus, not of the sender).
 
 What counts as signed: with `summary.auth` (the gateway, `scan --dns`) a signature that verified, or
-could not be checked for a DNS error, or a trusted ARC sealer's validated chain (forwarded mail loses
-signatures); a signature that failed is no signature, so a forger cannot add a broken header to dodge the
-rule. Without `summary.auth`, any DKIM-Signature header (all that feature extraction can see).
+could not be checked for a DNS error, a DMARC pass (a small sender's SPF-aligned mail meets the 2024
+rules without DKIM), or a trusted ARC sealer's validated chain (forwarded mail loses signatures); a
+signature that failed is no signature, so a forger cannot add a broken header to dodge the rule. Without
+`summary.auth`, any DKIM-Signature header (all that feature extraction can see).
 
 Never for our own clients (`policy.internal_networks`: their mail is often signed only after the filter)
 or our own domains, a mailing list's copy (lists re-sign or strip), or a machine-generated report
@@ -72,6 +73,6 @@ def signed(summary: MessageSummary) -> bool:
     auth = summary.auth
     if auth is None:
         return bool(summary.dkim_signers)
-    if any(r.result in SIGNED_RESULTS for r in auth.dkim):
+    if any(r.result in SIGNED_RESULTS for r in auth.dkim) or auth.dmarc.result == "pass":
         return True
     return auth.arc.trusted and auth.arc.result == "pass"
