@@ -106,6 +106,7 @@ def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected |
 def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float32]) -> MessageSummary:
     s = ctx.sender
     msgid = parsed.get("message-id")
+    signers = sender.dkim_domains(parsed)
     return MessageSummary(
         message_id=msgid.strip() if msgid else None,
         subject=parsed.subject or None,
@@ -123,9 +124,9 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         language=frozenset(group for group, i in _LANGUAGE_COLUMNS if vector[i] > 0),
         # for the policy only: list headers are no feature (the corpora's lists made them a ham marker)
         list_mail=sender.is_list_copy(parsed),
-        bulk_evidence=sender.bulk_evidence(parsed, (s.domain if s else "")),
+        bulk_evidence=sender.bulk_evidence(parsed, (s.domain if s else ""), signers),
         link_domains=tuple(dict.fromkeys(link.domain for link in ctx.links if link.domain))[:LINK_DOMAINS],
-        dkim_signers=sender.dkim_domains(parsed),
+        dkim_signers=signers,
         html=bool(vector[_HTML_COLUMN] > 0),
         auto_report=bool(vector[_REPORT_COLUMN] > 0),
         odd_digest=parsed.odd_digest,

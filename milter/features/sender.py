@@ -195,11 +195,12 @@ def _auto_report(parsed: ParsedMessage) -> bool:
     return (auto not in ("", "no")) or "multipart/report" in parsed.content_types
 
 
-def bulk_evidence(parsed: ParsedMessage, from_domain: str) -> tuple[str, ...]:
+def bulk_evidence(parsed: ParsedMessage, from_domain: str, signers: tuple[str, ...]) -> tuple[str, ...]:
     """What marks a message as sent by a (self-declared) bulk sender, in words, for the `bulk` verdict.
 
     Empty when the message carries none. Only the sender's own headers count; the DKIM signature is
-    named when its d= aligns with `from_domain` (the gateway verifies it separately).
+    named when its d= (`signers`: `dkim_domains(parsed)`) aligns with `from_domain` (the gateway verifies
+    it separately).
     """
     out = []
     if one_click(parsed):
@@ -210,6 +211,6 @@ def bulk_evidence(parsed: ParsedMessage, from_domain: str) -> tuple[str, ...]:
         out.append("Feedback-ID")
     if _bulk_precedence(parsed):
         out.append("Precedence: bulk")
-    if out and from_domain and from_domain in dkim_domains(parsed):
+    if out and from_domain and from_domain in signers:
         out.append(f"DKIM signature of {from_domain}")
     return tuple(out)
