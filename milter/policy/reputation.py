@@ -14,7 +14,7 @@ DNS outage changes no decision.
 
 from __future__ import annotations
 
-from milter.policy.table import SEVERITY, Context, Hit
+from milter.policy.table import SEVERITY, Context, Hit, no_softer_than_ladder
 
 #: Listings quoted in the reason at most (one message can hit a dozen link domains).
 MAX_QUOTED = 3
@@ -27,10 +27,7 @@ def blocklisted(ctx: Context) -> Hit | None:
     if not listings:
         return None
     strongest = max(listings, key=lambda listing: SEVERITY[listing.action])  # the first on ties
-    action = strongest.action
-    model = ctx.rules.spam.step(score)
-    if model is not None and SEVERITY[model[0]] > SEVERITY[action]:
-        action = model[0]
+    action = no_softer_than_ladder(ctx, strongest.action, score)
     quoted = [strongest, *(listing for listing in listings if listing is not strongest)][:MAX_QUOTED]
     more = len(listings) - len(quoted)
     reason = "; ".join(listing.reason for listing in quoted) + (f"; {more} more listed" if more else "")

@@ -179,10 +179,15 @@ def tag_from(ctx: Context, cut: float, reason: Callable[[float], str]) -> Hit | 
     score = ctx.scores.spam + ctx.scores.bec
     if score < cut:
         return None
-    action = Action.TAG
-    if (step := ctx.rules.spam.step(score)) is not None and SEVERITY[step[0]] > SEVERITY[action]:
-        action = step[0]
+    action = no_softer_than_ladder(ctx, Action.TAG, score)
     return Hit(f"{reason(score)} (at least {cut:g} tags such mail)", Verdict.SPAM, action)
+
+
+def no_softer_than_ladder(ctx: Context, action: Action, score: float) -> Action:
+    """`action`, or the spam ladder's for not-ham `score` where that is stricter: a rule that decides on
+    other evidence (a listing, a lower cut) never lets through what the model alone would hold."""
+    step = ctx.rules.spam.step(score)
+    return step[0] if step is not None and SEVERITY[step[0]] > SEVERITY[action] else action
 
 
 def domain_of(address: str) -> str | None:
