@@ -137,6 +137,11 @@ class PolicyConfig:
     # A multipart/digest holding parts that are not messages is tagged as spam once the model scores it at
     # least this much as not-ham (milter.policy.unsigned); None (false in TOML): off.
     odd_digest_tag: float | None = 0.5
+    # A brand's name as the mailbox of a domain that is not the brand's ("Hardware ACE
+    # <hardwareace@landyselect.com>") is tagged as spam from this not-ham score (milter.policy.mailbox).
+    name_mailbox_tag: float | None = 0.8
+    # A person's name over a gibberish mailbox ("Gregorio Newman <snqkmfowgmlmyx@verizon.net>"): the same.
+    gibberish_mailbox_tag: float | None = 0.5
 
 
 @dataclass(frozen=True)
@@ -354,7 +359,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
-    lower_cuts = ("abused_tld_tag", "unsigned_html_tag", "odd_digest_tag")
+    lower_cuts = (
+        "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "name_mailbox_tag", "gibberish_mailbox_tag",
+    )
     nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}
     pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)

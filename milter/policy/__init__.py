@@ -48,6 +48,11 @@ Precedence (the order of `RULES`), and why:
    tag (the ladder's action when stricter). Not for internal clients, our own domains, list copies or
    bounces. Odd digests (same module): a multipart/digest whose parts are not messages, scored at least
    `policy.odd_digest_tag` -> spam, tag (the ladder's when stricter).
+   How the mailbox is named (`mailbox.py`): a brand's name as the mailbox of a domain that carries none of
+   it (`policy.name_mailbox_tag`), a person's name over a gibberish mailbox (`policy.gibberish_mailbox_tag`)
+   -> spam, tag from those not-ham scores (the ladder's when stricter). Not for internal clients, our own
+   domains, list copies or bounces; before the bulk rule, so such a sender's unsubscribe header does not
+   make it bulk.
 5. Bulk senders (`bulk.py`): an unsubscribe offer plus Feedback-ID, Precedence: bulk or an aligned DKIM
    signature (`MessageSummary.bulk_evidence`) -> bulk, `policy.bulk.action` (accept by default), where
    the model would accept the message (both ladders silent): a category, never a softened tag. After the
@@ -107,6 +112,7 @@ from milter.policy.history import (
     history_reply_to_unseen,
 )
 from milter.policy.learned import learned_sender
+from milter.policy.mailbox import gibberish_mailbox, name_as_mailbox
 from milter.policy.reputation import blocklisted
 from milter.policy.rules import (
     allow_domain,
@@ -170,6 +176,8 @@ RULES: tuple[Rule, ...] = (
     abused_tld_sender,
     unsigned_html,
     odd_digest,
+    name_as_mailbox,
+    gibberish_mailbox,
     bulk_sender,
     spam_score,
     history_display_name_new_address,
@@ -258,7 +266,13 @@ class Policy:
         bulk = _bulk_action("policy.bulk.action", config.bulk.action) if config.bulk.enabled else None
         self.default_rules = RuleSet(
             spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec), bulk_action=bulk,
-            cuts=LowerCuts(config.abused_tld_tag, config.unsigned_html_tag, config.odd_digest_tag),
+            cuts=LowerCuts(
+                config.abused_tld_tag,
+                config.unsigned_html_tag,
+                config.odd_digest_tag,
+                config.name_mailbox_tag,
+                config.gibberish_mailbox_tag,
+            ),
         )
         cuts = self.default_rules.cuts
         self.domain_rules = tuple(

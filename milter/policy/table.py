@@ -69,6 +69,8 @@ class LowerCuts:
     abused_tld: float | None = None  # policy.abused_tld_tag (milter.policy.abused_tld)
     unsigned_html: float | None = None  # policy.unsigned_html_tag (milter.policy.unsigned)
     odd_digest: float | None = None  # policy.odd_digest_tag (milter.policy.unsigned)
+    name_mailbox: float | None = None  # policy.name_mailbox_tag (milter.policy.mailbox)
+    gibberish_mailbox: float | None = None  # policy.gibberish_mailbox_tag (milter.policy.mailbox)
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,8 @@ Rule = Callable[[Context], "Hit | None"]
 
 def tag_from(ctx: Context, cut: float, reason: Callable[[float], str]) -> Hit | None:
     """Spam, tag, once the not-ham score reaches `cut`: the rules that lower the spam cut for one kind of
-    mail (abused TLDs, unsigned HTML, odd digests). Never softer than the spam ladder: where it alone would
-    quarantine or reject, that stands. `reason` says why, given the score."""
+    mail (abused TLDs, unsigned HTML, odd digests, how the mailbox is named). Never softer than the spam
+    ladder: where it alone would quarantine or reject, that stands. `reason` says why, given the score."""
     score = ctx.scores.spam + ctx.scores.bec
     if score < cut:
         return None

@@ -1,0 +1,137 @@
+"""How the From mailbox is named: two marks of mail sent from throwaway domains, tagged at a lower spam score.
+
+* **A brand's name as the mailbox of a domain that is not the brand's** (`name_as_mailbox`,
+  `policy.name_mailbox_tag`, 0.8 by default): `Hardware ACE <hardwareace@landyselect.com>`, `Club VP Sams
+  <clubvpsams@mswoodtrader.com>`, `AAA Driver Care <AAADriverCare@wifimarfixhotspot.com>`. A spam run
+  registers a domain per campaign and names the mailbox after the brand it poses as, so the display name
+  and the local part agree and the domain says nothing of either. A real brand's mail names the brand in
+  its domain or comes from its platform's (`McDonald's <McDonalds@sparkpostmail.com>` matches too; it
+  scores 0.68 out of fold, under the cut). Only names of 8 letters or more count. Such senders sign
+  their mail and offer one-click unsubscribing as the brands do (87 % of the shop mailbox's spam is
+  DKIM-signed), so neither the signature rules nor the bulk rule separate them; the model scores them
+  0.87-0.97 as not-ham, under the spam tag cut that old ham sets (docs/DETECTION.md).
+* **A person's name over a gibberish mailbox** (`gibberish_mailbox`, `policy.gibberish_mailbox_tag`, 0.5
+  by default): `Gregorio Newman <snqkmfowgmlmyx@verizon.net>`. Spam tools pair a random display name with a
+  random local part; a person's own address carries their name or initials, and a platform's generated
+  address (VERP, tracking ids) carries digits and separators, which this test excludes: only a local part
+  of 8 or more ASCII letters, under a fifth of them vowels, sharing no word of 3 or more letters with the
+  display name counts.
+
+Measured (docs/DETECTION.md, "How the From mailbox is named"): among the corpora's 29,242 ham none has a
+name over a gibberish mailbox, against 2,636 of Enron's 28,279 spam and 28 of phishing-pot's 5,930
+messages; a name as the mailbox of another domain marks 33 of the shop mailbox's 127 spam and 20 ham
+(people at their own domains, brands mailing from their platform's: `McDonald's
+<McDonalds@sparkpostmail.com>`); none of those scored out of fold reaches 0.7. The cuts were chosen on the
+out-of-fold threshold rows, not on the test split. The corpora hold no modern one-to-one business mail
+from people whose mailbox is their full name at a domain that is not (`Jane Doe <janedoe@acme.example>`),
+which the first rule would judge too; it needs the model to lean hard to spam already (0.8; 0.35 % of
+Enron's business ham scores that high out of fold), and it only tags.
+
+Neither rule judges internal clients, our own domains, a mailing list's copy or a machine-generated report
+(bounces come from `MAILER-DAEMON`); the first never judges free-mail (a person's own mailbox). Both only
+tag, after the allow lists and the blocklists, before the bulk rule (a brand-named throwaway sender's
+unsubscribe header does not make it bulk) and never softer than the spam ladder. The name tests are
+written here rather than read from the features: they are hand rules for the policy, not model inputs.
+"""
+
+from __future__ import annotations
+
+import re
+
+from milter.features.identity import display_letters
+from milter.features.summary import MessageSummary
+from milter.policy.table import Context, Hit, in_domain, tag_from
+
+#: The shortest squashed display name that counts ("Hardware ACE" does; "Jessica <jessica@...>", a person's
+#: first name over her own mailbox, does not; nor did a 2002 "Tesco .ie" newsletter from its mailing
+#: platform's domain, the only ham out of fold this rule would have tagged with 5).
+MIN_NAME = 8
+#: A gibberish local part: this many ASCII letters or more, and under this share of vowels.
+GIBBERISH_LETTERS = 8
+GIBBERISH_VOWELS = 0.2
+#: RFC 5321's own mailboxes: a bounce names its sender after them at whatever host it came from.
+ROLE_MAILBOXES = frozenset({"mailer-daemon", "postmaster"})
+_WORDS = re.compile(r"[\s\-_.,&'/+()]+")
+
+
+def name_as_mailbox(ctx: Context) -> Hit | None:
+    cut = ctx.rules.cuts.name_mailbox
+    summary = ctx.summary
+    if cut is None or not _judged(ctx) or summary.freemail_sender:
+        return None
+    display = brand_mailbox_elsewhere(summary)
+    if display is None:
+        return None
+    where = f"a mailbox named {display!r} at {summary.from_org_domain}, a domain not that name's,"
+    return tag_from(ctx, cut, lambda score: f"{where} scores {score:.2f} as spam")
+
+
+def gibberish_mailbox(ctx: Context) -> Hit | None:
+    cut = ctx.rules.cuts.gibberish_mailbox
+    summary = ctx.summary
+    if cut is None or not _judged(ctx) or not name_over_gibberish(summary):
+        return None
+    where = f"a name ({summary.from_display!r}) over a gibberish mailbox ({summary.from_addr})"
+    return tag_from(ctx, cut, lambda score: f"{where} scores {score:.2f} as spam")
+
+
+def _judged(ctx: Context) -> bool:
+    """Neither rule judges our own clients or domains, a list's copy or a machine-generated report."""
+    summary = ctx.summary
+    if ctx.internal or summary.list_mail or summary.auto_report:
+        return False
+    domain = summary.from_org_domain or ""
+    return not (domain and in_domain(domain, ctx.protected.domains) is not None)
+
+
+def brand_mailbox_elsewhere(summary: MessageSummary) -> str | None:
+    """The display name, where the From mailbox is that name squashed and the From domain carries none of
+    it (no word of 3 letters or more, nor the words' initials: British Airways at ba.com is at home)."""
+    display, addr, domain = summary.from_display, summary.from_addr, summary.from_org_domain
+    if not display or not addr or not domain:
+        return None
+    name, local = display_letters(display), addr.partition("@")[0]
+    if local.lower() in ROLE_MAILBOXES:  # "Mailer Daemon <MAILER-DAEMON@mx.example>": a bounce
+        return None
+    # "AcETooIs <acetoois@...>": the display's capital I reads as an l, the mailbox keeps the i
+    if len(name) < MIN_NAME or display_letters(local) not in (name, _plain(display)):
+        return None
+    label = domain.partition(".")[0]
+    words = name_words(display)
+    initials = "".join(w[0] for w in words)
+    if name in label or label in name or label in initials:
+        return None
+    if any(len(w) >= 3 and w in label for w in words):
+        return None
+    return display
+
+
+def _plain(text: str) -> str:
+    """Letters and digits of `text`, lower case, with no I-for-l reading (as a mailbox spells it)."""
+    return display_letters(text.lower())
+
+
+def name_over_gibberish(summary: MessageSummary) -> bool:
+    """A display name with a word of 3 letters or more, over a gibberish local part that shares none of
+    its words (see the module docstring)."""
+    display, addr = summary.from_display, summary.from_addr
+    if not display or not addr:
+        return False
+    local = addr.partition("@")[0].lower()
+    if not gibberish(local):
+        return False
+    words = [w for w in name_words(display) if len(w) >= 3]
+    return bool(words) and not any(w in local or local in w for w in words)
+
+
+def gibberish(local: str) -> bool:
+    """8 or more ASCII letters and nothing else, under a fifth of them vowels ("snqkmfowgmlmyx")."""
+    if len(local) < GIBBERISH_LETTERS or not (local.isascii() and local.isalpha()):
+        return False
+    vowels = sum(c in "aeiou" for c in local.lower())
+    return vowels / len(local) < GIBBERISH_VOWELS
+
+
+def name_words(display: str) -> list[str]:
+    """The display name's words, each as `display_letters` reads it (empty ones dropped)."""
+    return [w for w in (display_letters(part) for part in _WORDS.split(display)) if w]

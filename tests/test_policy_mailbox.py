@@ -1,0 +1,193 @@
+"""How the From mailbox is named (milter/policy/mailbox.py): a brand's name as the mailbox of a domain that
+is not the brand's, and a person's name over a gibberish mailbox, are tagged at lower spam scores."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from email.message import EmailMessage
+from typing import Any
+
+import numpy as np
+import pytest
+
+from milter.config import PolicyConfig, parse_config
+from milter.errors import ConfigError
+from milter.features import extract
+from milter.features.summary import Extracted, MessageSummary
+from milter.policy import Policy
+from milter.policy.mailbox import brand_mailbox_elsewhere, gibberish, name_over_gibberish
+from milter.types import Envelope, Scores
+
+META = {"spam": {"tag": 0.975, "quarantine": 0.99}, "bec": {"tag": 0.8, "quarantine": 0.95}}
+LEANS = Scores(ham=0.10, spam=0.85, bec=0.05)  # not-ham 0.90: under the model's tag cut, over 0.8
+MILD = Scores(ham=0.40, spam=0.55, bec=0.05)  # not-ham 0.60: over the gibberish cut, under the name cut
+CLEAN = Scores(ham=0.60, spam=0.35, bec=0.05)  # not-ham 0.40: under both
+SPAM = Scores(ham=0.001, spam=0.995, bec=0.004)  # the ladder quarantines
+
+BRAND = ("Hardware ACE", "hardwareace@landyselect.example")
+PERSON = ("Gregorio Newman", "snqkmfowgmlmyx@isp.example")
+
+
+def summary(who: tuple[str, str] = BRAND, **kw: object) -> MessageSummary:
+    display, addr = who
+    domain = addr.rpartition("@")[2]
+    base = MessageSummary(
+        message_id="<m@test>", subject="Thank you from ACE: a $100 gift", from_addr=addr,
+        from_display=display, from_domain=domain, reply_to_addr=None, to_addrs=("bob@corp.test",),
+        date=None, defects=(), from_org_domain=domain, html=True,
+        dkim_signers=(domain,),
+        bulk_evidence=("one-click unsubscribe (RFC 8058)", f"DKIM signature of {domain}"),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def decide(
+    scores: Scores = LEANS,
+    who: tuple[str, str] = BRAND,
+    config: PolicyConfig | None = None,
+    client: str = "192.0.2.7",
+    **kw: object,
+) -> tuple[str, ...]:
+    ext = Extracted(np.zeros(1, np.float32), summary(who, **kw), ())
+    env = Envelope(mail_from=who[1], rcpt_tos=("bob@corp.test",), client_addr=client)
+    d = Policy(config or PolicyConfig(), META).decide(scores, ext, env)
+    return (d.verdict.value, d.action.value, *d.reasons)
+
+
+# --- a brand's name as the mailbox of another domain ---------------------------------------------------
+
+def test_a_brand_named_mailbox_elsewhere_is_tagged_not_accepted_as_bulk() -> None:
+    verdict, action, reason, *_ = decide()
+    assert (verdict, action) == ("spam", "tag")
+    assert reason == ("a mailbox named 'Hardware ACE' at landyselect.example, a domain not that name's, "
+                      "scores 0.90 as spam (at least 0.8 tags such mail)")
+    # the same sender under the cut is the bulk sender its headers say it is
+    assert decide(CLEAN)[:2] == ("bulk", "accept")
+
+
+@pytest.mark.parametrize(
+    ("who", "kw"),
+    [
+        (("Hardware ACE", "hardwareace@acehardware.example"), {}),
+        (("Hardware ACE Deals", "hardwareacedeals@acehardwareusa.example"), {}),
+        (("British Airways", "britishairways@ba.example"), {}),
+        (("Hardware ACE", "news@landyselect.example"), {}),
+        (("Jessica", "jessica@landyselect.example"), {}),
+        (BRAND, {"freemail_sender": True}),
+        (BRAND, {"list_mail": True}),
+        (BRAND, {"auto_report": True}),
+        (("", "hardwareace@landyselect.example"), {}),
+        (("Mailer Daemon", "MAILER-DAEMON@mx.landyselect.example"), {}),
+    ],
+    ids=["name-in-domain", "word-in-domain", "initials-are-the-domain", "mailbox-not-the-name", "short-name",
+         "free-mail", "list-copy", "bounce", "no-display-name", "mailer-daemon"],
+)
+def test_otherwise_the_name_rule_says_nothing(who: tuple[str, str], kw: dict[str, Any]) -> None:
+    assert decide(LEANS, who, **kw)[0] != "spam"
+
+
+def test_a_capital_i_for_an_l_in_the_display_still_matches_the_mailbox() -> None:
+    assert brand_mailbox_elsewhere(summary(("AcETooIs", "acetoois@clabellachime.example"))) == "AcETooIs"
+    assert brand_mailbox_elsewhere(summary(("Ace Tools", "acetools@clabellachime.example"))) == "Ace Tools"
+    assert brand_mailbox_elsewhere(summary(("Ace Tools", "acetool@clabellachime.example"))) is None
+
+
+def test_the_name_rule_needs_the_model_to_lean_to_spam() -> None:
+    assert decide(MILD)[0] != "spam"  # 0.60 < 0.8
+    stricter = parse_config({"policy": {"name_mailbox_tag": 0.95}}).policy
+    assert decide(config=stricter)[0] != "spam"
+    assert decide(Scores(ham=0.03, spam=0.95, bec=0.02), config=stricter)[:2] == ("spam", "tag")
+
+
+# --- a person's name over a gibberish mailbox ----------------------------------------------------------
+
+def test_a_name_over_a_gibberish_mailbox_is_tagged() -> None:
+    verdict, action, reason, *_ = decide(MILD, PERSON, html=False, dkim_signers=(), bulk_evidence=())
+    assert (verdict, action) == ("spam", "tag")
+    assert reason == ("a name ('Gregorio Newman') over a gibberish mailbox (snqkmfowgmlmyx@isp.example) "
+                      "scores 0.60 as spam (at least 0.5 tags such mail)")
+    assert decide(CLEAN, PERSON)[0] != "spam"
+
+
+@pytest.mark.parametrize(
+    ("local", "is_gibberish"),
+    [
+        ("snqkmfowgmlmyx", True),
+        ("ONPDSALNRNQ", True),
+        ("bfgnrryr", True),
+        ("bfgnrry", False),  # 7 letters: too short to tell
+        ("jennifer", False),  # enough vowels
+        ("x7kqzrtpw", False),  # digits: a platform's generated id, not a spam tool's
+        ("kq.zrtpwx", False),
+        ("bcdfghjkl\u00e9", False),
+    ],
+)
+def test_what_counts_as_gibberish(local: str, is_gibberish: bool) -> None:
+    assert gibberish(local) is is_gibberish
+
+
+@pytest.mark.parametrize(
+    ("who", "matches"),
+    [
+        (PERSON, True),
+        (("Karl Schwartz", "kschwartz@corp.example"), False),  # the surname is in the mailbox
+        (("Schwrtz", "schwrtzkm@corp.example"), False),  # the mailbox carries the display's word
+        (("Li Qi", "snqkmfowgmlmyx@isp.example"), False),  # no word of 3 letters or more to compare
+        (("\u738b\u5c0f\u660e", "snqkmfowgmlmyx@isp.example"), False),
+        (("", "snqkmfowgmlmyx@isp.example"), False),
+    ],
+    ids=["random-mailbox", "surname-in-mailbox", "word-in-mailbox", "short-words", "non-latin-name",
+         "no-name"],
+)
+def test_a_name_over_gibberish_needs_an_unrelated_name(who: tuple[str, str], matches: bool) -> None:
+    assert name_over_gibberish(summary(who)) is matches
+
+
+# --- both ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("scores", "who"), [(LEANS, BRAND), (MILD, PERSON)], ids=["name", "gibberish"])
+def test_our_own_clients_and_domains_are_never_judged(scores: Scores, who: tuple[str, str]) -> None:
+    assert decide(scores, who)[0] == "spam"
+    assert decide(scores, who, client="10.1.2.3")[0] != "spam"
+    ours = PolicyConfig(protected_domains=(who[1].rpartition("@")[2],))
+    assert decide(scores, who, config=ours)[0] != "spam"
+
+
+@pytest.mark.parametrize("who", [BRAND, PERSON], ids=["name", "gibberish"])
+def test_the_ladder_is_never_softened(who: tuple[str, str]) -> None:
+    assert decide(SPAM, who)[:2] == ("spam", "quarantine")
+
+
+@pytest.mark.parametrize(("key", "scores", "who"), [
+    ("name_mailbox_tag", LEANS, BRAND), ("gibberish_mailbox_tag", MILD, PERSON),
+])
+def test_each_rule_can_be_turned_off(key: str, scores: Scores, who: tuple[str, str]) -> None:
+    off = parse_config({"policy": {key: False}}).policy
+    assert getattr(off, key) is None
+    assert decide(scores, who, config=off)[0] != "spam"
+
+
+@pytest.mark.parametrize("key", ["name_mailbox_tag", "gibberish_mailbox_tag"])
+@pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
+def test_a_bad_setting_names_its_key(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"policy": {key: value}})
+    assert err.value.key == f"policy.{key}"
+
+
+def _mail(from_header: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = from_header
+    msg["To"] = "bob@corp.test"
+    msg["Subject"] = "Your points expire tomorrow"
+    msg.set_content("Claim your reward today.")
+    return bytes(msg)
+
+
+def test_extraction_gives_the_rules_what_they_read() -> None:
+    brand = extract(_mail("Hardware ACE <HardwareACE@mail.landyselect.example>")).summary
+    assert brand_mailbox_elsewhere(brand) == "Hardware ACE"  # the registrable domain, lower-cased mailbox
+    person = extract(_mail("Gregorio Newman <snqkmfowgmlmyx@isp.example>")).summary
+    assert name_over_gibberish(person)
+    home = extract(_mail("Hardware ACE <hardwareace@news.acehardware.example>")).summary
+    assert brand_mailbox_elsewhere(home) is None
