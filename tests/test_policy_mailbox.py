@@ -1,5 +1,6 @@
-"""How the From mailbox is named (milter/policy/mailbox.py): a brand's name as the mailbox of a domain that
-is not the brand's, and a person's name over a gibberish mailbox, are tagged at lower spam scores."""
+"""How From names the sender (milter/policy/mailbox.py): a brand's name as the mailbox of a domain that is
+not the brand's, a person's name over a gibberish mailbox, and a brand in the display name that the From
+domain is not, are tagged at lower spam scores."""
 
 from __future__ import annotations
 
@@ -143,7 +144,36 @@ def test_a_name_over_gibberish_needs_an_unrelated_name(who: tuple[str, str], mat
     assert name_over_gibberish(summary(who)) is matches
 
 
-# --- both ----------------------------------------------------------------------------------------------
+# --- a brand in the display name that the From domain is not -------------------------------------------
+
+NORTON = ("Norton Security", "jokes@funnysnails.example")
+
+
+def test_a_borrowed_brand_is_tagged_and_never_bulk() -> None:
+    verdict, action, reason, *_ = decide(LEANS, NORTON, display_brand="norton")
+    assert (verdict, action) == ("spam", "tag")
+    assert reason == ("the display name names norton but the sender domain is funnysnails.example, and it "
+                      "scores 0.90 as spam (at least 0.8 tags such mail)")
+    # under the cut its unsubscribe header and aligned signature do not make it bulk: the ladder judges it
+    assert decide(CLEAN, NORTON, display_brand="norton")[:2] == ("ham", "accept")
+    assert decide(CLEAN, NORTON)[:2] == ("bulk", "accept")
+    assert decide(LEANS, NORTON)[0] != "spam"
+
+
+def test_extraction_names_the_borrowed_brand() -> None:
+    borrowed = extract(_mail("Norton Security <jokes@mail.funnysnails.example>")).summary
+    assert borrowed.display_brand == "norton"
+    spoofed = extract(_mail("PayPaI Support <service@secure-login.example>")).summary
+    assert spoofed.display_brand == "paypal"  # the capital I read as an l, as a reader does
+    at_home = extract(_mail("PayPal <service@paypal.com>")).summary
+    assert at_home.display_brand is None
+    assert extract(_mail("alice@example.org")).summary.display_brand is None
+
+
+# --- all three -----------------------------------------------------------------------------------------
+
+BRANDED: dict[str, Any] = {"display_brand": "norton"}
+
 
 @pytest.mark.parametrize(("scores", "who"), [(LEANS, BRAND), (MILD, PERSON)], ids=["name", "gibberish"])
 def test_our_own_clients_and_domains_are_never_judged(scores: Scores, who: tuple[str, str]) -> None:
@@ -158,16 +188,26 @@ def test_the_ladder_is_never_softened(who: tuple[str, str]) -> None:
     assert decide(SPAM, who)[:2] == ("spam", "quarantine")
 
 
-@pytest.mark.parametrize(("key", "scores", "who"), [
-    ("name_mailbox_tag", LEANS, BRAND), ("gibberish_mailbox_tag", MILD, PERSON),
+@pytest.mark.parametrize(("key", "scores", "who", "kw"), [
+    ("name_mailbox_tag", LEANS, BRAND, {}),
+    ("gibberish_mailbox_tag", MILD, PERSON, {}),
+    ("brand_display_tag", LEANS, NORTON, BRANDED),
 ])
-def test_each_rule_can_be_turned_off(key: str, scores: Scores, who: tuple[str, str]) -> None:
+def test_each_rule_can_be_turned_off(
+    key: str, scores: Scores, who: tuple[str, str], kw: dict[str, Any]
+) -> None:
+    assert decide(scores, who, **kw)[0] == "spam"
     off = parse_config({"policy": {key: False}}).policy
     assert getattr(off, key) is None
-    assert decide(scores, who, config=off)[0] != "spam"
+    assert decide(scores, who, config=off, **kw)[0] != "spam"
 
 
-@pytest.mark.parametrize("key", ["name_mailbox_tag", "gibberish_mailbox_tag"])
+def test_a_borrowed_brand_is_not_judged_for_our_own_clients_or_list_copies() -> None:
+    assert decide(LEANS, NORTON, client="10.1.2.3", **BRANDED)[0] != "spam"
+    assert decide(LEANS, NORTON, list_mail=True, **BRANDED)[0] != "spam"
+
+
+@pytest.mark.parametrize("key", ["name_mailbox_tag", "gibberish_mailbox_tag", "brand_display_tag"])
 @pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
 def test_a_bad_setting_names_its_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:

@@ -130,6 +130,7 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         html=bool(vector[_HTML_COLUMN] > 0),
         auto_report=bool(vector[_REPORT_COLUMN] > 0),
         odd_digest=parsed.odd_digest,
+        display_brand=identity.brand_in_display(s.display, s.domain) if s and s.display else None,
     )
 
 

@@ -67,7 +67,7 @@ def compute(ctx: Context) -> tuple[list[float], list[str]]:
     org_display = freemail and bool(_ORG_WORDS.search(s.display) or _TITLES.search(s.display))
     if org_display:
         signals.append(f"free-mail sender ({s.domain}) uses an organisation or title display name")
-    brand_display = _brand_mismatch(display_letters(s.display), s.domain)
+    brand_display = brand_in_display(s.display, s.domain)
     if brand_display:
         signals.append(f"display name mentions {brand_display} but the sender domain is {s.domain}")
     brand_domain = _brand_mismatch(s.host.replace("-", "").replace(".", ""), s.domain)
@@ -125,6 +125,12 @@ def display_letters(display: str) -> str:
     -> "samsclub")."""
     text = unicodedata.normalize("NFKC", _CAPITAL_I_AS_L.sub("l", display)).lower()
     return _NOT_ALNUM.sub("", text)
+
+
+def brand_in_display(display: str, domain: str) -> str | None:
+    """A brand the display name names (as a reader takes it in) whose own domains do not include the
+    sender's registrable `domain`: "Norton Security <jokes@funnysnails.com>" -> "norton"."""
+    return _brand_mismatch(display_letters(display), domain)
 
 
 def _brand_mismatch(text: str, domain: str) -> str | None:

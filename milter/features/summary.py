@@ -49,6 +49,9 @@ class MessageSummary:
     html: bool = False  # it has an HTML part
     auto_report: bool = False  # a machine-generated report: a DSN, an auto-reply (Auto-Submitted)
     odd_digest: bool = False  # a multipart/digest holds a part that is no message (milter.parse)
+    # A brand the From display name names whose own domains exclude the From domain (lexicon.BRANDS;
+    # "Norton Security <jokes@funnysnails.com>" -> "norton"), for the policy; None: no such brand.
+    display_brand: str | None = None
     # What the DNS blocklists said (milter/auth/dnsbl.py) when the gateway asked them; never a model
     # input, for the same reason as `auth`.
     reputation: Reputation | None = None

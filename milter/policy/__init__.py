@@ -48,11 +48,12 @@ Precedence (the order of `RULES`), and why:
    tag (the ladder's action when stricter). Not for internal clients, our own domains, list copies or
    bounces. Odd digests (same module): a multipart/digest whose parts are not messages, scored at least
    `policy.odd_digest_tag` -> spam, tag (the ladder's when stricter).
-   How the mailbox is named (`mailbox.py`): a brand's name as the mailbox of a domain that carries none of
-   it (`policy.name_mailbox_tag`), a person's name over a gibberish mailbox (`policy.gibberish_mailbox_tag`)
-   -> spam, tag from those not-ham scores (the ladder's when stricter). Not for internal clients, our own
-   domains, list copies or bounces; before the bulk rule, so such a sender's unsubscribe header does not
-   make it bulk.
+   How From names the sender (`mailbox.py`): a brand's name as the mailbox of a domain that carries none
+   of it (`policy.name_mailbox_tag`), a person's name over a gibberish mailbox
+   (`policy.gibberish_mailbox_tag`), a brand in the display name that the From domain is not
+   (`policy.brand_display_tag`) -> spam, tag from those not-ham scores (the ladder's when stricter). Not
+   for internal clients, our own domains, list copies or bounces; before the bulk rule, so such a
+   sender's unsubscribe header does not make it bulk.
 5. Bulk senders (`bulk.py`): an unsubscribe offer plus Feedback-ID, Precedence: bulk or an aligned DKIM
    signature (`MessageSummary.bulk_evidence`) -> bulk, `policy.bulk.action` (accept by default), where
    the model would accept the message (both ladders silent): a category, never a softened tag. After the
@@ -112,7 +113,7 @@ from milter.policy.history import (
     history_reply_to_unseen,
 )
 from milter.policy.learned import learned_sender
-from milter.policy.mailbox import gibberish_mailbox, name_as_mailbox
+from milter.policy.mailbox import brand_display_name, gibberish_mailbox, name_as_mailbox
 from milter.policy.reputation import blocklisted
 from milter.policy.rules import (
     allow_domain,
@@ -178,6 +179,7 @@ RULES: tuple[Rule, ...] = (
     odd_digest,
     name_as_mailbox,
     gibberish_mailbox,
+    brand_display_name,
     bulk_sender,
     spam_score,
     history_display_name_new_address,
@@ -272,6 +274,7 @@ class Policy:
                 config.odd_digest_tag,
                 config.name_mailbox_tag,
                 config.gibberish_mailbox_tag,
+                config.brand_display_tag,
             ),
         )
         cuts = self.default_rules.cuts

@@ -16,6 +16,9 @@ recipients), when
 * no earlier rule decided: deny lists, impersonation, the spoof rule, the BEC content rules and the
   allow lists come first in `RULES` (an allow-listed sender stays ham). Learned senders act only where
   the model would quarantine, where this rule never does;
+* its display name names no brand the From domain is not (`MessageSummary.display_brand`: "Norton
+  Security <jokes@funnysnails.com>" with an unsubscribe header is a brand's name borrowed by a bulk
+  sender, not a newsletter the recipient asked for; it stays ham and the spam ladder judges it);
 * it is no mailing list's copy: a list's List-Unsubscribe is the list manager's, not the author's,
   and list traffic is conversation, not a newsletter;
 * where the gateway verified the sender (`summary.auth`), the From domain's owner does not disown it:
@@ -44,7 +47,7 @@ DKIM_MARK = "DKIM signature of "
 def bulk_sender(ctx: Context) -> Hit | None:
     """Verdict `bulk` for a self-declared bulk sender the model does not hold (see the module docstring)."""
     action = ctx.rules.bulk_action
-    if action is None or ctx.summary.list_mail or not model_accepts(ctx):
+    if action is None or ctx.summary.list_mail or ctx.summary.display_brand or not model_accepts(ctx):
         return None
     if refuted_by_dmarc(ctx) is not None:
         return None

@@ -1,4 +1,5 @@
-"""How the From mailbox is named: two marks of mail sent from throwaway domains, tagged at a lower spam score.
+"""How the From header names the sender: three marks of mail sent from throwaway domains, tagged at a lower
+spam score.
 
 * **A brand's name as the mailbox of a domain that is not the brand's** (`name_as_mailbox`,
   `policy.name_mailbox_tag`, 0.8 by default): `Hardware ACE <hardwareace@landyselect.com>`, `Club VP Sams
@@ -16,6 +17,13 @@
   address (VERP, tracking ids) carries digits and separators, which this test excludes: only a local part
   of 8 or more ASCII letters, under a fifth of them vowels, sharing no word of 3 or more letters with the
   display name counts.
+* **A brand in the display name that the From domain is not** (`brand_display_name`,
+  `policy.brand_display_tag`, 0.8 by default): `Norton Security <jokes@funnysnails.com>`. The brands are
+  the features' (`lexicon.BRANDS`, the ones phishing impersonates most), read as a reader takes the name
+  in (`identity.brand_in_display`: "PayPaI" is PayPal). The model reads the same fact as one feature
+  among hundreds, and its cut is set by old ham; this rule is the display-name spoof rules of SpamAssassin
+  and Rspamd, gated on the model's score because co-branded mail names a brand it is not sent by
+  (`Amazon Web Services <invoicing@aws.com>`, `Synchrony for your PayPal Extras World Mastercard`).
 
 Measured (docs/DETECTION.md, "How the From mailbox is named"): among the corpora's 29,242 ham none has a
 name over a gibberish mailbox, against 2,636 of Enron's 28,279 spam and 28 of phishing-pot's 5,930
@@ -73,6 +81,15 @@ def gibberish_mailbox(ctx: Context) -> Hit | None:
         return None
     where = f"a name ({summary.from_display!r}) over a gibberish mailbox ({summary.from_addr})"
     return tag_from(ctx, cut, lambda score: f"{where} scores {score:.2f} as spam")
+
+
+def brand_display_name(ctx: Context) -> Hit | None:
+    cut = ctx.rules.cuts.brand_display
+    brand = ctx.summary.display_brand
+    if cut is None or brand is None or not _judged(ctx):
+        return None
+    where = f"the display name names {brand} but the sender domain is {ctx.summary.from_org_domain}"
+    return tag_from(ctx, cut, lambda score: f"{where}, and it scores {score:.2f} as spam")
 
 
 def _judged(ctx: Context) -> bool:
