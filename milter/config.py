@@ -139,12 +139,12 @@ class PolicyConfig:
     odd_digest_tag: float | None = 0.5
     # A brand's name as the mailbox of a domain that is not the brand's ("Hardware ACE
     # <hardwareace@landyselect.com>") is tagged as spam from this not-ham score (milter.policy.mailbox).
-    name_mailbox_tag: float | None = 0.8
+    name_mailbox_tag: float | None = 0.85
     # A person's name over a gibberish mailbox ("Gregorio Newman <snqkmfowgmlmyx@verizon.net>"): the same.
     gibberish_mailbox_tag: float | None = 0.5
     # A brand in the From display name that the From domain is not ("Norton Security <x@funnysnails.com>"):
     # the same, and such a sender is never given the bulk verdict.
-    brand_display_tag: float | None = 0.8
+    brand_display_tag: float | None = 0.85
 
 
 @dataclass(frozen=True)

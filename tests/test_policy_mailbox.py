@@ -61,7 +61,7 @@ def test_a_brand_named_mailbox_elsewhere_is_tagged_not_accepted_as_bulk() -> Non
     verdict, action, reason, *_ = decide()
     assert (verdict, action) == ("spam", "tag")
     assert reason == ("a mailbox named 'Hardware ACE' at landyselect.example, a domain not that name's, "
-                      "scores 0.90 as spam (at least 0.8 tags such mail)")
+                      "scores 0.90 as spam (at least 0.85 tags such mail)")
     # the same sender under the cut is the bulk sender its headers say it is
     assert decide(CLEAN)[:2] == ("bulk", "accept")
 
@@ -153,7 +153,7 @@ def test_a_borrowed_brand_is_tagged_and_never_bulk() -> None:
     verdict, action, reason, *_ = decide(LEANS, NORTON, display_brand="norton")
     assert (verdict, action) == ("spam", "tag")
     assert reason == ("the display name names norton but the sender domain is funnysnails.example, and it "
-                      "scores 0.90 as spam (at least 0.8 tags such mail)")
+                      "scores 0.90 as spam (at least 0.85 tags such mail)")
     # under the cut its unsubscribe header and aligned signature do not make it bulk: the ladder judges it
     assert decide(CLEAN, NORTON, display_brand="norton")[:2] == ("ham", "accept")
     assert decide(CLEAN, NORTON)[:2] == ("bulk", "accept")

@@ -2,7 +2,7 @@
 spam score.
 
 * **A brand's name as the mailbox of a domain that is not the brand's** (`name_as_mailbox`,
-  `policy.name_mailbox_tag`, 0.8 by default): `Hardware ACE <hardwareace@landyselect.com>`, `Club VP Sams
+  `policy.name_mailbox_tag`, 0.85 by default): `Hardware ACE <hardwareace@landyselect.com>`, `Club VP Sams
   <clubvpsams@mswoodtrader.com>`, `AAA Driver Care <AAADriverCare@wifimarfixhotspot.com>`. A spam run
   registers a domain per campaign and names the mailbox after the brand it poses as, so the display name
   and the local part agree and the domain says nothing of either. A real brand's mail names the brand in
@@ -18,7 +18,7 @@ spam score.
   of 8 or more ASCII letters, under a fifth of them vowels, sharing no word of 3 or more letters with the
   display name counts.
 * **A brand in the display name that the From domain is not** (`brand_display_name`,
-  `policy.brand_display_tag`, 0.8 by default): `Norton Security <jokes@funnysnails.com>`. The brands are
+  `policy.brand_display_tag`, 0.85 by default): `Norton Security <jokes@funnysnails.com>`. The brands are
   the features' (`lexicon.BRANDS`, the ones phishing impersonates most), read as a reader takes the name
   in (`identity.brand_in_display`: "PayPaI" is PayPal). The model reads the same fact as one feature
   among hundreds, and its cut is set by old ham; this rule is the display-name spoof rules of SpamAssassin
@@ -32,7 +32,7 @@ messages; a name as the mailbox of another domain marks 33 of the shop mailbox's
 <McDonalds@sparkpostmail.com>`); none of those scored out of fold reaches 0.7. The cuts were chosen on the
 out-of-fold threshold rows, not on the test split. The corpora hold no modern one-to-one business mail
 from people whose mailbox is their full name at a domain that is not (`Jane Doe <janedoe@acme.example>`),
-which the first rule would judge too; it needs the model to lean hard to spam already (0.8; 0.35 % of
+which the first rule would judge too; it needs the model to lean hard to spam already (0.85; 0.35 % of
 Enron's business ham scores that high out of fold), and it only tags.
 
 Neither rule judges internal clients, our own domains, a mailing list's copy or a machine-generated report
