@@ -35,11 +35,13 @@ from people whose mailbox is their full name at a domain that is not (`Jane Doe 
 which the first rule would judge too; it needs the model to lean hard to spam already (0.85; 0.35 % of
 Enron's business ham scores that high out of fold), and it only tags.
 
-Neither rule judges internal clients, our own domains, a mailing list's copy or a machine-generated report
-(bounces come from `MAILER-DAEMON`); the first never judges free-mail (a person's own mailbox). Both only
-tag, after the allow lists and the blocklists, before the bulk rule (a brand-named throwaway sender's
-unsubscribe header does not make it bulk) and never softer than the spam ladder. The name tests are
-written here rather than read from the features: they are hand rules for the policy, not model inputs.
+None of the three judges internal clients, our own domains, a mailing list's copy or a machine-generated
+report (bounces come from `MAILER-DAEMON`); the first never judges free-mail (a person's own mailbox). All
+only tag, after the allow lists and the blocklists, before the bulk rule (a brand-named throwaway sender's
+unsubscribe header does not make it bulk) and never softer than the spam ladder. The first two tests are
+written here, as hand rules for the policy rather than model inputs; the third reads the features' own
+brand test (`MessageSummary.display_brand`), so that the model and the rule agree on what a borrowed
+brand is.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def brand_display_name(ctx: Context) -> Hit | None:
 
 
 def _judged(ctx: Context) -> bool:
-    """Neither rule judges our own clients or domains, a list's copy or a machine-generated report."""
+    """No rule here judges our own clients or domains, a list's copy or a machine-generated report."""
     summary = ctx.summary
     if ctx.internal or summary.list_mail or summary.auto_report:
         return False
