@@ -34,7 +34,10 @@ from milter.scan import prepare
 from milter.types import Envelope
 
 Ports = Callable[[], int]
-SCAN_TIMEOUT = 2.0
+#: The replacement pool after a timeout starts cold, and its first job's deadline includes that start: a
+#: process's imports took 1.1-1.9 s on a loaded 2-core CI machine, so 2 s left no margin (the three
+#: messages after the kill once all timed out there, each recycling the new pool again).
+SCAN_TIMEOUT = 5.0
 KILL_GRACE = 5.0  # PrepareLimits.kill_grace
 
 
