@@ -25,7 +25,7 @@ spam score.
   and Rspamd, gated on the model's score because co-branded mail names a brand it is not sent by
   (`Amazon Web Services <invoicing@aws.com>`, `Synchrony for your PayPal Extras World Mastercard`).
 
-Measured (docs/DETECTION.md, "How the From mailbox is named"): among the corpora's 29,242 ham none has a
+Measured (docs/DETECTION.md, "How From names the sender"): among the corpora's 29,242 ham none has a
 name over a gibberish mailbox, against 2,636 of Enron's 28,279 spam and 28 of phishing-pot's 5,930
 messages; a name as the mailbox of another domain marks 33 of the shop mailbox's 127 spam and 20 ham
 (people at their own domains, brands mailing from their platform's: `McDonald's
