@@ -142,6 +142,9 @@ class PolicyConfig:
     name_mailbox_tag: float | None = 0.85
     # A person's name over a gibberish mailbox ("Gregorio Newman <snqkmfowgmlmyx@verizon.net>"): the same.
     gibberish_mailbox_tag: float | None = 0.5
+    # A person's name over a mailbox that has nothing of it ("Courtney Curran <deviyn@lhs75.every1.net>"):
+    # the same, from a higher score (people do write from old or odd addresses).
+    unrelated_mailbox_tag: float | None = 0.85
     # A brand in the From display name that the From domain is not ("Norton Security <x@funnysnails.com>"):
     # the same, and such a sender is never given the bulk verdict.
     brand_display_tag: float | None = 0.85
@@ -364,7 +367,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
     lower_cuts = (
         "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "name_mailbox_tag", "gibberish_mailbox_tag",
-        "brand_display_tag",
+        "unrelated_mailbox_tag", "brand_display_tag",
     )
     nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}

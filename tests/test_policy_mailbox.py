@@ -16,7 +16,7 @@ from milter.errors import ConfigError
 from milter.features import extract
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
-from milter.policy.mailbox import brand_mailbox_elsewhere, gibberish, name_over_gibberish
+from milter.policy.mailbox import brand_mailbox_elsewhere, gibberish, name_over_gibberish, name_over_unrelated
 from milter.types import Envelope, Scores
 
 META = {"spam": {"tag": 0.975, "quarantine": 0.99}, "bec": {"tag": 0.8, "quarantine": 0.95}}
@@ -27,6 +27,7 @@ SPAM = Scores(ham=0.001, spam=0.995, bec=0.004)  # the ladder quarantines
 
 BRAND = ("Hardware ACE", "hardwareace@landyselect.example")
 PERSON = ("Gregorio Newman", "snqkmfowgmlmyx@isp.example")
+STRANGER = ("Courtney Curran", "deviyn@lhs75.isp.example")
 
 
 def summary(who: tuple[str, str] = BRAND, **kw: object) -> MessageSummary:
@@ -144,9 +145,54 @@ def test_a_name_over_gibberish_needs_an_unrelated_name(who: tuple[str, str], mat
     assert name_over_gibberish(summary(who)) is matches
 
 
+# --- a person's name over a mailbox with none of it ---------------------------------------------------
+
+def test_a_name_over_someone_elses_mailbox_is_tagged_when_the_model_leans_hard() -> None:
+    verdict, action, reason, *_ = decide(LEANS, STRANGER, html=False, dkim_signers=(), bulk_evidence=())
+    assert (verdict, action) == ("spam", "tag")
+    assert reason == ("a person's name ('Courtney Curran') over a mailbox with none of it "
+                      "(deviyn@lhs75.isp.example) scores 0.90 as spam (at least 0.85 tags such mail)")
+    assert decide(MILD, STRANGER)[0] != "spam"  # 0.60: people do write from odd addresses
+    assert decide(CLEAN, STRANGER)[0] != "spam"
+
+
+@pytest.mark.parametrize(
+    ("who", "matches"),
+    [
+        (STRANGER, True),
+        (("rolland lemieux", "genevieweinhjef@dad-mail.example"), True),  # another person's mailbox
+        (("Mr. Raymond Leo", "kate102benjamin@mail.example"), True),
+        (("Karl Schwartz", "kschwartz@corp.example"), False),  # the surname is in the mailbox
+        (("Lindsey Ruiz", "ruiznh@isp.example"), False),
+        (("Glen McCready", "gkm@petting-zoo.example"), False),  # initials, a middle one among them
+        (("Jane Doe", "jd1975@mail.example"), False),
+        (("Peter Smith", "psmith+lists@mail.example"), False),  # a sub-address is still his
+        (("Rick Kleffel", "gigo@kleffel.example"), False),  # his name is the domain's
+        (("Amazon Web Services", "invoicing@aws.example"), False),  # the initials are the domain
+        (("Jane Doe", "accounts@acme.example"), False),  # a shared mailbox: someone writing for the firm
+        (("Jane Doe", "hello@acme.example"), False),
+        (("CNET Delivers", "online#3.21186.45-m2nuokj6@newsletter.example"), False),  # a tracking address
+        (("Daily Dilbert", "2.20290.44-t9bsgc0tywdu.1@mail.example"), False),  # more digits than letters
+        (("Cron Daemon", "root@host.example"), False),  # a system account
+        (("Madonna", "deviyn@isp.example"), False),  # one word: no person's full name to compare
+        (("Ann Li", "deviyn@isp.example"), False),  # one word of 3 letters or more
+        (("Anna Maria Dolores Curran", "deviyn@isp.example"), False),  # four words: not read as a name
+        (("Courtney 2 Curran", "deviyn@isp.example"), False),  # digits: not a name
+        (("", "deviyn@isp.example"), False),
+    ],
+    ids=["stranger", "another-person", "title", "surname", "surname-first", "initials", "initials-digits",
+         "sub-address", "name-in-domain", "initials-domain", "role", "role-hello", "tracking", "digits-local",
+         "system", "one-word", "short-words", "four-words", "digits", "no-name"],
+)
+def test_what_counts_as_a_name_over_an_unrelated_mailbox(who: tuple[str, str], matches: bool) -> None:
+    assert name_over_unrelated(summary(who)) is matches
+
+
 # --- a brand in the display name that the From domain is not -------------------------------------------
 
-NORTON = ("Norton Security", "jokes@funnysnails.example")
+# (Its real mailbox was jokes@: a person's name over a mailbox with none of it, which the rule after the
+# brand rule would tag too; "security" keeps this test to the brand.)
+NORTON = ("Norton Security", "security@funnysnails.example")
 
 
 def test_a_borrowed_brand_is_tagged_and_never_bulk() -> None:
@@ -175,7 +221,11 @@ def test_extraction_names_the_borrowed_brand() -> None:
 BRANDED: dict[str, Any] = {"display_brand": "norton"}
 
 
-@pytest.mark.parametrize(("scores", "who"), [(LEANS, BRAND), (MILD, PERSON)], ids=["name", "gibberish"])
+@pytest.mark.parametrize(
+    ("scores", "who"),
+    [(LEANS, BRAND), (MILD, PERSON), (LEANS, STRANGER)],
+    ids=["name", "gibberish", "unrelated"],
+)
 def test_our_own_clients_and_domains_are_never_judged(scores: Scores, who: tuple[str, str]) -> None:
     assert decide(scores, who)[0] == "spam"
     assert decide(scores, who, client="10.1.2.3")[0] != "spam"
@@ -183,7 +233,7 @@ def test_our_own_clients_and_domains_are_never_judged(scores: Scores, who: tuple
     assert decide(scores, who, config=ours)[0] != "spam"
 
 
-@pytest.mark.parametrize("who", [BRAND, PERSON], ids=["name", "gibberish"])
+@pytest.mark.parametrize("who", [BRAND, PERSON, STRANGER], ids=["name", "gibberish", "unrelated"])
 def test_the_ladder_is_never_softened(who: tuple[str, str]) -> None:
     assert decide(SPAM, who)[:2] == ("spam", "quarantine")
 
@@ -191,6 +241,7 @@ def test_the_ladder_is_never_softened(who: tuple[str, str]) -> None:
 @pytest.mark.parametrize(("key", "scores", "who", "kw"), [
     ("name_mailbox_tag", LEANS, BRAND, {}),
     ("gibberish_mailbox_tag", MILD, PERSON, {}),
+    ("unrelated_mailbox_tag", LEANS, STRANGER, {}),
     ("brand_display_tag", LEANS, NORTON, BRANDED),
 ])
 def test_each_rule_can_be_turned_off(
@@ -207,7 +258,9 @@ def test_a_borrowed_brand_is_not_judged_for_our_own_clients_or_list_copies() -> 
     assert decide(LEANS, NORTON, list_mail=True, **BRANDED)[0] != "spam"
 
 
-@pytest.mark.parametrize("key", ["name_mailbox_tag", "gibberish_mailbox_tag", "brand_display_tag"])
+@pytest.mark.parametrize(
+    "key", ["name_mailbox_tag", "gibberish_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag"]
+)
 @pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
 def test_a_bad_setting_names_its_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:
@@ -231,3 +284,9 @@ def test_extraction_gives_the_rules_what_they_read() -> None:
     assert name_over_gibberish(person)
     home = extract(_mail("Hardware ACE <hardwareace@news.acehardware.example>")).summary
     assert brand_mailbox_elsewhere(home) is None
+    stranger = extract(_mail('"Courtney Curran" <Deviyn@lhs75.isp.example>')).summary
+    assert name_over_unrelated(stranger)
+    encoded = extract(_mail("=?utf-8?q?Courtney_Curran?= <deviyn@lhs75.isp.example>")).summary
+    assert name_over_unrelated(encoded)  # the decoded display name is what is compared
+    herself = extract(_mail("Courtney Curran <ccurran@lhs75.isp.example>")).summary
+    assert not name_over_unrelated(herself)

@@ -51,7 +51,8 @@ Precedence (the order of `RULES`), and why:
    How From names the sender (`mailbox.py`): a brand's name as the mailbox of a domain that carries none
    of it (`policy.name_mailbox_tag`), a person's name over a gibberish mailbox
    (`policy.gibberish_mailbox_tag`), a brand in the display name that the From domain is not
-   (`policy.brand_display_tag`) -> spam, tag from those not-ham scores (the ladder's when stricter). Not
+   (`policy.brand_display_tag`), a person's name over a mailbox with none of it
+   (`policy.unrelated_mailbox_tag`) -> spam, tag from those not-ham scores (the ladder's when stricter). Not
    for internal clients, our own domains, list copies or bounces; before the bulk rule, so such a
    sender's unsubscribe header does not make it bulk.
 5. Bulk senders (`bulk.py`): an unsubscribe offer plus Feedback-ID, Precedence: bulk or an aligned DKIM
@@ -113,7 +114,7 @@ from milter.policy.history import (
     history_reply_to_unseen,
 )
 from milter.policy.learned import learned_sender
-from milter.policy.mailbox import brand_display_name, gibberish_mailbox, name_as_mailbox
+from milter.policy.mailbox import brand_display_name, gibberish_mailbox, name_as_mailbox, unrelated_mailbox
 from milter.policy.reputation import blocklisted
 from milter.policy.rules import (
     allow_domain,
@@ -180,6 +181,7 @@ RULES: tuple[Rule, ...] = (
     name_as_mailbox,
     gibberish_mailbox,
     brand_display_name,
+    unrelated_mailbox,  # after the brand rule: "Norton Security <jokes@...>" is a borrowed brand first
     bulk_sender,
     spam_score,
     history_display_name_new_address,
@@ -274,6 +276,7 @@ class Policy:
                 config.odd_digest_tag,
                 config.name_mailbox_tag,
                 config.gibberish_mailbox_tag,
+                config.unrelated_mailbox_tag,
                 config.brand_display_tag,
             ),
         )

@@ -71,6 +71,7 @@ class LowerCuts:
     odd_digest: float | None = None  # policy.odd_digest_tag (milter.policy.unsigned)
     name_mailbox: float | None = None  # policy.name_mailbox_tag (milter.policy.mailbox)
     gibberish_mailbox: float | None = None  # policy.gibberish_mailbox_tag (milter.policy.mailbox)
+    unrelated_mailbox: float | None = None  # policy.unrelated_mailbox_tag (milter.policy.mailbox)
     brand_display: float | None = None  # policy.brand_display_tag (milter.policy.mailbox)
 
 
