@@ -150,7 +150,7 @@ def test_a_name_over_gibberish_needs_an_unrelated_name(who: tuple[str, str], mat
 def test_a_name_over_someone_elses_mailbox_is_tagged_when_the_model_leans_hard() -> None:
     verdict, action, reason, *_ = decide(LEANS, STRANGER, html=False, dkim_signers=(), bulk_evidence=())
     assert (verdict, action) == ("spam", "tag")
-    assert reason == ("a person's name ('Courtney Curran') over a mailbox with none of it "
+    assert reason == ("a name ('Courtney Curran') over a mailbox with none of it "
                       "(deviyn@lhs75.isp.example) scores 0.90 as spam (at least 0.85 tags such mail)")
     assert decide(MILD, STRANGER)[0] != "spam"  # 0.60: people do write from odd addresses
     assert decide(CLEAN, STRANGER)[0] != "spam"
@@ -167,6 +167,8 @@ def test_a_name_over_someone_elses_mailbox_is_tagged_when_the_model_leans_hard()
         (("Glen McCready", "gkm@petting-zoo.example"), False),  # initials, a middle one among them
         (("Jane Doe", "jd1975@mail.example"), False),
         (("Peter Smith", "psmith+lists@mail.example"), False),  # a sub-address is still his
+        (("Courtney Curran", "deviyn+news@isp.example"), True),
+        (("Space Between Entertainment", "creator+5696@o.backerkit.example"), False),  # a platform's id
         (("Rick Kleffel", "gigo@kleffel.example"), False),  # his name is the domain's
         (("Amazon Web Services", "invoicing@aws.example"), False),  # the initials are the domain
         (("Jane Doe", "accounts@acme.example"), False),  # a shared mailbox: someone writing for the firm
@@ -181,8 +183,9 @@ def test_a_name_over_someone_elses_mailbox_is_tagged_when_the_model_leans_hard()
         (("", "deviyn@isp.example"), False),
     ],
     ids=["stranger", "another-person", "title", "surname", "surname-first", "initials", "initials-digits",
-         "sub-address", "name-in-domain", "initials-domain", "role", "role-hello", "tracking", "digits-local",
-         "system", "one-word", "short-words", "four-words", "digits", "no-name"],
+         "sub-address", "sub-address-stranger", "platform-id", "name-in-domain", "initials-domain", "role",
+         "role-hello", "tracking", "digits-local", "system", "one-word", "short-words", "four-words",
+         "digits", "no-name"],
 )
 def test_what_counts_as_a_name_over_an_unrelated_mailbox(who: tuple[str, str], matches: bool) -> None:
     assert name_over_unrelated(summary(who)) is matches
