@@ -66,7 +66,7 @@ import re
 
 from milter.features.identity import display_letters
 from milter.features.summary import MessageSummary
-from milter.policy.table import Context, Hit, in_domain, tag_from
+from milter.policy.table import Context, Hit, judged_sender, tag_from
 
 #: The shortest squashed display name that counts ("Hardware ACE" does; "Jessica <jessica@...>", a person's
 #: first name over her own mailbox, does not; nor did a 2002 "Tesco .ie" newsletter from its mailing
@@ -96,7 +96,7 @@ ROLE_WORDS = (
 def name_as_mailbox(ctx: Context) -> Hit | None:
     cut = ctx.rules.cuts.name_mailbox
     summary = ctx.summary
-    if cut is None or not _judged(ctx) or summary.freemail_sender:
+    if cut is None or not judged_sender(ctx) or summary.freemail_sender:
         return None
     display = brand_mailbox_elsewhere(summary)
     if display is None:
@@ -108,7 +108,7 @@ def name_as_mailbox(ctx: Context) -> Hit | None:
 def gibberish_mailbox(ctx: Context) -> Hit | None:
     cut = ctx.rules.cuts.gibberish_mailbox
     summary = ctx.summary
-    if cut is None or not _judged(ctx) or not name_over_gibberish(summary):
+    if cut is None or not judged_sender(ctx) or not name_over_gibberish(summary):
         return None
     where = f"a name ({summary.from_display!r}) over a gibberish mailbox ({summary.from_addr})"
     return tag_from(ctx, cut, lambda score: f"{where} scores {score:.2f} as spam")
@@ -117,7 +117,7 @@ def gibberish_mailbox(ctx: Context) -> Hit | None:
 def unrelated_mailbox(ctx: Context) -> Hit | None:
     cut = ctx.rules.cuts.unrelated_mailbox
     summary = ctx.summary
-    if cut is None or not _judged(ctx) or not name_over_unrelated(summary):
+    if cut is None or not judged_sender(ctx) or not name_over_unrelated(summary):
         return None
     where = f"a name ({summary.from_display!r}) over a mailbox with none of it ({summary.from_addr})"
     return tag_from(ctx, cut, lambda score: f"{where} scores {score:.2f} as spam")
@@ -126,19 +126,10 @@ def unrelated_mailbox(ctx: Context) -> Hit | None:
 def brand_display_name(ctx: Context) -> Hit | None:
     cut = ctx.rules.cuts.brand_display
     brand = ctx.summary.display_brand
-    if cut is None or brand is None or not _judged(ctx):
+    if cut is None or brand is None or not judged_sender(ctx):
         return None
     where = f"the display name names {brand} but the sender domain is {ctx.summary.from_org_domain}"
     return tag_from(ctx, cut, lambda score: f"{where}, and it scores {score:.2f} as spam")
-
-
-def _judged(ctx: Context) -> bool:
-    """No rule here judges our own clients or domains, a list's copy or a machine-generated report."""
-    summary = ctx.summary
-    if ctx.internal or summary.list_mail or summary.auto_report:
-        return False
-    domain = summary.from_org_domain or ""
-    return not (domain and in_domain(domain, ctx.protected.domains) is not None)
 
 
 def brand_mailbox_elsewhere(summary: MessageSummary) -> str | None:

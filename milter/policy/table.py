@@ -187,6 +187,18 @@ def tag_from(ctx: Context, cut: float, reason: Callable[[float], str]) -> Hit | 
     return Hit(f"{reason(score)} (at least {cut:g} tags such mail)", Verdict.SPAM, action)
 
 
+def judged_sender(ctx: Context) -> bool:
+    """Whether a rule that lowers the spam cut for how a sender looks may judge this message: not our own
+    clients' mail (`policy.internal_networks`: often signed only after the filter), not from our own
+    domains (`policy.protected_domains`), not a mailing list's copy (the list's headers, not the
+    author's) and not a machine-generated report (bounces, DMARC reports)."""
+    summary = ctx.summary
+    if ctx.internal or summary.list_mail or summary.auto_report:
+        return False
+    domain = summary.from_org_domain or ""
+    return not (domain and in_domain(domain, ctx.protected.domains) is not None)
+
+
 def no_softer_than_ladder(ctx: Context, action: Action, score: float) -> Action:
     """`action`, or the spam ladder's for not-ham `score` where that is stricter: a rule that decides on
     other evidence (a listing, a lower cut) never lets through what the model alone would hold."""

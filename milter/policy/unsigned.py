@@ -41,7 +41,7 @@ its misses among them score 0.77-0.97 as not-ham. Not for internal clients or a 
 from __future__ import annotations
 
 from milter.features.summary import MessageSummary
-from milter.policy.table import Context, Hit, in_domain, tag_from
+from milter.policy.table import Context, Hit, judged_sender, tag_from
 
 #: DKIM results that say the message was signed (temperror: the key lookup failed, not the signature).
 SIGNED_RESULTS = frozenset({"pass", "temperror"})
@@ -50,12 +50,9 @@ SIGNED_RESULTS = frozenset({"pass", "temperror"})
 def unsigned_html(ctx: Context) -> Hit | None:
     cut = ctx.rules.cuts.unsigned_html
     summary = ctx.summary
-    if cut is None or not summary.html or ctx.internal or summary.list_mail or summary.auto_report:
+    if cut is None or not summary.html or not judged_sender(ctx):
         return None
     if summary.bulk_evidence or signed(summary):
-        return None
-    domain = summary.from_org_domain or ""
-    if domain and in_domain(domain, ctx.protected.domains) is not None:
         return None
     what = "HTML mail with no DKIM signature and no unsubscribe offer"
     return tag_from(ctx, cut, lambda score: f"{what} scores {score:.2f} as spam")
