@@ -63,6 +63,7 @@ a borrowed brand is.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from milter.features.identity import display_letters
 from milter.features.summary import MessageSummary
@@ -106,20 +107,21 @@ def name_as_mailbox(ctx: Context) -> Hit | None:
 
 
 def gibberish_mailbox(ctx: Context) -> Hit | None:
-    cut = ctx.rules.cuts.gibberish_mailbox
-    summary = ctx.summary
-    if cut is None or not judged_sender(ctx) or not name_over_gibberish(summary):
-        return None
-    where = f"a name ({summary.from_display!r}) over a gibberish mailbox ({summary.from_addr})"
-    return tag_from(ctx, cut, lambda score: f"{where} scores {score:.2f} as spam")
+    return _name_over(ctx, ctx.rules.cuts.gibberish_mailbox, name_over_gibberish, "a gibberish mailbox")
 
 
 def unrelated_mailbox(ctx: Context) -> Hit | None:
-    cut = ctx.rules.cuts.unrelated_mailbox
+    return _name_over(ctx, ctx.rules.cuts.unrelated_mailbox, name_over_unrelated, "a mailbox with none of it")
+
+
+def _name_over(
+    ctx: Context, cut: float | None, matches: Callable[[MessageSummary], bool], mailbox: str
+) -> Hit | None:
+    """Tag from `cut` where the display name over the From mailbox `matches` (the two name tests)."""
     summary = ctx.summary
-    if cut is None or not judged_sender(ctx) or not name_over_unrelated(summary):
+    if cut is None or not judged_sender(ctx) or not matches(summary):
         return None
-    where = f"a name ({summary.from_display!r}) over a mailbox with none of it ({summary.from_addr})"
+    where = f"a name ({summary.from_display!r}) over {mailbox} ({summary.from_addr})"
     return tag_from(ctx, cut, lambda score: f"{where} scores {score:.2f} as spam")
 
 
