@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from milter.config import PolicyConfig, parse_config
 from milter.errors import ConfigError
@@ -293,3 +295,21 @@ def test_extraction_gives_the_rules_what_they_read() -> None:
     assert name_over_unrelated(encoded)  # the decoded display name is what is compared
     herself = extract(_mail("Courtney Curran <ccurran@lhs75.isp.example>")).summary
     assert not name_over_unrelated(herself)
+
+
+# --- hostile From headers ------------------------------------------------------------------------------
+
+_NAME = st.text(st.characters(codec="utf-8"), max_size=60)
+_LOCAL = st.text("abcdefghijklmnopqrstuvwxyzABC0123456789.+-_#=\"' \u00e9\u0430", max_size=40)
+_DOMAIN = st.sampled_from(["isp.example", "", "x", "mail.house.example", "\u0430pple.example", "a.b.c.d.e"])
+
+
+@given(display=_NAME, local=_LOCAL, domain=_DOMAIN)
+@settings(max_examples=300, deadline=None)
+def test_the_name_tests_read_any_from_header_without_raising(display: str, local: str, domain: str) -> None:
+    # Display names and mailboxes are the sender's to write: the tests must answer, never raise.
+    addr = f"{local}@{domain}" if domain else local
+    s = summary((display, addr))
+    assert isinstance(name_over_unrelated(s), bool)
+    assert isinstance(name_over_gibberish(s), bool)
+    assert brand_mailbox_elsewhere(s) in (None, display)
