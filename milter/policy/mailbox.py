@@ -187,8 +187,8 @@ def name_over_unrelated(summary: MessageSummary) -> bool:
     local, _, tag = local.partition("+")  # a sub-address ("jane+lists") is still her mailbox ...
     if any(c.isdigit() for c in tag):  # ... but "creator+5696@" is a platform's, per customer
         return False
-    words = [_plain(w) for w in _WORDS.split(display)]
-    words = [w for w in words if w]
+    # Not `name_words`: its capital-I-for-l reading (for brands: "PayPaI") would turn McIntyre into mclntyre.
+    words = [w for w in map(_plain, _WORDS.split(display)) if w]
     if not 2 <= len(words) <= 3 or not all(w.isalpha() for w in words) or sum(len(w) >= 3 for w in words) < 2:
         return False
     if not _personal(local):
