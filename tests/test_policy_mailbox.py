@@ -183,11 +183,20 @@ def test_a_name_over_someone_elses_mailbox_is_tagged_when_the_model_leans_hard()
         (("Anna Maria Dolores Curran", "deviyn@isp.example"), False),  # four words: not read as a name
         (("Courtney 2 Curran", "deviyn@isp.example"), False),  # digits: not a name
         (("", "deviyn@isp.example"), False),
+        (("Rep. Pete Olson", "tx22poima@mail.house.example"), False),  # his initials, without the title
+        (("Congresswoman Ann Wagner", "mo02awima@mail.house.example"), False),
+        (("Mrs. Miller", "tomay@outgun.example"), True),  # a title and one name: one initial proves nothing
+        (("Lucy Caldwell", "hq@joewalsh.example"), False),  # a campaign's headquarters
+        (("Courtney Curran", "shrewd@isp.example"), True),  # "hr" inside a word is no role
+        (("Dania Moore", "soporte@web.example"), False),  # role words in the corpora's other languages
+        (("Selena Lang", "vertrieb@firma.example"), False),
+        (("Justin Mason", "yyyy@netnoteinc.example"), False),  # a placeholder
     ],
     ids=["stranger", "another-person", "title", "surname", "surname-first", "initials", "initials-digits",
          "sub-address", "sub-address-stranger", "platform-id", "name-in-domain", "initials-domain", "role",
          "role-hello", "tracking", "digits-local", "system", "one-word", "short-words", "four-words",
-         "digits", "no-name"],
+         "digits", "no-name", "title-initials", "long-title-initials", "title-one-name", "role-token",
+         "role-token-inside-a-word", "role-spanish", "role-german", "placeholder"],
 )
 def test_what_counts_as_a_name_over_an_unrelated_mailbox(who: tuple[str, str], matches: bool) -> None:
     assert name_over_unrelated(summary(who)) is matches
