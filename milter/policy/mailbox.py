@@ -105,7 +105,6 @@ ROLE_WORDS = (
 #: Role words too short to look for inside a local part ("hr" is in "christine"): whole tokens only
 #: ("Lucy Caldwell <hq@joewalsh.org>" writes for a campaign's headquarters).
 ROLE_TOKENS = frozenset({"hq", "hr", "pr", "it", "ir"})
-_LOCAL_TOKENS = re.compile(r"[._-]+")
 #: Titles and suffixes around a person's name: not the name ("Rep. Pete Olson <tx22poima@mail.house.gov>"
 #: carries the initials of Pete Olson, not of Rep Pete Olson).
 HONORIFICS = frozenset({
@@ -238,7 +237,7 @@ def _personal(local: str) -> bool:
         return False
     if any(word in local for word in ROLE_WORDS):
         return False
-    return ROLE_TOKENS.isdisjoint(_LOCAL_TOKENS.split(local))
+    return ROLE_TOKENS.isdisjoint(_WORDS.split(local))  # the dots, dashes and underscores of a mailbox
 
 
 def gibberish(local: str) -> bool:
