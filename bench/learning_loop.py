@@ -16,7 +16,7 @@ alone: it says what the labels *could* teach. This runs what a site runs instead
    bulk verdict and the BEC rules; learned senders are not counted here: `make unseen` reports them).
 
 Usage: .venv/bin/python bench/learning_loop.py --source foff-milter-mailbox [--labels 20] [--label-ham-only]
-       [--label-subcollection TEXT] [--language-adjust X] [--no-tree-words]
+       [--label-subcollection TEXT] [--language-adjust X] [--no-tree-words] [--show-flagged]
        [--work DIR] [--max-per-group N]  (a fit of the full corpora takes a few minutes on 2 cores)
 """
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from milter.config import load_config  # noqa: E402
 from milter.features import SCHEMA  # noqa: E402
-from milter.scan import Scanner, build_scanner  # noqa: E402
+from milter.scan import Scanner, ScanResult, build_scanner  # noqa: E402
 from milter.store import Store  # noqa: E402
 from milter.types import CLASS_NAMES, Action, Envelope  # noqa: E402
 from training import retrain as rt  # noqa: E402
@@ -59,6 +59,7 @@ class Figures:
     tagged_or_worse: float  # ... at its tag thresholds
     policy_quarantined: float  # through the policy (bulk verdict, BEC rules)
     policy_flagged: float  # tagged or quarantined through the policy
+    flagged: tuple[str, ...] = ()  # one line per message flagged through the policy (--show-flagged)
 
 
 def oldest_first(messages: Sequence[Message]) -> list[Message]:
@@ -92,7 +93,18 @@ def figures(scanner: Scanner, ham: Sequence[Message]) -> Figures:
         float(tagged.mean()),
         sum(a == Action.QUARANTINE for a in actions) / len(ham),
         sum(a in (Action.QUARANTINE, Action.TAG) for a in actions) / len(ham),
+        tuple(flagged_line(m, r) for m, r in zip(ham, results, strict=True) if r.action in FLAGGED),
     )
+
+
+FLAGGED = (Action.QUARANTINE, Action.TAG)
+
+
+def flagged_line(m: Message, r: ScanResult) -> str:
+    """Which message, how the policy flagged it and why: what a reader of the figures asks next."""
+    s = r.scores
+    return (f"{r.action.value:<10} {r.verdict.value:<4} ham={s.ham:.3f} spam={s.spam:.3f} bec={s.bec:.3f} "
+            f"{m.subcollection} {m.path.name}: {'; '.join(r.reasons)}")
 
 
 def label(store: Store, scanner: Scanner, messages: Sequence[Message]) -> None:
@@ -104,12 +116,14 @@ def label(store: Store, scanner: Scanner, messages: Sequence[Message]) -> None:
         store.set_label(pk, CLASS_NAMES[m.klass], "admin")
 
 
-def show(title: str, f: Figures) -> None:
+def show(title: str, f: Figures, show_flagged: bool = False) -> None:
     print(
         f"  {title:<28} {f.model:<28} ham n={f.n:<4} model: quarantined {100 * f.quarantined:5.1f} %, "
         f"tagged+ {100 * f.tagged_or_worse:5.1f} % | policy: quarantined "
         f"{100 * f.policy_quarantined:5.1f} %, flagged {100 * f.policy_flagged:5.1f} %"
     )
+    for line in f.flagged if show_flagged else ():
+        print(f"    {line}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-per-group", type=int, help="base messages per (corpus, label), for a quick run")
     p.add_argument("--language-adjust", type=float, help="milter-retrain's --language-adjust, both retrains")
     p.add_argument("--no-tree-words", action="store_true", help="milter-retrain's --no-tree-words, both")
+    p.add_argument("--show-flagged", action="store_true",
+                   help="list the rest's ham the policy tags or quarantines, with reasons, under each model")
     args = p.parse_args(argv)
     extra = ["--max-per-group", str(args.max_per_group)] if args.max_per_group else []
     if args.language_adjust is not None:
@@ -164,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"{args.source}: {len(labelled)} labels ({by_class}), {len(rest_ham)} more ham scored")
     print(f"  retrain: {'PROMOTED' if result.promoted else 'REFUSED'} {result.challenger}: {result.reason}")
-    show("before the labels", before)
-    show("after the nightly retrain", after)
+    show("before the labels", before, args.show_flagged)
+    show("after the nightly retrain", after, args.show_flagged)
     if before_kin and after_kin:
         print(f"  of which {args.label_subcollection} (the labels' own kind of mail):")
         show("before the labels", before_kin)
