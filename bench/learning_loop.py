@@ -78,6 +78,9 @@ def retrain(work: Path, db: str, holdout: Path, extra: Sequence[str]) -> rt.Retr
     return rt.run(rt.parse_args(args))
 
 
+FLAGGED = (Action.QUARANTINE, Action.TAG)  # what the policy does to mail it does not simply accept
+
+
 def figures(scanner: Scanner, ham: Sequence[Message]) -> Figures:
     raws = [m.path.read_bytes() for m in ham]
     results = scanner.scan_batch(raws)
@@ -92,12 +95,9 @@ def figures(scanner: Scanner, ham: Sequence[Message]) -> Figures:
         float(held.mean()),
         float(tagged.mean()),
         sum(a == Action.QUARANTINE for a in actions) / len(ham),
-        sum(a in (Action.QUARANTINE, Action.TAG) for a in actions) / len(ham),
+        sum(a in FLAGGED for a in actions) / len(ham),
         tuple(flagged_line(m, r) for m, r in zip(ham, results, strict=True) if r.action in FLAGGED),
     )
-
-
-FLAGGED = (Action.QUARANTINE, Action.TAG)
 
 
 def flagged_line(m: Message, r: ScanResult) -> str:
