@@ -148,6 +148,11 @@ class PolicyConfig:
     # A brand in the From display name that the From domain is not ("Norton Security <x@funnysnails.com>"):
     # the same, and such a sender is never given the bulk verdict.
     brand_display_tag: float | None = 0.85
+    # A Subject that says "Re:" over a message that answers nothing (no In-Reply-To, no References) is
+    # tagged as spam from this not-ham score (milter.policy.form).
+    fake_reply_tag: float | None = 0.5
+    # A From that names no mailbox (none, no address, an undecoded encoded word; bounces exempt): the same.
+    no_mailbox_tag: float | None = 0.3
 
 
 @dataclass(frozen=True)
@@ -367,7 +372,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
     lower_cuts = (
         "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "name_mailbox_tag", "gibberish_mailbox_tag",
-        "unrelated_mailbox_tag", "brand_display_tag",
+        "unrelated_mailbox_tag", "brand_display_tag", "fake_reply_tag", "no_mailbox_tag",
     )
     nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}

@@ -20,8 +20,11 @@ Precedence (the order of `RULES`), and why:
    which costs an attacker nothing. One exception: a lookalike domain that is itself on the allow list
    (a real partner whose name is close to ours) is not one.
    Exact-domain spoof: the From domain is protected and fails DMARC while publishing p=quarantine or
-   p=reject (milter/auth) -> bec, quarantine. No DMARC rule judges mail from our own clients
-   (`internal_networks`, XFORWARD SOURCE=LOCAL): their mail is often signed only after the filter.
+   p=reject (milter/auth) -> bec, quarantine. A From with several addresses, one at a protected domain
+   (DMARC cannot judge a From that names two mailboxes) -> bec, quarantine. The name and address
+   impersonation rules read every From address, not only the first. No DMARC rule judges mail from our
+   own clients (`internal_networks`, XFORWARD SOURCE=LOCAL): their mail is often signed only after the
+   filter.
    BEC content rules, which need no configuration: bank or payroll details changing, or gift cards asked
    for with urgency, from free-mail or with replies going to another domain; a disguised sender (free-mail
    posing as an organisation, a display name showing another address) talking about money -> bec,
@@ -48,6 +51,10 @@ Precedence (the order of `RULES`), and why:
    tag (the ladder's action when stricter). Not for internal clients, our own domains, list copies or
    bounces. Odd digests (same module): a multipart/digest whose parts are not messages, scored at least
    `policy.odd_digest_tag` -> spam, tag (the ladder's when stricter).
+   Headers that promise what the message does not keep (`form.py`): a From that names no mailbox
+   (`policy.no_mailbox_tag`; bounces exempt) and, after the From rules below, a "Re:" subject over a
+   message with no In-Reply-To and no References (`policy.fake_reply_tag`) -> spam, tag from those
+   not-ham scores (the ladder's when stricter); judged as the From rules are.
    How From names the sender (`mailbox.py`): a brand's name as the mailbox of a domain that carries none
    of it (`policy.name_mailbox_tag`), a person's name over a gibberish mailbox
    (`policy.gibberish_mailbox_tag`), a brand in the display name that the From domain is not
@@ -104,7 +111,8 @@ from milter.features.summary import Extracted
 from milter.policy.abused_tld import abused_tld_sender
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.bulk import bulk_sender
-from milter.policy.dmarc import dmarc_fail, spoofed_protected_domain
+from milter.policy.dmarc import dmarc_fail, several_from_protected, spoofed_protected_domain
+from milter.policy.form import fake_reply, no_mailbox
 from milter.policy.history import (
     history_correspondent_elsewhere,
     history_display_name_new_address,
@@ -166,6 +174,7 @@ RULES: tuple[Rule, ...] = (
     impersonated_address,
     lookalike_sender,
     spoofed_protected_domain,
+    several_from_protected,
     bank_details_change,
     gift_card_request,
     disguised_sender_money,
@@ -178,10 +187,12 @@ RULES: tuple[Rule, ...] = (
     abused_tld_sender,
     unsigned_html,
     odd_digest,
+    no_mailbox,
     name_as_mailbox,
     gibberish_mailbox,
     brand_display_name,
     unrelated_mailbox,  # after the brand rule: "Norton Security <jokes@...>" is a borrowed brand first
+    fake_reply,
     bulk_sender,
     spam_score,
     history_display_name_new_address,
@@ -278,6 +289,8 @@ class Policy:
                 config.gibberish_mailbox_tag,
                 config.unrelated_mailbox_tag,
                 config.brand_display_tag,
+                fake_reply=config.fake_reply_tag,
+                no_mailbox=config.no_mailbox_tag,
             ),
         )
         cuts = self.default_rules.cuts

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from milter.policy.table import Context, Hit, in_domain
+from milter.policy.table import Context, Hit, from_mailboxes, in_domain
 from milter.types import Action, Verdict
 
 if TYPE_CHECKING:  # only a type here: the policy's imports stay as they were
@@ -68,6 +68,26 @@ def spoofed_protected_domain(ctx: Context) -> Hit | None:
     if (why := refuted_by_dmarc(ctx)) is None:
         return None
     return Hit(f"protected domain spoofed: {why}", Verdict.BEC, Action.QUARANTINE)
+
+
+def several_from_protected(ctx: Context) -> Hit | None:
+    """A From with several addresses, one of them at a protected domain: the spoof that DMARC cannot
+    see. DMARC judges the From domain, and a From that names two mailboxes has none (milter.auth gives
+    "none": RFC 7489 6.6.1 leaves such mail to the receiver and says it SHOULD be rejected), so
+    "From: x, Jane Smith <jane@example.com>" from an outside server dodges `spoofed_protected_domain`
+    while the reader's mail client shows Jane Smith of example.com. Our own mail never writes such a From
+    (an unquoted comma in a display name is how it happens by accident); our own clients are exempt."""
+    summary = ctx.summary
+    if ctx.internal or not summary.from_others:
+        return None
+    for _, domain in from_mailboxes(summary):
+        if in_domain(domain, ctx.protected.domains) is not None:
+            reason = (
+                f"From gives {1 + len(summary.from_others)} addresses, one at protected domain {domain}: "
+                "DMARC cannot judge such a From"
+            )
+            return Hit(reason, Verdict.BEC, Action.QUARANTINE)
+    return None
 
 
 def unproven(ctx: Context, listed: str) -> Hit | None:

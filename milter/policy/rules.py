@@ -12,6 +12,7 @@ from milter.policy.table import (
     Ladder,
     contains_name,
     domain_of,
+    from_mailboxes,
     in_domain,
     in_networks,
 )
@@ -41,32 +42,35 @@ def deny_ip(ctx: Context) -> Hit | None:
 
 
 def impersonated_name(ctx: Context) -> Hit | None:
-    display, domain = ctx.summary.from_display, ctx.summary.from_domain
-    if not display or in_domain(domain, ctx.protected.domains) is not None:
-        return None
-    for name in ctx.protected.names:
-        if contains_name(display, name):
-            return Hit(
-                f"From display name {display!r} is protected person {name} "
-                f"but the From domain {domain or '(none)'} is not a protected domain",
-                Verdict.BEC, Action.QUARANTINE,
-            )
+    """A protected person's name over a From address outside our domains; every From address counts
+    (`from_mailboxes`: "x, Jane Smith <jane@evil.test>" shows Jane Smith second)."""
+    for display, domain in from_mailboxes(ctx.summary):
+        if not display or in_domain(domain, ctx.protected.domains) is not None:
+            continue
+        for name in ctx.protected.names:
+            if contains_name(display, name):
+                return Hit(
+                    f"From display name {display!r} is protected person {name} "
+                    f"but the From domain {domain or '(none)'} is not a protected domain",
+                    Verdict.BEC, Action.QUARANTINE,
+                )
     return None
 
 
 def impersonated_address(ctx: Context) -> Hit | None:
-    """A display name that is itself an address at a protected domain ("ceo@example.com" <x@evil.test>)."""
-    display, domain = ctx.summary.from_display, ctx.summary.from_domain
-    if not display or in_domain(domain, ctx.protected.domains) is not None:
-        return None
-    for match in ADDR_IN_TEXT.finditer(display):
-        shown = match.group(1).lower()
-        if in_domain(shown, ctx.protected.domains) is not None:
-            return Hit(
-                f"From display name shows {match.group(0)} at protected domain {shown} "
-                f"but the From domain is {domain or '(none)'}",
-                Verdict.BEC, Action.QUARANTINE,
-            )
+    """A display name that is itself an address at a protected domain ("ceo@example.com" <x@evil.test>),
+    over any of the From addresses."""
+    for display, domain in from_mailboxes(ctx.summary):
+        if not display or in_domain(domain, ctx.protected.domains) is not None:
+            continue
+        for match in ADDR_IN_TEXT.finditer(display):
+            shown = match.group(1).lower()
+            if in_domain(shown, ctx.protected.domains) is not None:
+                return Hit(
+                    f"From display name shows {match.group(0)} at protected domain {shown} "
+                    f"but the From domain is {domain or '(none)'}",
+                    Verdict.BEC, Action.QUARANTINE,
+                )
     return None
 
 

@@ -73,6 +73,8 @@ class LowerCuts:
     gibberish_mailbox: float | None = None  # policy.gibberish_mailbox_tag (milter.policy.mailbox)
     unrelated_mailbox: float | None = None  # policy.unrelated_mailbox_tag (milter.policy.mailbox)
     brand_display: float | None = None  # policy.brand_display_tag (milter.policy.mailbox)
+    fake_reply: float | None = None  # policy.fake_reply_tag (milter.policy.form)
+    no_mailbox: float | None = None  # policy.no_mailbox_tag (milter.policy.form)
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,14 @@ def no_softer_than_ladder(ctx: Context, action: Action, score: float) -> Action:
     other evidence (a listing, a lower cut) never lets through what the model alone would hold."""
     step = ctx.rules.spam.step(score)
     return step[0] if step is not None and SEVERITY[step[0]] > SEVERITY[action] else action
+
+
+def from_mailboxes(summary: MessageSummary) -> tuple[tuple[str, str | None], ...]:
+    """(display name, domain) of every From address: the first, then the others a From with several
+    addresses gives (`MessageSummary.from_others`). A mail client shows all of them, so the rules that
+    read who the sender claims to be read all of them."""
+    first = (summary.from_display or "", summary.from_domain)
+    return (first, *((display, domain_of(addr)) for display, addr in summary.from_others))
 
 
 def domain_of(address: str) -> str | None:

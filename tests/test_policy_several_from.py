@@ -1,0 +1,72 @@
+"""A From with several addresses (milter/policy/dmarc.py `several_from_protected`, and the impersonation
+rules over every From address): the spoof of our own domain that DMARC cannot judge, and a protected
+name shown in the second address, are BEC; a From that merely reads as two addresses is not."""
+
+from __future__ import annotations
+
+import pytest
+
+from milter.auth.message import plan
+from milter.config import PolicyConfig
+from milter.features import extract
+from milter.policy import Policy
+from milter.types import Action, Envelope, Scores, Verdict
+
+META = {"spam": {"tag": 0.975, "quarantine": 0.99}, "bec": {"tag": 0.8, "quarantine": 0.95}}
+HAM = Scores(ham=0.98, spam=0.01, bec=0.01)
+OURS = PolicyConfig(protected_domains=("example.com",), protected_names=("Jane Smith",))
+OUTSIDE = Envelope(mail_from="x@relay.test", rcpt_tos=("bob@example.com",), client_addr="192.0.2.7")
+INSIDE = Envelope(mail_from="x@example.com", rcpt_tos=("bob@example.com",), client_addr="10.1.2.3")
+
+
+def mail(from_header: str) -> bytes:
+    return (
+        f"From: {from_header}\r\nTo: bob@example.com\r\nSubject: wire today\r\n"
+        "Message-ID: <m1@relay.test>\r\nDate: Sun, 06 Dec 2026 10:00:00 +0000\r\n\r\n"
+        "Please send the payment today.\r\n"
+    ).encode()
+
+
+def decide(from_header: str, envelope: Envelope = OUTSIDE, config: PolicyConfig = OURS) -> tuple[str, ...]:
+    d = Policy(config, META).decide(HAM, extract(mail(from_header)), envelope)
+    return (d.verdict.value, d.action.value, *d.reasons)
+
+
+@pytest.mark.parametrize(
+    "from_header",
+    [
+        "x, Jane Smith <jane@example.com>",  # a bare word first: the reader sees Jane Smith of example.com
+        "Support ,_<help@mail.example.com>",  # phishing-pot's pattern, a protected subdomain
+        "jane@example.com, other@relay.test",  # two mailboxes, ours first
+    ],
+)
+def test_our_domain_among_several_from_addresses_is_bec(from_header: str) -> None:
+    assert plan(mail(from_header)).from_domain is None  # what makes DMARC unable to judge it
+    verdict, action, reason, *_ = decide(from_header)
+    assert (verdict, action) == (Verdict.BEC.value, Action.QUARANTINE.value)
+    assert "addresses, one at protected domain" in reason and "example.com" in reason
+
+
+def test_our_own_clients_and_single_addresses_are_not_judged() -> None:
+    assert decide("x, Jane Smith <jane@example.com>", INSIDE)[:2] == ("ham", "accept")
+    assert decide('"x, Jane Smith" <jane@example.com>')[:2] == ("ham", "accept")  # quoted: one address
+    assert decide("Smith, John <john@partner.test>")[:2] == ("ham", "accept")  # none of ours
+    assert decide("x, Jane Smith <jane@example.com>", config=PolicyConfig())[:2] == ("ham", "accept")
+
+
+def test_a_protected_name_in_the_second_address_is_impersonation() -> None:
+    verdict, action, reason, *_ = decide("x, Jane Smith <jane.smith.ceo@gmail.com>")
+    assert (verdict, action) == ("bec", "quarantine")
+    assert "'Jane Smith' is protected person Jane Smith" in reason and "gmail.com" in reason
+
+
+def test_a_protected_address_shown_in_the_second_display_name_is_impersonation() -> None:
+    verdict, action, reason, *_ = decide('x, "jane@example.com" <attacker@evil.test>')
+    assert (verdict, action) == ("bec", "quarantine")
+    assert "shows jane@example.com at protected domain example.com" in reason
+
+
+def test_a_hostile_from_keeps_at_most_ten_other_addresses() -> None:
+    many = ", ".join(f"u{i}@relay.test" for i in range(5000))
+    summary = extract(mail(many)).summary
+    assert summary.from_multiple and len(summary.from_others) == 10
