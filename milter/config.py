@@ -153,6 +153,8 @@ class PolicyConfig:
     fake_reply_tag: float | None = 0.5
     # A From that names no mailbox (none, no address, an undecoded encoded word; bounces exempt): the same.
     no_mailbox_tag: float | None = 0.3
+    # A From with several addresses, which DMARC cannot judge (milter.policy.form): the same, from any score.
+    several_from_tag: float | None = 0.0
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     lower_cuts = (
         "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "name_mailbox_tag", "gibberish_mailbox_tag",
         "unrelated_mailbox_tag", "brand_display_tag", "fake_reply_tag", "no_mailbox_tag",
+        "several_from_tag",
     )
     nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}

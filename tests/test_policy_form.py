@@ -126,7 +126,7 @@ def test_each_rule_can_be_turned_off_or_moved(key: str, kw: dict[str, Any]) -> N
     assert decide(LEANS, config=stricter, **kw)[0] == "ham"  # 0.64 is under 0.7
 
 
-@pytest.mark.parametrize("key", ["fake_reply_tag", "no_mailbox_tag"])
+@pytest.mark.parametrize("key", ["fake_reply_tag", "no_mailbox_tag", "several_from_tag"])
 @pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
 def test_a_bad_setting_names_its_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:
@@ -174,9 +174,40 @@ def test_a_real_message_without_from_is_tagged_end_to_end() -> None:
 
 
 def test_an_unquoted_comma_in_the_display_name_is_not_a_missing_mailbox() -> None:
-    # "Smith, John <j@x>" parses as two addresses, "Smith" first: the mailbox is there, after the comma
+    # "Smith, John <j@x>" parses as two addresses, "Smith" first: the mailbox is there, after the comma;
+    # what is wrong with it is that it gives two addresses
     ext = extract(_mail("Your parcel is waiting", from_header="Kundenservice, jehd <service@shop.example>"))
     assert ext.summary.from_multiple and not names_mailbox(ext.summary.from_addr)
+    assert ext.summary.from_others == (("jehd", "service@shop.example"),)
     env = Envelope(mail_from="x@relay.example", rcpt_tos=("bob@corp.test",), client_addr="192.0.2.7")
-    assert Policy(PolicyConfig(), META).decide(FAINT, ext, env).verdict.value == "ham"
+    d = Policy(PolicyConfig(), META).decide(CLEAN, ext, env)
+    assert (d.verdict.value, d.action.value) == ("spam", "tag")
+    assert d.reasons[0] == "From gives 2 addresses, which DMARC cannot judge (scored 0.20 as spam)"
+    assert not any("names no mailbox" in r for r in d.reasons)
     assert decide(FAINT, from_display="", from_addr="kundenservice", from_org_domain=None)[0] == "spam"
+
+
+# --- a From with several addresses ---------------------------------------------------------------------
+
+SEVERAL: dict[str, Any] = {"from_multiple": True, "from_others": (("Microsoft", "no-reply@access.example"),)}
+
+
+def test_several_from_addresses_are_tagged_at_any_score() -> None:
+    verdict, action, reason, *_ = decide(CLEAN, fake_reply=False, **SEVERAL)
+    assert (verdict, action) == ("spam", "tag")
+    assert reason.startswith("From gives 2 addresses") and "at least" not in reason
+    assert decide(CLEAN, fake_reply=False)[:2] == ("ham", "accept")
+
+
+def test_several_from_addresses_from_our_clients_or_a_list_are_not_judged() -> None:
+    assert decide(CLEAN, client="10.1.2.3", **SEVERAL)[0] == "ham"
+    assert decide(CLEAN, list_mail=True, **SEVERAL)[0] == "ham"
+    assert decide(SPAM, **SEVERAL)[:2] == ("spam", "quarantine")  # never softer than the ladder
+
+
+def test_the_several_from_rule_can_be_given_a_cut_or_turned_off() -> None:
+    off = parse_config({"policy": {"several_from_tag": False}}).policy
+    assert decide(CLEAN, config=off, fake_reply=False, **SEVERAL)[0] == "ham"
+    cut = parse_config({"policy": {"several_from_tag": 0.3}}).policy
+    assert decide(CLEAN, config=cut, fake_reply=False, **SEVERAL)[0] == "ham"  # 0.20 is under 0.3
+    assert decide(FAINT, config=cut, fake_reply=False, **SEVERAL)[0] == "spam"

@@ -50,8 +50,17 @@ def test_our_domain_among_several_from_addresses_is_bec(from_header: str) -> Non
 def test_our_own_clients_and_single_addresses_are_not_judged() -> None:
     assert decide("x, Jane Smith <jane@example.com>", INSIDE)[:2] == ("ham", "accept")
     assert decide('"x, Jane Smith" <jane@example.com>')[:2] == ("ham", "accept")  # quoted: one address
-    assert decide("Smith, John <john@partner.test>")[:2] == ("ham", "accept")  # none of ours
-    assert decide("x, Jane Smith <jane@example.com>", config=PolicyConfig())[:2] == ("ham", "accept")
+
+
+@pytest.mark.parametrize(
+    ("from_header", "config"),
+    [("Smith, John <john@partner.test>", OURS), ("x, Jane Smith <jane@example.com>", PolicyConfig())],
+    ids=["none-of-ours", "nothing-protected"],
+)
+def test_several_addresses_none_of_ours_are_only_tagged(from_header: str, config: PolicyConfig) -> None:
+    verdict, action, reason, *_ = decide(from_header, config=config)
+    assert (verdict, action) == ("spam", "tag")  # milter.policy.form.several_from
+    assert reason.startswith("From gives 2 addresses")
 
 
 def test_a_protected_name_in_the_second_address_is_impersonation() -> None:
@@ -70,3 +79,11 @@ def test_a_hostile_from_keeps_at_most_ten_other_addresses() -> None:
     many = ", ".join(f"u{i}@relay.test" for i in range(5000))
     summary = extract(mail(many)).summary
     assert summary.from_multiple and len(summary.from_others) == 10
+
+
+def test_two_from_header_fields_are_several_addresses_too() -> None:
+    raw = mail("news@relay.test").replace(b"To:", b"From: Jane Smith <jane@example.com>\r\nTo:", 1)
+    assert plan(raw).from_domain is None  # "several From headers": DMARC has no From domain either
+    d = Policy(OURS, META).decide(HAM, extract(raw), OUTSIDE)
+    assert (d.verdict, d.action) == (Verdict.BEC, Action.QUARANTINE)
+    assert d.reasons[0].startswith("From gives 2 addresses, one at protected domain example.com")

@@ -52,7 +52,8 @@ Precedence (the order of `RULES`), and why:
    bounces. Odd digests (same module): a multipart/digest whose parts are not messages, scored at least
    `policy.odd_digest_tag` -> spam, tag (the ladder's when stricter).
    Headers that promise what the message does not keep (`form.py`): a From that names no mailbox
-   (`policy.no_mailbox_tag`; bounces exempt) and, after the From rules below, a "Re:" subject over a
+   (`policy.no_mailbox_tag`; bounces exempt), a From with several addresses, which DMARC cannot judge
+   (`policy.several_from_tag`, any score by default) and, after the From rules below, a "Re:" subject over a
    message with no In-Reply-To and no References (`policy.fake_reply_tag`) -> spam, tag from those
    not-ham scores (the ladder's when stricter); judged as the From rules are.
    How From names the sender (`mailbox.py`): a brand's name as the mailbox of a domain that carries none
@@ -112,7 +113,7 @@ from milter.policy.abused_tld import abused_tld_sender
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.bulk import bulk_sender
 from milter.policy.dmarc import dmarc_fail, several_from_protected, spoofed_protected_domain
-from milter.policy.form import fake_reply, no_mailbox
+from milter.policy.form import fake_reply, no_mailbox, several_from
 from milter.policy.history import (
     history_correspondent_elsewhere,
     history_display_name_new_address,
@@ -188,6 +189,7 @@ RULES: tuple[Rule, ...] = (
     unsigned_html,
     odd_digest,
     no_mailbox,
+    several_from,
     name_as_mailbox,
     gibberish_mailbox,
     brand_display_name,
@@ -291,6 +293,7 @@ class Policy:
                 config.brand_display_tag,
                 fake_reply=config.fake_reply_tag,
                 no_mailbox=config.no_mailbox_tag,
+                several_from=config.several_from_tag,
             ),
         )
         cuts = self.default_rules.cuts

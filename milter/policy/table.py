@@ -75,6 +75,7 @@ class LowerCuts:
     brand_display: float | None = None  # policy.brand_display_tag (milter.policy.mailbox)
     fake_reply: float | None = None  # policy.fake_reply_tag (milter.policy.form)
     no_mailbox: float | None = None  # policy.no_mailbox_tag (milter.policy.form)
+    several_from: float | None = None  # policy.several_from_tag (milter.policy.form)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ def tag_from(ctx: Context, cut: float, reason: Callable[[float], str]) -> Hit | 
     if score < cut:
         return None
     action = no_softer_than_ladder(ctx, Action.TAG, score)
-    return Hit(f"{reason(score)} (at least {cut:g} tags such mail)", Verdict.SPAM, action)
+    at_least = f" (at least {cut:g} tags such mail)" if cut > 0 else ""  # 0: the rule tags at any score
+    return Hit(f"{reason(score)}{at_least}", Verdict.SPAM, action)
 
 
 def judged_sender(ctx: Context) -> bool:
