@@ -177,7 +177,7 @@ def test_an_unquoted_comma_in_the_display_name_is_not_a_missing_mailbox() -> Non
     # "Smith, John <j@x>" parses as two addresses, "Smith" first: the mailbox is there, after the comma;
     # what is wrong with it is that it gives two addresses
     ext = extract(_mail("Your parcel is waiting", from_header="Kundenservice, jehd <service@shop.example>"))
-    assert ext.summary.from_multiple and not names_mailbox(ext.summary.from_addr)
+    assert not names_mailbox(ext.summary.from_addr)
     assert ext.summary.from_others == (("jehd", "service@shop.example"),)
     env = Envelope(mail_from="x@relay.example", rcpt_tos=("bob@corp.test",), client_addr="192.0.2.7")
     d = Policy(PolicyConfig(), META).decide(CLEAN, ext, env)
@@ -189,7 +189,7 @@ def test_an_unquoted_comma_in_the_display_name_is_not_a_missing_mailbox() -> Non
 
 # --- a From with several addresses ---------------------------------------------------------------------
 
-SEVERAL: dict[str, Any] = {"from_multiple": True, "from_others": (("Microsoft", "no-reply@access.example"),)}
+SEVERAL: dict[str, Any] = {"from_others": (("Microsoft", "no-reply@access.example"),)}
 
 
 def test_several_from_addresses_are_tagged_at_any_score() -> None:

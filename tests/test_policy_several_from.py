@@ -78,7 +78,7 @@ def test_a_protected_address_shown_in_the_second_display_name_is_impersonation()
 def test_a_hostile_from_keeps_at_most_ten_other_addresses() -> None:
     many = ", ".join(f"u{i}@relay.test" for i in range(5000))
     summary = extract(mail(many)).summary
-    assert summary.from_multiple and len(summary.from_others) == 10
+    assert len(summary.from_others) == 10
 
 
 def test_two_from_header_fields_are_several_addresses_too() -> None:

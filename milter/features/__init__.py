@@ -81,7 +81,6 @@ _DISGUISE_COLUMNS = tuple(
 _FREEMAIL_COLUMN = SCHEMA.names.index("id_freemail")
 _HTML_COLUMN = SCHEMA.names.index("mime_has_html")
 _FAKE_REPLY_COLUMN = SCHEMA.names.index("hdr_fake_reply")
-_FROM_MULTIPLE_COLUMN = SCHEMA.names.index("hdr_from_multiple")
 #: From addresses after the first kept in the summary (a hostile header may list thousands)
 MAX_OTHER_FROMS = 10
 _REPORT_COLUMN = SCHEMA.names.index("snd_auto_report")
@@ -133,7 +132,6 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         dkim_signers=signers,
         html=bool(vector[_HTML_COLUMN] > 0),
         fake_reply=bool(vector[_FAKE_REPLY_COLUMN] > 0),
-        from_multiple=bool(vector[_FROM_MULTIPLE_COLUMN] > 0),
         from_others=tuple(parsed.addresses("from")[1 : 1 + MAX_OTHER_FROMS]) if ctx.from_count > 1 else (),
         auto_report=bool(vector[_REPORT_COLUMN] > 0),
         odd_digest=parsed.odd_digest,

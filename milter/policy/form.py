@@ -67,7 +67,7 @@ def no_mailbox(ctx: Context) -> Hit | None:
     summary = ctx.summary
     if cut is None or names_mailbox(summary.from_addr) or not judged_sender(ctx):
         return None
-    if summary.from_multiple:  # "Smith, John <j@x.example>" unquoted: a mailbox follows the first word
+    if summary.from_others:  # "Smith, John <j@x.example>" unquoted: a mailbox follows the first word
         return None
     if (summary.from_display or "").strip().lower() in MAIL_SYSTEM_NAMES:
         return None
