@@ -55,17 +55,15 @@ MAIL_SYSTEM_NAMES = frozenset({
 
 
 def fake_reply(ctx: Context) -> Hit | None:
-    cut = ctx.rules.cuts.fake_reply
-    if cut is None or not ctx.summary.fake_reply or not judged_sender(ctx):
+    if not ctx.summary.fake_reply:
         return None
-    what = "the subject says Re: but the message answers nothing (no In-Reply-To or References), and it"
-    return tag_from(ctx, cut, lambda score: f"{what} scores {score:.2f} as spam")
+    what = "the subject says Re: but the message answers nothing (no In-Reply-To or References)"
+    return _tagged(ctx, ctx.rules.cuts.fake_reply, what)
 
 
 def no_mailbox(ctx: Context) -> Hit | None:
-    cut = ctx.rules.cuts.no_mailbox
     summary = ctx.summary
-    if cut is None or names_mailbox(summary.from_addr) or not judged_sender(ctx):
+    if names_mailbox(summary.from_addr):
         return None
     if summary.from_others:  # "Smith, John <j@x.example>" unquoted: a mailbox follows the first word
         return None
@@ -73,6 +71,21 @@ def no_mailbox(ctx: Context) -> Hit | None:
         return None
     shown = summary.from_addr or summary.from_display
     what = f"From ({shown!r}) names no mailbox" if shown else "From names no mailbox"
+    return _tagged(ctx, ctx.rules.cuts.no_mailbox, what)
+
+
+def several_from(ctx: Context) -> Hit | None:
+    others = ctx.summary.from_others
+    if not others:
+        return None
+    what = f"From gives {1 + len(others)} addresses, which DMARC cannot judge"
+    return _tagged(ctx, ctx.rules.cuts.several_from, what)
+
+
+def _tagged(ctx: Context, cut: float | None, what: str) -> Hit | None:
+    """Spam, tag from `cut` (None: the rule is off), for the senders the lower-cut rules judge."""
+    if cut is None or not judged_sender(ctx):
+        return None
     return tag_from(ctx, cut, lambda score: f"{what}, and it scores {score:.2f} as spam")
 
 
@@ -84,11 +97,3 @@ def names_mailbox(addr: str | None) -> bool:
     local, at, domain = addr.rpartition("@")
     return bool(at and local and domain)
 
-
-def several_from(ctx: Context) -> Hit | None:
-    cut = ctx.rules.cuts.several_from
-    summary = ctx.summary
-    if cut is None or not summary.from_others or not judged_sender(ctx):
-        return None
-    what = f"From gives {1 + len(summary.from_others)} addresses, which DMARC cannot judge"
-    return tag_from(ctx, cut, lambda score: f"{what} (scored {score:.2f} as spam)")
