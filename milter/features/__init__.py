@@ -81,8 +81,6 @@ _DISGUISE_COLUMNS = tuple(
 _FREEMAIL_COLUMN = SCHEMA.names.index("id_freemail")
 _HTML_COLUMN = SCHEMA.names.index("mime_has_html")
 _FAKE_REPLY_COLUMN = SCHEMA.names.index("hdr_fake_reply")
-#: From addresses after the first kept in the summary (a hostile header may list thousands)
-MAX_OTHER_FROMS = 10
 _REPORT_COLUMN = SCHEMA.names.index("snd_auto_report")
 
 
@@ -132,7 +130,7 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         dkim_signers=signers,
         html=bool(vector[_HTML_COLUMN] > 0),
         fake_reply=bool(vector[_FAKE_REPLY_COLUMN] > 0),
-        from_others=tuple(parsed.addresses("from")[1 : 1 + MAX_OTHER_FROMS]) if ctx.from_count > 1 else (),
+        from_others=ctx.from_others,
         auto_report=bool(vector[_REPORT_COLUMN] > 0),
         odd_digest=parsed.odd_digest,
         display_brand=identity.brand_in_display(s.display, s.domain) if s and s.display else None,

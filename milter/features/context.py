@@ -14,6 +14,7 @@ from milter.types import Envelope
 
 MAX_HTML = 300_000
 MAX_LINKS = 500
+MAX_OTHER_FROMS = 10  # From addresses after the first kept for the policy (a hostile header lists thousands)
 URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s<>"'()\[\]{}|\\^`]+""")
 _HOST_RE = re.compile(r"(?i)^(?:https?://)?(?:[^@/?#]*@)?(\[[^\]]+\]|[^:/?#]+)(?::(\d+))?")
 
@@ -50,6 +51,9 @@ class Context:
     protected: Protected
     sender: Address | None  # first From
     from_count: int
+    # (display, addr-spec) of the From addresses after the first, at most MAX_OTHER_FROMS (for the summary:
+    # a From with several addresses is one DMARC cannot judge, milter.policy.dmarc)
+    from_others: tuple[tuple[str, str], ...]
     reply_to: Address | None
     to_count: int
     cc_count: int
@@ -97,6 +101,7 @@ def build(parsed: ParsedMessage, envelope: Envelope, protected: Protected) -> Co
         protected=protected,
         sender=address(*froms[0]) if froms else None,
         from_count=len(froms),
+        from_others=tuple(froms[1 : 1 + MAX_OTHER_FROMS]),
         reply_to=address(*reply[0]) if reply else None,
         # counting '@' is enough for a count and avoids parsing thousand-address lists
         to_count=sum(v.count("@") for v in parsed.get_all("to")),

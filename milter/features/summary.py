@@ -48,9 +48,10 @@ class MessageSummary:
     dkim_signers: tuple[str, ...] = ()
     html: bool = False  # it has an HTML part
     fake_reply: bool = False  # Subject says "Re:" with no In-Reply-To and no References (milter.policy.form)
-    # The From addresses after the first, (display name, addr-spec), at most MAX_OTHER_FROMS; empty for a
-    # From of one address. from_addr is only the first ("Smith, John <j@x>" unquoted reads as two), a From
-    # with several is one DMARC cannot judge (milter.policy.dmarc), and the name shown may be here.
+    # The From addresses after the first, (display name, addr-spec), at most context.MAX_OTHER_FROMS;
+    # empty for a From of one address. from_addr is only the first ("Smith, John <j@x>" unquoted reads as
+    # two), a From with several is one DMARC cannot judge (milter.policy.dmarc), and the name shown may be
+    # here.
     from_others: tuple[tuple[str, str], ...] = ()
     auto_report: bool = False  # a machine-generated report: a DSN, an auto-reply (Auto-Submitted)
     odd_digest: bool = False  # a multipart/digest holds a part that is no message (milter.parse)
