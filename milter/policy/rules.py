@@ -3,6 +3,8 @@ they run in is `milter.policy.RULES`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from milter.features.domains import lookalike_of
 from milter.policy.dmarc import unproven
 from milter.policy.table import (
@@ -44,9 +46,7 @@ def deny_ip(ctx: Context) -> Hit | None:
 def impersonated_name(ctx: Context) -> Hit | None:
     """A protected person's name over a From address outside our domains; every From address counts
     (`from_mailboxes`: "x, Jane Smith <jane@evil.test>" shows Jane Smith second)."""
-    for display, domain in from_mailboxes(ctx.summary):
-        if not display or in_domain(domain, ctx.protected.domains) is not None:
-            continue
+    for display, domain in _shown_from_outside(ctx):
         for name in ctx.protected.names:
             if contains_name(display, name):
                 return Hit(
@@ -60,9 +60,7 @@ def impersonated_name(ctx: Context) -> Hit | None:
 def impersonated_address(ctx: Context) -> Hit | None:
     """A display name that is itself an address at a protected domain ("ceo@example.com" <x@evil.test>),
     over any of the From addresses."""
-    for display, domain in from_mailboxes(ctx.summary):
-        if not display or in_domain(domain, ctx.protected.domains) is not None:
-            continue
+    for display, domain in _shown_from_outside(ctx):
         for match in ADDR_IN_TEXT.finditer(display):
             shown = match.group(1).lower()
             if in_domain(shown, ctx.protected.domains) is not None:
@@ -72,6 +70,14 @@ def impersonated_address(ctx: Context) -> Hit | None:
                     Verdict.BEC, Action.QUARANTINE,
                 )
     return None
+
+
+def _shown_from_outside(ctx: Context) -> Iterator[tuple[str, str | None]]:
+    """(display name, domain) of each From address that shows a name and is not at a protected domain:
+    what the two impersonation rules read."""
+    for display, domain in from_mailboxes(ctx.summary):
+        if display and in_domain(domain, ctx.protected.domains) is None:
+            yield display, domain
 
 
 def lookalike_sender(ctx: Context) -> Hit | None:
