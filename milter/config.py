@@ -148,6 +148,9 @@ class PolicyConfig:
     # A brand in the From display name that the From domain is not ("Norton Security <x@funnysnails.com>"):
     # the same, and such a sender is never given the bulk verdict.
     brand_display_tag: float | None = 0.85
+    # The same where the display name is the brand and words the address has nothing of ("Norton Security
+    # <jokes@funnysnails.com>", not "Amazon Web Services <invoicing@aws.com>"): from this lower score.
+    brand_alone_tag: float | None = 0.3
     # A Subject that says "Re:" over a message that answers nothing (no In-Reply-To, no References) is
     # tagged as spam from this not-ham score (milter.policy.form).
     fake_reply_tag: float | None = 0.5
@@ -155,6 +158,9 @@ class PolicyConfig:
     no_mailbox_tag: float | None = 0.3
     # A From with several addresses, which DMARC cannot judge (milter.policy.form): the same, from any score.
     several_from_tag: float | None = 0.0
+    # A To header that tries one mailbox name at three or more organisations (milter.policy.recipients):
+    # tagged as spam from this not-ham score.
+    harvested_recipients_tag: float | None = 0.3
 
 
 @dataclass(frozen=True)
@@ -374,8 +380,8 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
     lower_cuts = (
         "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "name_mailbox_tag", "gibberish_mailbox_tag",
-        "unrelated_mailbox_tag", "brand_display_tag", "fake_reply_tag", "no_mailbox_tag",
-        "several_from_tag",
+        "unrelated_mailbox_tag", "brand_display_tag", "brand_alone_tag", "fake_reply_tag", "no_mailbox_tag",
+        "several_from_tag", "harvested_recipients_tag",
     )
     nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}

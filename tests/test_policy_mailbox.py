@@ -18,7 +18,13 @@ from milter.errors import ConfigError
 from milter.features import extract
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
-from milter.policy.mailbox import brand_mailbox_elsewhere, gibberish, name_over_gibberish, name_over_unrelated
+from milter.policy.mailbox import (
+    brand_alone,
+    brand_mailbox_elsewhere,
+    gibberish,
+    name_over_gibberish,
+    name_over_unrelated,
+)
 from milter.types import Envelope, Scores
 
 META = {"spam": {"tag": 0.975, "quarantine": 0.99}, "bec": {"tag": 0.8, "quarantine": 0.95}}
@@ -220,6 +226,59 @@ def test_a_borrowed_brand_is_tagged_and_never_bulk() -> None:
     assert decide(LEANS, NORTON)[0] != "spam"
 
 
+# The display name is the brand and words the address has nothing of: the real sender, jokes@.
+ALONE = ("Norton Security", "jokes@funnysnails.example")
+FAINT = Scores(ham=0.62, spam=0.33, bec=0.05)  # not-ham 0.38: over the brand-alone cut only
+
+
+def test_a_brand_alone_over_an_unrelated_address_is_tagged_from_the_lower_cut() -> None:
+    verdict, action, reason, *_ = decide(FAINT, ALONE, display_brand="norton")
+    assert (verdict, action) == ("spam", "tag")
+    assert reason == ("the display name names norton but the sender domain is funnysnails.example and its "
+                      "address has no other word of the name, and it scores 0.38 as spam (at least 0.3 tags "
+                      "such mail)")
+    # the same score over a name whose other word the address carries waits for the co-brand cut
+    assert decide(FAINT, NORTON, display_brand="norton")[:2] == ("ham", "accept")
+    harmless = Scores(ham=0.75, spam=0.2, bec=0.05)
+    assert decide(harmless, ALONE, display_brand="norton")[:2] == ("ham", "accept")
+
+
+def test_the_brand_alone_cut_can_be_turned_off_and_the_co_brand_cut_still_applies() -> None:
+    off = parse_config({"policy": {"brand_alone_tag": False}}).policy
+    assert off.brand_alone_tag is None
+    assert decide(FAINT, ALONE, config=off, display_brand="norton")[:2] == ("ham", "accept")
+    assert decide(LEANS, ALONE, config=off, display_brand="norton")[:2] == ("spam", "tag")
+    both_off = replace(off, brand_display_tag=None)
+    # (the name over an unrelated mailbox may still tag it: that is the rule after this one)
+    assert not any("names norton" in r for r in decide(LEANS, ALONE, config=both_off, display_brand="norton"))
+    # the co-brand cut off leaves the brand-alone one working
+    only_alone = parse_config({"policy": {"brand_display_tag": False}}).policy
+    assert decide(FAINT, ALONE, config=only_alone, display_brand="norton")[:2] == ("spam", "tag")
+
+
+@pytest.mark.parametrize(
+    ("who", "brand", "alone"),
+    [
+        (("Norton Security", "jokes@funnysnails.example"), "norton", True),
+        (("WaImart Hello", "rewards@panchyatvoting.example"), "walmart", True),  # the capital I read as l
+        (("Sam's Club", "clubvp@mswoodtrader.example"), "samsclub", True),  # three words spell it
+        (("Liberty Mutual\u2197", "crystal@tennesseeevents.example"), "libertymutual", True),
+        (("MetaMask", "support@wonolo.example"), "metamask", True),  # the brand and nothing else
+        # co-branded: the sender names itself as well, in its host, its mailbox or its initials
+        (("Amazon Benefits at Fidelity", "fidelity.investments@mail.fidelity.example"), "amazon", False),
+        (("Synchrony for your PayPal Card", "customer.service@servicing.synchrony.example"), "paypal", False),
+        (("Amazon Web Services", "invoicing@aws.example"), "amazon", False),
+        (("Lockergnome Apple Core", "subscriptions@lockergnome.example"), "apple", False),
+        (("Chase Conklin", "chase.conklin@arm.example"), "chase", False),  # a person with a brand's name
+        # the brand inside a longer word is not the brand named
+        (("ZoomCare", "reply@marketing.zoomcare.example"), "zoom", False),
+        (("Purchase Orders", "po@supplier.example"), "chase", False),
+    ],
+)
+def test_what_counts_as_a_brand_alone(who: tuple[str, str], brand: str, alone: bool) -> None:
+    assert brand_alone(summary(who), brand) is alone
+
+
 def test_extraction_names_the_borrowed_brand() -> None:
     borrowed = extract(_mail("Norton Security <jokes@mail.funnysnails.example>")).summary
     assert borrowed.display_brand == "norton"
@@ -273,7 +332,11 @@ def test_a_borrowed_brand_is_not_judged_for_our_own_clients_or_list_copies() -> 
 
 
 @pytest.mark.parametrize(
-    "key", ["name_mailbox_tag", "gibberish_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag"]
+    "key",
+    [
+        "name_mailbox_tag", "gibberish_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag",
+        "brand_alone_tag",
+    ],
 )
 @pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
 def test_a_bad_setting_names_its_key(key: str, value: object) -> None:

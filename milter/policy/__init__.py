@@ -55,11 +55,14 @@ Precedence (the order of `RULES`), and why:
    (`policy.no_mailbox_tag`; bounces exempt), a From with several addresses, which DMARC cannot judge
    (`policy.several_from_tag`, any score by default) and, after the From rules below, a "Re:" subject over a
    message with no In-Reply-To and no References (`policy.fake_reply_tag`) -> spam, tag from those
-   not-ham scores (the ladder's when stricter); judged as the From rules are.
+   not-ham scores (the ladder's when stricter); judged as the From rules are. The same for a To header
+   that tries one mailbox name at three or more organisations (`recipients.py`,
+   `policy.harvested_recipients_tag`).
    How From names the sender (`mailbox.py`): a brand's name as the mailbox of a domain that carries none
    of it (`policy.name_mailbox_tag`), a person's name over a gibberish mailbox
    (`policy.gibberish_mailbox_tag`), a brand in the display name that the From domain is not
-   (`policy.brand_display_tag`), a person's name over a mailbox with none of it
+   (`policy.brand_display_tag`; `policy.brand_alone_tag` where the address has no other word of the
+   name), a person's name over a mailbox with none of it
    (`policy.unrelated_mailbox_tag`) -> spam, tag from those not-ham scores (the ladder's when stricter). Not
    for internal clients, our own domains, list copies or bounces; before the bulk rule, so such a
    sender's unsubscribe header does not make it bulk.
@@ -124,6 +127,7 @@ from milter.policy.history import (
 )
 from milter.policy.learned import learned_sender
 from milter.policy.mailbox import brand_display_name, gibberish_mailbox, name_as_mailbox, unrelated_mailbox
+from milter.policy.recipients import harvested_recipients
 from milter.policy.reputation import blocklisted
 from milter.policy.rules import (
     allow_domain,
@@ -190,6 +194,7 @@ RULES: tuple[Rule, ...] = (
     odd_digest,
     no_mailbox,
     several_from,
+    harvested_recipients,
     name_as_mailbox,
     gibberish_mailbox,
     brand_display_name,
@@ -291,9 +296,11 @@ class Policy:
                 gibberish_mailbox=config.gibberish_mailbox_tag,
                 unrelated_mailbox=config.unrelated_mailbox_tag,
                 brand_display=config.brand_display_tag,
+                brand_alone=config.brand_alone_tag,
                 fake_reply=config.fake_reply_tag,
                 no_mailbox=config.no_mailbox_tag,
                 several_from=config.several_from_tag,
+                harvested_recipients=config.harvested_recipients_tag,
             ),
         )
         cuts = self.default_rules.cuts

@@ -73,9 +73,11 @@ class LowerCuts:
     gibberish_mailbox: float | None = None  # policy.gibberish_mailbox_tag (milter.policy.mailbox)
     unrelated_mailbox: float | None = None  # policy.unrelated_mailbox_tag (milter.policy.mailbox)
     brand_display: float | None = None  # policy.brand_display_tag (milter.policy.mailbox)
+    brand_alone: float | None = None  # policy.brand_alone_tag (milter.policy.mailbox)
     fake_reply: float | None = None  # policy.fake_reply_tag (milter.policy.form)
     no_mailbox: float | None = None  # policy.no_mailbox_tag (milter.policy.form)
     several_from: float | None = None  # policy.several_from_tag (milter.policy.form)
+    harvested_recipients: float | None = None  # policy.harvested_recipients_tag (milter.policy.recipients)
 
 
 @dataclass(frozen=True)
