@@ -273,10 +273,14 @@ def test_the_brand_alone_cut_can_be_turned_off_and_the_co_brand_cut_still_applie
         # the brand inside a longer word is not the brand named
         (("ZoomCare", "reply@marketing.zoomcare.example"), "zoom", False),
         (("Purchase Orders", "po@supplier.example"), "chase", False),
+        # a domain that carries the brand is the features' other test, and the co-brand cut's
+        (("Dropbox", "no-reply@dropboxmail.example"), "dropbox", False),
+        (("PayPal Security", "alerts@paypal.edu.fake.example"), "paypal", True),  # a subdomain is not
     ],
 )
 def test_what_counts_as_a_brand_alone(who: tuple[str, str], brand: str, alone: bool) -> None:
-    assert brand_alone(summary(who), brand) is alone
+    registrable = ".".join(who[1].rpartition("@")[2].split(".")[-2:])
+    assert brand_alone(summary(who, from_org_domain=registrable), brand) is alone
 
 
 def test_extraction_names_the_borrowed_brand() -> None:
