@@ -3,7 +3,9 @@ talking money) that the public corpora cannot teach a model."""
 
 from __future__ import annotations
 
+from milter.features.domains import sender_key
 from milter.features.summary import MessageSummary
+from milter.policy.learned import authenticated
 from milter.policy.table import Context, Hit
 from milter.types import Action, Verdict
 
@@ -45,12 +47,38 @@ def gift_card_request(ctx: Context) -> Hit | None:
 
 def disguised_sender_money(ctx: Context) -> Hit | None:
     """A free-mail sender posing as an organisation or officer, or a display name showing another
-    address, that talks about payments, bank details or gift cards."""
+    address, that talks about payments, bank details or gift cards.
+
+    Not held where the admins have vouched for that very sender and its own domain authenticates the
+    message (`vouched_for`): a contractor that bills from `gandiroofingsolutions@gmail.com` as "G&I
+    Roofing Solutions, LLC" sends every invoice that way, and with this rule ahead of the allow lists
+    and the learned senders no release or allow entry could ever let one through. The disguise is
+    about who sends; once the admins know who sends, it hides nothing. The pretexts that stay
+    dangerous from a known sender (bank details changing, gift cards) have their own rules above,
+    which keep quarantining it."""
     if not ctx.summary.disguised_sender or not ctx.summary.language & {"payment", "bank_change", "giftcard"}:
         return None
     display = ctx.summary.from_display or ""
-    return Hit(
+    reason = (
         f"display name {display!r} disguises the sender {ctx.summary.from_addr or '(none)'} "
-        "and the message is about money",
-        Verdict.BEC, Action.QUARANTINE,
+        "and the message is about money"
     )
+    if (known := vouched_for(ctx)) is not None:
+        return Hit(f"{reason}; not held: {known}")
+    return Hit(reason, Verdict.BEC, Action.QUARANTINE)
+
+
+def vouched_for(ctx: Context) -> str | None:
+    """How the admins vouched for the From sender, where the message authenticates as its own (DMARC
+    pass, or an aligned DKIM signature where the domain publishes no DMARC record): the address on
+    `lists.allow_senders`, or `policy.learned_sender_labels` ham labels and none spam or bec (per address
+    for free-mail, per domain otherwise: `sender_key`). None when neither holds."""
+    addr = (ctx.summary.from_addr or "").lower()
+    if not addr or (how := authenticated(ctx)) is None:
+        return None
+    if addr in ctx.lists.allow_senders:
+        return f"{addr} is on the allow list and {how} passed"
+    key = sender_key(addr)
+    if key and (labels := ctx.learned.vouched(key)) is not None:
+        return f"the admins labelled {labels.ham} messages of {key} as wanted and {how} passed"
+    return None

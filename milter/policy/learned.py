@@ -16,7 +16,9 @@ here as well as in training. A From domain that
 
 is tagged, not quarantined or rejected, when the model's score alone would have done so. The rule sits
 after the deny lists, the impersonation and spoof rules and the BEC content rules, which keep their
-say: a vouched-for vendor whose account asks for changed bank details is still quarantined.
+say: a vouched-for vendor whose account asks for changed bank details is still quarantined. One of
+them yields to the same labels: a disguised sender talking money (`bec.disguised_sender_money`) is
+only a reason once its sender is vouched for and authenticates, since its invoices always look so.
 
 The counts are read from the store when the gateway starts and on every reload (the nightly retrain
 ends with one), so a label takes effect by the next morning, like the retrained model.
