@@ -29,8 +29,9 @@ Precedence (the order of `RULES`), and why:
    for with urgency, from free-mail or with replies going to another domain; a disguised sender (free-mail
    posing as an organisation, a display name showing another address) talking about money -> bec,
    quarantine, unless the admins have vouched for that sender (allow_senders, or learned-sender labels)
-   and the message authenticates (`bec.vouched_for`). The corpora hold no real BEC, so these carry the documented patterns (fixtures/bec/) that
-   the model cannot learn; they also sit before the allow lists: a vendor's hijacked mailbox is allowed.
+   and the message authenticates (`bec.vouched_for`). The corpora hold no real BEC, so these carry the
+   documented patterns (fixtures/bec/) that the model cannot learn; they also sit before the allow lists:
+   a vendor's hijacked mailbox is allowed.
 3. Learned senders (`learned.py`): a From domain that passes DMARC and that the admins' labels vouch for
    (`policy.learned_sender_labels` ham, no spam or bec) -> tag where the model's ladders below would
    quarantine or reject. After the rules above, so a vouched-for sender's hijacked mailbox asking for new

@@ -29,7 +29,7 @@ domain; they do not ask whether one name repeats across organisations, and no Py
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from milter.features.domains import split_host
 from milter.policy.table import Context, Hit, judged_sender, tag_from
@@ -52,9 +52,11 @@ def harvested_recipients(ctx: Context) -> Hit | None:
     return tag_from(ctx, cut, lambda score: f"{what}, and it scores {score:.2f} as spam")
 
 
-def guessed_mailbox(addresses: Iterable[str]) -> tuple[str, tuple[str, ...]] | None:
+def guessed_mailbox(addresses: Sequence[str]) -> tuple[str, tuple[str, ...]] | None:
     """The local part that `addresses` give at the most organisations, with those organisations' names
     (sorted), where there are `MIN_ORGANISATIONS` of them or more; None otherwise."""
+    if len(addresses) < MIN_ORGANISATIONS:  # most mail: no public-suffix lookups at all
+        return None
     at: defaultdict[str, set[str]] = defaultdict(set)
     for address in addresses:
         local, sep, host = address.lower().rpartition("@")
