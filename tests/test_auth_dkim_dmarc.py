@@ -101,6 +101,20 @@ def test_plan_needs_exactly_one_from_domain(from_lines: bytes, problem: str) -> 
     assert not any(n.startswith("_dmarc.") for n in p.names)
 
 
+@pytest.mark.parametrize(
+    "from_line",
+    [
+        b"From: Smith, John <john@mail.example.com>\n",  # an unquoted comma in a display name
+        b"From: x, Jane Smith <john@mail.example.com>\n",  # the same, written to dodge DMARC
+        b"From: Microsoft account team ,_<john@mail.example.com>\n",
+    ],
+)
+def test_a_bare_word_before_the_one_address_leaves_that_address_to_dmarc(from_line: bytes) -> None:
+    p = plan(b"Subject: x\n" + from_line + b"\nbody\n")
+    assert (p.from_domain, p.org_domain, p.from_problem) == ("mail.example.com", "example.com", "")
+    assert "_dmarc.mail.example.com" in p.names and "_dmarc.example.com" in p.names
+
+
 def test_plan_caps_signatures_and_keeps_malformed_ones() -> None:
     good = [f"DKIM-Signature: v=1; d=d{i}.example; s=s{i}; b=x\n".encode() for i in range(7)]
     bad = [b"DKIM-Signature: v=1; s=nodomain\n", b"DKIM-Signature: garbage without tags\n"]

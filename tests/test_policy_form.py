@@ -182,7 +182,10 @@ def test_an_unquoted_comma_in_the_display_name_is_not_a_missing_mailbox() -> Non
     env = Envelope(mail_from="x@relay.example", rcpt_tos=("bob@corp.test",), client_addr="192.0.2.7")
     d = Policy(PolicyConfig(), META).decide(CLEAN, ext, env)
     assert (d.verdict.value, d.action.value) == ("spam", "tag")
-    assert d.reasons[0] == "From gives 2 addresses, which DMARC cannot judge, and it scores 0.20 as spam"
+    assert d.reasons[0] == (
+        "From reads as 2 addresses (an unquoted comma before service@shop.example), and it scores 0.20 as "
+        "spam"
+    )
     assert not any("names no mailbox" in r for r in d.reasons)
     assert decide(FAINT, from_display="", from_addr="kundenservice", from_org_domain=None)[0] == "spam"
 

@@ -4,8 +4,11 @@ name shown in the second address, are BEC; a From that merely reads as two addre
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from milter.auth import AuthResults, DkimResult, DmarcResult
 from milter.auth.message import plan
 from milter.config import PolicyConfig
 from milter.features import extract
@@ -33,15 +36,17 @@ def decide(from_header: str, envelope: Envelope = OUTSIDE, config: PolicyConfig 
 
 
 @pytest.mark.parametrize(
-    "from_header",
+    ("from_header", "dmarc_domain"),
     [
-        "x, Jane Smith <jane@example.com>",  # a bare word first: the reader sees Jane Smith of example.com
-        "Support ,_<help@mail.example.com>",  # phishing-pot's pattern, a protected subdomain
-        "jane@example.com, other@relay.test",  # two mailboxes, ours first
+        # a bare word first: the reader sees Jane Smith of example.com, and DMARC judges example.com
+        ("x, Jane Smith <jane@example.com>", "example.com"),
+        ("Support ,_<help@mail.example.com>", "mail.example.com"),  # phishing-pot's pattern, a subdomain
+        ("jane@example.com, other@relay.test", None),  # two mailboxes, ours first: DMARC cannot judge it
     ],
 )
-def test_our_domain_among_several_from_addresses_is_bec(from_header: str) -> None:
-    assert plan(mail(from_header)).from_domain is None  # what makes DMARC unable to judge it
+def test_our_domain_among_several_from_addresses_is_bec(from_header: str, dmarc_domain: str | None) -> None:
+    assert plan(mail(from_header)).from_domain == dmarc_domain
+    # held without DNS answers too: the rule does not wait for DMARC to say what the reader sees
     verdict, action, reason, *_ = decide(from_header)
     assert (verdict, action) == (Verdict.BEC.value, Action.QUARANTINE.value)
     assert "addresses, one at protected domain" in reason and "example.com" in reason
@@ -60,7 +65,45 @@ def test_our_own_clients_and_single_addresses_are_not_judged() -> None:
 def test_several_addresses_none_of_ours_are_only_tagged(from_header: str, config: PolicyConfig) -> None:
     verdict, action, reason, *_ = decide(from_header, config=config)
     assert (verdict, action) == ("spam", "tag")  # milter.policy.form.several_from
-    assert reason.startswith("From gives 2 addresses")
+    assert reason.startswith("From reads as 2 addresses (an unquoted comma before ")
+    assert decide("john@partner.test, jane@other.test", config=config)[2].startswith("From gives 2 addresses")
+
+
+def auth(result: str, domain: str, policy: str = "reject") -> AuthResults:
+    dkim = (DkimResult(domain, "s1", "pass"),) if result == "pass" else ()
+    return AuthResults(dkim, DmarcResult(result, domain, policy))  # type: ignore[arg-type]
+
+
+def decide_with(from_header: str, found: AuthResults, config: PolicyConfig = OURS) -> tuple[str, ...]:
+    ext = extract(mail(from_header))
+    ext = replace(ext, summary=replace(ext.summary, auth=found))
+    d = Policy(config, META).decide(HAM, ext, OUTSIDE)
+    return (d.verdict.value, d.action.value, *d.reasons)
+
+
+def test_an_unquoted_comma_whose_one_address_authenticates_is_not_tagged() -> None:
+    verdict, action, *reasons = decide_with("Smith, John <john@partner.test>", auth("pass", "partner.test"))
+    assert (verdict, action) == ("ham", "accept")
+    assert reasons[0] == (
+        "From reads as 2 addresses (an unquoted comma before john@partner.test); not tagged: DMARC passed "
+        "for john@partner.test"
+    )
+    # DMARC of another domain, or none at all, proves nothing about it
+    assert decide_with("Smith, John <john@partner.test>", auth("pass", "other.test"))[:2] == ("spam", "tag")
+    assert decide_with("Smith, John <john@partner.test>", auth("none", "partner.test"))[:2] == ("spam", "tag")
+
+
+def test_an_unquoted_comma_no_longer_dodges_dmarc() -> None:
+    # the spoof of a domain that publishes p=reject: DMARC now fails on the one address there is
+    spoof = auth("fail", "bank.test")
+    verdict, action, *reasons = decide_with("x, Jane Smith <jane@bank.test>", spoof, PolicyConfig())
+    assert (verdict, action) == ("spam", "tag")
+    assert any(r.startswith("From domain bank.test fails DMARC (p=reject") for r in reasons)
+    # and of our own domain: the exact-domain spoof rule sees it too
+    ours = decide_with("x, Jane Smith <jane@example.com>", auth("fail", "example.com"))
+    assert ours[:2] == ("bec", "quarantine")
+    spoofed = "protected domain spoofed: From domain example.com fails DMARC"
+    assert any(r.startswith(spoofed) for r in ours[2:])
 
 
 def test_a_protected_name_in_the_second_address_is_impersonation() -> None:

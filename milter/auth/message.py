@@ -179,10 +179,19 @@ def from_domain_of(fields: list[tuple[str, str]]) -> tuple[str | None, str]:
     if len(values[0]) > _MAX_FROM:  # bound the address parser's work on hostile input
         return None, "From header too long"
     addresses = [addr for _, addr in getaddresses(values) if addr]
-    if len(addresses) != 1:
-        return None, "no From address" if not addresses else "several From addresses"
-    _, at, host = addresses[0].rpartition("@")
-    domain = as_domain(host) if at else None
+    if not addresses:
+        return None, "no From address"
+    # An unquoted comma in a display name ("Smith, John <john@example.com>", or phishing's "Microsoft
+    # account team ,_<no-reply@...>") parses as a bare word and the real address. The word names no
+    # domain, so the one address that does is the From domain DMARC judges, as the reader's client shows
+    # it: otherwise "x, Jane <jane@example.com>" from anywhere would dodge example.com's p=reject. Two
+    # addresses with domains are several From addresses, which RFC 7489 6.6.1 leaves to the receiver.
+    mailboxes = [addr for addr in addresses if "@" in addr]
+    if len(mailboxes) > 1:
+        return None, "several From addresses"
+    if not mailboxes:
+        return None, "no usable From domain"
+    domain = as_domain(mailboxes[0].rpartition("@")[2])
     return (domain, "") if domain else (None, "no usable From domain")
 
 

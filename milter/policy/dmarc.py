@@ -74,9 +74,11 @@ def several_from_protected(ctx: Context) -> Hit | None:
     """A From with several addresses, one of them at a protected domain: the spoof that DMARC cannot
     see. DMARC judges the From domain, and a From that names two mailboxes has none (milter.auth gives
     "none": RFC 7489 6.6.1 leaves such mail to the receiver and says it SHOULD be rejected), so
-    "From: x, Jane Smith <jane@example.com>" from an outside server dodges `spoofed_protected_domain`
-    while the reader's mail client shows Jane Smith of example.com. Our own mail never writes such a From
-    (an unquoted comma in a display name is how it happens by accident); our own clients are exempt."""
+    "From: jane@example.com, x@relay.test" from an outside server would dodge `spoofed_protected_domain`
+    while the reader's mail client shows Jane of example.com. ("From: x, Jane Smith <jane@example.com>",
+    where the bare word names no mailbox, is judged by DMARC on example.com; this rule holds it
+    whatever DNS says.) Our own mail never writes such a From (an unquoted comma in a display name is how
+    it happens by accident); our own clients are exempt."""
     summary = ctx.summary
     if ctx.internal or not summary.from_others:
         return None

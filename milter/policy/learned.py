@@ -31,11 +31,12 @@ from milter.policy.table import SEVERITY, Context, Hit, domain_of, sender_key
 from milter.types import Action, Verdict
 
 
-def authenticated(ctx: Context) -> str | None:
-    """How the From domain vouches for this message: "DMARC", or "DKIM" for an aligned signature
-    (same registrable domain) where the domain publishes no DMARC record; None when it does not."""
+def authenticated(ctx: Context, address: str | None = None) -> str | None:
+    """How the From domain (of `address`, by default the summary's From address) vouches for this
+    message: "DMARC", or "DKIM" for an aligned signature (same registrable domain) where the domain
+    publishes no DMARC record; None when it does not."""
     auth = ctx.summary.auth
-    from_domain = registrable(domain_of(ctx.summary.from_addr or "") or "")
+    from_domain = registrable(domain_of(address or ctx.summary.from_addr or "") or "")
     if auth is None or not from_domain:
         return None
     if auth.dmarc.result == "pass":
