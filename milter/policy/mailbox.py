@@ -187,12 +187,12 @@ def brand_alone(summary: MessageSummary, brand: str) -> bool:
     span = _words_spelling(words, brand)
     if span is None:
         return False
-    local, _, host = addr.lower().rpartition("@")
     # the brand in the registrable domain's name is the features' other brand test (a brand's second
     # domain, dropboxmail.com, or a phisher's, docusign.me): the model weighs it, the co-brand cut applies
     if brand in display_letters(summary.from_org_domain or ""):
         return False
-    address = f"{local}@{host}"
+    address = addr.lower()
+    local, _, host = address.rpartition("@")
     others = [w for k, w in enumerate(words) if not span[0] <= k < span[1] and len(w) >= 3]
     if any(w in address for w in others):
         return False
