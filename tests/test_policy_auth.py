@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from milter.auth import ArcResult, AuthResults, DkimResult, DmarcResult, RecordedResult
-from milter.config import Lists, PolicyConfig
+from milter.config import ClassThresholds, Lists, PolicyConfig
 from milter.errors import ConfigError
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
@@ -124,6 +124,30 @@ def test_dmarc_fail_never_softens_the_model_and_spares_list_copies() -> None:
     assert d.reasons[0].startswith("spam score 0.98")
     listed = decide(auth(), lists=True)
     assert (listed.verdict, listed.action, listed.reasons) == (Verdict.HAM, Action.ACCEPT, ())
+
+
+LEANS = Scores(ham=0.40, spam=0.55, bec=0.05)  # the spam ladder tags (0.60 >= 0.5), does not quarantine
+HOLD = PolicyConfig(dmarc_fail_action="quarantine")
+
+
+def test_a_configured_dmarc_quarantine_is_not_let_out_by_an_earlier_tag() -> None:
+    # the spam ladder's tag comes first in the table; the admin asked for DMARC failures to be held
+    d = decide(auth(), HOLD, scores=LEANS)
+    assert (d.verdict, d.action) == (Verdict.SPAM, Action.QUARANTINE)
+    assert d.reasons[0].startswith("From domain example.com fails DMARC (p=reject")
+    assert any(r.startswith("spam score 0.60 >= tag threshold") for r in d.reasons[1:])  # kept as a reason
+    # as configured by default (tag) the ladder's tag stands, and so it does where DMARC passes
+    assert decide(auth(), scores=LEANS).action is Action.TAG
+    assert decide(auth("pass"), HOLD, scores=LEANS).action is Action.TAG
+
+
+def test_the_dmarc_floor_raises_only_a_tag() -> None:
+    # an allow entry for the client's address is the admin's explicit "accept"; a stricter answer stays
+    trusted_relay = replace(HOLD, lists=Lists(allow_ips=("192.0.2.0/24",)))
+    relay = Envelope(client_addr="192.0.2.7")
+    assert decide(auth(), trusted_relay, scores=LEANS, envelope=relay).action is Action.ACCEPT
+    rejecting = replace(HOLD, spam=ClassThresholds(tag=0.5, quarantine=0.9, reject=0.95))
+    assert decide(auth(), rejecting, scores=SPAM).action is Action.REJECT
 
 
 def test_unknown_dmarc_fail_action_is_a_config_error() -> None:

@@ -99,6 +99,9 @@ def test_an_unquoted_comma_no_longer_dodges_dmarc() -> None:
     verdict, action, *reasons = decide_with("x, Jane Smith <jane@bank.test>", spoof, PolicyConfig())
     assert (verdict, action) == ("spam", "tag")
     assert any(r.startswith("From domain bank.test fails DMARC (p=reject") for r in reasons)
+    # where the admin holds DMARC failures, the several-From tag does not let it out (policy._raised)
+    quarantining = PolicyConfig(dmarc_fail_action="quarantine")
+    assert decide_with("x, Jane Smith <jane@bank.test>", spoof, quarantining)[:2] == ("spam", "quarantine")
     # and of our own domain: the exact-domain spoof rule sees it too
     ours = decide_with("x, Jane Smith <jane@example.com>", auth("fail", "example.com"))
     assert ours[:2] == ("bec", "quarantine")

@@ -84,6 +84,8 @@ Precedence (the order of `RULES`), and why:
    the allow and bulk rules, so those senders are accepted with the reasons attached.
 8. DMARC failure under p=quarantine / p=reject -> spam, `dmarc_fail_action` (tag by default; none makes
    it a reason only). Last, so it never softens the model's answer; mailing-list copies are exempt.
+   With `quarantine` it is a floor (`Hit.floor`): where an earlier rule only tags, the message is held
+   all the same (`_raised`); an accept (an allow entry that applied) and a stricter answer stand.
    A failure that a trusted ARC sealer's validated chain explains (forwarding; `dmarc.py`) is only a
    reason, here and for every rule above that asks whether DMARC disowns the message.
 9. Nothing fired -> ham, accept.
@@ -220,6 +222,7 @@ def evaluate(ctx: Context, rules: Iterable[Rule] = RULES) -> Decision:
     decider = next((h for h in hits if h.action is not None), None)
     if decider is None:
         return Decision(Verdict.HAM, Action.ACCEPT, tuple(h.reason for h in hits), teaches=True)
+    decider = _raised(decider, hits)
     assert decider.verdict is not None and decider.action is not None
     action = decider.action
     reasons = [decider.reason, *(h.reason for h in hits if h is not decider)]
@@ -228,6 +231,18 @@ def evaluate(ctx: Context, rules: Iterable[Rule] = RULES) -> Decision:
         reasons.insert(1, f"recipient domain {ctx.rules.domain} rule: {action.value} -> {override.value}")
         action = override
     return Decision(decider.verdict, action, tuple(reasons), teaches=_teaches(decider, action))
+
+
+def _raised(decider: Hit, hits: list[Hit]) -> Hit:
+    """The decider, or the first later `Hit.floor` that is stricter where the decider only tags: a tag for
+    one suspicion (a lower cut, the model's tag threshold, a history signal) must not let a message out of
+    the quarantine the admin configured for another (`dmarc_fail_action = "quarantine"`). An accept (an
+    allow entry that applied) and anything stricter than a tag stay as they are."""
+    if decider.action is not Action.TAG:
+        return decider
+    tag = SEVERITY[Action.TAG]
+    stricter = (h for h in hits if h.floor and h.action is not None and SEVERITY[h.action] > tag)
+    return next(stricter, decider)
 
 
 def _teaches(decider: Hit, action: Action) -> bool:

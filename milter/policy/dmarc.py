@@ -110,4 +110,5 @@ def dmarc_fail(ctx: Context) -> Hit | None:
         return Hit(forgiven)  # a reason only: the record of why the failure was not acted on
     if ctx.dmarc_fail_action is None:
         return Hit(why)
-    return Hit(why, Verdict.SPAM, ctx.dmarc_fail_action)
+    # a floor: with "quarantine" configured, an earlier rule's tag does not let the message out
+    return Hit(why, Verdict.SPAM, ctx.dmarc_fail_action, floor=True)

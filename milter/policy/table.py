@@ -173,6 +173,7 @@ class Hit:
     verdict: Verdict | None = None
     action: Action | None = None
     novel: bool = False  # decided for who sent it, not what it says: the history may still learn it
+    floor: bool = False  # its action is a minimum: it raises an earlier rule's tag to it (`evaluate`)
 
 
 Rule = Callable[[Context], "Hit | None"]
