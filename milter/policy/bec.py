@@ -3,9 +3,8 @@ talking money) that the public corpora cannot teach a model."""
 
 from __future__ import annotations
 
-from milter.features.domains import sender_key
 from milter.features.summary import MessageSummary
-from milter.policy.learned import authenticated
+from milter.policy.learned import authenticated, vouched_sender
 from milter.policy.table import Context, Hit
 from milter.types import Action, Verdict
 
@@ -74,11 +73,9 @@ def vouched_for(ctx: Context) -> str | None:
     `lists.allow_senders`, or `policy.learned_sender_labels` ham labels and none spam or bec (per address
     for free-mail, per domain otherwise: `sender_key`). None when neither holds."""
     addr = (ctx.summary.from_addr or "").lower()
-    if not addr or (how := authenticated(ctx)) is None:
-        return None
-    if addr in ctx.lists.allow_senders:
+    if addr and addr in ctx.lists.allow_senders and (how := authenticated(ctx)) is not None:
         return f"{addr} is on the allow list and {how} passed"
-    key = sender_key(addr)
-    if key and (labels := ctx.learned.vouched(key)) is not None:
+    if (vouched := vouched_sender(ctx)) is not None:
+        key, how, labels = vouched
         return f"the admins labelled {labels.ham} messages of {key} as wanted and {how} passed"
     return None

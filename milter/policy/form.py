@@ -53,7 +53,7 @@ from __future__ import annotations
 from milter.features.summary import MessageSummary
 from milter.policy.learned import authenticated
 from milter.policy.mailbox import ROLE_MAILBOXES
-from milter.policy.table import Context, Hit, judged_sender, tag_from
+from milter.policy.table import Context, Hit, judged_sender, tag_judged
 
 #: Display names of a mail system writing on its own behalf (bounces: "MAILER-DAEMON" with no address).
 MAIL_SYSTEM_NAMES = ROLE_MAILBOXES | {"mailer daemon", "mail delivery system", "mail delivery subsystem"}
@@ -63,7 +63,7 @@ def fake_reply(ctx: Context) -> Hit | None:
     if not ctx.summary.fake_reply:
         return None
     what = "the subject says Re: but the message answers nothing (no In-Reply-To or References)"
-    return _tagged(ctx, ctx.rules.cuts.fake_reply, what)
+    return tag_judged(ctx, ctx.rules.cuts.fake_reply, what)
 
 
 def no_mailbox(ctx: Context) -> Hit | None:
@@ -76,7 +76,7 @@ def no_mailbox(ctx: Context) -> Hit | None:
         return None
     shown = summary.from_addr or summary.from_display
     what = f"From ({shown!r}) names no mailbox" if shown else "From names no mailbox"
-    return _tagged(ctx, ctx.rules.cuts.no_mailbox, what)
+    return tag_judged(ctx, ctx.rules.cuts.no_mailbox, what)
 
 
 def several_from(ctx: Context) -> Hit | None:
@@ -87,11 +87,11 @@ def several_from(ctx: Context) -> Hit | None:
     real = split_mailbox(summary)
     if real is None:
         what = f"From gives {1 + len(others)} addresses, which DMARC cannot judge"
-        return _tagged(ctx, ctx.rules.cuts.several_from, what)
+        return tag_judged(ctx, ctx.rules.cuts.several_from, what)
     what = f"From reads as {1 + len(others)} addresses (an unquoted comma before {real})"
     if judged_sender(ctx) and (how := authenticated(ctx, real)) is not None:
         return Hit(f"{what}; not tagged: {how} passed for {real}")  # its domain's owner vouches for it
-    return _tagged(ctx, ctx.rules.cuts.several_from, what)
+    return tag_judged(ctx, ctx.rules.cuts.several_from, what)
 
 
 def split_mailbox(summary: MessageSummary) -> str | None:
@@ -101,13 +101,6 @@ def split_mailbox(summary: MessageSummary) -> str | None:
     every = (summary.from_addr, *(addr for _, addr in summary.from_others))
     found = [addr for addr in every if names_mailbox(addr)]
     return found[0] if len(found) == 1 else None
-
-
-def _tagged(ctx: Context, cut: float | None, what: str) -> Hit | None:
-    """Spam, tag from `cut` (None: the rule is off), for the senders the lower-cut rules judge."""
-    if cut is None or not judged_sender(ctx):
-        return None
-    return tag_from(ctx, cut, lambda score: f"{what}, and it scores {score:.2f} as spam")
 
 
 def names_mailbox(addr: str | None) -> bool:

@@ -27,7 +27,7 @@ ends with one), so a label takes effect by the next morning, like the retrained 
 from __future__ import annotations
 
 from milter.features.domains import registrable
-from milter.policy.table import SEVERITY, Context, Hit, domain_of, sender_key
+from milter.policy.table import SEVERITY, Context, Hit, SenderLabels, domain_of, sender_key
 from milter.types import Action, Verdict
 
 
@@ -47,14 +47,21 @@ def authenticated(ctx: Context, address: str | None = None) -> str | None:
     return None
 
 
-def learned_sender(ctx: Context) -> Hit | None:
-    """Tag instead of quarantine / reject when only the model's score would have done it (see above)."""
+def vouched_sender(ctx: Context) -> tuple[str, str, SenderLabels] | None:
+    """(sender key, how the message authenticated, its labels) where the admins' labels vouch for the
+    From sender (`sender_key`) and the message authenticates as its own (`authenticated`); else None."""
     if not ctx.learned.counts or (how := authenticated(ctx)) is None:
         return None
     sender = sender_key(ctx.summary.from_addr)
     labels = ctx.learned.vouched(sender) if sender else None
-    if labels is None:
+    return None if labels is None else (sender, how, labels)
+
+
+def learned_sender(ctx: Context) -> Hit | None:
+    """Tag instead of quarantine / reject when only the model's score would have done it (see above)."""
+    if (vouched := vouched_sender(ctx)) is None:
         return None
+    sender, how, labels = vouched
     # the ladders' own hits follow as reasons and carry the score and threshold
     for ladder, score, verdict in (
         (ctx.rules.bec, ctx.scores.bec, Verdict.BEC),

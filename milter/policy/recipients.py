@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from milter.features.domains import split_host
-from milter.policy.table import Context, Hit, judged_sender, tag_from
+from milter.policy.table import Context, Hit, tag_judged
 
 #: How many organisations one mailbox name must be tried at: two is a person's work and home address or a
 #: renamed organisation (8 of the corpora's ham); three or more is a list of guesses.
@@ -40,16 +40,13 @@ MIN_ORGANISATIONS = 3
 
 
 def harvested_recipients(ctx: Context) -> Hit | None:
-    cut = ctx.rules.cuts.harvested_recipients
-    if cut is None or not judged_sender(ctx):
-        return None
     guessed = guessed_mailbox(ctx.summary.to_addrs)
     if guessed is None:
         return None
     local, organisations = guessed
     shown = ", ".join(organisations[:3]) + (", ..." if len(organisations) > 3 else "")
     what = f"To tries the mailbox {local!r} at {len(organisations)} organisations ({shown})"
-    return tag_from(ctx, cut, lambda score: f"{what}, and it scores {score:.2f} as spam")
+    return tag_judged(ctx, ctx.rules.cuts.harvested_recipients, what)
 
 
 def guessed_mailbox(addresses: Sequence[str]) -> tuple[str, tuple[str, ...]] | None:

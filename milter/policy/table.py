@@ -194,6 +194,14 @@ def tag_from(ctx: Context, cut: float, reason: Callable[[float], str]) -> Hit | 
     return Hit(f"{reason(score)}{at_least}", Verdict.SPAM, action)
 
 
+def tag_judged(ctx: Context, cut: float | None, what: str) -> Hit | None:
+    """Spam, tag from `cut` (None: the rule is off), for the senders the lower-cut rules judge
+    (`judged_sender`); the reason is `what`, then the score."""
+    if cut is None or not judged_sender(ctx):
+        return None
+    return tag_from(ctx, cut, lambda score: f"{what}, and it scores {score:.2f} as spam")
+
+
 def judged_sender(ctx: Context) -> bool:
     """Whether a rule that lowers the spam cut for how a sender looks may judge this message: not our own
     clients' mail (`policy.internal_networks`: often signed only after the filter), not from our own
