@@ -137,6 +137,9 @@ class PolicyConfig:
     # A multipart/digest holding parts that are not messages is tagged as spam once the model scores it at
     # least this much as not-ham (milter.policy.unsigned); None (false in TOML): off.
     odd_digest_tag: float | None = 0.5
+    # HTML that is images with under 100 characters of text is tagged as spam once the model scores it at
+    # least this much as not-ham (milter.policy.unsigned); None (false in TOML): off.
+    image_only_tag: float | None = 0.5
     # A brand's name as the mailbox of a domain that is not the brand's ("Hardware ACE
     # <hardwareace@landyselect.com>") is tagged as spam from this not-ham score (milter.policy.mailbox).
     name_mailbox_tag: float | None = 0.85
@@ -379,9 +382,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
     lower_cuts = (
-        "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "name_mailbox_tag", "gibberish_mailbox_tag",
-        "unrelated_mailbox_tag", "brand_display_tag", "brand_alone_tag", "fake_reply_tag", "no_mailbox_tag",
-        "several_from_tag", "harvested_recipients_tag",
+        "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "image_only_tag", "name_mailbox_tag",
+        "gibberish_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag", "brand_alone_tag",
+        "fake_reply_tag", "no_mailbox_tag", "several_from_tag", "harvested_recipients_tag",
     )
     nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}

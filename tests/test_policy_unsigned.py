@@ -13,7 +13,7 @@ import pytest
 from milter.auth import ArcResult, AuthResults, DkimResult, DmarcResult
 from milter.config import Lists, PolicyConfig, parse_config
 from milter.errors import ConfigError
-from milter.features import extract
+from milter.features import SCHEMA, extract
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
 from milter.types import Envelope, Scores
@@ -121,7 +121,7 @@ def test_an_allow_list_entry_and_the_setting_turn_it_off() -> None:
     assert decide(Scores(ham=0.02, spam=0.95, bec=0.03), stricter)[:2] == ("spam", "tag")
 
 
-@pytest.mark.parametrize("key", ["unsigned_html_tag", "odd_digest_tag"])
+@pytest.mark.parametrize("key", ["unsigned_html_tag", "odd_digest_tag", "image_only_tag"])
 @pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
 def test_a_bad_setting_names_its_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as err:
@@ -223,3 +223,66 @@ def test_an_odd_digest_the_model_leans_against_is_tagged() -> None:
     assert decide(SPAM, html=False, odd_digest=True)[:2] == ("spam", "quarantine")
     off = parse_config({"policy": {"odd_digest_tag": False}}).policy
     assert decide(leans, off, html=False, odd_digest=True)[:2] == ("ham", "accept")
+
+
+def _picture_mail(text: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"Daily Burn <offers@mail.{DOMAIN}>"
+    msg["To"] = "bob@corp.test"
+    msg["Subject"] = "Fat-Burning Coffee Is Here"
+    msg.set_content("Open the picture.")
+    msg.add_alternative(f'<html><body><a href="https://{DOMAIN}/c"><img src="https://{DOMAIN}/a.png"></a>'
+                        f"<p>{text}</p></body></html>", subtype="html")
+    return bytes(msg)
+
+
+@pytest.mark.parametrize(
+    ("raw", "image_only"),
+    [
+        (_picture_mail("Click the image."), True),
+        (_picture_mail("Our autumn range is in. " * 8), False),  # a picture beside a paragraph of text
+        (_mail(False, {}), False),
+    ],
+    ids=["a-picture-and-a-line", "a-picture-and-a-paragraph", "plain-text"],
+)
+def test_extraction_finds_html_that_is_pictures(raw: bytes, image_only: bool) -> None:
+    ext = extract(raw)
+    assert ext.summary.image_only is image_only
+    assert bool(ext.vector[SCHEMA.names.index("html_image_only")]) is image_only  # the model's own fact
+
+
+SIGNED_BULK: dict[str, Any] = {
+    "dkim_signers": (DOMAIN,),
+    "bulk_evidence": ("one-click unsubscribe (RFC 8058)", f"DKIM signature of {DOMAIN}"),
+}
+
+
+LEANS_PICTURE = Scores(ham=0.3, spam=0.6, bec=0.1)  # not-ham 0.7: over the rule's cut, far under the model's
+
+
+def test_pictures_with_almost_no_text_the_model_leans_against_are_tagged_signed_or_not() -> None:
+    leans = LEANS_PICTURE
+    verdict, action, reason, *_ = decide(leans, image_only=True, **SIGNED_BULK)
+    assert (verdict, action) == ("spam", "tag")  # before the bulk rule: an unsubscribe header is no excuse
+    assert reason == ("HTML that is images with almost no text scores 0.70 as spam "
+                      "(at least 0.5 tags such mail)")
+    assert decide(leans, **SIGNED_BULK)[:2] == ("bulk", "accept")  # the same mail with text in it
+
+
+@pytest.mark.parametrize(
+    ("scores", "kw"),
+    [
+        (Scores(ham=0.6, spam=0.3, bec=0.1), {}),
+        (LEANS_PICTURE, {"list_mail": True}),
+        (LEANS_PICTURE, {"auto_report": True}),
+        (LEANS_PICTURE, {"client": "10.1.2.3"}),
+        (LEANS_PICTURE, {"config": parse_config({"policy": {"image_only_tag": False}}).policy}),
+    ],
+    ids=["under-the-cut", "list-copy", "bounce", "internal-client", "off"],
+)
+def test_pictures_are_otherwise_left_to_the_model(scores: Scores, kw: dict[str, Any]) -> None:
+    assert decide(scores, image_only=True, dkim_signers=(DOMAIN,), **kw)[:2] == ("ham", "accept")
+
+
+def test_pictures_the_ladder_would_quarantine_stay_quarantined() -> None:
+    assert decide(SPAM, image_only=True, dkim_signers=(DOMAIN,))[:2] == ("spam", "quarantine")

@@ -82,6 +82,7 @@ _FREEMAIL_COLUMN = SCHEMA.names.index("id_freemail")
 _HTML_COLUMN = SCHEMA.names.index("mime_has_html")
 _FAKE_REPLY_COLUMN = SCHEMA.names.index("hdr_fake_reply")
 _REPORT_COLUMN = SCHEMA.names.index("snd_auto_report")
+_IMAGE_ONLY_COLUMN = SCHEMA.names.index("html_image_only")
 
 
 def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected | None = None) -> Extracted:
@@ -133,6 +134,7 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
         from_others=ctx.from_others,
         auto_report=bool(vector[_REPORT_COLUMN] > 0),
         odd_digest=parsed.odd_digest,
+        image_only=bool(vector[_IMAGE_ONLY_COLUMN] > 0),
         display_brand=identity.brand_in_display(s.display, s.domain) if s and s.display else None,
     )
 

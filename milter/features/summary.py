@@ -55,6 +55,9 @@ class MessageSummary:
     from_others: tuple[tuple[str, str], ...] = ()
     auto_report: bool = False  # a machine-generated report: a DSN, an auto-reply (Auto-Submitted)
     odd_digest: bool = False  # a multipart/digest holds a part that is no message (milter.parse)
+    # Its HTML shows images and under 100 characters of text (the model's `html_image_only`), for the
+    # policy (milter.policy.unsigned).
+    image_only: bool = False
     # A brand the From display name names whose own domains exclude the From domain (lexicon.BRANDS;
     # "Norton Security <jokes@funnysnails.com>" -> "norton"), for the policy; None: no such brand.
     display_brand: str | None = None

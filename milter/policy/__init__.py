@@ -52,7 +52,9 @@ Precedence (the order of `RULES`), and why:
    and no Precedence: bulk, which the model scores at least `policy.unsigned_html_tag` as not-ham -> spam,
    tag (the ladder's action when stricter). Not for internal clients, our own domains, list copies or
    bounces. Odd digests (same module): a multipart/digest whose parts are not messages, scored at least
-   `policy.odd_digest_tag` -> spam, tag (the ladder's when stricter).
+   `policy.odd_digest_tag` -> spam, tag (the ladder's when stricter). HTML that is images with almost
+   no text (same module), scored at least `policy.image_only_tag` -> spam, tag (the ladder's when
+   stricter); judged as the From rules are.
    Headers that promise what the message does not keep (`form.py`): a From that names no mailbox
    (`policy.no_mailbox_tag`; bounces exempt), a From with several addresses, which DMARC cannot judge
    (`policy.several_from_tag`, any score by default) and, after the From rules below, a "Re:" subject over a
@@ -165,7 +167,7 @@ from milter.policy.table import (
     parse_client,
     parse_networks,
 )
-from milter.policy.unsigned import odd_digest, unsigned_html
+from milter.policy.unsigned import image_only_html, odd_digest, unsigned_html
 from milter.types import Action, Decision, Envelope, Scores, Verdict
 
 if TYPE_CHECKING:
@@ -196,6 +198,7 @@ RULES: tuple[Rule, ...] = (
     abused_tld_sender,
     unsigned_html,
     odd_digest,
+    image_only_html,
     no_mailbox,
     several_from,
     harvested_recipients,
@@ -309,6 +312,7 @@ class Policy:
                 abused_tld=config.abused_tld_tag,
                 unsigned_html=config.unsigned_html_tag,
                 odd_digest=config.odd_digest_tag,
+                image_only=config.image_only_tag,
                 name_mailbox=config.name_mailbox_tag,
                 gibberish_mailbox=config.gibberish_mailbox_tag,
                 unrelated_mailbox=config.unrelated_mailbox_tag,

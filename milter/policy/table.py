@@ -69,6 +69,7 @@ class LowerCuts:
     abused_tld: float | None = None  # policy.abused_tld_tag (milter.policy.abused_tld)
     unsigned_html: float | None = None  # policy.unsigned_html_tag (milter.policy.unsigned)
     odd_digest: float | None = None  # policy.odd_digest_tag (milter.policy.unsigned)
+    image_only: float | None = None  # policy.image_only_tag (milter.policy.unsigned)
     name_mailbox: float | None = None  # policy.name_mailbox_tag (milter.policy.mailbox)
     gibberish_mailbox: float | None = None  # policy.gibberish_mailbox_tag (milter.policy.mailbox)
     unrelated_mailbox: float | None = None  # policy.unrelated_mailbox_tag (milter.policy.mailbox)
