@@ -145,6 +145,9 @@ class PolicyConfig:
     name_mailbox_tag: float | None = 0.85
     # A person's name over a gibberish mailbox ("Gregorio Newman <snqkmfowgmlmyx@verizon.net>"): the same.
     gibberish_mailbox_tag: float | None = 0.5
+    # A From mailbox with a run of three or more dashes, underscores or dots ("migo0004-----R165@..."):
+    # the same.
+    padded_mailbox_tag: float | None = 0.5
     # A person's name over a mailbox that has nothing of it ("Courtney Curran <deviyn@lhs75.every1.net>"):
     # the same, from a higher score (people do write from old or odd addresses).
     unrelated_mailbox_tag: float | None = 0.85
@@ -383,8 +386,8 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     base = PolicyConfig()
     lower_cuts = (
         "abused_tld_tag", "unsigned_html_tag", "odd_digest_tag", "image_only_tag", "name_mailbox_tag",
-        "gibberish_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag", "brand_alone_tag",
-        "fake_reply_tag", "no_mailbox_tag", "several_from_tag", "harvested_recipients_tag",
+        "gibberish_mailbox_tag", "padded_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag",
+        "brand_alone_tag", "fake_reply_tag", "no_mailbox_tag", "several_from_tag", "harvested_recipients_tag",
     )
     nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}

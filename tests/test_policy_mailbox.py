@@ -24,6 +24,7 @@ from milter.policy.mailbox import (
     gibberish,
     name_over_gibberish,
     name_over_unrelated,
+    padded,
 )
 from milter.types import Envelope, Scores
 
@@ -339,7 +340,7 @@ def test_a_borrowed_brand_is_not_judged_for_our_own_clients_or_list_copies() -> 
     "key",
     [
         "name_mailbox_tag", "gibberish_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag",
-        "brand_alone_tag",
+        "brand_alone_tag", "padded_mailbox_tag",
     ],
 )
 @pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
@@ -389,3 +390,45 @@ def test_the_name_tests_read_any_from_header_without_raising(display: str, local
     assert isinstance(name_over_unrelated(s), bool)
     assert isinstance(name_over_gibberish(s), bool)
     assert brand_mailbox_elsewhere(s) in (None, display)
+
+
+# --- a mailbox a tool padded -----------------------------------------------------------------------------
+
+PADDED = ("ADAC", "migo0004-----r165@smkn1purwosari.sch.example")
+
+
+@pytest.mark.parametrize(
+    ("addr", "is_padded"),
+    [
+        ("migo0004-----r165@smkn1purwosari.sch.example", True),
+        ("magicalstock______r-oinnuinpmgttm@stocksnut.example", True),
+        ("a-_.b@host.example", True),  # mixed marks are a run too
+        ("jean--pierre@host.example", False),  # two: a doubled hyphen in a name
+        ("msprvs1=20575s86JeebC=bounces-555@sparkpostmail.example", False),  # VERP: one mark at a time
+        ("bounce-mc.us5_12.34-bob=corp.test@mail.example", False),
+        ("srs0=hhh=tt=example.org=bob@forwarder.example", False),
+        ("noreply@mail---relay.example", False),  # the host is not the mailbox
+        ("---", False),  # no domain: not an address
+    ],
+)
+def test_what_counts_as_padding(addr: str, is_padded: bool) -> None:
+    assert padded(addr) is is_padded
+
+
+def test_a_padded_mailbox_the_model_leans_against_is_tagged() -> None:
+    verdict, action, reason, *_ = decide(MILD, PADDED)
+    assert (verdict, action) == ("spam", "tag")  # signed and unsubscribable: not bulk
+    assert reason == (f"the From mailbox {PADDED[1]} is padded the way a sending tool fills a field, and it "
+                      "scores 0.60 as spam (at least 0.5 tags such mail)")
+    assert decide(CLEAN, PADDED)[0] != "spam"
+    assert decide(MILD, PADDED, list_mail=True)[0] != "spam"
+    assert decide(MILD, PADDED, client="10.1.2.3")[0] != "spam"
+    assert decide(SPAM, PADDED)[:2] == ("spam", "quarantine")
+    off = parse_config({"policy": {"padded_mailbox_tag": False}}).policy
+    assert decide(MILD, PADDED, config=off)[0] != "spam"
+
+
+def test_extraction_gives_the_rule_the_padded_address() -> None:
+    ext = extract(_mail("ADAC<migo0002---E004@smkn1purwosari.sch.example>"))
+    assert ext.summary.from_addr == "migo0002---e004@smkn1purwosari.sch.example"
+    assert padded(ext.summary.from_addr or "")

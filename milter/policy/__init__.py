@@ -64,7 +64,8 @@ Precedence (the order of `RULES`), and why:
    `policy.harvested_recipients_tag`).
    How From names the sender (`mailbox.py`): a brand's name as the mailbox of a domain that carries none
    of it (`policy.name_mailbox_tag`), a person's name over a gibberish mailbox
-   (`policy.gibberish_mailbox_tag`), a brand in the display name that the From domain is not
+   (`policy.gibberish_mailbox_tag`), a mailbox a tool padded with a run of separators
+   (`policy.padded_mailbox_tag`), a brand in the display name that the From domain is not
    (`policy.brand_display_tag`; `policy.brand_alone_tag` where the address has no other word of the
    name), a person's name over a mailbox with none of it
    (`policy.unrelated_mailbox_tag`) -> spam, tag from those not-ham scores (the ladder's when stricter). Not
@@ -132,7 +133,13 @@ from milter.policy.history import (
     history_reply_to_unseen,
 )
 from milter.policy.learned import learned_sender
-from milter.policy.mailbox import brand_display_name, gibberish_mailbox, name_as_mailbox, unrelated_mailbox
+from milter.policy.mailbox import (
+    brand_display_name,
+    gibberish_mailbox,
+    name_as_mailbox,
+    padded_mailbox,
+    unrelated_mailbox,
+)
 from milter.policy.recipients import harvested_recipients
 from milter.policy.reputation import blocklisted
 from milter.policy.rules import (
@@ -204,6 +211,7 @@ RULES: tuple[Rule, ...] = (
     harvested_recipients,
     name_as_mailbox,
     gibberish_mailbox,
+    padded_mailbox,
     brand_display_name,
     unrelated_mailbox,  # after the brand rule: "Norton Security <jokes@...>" is a borrowed brand first
     fake_reply,
@@ -315,6 +323,7 @@ class Policy:
                 image_only=config.image_only_tag,
                 name_mailbox=config.name_mailbox_tag,
                 gibberish_mailbox=config.gibberish_mailbox_tag,
+                padded_mailbox=config.padded_mailbox_tag,
                 unrelated_mailbox=config.unrelated_mailbox_tag,
                 brand_display=config.brand_display_tag,
                 brand_alone=config.brand_alone_tag,

@@ -72,6 +72,7 @@ class LowerCuts:
     image_only: float | None = None  # policy.image_only_tag (milter.policy.unsigned)
     name_mailbox: float | None = None  # policy.name_mailbox_tag (milter.policy.mailbox)
     gibberish_mailbox: float | None = None  # policy.gibberish_mailbox_tag (milter.policy.mailbox)
+    padded_mailbox: float | None = None  # policy.padded_mailbox_tag (milter.policy.mailbox)
     unrelated_mailbox: float | None = None  # policy.unrelated_mailbox_tag (milter.policy.mailbox)
     brand_display: float | None = None  # policy.brand_display_tag (milter.policy.mailbox)
     brand_alone: float | None = None  # policy.brand_alone_tag (milter.policy.mailbox)
