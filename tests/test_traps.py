@@ -164,3 +164,19 @@ def test_a_list_copy_says_nothing_about_unsubscribing() -> None:
     own = vector(managed.replace("List-Id: <dev.lists.example.org>\n", ""))
     assert own[SCHEMA.names.index("snd_oneclick_unsub")] == 1.0
     assert own[SCHEMA.names.index("snd_footer_unsubscribe")] == 1.0
+
+
+def test_a_salted_sender_split_draws_other_senders_and_still_keeps_each_on_one_side() -> None:
+    msgs = [_msg(i, f"u{i % 7}@d{i % 40}.example") for i in range(800)]
+    msgs += [_msg(800 + i, f"person{i}@gmail.com") for i in range(100)]
+    default = sender_split(msgs)
+    np.testing.assert_array_equal(default, sender_split(msgs, salt=""))  # no salt: the shipped split
+    salted = sender_split(msgs, salt="b2")
+    assert (salted != default).mean() > 0.2  # other senders in test ...
+    np.testing.assert_array_equal(salted, sender_split(msgs, salt="b2"))  # ... the same ones every run
+    sides: dict[str, set[int]] = {}
+    for m, s in zip(msgs, salted.tolist(), strict=True):
+        sides.setdefault(sender_key(m, frozenset()), set()).add(s)
+    assert all(len(v) == 1 for v in sides.values())
+    shares = [float((salted == k).mean()) for k in (TRAIN, VAL, TEST)]
+    assert 0.55 < shares[0] < 0.85 and 0.03 < shares[1] < 0.2 and 0.1 < shares[2] < 0.32

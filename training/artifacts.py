@@ -62,6 +62,12 @@ def model_name(created: datetime, onnx_bytes: bytes) -> str:
     return f"mailsift-{created:%Y%m%d}-{hashlib.sha256(onnx_bytes).hexdigest()[:8]}"
 
 
+def _salted(args: argparse.Namespace) -> str:
+    """How the sender split was drawn, where not the default (`milter-train --split-salt`)."""
+    salt = getattr(args, "split_salt", "")
+    return f" salted with {salt!r}" if salt else ""
+
+
 def _corpus_counts(ds: Dataset) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for (corpus, label), n in sorted(Counter(m.group for m in ds.messages).items()):
@@ -72,6 +78,7 @@ def _corpus_counts(ds: Dataset) -> dict[str, dict[str, int]]:
 #: milter-train / milter-retrain options besides the seed and the data that change the fitted model.
 RECIPE_KEYS = (
     "split_by",
+    "split_salt",
     "corpus_balance",
     "modern_ham_weight",
     "modern_spam_weight",
@@ -158,7 +165,7 @@ def build_metadata(
             "dropped": dict(dropped),
             "split": (
                 "by sender (From domain; address for free-mail and a corpus's own domain): 20% test, "
-                "10% validation, by hash"
+                "10% validation, by hash" + _salted(args)
                 if args.split_by == "sender"
                 else f"time-ordered per {args.split_by} and label: newest 20% test, previous 10% validation"
             ),

@@ -194,6 +194,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="split by sender (From domain; address for free-mail; default), or by time within "
         "(corpus, sub-collection, label) or (corpus, label) groups",
     )
+    p.add_argument(
+        "--split-salt",
+        default="",
+        metavar="TEXT",
+        help="draw another sender split (the same shares, other senders in test) to see how the figures "
+        "depend on which senders the default split put in test; bench/sender_splits.py runs several",
+    )
     p.add_argument("--processes", type=int, default=2, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,6 +265,7 @@ def load_dataset(
         progress=not args.no_progress,
         code_version=code_version,
         split_by=args.split_by,
+        split_salt=getattr(args, "split_salt", ""),  # milter-train only: retrain keeps the shipped split
     )
     if failed > 0.01 * max(1, len(messages)):
         raise SystemExit(f"feature extraction failed on {failed} of {len(messages)} messages")
