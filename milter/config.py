@@ -131,6 +131,11 @@ class PolicyConfig:
     # Mail from a From domain on an often-abused TLD (.shop, .xyz, ...) is tagged as spam once the model
     # scores it at least this much as not-ham (milter.policy.abused_tld); None (false in TOML): off.
     abused_tld_tag: float | None = 0.5
+    # TLDs that rule judges beside the features' own list (lexicon.SUSPICIOUS_TLDS, fixed with the model):
+    # cheap ones that spam runs register by the thousand; [] judges the features' list alone.
+    abused_tlds: tuple[str, ...] = (
+        "help", "bar", "autos", "skin", "boats", "homes", "makeup", "mom", "yachts", "motorcycles",
+    )
     # HTML mail with no DKIM signature and no unsubscribe offer is tagged as spam once the model scores it
     # at least this much as not-ham (milter.policy.unsigned); None (false in TOML): off.
     unsigned_html_tag: float | None = 0.93

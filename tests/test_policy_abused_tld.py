@@ -83,3 +83,28 @@ def test_a_broken_setting_names_its_key(value: object) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"policy": {"abused_tld_tag": value}})
     assert err.value.key == "policy.abused_tld_tag"
+
+
+@pytest.mark.parametrize("domain", ["promosprout.help", "cookfest.bar", "countrystaff.autos", "pawhop.skin"])
+def test_the_policy_judges_cheap_tlds_the_features_list_lacks(domain: str) -> None:
+    from milter.features.lexicon import SUSPICIOUS_TLDS
+
+    assert domain.rpartition(".")[2] not in SUSPICIOUS_TLDS  # the model's input, fixed with the model
+    assert decide(domain, LEANS)[:2] == ("spam", "tag")
+    features_only = parse_config({"policy": {"abused_tlds": []}}).policy
+    assert decide(domain, LEANS, features_only)[:2] == ("ham", "accept")
+    assert decide("fipie.shop", LEANS, features_only)[:2] == ("spam", "tag")
+
+
+def test_an_admin_adds_a_tld() -> None:
+    cfg = parse_config({"policy": {"abused_tlds": [".Zip", "best"]}}).policy
+    assert decide("deals.best", LEANS, cfg)[:2] == ("spam", "tag")
+    assert decide("deals.best", LEANS)[:2] == ("ham", "accept")
+    assert decide("promosprout.help", LEANS, cfg)[:2] == ("ham", "accept")  # the list replaces the default
+
+
+@pytest.mark.parametrize("value", [["not a tld"], ["x.y"], [""], "help", [3]])
+def test_a_broken_tld_list_names_its_key(value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        Policy(parse_config({"policy": {"abused_tlds": value}}).policy, META)
+    assert err.value.key == "policy.abused_tlds"

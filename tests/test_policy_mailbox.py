@@ -244,6 +244,19 @@ def test_a_brand_alone_over_an_unrelated_address_is_tagged_from_the_lower_cut() 
     assert decide(harmless, ALONE, display_brand="norton")[:2] == ("ham", "accept")
 
 
+def test_a_brand_spelled_with_a_capital_i_for_an_l_is_tagged_from_the_lower_cut() -> None:
+    # "hello" is in the address, so the name is not the brand alone: only the spelling lowers the cut
+    disguised = ("WaImart Hello", "hellowaimart@qpstoree.example")
+    verdict, action, reason, *_ = decide(FAINT, disguised, display_brand="walmart")
+    assert (verdict, action) == ("spam", "tag")
+    assert reason == ("the display name names walmart but the sender domain is qpstoree.example, and it "
+                      "spells the name with a capital I for an l, and it scores 0.38 as spam (at least 0.3 "
+                      "tags such mail)")
+    spelled = ("Walmart Hello", "hellowalmart@qpstoree.example")  # the same sender, the brand spelled right
+    assert decide(FAINT, spelled, display_brand="walmart")[:2] == ("ham", "accept")  # the co-brand cut
+    assert decide(LEANS, spelled, display_brand="walmart")[:2] == ("spam", "tag")
+
+
 def test_the_brand_alone_cut_can_be_turned_off_and_the_co_brand_cut_still_applies() -> None:
     off = parse_config({"policy": {"brand_alone_tag": False}}).policy
     assert off.brand_alone_tag is None

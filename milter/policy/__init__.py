@@ -119,7 +119,7 @@ from milter.config import BULK_ACTIONS, HISTORY_SIGNALS, ClassThresholds, Domain
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
-from milter.policy.abused_tld import abused_tld_sender
+from milter.policy.abused_tld import abused_tld_sender, abused_tlds
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.bulk import bulk_sender
 from milter.policy.dmarc import dmarc_fail, several_from_protected, spoofed_protected_domain
@@ -318,6 +318,7 @@ class Policy:
             spam=Ladder.build("spam", spam), bec=Ladder.build("bec", bec), bulk_action=bulk,
             cuts=LowerCuts(
                 abused_tld=config.abused_tld_tag,
+                abused_tlds=abused_tlds(config.abused_tlds),
                 unsigned_html=config.unsigned_html_tag,
                 odd_digest=config.odd_digest_tag,
                 image_only=config.image_only_tag,

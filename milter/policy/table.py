@@ -20,6 +20,7 @@ from milter.features.domains import in_domain as in_domain
 from milter.features.domains import sender_key as sender_key
 from milter.features.identity import contains_name as contains_name
 from milter.features.identity import name_tokens as name_tokens
+from milter.features.lexicon import SUSPICIOUS_TLDS
 from milter.features.summary import MessageSummary
 from milter.types import Action, Envelope, Scores, Verdict, wanted_label
 
@@ -67,6 +68,8 @@ class LowerCuts:
     """Not-ham scores from which one kind of mail is tagged as spam (`tag_from`); None: that rule is off."""
 
     abused_tld: float | None = None  # policy.abused_tld_tag (milter.policy.abused_tld)
+    # the TLDs that rule judges: the features' list and policy.abused_tlds (milter.policy.abused_tld)
+    abused_tlds: frozenset[str] = SUSPICIOUS_TLDS
     unsigned_html: float | None = None  # policy.unsigned_html_tag (milter.policy.unsigned)
     odd_digest: float | None = None  # policy.odd_digest_tag (milter.policy.unsigned)
     image_only: float | None = None  # policy.image_only_tag (milter.policy.unsigned)
