@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 ARGS        ?=
 BENCH       ?= bench/scan.py
 
-.PHONY: install run test lint pytest bench train unseen corpora clean
+.PHONY: install run test lint pytest bench train unseen splits corpora clean
 
 install: $(STAMP)
 
@@ -72,6 +72,11 @@ soak: $(STAMP) corpora
 # How the model does on a source it never saw, and after K admin labels of it (training/unseen.py).
 unseen: $(STAMP) corpora
 	$(BIN)/python -m training.unseen $(ARGS)
+
+# Issue 11's lines on other draws of senders: a refit per salt (a few minutes and ~18 GB each), then
+# the policy over that draw's test split (bench/sender_splits.py; ARGS="--salts s1,s2 --shipped").
+splits: $(STAMP) corpora
+	$(BIN)/python bench/sender_splits.py $(ARGS)
 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
