@@ -22,7 +22,7 @@ tagged at a lower spam score.
   run of three or more dashes, underscores or dots in the local part is a fixed-width field that a
   sending tool filled: RFC 5322's dot-atom forbids even two dots in a row, a person's mailbox separates
   words with one mark, and the platforms' generated addresses (VERP, SRS, SES and tracking ids) use one
-  `=`, `+` or `-` at a time. In the corpora 36 spam and phishing messages have such a From (a German
+  `=`, `+` or `-` at a time. In the corpora 23 spam and phishing messages have such a From (a German
   brand-phishing run from many compromised school and government domains, two stock-tip runs), and none
   of the 29,242 ham. Sent from many domains, such a run lands on both sides of a sender split: on one of
   them (docs/DETECTION.md, "Other sender splits") the model gave the eight it had not seen 0.6-0.96.
@@ -153,7 +153,7 @@ def gibberish_mailbox(ctx: Context) -> Hit | None:
 
 
 def padded_mailbox(ctx: Context) -> Hit | None:
-    """A From local part with a run of `PADDING` separators (see the module docstring)."""
+    """A From local part with a run of three or more separators (`padded`; see the module docstring)."""
     summary = ctx.summary
     if not padded(summary.from_addr or ""):
         return None
