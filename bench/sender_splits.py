@@ -38,9 +38,8 @@ from milter.scan import build_scanner, prepare  # noqa: E402
 from milter.types import Action, Envelope  # noqa: E402
 from training import train as T  # noqa: E402
 from training.dataset import TEST  # noqa: E402
+from training.thresholds import MODERN_HAM, MODERN_SPAM  # noqa: E402
 
-MODERN_HAM = ("modern-bulk-ham", "foff-milter-mailbox", "sisimai-bounces")
-MODERN_SPAM = ("cw-l-spam", "foff-milter-mailbox")
 BATCH = 512
 
 
