@@ -101,6 +101,17 @@ HISTORY_SIGNALS: tuple[str, ...] = (
 
 #: One release may be a mistake; three are a decision.
 DEFAULT_LEARNED_SENDER_LABELS = 3
+#: policy.brands by default (milter.policy.mailbox, "borrowed brands"): brands the corpora's spam and
+#: phishing name over domains that are not theirs and their ham never does. Domains that spell the name
+#: (lidl.de, aldi-sued.de) need no entry. Not Disney or McDonald's: the shop mailbox's own ham from them
+#: comes from their mailing platform's domain (sparkpostmail.com); not Target or Ring: words as well.
+DEFAULT_BRANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Consumer Cellular", ()), ("AARP", ()), ("Omaha Steaks", ()), ("Lowe's", ()),
+    ("CVS Pharmacy", ("cvs.com",)), ("Southwest Airlines", ("southwest.com", "southwestvacations.com")),
+    ("Medicare", ("cms.gov", "hhs.gov", "ssa.gov")), ("Shein", ()), ("Ulta", ()),
+    ("Dick's Sporting Goods", ("dcsg.com",)), ("Starbucks", ()), ("Hilton", ()), ("Lidl", ()), ("Aldi", ()),
+    ("LEGO", ()), ("Nike", ()), ("Keurig", ()), ("Dyson", ()), ("Marriott", ()), ("IKEA", ()),
+)
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,12 @@ class PolicyConfig:
     # The same where the display name is the brand and words the address has nothing of ("Norton Security
     # <jokes@funnysnails.com>", not "Amazon Web Services <invoicing@aws.com>"): from this lower score.
     brand_alone_tag: float | None = 0.3
+    # Brands the brand rule reads in display names beside the features' own (lexicon.BRANDS, fixed with the
+    # model), each with the registrable domains it mails from: {"Consumer Cellular" =
+    # ["consumercellular.com"]} in TOML. A features' brand named here gains those domains for the rule
+    # (a co-brand's platform). The default: brands the corpora's spam and phishing borrow and their ham never
+    # names from another domain (milter.policy.mailbox); {} reads the features' list alone.
+    brands: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_BRANDS
     # A Subject that says "Re:" over a message that answers nothing (no In-Reply-To, no References) is
     # tagged as spam from this not-ham score (milter.policy.form).
     fake_reply_tag: float | None = 0.5
@@ -394,7 +411,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
         "gibberish_mailbox_tag", "padded_mailbox_tag", "unrelated_mailbox_tag", "brand_display_tag",
         "brand_alone_tag", "fake_reply_tag", "no_mailbox_tag", "several_from_tag", "harvested_recipients_tag",
     )
-    nested = ("spam", "bec", "domain", "lists", "bulk", "history", *lower_cuts)
+    nested = ("spam", "bec", "domain", "lists", "bulk", "history", "brands", *lower_cuts)
     flat = {k: v for k, v in raw.items() if k not in nested}
     pol: PolicyConfig = _simple(PolicyConfig, "policy", flat, base)
     for key in lower_cuts:  # a score, or false: off
@@ -417,6 +434,8 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
         pol = replace(pol, lists=lists)
     if "bulk" in raw:
         pol = replace(pol, bulk=_bulk(_table("policy.bulk", raw["bulk"])))
+    if "brands" in raw:
+        pol = replace(pol, brands=_brands(_table("policy.brands", raw["brands"])))
     if "history" in raw:
         pol = replace(pol, history=_history(_table("policy.history", raw["history"])))
     rules = [_domain_rule(f"policy.domain[{i}]", item) for i, item in enumerate(raw.get("domain", []))]
@@ -463,6 +482,16 @@ def _history(raw: Mapping[str, Any]) -> HistoryConfig:
         if not getattr(hist, key):
             raise ConfigError(f"policy.history.{key}", "must be above 0")
     return hist
+
+
+def _brands(raw: Mapping[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """[policy.brands]: brand name -> the domains it mails from (checked as names by the policy)."""
+    out = []
+    for name, domains in raw.items():
+        if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+            raise ConfigError(f"policy.brands.{name}", f"must be a list of domains, got {domains!r}")
+        out.append((name, tuple(domains)))
+    return tuple(out)
 
 
 def _bulk(raw: Mapping[str, Any]) -> BulkConfig:

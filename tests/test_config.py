@@ -175,3 +175,15 @@ def test_the_example_blocklists_are_valid_when_uncommented() -> None:
         ("dbl.spamhaus.org", "domain", "bec"),
     ]
     assert dict(zones[2].codes) == {"127.0.1.4": "phish domain"}
+
+
+def test_the_example_brands_table_parses_once_uncommented() -> None:
+    """docs/milter.example.toml shows [policy.brands] commented out (the default list applies)."""
+    assert load_config(EXAMPLE).policy.brands == PolicyConfig().brands
+    text = EXAMPLE.read_text()
+    start = text.index("# [policy.brands]")
+    end = text.index("\n\n", start)
+    block = "\n".join(line.removeprefix("# ") for line in text[start:end].splitlines())
+    got = dict(parse_config(tomllib.loads(block)).policy.brands)
+    assert got["Medicare"] == ("cms.gov", "hhs.gov", "ssa.gov")
+    assert got["Consumer Cellular"] == ()

@@ -19,8 +19,10 @@ from milter.features import extract
 from milter.features.summary import Extracted, MessageSummary
 from milter.policy import Policy
 from milter.policy.mailbox import (
+    borrowed_brand,
     brand_alone,
     brand_mailbox_elsewhere,
+    brands,
     gibberish,
     name_over_gibberish,
     name_over_unrelated,
@@ -305,6 +307,68 @@ def test_extraction_names_the_borrowed_brand() -> None:
     at_home = extract(_mail("PayPal <service@paypal.com>")).summary
     assert at_home.display_brand is None
     assert extract(_mail("alice@example.org")).summary.display_brand is None
+
+
+# --- brands of policy.brands: the admin's, beside the features' own ------------------------------------
+
+CELLULAR = ("Consumer Cellular Deals", "jokes@funnysnails.example")  # the shop mailbox's, not-ham 0.42
+
+
+def test_a_brand_of_policy_brands_is_tagged_from_the_lower_cut_and_never_bulk() -> None:
+    verdict, action, reason, *_ = decide(FAINT, CELLULAR)  # display_brand None: not the features' brand
+    assert (verdict, action) == ("spam", "tag")
+    assert reason.startswith("the display name names consumercellular but the sender domain is funnysnails")
+    assert "its address has no other word of the name" in reason
+    # with the admin's list empty it is a bulk sender again, as before the list
+    none = parse_config({"policy": {"brands": {}}}).policy
+    assert none.brands == ()
+    assert decide(FAINT, CELLULAR, config=none)[:2] == ("bulk", "accept")
+    harmless = Scores(ham=0.75, spam=0.2, bec=0.05)  # the model's say still counts: bulk, not tagged
+    assert decide(harmless, CELLULAR)[:2] == ("ham", "accept")
+
+
+@pytest.mark.parametrize(
+    ("who", "org", "brand"),
+    [
+        (("Lowes-Rewards", "nooreply@yzk.xbsgsvia.example"), None, "lowes"),  # cw-l's
+        (("Lowe's", "news@email.lowes.com"), "lowes.com", None),  # at home
+        (("Lidl Deutschland", "news@lidl.de"), "lidl.de", None),  # a domain that spells it is the brand's
+        (("Medicare Benefits", "noreply@cms.gov"), "cms.gov", None),  # one of its listed domains
+        (("Medicare Benefits", "benefits@medcare-help.example"), None, "medicare"),
+        (("Rob Herring", "robherring2@gmail.com"), "gmail.com", None),  # whole words only: not Ring
+        (("Klaus Heinz", "k.heinz@onlinehome.de"), "onlinehome.de", None),  # not Shein
+        (("Jack Gallegos", "jgallegos@uberasch.example"), None, None),  # not LEGO
+    ],
+)
+def test_which_names_borrow_a_brand_of_policy_brands(who: tuple[str, str], org: str | None,
+                                                     brand: str | None) -> None:
+    extra = brands(PolicyConfig().brands)
+    s = summary(who, from_org_domain=org or who[1].rpartition("@")[2])
+    assert borrowed_brand(s, extra) == brand
+
+
+def test_policy_brands_gives_a_features_brand_its_platform() -> None:
+    # a co-brand's mailing platform, named by the admin: the features still say "norton", the rule does not
+    platform = parse_config({"policy": {"brands": {"Norton": ["funnysnails.example"]}}}).policy
+    assert decide(LEANS, NORTON, config=platform, display_brand="norton")[0] != "spam"
+    assert decide(LEANS, NORTON, display_brand="norton")[:2] == ("spam", "tag")
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"CVS": ["cvs.com"]}, "policy.brands.CVS"),  # under 4 letters
+        ({"Acme Widgets": ["localhost"]}, "policy.brands.Acme Widgets"),  # no domain
+        ({"Acme Widgets": "acme.example"}, "policy.brands.Acme Widgets"),  # not a list
+        ({"Acme Widgets": [3]}, "policy.brands.Acme Widgets"),
+    ],
+)
+def test_a_bad_brand_names_its_key(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Policy(parse_config({"policy": {"brands": raw}}).policy, META)
+    assert err.value.key == key
+    with pytest.raises(ConfigError):
+        parse_config({"policy": {"brands": ["Acme Widgets"]}})
 
 
 # --- all three -----------------------------------------------------------------------------------------

@@ -135,6 +135,7 @@ from milter.policy.history import (
 from milter.policy.learned import learned_sender
 from milter.policy.mailbox import (
     brand_display_name,
+    brands,
     gibberish_mailbox,
     name_as_mailbox,
     padded_mailbox,
@@ -328,6 +329,7 @@ class Policy:
                 unrelated_mailbox=config.unrelated_mailbox_tag,
                 brand_display=config.brand_display_tag,
                 brand_alone=config.brand_alone_tag,
+                brands=brands(config.brands),
                 fake_reply=config.fake_reply_tag,
                 no_mailbox=config.no_mailbox_tag,
                 several_from=config.several_from_tag,

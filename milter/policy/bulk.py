@@ -16,7 +16,7 @@ recipients), when
 * no earlier rule decided: deny lists, impersonation, the spoof rule, the BEC content rules and the
   allow lists come first in `RULES` (an allow-listed sender stays ham). Learned senders act only where
   the model would quarantine, where this rule never does;
-* its display name names no brand the From domain is not (`MessageSummary.display_brand`: "Norton
+* its display name names no brand the From domain is not (`mailbox.borrowed_brand`: "Norton
   Security <jokes@funnysnails.com>" with an unsubscribe header is a brand's name borrowed by a bulk
   sender, not a newsletter the recipient asked for; it stays ham and the spam ladder judges it);
 * it is no mailing list's copy: a list's List-Unsubscribe is the list manager's, not the author's,
@@ -36,6 +36,7 @@ from __future__ import annotations
 from milter.features.domains import registrable
 from milter.features.summary import MessageSummary
 from milter.policy.dmarc import forwarded_pass, refuted_by_dmarc
+from milter.policy.mailbox import borrowed_brand
 from milter.policy.table import Context, Hit
 from milter.types import Verdict
 
@@ -47,7 +48,9 @@ DKIM_MARK = "DKIM signature of "
 def bulk_sender(ctx: Context) -> Hit | None:
     """Verdict `bulk` for a self-declared bulk sender the model does not hold (see the module docstring)."""
     action = ctx.rules.bulk_action
-    if action is None or ctx.summary.list_mail or ctx.summary.display_brand or not model_accepts(ctx):
+    if action is None or ctx.summary.list_mail or not model_accepts(ctx):
+        return None
+    if borrowed_brand(ctx.summary, ctx.rules.cuts.brands) is not None:
         return None
     if refuted_by_dmarc(ctx) is not None:
         return None

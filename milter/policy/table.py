@@ -79,6 +79,8 @@ class LowerCuts:
     unrelated_mailbox: float | None = None  # policy.unrelated_mailbox_tag (milter.policy.mailbox)
     brand_display: float | None = None  # policy.brand_display_tag (milter.policy.mailbox)
     brand_alone: float | None = None  # policy.brand_alone_tag (milter.policy.mailbox)
+    # policy.brands as the brand rule reads them: (name's letters, the domains it mails from) (mailbox.brands)
+    brands: tuple[tuple[str, frozenset[str]], ...] = ()
     fake_reply: float | None = None  # policy.fake_reply_tag (milter.policy.form)
     no_mailbox: float | None = None  # policy.no_mailbox_tag (milter.policy.form)
     several_from: float | None = None  # policy.several_from_tag (milter.policy.form)
