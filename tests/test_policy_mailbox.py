@@ -335,7 +335,8 @@ def test_a_brand_of_policy_brands_is_tagged_from_the_lower_cut_and_never_bulk() 
         (("Lidl Deutschland", "news@lidl.de"), "lidl.de", None),  # a domain that spells it is the brand's
         (("Medicare Benefits", "noreply@cms.gov"), "cms.gov", None),  # one of its listed domains
         (("Medicare Benefits", "benefits@medcare-help.example"), None, "medicare"),
-        (("Rob Herring", "robherring2@gmail.com"), "gmail.com", None),  # whole words only: not Ring
+        (("Mia Aldington", "mia.aldington@gmail.com"), "gmail.com", None),  # whole words only: not Aldi
+        (("ALDI SÜD Angebote", "angebote@promo-deals.example"), None, "aldi"),
         (("Klaus Heinz", "k.heinz@onlinehome.de"), "onlinehome.de", None),  # not Shein
         (("Jack Gallegos", "jgallegos@uberasch.example"), None, None),  # not LEGO
     ],

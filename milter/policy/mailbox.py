@@ -59,9 +59,10 @@ tagged at a lower spam score.
   The brands are the features' and the admin's (`policy.brands`, `borrowed_brand`): the features' list is
   an input the model was fitted with and changes only with a refit, and it lacks brands that modern spam
   runs borrow ("Consumer Cellular Deals <jokes@funnysnails.com>", the shop mailbox's, sent as a bulk
-  sender and missed on two of three sender draws; "Lowes-Rewards", "AARP Membership Offer"). The default
-  adds 20 that the corpora's spam and phishing name over other domains (95 messages) and their ham never
-  does, read in whole words only ("Rob Herring" is no Ring, "Klaus Heinz" no Shein); not Disney or
+  sender, missed on each of the four sender draws of five that put it in test; "Lowes-Rewards", "AARP
+  Membership Offer"). The default adds 42 that the corpora's spam and phishing name over other domains
+  (296 messages) and their ham never does, read in whole words only ("Klaus Heinz" is no Shein, "Mia
+  Aldington" no Aldi); not Disney or
   McDonald's, whose mail in the shop mailbox's ham comes from their platform's domain. An entry may
   also give one of the features' brands a domain it mails from (a co-brand's platform): the features
   still name it, the rule does not.
