@@ -264,7 +264,7 @@ def test_pictures_with_almost_no_text_the_model_leans_against_are_tagged_signed_
     leans = LEANS_PICTURE
     verdict, action, reason, *_ = decide(leans, image_only=True, **SIGNED_BULK)
     assert (verdict, action) == ("spam", "tag")  # before the bulk rule: an unsubscribe header is no excuse
-    assert reason == ("HTML that is images with almost no text scores 0.70 as spam "
+    assert reason == ("HTML that is images with almost no text, and it scores 0.70 as spam "
                       "(at least 0.5 tags such mail)")
     assert decide(leans, **SIGNED_BULK)[:2] == ("bulk", "accept")  # the same mail with text in it
 

@@ -52,7 +52,7 @@ unsubscribe header does not make such mail bulk; never softer than the spam ladd
 from __future__ import annotations
 
 from milter.features.summary import MessageSummary
-from milter.policy.table import Context, Hit, judged_sender, tag_from
+from milter.policy.table import Context, Hit, judged_sender, tag_from, tag_judged
 
 #: DKIM results that say the message was signed (temperror: the key lookup failed, not the signature).
 SIGNED_RESULTS = frozenset({"pass", "temperror"})
@@ -80,11 +80,9 @@ def odd_digest(ctx: Context) -> Hit | None:
 
 def image_only_html(ctx: Context) -> Hit | None:
     """HTML that shows images and under 100 characters of text (`MessageSummary.image_only`)."""
-    cut = ctx.rules.cuts.image_only
-    if cut is None or not ctx.summary.image_only or not judged_sender(ctx):
+    if not ctx.summary.image_only:
         return None
-    what = "HTML that is images with almost no text"
-    return tag_from(ctx, cut, lambda score: f"{what} scores {score:.2f} as spam")
+    return tag_judged(ctx, ctx.rules.cuts.image_only, "HTML that is images with almost no text")
 
 
 def signed(summary: MessageSummary) -> bool:
