@@ -125,6 +125,15 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "not valid TOML" in result.output
     ok = CliRunner().invoke(main, ["check-config", "--config", str(EXAMPLE)])
     assert ok.exit_code == 0, ok.output
+    # what only the policy checks, when built, is checked too (it would stop `milter serve`)
+    for text, key in (
+        ('[policy]\nabused_tlds = ["not a tld"]\n', "policy.abused_tlds"),
+        ('[policy.brands]\nCVS = ["cvs.com"]\n', "policy.brands.CVS"),
+        ('[policy]\ninternal_networks = ["10.0.0.0/33"]\n', "policy.internal_networks"),
+    ):
+        bad.write_text(text)
+        result = CliRunner().invoke(main, ["check-config", "--config", str(bad)])
+        assert result.exit_code == 1 and key in result.output, (text, result.output)
 
 
 def test_bulk_settings(tmp_path: Path) -> None:
