@@ -317,7 +317,7 @@ CELLULAR = ("Consumer Cellular Deals", "jokes@funnysnails.example")  # the shop 
 def test_a_brand_of_policy_brands_is_tagged_from_the_lower_cut_and_never_bulk() -> None:
     verdict, action, reason, *_ = decide(FAINT, CELLULAR)  # display_brand None: not the features' brand
     assert (verdict, action) == ("spam", "tag")
-    assert reason.startswith("the display name names consumercellular but the sender domain is funnysnails")
+    assert reason.startswith("the display name names Consumer Cellular but the sender domain is funnysnails")
     assert "its address has no other word of the name" in reason
     # with the admin's list empty it is a bulk sender again, as before the list
     none = parse_config({"policy": {"brands": {}}}).policy

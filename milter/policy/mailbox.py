@@ -99,7 +99,7 @@ from collections.abc import Callable, Iterable
 from milter.errors import ConfigError
 from milter.features.identity import display_letters
 from milter.features.summary import MessageSummary
-from milter.policy.table import Context, Hit, judged_sender, tag_from, tag_judged
+from milter.policy.table import Brand, Context, Hit, judged_sender, tag_from, tag_judged
 
 #: The shortest squashed display name that counts ("Hardware ACE" does; "Jessica <jessica@...>", a person's
 #: first name over her own mailbox, does not; nor did a 2002 "Tesco .ie" newsletter from its mailing
@@ -202,7 +202,9 @@ def brand_display_name(ctx: Context) -> Hit | None:
     cut = min((c for c in applying if c is not None), default=None)
     if cut is None:
         return None
-    where = f"the display name names {brand} but the sender domain is {summary.from_org_domain}"
+    # the admin's spelling of a policy.brands name ("Consumer Cellular"); the features' key otherwise
+    shown = next((b.name for b in cuts.brands if b.letters == brand), brand)
+    where = f"the display name names {shown} but the sender domain is {summary.from_org_domain}"
     if disguised:
         where = f"{where}, and it spells the name with a capital I for an l"
     elif alone:
@@ -210,36 +212,37 @@ def brand_display_name(ctx: Context) -> Hit | None:
     return tag_from(ctx, cut, lambda score: f"{where}, and it scores {score:.2f} as spam")
 
 
-def borrowed_brand(summary: MessageSummary, extra: tuple[tuple[str, frozenset[str]], ...]) -> str | None:
-    """The brand the From display name names that the From domain is not: the features' own test
-    (`MessageSummary.display_brand`, unless `policy.brands` gives that brand the domain), else a brand of
-    `policy.brands` (`extra`, from `brands`) named in whole words ("Lowe's Rewards", not "Herring" for
-    Ring) over a domain that is not among its own and does not spell it (lidl.de is Lidl's)."""
+def borrowed_brand(summary: MessageSummary, extra: tuple[Brand, ...]) -> str | None:
+    """The brand (its letters) the From display name names that the From domain is not: the features' own
+    test (`MessageSummary.display_brand`, unless `policy.brands` gives that brand the domain), else a
+    brand of `policy.brands` (`extra`, from `brands`) named in whole words ("Lowe's Rewards"; not "Mia
+    Aldington" for Aldi) over a domain that is not among its own and does not spell it (lidl.de is
+    Lidl's)."""
     org = summary.from_org_domain or ""
     if (brand := summary.display_brand) is not None:
-        return None if any(name == brand and org in owned for name, owned in extra) else brand
+        return None if any(b.letters == brand and org in b.owned for b in extra) else brand
     if not summary.from_display or not extra:
         return None
     words, spelled = name_words(summary.from_display), display_letters(org)
-    for name, owned in extra:
-        if org not in owned and name not in spelled and _words_spelling(words, name) is not None:
-            return name
+    for b in extra:
+        if org not in b.owned and b.letters not in spelled and _words_spelling(words, b.letters) is not None:
+            return b.letters
     return None
 
 
-def brands(configured: Iterable[tuple[str, Iterable[str]]]) -> tuple[tuple[str, frozenset[str]], ...]:
+def brands(configured: Iterable[tuple[str, Iterable[str]]]) -> tuple[Brand, ...]:
     """`policy.brands` as `borrowed_brand` reads them: each name as a reader takes it in ("Lowe's" ->
     "lowes") with its domains in lower case; a name under 4 letters (read inside too many other names) or
     a domain with no dot is a configuration error naming the key."""
     out = []
     for raw, domains in configured:
-        name = display_letters(raw)
-        if len(name) < MIN_BRAND:
+        letters = display_letters(raw)
+        if len(letters) < MIN_BRAND:
             raise ConfigError(f"policy.brands.{raw}", f"a brand name needs {MIN_BRAND} letters or digits")
         owned = frozenset(d.strip().lower().rstrip(".") for d in domains)
         if bad := sorted(d for d in owned if "." not in d.strip(".")):
             raise ConfigError(f"policy.brands.{raw}", f"not a domain: {bad[0]!r}")
-        out.append((name, owned))
+        out.append(Brand(letters, raw.strip(), owned))
     return tuple(out)
 
 

@@ -64,6 +64,16 @@ class Ladder:
 
 
 @dataclass(frozen=True)
+class Brand:
+    """A brand of `policy.brands`: its name as a reader takes it in ("lowes"), as the admin wrote it
+    ("Lowe's", for reasons) and the registrable domains it mails from."""
+
+    letters: str
+    name: str
+    owned: frozenset[str]
+
+
+@dataclass(frozen=True)
 class LowerCuts:
     """Not-ham scores from which one kind of mail is tagged as spam (`tag_from`); None: that rule is off."""
 
@@ -79,8 +89,7 @@ class LowerCuts:
     unrelated_mailbox: float | None = None  # policy.unrelated_mailbox_tag (milter.policy.mailbox)
     brand_display: float | None = None  # policy.brand_display_tag (milter.policy.mailbox)
     brand_alone: float | None = None  # policy.brand_alone_tag (milter.policy.mailbox)
-    # policy.brands as the brand rule reads them: (name's letters, the domains it mails from) (mailbox.brands)
-    brands: tuple[tuple[str, frozenset[str]], ...] = ()
+    brands: tuple[Brand, ...] = ()  # policy.brands, as the brand rule reads them (mailbox.brands)
     fake_reply: float | None = None  # policy.fake_reply_tag (milter.policy.form)
     no_mailbox: float | None = None  # policy.no_mailbox_tag (milter.policy.form)
     several_from: float | None = None  # policy.several_from_tag (milter.policy.form)
