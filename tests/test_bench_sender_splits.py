@@ -56,6 +56,32 @@ def test_the_lines_group_rows_as_issue_11_counts_them() -> None:
     assert "  cw-l-spam spam" in text  # the line is listed, with no figure
 
 
+def _from(sender: str, corpus: str, label: str, action: Action, n: int = 1) -> list[object]:
+    return [B.Scored(B.Row(corpus, label, f"/x/{sender}/{i}.eml", sender), action, (0.5, 0.4, 0.1), ())
+            for i in range(n)]
+
+
+def test_the_worst_sender_of_each_line_and_the_line_without_it() -> None:
+    rows = (
+        _from("feed.example", "spamassassin-public", "ham", Action.TAG, 6)  # one feed's items, flagged
+        + _from("feed.example", "spamassassin-public", "ham", Action.ACCEPT, 4)
+        + _from("alice@mail.example", "enron-spam-raw", "ham", Action.TAG)
+        + _from("bob.example", "enron-spam-raw", "ham", Action.ACCEPT, 89)
+        + _from("casino.example", "phishing-pot", "phish", Action.ACCEPT, 3)
+        + _from("kit.example", "phishing-pot", "phish", Action.QUARANTINE, 7)
+    )
+    worst = B.worst_senders(rows)
+    ham = worst["all ham"]
+    assert (ham.sender, ham.wrong, ham.rows) == ("feed.example", 6, 10)
+    assert ham.without == pytest.approx(100 / 90)  # alice's one tag among the 90 other ham
+    phish = worst["phishing"]
+    assert (phish.sender, phish.wrong, phish.rows, phish.without) == ("casino.example", 3, 3, 100.0)
+    assert "spam pooled" not in worst  # no rows, no worst sender
+    assert "modern ham" not in worst
+    text = B.senders_table({"salt x": worst})
+    assert "feed.example" in text and "6 of 10" in text and "casino.example" in text
+
+
 def test_rows_are_scored_through_the_shipped_policy(tmp_path: Path) -> None:
     def mail(name: str, html: str) -> Path:
         msg = EmailMessage()
