@@ -353,6 +353,9 @@ def test_policy_brands_gives_a_features_brand_its_platform() -> None:
     platform = parse_config({"policy": {"brands": {"Norton": ["funnysnails.example"]}}}).policy
     assert decide(LEANS, NORTON, config=platform, display_brand="norton")[0] != "spam"
     assert decide(LEANS, NORTON, display_brand="norton")[:2] == ("spam", "tag")
+    # a domain is read as the registrable domain it is part of, as the rule reads the From domain
+    sub = parse_config({"policy": {"brands": {"Norton": ["News.FunnySnails.example."]}}}).policy
+    assert decide(LEANS, NORTON, config=sub, display_brand="norton")[0] != "spam"
 
 
 @pytest.mark.parametrize(

@@ -62,10 +62,9 @@ tagged at a lower spam score.
   sender, missed on each of the four sender draws of five that put it in test; "Lowes-Rewards", "AARP
   Membership Offer"). The default adds 42 that the corpora's spam and phishing name over other domains
   (296 messages) and their ham never does, read in whole words only ("Klaus Heinz" is no Shein, "Mia
-  Aldington" no Aldi); not Disney or
-  McDonald's, whose mail in the shop mailbox's ham comes from their platform's domain. An entry may
-  also give one of the features' brands a domain it mails from (a co-brand's platform): the features
-  still name it, the rule does not.
+  Aldington" no Aldi); not Disney or McDonald's, whose mail in the shop mailbox's ham comes from their
+  platform's domain. An entry may also give one of the features' brands a domain it mails from (a
+  co-brand's platform): the features still name it, the rule does not.
 
 Measured (docs/DETECTION.md, "How From names the sender"): among the corpora's 29,242 ham none has a
 name over a gibberish mailbox, against 2,636 of Enron's 28,279 spam and 28 of phishing-pot's 5,930
@@ -97,6 +96,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from milter.errors import ConfigError
+from milter.features.domains import registrable
 from milter.features.identity import display_letters
 from milter.features.summary import MessageSummary
 from milter.policy.table import Brand, Context, Hit, judged_sender, tag_from, tag_judged
@@ -232,17 +232,18 @@ def borrowed_brand(summary: MessageSummary, extra: tuple[Brand, ...]) -> str | N
 
 def brands(configured: Iterable[tuple[str, Iterable[str]]]) -> tuple[Brand, ...]:
     """`policy.brands` as `borrowed_brand` reads them: each name as a reader takes it in ("Lowe's" ->
-    "lowes") with its domains in lower case; a name under 4 letters (read inside too many other names) or
-    a domain with no dot is a configuration error naming the key."""
+    "lowes") with its domains as registrable domains; a name under 4 letters (read inside too many other
+    names) or a domain with no dot is a configuration error naming the key."""
     out = []
     for raw, domains in configured:
         letters = display_letters(raw)
         if len(letters) < MIN_BRAND:
             raise ConfigError(f"policy.brands.{raw}", f"a brand name needs {MIN_BRAND} letters or digits")
-        owned = frozenset(d.strip().lower().rstrip(".") for d in domains)
-        if bad := sorted(d for d in owned if "." not in d.strip(".")):
+        named = [d.strip().lower().strip(".") for d in domains]
+        if bad := [d for d in named if "." not in d]:
             raise ConfigError(f"policy.brands.{raw}", f"not a domain: {bad[0]!r}")
-        out.append(Brand(letters, raw.strip(), owned))
+        # the rule compares registrable From domains: "mail.lowes.com" is lowes.com's
+        out.append(Brand(letters, raw.strip(), frozenset(registrable(d) or d for d in named)))
     return tuple(out)
 
 
