@@ -84,6 +84,55 @@ def test_spam_ladder_uses_not_ham_probability() -> None:
     assert d.reasons[0] == "spam score 0.92 >= quarantine threshold 0.90"
 
 
+def test_bec_tag_does_not_pre_empt_the_spam_ladders_quarantine() -> None:
+    # P(bec) 0.50 only tags on the BEC ladder, but the message is 92 % not ham: the spam ladder's
+    # quarantine stands, as the thresholds were chosen (training.thresholds.decide), with verdict bec.
+    mostly_bec = Scores(ham=0.08, spam=0.42, bec=0.50)
+    d = decide(scores=mostly_bec)
+    assert (d.verdict, d.action) == (Verdict.BEC, Action.QUARANTINE)
+    assert d.reasons[0] == (
+        "bec score 0.50 >= tag threshold 0.30, and its not-ham score 0.92 >= spam quarantine threshold 0.90"
+    )
+    # an allow entry silences the spam model only: the BEC model's evidence still holds the message
+    allowed = decide(with_lists(allow_domains=("sender.test",)), scores=mostly_bec)
+    assert (allowed.verdict, allowed.action) == (Verdict.BEC, Action.QUARANTINE)
+
+
+def test_a_raised_step_where_spam_is_the_larger_class_is_spam_and_yields_to_the_allow_list() -> None:
+    # a BEC tag cut under 0.5 (configured) lets P(bec) 0.40 tag while P(spam) 0.55 is the larger class
+    split = Scores(ham=0.05, spam=0.55, bec=0.40)
+    d = decide(scores=split)
+    assert (d.verdict, d.action) == (Verdict.SPAM, Action.QUARANTINE)
+    assert d.reasons[0].startswith("bec score 0.40 >= tag threshold 0.30, and its not-ham score 0.95")
+    allowed = decide(with_lists(allow_senders=("alice@sender.test",)), scores=split)
+    assert (allowed.verdict, allowed.action) == (Verdict.BEC, Action.TAG)
+    assert allowed.reasons[0] == "bec score 0.40 >= tag threshold 0.30"
+
+
+@pytest.mark.parametrize(
+    ("scores", "action", "reason"),
+    [
+        # not-ham 0.85 only reaches the spam ladder's tag: the BEC ladder's own tag, its own reason
+        (Scores(ham=0.15, spam=0.45, bec=0.40), Action.TAG, "bec score 0.40 >= tag threshold 0.30"),
+        # the BEC ladder's quarantine is already as strict as the spam ladder's
+        (Scores(ham=0.02, spam=0.28, bec=0.70), Action.QUARANTINE,
+         "bec score 0.70 >= quarantine threshold 0.60"),
+    ],
+)
+def test_bec_ladder_keeps_its_step_when_the_spam_ladder_is_no_stricter(
+    scores: Scores, action: Action, reason: str
+) -> None:
+    d = decide(scores=scores)
+    assert (d.verdict, d.action, d.reasons[0]) == (Verdict.BEC, action, reason)
+
+
+def test_spam_ladders_reject_raises_a_bec_quarantine() -> None:
+    config = PolicyConfig(spam=ClassThresholds(tag=0.5, quarantine=0.9, reject=0.99))
+    d = decide(config, scores=Scores(ham=0.005, spam=0.295, bec=0.70))
+    assert (d.verdict, d.action) == (Verdict.BEC, Action.REJECT)
+    assert d.reasons[0].endswith("its not-ham score 0.99 >= spam reject threshold 0.99")
+
+
 def test_threshold_is_inclusive() -> None:
     assert decide(scores=Scores(0.5, 0.5, 0.0)).action is Action.TAG
 

@@ -17,6 +17,7 @@ META = {"spam": {"tag": 0.5, "quarantine": 0.9}, "bec": {"tag": 0.3, "quarantine
 SPAM = Scores(ham=0.02, spam=0.97, bec=0.01)
 BEC = Scores(ham=0.05, spam=0.25, bec=0.70)
 GREY = Scores(ham=0.40, spam=0.55, bec=0.05)  # tag level only
+SPLIT = Scores(ham=0.05, spam=0.55, bec=0.40)  # the BEC ladder tags, the spam ladder would hold
 NEWS = "news@mail.bulletin.example"
 # What the store returns: three releases of the newsletter (two addresses, one upper-case), one of
 # a sender also confirmed as spam once, and a verdict without a From address.
@@ -80,7 +81,8 @@ def test_labels_are_counted_per_registrable_from_domain() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scores", "verdict", "ladder"), [(SPAM, Verdict.SPAM, "spam"), (BEC, Verdict.BEC, "bec")]
+    ("scores", "verdict", "ladder"),
+    [(SPAM, Verdict.SPAM, "spam"), (BEC, Verdict.BEC, "bec"), (SPLIT, Verdict.SPAM, "bec")],
 )
 def test_a_vouched_sender_passing_dmarc_is_tagged_not_quarantined(
     scores: Scores, verdict: Verdict, ladder: str

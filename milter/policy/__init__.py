@@ -36,7 +36,11 @@ Precedence (the order of `RULES`), and why:
    (`policy.learned_sender_labels` ham, no spam or bec) -> tag where the model's ladders below would
    quarantine or reject. After the rules above, so a vouched-for sender's hijacked mailbox asking for new
    bank details is still quarantined.
-   BEC model ladder on P(bec) (reject / quarantine / tag).
+   BEC model ladder on P(bec) (reject / quarantine / tag); where the not-ham score reaches a stricter
+   step of the spam ladder (6.), that step: the thresholds were chosen for each level on its own
+   (`training.thresholds.decide`), so the BEC ladder's tag must not let off what the spam ladder would
+   hold. Verdict bec (spam where P(spam) is the larger, possible only with a BEC cut under 0.5; then an
+   allow entry keeps the BEC ladder's own step, as it silences the spam model).
 4. Allow lists (sender address, sender domain, client IP/CIDR) -> ham, accept. They silence the spam
    model only: an allowed vendor whose account is taken over still meets the BEC rules above. A sender
    or domain entry is not applied when the From domain's own DMARC (p=quarantine / reject) disowns the

@@ -9,6 +9,7 @@ from milter.features.domains import lookalike_of
 from milter.policy.dmarc import unproven
 from milter.policy.table import (
     ADDR_IN_TEXT,
+    SEVERITY,
     Context,
     Hit,
     Ladder,
@@ -103,7 +104,37 @@ def _ladder_hit(ladder: Ladder, score: float, verdict: Verdict) -> Hit | None:
 
 
 def bec_score(ctx: Context) -> Hit | None:
-    return _ladder_hit(ctx.rules.bec, ctx.scores.bec, Verdict.BEC)
+    """The BEC ladder on P(bec); where the not-ham score reaches a stricter step of the spam ladder, that
+    step. The thresholds were chosen for the model's decision at each level on its own
+    (`training.thresholds.decide`: held when P(bec) or P(spam) + P(bec) reaches its quarantine cut), so
+    a message the spam ladder would hold is not let off with a tag because it reached the BEC ladder's
+    lower step first. The verdict is the larger bad class, as `decide` gives it: bec whenever the BEC
+    cut is 0.5 or more. Where spam is the larger, the raised step is the spam model's, which the allow
+    lists silence (4.): for an allowed sender the BEC ladder's own step stands."""
+    hit = _ladder_hit(ctx.rules.bec, ctx.scores.bec, Verdict.BEC)
+    if hit is None or hit.action is None:
+        return hit
+    not_ham = ctx.scores.spam + ctx.scores.bec
+    step = ctx.rules.spam.step(not_ham)
+    if step is None or SEVERITY[step[0]] <= SEVERITY[hit.action]:
+        return hit
+    bec_larger = ctx.scores.bec >= ctx.scores.spam
+    if not bec_larger and _allowed(ctx):
+        return hit
+    action, threshold = step
+    return Hit(
+        f"{hit.reason}, and its not-ham score {not_ham:.2f} >= {ctx.rules.spam.name} {action.value} "
+        f"threshold {threshold:.2f}",
+        Verdict.BEC if bec_larger else Verdict.SPAM, action,
+    )
+
+
+def _allowed(ctx: Context) -> bool:
+    """An allow entry (sender, domain, client) applies to this message: the allow rules would accept it."""
+    return any(
+        (h := rule(ctx)) is not None and h.action is Action.ACCEPT
+        for rule in (allow_sender, allow_domain, allow_ip)
+    )
 
 
 def allow_sender(ctx: Context) -> Hit | None:
