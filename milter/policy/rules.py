@@ -9,7 +9,6 @@ from milter.features.domains import lookalike_of
 from milter.policy.dmarc import unproven
 from milter.policy.table import (
     ADDR_IN_TEXT,
-    SEVERITY,
     Context,
     Hit,
     Ladder,
@@ -18,6 +17,7 @@ from milter.policy.table import (
     from_mailboxes,
     in_domain,
     in_networks,
+    stricter_spam_step,
 )
 from milter.types import Action, Verdict
 
@@ -115,8 +115,7 @@ def bec_score(ctx: Context) -> Hit | None:
     if hit is None or hit.action is None:
         return hit
     not_ham = ctx.scores.spam + ctx.scores.bec
-    step = ctx.rules.spam.step(not_ham)
-    if step is None or SEVERITY[step[0]] <= SEVERITY[hit.action]:
+    if (step := stricter_spam_step(ctx, hit.action, not_ham)) is None:
         return hit
     bec_larger = ctx.scores.bec >= ctx.scores.spam
     if not bec_larger and _allowed(ctx):

@@ -233,8 +233,15 @@ def judged_sender(ctx: Context) -> bool:
 def no_softer_than_ladder(ctx: Context, action: Action, score: float) -> Action:
     """`action`, or the spam ladder's for not-ham `score` where that is stricter: a rule that decides on
     other evidence (a listing, a lower cut) never lets through what the model alone would hold."""
+    step = stricter_spam_step(ctx, action, score)
+    return action if step is None else step[0]
+
+
+def stricter_spam_step(ctx: Context, action: Action, score: float) -> tuple[Action, float] | None:
+    """The spam ladder's (action, threshold) for not-ham `score` where that action is stricter than
+    `action`; None where it is not."""
     step = ctx.rules.spam.step(score)
-    return step[0] if step is not None and SEVERITY[step[0]] > SEVERITY[action] else action
+    return step if step is not None and SEVERITY[step[0]] > SEVERITY[action] else None
 
 
 def from_mailboxes(summary: MessageSummary) -> tuple[tuple[str, str | None], ...]:
