@@ -11,7 +11,11 @@ draw's test rows through the gateway's policy (no explanations, no DNS, as `milt
 the acceptance lines side by side; `--shipped` adds the default split scored with the shipped model.
 
     .venv/bin/python bench/sender_splits.py [--salts s1,s2] [--shipped] [--work DIR] [--config FILE]
-                                            [--show CORPUS,...] [--senders]
+                                            [--show CORPUS,...] [--senders] [--train-args "..."]
+
+`--train-args` passes more options to each refit (`--train-args "--sender-balance 0.5"`: a recipe
+against the shipped one, draw by draw; give it its own `--work`). The salt `default` refits the
+shipped split itself (where `--shipped` scores it with the shipped model).
 
 `--senders` adds, for each line and draw, the sender (the split's own key) with the most errors and the
 line without its rows: a pooled line that one prolific sender decides (a feed's 466 items, a casino's 51
@@ -24,6 +28,7 @@ A salt's model is kept under WORK/SALT and reused when this runs again (delete i
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -45,6 +50,7 @@ from training.dataset import TEST, sender_keys  # noqa: E402
 from training.thresholds import MODERN_HAM, MODERN_SPAM  # noqa: E402
 
 BATCH = 512
+DEFAULT = "default"  # the salt name that refits the shipped split (no salt)
 
 
 @dataclass(frozen=True)
@@ -73,15 +79,16 @@ def test_rows(salt: str) -> list[Row]:
             for i in ds.rows(TEST)]
 
 
-def refit(salt: str, out: Path) -> Path:
+def refit(salt: str, out: Path, train_args: Sequence[str] = ()) -> Path:
     model = out / "current.onnx"
     if model.exists():
         print(f"salt {salt!r}: reusing {model}", flush=True)
         return model
     out.mkdir(parents=True, exist_ok=True)
-    print(f"salt {salt!r}: refitting (milter-train --split-salt {salt}) ...", flush=True)
+    extra = " ".join(train_args)
+    print(f"salt {salt!r}: refitting (milter-train --split-salt {salt!r} {extra}) ...", flush=True)
     cmd = [sys.executable, "-m", "training.train", "--no-progress", "--split-salt", salt, "--out", str(out),
-           "--report", str(out / "reports")]
+           "--report", str(out / "reports"), *train_args]
     with open(out / "train.log", "w") as log:
         subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
     return model
@@ -225,15 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--show", default="", help="comma-separated corpora whose errors to list")
     p.add_argument("--senders", action="store_true",
                    help="for each line, the sender with the most errors and the line without it")
+    p.add_argument("--train-args", default="", help="more milter-train options for every refit")
     args = p.parse_args(argv)
+    train_args = shlex.split(args.train_args)
     results: dict[str, dict[str, tuple[int, float, float]]] = {}
     worst: dict[str, dict[str, WorstSender]] = {}
     shown = {c for c in args.show.split(",") if c}
     salts = [s for s in args.salts.split(",") if s]
     plan = ([("", None)] if args.shipped else []) + [(s, args.work / s) for s in salts]
     for salt, out in plan:
-        model = refit(salt, out) if out is not None else REPO / "models" / "current.onnx"
-        scored = score(test_rows(salt), model, args.config)
+        split_salt = "" if salt == DEFAULT else salt
+        model = refit(split_salt, out, train_args) if out is not None else REPO / "models" / "current.onnx"
+        scored = score(test_rows(split_salt), model, args.config)
         name = f"salt {salt}" if salt else "default (shipped)"
         results[name] = lines(scored)
         worst[name] = worst_senders(scored)

@@ -101,3 +101,24 @@ def test_rows_are_scored_through_the_shipped_policy(tmp_path: Path) -> None:
     assert [s.row for s in scored] == rows
     assert scored[0].action in (Action.TAG, Action.QUARANTINE)
     assert scored[0].reasons  # the policy said why
+
+
+def test_a_refit_passes_the_recipe_options_and_the_salt_to_milter_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: object) -> None:
+        calls.append(cmd)
+
+    monkeypatch.setattr(B.subprocess, "run", fake_run)
+    out = tmp_path / "a1"
+    assert B.refit("a1", out, ["--sender-balance", "0.5"]) == out / "current.onnx"
+    cmd = calls[0]
+    assert cmd[cmd.index("--split-salt") + 1] == "a1"
+    assert cmd[-2:] == ["--sender-balance", "0.5"]
+    assert cmd[cmd.index("--out") + 1] == str(out)
+    # a model already there is reused, not refitted
+    (out / "current.onnx").write_bytes(b"")
+    B.refit("a1", out, ["--sender-balance", "0.5"])
+    assert len(calls) == 1

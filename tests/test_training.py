@@ -301,6 +301,25 @@ def test_sample_weights_balance_classes_and_lift_small_corpora() -> None:
     assert w[100:104].sum() < w[:100].sum()  # but the small corpus as a whole still counts less
 
 
+def test_sender_balance_gives_a_prolific_sender_sqrt_weight_within_its_corpus() -> None:
+    # ham: one feed of 100 items and 4 one-message senders, in one corpus; spam: 10 senders elsewhere
+    y = np.array([0] * 104 + [1] * 10)
+    corpora = ["lists"] * 104 + ["spam"] * 10
+    senders = ["feed"] * 100 + ["a", "b", "c", "d"] + [f"s{i}" for i in range(10)]
+    plain = mdl.sample_weights(y, corpora, 0.5)
+    balanced = mdl.sample_weights(y, corpora, 0.5, senders=senders, sender_balance=0.5)
+    # the feed weighs as sqrt(100) = 10 messages against each single sender's one
+    assert balanced[:100].sum() / balanced[100] == pytest.approx(10.0)
+    assert plain[:100].sum() / plain[100] == pytest.approx(100.0)
+    # the corpus keeps its weight, so the classes stay balanced; one-message senders are untouched
+    assert balanced[:104].sum() == pytest.approx(plain[:104].sum())
+    np.testing.assert_allclose(balanced[104:], plain[104:])
+    # 1 is per message, as without senders
+    np.testing.assert_allclose(mdl.sample_weights(y, corpora, 0.5, senders=senders), plain)
+    with pytest.raises(ValueError, match="sender keys"):
+        mdl.sample_weights(y, corpora, 0.5, senders=senders[:5], sender_balance=0.5)
+
+
 def test_modern_spam_weight_lifts_modern_spam_within_the_spam_class_only() -> None:
     y = np.array([0] * 50 + [1] * 100 + [1] * 10)
     corpora = ["enron-spam-raw"] * 150 + ["cw-l-spam"] * 10

@@ -82,6 +82,7 @@ RECIPE_KEYS = (
     "corpus_balance",
     "modern_ham_weight",
     "modern_spam_weight",
+    "sender_balance",
     "learning_rate",
     "max_rounds",
     "text_c",

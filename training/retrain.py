@@ -139,6 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus-balance", type=float, default=d.corpus_balance)
     p.add_argument("--modern-ham-weight", type=float, default=d.modern_ham_weight)
     p.add_argument("--modern-spam-weight", type=float, default=d.modern_spam_weight)
+    p.add_argument("--sender-balance", type=float, default=d.sender_balance, help="as milter-train")
     p.add_argument("--text-c", type=float, default=d.text_c, help="as milter-train")
     p.add_argument("--text-grams", choices=("none", "unwanted", "both"), default=d.text_grams,
                    help="as milter-train")

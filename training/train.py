@@ -126,6 +126,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="multiply the modern spam corpora's share of the spam class (default: %(default)s)",
     )
     p.add_argument(
+        "--sender-balance",
+        type=float,
+        default=mdl.FitConfig.sender_balance,
+        help="within a class and corpus, a sender of n messages weighs n**B in total (1: per message; "
+        "default: %(default)s)",
+    )
+    p.add_argument(
         "--text-c",
         type=float,
         default=mdl.FitConfig.text_c,
@@ -398,6 +405,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         learning_rate=args.learning_rate,
         modern_ham_weight=args.modern_ham_weight,
         modern_spam_weight=args.modern_spam_weight,
+        sender_balance=args.sender_balance,
         text_c=args.text_c,
         text_grams=args.text_grams,
         gram_scale=args.gram_scale,
@@ -431,11 +439,18 @@ def fit_setup(args: argparse.Namespace, ds: Dataset) -> FitSetup:
     tr, va, te = ds.rows(TRAIN), ds.rows(VAL), ds.rows(TEST)
     if min(len(tr), len(va), len(te)) == 0:
         raise ValueError(f"empty split: train {len(tr)}, validation {len(va)}, test {len(te)}")
+    senders = sender_keys(ds.messages)
     weights = mdl.sample_weights(
-        ds.y, corpora, cfg.corpus_balance, cfg.modern_ham_weight, cfg.modern_spam_weight
+        ds.y,
+        corpora,
+        cfg.corpus_balance,
+        cfg.modern_ham_weight,
+        cfg.modern_spam_weight,
+        senders=senders,
+        sender_balance=cfg.sender_balance,
     )
     X_train = hide_artefacts(ds.X[tr], [corpora[i] for i in tr], ds.feature_names)
-    return FitSetup(cfg, weights, tr, va, te, corpora, X_train, sender_keys(ds.messages))
+    return FitSetup(cfg, weights, tr, va, te, corpora, X_train, senders)
 
 
 def run(args: argparse.Namespace) -> TrainResult:
