@@ -79,14 +79,19 @@ def test_rows(salt: str) -> list[Row]:
             for i in ds.rows(TEST)]
 
 
+def _salt_name(salt: str) -> str:
+    """How a salt is printed: the empty salt is the shipped split, `default` on the command line."""
+    return f"salt {salt!r}" if salt else f"salt {DEFAULT!r} (the shipped split)"
+
+
 def refit(salt: str, out: Path, train_args: Sequence[str] = ()) -> Path:
     model = out / "current.onnx"
     if model.exists():
-        print(f"salt {salt!r}: reusing {model}", flush=True)
+        print(f"{_salt_name(salt)}: reusing {model}", flush=True)
         return model
     out.mkdir(parents=True, exist_ok=True)
     extra = " ".join(train_args)
-    print(f"salt {salt!r}: refitting (milter-train --split-salt {salt!r} {extra}) ...", flush=True)
+    print(f"{_salt_name(salt)}: refitting (milter-train --split-salt {salt!r} {extra}) ...", flush=True)
     cmd = [sys.executable, "-m", "training.train", "--no-progress", "--split-salt", salt, "--out", str(out),
            "--report", str(out / "reports"), *train_args]
     with open(out / "train.log", "w") as log:

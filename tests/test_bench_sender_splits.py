@@ -122,3 +122,15 @@ def test_a_refit_passes_the_recipe_options_and_the_salt_to_milter_train(
     (out / "current.onnx").write_bytes(b"")
     B.refit("a1", out, ["--sender-balance", "0.5"])
     assert len(calls) == 1
+
+
+def test_the_shipped_split_is_named_default_not_an_empty_salt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(B.subprocess, "run", lambda *_a, **_k: None)
+    B.refit("", tmp_path / "default")
+    B.refit("a1", tmp_path / "a1")
+    out = capsys.readouterr().out
+    assert "salt 'default' (the shipped split): refitting" in out
+    assert "salt 'a1': refitting" in out
+    assert "salt '':" not in out

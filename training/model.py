@@ -195,7 +195,7 @@ def sample_weights(
     A corpus of n messages gets total weight ∝ n**corpus_balance inside its class, so 259 modern
     newsletters are not drowned by 17,000 Enron ham, without pretending they are as many. With
     `senders` (each row's sender key) and `sender_balance` below 1, a sender of m messages gets total
-    weight ∝ m**sender_balance inside its (class, corpus), which keeps its weight.
+    weight ∝ m**sender_balance inside its (class, corpus); the (class, corpus) keeps its total weight.
     """
     keys = np.array([f"{k}\t{c}" for k, c in zip(y.tolist(), corpora, strict=True)])
     groups, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
