@@ -17,12 +17,14 @@ alone: it says what the labels *could* teach. This runs what a site runs instead
 
 Usage: .venv/bin/python bench/learning_loop.py --source foff-milter-mailbox [--labels 20] [--label-ham-only]
        [--label-subcollection TEXT] [--language-adjust X] [--no-tree-words] [--show-flagged]
-       [--work DIR] [--max-per-group N]  (a fit of the full corpora takes a few minutes on 2 cores)
+       [--train-args "--language-balance 0.5"] [--work DIR] [--max-per-group N]
+       (a fit of the full corpora takes a few minutes on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-per-group", type=int, help="base messages per (corpus, label), for a quick run")
     p.add_argument("--language-adjust", type=float, help="milter-retrain's --language-adjust, both retrains")
     p.add_argument("--no-tree-words", action="store_true", help="milter-retrain's --no-tree-words, both")
+    p.add_argument("--train-args", default="",
+                   help="more milter-retrain options for both retrains, e.g. \"--language-balance 0.5\"")
     p.add_argument("--show-flagged", action="store_true",
                    help="list the rest's ham the policy tags or quarantines, with reasons, under each model")
     args = p.parse_args(argv)
@@ -149,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra += ["--language-adjust", str(args.language_adjust)]
     if args.no_tree_words:
         extra.append("--no-tree-words")
+    extra += shlex.split(args.train_args)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""training/languages.py and FitConfig.language_adjust: the language is not learned as a label."""
+"""training/languages.py, FitConfig.language_adjust and language_balance: no language learned as a label."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import pytest
 from milter.features.text import GRAM_SLOTS, GRAM_SPACE, gram_ids, tokens
 from milter.stacking import STAGE_NAMES, TextStage
 from training import model as mdl
-from training.languages import LANGUAGES, STOPWORDS, english_or_unknown, language_columns
+from training.languages import (
+    LANGUAGES,
+    STOPWORDS,
+    balance_languages,
+    english_or_unknown,
+    language_columns,
+    leans,
+    row_languages,
+)
 
 GERMAN = (
     "Liebe Leserinnen und Leser, in diesem Monat berichten wir über die Arbeit unserer Beratungsstelle "
@@ -139,3 +147,49 @@ def test_with_language_adjust_the_topics_are_learned_from_english_rows(
         )
         mdl.fit(X, y, w, X, y, w, NAMES, cfg, groups=groups)
         assert seen[-1] == rows
+
+
+DE, PT = LANGUAGES.index("de"), LANGUAGES.index("pt")
+
+
+def test_each_row_s_language_as_an_index() -> None:
+    ids = tuple(range(GRAM_SLOTS))
+    assert row_languages(_row(GERMAN, PORTUGUESE, ENGLISH, ""), ids).tolist() == [DE, PT, -1, -1]
+
+
+def test_a_language_the_bad_class_holds_more_of_leans_less_and_the_classes_keep_their_weight() -> None:
+    # ham: 98 English, 2 German; phishing (2): 60 English, 40 German, 10 Portuguese; spam (1): English only
+    y = np.array([0] * 100 + [2] * 110 + [1] * 50, dtype=np.int64)
+    lang = np.array([-1] * 98 + [DE] * 2 + [-1] * 60 + [DE] * 40 + [PT] * 10 + [-1] * 50, dtype=np.int64)
+    w = np.ones(len(y))
+    before = leans(w, y, lang)[(2, "de")]
+    assert before == pytest.approx((40 / 110) / (2 / 100))
+    half = balance_languages(w, y, lang, 0.5)
+    assert leans(half, y, lang)[(2, "de")] == pytest.approx(before**0.5)
+    full = balance_languages(w, y, lang, 1.0)
+    assert leans(full, y, lang)[(2, "de")] == pytest.approx(1.0)
+    # Portuguese has no ham: it leans as if one ham row were Portuguese (10/110 over 1/100: 9.1)
+    assert leans(half, y, lang)[(2, "pt")] == pytest.approx((10 / 110 / (1 / 100)) ** 0.5)
+    assert half[(y == 2) & (lang == DE)].max() < half[lang == PT].max() < 1.0  # German leaned more
+    for out in (half, full):
+        for klass in (0, 1, 2):
+            assert out[y == klass].sum() == pytest.approx(w[y == klass].sum())
+        assert (out[y == 0] == 1.0).all()  # ham is never reweighed
+        assert (out[y == 1] == 1.0).all()  # nor a class with no language leaning
+        assert out[(y == 2) & (lang == -1)].min() > 1.0  # English phishing makes up the weight
+    assert (balance_languages(w, y, lang, 0.0) == w).all()
+
+
+def test_a_language_that_leans_toward_ham_is_left_as_it_is() -> None:
+    y = np.array([0] * 10 + [2] * 10, dtype=np.int64)
+    lang = np.array([DE] * 5 + [-1] * 5 + [DE] * 1 + [-1] * 9, dtype=np.int64)  # 50 % of ham, 10 % of bec
+    w = np.linspace(1.0, 2.0, len(y))
+    assert balance_languages(w, y, lang, 1.0) == pytest.approx(w)
+
+
+def test_language_balance_refuses_a_power_out_of_range_and_rows_that_disagree() -> None:
+    y = np.zeros(3, dtype=np.int64)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        balance_languages(np.ones(3), y, np.full(3, -1), 1.5)
+    with pytest.raises(ValueError, match="2 labels"):
+        balance_languages(np.ones(3), y[:2], np.full(3, -1), 0.5)

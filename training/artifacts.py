@@ -94,6 +94,7 @@ RECIPE_KEYS = (
     "label_weight",
     "language_adjust",
     "tree_words",
+    "language_balance",
 )
 
 

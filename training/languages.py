@@ -62,3 +62,88 @@ def language_columns(X: npt.NDArray[np.float32], id_columns: Sequence[int]) -> n
 def english_or_unknown(X: npt.NDArray[np.float32], id_columns: Sequence[int]) -> npt.NDArray[np.bool_]:
     """Rows with no other language found (the rows the topics are learned from under language_adjust)."""
     return np.asarray(language_columns(X, id_columns).sum(axis=1) == 0, dtype=np.bool_)
+
+
+def row_languages(X: npt.NDArray[np.float32], id_columns: Sequence[int]) -> npt.NDArray[np.int64]:
+    """Each row's index in LANGUAGES, or -1 for English and too little text."""
+    cols = language_columns(X, id_columns)
+    out = np.full(len(X), -1, dtype=np.int64)
+    found = cols.sum(axis=1) > 0
+    out[found] = cols[found].argmax(axis=1)
+    return out
+
+
+def leans(
+    weights: npt.NDArray[np.float64], y: npt.NDArray[np.int64], languages: npt.NDArray[np.int64], ham: int = 0
+) -> dict[tuple[int, str], float]:
+    """(class, language) -> the language's share of the class's weight over its share of ham's (at least
+    an average ham row's), for each class but `ham` and each language found in it: what balance_languages
+    weighs down, and what the fit log prints."""
+    is_ham = y == ham
+    if not is_ham.any():
+        return {}
+    ham_total = float(weights[is_ham].sum())
+    floor = 1.0 / int(is_ham.sum())
+    out: dict[tuple[int, str], float] = {}
+    for klass in np.unique(y[~is_ham]):
+        in_class = y == klass
+        total = float(weights[in_class].sum())
+        for lang in np.unique(languages[in_class]):
+            if lang < 0:
+                continue
+            share = float(weights[in_class & (languages == lang)].sum()) / total
+            ham_share = max(float(weights[is_ham & (languages == lang)].sum()) / ham_total, floor)
+            out[(int(klass), LANGUAGES[lang])] = share / ham_share
+    return out
+
+
+def balance_languages(
+    weights: npt.NDArray[np.float64],
+    y: npt.NDArray[np.int64],
+    languages: npt.NDArray[np.int64],
+    power: float,
+    ham: int = 0,
+) -> npt.NDArray[np.float64]:
+    """Weights under which a language leans less toward the classes that hold it more than ham does.
+
+    For each class but `ham` and each language (not -1), the lean r is what `leans` gives: the language's
+    share of that class's weight over its share of ham's (at least an average ham row's, so a language
+    no ham is in leans as if one ham message were). Where r is above 1, the class's rows in that
+    language get the share that makes the lean r**(1 - power): 0 changes nothing, 1 leaves the
+    language no lean at all. The class
+    keeps its total weight: its other rows (English, too short to tell, languages that lean toward
+    ham) share what was taken, in proportion to their weights. Why weights and not a column the graph
+    drops (`FitConfig.language_adjust`): the trees read the language from more than the words (the
+    share of non-ASCII letters, topics near zero for a German text), and a lean that is not in the
+    training weights is in nothing they read.
+    """
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"language balance {power} is not between 0 and 1")
+    if not (len(weights) == len(y) == len(languages)):
+        raise ValueError(f"{len(weights)} weights, {len(y)} labels and {len(languages)} languages")
+    out = weights.astype(np.float64, copy=True)
+    is_ham = y == ham
+    if power == 0.0 or not is_ham.any():
+        return out
+    lean = leans(weights, y, languages, ham)
+    for klass in np.unique(y[~is_ham]):
+        in_class = y == klass
+        total = float(weights[in_class].sum())
+        shrunk = np.zeros(len(y), dtype=np.bool_)
+        kept_share = 1.0
+        for lang in np.unique(languages[in_class]):
+            r = lean.get((int(klass), LANGUAGES[lang]), 0.0) if lang >= 0 else 0.0
+            if r <= 1.0:
+                continue
+            rows = in_class & (languages == lang)
+            share = float(weights[rows].sum()) / total
+            target = share * r**-power
+            out[rows] *= target / share
+            shrunk |= rows
+            kept_share -= target
+        rest = in_class & ~shrunk
+        if shrunk.any() and rest.any():
+            out[rest] *= kept_share * total / float(weights[rest].sum())
+        elif shrunk.any():  # every row of the class leans: scale them all back to the class's total
+            out[in_class] *= total / float(out[in_class].sum())
+    return out

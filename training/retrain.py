@@ -150,6 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="as milter-train")
     p.add_argument("--threshold-folds", type=int, default=d.threshold_folds, help="as milter-train")
     p.add_argument("--language-adjust", type=float, default=d.language_adjust, help="as milter-train")
+    p.add_argument("--language-balance", type=float, default=d.language_balance, help="as milter-train")
     p.add_argument("--no-tree-words", dest="tree_words", action="store_false", help="as milter-train")
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from milter.stacking import id_columns
+from milter.types import CLASS_NAMES
 from training import model as mdl
 from training.artifacts import bucket_token_map, build_metadata, token_examples, write_model
 from training.corpora import attach_dates, default_corpora_src, load_corpora
@@ -36,6 +38,7 @@ from training.dataset import (
     subsample,
 )
 from training.evaluate import acceptance, evaluate
+from training.languages import balance_languages, leans, row_languages
 from training.report import HardHam, load_hard_ham, production_rows, top_features, write_report
 from training.tensor_export import export_tensor_graph
 from training.thresholds import HAM, Thresholds, choose_thresholds, decide, threshold_breakdown
@@ -176,6 +179,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=mdl.FitConfig.language_adjust,
         help="learn the text stage with the rows' language as a column it does not ship, and the topics "
         "from English rows only (training/languages.py); the column's scale, 0: off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--language-balance",
+        type=float,
+        default=mdl.FitConfig.language_balance,
+        help="weigh down the spam and bec rows of a language those classes hold more of than ham does, "
+        "until its lean is r**(1-P) (training/languages.py); 0: off, 1: no lean (default: %(default)s)",
     )
     p.add_argument(
         "--no-tree-words",
@@ -415,6 +425,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         threshold_folds=args.threshold_folds,
         language_adjust=args.language_adjust,
         tree_words=args.tree_words,
+        language_balance=args.language_balance,
     )
 
 
@@ -449,6 +460,14 @@ def fit_setup(args: argparse.Namespace, ds: Dataset) -> FitSetup:
         senders=senders,
         sender_balance=cfg.sender_balance,
     )
+    if cfg.language_balance > 0:
+        languages = row_languages(ds.X, id_columns(ds.feature_names))
+        before = leans(weights, ds.y, languages, HAM)
+        weights = balance_languages(weights, ds.y, languages, cfg.language_balance, HAM)
+        after = leans(weights, ds.y, languages, HAM)
+        shown = (f"{CLASS_NAMES[k]} {lang} {before[k, lang]:.1f} -> {after[k, lang]:.1f}"
+                 for k, lang in sorted(before))
+        log.info("language balance %s: leans toward spam/bec %s", cfg.language_balance, ", ".join(shown))
     X_train = hide_artefacts(ds.X[tr], [corpora[i] for i in tr], ds.feature_names)
     return FitSetup(cfg, weights, tr, va, te, corpora, X_train, senders)
 
