@@ -193,3 +193,36 @@ def test_language_balance_refuses_a_power_out_of_range_and_rows_that_disagree() 
         balance_languages(np.ones(3), y, np.full(3, -1), 1.5)
     with pytest.raises(ValueError, match="2 labels"):
         balance_languages(np.ones(3), y[:2], np.full(3, -1), 0.5)
+
+
+def test_milter_train_s_language_balance_reaches_the_fit_s_weights() -> None:
+    """fit_setup (milter-train and milter-retrain) weighs the German phishing rows down, nothing else."""
+    from pathlib import Path
+
+    from milter.features import SCHEMA
+    from milter.stacking import id_columns
+    from training.corpora import Message
+    from training.dataset import TEST, TRAIN, VAL, Dataset
+    from training.train import fit_setup, parse_args
+
+    names = tuple(SCHEMA.names)
+    ids = list(id_columns(names))
+    texts = [ENGLISH] * 40 + [GERMAN] * 2 + [ENGLISH] * 30 + [GERMAN] * 20
+    y = np.array([0] * 42 + [2] * 50, dtype=np.int64)
+    X = np.zeros((len(y), len(names)), dtype=np.float32)
+    X[:, ids] = _row(*texts)[:, : len(ids)]
+    corpus = {0: "spamassassin-public", 2: "phishing-pot"}
+    messages = tuple(
+        Message(corpus[int(k)], "", "ham" if k == 0 else "phish", int(k), f"{i:064x}", Path(f"/x/{i}"), i,
+                None, f"s{i}@example.com")
+        for i, k in enumerate(y)
+    )
+    split = np.array([TRAIN] * (len(y) - 4) + [VAL, VAL, TEST, TEST], dtype=np.int8)
+    split[[0, 41]] = [VAL, TEST]  # each split holds both classes
+    ds = Dataset(messages, X, y, split, names)
+    plain = fit_setup(parse_args(["--no-progress"]), ds).weights
+    balanced = fit_setup(parse_args(["--no-progress", "--language-balance", "0.5"]), ds).weights
+    german_phish = (y == 2) & (np.arange(len(y)) >= 72)
+    assert (balanced[german_phish] < plain[german_phish]).all()
+    assert (balanced[y == 0] == plain[y == 0]).all()
+    assert balanced[y == 2].sum() == pytest.approx(plain[y == 2].sum())
