@@ -110,12 +110,12 @@ def balance_languages(
     share of that class's weight over its share of ham's (at least an average ham row's, so a language
     no ham is in leans as if one ham message were). Where r is above 1, the class's rows in that
     language get the share that makes the lean r**(1 - power): 0 changes nothing, 1 leaves the
-    language no lean at all. The class
-    keeps its total weight: its other rows (English, too short to tell, languages that lean toward
-    ham) share what was taken, in proportion to their weights. Why weights and not a column the graph
-    drops (`FitConfig.language_adjust`): the trees read the language from more than the words (the
-    share of non-ASCII letters, topics near zero for a German text), and a lean that is not in the
-    training weights is in nothing they read.
+    language no lean at all. The class keeps its total weight: its other rows (English, too short to
+    tell, languages that lean toward ham) share what was taken, in proportion to their weights.
+
+    Why weights and not a column the graph drops (`FitConfig.language_adjust`): the trees read the
+    language from more than the words (the share of non-ASCII letters, topics near zero for a German
+    text), and a lean that is not in the training weights is in nothing they read.
     """
     if not 0.0 <= power <= 1.0:
         raise ValueError(f"language balance {power} is not between 0 and 1")
