@@ -220,8 +220,10 @@ def test_milter_train_s_language_balance_reaches_the_fit_s_weights() -> None:
     split = np.array([TRAIN] * (len(y) - 4) + [VAL, VAL, TEST, TEST], dtype=np.int8)
     split[[0, 41]] = [VAL, TEST]  # each split holds both classes
     ds = Dataset(messages, X, y, split, names)
-    plain = fit_setup(parse_args(["--no-progress"]), ds).weights
+    plain = fit_setup(parse_args(["--no-progress", "--language-balance", "0"]), ds).weights
     balanced = fit_setup(parse_args(["--no-progress", "--language-balance", "0.5"]), ds).weights
+    shipped = fit_setup(parse_args(["--no-progress"]), ds).weights
+    assert (shipped == balanced).all()  # the shipped recipe balances at 0.5 (README, "How good it is")
     german_phish = (y == 2) & (np.arange(len(y)) >= 72)
     assert (balanced[german_phish] < plain[german_phish]).all()
     assert (balanced[y == 0] == plain[y == 0]).all()
