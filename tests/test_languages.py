@@ -180,6 +180,21 @@ def test_a_language_the_bad_class_holds_more_of_leans_less_and_the_classes_keep_
     assert (balance_languages(w, y, lang, 0.0) == w).all()
 
 
+def test_without_redistribution_the_class_s_other_rows_keep_their_weight_and_its_total_shrinks() -> None:
+    y = np.array([0] * 100 + [2] * 110 + [1] * 50, dtype=np.int64)
+    lang = np.array([-1] * 98 + [DE] * 2 + [-1] * 60 + [DE] * 40 + [PT] * 10 + [-1] * 50, dtype=np.int64)
+    w = np.linspace(1.0, 2.0, len(y))
+    kept = balance_languages(w, y, lang, 0.5)
+    dropped = balance_languages(w, y, lang, 0.5, redistribute=False)
+    leaning = (y == 2) & (lang >= 0)
+    assert dropped[leaning] == pytest.approx(kept[leaning])  # the language is weighed down alike
+    assert (dropped[~leaning] == w[~leaning]).all()  # English phishing, spam and ham untouched
+    assert dropped[y == 2].sum() < w[y == 2].sum()
+    # the class's total shrinks with the language's weight, so the language keeps more of its lean
+    before = leans(w, y, lang)[(2, "de")]
+    assert before**0.5 < leans(dropped, y, lang)[(2, "de")] < before
+
+
 def test_a_language_that_leans_toward_ham_is_left_as_it_is() -> None:
     y = np.array([0] * 10 + [2] * 10, dtype=np.int64)
     lang = np.array([DE] * 5 + [-1] * 5 + [DE] * 1 + [-1] * 9, dtype=np.int64)  # 50 % of ham, 10 % of bec
@@ -228,3 +243,6 @@ def test_milter_train_s_language_balance_reaches_the_fit_s_weights() -> None:
     assert (balanced[german_phish] < plain[german_phish]).all()
     assert (balanced[y == 0] == plain[y == 0]).all()
     assert balanced[y == 2].sum() == pytest.approx(plain[y == 2].sum())
+    dropped = fit_setup(parse_args(["--no-progress", "--no-language-redistribute"]), ds).weights
+    assert (dropped[german_phish] < plain[german_phish]).all()
+    assert (dropped[~german_phish] == plain[~german_phish]).all()

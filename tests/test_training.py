@@ -43,6 +43,7 @@ from training.thresholds import (
     threshold_for_fpr,
     worst_corpus_threshold,
 )
+from training.train import parse_args as train_parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 SHARE = REPO.parent / "shared" / "corpora"
@@ -215,6 +216,27 @@ def test_rule_pools_old_ham_guards_each_corpus_and_keeps_modern_ham_apart() -> N
     is_ham = np.ones(len(with_modern), dtype=bool)
     assert rule_threshold(with_modern, is_ham, names, 0.001, 0.005, 0.005) > 0.95
     assert rule_threshold(with_modern, is_ham, names, 0.001, 0.005, 0.03) <= 0.8  # 1 of 40 allowed
+
+
+def test_the_modern_group_s_targets_are_the_training_options() -> None:
+    """milter-train --modern-tag-fpr / --modern-quarantine-fpr reach the cuts the modern ham sets."""
+    # 100 modern ham (float32 as scored, compared in float64 as the rule compares); old ham at zero
+    modern = np.linspace(0.50, 0.99, 100, dtype=np.float32).astype(np.float64)
+    spam = np.concatenate([np.zeros(2_000), modern])
+    probs = np.zeros((len(spam), 3), dtype=np.float32)
+    probs[:, 1] = spam
+    probs[:, 0] = 1.0 - spam
+    y = np.zeros(len(spam), dtype=np.int64)
+    names = ["enron-spam-raw"] * 2_000 + ["foff-milter-mailbox"] * 100
+    shipped = choose_thresholds(probs, y, names, 0.001, 0.004)
+    assert modern[-3] < shipped.spam_tag <= modern[-2]  # 2 % of 100: the two highest are tagged
+    assert modern[-1] < shipped.spam_quarantine  # 0.5 % of 100: none is held
+    stricter = choose_thresholds(probs, y, names, 0.001, 0.004, modern_tag_fpr=0.01)
+    assert modern[-2] < stricter.spam_tag <= modern[-1]
+    looser = choose_thresholds(probs, y, names, 0.001, 0.004, modern_quarantine_fpr=0.03)
+    assert modern[-4] < looser.spam_quarantine <= modern[-3]
+    args = train_parse_args(["--modern-tag-fpr", "0.01", "--modern-quarantine-fpr", "0.002"])
+    assert (args.modern_tag_fpr, args.modern_quarantine_fpr) == (0.01, 0.002)
 
 
 def test_class_without_training_examples_gets_disabled_thresholds() -> None:

@@ -25,7 +25,13 @@ from training import model as mdl
 from training.dataset import SPLIT_NAMES, TRAIN, Dataset
 from training.evaluate import Metrics
 from training.tensor_export import TENSOR_NAME  # the same trees as standard tensor operators (CUDA)
-from training.thresholds import DISABLED, SCORE_DEFINITIONS, Thresholds
+from training.thresholds import (
+    DISABLED,
+    MODERN_QUARANTINE_FPR,
+    MODERN_TAG_FPR,
+    SCORE_DEFINITIONS,
+    Thresholds,
+)
 
 FORMAT_VERSION = 1
 ONNX_NAME, META_NAME = "current.onnx", "current.json"
@@ -95,7 +101,12 @@ RECIPE_KEYS = (
     "language_adjust",
     "tree_words",
     "language_balance",
+    "language_redistribute",
 )
+
+
+def _percent(rate: float) -> str:
+    return f"{rate * 100:g} %"
 
 
 def build_metadata(
@@ -154,7 +165,9 @@ def build_metadata(
             "out_of_fold_folds": getattr(args, "threshold_folds", 0) if model.oof is not None else 0,
             "quarantine_ham_fpr": args.target_fpr,
             "tag_ham_fpr": args.tag_fpr,
-            "rule": "strictest of: old ham pooled at the target, modern ham group at 2 % / 0.5 %, "
+            "rule": "strictest of: old ham pooled at the target, modern ham group at "
+            f"{_percent(getattr(args, 'modern_tag_fpr', MODERN_TAG_FPR))} / "
+            f"{_percent(getattr(args, 'modern_quarantine_fpr', MODERN_QUARANTINE_FPR))}, "
             "each corpus at 3 % / 0.5 %",
             "disabled_value": DISABLED,
         },

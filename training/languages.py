@@ -103,6 +103,8 @@ def balance_languages(
     languages: npt.NDArray[np.int64],
     power: float,
     ham: int = 0,
+    *,
+    redistribute: bool = True,
 ) -> npt.NDArray[np.float64]:
     """Weights under which a language leans less toward the classes that hold it more than ham does.
 
@@ -110,8 +112,11 @@ def balance_languages(
     share of that class's weight over its share of ham's (at least an average ham row's, so a language
     no ham is in leans as if one ham message were). Where r is above 1, the class's rows in that
     language get the share that makes the lean r**(1 - power): 0 changes nothing, 1 leaves the
-    language no lean at all. The class keeps its total weight: its other rows (English, too short to
-    tell, languages that lean toward ham) share what was taken, in proportion to their weights.
+    language no lean at all. With `redistribute` (the default) the class keeps its total weight: its
+    other rows (English, too short to tell, languages that lean toward ham) share what was taken, in
+    proportion to their weights. Without it the class's total shrinks by what was taken and its other
+    rows keep their weights (English phishing grows no heavier for the German phishing weighed down),
+    so a language keeps more of its lean than r**(1 - power).
 
     Why weights and not a column the graph drops (`FitConfig.language_adjust`): the trees read the
     language from more than the words (the share of non-ASCII letters, topics near zero for a German
@@ -142,6 +147,8 @@ def balance_languages(
             shrunk |= rows
             kept_share -= target
         rest = in_class & ~shrunk
+        if not redistribute:
+            continue
         if shrunk.any() and rest.any():
             out[rest] *= kept_share * total / float(weights[rest].sum())
         elif shrunk.any():  # every row of the class leans: scale them all back to the class's total

@@ -136,6 +136,9 @@ class FitConfig:
     # missed against 22. The shipped recipe since mailsift-20261207-0474fb11 (README, "How good it is";
     # 0 gives the recipe before it).
     language_balance: float = 0.5
+    # Whether the weight language_balance takes from a class's leaning languages goes back to the
+    # class's other rows (its total kept) or is dropped (its total shrinks).
+    language_redistribute: bool = True
 
 
 def lgb_params(cfg: FitConfig) -> dict[str, Any]:

@@ -134,6 +134,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--target-fpr", type=float, default=d.target_fpr)
     p.add_argument("--tag-fpr", type=float, default=d.tag_fpr)
+    p.add_argument("--modern-tag-fpr", type=float, default=d.modern_tag_fpr, help="as milter-train")
+    p.add_argument("--modern-quarantine-fpr", type=float, default=d.modern_quarantine_fpr,
+                   help="as milter-train")
     p.add_argument("--max-rounds", type=int, default=d.max_rounds)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
     p.add_argument("--corpus-balance", type=float, default=d.corpus_balance)
@@ -151,6 +154,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threshold-folds", type=int, default=d.threshold_folds, help="as milter-train")
     p.add_argument("--language-adjust", type=float, default=d.language_adjust, help="as milter-train")
     p.add_argument("--language-balance", type=float, default=d.language_balance, help="as milter-train")
+    p.add_argument("--no-language-redistribute", dest="language_redistribute", action="store_false",
+                   help="as milter-train")
     p.add_argument("--no-tree-words", dest="tree_words", action="store_false", help="as milter-train")
     p.add_argument("--processes", type=int, default=d.processes, help="feature extraction processes")
     p.add_argument("--features-module", default="milter.features", help=argparse.SUPPRESS)

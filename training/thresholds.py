@@ -181,6 +181,9 @@ def choose_thresholds(
     tag_fpr: float,
     trained_classes: frozenset[int] = frozenset({HAM, SPAM, BEC}),
     guard: Guard = CORPUS_GUARD,
+    *,
+    modern_tag_fpr: float = MODERN_TAG_FPR,
+    modern_quarantine_fpr: float = MODERN_QUARANTINE_FPR,
 ) -> Thresholds:
     """Thresholds for both scores; a class absent from training (e.g. bec without Phishing Pot) is disabled.
 
@@ -191,12 +194,12 @@ def choose_thresholds(
     s, b = spam_score(probs), bec_score(probs)
 
     def tag(score: npt.NDArray[np.float64]) -> float:
-        return rule_threshold(score, is_ham, corpora, tag_fpr, max(guard.tag_fpr, tag_fpr), MODERN_TAG_FPR)
+        return rule_threshold(score, is_ham, corpora, tag_fpr, max(guard.tag_fpr, tag_fpr), modern_tag_fpr)
 
     def quarantine(score: npt.NDArray[np.float64]) -> float:
         return rule_threshold(
             score, is_ham, corpora, quarantine_fpr, max(guard.quarantine_fpr, quarantine_fpr),
-            MODERN_QUARANTINE_FPR,
+            modern_quarantine_fpr,
         )
 
     if BEC not in trained_classes:

@@ -41,7 +41,15 @@ from training.evaluate import acceptance, evaluate
 from training.languages import balance_languages, leans, row_languages
 from training.report import HardHam, load_hard_ham, production_rows, top_features, write_report
 from training.tensor_export import export_tensor_graph
-from training.thresholds import HAM, Thresholds, choose_thresholds, decide, threshold_breakdown
+from training.thresholds import (
+    HAM,
+    MODERN_QUARANTINE_FPR,
+    MODERN_TAG_FPR,
+    Thresholds,
+    choose_thresholds,
+    decide,
+    threshold_breakdown,
+)
 from training.traps import hide_artefacts, label_noise
 
 log = logging.getLogger("milter-train")
@@ -96,6 +104,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=0.004,
         help="pooled old-ham FPR for the tag thresholds (each corpus also at most 3 %%, modern ham 2 %%)",
+    )
+    p.add_argument(
+        "--modern-tag-fpr",
+        type=float,
+        default=MODERN_TAG_FPR,
+        help="the modern ham group's FPR for the tag thresholds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--modern-quarantine-fpr",
+        type=float,
+        default=MODERN_QUARANTINE_FPR,
+        help="the modern ham group's FPR for the quarantine thresholds (default: %(default)s)",
     )
     p.add_argument(
         "--max-per-group",
@@ -186,6 +206,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=mdl.FitConfig.language_balance,
         help="weigh down the spam and bec rows of a language those classes hold more of than ham does, "
         "until its lean is r**(1-P) (training/languages.py); 0: off, 1: no lean (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-language-redistribute",
+        dest="language_redistribute",
+        action="store_false",
+        help="with --language-balance, the weight taken from a leaning language is not given back to the "
+        "class's other rows: the class's total shrinks (default: given back)",
     )
     p.add_argument(
         "--no-tree-words",
@@ -353,7 +380,10 @@ def export_and_evaluate(
     seen = ds.y[tr] if extra_y is None else np.concatenate([ds.y[tr], extra_y])
     trained = frozenset(int(k) for k in np.unique(seen))
     p_cut, y_cut, c_cut = threshold_rows(ds, va, tr, p_val, model.oof)
-    thresholds = choose_thresholds(p_cut, y_cut, c_cut, args.target_fpr, args.tag_fpr, trained)
+    thresholds = choose_thresholds(
+        p_cut, y_cut, c_cut, args.target_fpr, args.tag_fpr, trained,
+        modern_tag_fpr=args.modern_tag_fpr, modern_quarantine_fpr=args.modern_quarantine_fpr,
+    )  # fmt: skip
     results = evaluate(
         p_test, ds.y[te], [corpora[i] for i in te], [ds.messages[i].subcollection for i in te], thresholds
     )
@@ -426,6 +456,7 @@ def fit_config(args: argparse.Namespace) -> mdl.FitConfig:
         language_adjust=args.language_adjust,
         tree_words=args.tree_words,
         language_balance=args.language_balance,
+        language_redistribute=args.language_redistribute,
     )
 
 
@@ -463,7 +494,9 @@ def fit_setup(args: argparse.Namespace, ds: Dataset) -> FitSetup:
     if cfg.language_balance > 0:
         languages = row_languages(ds.X, id_columns(ds.feature_names))
         before = leans(weights, ds.y, languages, HAM)
-        weights = balance_languages(weights, ds.y, languages, cfg.language_balance, HAM)
+        weights = balance_languages(
+            weights, ds.y, languages, cfg.language_balance, HAM, redistribute=cfg.language_redistribute
+        )
         after = leans(weights, ds.y, languages, HAM)
         shown = (f"{CLASS_NAMES[k]} {lang} {before[k, lang]:.1f} -> {after[k, lang]:.1f}"
                  for k, lang in sorted(before))

@@ -243,6 +243,8 @@ def run_source(
             targs.target_fpr,
             targs.tag_fpr,
             trained,
+            modern_tag_fpr=targs.modern_tag_fpr,
+            modern_quarantine_fpr=targs.modern_quarantine_fpr,
         )
         learned = LearnedSenders.from_labels(
             ((sender_of_row[i], CLASS_NAMES[int(ds.y[i])], 1) for i in labels.tolist()), min_ham
