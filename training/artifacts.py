@@ -25,13 +25,7 @@ from training import model as mdl
 from training.dataset import SPLIT_NAMES, TRAIN, Dataset
 from training.evaluate import Metrics
 from training.tensor_export import TENSOR_NAME  # the same trees as standard tensor operators (CUDA)
-from training.thresholds import (
-    DISABLED,
-    MODERN_QUARANTINE_FPR,
-    MODERN_TAG_FPR,
-    SCORE_DEFINITIONS,
-    Thresholds,
-)
+from training.thresholds import DISABLED, SCORE_DEFINITIONS, Thresholds
 
 FORMAT_VERSION = 1
 ONNX_NAME, META_NAME = "current.onnx", "current.json"
@@ -166,8 +160,7 @@ def build_metadata(
             "quarantine_ham_fpr": args.target_fpr,
             "tag_ham_fpr": args.tag_fpr,
             "rule": "strictest of: old ham pooled at the target, modern ham group at "
-            f"{_percent(getattr(args, 'modern_tag_fpr', MODERN_TAG_FPR))} / "
-            f"{_percent(getattr(args, 'modern_quarantine_fpr', MODERN_QUARANTINE_FPR))}, "
+            f"{_percent(args.modern_tag_fpr)} / {_percent(args.modern_quarantine_fpr)}, "
             "each corpus at 3 % / 0.5 %",
             "disabled_value": DISABLED,
         },

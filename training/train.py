@@ -97,13 +97,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=0.001,
         help="pooled old-ham FPR for the quarantine thresholds (each corpus also at most 0.5 %%, modern "
-        "ham 0.5 %%: training/thresholds.py)",
+        "ham at --modern-quarantine-fpr: training/thresholds.py)",
     )
     p.add_argument(
         "--tag-fpr",
         type=float,
         default=0.004,
-        help="pooled old-ham FPR for the tag thresholds (each corpus also at most 3 %%, modern ham 2 %%)",
+        help="pooled old-ham FPR for the tag thresholds (each corpus also at most 3 %%, modern ham at "
+        "--modern-tag-fpr)",
     )
     p.add_argument(
         "--modern-tag-fpr",
