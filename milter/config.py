@@ -7,6 +7,7 @@ SQLite under ./var, loopback ports.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 import tomllib
 from collections.abc import Mapping
@@ -241,7 +242,7 @@ class ServerConfig:
     downstream: str = "127.0.0.1:10026"
     mode: str = "after-queue"  # or "before-queue" (smtpd_proxy_filter)
     workers: int = 2
-    max_message_size: int = 25 * 1024 * 1024
+    max_message_size: int = 25 * 1024 * 1024  # bytes; 0: no limit (the MTA's own limit then applies)
     max_sessions: int = 200
     command_timeout: float = 300.0
     data_timeout: float = 600.0
@@ -358,7 +359,24 @@ def _thresholds(key: str, raw: Any) -> ClassThresholds:
         if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
             raise ConfigError(sub, f"must be a number between 0 and 1 or false, got {value!r}")
         out[name] = float(value)
-    return ClassThresholds(**out)
+    thresholds = ClassThresholds(**out)
+    _check_ladder(key, thresholds)
+    return thresholds
+
+
+def _check_ladder(key: str, t: ClassThresholds) -> None:
+    """tag <= quarantine <= reject among the steps set. The policy takes the strictest step a score
+    reaches, so a quarantine cut under the tag cut means the tag step never applies: a swapped pair,
+    not a setting (the model's own thresholds are always in this order)."""
+    steps = [(name, cut) for name, cut in (("tag", t.tag), ("quarantine", t.quarantine), ("reject", t.reject))
+             if cut is not None]
+    for (low, low_cut), (high, high_cut) in itertools.pairwise(steps):
+        if high_cut < low_cut:
+            raise ConfigError(
+                f"{key}.{high}",
+                f"must be at least {key}.{low} ({low_cut:g}), got {high_cut:g}: the stricter action needs "
+                f"the higher score, or the {low} step never applies",
+            )
 
 
 def _score_or_off(key: str, value: Any) -> float | None:
@@ -432,6 +450,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     if pol.on_error not in ("tempfail", "accept"):
         raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
     _check_networks("policy.internal_networks", pol.internal_networks)
+    _check_domains("policy.protected_domains", pol.protected_domains)
     if pol.dmarc_fail_action not in ("none", "tag", "quarantine"):
         got = pol.dmarc_fail_action
         raise ConfigError("policy.dmarc_fail_action", f"must be 'none', 'tag' or 'quarantine', got {got!r}")
@@ -443,6 +462,10 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
         lists: Lists = _simple(Lists, "policy.lists", _table("policy.lists", raw["lists"]), Lists())
         for ip_key in ("allow_ips", "deny_ips"):
             _check_networks(f"policy.lists.{ip_key}", getattr(lists, ip_key))
+        for domain_key in ("allow_domains", "deny_domains"):
+            _check_domains(f"policy.lists.{domain_key}", getattr(lists, domain_key))
+        for sender_key in ("allow_senders", "deny_senders"):
+            _check_addresses(f"policy.lists.{sender_key}", getattr(lists, sender_key))
         pol = replace(pol, lists=lists)
     if "bulk" in raw:
         pol = replace(pol, bulk=_bulk(_table("policy.bulk", raw["bulk"])))
@@ -528,7 +551,7 @@ def _domain_rule(key: str, raw: Any) -> DomainRule:
     if bulk_action is not None and bulk_action not in BULK_ACTIONS:
         raise ConfigError(f"{key}.bulk_action", f"must be accept, tag or quarantine, got {bulk_action!r}")
     return DomainRule(
-        domain=item["domain"].lower(),
+        domain=_domain_name(f"{key}.domain", item["domain"]),
         spam=_thresholds(f"{key}.spam", item["spam"]) if "spam" in item else None,
         bec=_thresholds(f"{key}.bec", item["bec"]) if "bec" in item else None,
         action_override=override,
@@ -548,6 +571,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cfg = replace(cfg, policy=_policy(_table("policy", raw["policy"])))
     if "server" in raw:
         server = _simple(ServerConfig, "server", _table("server", raw["server"]), ServerConfig())
+        _check_server_limits(server)
         if server.mode not in ("after-queue", "before-queue"):
             raise ConfigError("server.mode", f"must be 'after-queue' or 'before-queue', got {server.mode!r}")
         if server.listen:
@@ -582,6 +606,26 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     return cfg
 
 
+#: [server] counts that must be at least 1: no worker serves nothing, a batch of none scores nothing
+#: (the batcher refuses to start), no session slot refuses every client.
+SERVER_COUNTS = ("workers", "batch_max", "max_sessions")
+#: [server] timeouts that must be more than 0: at 0 every session, DATA phase or relay attempt would
+#: time out at once (scan_timeout, heap_trim_interval and the prepare limits read 0 as off).
+SERVER_TIMEOUTS = ("command_timeout", "data_timeout", "downstream_timeout")
+
+
+def _check_server_limits(server: ServerConfig) -> None:
+    """What `milter serve` cannot run with fails here, so `milter check-config` catches it too."""
+    for key in SERVER_COUNTS:
+        if (count := getattr(server, key)) < 1:
+            raise ConfigError(f"server.{key}", f"must be at least 1, got {count!r}")
+    for key in SERVER_TIMEOUTS:
+        if (seconds := getattr(server, key)) <= 0:
+            raise ConfigError(f"server.{key}", f"must be more than 0 seconds, got {seconds!r}")
+    if not server.hostname.strip() or any(c.isspace() for c in server.hostname):
+        raise ConfigError("server.hostname", f"must be a host name (our EHLO name), got {server.hostname!r}")
+
+
 ZONE_KINDS = ("ip", "domain")
 ZONE_ACTIONS = ("tag", "quarantine", "reject")
 ZONE_VERDICTS = ("spam", "bec")
@@ -596,6 +640,7 @@ def _reputation(raw: Mapping[str, Any]) -> ReputationConfig:
     rep: ReputationConfig = _simple(
         ReputationConfig, "reputation", {k: v for k, v in raw.items() if k != "zone"}, ReputationConfig()
     )
+    _check_domains("reputation.skip_domains", rep.skip_domains)
     rep = replace(rep, skip_domains=tuple(d.strip().rstrip(".").lower() for d in rep.skip_domains))
     if rep.timeout <= 0:
         raise ConfigError("reputation.timeout", f"must be more than 0 seconds, got {rep.timeout!r}")
@@ -674,6 +719,45 @@ def _sealer(key: str, value: str) -> str:
     if _DOMAIN_NAME.fullmatch(domain) is None or _is_ip(domain):
         raise ConfigError(key, f"must be a domain name such as 'lists.example.org', got {value!r}")
     return domain
+
+
+# A domain entry of a list or rule: labels of letters (any script), digits, '-' and '_'. One label is
+# allowed (a deny entry "xyz" covers the whole TLD); "@", wildcards and spaces are not: in_domain
+# compares names, so "@example.com" or "*.example.com" would silently match nothing.
+_ENTRY_DOMAIN = re.compile(r"(?=.{1,253}$)[\w-]{1,63}(?:\.[\w-]{1,63})*")
+_DOMAIN_HINT = "a domain name such as 'example.com' (its subdomains are included; no '@' or wildcards)"
+
+
+def _domain_name(key: str, value: str) -> str:
+    """One domain entry, normalised as the policy compares it (trimmed, lower case, no final dot)."""
+    name = value.strip().rstrip(".").lower()
+    if _ENTRY_DOMAIN.fullmatch(name) is None:
+        raise ConfigError(key, f"must be {_DOMAIN_HINT}, got {value!r}")
+    return name
+
+
+def _check_domains(key: str, entries: tuple[str, ...]) -> None:
+    """Every non-blank entry a domain name (blank ones are skipped by the policy, as before)."""
+    for i, entry in enumerate(entries):
+        if entry.strip():
+            _domain_name(f"{key}[{i}]", entry)
+
+
+def _check_addresses(key: str, entries: tuple[str, ...]) -> None:
+    """Every non-blank entry an address (local@domain): the policy compares whole addresses, so a bare
+    name, a domain or an address in angle brackets would silently match nobody."""
+    for i, entry in enumerate(entries):
+        text = entry.strip()
+        if not text:
+            continue
+        local, at, domain = text.rpartition("@")
+        if not at or not local or any(c.isspace() or c in "<>*" for c in local) or (
+            _ENTRY_DOMAIN.fullmatch(domain.rstrip(".").lower()) is None
+        ):
+            hint = " (a whole domain goes in the _domains list)" if not at else ""
+            raise ConfigError(
+                f"{key}[{i}]", f"must be an address such as 'jane@example.com'{hint}, got {entry!r}"
+            )
 
 
 def _is_ip(text: str) -> bool:

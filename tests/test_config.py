@@ -88,6 +88,33 @@ def test_nameserver_entries() -> None:
         ({"model": {"gpu_batch_wait_ms": -1}}, "model.gpu_batch_wait_ms"),
         ({"model": {"gpu_batch_wait_ms": 5000}}, "model.gpu_batch_wait_ms"),
         ({"model": {"gpu_batch_wait": 5}}, "model.gpu_batch_wait"),
+        # what `milter serve` cannot run with: before, these passed check-config and then stopped the
+        # gateway with a traceback (batch_max), refused every client (max_sessions) or timed out at once
+        ({"server": {"workers": 0}}, "server.workers"),
+        ({"server": {"batch_max": 0}}, "server.batch_max"),
+        ({"server": {"max_sessions": 0}}, "server.max_sessions"),
+        ({"server": {"command_timeout": 0}}, "server.command_timeout"),
+        ({"server": {"data_timeout": 0.0}}, "server.data_timeout"),
+        ({"server": {"downstream_timeout": 0}}, "server.downstream_timeout"),
+        ({"server": {"hostname": ""}}, "server.hostname"),
+        ({"server": {"hostname": "mx 1.example.com"}}, "server.hostname"),
+        # a ladder whose stricter step sits under a laxer one: that laxer step could never apply
+        ({"policy": {"spam": {"tag": 0.9, "quarantine": 0.5}}}, "policy.spam.quarantine"),
+        ({"policy": {"bec": {"quarantine": 0.9, "reject": 0.8}}}, "policy.bec.reject"),
+        ({"policy": {"spam": {"tag": 0.9, "quarantine": False, "reject": 0.5}}}, "policy.spam.reject"),
+        ({"policy": {"domain": [{"domain": "a.test", "spam": {"tag": 0.7, "quarantine": 0.6}}]}},
+         "policy.domain[0].spam.quarantine"),
+        # entries that would silently match nothing: the policy compares names and whole addresses
+        ({"policy": {"domain": [{"domain": ""}]}}, "policy.domain[0].domain"),
+        ({"policy": {"domain": [{"domain": "@example.com"}]}}, "policy.domain[0].domain"),
+        ({"policy": {"protected_domains": ["example.com", "*.example.org"]}}, "policy.protected_domains[1]"),
+        ({"policy": {"lists": {"allow_domains": ["*@partner.test"]}}}, "policy.lists.allow_domains[0]"),
+        ({"policy": {"lists": {"deny_domains": ["a.test", "evil .test"]}}}, "policy.lists.deny_domains[1]"),
+        ({"policy": {"lists": {"allow_senders": ["jane"]}}}, "policy.lists.allow_senders[0]"),
+        ({"policy": {"lists": {"deny_senders": ["<bad@evil.test>"]}}}, "policy.lists.deny_senders[0]"),
+        ({"policy": {"lists": {"deny_senders": ["*@evil.test"]}}}, "policy.lists.deny_senders[0]"),
+        ({"policy": {"lists": {"allow_senders": ["jane@"]}}}, "policy.lists.allow_senders[0]"),
+        ({"reputation": {"skip_domains": ["google.com", "https://a.test"]}}, "reputation.skip_domains[1]"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
@@ -95,6 +122,39 @@ def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
         parse_config(raw)
     assert info.value.key == key
     assert repr(key) in str(info.value)
+
+
+def test_what_the_new_checks_let_through() -> None:
+    """The checks that catch swapped cuts and entries that match nothing leave every usable setting:
+    equal cuts, a step switched off, a bare TLD, names in any script, blank entries (skipped by the
+    policy), a domain rule written with capitals and a final dot (normalised as the policy compares)."""
+    cfg = parse_config({
+        "policy": {
+            "spam": {"tag": 0.9, "quarantine": 0.9},
+            "bec": {"tag": False, "quarantine": 0.6, "reject": 0.99},
+            "protected_domains": ["Example.COM.", "bücher.example", ""],
+            "lists": {"deny_domains": ["xyz", "mail_relay.example.net"],
+                      "allow_senders": [" Jane.Doe+news@Example.com ", "\"odd@name\"@example.org"]},
+            "domain": [{"domain": " Lab.Example.com. ", "spam": {"quarantine": 0.4}}],
+        },
+        "server": {"max_message_size": 0, "scan_timeout": 0, "workers": 1, "hostname": "localhost"},
+    })
+    assert cfg.policy.domains[0].domain == "lab.example.com"
+    assert cfg.policy.bec is not None and cfg.policy.bec.tag is None
+    assert cfg.server.max_message_size == 0 and cfg.server.workers == 1
+
+
+def test_check_config_refuses_what_serve_cannot_run_with(tmp_path: Path) -> None:
+    """check-config is the admin's dry run: a value that stops `milter serve` must fail it, naming the key."""
+    bad = tmp_path / "bad.toml"
+    for text, key in (
+        ("[server]\nbatch_max = 0\n", "server.batch_max"),
+        ("[server]\nworkers = 0\n", "server.workers"),
+        ('[policy.lists]\nallow_domains = ["@partner.test"]\n', "policy.lists.allow_domains[0]"),
+    ):
+        bad.write_text(text)
+        result = CliRunner().invoke(main, ["check-config", "--config", str(bad)])
+        assert result.exit_code == 1 and repr(key) in result.output, (text, result.output)
 
 
 def test_model_provider_and_gpu_batching_keys() -> None:

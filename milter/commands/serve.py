@@ -57,8 +57,6 @@ def effective_config(
         else:
             host_port(metrics_listen, "--metrics-listen")
             server = replace(server, metrics_listen=metrics_listen)
-    if server.workers < 1:
-        raise ConfigError("server.workers", "must be at least 1")
     store = replace(cfg.store, url=db) if db is not None else cfg.store
     return replace(cfg, server=server, store=store)
 
