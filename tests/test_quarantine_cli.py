@@ -237,24 +237,65 @@ def test_list_reason_filter(url: str) -> None:
 class _Collect:
     def __init__(self) -> None:
         self.received: list[tuple[str, list[str], bytes]] = []
+        self.mail_options: list[list[str]] = []
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
         self.received.append((envelope.mail_from or "", list(envelope.rcpt_tos),
                               envelope.original_content or b""))
+        self.mail_options.append(list(envelope.mail_options))
         return "250 2.0.0 Ok: queued"
+
+
+def _downstream(port: int, smtputf8: bool) -> tuple[Controller, _Collect]:
+    handler = _Collect()
+    return Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=smtputf8), handler
 
 
 @pytest.fixture
 def sink(free_port: object) -> Iterator[tuple[int, _Collect]]:
     """A real aiosmtpd downstream on a free loopback port, in its own thread."""
-    handler = _Collect()
     port = free_port()  # type: ignore[operator]
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller, handler = _downstream(port, smtputf8=False)
     controller.start()
     try:
         yield port, handler
     finally:
         controller.stop()
+
+
+UTF8_ENV = Envelope(mail_from="alice@example.com", rcpt_tos=("bob@example.org", "jörg@example.org"))
+UTF8_RAW = "Subject: Grüße\r\nTo: jörg@example.org\r\n\r\nkörper\r\n".encode()
+
+
+@pytest.mark.parametrize("smtputf8", [True, False], ids=["downstream-smtputf8", "downstream-ascii"])
+def test_release_asks_for_what_the_message_needs(url: str, free_port: object, smtputf8: bool) -> None:
+    """The store keeps no MAIL parameters: a release works them out. Before, it sent none, the relay
+    refused the non-ASCII recipient itself and the message counted as released for everyone."""
+    with Store.open(url) as s:
+        held = s.record(make_result(message_id="<u@x>"), UTF8_ENV, UTF8_RAW, "d")
+    port = free_port()  # type: ignore[operator]
+    controller, handler = _downstream(port, smtputf8)
+    controller.start()
+    try:
+        code, lines, err = _release(url, "--downstream", f"127.0.0.1:{port}", str(held))
+    finally:
+        controller.stop()
+    [line] = lines
+    assert line["released"] is True and handler.received[0][2] == UTF8_RAW
+    if smtputf8:
+        assert code == 0 and line["refused"] == []
+        assert handler.received[0][1] == ["bob@example.org", "jörg@example.org"]
+        assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(handler.mail_options[0])
+    else:
+        # the others have it, so it is released; who did not get it is said, and the command fails
+        assert handler.received[0][1] == ["bob@example.org"]
+        refused = line["refused"]
+        assert isinstance(refused, list) and len(refused) == 1
+        assert str(refused[0]).startswith("jörg@example.org (553")
+        assert code == 1 and f"message {held} released, but not to: jörg@example.org (553" in err
+    with Store.open(url) as s:
+        row = s.get(held)
+        assert row is not None and row.released_at is not None
 
 
 def _release(url: str, *args: str) -> tuple[int, list[dict[str, object]], str]:

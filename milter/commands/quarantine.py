@@ -288,7 +288,9 @@ def release_cmd(
     """Deliver quarantined MESSAGES downstream with their stored envelope; mark them released.
 
     A message is marked released (and labelled ham, source "release", unless --no-label) only after
-    the downstream accepted it; otherwise it stays held and the line says why (exit status 1).
+    the downstream accepted it; otherwise it stays held and the line says why (exit status 1). A
+    message the downstream took for some recipients but refused for others is marked released, and
+    the command names the refused ones and exits 1.
     """
     cfg = _config(config_path)
     try:
@@ -307,11 +309,15 @@ def release_cmd(
         )
     _print_release(outcomes, as_json)
     failed = [o for o in outcomes if not o.released]
+    partial = [o for o in outcomes if o.released and o.refused]
+    problems = []
     if failed:
-        raise click.ClickException(
-            f"{len(failed)} of {len(outcomes)} message(s) not released: "
-            + ", ".join(str(o.id) for o in failed)
-        )
+        problems.append(f"{len(failed)} of {len(outcomes)} message(s) not released: "
+                        + ", ".join(str(o.id) for o in failed))
+    for o in partial:
+        problems.append(f"message {o.id} released, but not to: {'; '.join(o.refused)}")
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
 def _print_release(outcomes: list[ReleaseOutcome], as_json: bool) -> None:
@@ -323,7 +329,8 @@ def _print_release(outcomes: list[ReleaseOutcome], as_json: bool) -> None:
     for o in outcomes:
         table.add_row(
             str(o.id),
-            "released" if o.released else "FAILED",
+            ("released" if not o.refused else f"released, {len(o.refused)} recipient(s) refused")
+            if o.released else "FAILED",
             "ham" if o.labelled else "-",
             Text(view.safe_line(o.detail)),
         )

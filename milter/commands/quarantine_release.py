@@ -11,6 +11,13 @@ The remaining risks are reported, never silent: delivered but the store write fa
 but not recorded"), delivered but the claim was taken over meanwhile, and a release that took over a
 dead process's claim (that process may have delivered before it died).
 
+The quarantine keeps the envelope, not the client's MAIL parameters, so a release works out the ones
+the message needs (`mail_options`): SMTPUTF8 for a non-ASCII address, BODY=8BITMIME for 8-bit bytes.
+Without them the relay refused every non-ASCII recipient itself and the message counted as released.
+Recipients the downstream (or the relay, where it lacks SMTPUTF8) still refuses are named in the
+outcome (`refused`) and fail the command: the others have the message, so it is marked released, and
+the admin has to get it to those by other means.
+
 A release labelled ham also teaches the correspondence history at once (`_teach`): the sender was
 wanted after all, and every gateway sharing the store knows it at its next refresh (a minute), instead
 of at the next `milter history rebuild`. Best effort: the label is the record, and a rebuild learns
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from milter.errors import DeliveryError, StoreError
-from milter.gateway.relay import Downstream
+from milter.gateway.relay import Delivered, Downstream
 from milter.history import CorrespondenceHistory, stored_facts
 from milter.store import ClaimResult, ClaimState, Store
 from milter.store import release as release_sql
@@ -41,9 +48,25 @@ class ReleaseOutcome:
     released: bool
     labelled: bool
     detail: str  # the downstream reply, or why the message was not released
+    # recipients that did not get a released message, each "address (code text)": the downstream
+    # refused them (5xx) or they need SMTPUTF8, which it does not offer
+    refused: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, object]:
-        return {"id": self.id, "released": self.released, "labelled": self.labelled, "detail": self.detail}
+        return {"id": self.id, "released": self.released, "labelled": self.labelled, "detail": self.detail,
+                "refused": list(self.refused)}
+
+
+def mail_options(raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> tuple[str, ...]:
+    """The MAIL parameters a stored message needs (the client's were not stored): SMTPUTF8 when an
+    envelope address is not ASCII (RFC 6531), BODY=8BITMIME when the bytes are not 7-bit (RFC 6152).
+    The relay sends each only where the downstream offers it."""
+    options = []
+    if not all(address.isascii() for address in (mail_from, *rcpt_tos)):
+        options.append("SMTPUTF8")
+    if not raw.isascii():
+        options.append("BODY=8BITMIME")
+    return tuple(options)
 
 
 @dataclass(frozen=True)
@@ -100,8 +123,12 @@ def _abandon(run: _Release, id: int, why: str) -> ReleaseOutcome:
     return ReleaseOutcome(id, False, False, why)
 
 
-def _finish(run: _Release, held: _Held, reply: str, claim: ClaimResult) -> ReleaseOutcome:
-    """Delivered: mark released (only if our claim still holds) and label."""
+def _finish(run: _Release, held: _Held, done: Delivered, claim: ClaimResult) -> ReleaseOutcome:
+    """Delivered (to every recipient but `done.refused`): mark released (only if our claim still
+    holds) and label."""
+    reply = done.reply
+    refused = tuple(f"{r.recipient} ({r.code} {r.text.splitlines()[0] if r.text else ''})".rstrip()
+                    for r in done.refused)
     if claim.took_over:
         reply = (f"{reply}; took over the abandoned release of {claim.holder} (claimed "
                  f"{claim.since.isoformat() if claim.since else '?'}): if that one reached the downstream "
@@ -118,7 +145,7 @@ def _finish(run: _Release, held: _Held, reply: str, claim: ClaimResult) -> Relea
         return ReleaseOutcome(held.id, False, False,
                               f"delivered ({reply}) but not recorded: {exc}; the message stays claimed, "
                               f"and a release after {run.claim_timeout:.0f} s would deliver it again")
-    return ReleaseOutcome(held.id, True, labelled, reply)
+    return ReleaseOutcome(held.id, True, labelled, reply, refused)
 
 
 def _teach(store: Store, id: int) -> bool:
@@ -156,13 +183,14 @@ async def _release_one(run: _Release, id: int, downstream: Downstream) -> Releas
         # Bounded as a whole (the downstream's timeout is per step), well inside the claim's lifetime:
         # a live release must never have its claim taken over.
         async with asyncio.timeout(run.claim_timeout / 2):
-            done = await downstream.deliver(held.raw, held.mail_from, held.rcpt_tos)
+            options = mail_options(held.raw, held.mail_from, held.rcpt_tos)
+            done = await downstream.deliver(held.raw, held.mail_from, held.rcpt_tos, options)
     except DeliveryError as exc:
         return await asyncio.to_thread(_abandon, run, id, str(exc))
     except TimeoutError:
         why = f"delivery took over {run.claim_timeout / 2:.0f} s, given up (the downstream may have it)"
         return await asyncio.to_thread(_abandon, run, id, why)
-    return await asyncio.to_thread(_finish, run, held, done.reply, claim)
+    return await asyncio.to_thread(_finish, run, held, done, claim)
 
 
 async def _deliver_all(run: _Release, ids: Sequence[int], downstream: Downstream) -> list[ReleaseOutcome]:
