@@ -255,6 +255,27 @@ def test_labels_and_training_examples(store: Store) -> None:
     assert y.tolist() == [0, 0, 2]
 
 
+@pytest.mark.parametrize(
+    "message_id",
+    [
+        "<caf\udce9@example.com>",  # an 8-bit byte as the parser hands it on (surrogate escape)
+        "<" + "a" * 600 + "@example.com>",  # longer than the indexed column keeps
+        "<nul\x00@example.com>",
+    ],
+    ids=["8-bit", "long", "nul"],
+)
+def test_a_message_id_is_looked_up_as_it_was_stored(store: Store, message_id: str) -> None:
+    """`milter report` labels by the Message-ID it parses from the file; the store keeps a cleaned copy.
+    Before, the 8-bit one raised UnicodeEncodeError out of the store, and the other two matched nothing
+    (so `report` stored a second, labelled copy of the message)."""
+    pk = store.record(make_result(message_id=message_id), ENV, None, DIGEST)
+    other = store.record(make_result(message_id="<other@example.com>"), ENV, None, DIGEST)
+    assert store.set_label(message_id, "spam", "user-report") == 1
+    row, untouched = store.get(pk), store.get(other)
+    assert row is not None and row.label == "spam"
+    assert untouched is not None and untouched.label is None
+
+
 def test_bulk_verdicts_and_labels(store: Store) -> None:
     held = store.record(make_result(Verdict.BULK, Action.QUARANTINE), ENV, RAW, DIGEST)
     store.record(make_result(Verdict.BULK, Action.ACCEPT), ENV, None, DIGEST)

@@ -37,7 +37,15 @@ from milter.store import history as history_sql
 from milter.store import registry as registry_sql
 from milter.store import release as release_sql
 from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
-from milter.store.mapping import envelope_of, message_values, new_message, to_row, vector_from_bytes
+from milter.store.mapping import (
+    MAX_INDEXED,
+    clean,
+    envelope_of,
+    message_values,
+    new_message,
+    to_row,
+    vector_from_bytes,
+)
 from milter.store.migrate import upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
 from milter.store.registry import CurrentModel, ModelFiles, NodeStatus, PublishedModel
@@ -223,7 +231,9 @@ class Store:
         """Label by row id (int) or Message-ID (str, every copy); how many rows were labelled."""
         if label not in VERDICTS:
             raise ValueError(f"label must be one of {', '.join(VERDICTS)}, got {label!r}")
-        cond = Message.id == ref if isinstance(ref, int) else Message.message_id == ref
+        # a Message-ID is looked up as it was stored (mapping.clean: no NUL, undecodable bytes replaced,
+        # cut at MAX_INDEXED); raw, an 8-bit or a long one matched nothing or could not even be sent
+        cond = Message.id == ref if isinstance(ref, int) else Message.message_id == clean(ref, MAX_INDEXED)
         stmt = update(Message).where(cond).values(label=label, label_source=source, labelled_at=_now())
         with _guard("cannot set label"), self._write.begin() as s:
             return _rowcount(s.execute(stmt))
