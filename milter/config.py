@@ -239,6 +239,10 @@ class ServerConfig:
     # Seconds between SMFIR_PROGRESS packets while a message is scanned, so Postfix's
     # milter_content_timeout never fires on a gateway that is merely busy.
     milter_progress_interval: float = 10.0
+    # Seconds a milter connection may be silent between packets. The MTA shows the filter nothing
+    # while its client uploads a message or pauses, so this outlasts an SMTP transaction (libmilter's
+    # own default, 7210 s); a packet begun, replies not read and the first packet get command_timeout.
+    milter_timeout: float = 7210.0
     downstream: str = "127.0.0.1:10026"
     mode: str = "after-queue"  # or "before-queue" (smtpd_proxy_filter)
     workers: int = 2
@@ -611,7 +615,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
 SERVER_COUNTS = ("workers", "batch_max", "max_sessions")
 #: [server] timeouts that must be more than 0: at 0 every session, DATA phase or relay attempt would
 #: time out at once (scan_timeout, heap_trim_interval and the prepare limits read 0 as off).
-SERVER_TIMEOUTS = ("command_timeout", "data_timeout", "downstream_timeout")
+SERVER_TIMEOUTS = ("command_timeout", "data_timeout", "downstream_timeout", "milter_timeout")
 
 
 def _check_server_limits(server: ServerConfig) -> None:

@@ -163,3 +163,103 @@ def test_message_over_the_size_limit_gets_552(tmp_path: Path, free_port: Ports) 
         assert store.quarantine_list() == []
 
     run_gateway_scenario(tmp_path, free_port, scenario, max_message_size=10_000, **MILTER)
+
+
+# -- the two timers ----------------------------------------------------------------------------------
+
+PACKET_TIMEOUT = 0.5  # server.command_timeout, scaled down
+IDLE_TIMEOUT = 6.0  # server.milter_timeout, scaled down
+ENVELOPE = (_pk(b"C", b"mx.test\x004" + struct.pack("!H", 25) + b"192.0.2.1\x00")
+            + _pk(b"H", b"helo.test\x00") + _pk(b"M", b"<a@sender.test>\x00")
+            + _pk(b"R", b"<b@rcpt.test>\x00"))
+CONTENT = _pk(b"L", b"Subject\x00 hi\x00") + _pk(b"B", b"body\r\n") + _pk(b"E")
+
+
+async def _bare_filter(script: Callable[[int], Any]) -> Any:
+    """A MilterConnection alone on a loopback port (every message continues), and `script(port)`
+    run against it in a thread: the timers without a gateway around them."""
+    from milter.gateway.milter_server import MilterConnection, MilterSettings
+    from milter.protocol import codec
+    from milter.protocol.session import Decision
+
+    settings = MilterSettings(max_size=0, idle_timeout=IDLE_TIMEOUT, progress_interval=10.0,
+                              packet_timeout=PACKET_TIMEOUT)
+
+    async def decide(message: Any) -> Decision:
+        return Decision(codec.CONTINUE)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: MilterConnection(settings, decide, asyncio.ensure_future, lambda c: None), "127.0.0.1", 0)
+    try:
+        return await asyncio.to_thread(script, server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+
+
+def _closed_after(sock: socket.socket) -> float:
+    """Seconds until the filter closes the connection."""
+    started = time.monotonic()
+    assert sock.recv(1) == b""
+    return time.monotonic() - started
+
+
+def test_a_silent_data_phase_is_no_timeout() -> None:
+    """Postfix sends the headers only once the SMTP client's whole message is in its queue file, so
+    the milter hears nothing for as long as the upload takes. Before, the connection was closed after
+    command_timeout of that silence and Postfix tempfailed the message (a slow 20 MB upload took
+    longer than the default 300 s, on every try)."""
+    gap = 3 * PACKET_TIMEOUT
+
+    def mta(port: int) -> Packet:
+        with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT) as sock:
+            sock.sendall(_pk(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
+            assert _recv(sock)[0] == b"O"
+            sock.sendall(ENVELOPE)  # no replies: the filter asks for none before end of message
+            time.sleep(gap)  # the client uploads its message; the MTA says nothing meanwhile
+            sock.sendall(CONTENT)
+            return _recv(sock)
+
+    assert asyncio.run(_bare_filter(mta)) == (b"c", b"")
+
+
+def test_what_cannot_be_healthy_keeps_the_short_timer() -> None:
+    """A connection that never negotiates, a packet begun and never finished (stalled, or a byte at a
+    time) and a message that stops between its headers and its end (which the MTA streams from its
+    queue file) are closed after command_timeout, not after the long silence a healthy one may keep."""
+
+    def unfinished(port: int) -> tuple[float, float, float, float]:
+        with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT) as mute:
+            before_negotiating = _closed_after(mute)
+        with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT) as sock:
+            sock.sendall(_pk(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
+            assert _recv(sock)[0] == b"O"
+            sock.sendall(ENVELOPE + struct.pack("!I", 1000) + b"L")  # half a header packet
+            stalled = _closed_after(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT) as sock:
+            sock.sendall(_pk(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
+            assert _recv(sock)[0] == b"O"
+            sock.sendall(ENVELOPE + struct.pack("!I", 1000) + b"L")
+            started = time.monotonic()
+            sock.settimeout(0.1)
+            while True:  # one more byte of the packet every tenth of a second
+                try:
+                    if sock.recv(1) == b"":
+                        break
+                except TimeoutError:
+                    pass
+                try:
+                    sock.sendall(b"x")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                assert time.monotonic() - started < IDLE_TIMEOUT / 2, "a dribbled packet kept the connection"
+            dribbled = time.monotonic() - started
+        with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT) as sock:
+            sock.sendall(_pk(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
+            assert _recv(sock)[0] == b"O"
+            sock.sendall(ENVELOPE + CONTENT[: -len(_pk(b"E"))])  # headers and body, no end of message
+            no_end = _closed_after(sock)
+        return before_negotiating, stalled, dribbled, no_end
+
+    times = asyncio.run(_bare_filter(unfinished))
+    assert all(PACKET_TIMEOUT - 0.1 <= t < PACKET_TIMEOUT + 1.5 for t in times), times

@@ -35,9 +35,20 @@ DECODE_SLICE = 4096
 
 @dataclass(frozen=True)
 class MilterSettings:
+    """Two timers, as libmilter has one long one: the MTA shows a filter nothing while its SMTP client
+    uploads a message (Postfix sends the headers only once the whole message is in its queue file),
+    authenticates or pauses, so a healthy connection can be silent between packets for as long as an
+    SMTP transaction takes. Closing it then makes the MTA apply milter_default_action (tempfail) to
+    that message on every try. What cannot be healthy gets the short timer: a packet begun and not
+    finished (one dribbled a byte at a time), a message whose headers and body stop before its end (the
+    MTA streams them from its queue file), an MTA that does not read our replies, and a connection that
+    has not sent its first packet."""
+
     max_size: int  # bytes of a message kept; past it the message is refused with 552 (0: no limit)
-    idle_timeout: float  # seconds without a packet from the MTA (outside a decision) before closing
+    idle_timeout: float  # seconds without a packet between packets (server.milter_timeout)
     progress_interval: float  # seconds between SMFIR_PROGRESS packets while a message is decided
+    # seconds for a packet begun, replies the MTA does not read, or the first packet (server.command_timeout)
+    packet_timeout: float = 300.0
 
 
 class MilterConnection(asyncio.Protocol):
@@ -62,6 +73,8 @@ class MilterConnection(asyncio.Protocol):
         self._write_paused = False  # the MTA is not reading our replies: take no more commands
         self._later: asyncio.Handle | None = None  # the rest of the queue, on the next turn
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_after = 0.0  # the running timer's seconds
+        self._heard = False  # until the first whole packet, the short timer applies
         self._answering: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -82,12 +95,14 @@ class MilterConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # Replies pile up unread: stop taking commands (and reading) until the MTA catches up, or
-        # our write buffer grows with every command it pipelines.
+        # our write buffer grows with every command it pipelines; it has the short timer to do so.
         self._write_paused = True
+        self._arm_idle()
         self._sync_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._arm_idle()
         self._run()
 
     def eof_received(self) -> bool:
@@ -130,6 +145,8 @@ class MilterConnection(asyncio.Protocol):
             except ProtocolError as exc:
                 self._drop(f"protocol error: {exc}")
                 return
+            if self._session.streaming and self._idle_after != self._settings.packet_timeout:
+                self._arm_idle()  # the message's headers began: the rest must follow without a pause
             if isinstance(command, codec.OptNeg):
                 s = self._session
                 log.debug(kv("milter_negotiated", peer=self.peer, version=s.version,
@@ -161,7 +178,10 @@ class MilterConnection(asyncio.Protocol):
                 # Only a whole packet counts as activity: a packet dribbled a byte at a time must
                 # not hold the connection (and a session slot) beyond command_timeout.
                 self._queue.extend(commands)
+                self._heard = True
                 self._arm_idle()
+            elif self._decoder.buffered and self._idle_after != self._settings.packet_timeout:
+                self._arm_idle()  # a packet begun: it has the short timer, once (bytes do not renew it)
         return bool(self._queue)
 
     def _sync_reading(self) -> None:
@@ -220,10 +240,15 @@ class MilterConnection(asyncio.Protocol):
     # -- idle timeout ------------------------------------------------------------------------------
 
     def _arm_idle(self) -> None:
+        """The timer for what the connection is waiting on now (MilterSettings says which is which);
+        none while a message is decided (progress packets keep the MTA waiting then)."""
         self._disarm_idle()
-        if not self._busy:
-            loop = asyncio.get_running_loop()
-            self._idle = loop.call_later(self._settings.idle_timeout, self._timed_out)
+        if self._busy:
+            return
+        short = (self._write_paused or bool(self._decoder.buffered) or not self._heard
+                 or self._session.streaming)
+        self._idle_after = self._settings.packet_timeout if short else self._settings.idle_timeout
+        self._idle = asyncio.get_running_loop().call_later(self._idle_after, self._timed_out)
 
     def _disarm_idle(self) -> None:
         if self._idle is not None:
@@ -231,7 +256,7 @@ class MilterConnection(asyncio.Protocol):
             self._idle = None
 
     def _timed_out(self) -> None:
-        log.info(kv("milter_timeout", peer=self.peer, after=self._settings.idle_timeout))
+        log.info(kv("milter_timeout", peer=self.peer, after=self._idle_after))
         if self.transport is not None:
             if self.transport.get_write_buffer_size():
                 # Replies the MTA never read: close() would wait for them, and keep the session.

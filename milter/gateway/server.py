@@ -348,8 +348,9 @@ class Gateway:
         self.milter = MilterActor(self.processor, srv.milter_quarantine)
         self._milter_settings = MilterSettings(
             max_size=srv.max_message_size,
-            idle_timeout=srv.command_timeout,
+            idle_timeout=srv.milter_timeout,
             progress_interval=srv.milter_progress_interval,
+            packet_timeout=srv.command_timeout,
         )
         self._worker_index = worker_index
         self._heap = HeapKeeper(srv.heap_trim_interval, self.metrics)

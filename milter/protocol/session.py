@@ -121,6 +121,7 @@ class _Transaction:
     body: bytearray = field(default_factory=bytearray)
     size: int = 0
     too_big: bool = False
+    content: bool = False  # a header or body chunk came: the MTA is streaming the message
 
 
 class FilterSession:
@@ -179,11 +180,13 @@ class FilterSession:
             # The commands of every message first: `match` tries the class patterns in order.
             case codec.Header(name, value):
                 self._require_mail("header")
+                self._tx.content = True
                 if self._keep(len(name) + len(value) + 4):
                     self._tx.headers.append((name, value))
                 return self._ack(c.SMFIC_HEADER)
             case codec.Body(chunk):
                 self._require_mail("body")
+                self._tx.content = True
                 self._add_body(chunk)
                 return self._ack(c.SMFIC_BODY)
             case codec.Macros(stage, values):
@@ -229,6 +232,12 @@ class FilterSession:
             case codec.Unknown():
                 return self._ack(c.SMFIC_UNKNOWN)
         raise ProtocolError(f"unexpected command {command!r}")
+
+    @property
+    def streaming(self) -> bool:
+        """Between a message's first header (or body chunk) and its end: the MTA sends these from its
+        queue file one after the other, so a pause here is a stalled peer, not a slow SMTP client."""
+        return self._tx.content
 
     def decided(self, decision: Decision) -> tuple[codec.Response, ...]:
         """The replies for a decision on the message last handed out by `Decide`; the next may start."""
