@@ -663,6 +663,8 @@ def test_a_smaller_max_packet_is_honoured() -> None:
         (codec.PROGRESS, b"\0\0\0\x01p"),
         (codec.ReplyCode("550 5.7.1 No"), b"\0\0\0\x0ey550 5.7.1 No\0"),
         (codec.ReplyCode("451 4.3.0 a\0b"), b"\0\0\0\x0fy451 4.3.0 a b\0"),  # a NUL cannot cut it short
+        # the MTA reads it as a format ("%%" is one "%"): a reason quoting "50% OFF" must stay whole
+        (codec.ReplyCode("550 5.7.1 50% OFF"), b"\0\0\0\x14y550 5.7.1 50%% OFF\0"),
         (codec.AddHeader("X-A", "v 1"), b"\0\0\0\x09hX-A\0v 1\0"),
         (codec.AddHeader("X-U", "caf\u00e9"), b"\0\0\0\x0bhX-U\0caf\xc3\xa9\0"),
         (codec.InsertHeader(0, "X-B", "w"), b"\0\0\0\x0bi\0\0\0\0X-B\0w\0"),

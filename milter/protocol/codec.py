@@ -326,7 +326,10 @@ def encode(reply: Response) -> bytes:
         case Reply(code):
             return _packet(code)
         case ReplyCode(text):
-            return _packet(c.SMFIR_REPLYCODE, _z(text))
+            # The MTA reads the text as a format: Postfix's milter8 turns "%%" into "%" and drops a lone
+            # "%", and sendmail ignores a text with one. A reason quoting the message ("100% OFF") must
+            # reach the sender as written.
+            return _packet(c.SMFIR_REPLYCODE, _z(text.replace("%", "%%")))
         case AddHeader(name, value):
             return _packet(c.SMFIR_ADDHEADER, _z(name) + _z(value))
         case InsertHeader(index, name, value):
