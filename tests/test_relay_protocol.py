@@ -463,6 +463,29 @@ def test_only_non_ascii_recipients_without_smtputf8_is_553_5_6_7() -> None:
     asyncio.run(main())
 
 
+BAD_UTF8_SENDER = b"x\xff@sender.test".decode("utf-8", "surrogateescape")  # as aiosmtpd hands it on
+BAD_UTF8_RCPT = b"z\xff@rcpt.test".decode("utf-8", "surrogateescape")
+
+
+def test_an_address_that_is_not_utf8_is_refused_with_553_not_retried_for_ever() -> None:
+    """Bytes that are not UTF-8 in an SMTPUTF8 address: the encoding failed inside aiosmtplib, a 451
+    with a traceback on every try. Now the sender is a 553 5.6.7 before anything is sent, and a
+    recipient is refused alone, like any 5xx recipient."""
+
+    async def main() -> None:
+        async with fake_downstream(faults={"EHLO": [UTF8_EHLO]}) as fake, relay_to(fake) as ds:
+            with pytest.raises(DeliveryError) as exc:
+                await ds.deliver(ONE, BAD_UTF8_SENDER, [RCPT], ["SMTPUTF8"])
+            assert (exc.value.smtp_code, exc.value.smtp_status) == (553, "5.6.7")
+            assert b"MAIL" not in fake.seen and fake.received == []
+            result = await ds.deliver(ONE, SENDER, [RCPT, BAD_UTF8_RCPT], ["SMTPUTF8"])
+            assert result.code == 250 and fake.received == [wire(ONE)]
+            refused = [(r.recipient, r.code, r.text[:5]) for r in result.refused]
+            assert refused == [(BAD_UTF8_RCPT, 553, "5.6.7")]
+
+    asyncio.run(main())
+
+
 def test_non_ascii_addresses_go_through_when_both_hops_speak_smtputf8() -> None:
     async def main() -> None:
         async with fake_downstream(faults={"EHLO": [UTF8_EHLO]}) as fake, relay_to(fake) as ds:

@@ -55,6 +55,17 @@ AFTER_354 = "end of data"
 #: RFC 3463 / RFC 6531: "non-ASCII addresses not permitted for that sender/recipient".
 NO_UTF8_STATUS = "5.6.7"
 NO_UTF8_RECIPIENT = f"{NO_UTF8_STATUS} Non-ASCII recipient address not accepted downstream (no SMTPUTF8)"
+BAD_UTF8_RECIPIENT = f"{NO_UTF8_STATUS} Recipient address is not valid UTF-8"
+
+
+def bad_utf8(address: str) -> bool:
+    """An address whose bytes were not UTF-8 (aiosmtpd keeps them as surrogate escapes): it cannot be
+    sent as SMTPUTF8, and before this check each try failed on the encoding with a 451, forever."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 #: How much of an invalid reply goes into the error (and so into the relay_failed log line).
 _QUOTED = 100
 
@@ -243,6 +254,9 @@ class Downstream:
         stage = "XFORWARD"
         try:
             utf8 = "SMTPUTF8" in mail_options and client.supports_extension("smtputf8")
+            if bad_utf8(mail_from):
+                raise DeliveryError(f"sender {mail_from!r} is not valid UTF-8", 553, NO_UTF8_STATUS,
+                                    "Sender address is not valid UTF-8")
             if not utf8 and not mail_from.isascii():
                 raise DeliveryError(
                     f"non-ASCII sender {mail_from!r} and {self._no_utf8(mail_options)}",
@@ -318,6 +332,9 @@ class Downstream:
     ) -> tuple[Refusal, ...]:
         refused: list[Refusal] = []
         for rcpt in rcpt_tos:
+            if bad_utf8(rcpt):
+                refused.append(Refusal(rcpt, 553, BAD_UTF8_RECIPIENT))
+                continue
             if not utf8 and not rcpt.isascii():
                 refused.append(Refusal(rcpt, 553, NO_UTF8_RECIPIENT))
                 continue
