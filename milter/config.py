@@ -248,6 +248,10 @@ class ServerConfig:
     workers: int = 2
     max_message_size: int = 25 * 1024 * 1024  # bytes; 0: no limit (the MTA's own limit then applies)
     max_sessions: int = 200
+    # Recipients per SMTP transaction; past it 452 4.5.3 and the client sends the rest in another
+    # one. At most the downstream's own limit (Postfix's smtpd_recipient_limit, 1000 by default), or it
+    # refuses the message as a whole. 0: no limit.
+    max_recipients: int = 1000
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     # The hard deadline of one message's scan (parse, features, DNS, model), from its end of data:

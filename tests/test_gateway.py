@@ -271,6 +271,36 @@ def test_command_timeout_closes_idle_session(tmp_path: Path, free_port: Any) -> 
     run_scenario(tmp_path, free_port, scenario, command_timeout=0.3)
 
 
+def test_recipients_past_the_limit_get_452_and_arrive_in_the_next_transaction(
+    tmp_path: Path, free_port: Any
+) -> None:
+    """server.max_recipients: the third RCPT of a transaction gets 452 4.5.3, as RFC 5321 has a client
+    send the rest in another transaction; the two let in are delivered, then the third in its own."""
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        rcpts = ["a@rcpt.test", "b@rcpt.test", "c@rcpt.test"]
+        raw = make_message("limited@test")
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.address[1], start_tls=False)
+        await c.connect()
+        await c.ehlo()
+        await c.mail("alice@sender.test")
+        replies = []
+        for rcpt in rcpts:
+            try:
+                replies.append((await c.rcpt(rcpt)).code)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                replies.append(exc.code)
+                assert exc.message.startswith("4.5.3")
+        assert replies == [250, 250, 452]
+        assert (await c.data(raw)).code == 250
+        refused, _ = await c.sendmail("alice@sender.test", rcpts[2:], raw)  # the rest, as an MTA would
+        assert refused == {}
+        await c.quit()
+        assert [m.rcpt_tos for m in sink.messages] == [rcpts[:2], rcpts[2:]]
+
+    run_scenario(tmp_path, free_port, scenario, max_recipients=2)
+
+
 def test_xforward_syntax_and_state_errors(tmp_path: Path, free_port: Any) -> None:
     async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
         c = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.address[1], start_tls=False)

@@ -55,7 +55,7 @@ from milter.gateway.process import (
 from milter.gateway.procpool import LoopProcessPool
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
 from milter.gateway.reload import ModelReloader, ReloadResult, load_checked
-from milter.gateway.session import TOO_MANY_SESSIONS, GatewaySMTP
+from milter.gateway.session import TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, GatewaySMTP
 from milter.registry import model_dir
 from milter.types import Envelope
 
@@ -234,6 +234,21 @@ class _Handler:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
+
+    async def handle_RCPT(
+        self, server: GatewaySMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list[str]
+    ) -> str:
+        """aiosmtpd's own RCPT handling, with server.max_recipients: past it 452 4.5.3, and the client
+        (Postfix, any MTA) sends the rest in another transaction. Without it a transaction could name
+        any number of recipients (memory), and one the downstream limits (Postfix's
+        smtpd_recipient_limit) was refused as a whole with a 4xx on every try."""
+        limit = self._gateway.config.server.max_recipients
+        if limit and len(envelope.rcpt_tos) >= limit:
+            log.info(kv("recipients_limited", peer=session.peer, limit=limit))
+            return TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
 
     async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: SMTPEnvelope) -> str:
         raw = envelope.original_content or b""

@@ -33,6 +33,8 @@ _aiosmtpd_log = logging.getLogger("mail.log")  # where aiosmtpd logs a connectio
 
 TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 TOO_BIG = "552 5.3.4 Message too big for system"
+# RFC 5321 4.5.3.1.10: a client that gets it sends the other recipients in another transaction
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TIMEOUT_REPLY = "421 4.4.2 Timeout exceeded, closing connection"
 LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
 #: Without a message size limit, an unterminated DATA line is still refused past this many bytes.
