@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.message
+import email.policy
 import logging
 import re
 from collections.abc import Callable
@@ -203,21 +206,81 @@ def test_reject_is_550_before_queue_and_quarantine_after_queue(tmp_path: Path, f
     run_scenario(tmp_path, free_port, after, mode="after-queue")
 
 
+def _report(received: Any) -> email.message.EmailMessage:
+    """A delivery report the sink received, parsed; checks that it is one (RFC 3464)."""
+    report = email.message_from_bytes(received.raw, _class=email.message.EmailMessage,
+                                      policy=email.policy.default)
+    assert received.mail_from in ("", "<>")  # from the null sender: a report is never bounced
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    return report
+
+
+def _report_fields(report: email.message.EmailMessage) -> list[dict[str, str]]:
+    """The per-recipient field groups of the report's message/delivery-status part."""
+    [status] = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"]
+    groups = [dict(g.items()) for g in status.get_payload()]  # type: ignore[union-attr]
+    return groups[1:]  # the first group is the per-message one
+
+
 def test_partial_recipient_refusals(tmp_path: Path, free_port: Any) -> None:
+    """A recipient refused with 5xx among accepted ones: the message goes to the others, the client
+    gets 250, and the sender gets a delivery report naming the refused recipient (its MTA takes the 250
+    for every recipient; before the report it was never told)."""
+
     async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
         sink.behaviour.rcpt_replies["gone@rcpt.test"] = "550 5.1.1 <gone@rcpt.test>: User unknown"
-        ok = await send(gw.address[1], make_message("p1@test"), rcpts=["bob@rcpt.test", "gone@rcpt.test"])
+        raw = make_message("p1@test")
+        ok = await send(gw.address[1], raw, rcpts=["bob@rcpt.test", "gone@rcpt.test"])
         assert ok.code == 250 and "gone@rcpt.test" in ok.text
         assert sink.messages[0].rcpt_tos == ["bob@rcpt.test"]
+        assert len(sink.messages) == 2 and sink.messages[1].rcpt_tos == ["alice@sender.test"]
+        report = _report(sink.messages[1])
+        assert report["To"].addresses[0].addr_spec == "alice@sender.test"
+        assert report["Auto-Submitted"] == "auto-replied"
+        assert _report_fields(report) == [{
+            "Final-Recipient": "rfc822; gone@rcpt.test", "Action": "failed", "Status": "5.1.1",
+            "Remote-MTA": "dns; 127.0.0.1",
+            "Diagnostic-Code": "smtp; 550 5.1.1 <gone@rcpt.test>: User unknown",
+        }]
+        [headers] = [p for p in report.walk() if p.get_content_type() == "text/rfc822-headers"]
+        assert b"Message-ID: <p1@test>" in headers.get_payload(decode=True)  # which message it was
         sink.behaviour.rcpt_replies["busy@rcpt.test"] = "452 4.2.2 Mailbox full"
         later = await send(gw.address[1], make_message("p2@test"), rcpts=["bob@rcpt.test", "busy@rcpt.test"])
         assert later.code == 452 and later.text.startswith("4.2.2")
         only_bad = await send(gw.address[1], make_message("p3@test"), rcpts=["gone@rcpt.test"])
         assert only_bad.code == 550
-        assert len(sink.messages) == 1  # nothing delivered for p2 (retried whole) or p3
+        assert len(sink.messages) == 2  # nothing delivered for p2 (retried whole) or p3, no report
         # the pooled connection was reset after the refusals and still delivers
         assert (await send(gw.address[1], make_message("p4@test"))).code == 250
-        assert len(sink.messages) == 2
+        assert len(sink.messages) == 3
+
+    run_scenario(tmp_path, free_port, scenario)
+
+
+def test_a_report_that_cannot_be_sent(tmp_path: Path, free_port: Any) -> None:
+    """No report for a message from the null sender (a bounce is never bounced), nor where the
+    downstream refuses the sender's own address for good: both answered 250, the others served. A
+    report the downstream refuses for now: 4xx, so the sender retries; its other recipients may get the
+    message twice, and nobody loses it."""
+
+    async def scenario(gw: Gateway, sink: Sink, store: Any) -> None:
+        sink.behaviour.rcpt_replies["gone@rcpt.test"] = "550 5.1.1 User unknown"
+        rcpts = ["bob@rcpt.test", "gone@rcpt.test"]
+        bounce = await send(gw.address[1], make_message("n1@test"), mail_from="", rcpts=rcpts)
+        assert bounce.code == 250 and [m.rcpt_tos for m in sink.messages] == [["bob@rcpt.test"]]
+        sink.behaviour.rcpt_replies["nobody@sender.test"] = "550 5.1.1 No such sender"
+        unknown = await send(gw.address[1], make_message("n2@test"), "nobody@sender.test", rcpts)
+        assert unknown.code == 250 and len(sink.messages) == 2
+        sink.behaviour.rcpt_replies["alice@sender.test"] = "451 4.3.0 Try again later"
+        later = await send(gw.address[1], make_message("n3@test"), rcpts=rcpts)
+        assert later.code == 451 and later.text.startswith("4.3.0")
+        assert [m.rcpt_tos for m in sink.messages][2:] == [["bob@rcpt.test"]]  # delivered; retried whole
+        del sink.behaviour.rcpt_replies["alice@sender.test"]
+        again = await send(gw.address[1], make_message("n3@test"), rcpts=rcpts)
+        assert again.code == 250
+        assert [m.rcpt_tos for m in sink.messages][3:] == [["bob@rcpt.test"], ["alice@sender.test"]]
+        _report(sink.messages[-1])
 
     run_scenario(tmp_path, free_port, scenario)
 

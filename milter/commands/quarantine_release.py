@@ -12,7 +12,7 @@ but not recorded"), delivered but the claim was taken over meanwhile, and a rele
 dead process's claim (that process may have delivered before it died).
 
 The quarantine keeps the envelope, not the client's MAIL parameters, so a release works out the ones
-the message needs (`mail_options`): SMTPUTF8 for a non-ASCII address, BODY=8BITMIME for 8-bit bytes.
+the message needs (`relay.needed_options`): SMTPUTF8 for a non-ASCII address, BODY=8BITMIME for 8-bit bytes.
 Without them the relay refused every non-ASCII recipient itself and the message counted as released.
 Recipients the downstream (or the relay, where it lacks SMTPUTF8) still refuses are named in the
 outcome (`refused`) and fail the command: the others have the message, so it is marked released, and
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from milter.errors import DeliveryError, StoreError
-from milter.gateway.relay import Delivered, Downstream
+from milter.gateway.relay import Delivered, Downstream, needed_options
 from milter.history import CorrespondenceHistory, stored_facts
 from milter.store import ClaimResult, ClaimState, Store
 from milter.store import release as release_sql
@@ -56,17 +56,6 @@ class ReleaseOutcome:
         return {"id": self.id, "released": self.released, "labelled": self.labelled, "detail": self.detail,
                 "refused": list(self.refused)}
 
-
-def mail_options(raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> tuple[str, ...]:
-    """The MAIL parameters a stored message needs (the client's were not stored): SMTPUTF8 when an
-    envelope address is not ASCII (RFC 6531), BODY=8BITMIME when the bytes are not 7-bit (RFC 6152).
-    The relay sends each only where the downstream offers it."""
-    options = []
-    if not all(address.isascii() for address in (mail_from, *rcpt_tos)):
-        options.append("SMTPUTF8")
-    if not raw.isascii():
-        options.append("BODY=8BITMIME")
-    return tuple(options)
 
 
 @dataclass(frozen=True)
@@ -183,7 +172,7 @@ async def _release_one(run: _Release, id: int, downstream: Downstream) -> Releas
         # Bounded as a whole (the downstream's timeout is per step), well inside the claim's lifetime:
         # a live release must never have its claim taken over.
         async with asyncio.timeout(run.claim_timeout / 2):
-            options = mail_options(held.raw, held.mail_from, held.rcpt_tos)
+            options = needed_options(held.raw, held.mail_from, held.rcpt_tos)
             done = await downstream.deliver(held.raw, held.mail_from, held.rcpt_tos, options)
     except DeliveryError as exc:
         return await asyncio.to_thread(_abandon, run, id, str(exc))

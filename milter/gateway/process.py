@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -31,12 +32,13 @@ from milter.auth import evaluate_evidence
 from milter.errors import MilterError, ScanTimeout, StoreError, smtp_reply
 from milter.gateway.auth import SenderAuth
 from milter.gateway.batcher import MicroBatcher
+from milter.gateway.dsn import build_dsn
 from milter.gateway.headers import rewrite
 from milter.gateway.logfmt import kv
 from milter.gateway.metrics import GatewayMetrics
 from milter.gateway.procpool import LoopProcessPool
 from milter.gateway.recorder import GroupCommit, VerdictRecorder
-from milter.gateway.relay import Downstream
+from milter.gateway.relay import Delivered, Downstream, needed_options
 from milter.gateway.xforward import XForward
 from milter.types import Action, Envelope
 
@@ -150,6 +152,7 @@ class ProcessorSettings:
     schema_digest: str
     keep_vector: bool
     scan_timeout: float = 0.0  # seconds; 0: no deadline
+    hostname: str = "milter.localdomain"  # ours (server.hostname): the Reporting-MTA of our reports
 
 
 class _Progress:
@@ -720,10 +723,37 @@ class MessageProcessor:
                     text=refusal.text[:200],
                 )
             )
+        if delivered.refused and (failed := await self._report_refused(msg, delivered)) is not None:
+            return failed
         self.count(msg, result, action, reply=delivered.reply[:3])
         if result is not None:
             await self.record_later(msg, result)
         return delivered.reply
+
+    async def _report_refused(self, msg: Inbound, delivered: Delivered) -> str | None:
+        """Tell the sender about the recipients the downstream refused (milter.gateway.dsn): our 250
+        will tell its MTA that every recipient is served. None when done (or not to be done: a message
+        from the null sender, or a report the downstream refuses for good); else the 4xx to answer, so
+        that the sender retries: its other recipients then get the message twice, none loses it."""
+        sender = (msg.envelope.mail_from or "").strip().strip("<>")
+        if not sender:
+            log.warning(kv("dsn_skipped", id=msg.id, reason="null sender", refused=len(delivered.refused)))
+            return None
+        now = datetime.now(UTC)
+        report = build_dsn(msg.raw, sender, delivered.refused, hostname=self.settings.hostname,
+                           remote_mta=self.downstream.host, arrival=now, now=now)
+        try:
+            await self.downstream.deliver(report, "", [sender], needed_options(report, "", [sender]))
+        except MilterError as exc:
+            reply = smtp_reply(exc)
+            if reply.startswith("5"):  # the sender's own address is refused downstream: nobody to tell
+                log.warning(kv("dsn_refused", id=msg.id, rcpt=sender, reply=reply[:200]))
+                return None
+            self.metrics.errors.labels("delivery").inc()
+            log.warning(kv("dsn_failed", id=msg.id, rcpt=sender, reply=reply[:200], detail=str(exc)[:200]))
+            return reply
+        log.info(kv("dsn_sent", id=msg.id, rcpt=sender, refused=len(delivered.refused)))
+        return None
 
     async def record_later(self, msg: Inbound, result: ScanResult) -> None:
         """Queue the verdict of a delivered message; written in batches without holding up the reply."""

@@ -5,7 +5,9 @@ Recipient policy (SMTP DATA has one reply for all recipients): every RCPT is sen
   reply (so a 4xx retries the whole message later: no loss, no duplicate for the others);
 * some refused with 5xx, the rest accepted: deliver to the rest and answer 250, naming the refused
   recipients in the reply text (Postfix logs it) and in our log: those addresses do not exist
-  downstream, and tempfailing would only bounce the good recipients days later.
+  downstream, and tempfailing would only bounce the good recipients days later. The sending MTA
+  takes the 250 for every recipient, so the gateway reports the refused ones to the sender itself
+  (milter.gateway.dsn, sent by process.py before it answers).
 
 A transaction that fails on a reused connection before the downstream's 354 to DATA is retried once on
 a fresh one (an idle connection the downstream closed is not a delivery failure; until the 354 not a
@@ -56,6 +58,18 @@ AFTER_354 = "end of data"
 NO_UTF8_STATUS = "5.6.7"
 NO_UTF8_RECIPIENT = f"{NO_UTF8_STATUS} Non-ASCII recipient address not accepted downstream (no SMTPUTF8)"
 BAD_UTF8_RECIPIENT = f"{NO_UTF8_STATUS} Recipient address is not valid UTF-8"
+
+
+def needed_options(raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> tuple[str, ...]:
+    """The MAIL parameters a message we send on our own needs (a release from the quarantine, a
+    delivery report): SMTPUTF8 when an envelope address is not ASCII (RFC 6531), BODY=8BITMIME when the
+    bytes are not 7-bit (RFC 6152). `Downstream.deliver` sends each only where the downstream offers it."""
+    options = []
+    if not all(address.isascii() for address in (mail_from, *rcpt_tos)):
+        options.append("SMTPUTF8")
+    if not raw.isascii():
+        options.append("BODY=8BITMIME")
+    return tuple(options)
 
 
 def bad_utf8(address: str) -> bool:

@@ -344,6 +344,7 @@ class Gateway:
             schema_digest=schema_digest,
             keep_vector=config.store.keep_feature_vectors,
             scan_timeout=srv.scan_timeout,
+            hostname=srv.hostname,
         )
         self.processor = MessageProcessor(
             settings,
