@@ -736,12 +736,27 @@ _ENTRY_DOMAIN = re.compile(r"(?=.{1,253}$)[\w-]{1,63}(?:\.[\w-]{1,63})*")
 _DOMAIN_HINT = "a domain name such as 'example.com' (its subdomains are included; no '@' or wildcards)"
 
 
+def ascii_domain(name: str) -> str:
+    """A domain name as mail and DNS carry it: A-labels for one written in Unicode (bücher.de ->
+    xn--bcher-kva.de); an ASCII name unchanged. ValueError when it has no such form."""
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ValueError(f"{name!r} has no ASCII (IDNA) form: {exc}") from None
+
+
 def _domain_name(key: str, value: str) -> str:
-    """One domain entry, normalised as the policy compares it (trimmed, lower case, no final dot)."""
+    """One domain entry, normalised as the policy compares it (trimmed, lower case, no final dot, in
+    A-labels: the From domains of real mail are punycode, so a Unicode entry would match nothing)."""
     name = value.strip().rstrip(".").lower()
     if _ENTRY_DOMAIN.fullmatch(name) is None:
         raise ConfigError(key, f"must be {_DOMAIN_HINT}, got {value!r}")
-    return name
+    try:
+        return ascii_domain(name)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
 
 
 def _check_domains(key: str, entries: tuple[str, ...]) -> None:

@@ -105,6 +105,11 @@ def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected |
     return Extracted(vector=vector, summary=summarise(parsed, ctx, vector), signals=tuple(signals))
 
 
+def _rootless(name: str) -> str:
+    """An address or host name without the DNS root's trailing dot (the same name to every MTA)."""
+    return name.rstrip(".")
+
+
 def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float32]) -> MessageSummary:
     s = ctx.sender
     msgid = parsed.get("message-id")
@@ -112,10 +117,12 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
     return MessageSummary(
         message_id=msgid.strip() if msgid else None,
         subject=parsed.subject or None,
-        from_addr=s.addr if s else None,
+        # without the root's trailing dot ("example.com."), as the policy's lists and protected domains
+        # are written: with it, a spoof of a protected domain or a denied sender matched nothing
+        from_addr=_rootless(s.addr) if s else None,
         from_display=s.display if s else None,
-        from_domain=(s.host or None) if s else None,
-        reply_to_addr=ctx.reply_to.addr if ctx.reply_to else None,
+        from_domain=(_rootless(s.host) or None) if s else None,
+        reply_to_addr=_rootless(ctx.reply_to.addr) if ctx.reply_to else None,
         to_addrs=tuple(addr for _, addr in parsed.addresses("to")[:50]),
         date=parsed.get("date"),
         defects=parsed.defects,

@@ -379,7 +379,7 @@ class Policy:
             spam=Ladder.build("spam", rule.spam or spam),
             bec=Ladder.build("bec", rule.bec or bec),
             action_override=override,
-            domain=rule.domain.lower(),
+            domain=normalised((rule.domain,))[0] if rule.domain.strip() else rule.domain,
             bulk_action=bulk,
         )
 
@@ -391,6 +391,8 @@ class Policy:
     def rules_for(self, recipient: str) -> RuleSet:
         """The first DomainRule matching the recipient's domain (or a parent domain), else the global set."""
         domain = domain_of(recipient)
+        if domain and not domain.isascii():  # an SMTPUTF8 recipient: the rules are in A-labels
+            domain = normalised((domain,))[0]
         for rules in self.domain_rules:
             if rules.domain is not None and in_domain(domain, (rules.domain,)) is not None:
                 return rules
@@ -430,8 +432,9 @@ class Policy:
 
 
 def _clean_address(address: str | None) -> str | None:
-    """Lower-case addr-spec without angle brackets; the null sender <> is no address."""
+    """Lower-case addr-spec without angle brackets or the root's trailing dot (`bad@evil.test.` is the
+    sender `bad@evil.test` denied); the null sender <> is no address."""
     if not address:
         return None
-    text = address.strip().strip("<>").strip().lower()
+    text = address.strip().strip("<>").strip().lower().rstrip(".")
     return text if "@" in text else None

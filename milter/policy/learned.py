@@ -27,6 +27,7 @@ ends with one), so a label takes effect by the next morning, like the retrained 
 from __future__ import annotations
 
 from milter.features.domains import registrable
+from milter.policy.reputation import blocklisted
 from milter.policy.table import SEVERITY, Context, Hit, SenderLabels, domain_of, sender_key
 from milter.types import Action, Verdict
 
@@ -58,8 +59,13 @@ def vouched_sender(ctx: Context) -> tuple[str, str, SenderLabels] | None:
 
 
 def learned_sender(ctx: Context) -> Hit | None:
-    """Tag instead of quarantine / reject when only the model's score would have done it (see above)."""
+    """Tag instead of quarantine / reject when only the model's score would have done it (see above).
+    Not where a DNS blocklist would hold the message: the labels vouch against the model's score, not
+    against a listing (before, a listed sender's higher score made this rule fire first and tag it)."""
     if (vouched := vouched_sender(ctx)) is None:
+        return None
+    listed = blocklisted(ctx)
+    if listed is not None and listed.action is not None and SEVERITY[listed.action] > SEVERITY[Action.TAG]:
         return None
     sender, how, labels = vouched
     # the ladders' own hits follow as reasons and carry the score and threshold

@@ -3,6 +3,7 @@ data (`Ladder`, `RuleSet`), normalised lists, and the small helpers the rules sh
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from milter.config import DEFAULT_LEARNED_SENDER_LABELS, ClassThresholds
+from milter.config import DEFAULT_LEARNED_SENDER_LABELS, ClassThresholds, ascii_domain
 from milter.errors import ConfigError
 from milter.features import Protected
 
@@ -309,4 +310,14 @@ def parse_networks(key: str, entries: Iterable[str], table: str = "policy.lists"
 
 
 def normalised(entries: Iterable[str]) -> tuple[str, ...]:
-    return tuple(e.strip().lower().rstrip(".") for e in entries if e.strip())
+    """List entries (domains, or addresses) as the rules compare them: trimmed, lower case, without the
+    root's trailing dot, and a domain (an address's domain part) in A-labels, as mail carries it."""
+    return tuple(_entry(e) for e in entries if e.strip())
+
+
+def _entry(text: str) -> str:
+    local, at, domain = text.strip().lower().rstrip(".").rpartition("@")
+    # config.py refuses an entry with no ASCII form; one built in code stays as written (matches nothing)
+    with contextlib.suppress(ValueError):
+        domain = ascii_domain(domain)
+    return f"{local}{at}{domain}"
