@@ -207,6 +207,9 @@ def validate(onnx_path: Path, samples: Sequence[bytes] | None = None) -> ModelMe
             f"model {onnx_path} does not match its metadata (sha256 {actual[:12]}…, metadata says "
             f"{expected[:12]}…): the file is corrupt or belongs to another model"
         )
+    from milter.policy import metadata_ladders  # as prepare: the policy is heavier than `model list`
+
+    metadata_ladders(meta.raw.get("thresholds"))  # what every gateway's policy would refuse at load
     classifier = Classifier.load(onnx_path, providers=("CPUExecutionProvider",))
     messages = _sample_messages(samples)
     vectors = np.stack([prepare(raw).vector for raw in messages])

@@ -167,10 +167,20 @@ def test_reject_only_when_configured() -> None:
     assert decide(config, scores=Scores(0.0, 0.95, 0.0)).action is Action.QUARANTINE
 
 
-@pytest.mark.parametrize("bad", [{"spam": {"tag": 1.5}}, {"bec": {"quarantine": "high"}}])
+@pytest.mark.parametrize("bad", [
+    {"spam": {"tag": -0.5}}, {"bec": {"quarantine": "high"}}, {"spam": {"tag": float("inf")}},
+    {"spam": {"tag": 0.9, "quarantine": 0.5}},  # out of order: the tag step could never apply
+])
 def test_bad_metadata_thresholds_are_refused(bad: dict[str, dict[str, object]]) -> None:
     with pytest.raises(ModelError):
         Policy(PolicyConfig(), bad)  # type: ignore[arg-type]
+
+
+def test_a_metadata_cut_above_one_is_a_step_switched_off() -> None:
+    """training.thresholds.DISABLED (2.0): the cut for a class the model had no examples of."""
+    policy = Policy(PolicyConfig(), {"spam": {"tag": 0.5, "quarantine": 1.5}, "bec": {"tag": 2.0}})
+    assert [a for a, _ in policy.default_rules.spam.rows] == [Action.TAG]
+    assert policy.default_rules.bec.rows == ()
 
 
 def test_ladder_rows_are_strictest_first() -> None:

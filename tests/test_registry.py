@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from milter.classifier import tensor_graph_path
 from milter.commands.model import model
-from milter.config import DEFAULT_MODEL
+from milter.config import DEFAULT_MODEL, PolicyConfig
 from milter.errors import ModelError, SchemaMismatchError
 from milter.explain import explainer_path
 from milter.features import SCHEMA
@@ -110,6 +110,50 @@ def a_and_b(tmp_path: Path, models: Path) -> tuple[Candidate, Candidate]:
     done = promote(models, b.onnx, samples=SAMPLES)
     assert (done.name, done.previous) == ("model-b", "model-a")
     return a, b
+
+
+def _with_thresholds(cand: Candidate, thresholds: dict[str, dict[str, float]]) -> Candidate:
+    meta = json.loads(cand.json.read_text())
+    meta["thresholds"] = thresholds
+    cand.json.write_text(json.dumps(meta, indent=2) + "\n")
+    return cand
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "refused"),
+    [
+        ({"spam": {"tag": 0.99, "quarantine": 0.10}, "bec": {"tag": 0.8, "quarantine": 0.9}},
+         "spam.quarantine"),  # a tag step no score could reach before the quarantine one
+        ({"spam": {"tag": 0.9, "quarantine": 0.95}, "bec": {"tag": -0.1, "quarantine": 0.9}}, "bec.tag"),
+        ({"spam": {"tag": 0.9, "quarantine": float("nan")}, "bec": {"tag": 0.8, "quarantine": 0.9}},
+         "spam.quarantine"),
+    ],
+)
+def test_thresholds_a_gateway_would_refuse_are_refused_at_promotion(
+    tmp_path: Path, models: Path, a_and_b: tuple[Candidate, Candidate],
+    thresholds: dict[str, dict[str, float]], refused: str,
+) -> None:
+    """Before, promote checked no thresholds: every gateway then refused the current model at its
+    next reload or start (and a fleet node, having installed it, could not start at all)."""
+    before = current_pair(models)
+    bad = _with_thresholds(make_candidate(tmp_path / "bad", "model-c", "2024-05-03T00:00:00+00:00"),
+                           thresholds)
+    with pytest.raises(ModelError, match=refused):
+        promote(models, bad.onnx, samples=SAMPLES)
+    assert current_pair(models) == before
+
+
+def test_a_class_without_training_examples_is_served_with_that_ladder_off(tmp_path: Path) -> None:
+    """Training writes 2.0 (thresholds.DISABLED) for a class it had no examples of: a cut no
+    probability reaches. Before, every gateway refused such a model ("must be within [0, 1]")."""
+    from milter.policy import Policy, metadata_ladders
+
+    off = {"spam": {"tag": 0.9, "quarantine": 0.95}, "bec": {"tag": 2.0, "quarantine": 2.0}}
+    cand = _with_thresholds(make_candidate(tmp_path, "no-bec", "2024-05-03T00:00:00+00:00"), off)
+    assert validate(cand.onnx, SAMPLES).name == "no-bec"
+    spam, bec = metadata_ladders(off)
+    assert (spam.tag, spam.quarantine) == (0.9, 0.95) and (bec.tag, bec.quarantine) == (None, None)
+    assert Policy(PolicyConfig(), off).default_rules.bec.rows == ()
 
 
 def test_variants_still_load_and_differ(tmp_path: Path) -> None:

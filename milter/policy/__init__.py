@@ -114,10 +114,11 @@ On scanning errors the gateway applies `on_error`; nothing here raises for a mes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from milter.config import BULK_ACTIONS, HISTORY_SIGNALS, ClassThresholds, DomainRule, PolicyConfig
 from milter.errors import ConfigError, ModelError
@@ -273,8 +274,18 @@ def _teaches(decider: Hit, action: Action) -> bool:
 # --- the public object -------------------------------------------------------------------------------
 
 
+def metadata_ladders(raw: Mapping[str, Any] | None) -> tuple[ClassThresholds, ClassThresholds]:
+    """(spam, bec) thresholds from a model's metadata (its "thresholds"), checked as a gateway needs
+    them; ModelError otherwise. `milter model promote` and the fleet's adoption call it too, so that a
+    model every gateway would refuse is never made current."""
+    raw = raw if isinstance(raw, Mapping) else {}
+    return _metadata_thresholds("spam", raw.get("spam")), _metadata_thresholds("bec", raw.get("bec"))
+
+
 def _metadata_thresholds(name: str, raw: Mapping[str, float] | None) -> ClassThresholds:
-    """A class's thresholds from model metadata; `reject` is ignored (it must be configured)."""
+    """A class's thresholds from model metadata; `reject` is ignored (it must be configured). A cut
+    above 1 is one no probability reaches: that step is off (training writes 2.0,
+    `training.thresholds.DISABLED`, for a class it had no examples of)."""
     if raw is None:
         return ClassThresholds()
     values: dict[str, float] = {}
@@ -282,10 +293,16 @@ def _metadata_thresholds(name: str, raw: Mapping[str, float] | None) -> ClassThr
         value = raw.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-            raise ModelError(f"model metadata threshold {name}.{key} must be within [0, 1], got {value!r}")
-        values[key] = float(value)
-    return ClassThresholds(**values)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < math.inf:
+            raise ModelError(f"model metadata threshold {name}.{key} must be within [0, 1] (above 1: "
+                             f"off), got {value!r}")
+        if value <= 1.0:
+            values[key] = float(value)
+    cuts = ClassThresholds(**values)
+    if cuts.tag is not None and cuts.quarantine is not None and cuts.quarantine < cuts.tag:
+        raise ModelError(f"model metadata threshold {name}.quarantine ({cuts.quarantine:g}) is under "
+                         f"{name}.tag ({cuts.tag:g}): the tag step could never apply")
+    return cuts
 
 
 _DMARC_FAIL_ACTIONS: Mapping[str, Action | None] = {
