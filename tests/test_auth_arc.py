@@ -241,6 +241,18 @@ def test_missing_key_fails_and_temperror_fails_as_transient(keys: Keys) -> None:
     assert not revoked.transient and revoked.recorded == ()
 
 
+def test_only_the_newest_sealers_own_key_gets_the_benefit_of_the_doubt(keys: Keys) -> None:
+    """Relay (newest, trusted) over list: the relay's key timing out is "could not tell"; an earlier
+    hop's key timing out is a plain fail with nothing recorded. A forger picks those other names, and a
+    zone of his that never answers made a forged chain's "dmarc=pass" pass as could-not-tell."""
+    raw = through_relay(keys, through_list(keys))
+    sealer_down = run(raw, records(keys, {RELAY_KEY: TxtAnswer.temperror("timeout")}), trusted=(RELAY,)).arc
+    assert (sealer_down.result, sealer_down.transient) == ("fail", True) and sealer_down.recorded
+    other_down = run(raw, records(keys, {LIST_KEY: TxtAnswer.temperror("timeout")}), trusted=(RELAY,)).arc
+    assert (other_down.result, other_down.transient, other_down.recorded) == ("fail", False, ())
+    assert other_down.reason == f"key lookup failed for {LIST_KEY}, which is not the sealer's"
+
+
 def test_trust_is_an_exact_sealer_domain_and_travels_in_the_evidence(keys: Keys) -> None:
     raw = through_list(keys)
     resolver = StaticResolver(records(keys))

@@ -11,9 +11,10 @@ milter.auth.message.arc_plan, which also caps the chain at MAX_ARC_SETS.
 Result (`ArcResult.result`, the RFC's chain validation status cv): none (no ARC fields), pass, or fail.
 A fail says why in `reason`. Key problems are classified before dkimpy runs, since it folds them all
 into "did not validate": no key at a name (NXDOMAIN, no data) or an unusable key is a plain fail; a key
-lookup that failed transiently (timeout, SERVFAIL, past the deadline) is a fail with `transient` set, so
-the policy can treat it as "could not tell" rather than as a broken chain (milter.policy.dmarc), the
-same way DMARC temperror is never a reason to hold mail. RFC 8617 has no temperror for cv, so the
+lookup of the newest sealer's own key that failed transiently (timeout, SERVFAIL, past the deadline) is a
+fail with `transient` set, so the policy can treat it as "could not tell" rather than as a broken chain
+(milter.policy.dmarc), the same way DMARC temperror is never a reason to hold mail; any other key's
+failed lookup is a plain fail (`_key_problem` says why). RFC 8617 has no temperror for cv, so the
 Authentication-Results header says arc=fail with the reason.
 
 `recorded` holds what the newest set's ARC-Authentication-Results say (parsed with authres: its dmarc,
@@ -105,11 +106,19 @@ def verify_arc(
 
 def _key_problem(arc: ArcPlan, answers: Mapping[str, TxtAnswer]) -> tuple[str, bool] | None:
     """(reason, transient) for the first unusable key, permanent problems first (they fail the chain
-    whatever a retry finds); None when every key is a usable record."""
+    whatever a retry finds); None when every key is a usable record.
+
+    Only the newest sealer's own keys get the benefit of the doubt: whoever forges a chain chooses the
+    other keys' names, and a zone of their own that never answers would otherwise have the forged
+    chain's claims (dmarc=pass for a protected domain) read as "could not tell". The sealer's zone is
+    the admin's trusted party's, which a forger cannot silence."""
     transient = None
+    sealer_keys = f"._domainkey.{normalise_name(arc.sealer)}"
     for name in arc.key_names:
         answer = answers.get(name)
         if answer is None or answer.status == "temperror":
+            if not name.endswith(sealer_keys):
+                return f"key lookup failed for {name}, which is not the sealer's", False
             transient = transient or f"key lookup failed for {name}"
             continue
         if answer.status == "none" or not answer.records:
