@@ -7,6 +7,7 @@ is "published" through a StaticResolver, so nothing here touches the network.
 from __future__ import annotations
 
 import asyncio
+import base64
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -493,3 +494,46 @@ def test_header_fields_stop_at_the_first_blank_line_and_at_the_budget() -> None:
     huge = b"A: 1\r\n" + b"X: " + b"y" * (message_module._MAX_HEADER_BYTES) + b"\r\n\r\nB: 2"
     assert [name for name, _ in header_fields(huge)] == ["a", "x"]
     assert header_fields(huge) == _header_fields_reference(huge)
+
+
+def _der_len(n: int) -> bytes:
+    if n < 128:
+        return bytes([n])
+    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(b)]) + b
+
+
+def _rsa_record(modulus: int, exponent: int) -> str:
+    """A DKIM key record of an RSA public key (PKCS#1 RSAPublicKey, which dkimpy reads)."""
+    def der_int(v: int) -> bytes:
+        b = v.to_bytes((v.bit_length() + 8) // 8, "big")
+        return b"\x02" + _der_len(len(b)) + b
+
+    body = der_int(modulus) + der_int(exponent)
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(b"\x30" + _der_len(len(body)) + body).decode()
+
+
+@pytest.mark.parametrize(
+    ("bits", "exponent", "why"),
+    [
+        (8192, 65537, "RSA key of 8192 bits"),
+        (2048, (1 << 2047) | 1, "unusable RSA public exponent"),  # a huge exponent: minutes of pow()
+        (2048, 65536, "unusable RSA public exponent"),  # even
+    ],
+)
+def test_keys_that_only_cost_time_are_refused_before_verifying(
+    tmp_path: Path, bits: int, exponent: int, why: str
+) -> None:
+    """RFC 8301's 4096-bit bound and an odd exponent up to 2**32: a sender's key of huge modulus and
+    exponent held a worker for seconds per signature (hours for a longer one), past scan_timeout."""
+    from milter.auth.dkim import check_key
+
+    modulus = (1 << (bits - 1)) | 1 | (12345 << 8)
+    with pytest.raises(ValueError, match=why):
+        check_key(key_name(), _rsa_record(modulus, exponent))
+    pem, record = generate_key(tmp_path, 2048)
+    check_key(key_name(), record)  # a real key passes
+    raw = sign(message(), pem)
+    hostile = run(raw, {key_name(): _rsa_record(modulus, exponent), "_dmarc.example.com": "v=DMARC1; p=none"})
+    assert hostile.dkim[0].result == "permerror" and hostile.dkim[0].reason.startswith("bad key")
+    assert run(raw, {key_name(): record}).dkim[0].result == "pass"

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import authres
 import dkim
 
+from milter.auth.dkim import check_key
 from milter.auth.dmarc import is_aligned
 from milter.auth.dns import TxtAnswer, normalise_name
 from milter.auth.message import ArcPlan, as_domain
@@ -124,7 +125,7 @@ def _key_problem(arc: ArcPlan, answers: Mapping[str, TxtAnswer]) -> tuple[str, b
         if answer.status == "none" or not answer.records:
             return f"no key at {name}", False
         try:
-            dkim.evaluate_pk(name.encode("ascii"), answer.records[0].encode("ascii"))
+            check_key(name, answer.records[0])
         except Exception as e:
             return f"bad key at {name}: {_why(e)}", False
     return (transient, True) if transient else None
