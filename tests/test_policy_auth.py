@@ -54,6 +54,30 @@ def decide(
 PROTECTED = PolicyConfig(protected_domains=("example.com",))
 
 
+@pytest.mark.parametrize(
+    ("policy", "pct", "held"),
+    [("quarantine", 0, False), ("reject", 0, True), ("quarantine", 100, True), ("none", 0, False)],
+)
+def test_pct_outside_the_sample_steps_the_policy_down(policy: str, pct: int, held: bool) -> None:
+    """RFC 7489 6.6.4: p=quarantine; pct=0 (how a domain asks mailing lists to rewrite From) asks that
+    no failing message be held; before, it was acted on as if pct were 100."""
+    results = AuthResults((DkimResult("mailer.test", "s1", "pass"),),
+                          DmarcResult("fail", "example.com", policy, pct=pct))  # type: ignore[arg-type]
+    for config in (PROTECTED, PolicyConfig(dmarc_fail_action="quarantine")):
+        assert (decide(results, config).action is Action.QUARANTINE) == held, (policy, pct, config)
+
+
+def test_pct_samples_by_message_id() -> None:
+    """pct=50: about half of the failing messages are held to p=, the others to the next policy down;
+    the same message (a retry) is always drawn the same way."""
+    from milter.policy.dmarc import enforced_policy
+
+    dmarc = DmarcResult("fail", "example.com", "quarantine", pct=50)
+    drawn = [enforced_policy(dmarc, f"<{i}@example.com>") for i in range(2000)]
+    assert 900 < drawn.count("quarantine") < 1100 and set(drawn) == {"quarantine", "none"}
+    assert all(enforced_policy(dmarc, f"<{i}@example.com>") == drawn[i] for i in range(50))
+
+
 def test_protected_domain_failing_enforced_dmarc_is_bec() -> None:
     d = decide(auth(), PROTECTED)
     assert (d.verdict, d.action) == (Verdict.BEC, Action.QUARANTINE)

@@ -8,17 +8,21 @@ DMARC result, a DKIM pass aligned with it), the failure is the forwarding's doin
 rule here acts on it, and the DMARC rule says why in a reason. A chain from an untrusted sealer, a
 failed chain, or a sealer that recorded dmarc=fail changes nothing. A trusted chain that could not be
 checked because a key lookup failed transiently is treated as DMARC temperror is: not acted on.
+
+pct= (RFC 7489 6.6.4): failing mail outside the record's sample is held to the next policy down
+(`enforced_policy`), so p=quarantine; pct=0 disowns nothing and p=reject; pct=0 still disowns.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 from milter.policy.table import Context, Hit, from_mailboxes, in_domain
 from milter.types import Action, Verdict
 
 if TYPE_CHECKING:  # only a type here: the policy's imports stay as they were
-    from milter.auth import AuthResults
+    from milter.auth import AuthResults, DmarcResult
 
 
 def direct_failure(ctx: Context) -> str | None:
@@ -31,9 +35,29 @@ def direct_failure(ctx: Context) -> str | None:
     if auth is None or ctx.internal:
         return None
     dmarc = auth.dmarc
-    if dmarc.result != "fail" or dmarc.policy not in ("quarantine", "reject"):
+    if dmarc.result != "fail":
+        return None
+    if enforced_policy(dmarc, ctx.summary.message_id) not in ("quarantine", "reject"):
         return None
     return f"From domain {dmarc.from_domain} fails DMARC (p={dmarc.policy}; {auth.summary()})"
+
+
+#: RFC 7489 6.6.4: failing mail outside the pct= sample gets the next policy down.
+_STEP_DOWN = {"reject": "quarantine", "quarantine": "none"}
+
+
+def enforced_policy(dmarc: DmarcResult, message_id: str | None) -> str | None:
+    """The policy a failing message is held to: p= for the record's pct= share of failing mail, the
+    next one down for the rest (pct=0, the usual "make mailing lists rewrite From" setting, asks that
+    no failing message be quarantined). The share is drawn from the Message-ID, so a retry or a copy
+    of the message is judged the same way."""
+    pct = dmarc.pct
+    if pct >= 100:
+        return dmarc.policy
+    drawn = zlib.crc32((message_id or "").encode("utf-8", "surrogateescape")) % 100
+    if pct > 0 and drawn < pct:
+        return dmarc.policy
+    return _STEP_DOWN.get(dmarc.policy or "", dmarc.policy)
 
 
 def forwarded_pass(auth: AuthResults) -> str | None:
