@@ -220,6 +220,29 @@ def test_cache_is_bounded_and_drops_the_oldest() -> None:
     with_server(server, body)
 
 
+def test_cache_does_not_keep_answers_too_big_to_be_a_record_the_checks_need() -> None:
+    """The cache is bounded in entries and the sender picks the names: 2,000 answers of 59 KiB each
+    held 116 MiB. An answer over MAX_CACHED_CHARS is used, not kept; an ordinary one is kept."""
+    from milter.auth.cache import MAX_CACHED_CHARS
+
+    asked: list[str] = []
+
+    class Inner:
+        async def txt(self, name: str) -> TxtAnswer:
+            asked.append(name)
+            size = MAX_CACHED_CHARS + 1 if name == "big.example" else 12
+            return TxtAnswer.found(["y" * size], ttl=600.0)
+
+    async def main() -> None:
+        cache = CachingResolver(Inner())
+        for _ in range(2):
+            assert len((await cache.txt("big.example")).records[0]) > MAX_CACHED_CHARS
+            assert (await cache.txt("small.example")).status == "found"
+        assert (asked.count("big.example"), asked.count("small.example"), len(cache)) == (2, 1, 1)
+
+    asyncio.run(main())
+
+
 class Misbehaving:
     """A resolver breaking the contract in every way fetch must survive."""
 

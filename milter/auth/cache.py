@@ -7,7 +7,8 @@ briefly: a retry a moment later may well succeed, but asking again for every mes
 while an authoritative server is down would cost each of them the whole deadline, so they are kept
 for `temperror_ttl` (30 s by default). "None" answers are cached for `negative_ttl`
 (dnspython does not hand us the SOA minimum on NXDOMAIN, so one configured value is used), and found
-answers for their TTL, capped at `max_ttl`. The size is bounded; when full, the oldest entry goes.
+answers for their TTL, capped at `max_ttl`. The size is bounded; when full, the oldest entry goes, and
+an answer over MAX_CACHED_CHARS is not kept at all.
 Every `SWEEP_EVERY` stores (more for a bigger cache) the expired entries are dropped too,
 so that a cache filled by a burst of new sender domains gives its memory back once their answers
 expire, instead of keeping them until the same names are asked again (docs/soak.md: the workers'
@@ -38,6 +39,11 @@ _Key = tuple[str, str]  # (normalised name, record type)
 #: stores). A sweep is one pass over the entries on the event loop, 1.4 ms for 10,000 and 17 ms for
 #: 100,000 (config.MAX_DNS_CACHE_ENTRIES); so about ten entry checks per store.
 SWEEP_EVERY = 1000
+#: Characters of records an answer may hold and be cached: the cache is bounded in entries, and the
+#: sender chooses the names (about 40 lookups a message), so big answers would bound nothing: 2,000
+#: entries of 59 KiB each held 116 MiB. No record the checks need comes near it (an SPF record, a
+#: 4096-bit DKIM key: under 1 KiB); a bigger answer is still used for its message, just not kept.
+MAX_CACHED_CHARS = 4096
 
 
 class CachingResolver(TypedLookups):
@@ -121,7 +127,7 @@ class CachingResolver(TypedLookups):
 
     def _store(self, key: _Key, answer: TxtAnswer) -> None:
         ttl = self._ttl(answer)
-        if ttl <= 0 or self._max_entries <= 0:
+        if ttl <= 0 or self._max_entries <= 0 or sum(map(len, answer.records)) > MAX_CACHED_CHARS:
             return
         self._entries.pop(key, None)
         self._stores += 1
