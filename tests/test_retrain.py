@@ -362,3 +362,33 @@ def test_the_gate_allows_a_recall_change_within_its_own_noise_only() -> None:
     lost[304:308] = spam[304:308]  # four lost: 1.0 point, within 0.2 + 2 * sqrt(4) / 400 = 1.2
     within = _scored("within", np.concatenate([ham, lost]), y, spam_cut=0.61)
     assert rt.compare(champ, within, 0.0005, 0.002).promote
+
+
+def test_a_champion_that_cannot_be_loaded_stops_the_run_unless_it_is_of_another_schema(
+    tmp_path: Path,
+) -> None:
+    """No current model, or one of another feature schema: nothing to defend, the challenger may be
+    promoted. A current model that exists and cannot be read: an error, never an uncompared promotion
+    (before, any load error counted as "no champion")."""
+    from test_registry import make_candidate
+
+    from milter.errors import MilterError
+    from training.retrain import _load_champion
+
+    models = tmp_path / "models"
+    models.mkdir()
+    assert _load_champion(models) == (None, f"no current model in {models}")
+    other = make_candidate(tmp_path / "c", "other-schema", "2024-05-01T00:00:00+00:00",
+                           schema_digest="0" * 16)
+    shutil.copyfile(other.onnx, models / "current.onnx")
+    shutil.copyfile(other.json, models / "current.json")
+    champion, why = _load_champion(models)
+    assert champion is None and why is not None and why.startswith("current model unusable")
+    same = make_candidate(tmp_path / "c", "this-schema", "2024-05-02T00:00:00+00:00")
+    shutil.copyfile(same.json, models / "current.json")
+    (models / "current.onnx").write_bytes(same.onnx.read_bytes()[:4096])  # a damaged copy
+    with pytest.raises(MilterError, match="not promoted without the comparison"):
+        _load_champion(models)
+    shutil.copyfile(same.onnx, models / "current.onnx")
+    champion, why = _load_champion(models)
+    assert champion is not None and why is None

@@ -56,7 +56,7 @@ import onnx
 from milter.classifier import Classifier
 from milter.commands.model_fleet import promote as fleet_promote
 from milter.config import load_config
-from milter.errors import MilterError
+from milter.errors import MilterError, SchemaMismatchError
 from milter.features import Protected
 from milter.registry import promote
 from milter.store import Store
@@ -605,14 +605,24 @@ class RetrainResult:
 
 
 def _load_champion(models_dir: Path) -> tuple[Classifier | None, str | None]:
-    """The current model, or None with the reason (missing, other schema): then nothing can regress."""
+    """The current model, or None with the reason when there is none to defend: no current model, or
+    one of another feature schema (this code cannot run it, nor can the gateways once upgraded to it:
+    the upgrade's first retrain replaces it). Any other failure to load it raises MilterError: before,
+    it counted as "no champion" and the challenger was promoted uncompared (a champion caught in the
+    middle of a manual promote, a damaged file). The gateways keep serving what they loaded; the next
+    run, after a fix or `milter model rollback`, compares again."""
     path = models_dir / "current.onnx"
     if not path.exists():
         return None, f"no current model in {models_dir}"
     try:
         return Classifier.load(path), None
-    except MilterError as exc:  # a champion this code cannot run is no champion to defend
+    except SchemaMismatchError as exc:  # a champion this code cannot run is no champion to defend
         return None, f"current model unusable: {exc}"
+    except MilterError as exc:
+        raise MilterError(
+            f"current model {path} cannot be loaded ({exc}): a challenger is not promoted without the "
+            "comparison; fix the current model or roll it back (milter model rollback), then run again"
+        ) from exc
 
 
 def _locations(args: argparse.Namespace) -> tuple[str, Path, Protected, bool]:
@@ -722,6 +732,7 @@ def _run(
     args: argparse.Namespace, eng: Engine, url: str, models_dir: Path, protected: Protected, fleet: bool
 ) -> RetrainResult:
     started, t0 = datetime.now(UTC), time.monotonic()
+    _load_champion(models_dir)  # before the fit: a champion that cannot be compared fails the run early
     features, code_version = _features(args.features_module)
     with Store.open(url) as store:
         labels = load_labelled(store, features, protected, eng.recompute)
