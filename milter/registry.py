@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 CURRENT_ONNX, CURRENT_JSON = "current.onnx", "current.json"
 HISTORY = "history"
 LOCK = ".registry.lock"
+#: Written before a swap's first rename, removed after its last: the model being made current (`_swap`).
+JOURNAL = ".swap"
 LOG = "log.jsonl"  # inside history/
 SAMPLES = Path(__file__).resolve().parent.parent / "fixtures" / "sample"
 PROB_TOLERANCE = 1e-3  # float32 probabilities from the ONNX graph sum to 1 within rounding
@@ -300,10 +302,16 @@ def companions(onnx_path: Path) -> list[Path]:
     return [explainer_path(onnx_path), tensor_graph_path(onnx_path)]
 
 
-def _swap(directory: Path, onnx_src: Path, json_src: Path) -> None:
+def _swap(directory: Path, onnx_src: Path, json_src: Path, name: str) -> None:
     """Make (onnx_src, its companions, json_src) current: all staged first, then .onnx replaced, then the
     companions, then .json. A companion the model lacks is removed after the .json (no stale explainer
-    or tensor graph of another model stays current)."""
+    or tensor graph of another model stays current).
+
+    The files are replaced one by one, so a process killed between two renames would leave a current
+    .onnx and .json of two models, which no gateway loads (their sha256 differ) and which rollback
+    cannot name. The journal (JOURNAL: `name`, already in history) is written durably before the first
+    rename and removed after the last: whoever takes the lock next, or a gateway before it loads its
+    model (`recover`), finishes the swap from history."""
     current_onnx = directory / CURRENT_ONNX
     shipped = [(src, dst) for src, dst in zip(companions(onnx_src), companions(current_onnx), strict=True)
                if src.is_file()]
@@ -312,6 +320,7 @@ def _swap(directory: Path, onnx_src: Path, json_src: Path) -> None:
     try:
         for src, dst in pairs:
             staged.append((_copy_temp(src, directory), dst))
+        _write_journal(directory, name)
         for tmp, dst in staged:
             os.replace(tmp, dst)
     finally:
@@ -321,6 +330,46 @@ def _swap(directory: Path, onnx_src: Path, json_src: Path) -> None:
         if not src.is_file():
             dst.unlink(missing_ok=True)
     _fsync_dir(directory)
+    (directory / JOURNAL).unlink(missing_ok=True)
+    _fsync_dir(directory)
+
+
+def _write_journal(directory: Path, name: str) -> None:
+    tmp = directory / f"{JOURNAL}.tmp"
+    with tmp.open("w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / JOURNAL)
+    _fsync_dir(directory)
+
+
+def _finish_interrupted_swap(directory: Path) -> str | None:
+    """The lock is held: complete a swap the journal names (see `_swap`); the model's name, or None."""
+    journal = directory / JOURNAL
+    try:
+        name = journal.read_text().strip()
+    except FileNotFoundError:
+        return None
+    src = directory / HISTORY / f"{name}.onnx"
+    if _SAFE_NAME.match(name) and src.is_file() and src.with_suffix(".json").is_file():
+        _swap(directory, src, src.with_suffix(".json"), name)
+        log.warning("finished an interrupted swap to model %s (from history)", name)
+        return name
+    log.error("an interrupted swap names model %r, which %s does not hold: current files left as they are",
+              name, directory / HISTORY)
+    journal.unlink(missing_ok=True)
+    return None
+
+
+def recover(directory: Path) -> str | None:
+    """Finish a promote, adoption or rollback that was killed half-way (`_swap`), so that the current
+    files are one model's again; the model's name, or None when there was nothing to finish. A gateway
+    calls it before it loads its model; every promote, adoption and rollback does first."""
+    if not (directory / JOURNAL).exists():
+        return None
+    with _locked(directory):
+        return _finish_interrupted_swap(directory)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -409,6 +458,7 @@ def promote(
         if not path.is_file():
             raise ModelError(f"candidate file {path} not found")
     with _locked(directory):
+        _finish_interrupted_swap(directory)
         stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=directory))
         try:
             staged = stage / "candidate.onnx"
@@ -431,7 +481,7 @@ def _install_staged(
     meta = validate(staged, samples)
     previous = _archive_current(directory)
     _archive(directory / HISTORY, meta.name, staged, staged.with_suffix(".json"))
-    _swap(directory, staged, staged.with_suffix(".json"))
+    _swap(directory, staged, staged.with_suffix(".json"), meta.name)
     _record_change(directory, previous, meta.name, action)
     return SwapResult(name=meta.name, previous=previous)
 
@@ -484,6 +534,7 @@ def adopt(directory: Path, model: FleetModel, samples: Sequence[bytes] | None = 
     if hashlib.sha256(model.onnx).hexdigest() != model.onnx_sha256:
         raise ModelError(f"model {model.name}: the ONNX bytes fetched do not match the store's sha256")
     with _locked(directory):
+        _finish_interrupted_swap(directory)
         if current_digest(directory) == model.onnx_sha256:
             return None
         stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=directory))
@@ -520,6 +571,7 @@ def rollback(directory: Path, to: str | None = None, samples: Sequence[bytes] | 
     is validated like a candidate: a model from before a feature-schema change is refused.
     """
     with _locked(directory):
+        _finish_interrupted_swap(directory)
         current = _current_meta(directory)
         entries = [r for r in list_models(directory) if r.in_history]
         if to is None:
@@ -532,7 +584,7 @@ def rollback(directory: Path, to: str | None = None, samples: Sequence[bytes] | 
         src = directory / HISTORY / f"{to}.onnx"
         meta = validate(src, samples)
         previous = _archive_current(directory)
-        _swap(directory, src, src.with_suffix(".json"))
+        _swap(directory, src, src.with_suffix(".json"), meta.name)
         _record_change(directory, previous, meta.name, "rollback")
     log.info("rolled back to model %s (previous: %s)", meta.name, previous)
     return SwapResult(name=meta.name, previous=previous)
@@ -555,5 +607,5 @@ def describe_metrics(metrics: Mapping[str, float | None]) -> str:
 
 
 __all__ = ["FleetModel", "ModelInfo", "SwapResult", "adopt", "check_tensor_graph", "companions",
-           "current_digest", "describe_metrics", "list_models", "model_dir", "promote", "rollback",
-           "validate", "write_files"]
+           "current_digest", "describe_metrics", "list_models", "model_dir", "promote", "recover",
+           "rollback", "validate", "write_files"]

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -414,3 +417,74 @@ def other_trees(tensor: bytes) -> bytes:
     scores.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scores) * 2, scores.name))
     data: bytes = proto.SerializeToString()
     return data
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL or a power cut at that instant (no except clause of ours catches it)."""
+
+
+def _kill_before_json(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Make the next swap die after current.onnx is replaced and before current.json is; returns undo."""
+    real = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst).name == CURRENT_JSON:
+            raise _Killed()
+        real(src, dst)
+
+    monkeypatch.setattr("milter.registry.os.replace", replace)
+    return lambda: monkeypatch.setattr("milter.registry.os.replace", real)
+
+
+def test_a_swap_killed_half_way_is_finished_before_the_next_load(
+    tmp_path: Path, models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promote killed between its renames left current.onnx of the new model beside current.json of
+    the old: no gateway could load it, and rollback did not know the new one. Now the journal it wrote
+    first lets the next load (`recover`, as a gateway calls it) or registry operation finish it."""
+    from milter.registry import JOURNAL, recover
+
+    a = make_candidate(tmp_path / "c", "model-a", "2024-05-01T00:00:00+00:00")
+    b = make_candidate(tmp_path / "c", "model-b", "2024-05-02T00:00:00+00:00")
+    promote(models, a.onnx, samples=SAMPLES)
+    undo = _kill_before_json(monkeypatch)
+    with pytest.raises(_Killed):
+        promote(models, b.onnx, samples=SAMPLES)
+    undo()
+    assert current_pair(models) == (b.onnx.read_bytes(), a.json.read_bytes())  # two models' files
+    assert (models / JOURNAL).read_text().strip() == "model-b"
+    assert recover(models) == "model-b"
+    assert current_pair(models) == b.pair() and not (models / JOURNAL).exists()
+    assert validate(models / CURRENT_ONNX, SAMPLES).name == "model-b"
+    assert recover(models) is None  # nothing left to finish
+
+    undo = _kill_before_json(monkeypatch)  # the same, killed in a rollback this time
+    with pytest.raises(_Killed):
+        rollback(models, samples=SAMPLES)
+    undo()
+    c = make_candidate(tmp_path / "c", "model-c", "2024-05-03T00:00:00+00:00")
+    done = promote(models, c.onnx, samples=SAMPLES)  # the next operation finishes it first
+    assert (done.name, done.previous) == ("model-c", "model-a")
+    assert current_pair(models) == c.pair() and leftovers(models) == []
+
+
+def test_a_gateway_finishes_an_interrupted_swap_before_it_loads(
+    tmp_path: Path, models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from milter.config import Config, ModelConfig, StoreConfig
+    from milter.gateway.workers import load
+
+    a = make_candidate(tmp_path / "c", "model-a", "2024-05-01T00:00:00+00:00")
+    b = make_candidate(tmp_path / "c", "model-b", "2024-05-02T00:00:00+00:00")
+    promote(models, a.onnx, samples=SAMPLES)
+    undo = _kill_before_json(monkeypatch)
+    with pytest.raises(_Killed):
+        promote(models, b.onnx, samples=SAMPLES)
+    undo()
+    config = Config(model=ModelConfig(path=models / CURRENT_ONNX, explain=False),
+                    store=StoreConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
+    loaded = load(config)
+    try:
+        assert loaded.scanner.classifier.name == "model-b"
+    finally:
+        loaded.store.close()

@@ -66,6 +66,7 @@ def load(config: Config) -> Loaded:
     from milter.store import Store
 
     store = Store.open(config.store.url)
+    _finish_swap(config)
     if config.model.registry == "store":
         # before the model loads: a node joining (or restarting into) the fleet serves its model
         from milter.gateway.fleet import adopt_at_start
@@ -77,6 +78,18 @@ def load(config: Config) -> Loaded:
     policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
     log_learned(policy.learned)
     return Loaded(Scanner(classifier, policy, explainer), store, SCHEMA.digest)
+
+
+def _finish_swap(config: Config) -> None:
+    """A promote or rollback killed half-way left the current files of two models: finish it from the
+    registry's history before loading (milter.registry.recover). A models folder this user cannot
+    lock is left as it is: loading then says what is wrong with it."""
+    from milter.registry import model_dir, recover
+
+    try:
+        recover(model_dir(config.model.path))
+    except OSError as exc:
+        log.warning("cannot check %s for an interrupted model swap: %s", model_dir(config.model.path), exc)
 
 
 def check_loads(config: Config) -> None:
