@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -465,3 +466,58 @@ def test_the_nightly_retrain_publishes_its_promotion_to_the_fleet(tmp_path: Path
         current = s.model_current()
         assert current is not None and current.name == "nightly-2"
     assert json.loads((here / CURRENT_JSON).read_text())["name"] == "nightly-2"
+
+
+def test_a_failure_that_may_pass_is_tried_again_at_the_next_poll(tmp_path: Path) -> None:
+    """The reload after an adoption failed once for a reason outside the model (the store's sender
+    labels unreadable for a moment): deferred and tried again, then served. Before, it was remembered
+    as a refusal of that model for good, though the model was already installed on disk."""
+    from test_gateway_reload import model_variant
+
+    from milter.errors import StoreError
+    from milter.store.registry import CurrentModel, ModelFiles
+
+    live = local_models(tmp_path / "node")
+    fleet = as_fleet_model(model_variant(tmp_path / "cand", "fleet-v2"))
+    files = ModelFiles(fleet.name, fleet.onnx_sha256, fleet.onnx, fleet.meta_json, fleet.lgb_text,
+                       fleet.tensor_onnx)
+
+    class OneModelStore:
+        def __init__(self) -> None:
+            self.errors: list[str | None] = []
+
+        def model_current(self) -> CurrentModel:
+            return CurrentModel(files.name, files.onnx_sha256)
+
+        def model_fetch(self, name: str) -> ModelFiles:
+            return files
+
+        def node_check_in(self, status: Any) -> None:
+            self.errors.append(status.last_error)
+
+    calls = [0]
+
+    def flaky(path: Path, policy: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise StoreError("could not read sender labels: connection reset")  # one blip
+        return load_checked(path, policy, explain=False)
+
+    metrics = GatewayMetrics()
+    slot = ModelSlot(load_scanner(TEST_POLICY))
+    reloader = ModelReloader(slot, live, TEST_POLICY, metrics, loader=flaky)
+    store = OneModelStore()
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    async def main() -> None:
+        follower = FleetFollower(FleetSettings("n1", live.parent, 1.0), store, slot, reloader, metrics,
+                                 executor)
+        await follower.poll()
+        assert slot.name == MODEL_NAME and store.errors == [None]  # deferred: not reported as refused
+        await follower.poll()
+        assert slot.name == "fleet-v2" and calls[0] == 2
+
+    asyncio.run(main())
+    executor.shutdown()
+    assert metrics.registry_adoptions.labels("deferred")._value.get() == 1
+    assert metrics.registry_adoptions.labels("failed")._value.get() == 0

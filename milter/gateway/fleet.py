@@ -10,10 +10,14 @@ the store every `registry_poll_seconds` and, when the fleet's (name, sha256) is 
 2. runs the existing reload path (milter.gateway.reload: smoke scan, swap between batches, no message
    lost).
 
-A model that fails either step is not retried for the same digest (a bad model would otherwise cost a
+A model that fails either step because of the model itself (ModelError: its schema, digest,
+thresholds or probabilities) is not retried for the same digest (a bad model would otherwise cost a
 validation every poll): the worker keeps serving the old one, logs once, counts it in
 `milter_registry_adoptions{outcome="failed"}` and reports the error at every check-in until the fleet
-moves on (a rollback or a new promotion), or a SIGHUP loads it after all.
+moves on (a rollback or a new promotion), or a SIGHUP loads it after all. Anything else (a file it could
+not write, the store's labels unreadable for a moment during the reload) is tried again at the next
+poll (`outcome="deferred"`): before, one such blip kept the fleet's model off that worker for good,
+while the model was already installed on disk.
 
 Every poll checks in (node, model served, its sha256, the error), which `milter model status` lists.
 A store that cannot be read is logged once per outage and counted in `milter_errors{kind="registry"}`;
@@ -154,12 +158,16 @@ class FleetFollower:
         try:
             # the promotion validated it on every sample; here a few are enough (the GIL is shared)
             await self._call(adopt, self._settings.directory, model, smoke_messages())
-        except (ModelError, OSError) as exc:
+        except ModelError as exc:
             self._refused(fleet, _reason(exc))
+            return
+        except OSError as exc:
+            self._deferred(fleet, _reason(exc))
             return
         result = await self._reloader.reload()
         if not result.ok:
-            self._refused(fleet, result.reason or "reload failed")
+            why = result.reason or "reload failed"
+            self._refused(fleet, why) if result.model_fault else self._deferred(fleet, why)
             return
         self._failed = None
         self._metrics.registry_adoptions.labels("ok").inc()
@@ -169,6 +177,11 @@ class FleetFollower:
         self._failed = (fleet.onnx_sha256, why[:ERROR_LENGTH])
         self._metrics.registry_adoptions.labels("failed").inc()
         log.error(kv("fleet_model_refused", model=fleet.name, serving=self._slot.name, error=why[:200]))
+
+    def _deferred(self, fleet: CurrentModel, why: str) -> None:
+        """Not adopted this time for a reason that may pass: tried again at the next poll."""
+        self._metrics.registry_adoptions.labels("deferred").inc()
+        log.warning(kv("fleet_model_deferred", model=fleet.name, serving=self._slot.name, error=why[:200]))
 
     async def _check_in(self, fleet: CurrentModel | None) -> None:
         error = None

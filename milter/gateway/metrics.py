@@ -97,7 +97,7 @@ class GatewayMetrics:
             "milter_registry_adoptions", "Fleet models adopted from the store, by outcome", ["outcome"],
             registry=r,
         )
-        for outcome in RELOAD_OUTCOMES:
+        for outcome in (*RELOAD_OUTCOMES, "deferred"):  # deferred: tried again at the next poll
             self.registry_adoptions.labels(outcome)
         # A scan past server.scan_timeout is counted here, and as milter_errors{kind="scan"} with the rest.
         self.scan_timeouts = Counter(

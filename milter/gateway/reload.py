@@ -110,6 +110,9 @@ class ReloadResult:
     current: str  # the model serving after the attempt (== old when it failed)
     providers: tuple[str, ...] = ()
     reason: str | None = None
+    # the model itself is unfit (ModelError: schema, digest, probabilities); else what failed may pass
+    # at the next try (the store's labels unreadable for a moment, a file busy)
+    model_fault: bool = False
 
 
 class ModelReloader:
@@ -157,7 +160,8 @@ class ModelReloader:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._metrics.model_reloads.labels("failed").inc()
             log.error("model reload failed, keeping %s: %s", old, reason)
-            return ReloadResult(ok=False, old=old, current=old, reason=reason)
+            return ReloadResult(ok=False, old=old, current=old, reason=reason,
+                                model_fault=isinstance(exc, ModelError))
         self._slot.swap(scanner)
         new, providers = scanner.classifier.name, tuple(scanner.classifier.providers)
         graph = scanner.classifier.graph
