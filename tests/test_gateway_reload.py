@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -402,3 +402,27 @@ def test_a_reload_that_cannot_read_the_labels_keeps_the_old_model_and_policy() -
     result = asyncio.run(reloader.reload())
     assert not result.ok and result.reason == "StoreError: cannot read sender labels: database is locked"
     assert slot.scanner is old
+
+
+def test_a_gateway_starts_only_with_a_model_that_passes_the_reloads_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up loads through the reload's checks, the smoke scan included: a model that gives rows
+    that are not probabilities was refused by a reload but served when the gateway (re)started with it
+    (milter-train writes current.onnx without a promote)."""
+    import milter.gateway.reload as reload_module
+    from milter.config import Config, ModelConfig, StoreConfig
+    from milter.gateway.workers import load
+
+    config = Config(model=ModelConfig(path=model_variant(tmp_path / "m", "start-me"), explain=False),
+                    store=StoreConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
+    loaded = load(config)
+    assert loaded.scanner.classifier.name == "start-me"
+    loaded.store.close()
+
+    def not_probabilities(name: str, probs: Any) -> None:
+        raise ModelError(f"model {name} gives rows that are not probabilities (|sum - 1| up to 7)")
+
+    monkeypatch.setattr(reload_module, "check_probabilities", not_probabilities)
+    with pytest.raises(ModelError, match="not probabilities"):
+        load(config)

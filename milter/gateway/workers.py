@@ -37,7 +37,7 @@ from milter.errors import ConfigError, MilterError
 from milter.gateway.heap import fix_mmap_threshold
 from milter.gateway.logfmt import kv
 from milter.gateway.memreport import MemoryReporter
-from milter.gateway.reload import log_learned
+from milter.gateway.reload import load_checked
 from milter.gateway.server import Gateway, bind_milter, tcp_socket
 
 log = logging.getLogger("milter.gateway.workers")
@@ -59,10 +59,7 @@ class Loaded:
 def load(config: Config) -> Loaded:
     """Load the model, the policy and the store (blocking: call before the loop serves).
     Raises ModelError / SchemaMismatchError / ConfigError / StoreError with a clear message."""
-    from milter.classifier import Classifier
     from milter.features import SCHEMA
-    from milter.policy import Policy
-    from milter.scan import Scanner, load_explainer
     from milter.store import Store
 
     store = Store.open(config.store.url)
@@ -73,11 +70,11 @@ def load(config: Config) -> Loaded:
         from milter.registry import model_dir
 
         adopt_at_start(store, model_dir(config.model.path))
-    classifier = Classifier.load(config.model.path, provider=config.model.provider)
-    explainer = load_explainer(classifier) if config.model.explain else None
-    policy = Policy(config.policy, classifier.metadata.thresholds, store.sender_labels())
-    log_learned(policy.learned)
-    return Loaded(Scanner(classifier, policy, explainer), store, SCHEMA.digest)
+    # the reload's own checks, smoke scan included: a model milter-train wrote straight into
+    # current.onnx (no promote) used to start serving unchecked, where a reload would have refused it
+    model = config.model
+    scanner = load_checked(model.path, config.policy, store, model.explain, model.provider)
+    return Loaded(scanner, store, SCHEMA.digest)
 
 
 def _finish_swap(config: Config) -> None:
