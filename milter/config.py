@@ -604,6 +604,13 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cfg = replace(cfg, reputation=_reputation(_table("reputation", raw["reputation"])))
         if cfg.reputation.zones and not cfg.auth.enabled:
             raise ConfigError("reputation.zone", "needs auth.enabled = true (its resolver asks the lists)")
+    scan_timeout = cfg.server.scan_timeout
+    if cfg.auth.enabled and scan_timeout and cfg.auth.timeout >= scan_timeout:
+        raise ConfigError(
+            "auth.timeout",
+            f"({cfg.auth.timeout:g} s) must stay under server.scan_timeout ({scan_timeout:g} s), or a DNS "
+            "outage would fail every scan",
+        )
     dns_wait = cfg.auth.timeout + cfg.reputation.timeout
     if cfg.reputation.zones and cfg.server.scan_timeout and dns_wait >= cfg.server.scan_timeout:
         raise ConfigError(

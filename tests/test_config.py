@@ -97,6 +97,8 @@ def test_nameserver_entries() -> None:
         ({"server": {"data_timeout": 0.0}}, "server.data_timeout"),
         ({"server": {"downstream_timeout": 0}}, "server.downstream_timeout"),
         ({"server": {"hostname": ""}}, "server.hostname"),
+        ({"auth": {"timeout": 30}}, "auth.timeout"),  # not under server.scan_timeout (30 s)
+        ({"auth": {"timeout": 5}, "server": {"scan_timeout": 4}}, "auth.timeout"),
         ({"server": {"hostname": "mx 1.example.com"}}, "server.hostname"),
         # a ladder whose stricter step sits under a laxer one: that laxer step could never apply
         ({"policy": {"spam": {"tag": 0.9, "quarantine": 0.5}}}, "policy.spam.quarantine"),
