@@ -197,6 +197,20 @@ def test_event_loop_header_work_is_bounded(name: str) -> None:
     assert len(out) >= len(raw) - 1000  # only forged fields of ours are ever removed
 
 
+def test_the_edit_budget_never_cuts_a_field_in_two() -> None:
+    """A forged field of ours folded across the budget's end is left whole, as it came: removing its
+    first line left its continuation lines joined to the field before (ours, where every field before
+    it was forged too)."""
+    fillers = b"X-Milter-Pad: " + b"p" * 60 + b"\r\n"
+    before = fillers * (MAX_EDITED // len(fillers) - 1)  # forged, all removed
+    straddling = b"X-Milter-Reasons: start\r\n" + (b"\tcontinued " + b"c" * 80 + b"\r\n") * 41
+    raw = b"Subject: hi\r\n" + before + straddling + b"X-Tail: t\r\n\r\nbody\r\n"
+    start = len(b"Subject: hi\r\n" + before)
+    assert start < MAX_EDITED < start + len(straddling)  # the budget ends inside that field
+    out = rewrite(raw, [("X-Milter-Category", "ham")])
+    assert out == b"X-Milter-Category: ham\r\nSubject: hi\r\n" + raw[start:]
+
+
 def test_rewrite_passes_a_header_block_past_its_budget_through() -> None:
     head = b"Subject: hi\r\n" + b"X-Filler: 0123456789\r\n" * 20_000  # ~440 kB of header block
     raw = head + b"X-Milter-Verdict: ham\r\n\r\nbody\r\n"

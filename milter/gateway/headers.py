@@ -111,6 +111,10 @@ def rewrite(
     rest = b""
     if len(block) > MAX_EDITED:  # past it, fields are neither stripped nor edited: bytes as they came
         cut = block.rfind(b"\n", 0, MAX_EDITED) + 1
+        # at a field's start, not inside one: a field cut through and removed as forged left its
+        # continuation lines behind, joined to the field before (ours, when all before it were forged)
+        while 0 < cut < len(block) and block[cut : cut + 1] in (b" ", b"\t"):
+            cut = block.rfind(b"\n", 0, cut - 1) + 1
         block, rest = block[:cut], block[cut:]
     own_id = authserv_id.lower().encode("ascii", "replace") if authserv_id else None
     kept = [f for f in header_fields(block) if not forged(f, own_id)]
