@@ -482,6 +482,11 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     if "history" in raw:
         pol = replace(pol, history=_history(_table("policy.history", raw["history"])))
     rules = [_domain_rule(f"policy.domain[{i}]", item) for i, item in enumerate(raw.get("domain", []))]
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        if (first := seen.setdefault(rule.domain, i)) != i:  # which one applied would be a guess
+            raise ConfigError(f"policy.domain[{i}].domain",
+                              f"{rule.domain!r} already has a rule (policy.domain[{first}])")
     return replace(pol, domains=tuple(rules))
 
 

@@ -98,6 +98,8 @@ def test_nameserver_entries() -> None:
         ({"server": {"downstream_timeout": 0}}, "server.downstream_timeout"),
         ({"server": {"hostname": ""}}, "server.hostname"),
         ({"auth": {"timeout": 30}}, "auth.timeout"),  # not under server.scan_timeout (30 s)
+        ({"policy": {"domain": [{"domain": "a.test"}, {"domain": "b.test"}, {"domain": "A.test."}]}},
+         "policy.domain[2].domain"),  # the same domain twice: which rule applies would be a guess
         ({"auth": {"timeout": 5}, "server": {"scan_timeout": 4}}, "auth.timeout"),
         ({"server": {"hostname": "mx 1.example.com"}}, "server.hostname"),
         # a ladder whose stricter step sits under a laxer one: that laxer step could never apply

@@ -410,10 +410,16 @@ def test_multi_recipient_takes_the_strictest() -> None:
     assert decide(config, Scores(0.6, 0.4, 0.0), envelope=strict_mixed).action is Action.QUARANTINE
 
 
-def test_first_matching_domain_rule_wins() -> None:
-    config = PolicyConfig(domains=(DomainRule("sub.finance.test", action_override="accept"), STRICT))
-    d = decide(config, Scores(0.0, 1.0, 0.0), envelope=Envelope(rcpt_tos=("x@sub.finance.test",)))
-    assert (d.verdict, d.action) == (Verdict.SPAM, Action.ACCEPT)
+def test_the_most_specific_domain_rule_wins_whatever_the_order() -> None:
+    """Before, the first matching rule in the file won: a finance.test rule written above
+    sub.finance.test shadowed it for sub.finance.test's recipients."""
+    sub = DomainRule("sub.finance.test", action_override="accept")
+    for domains in ((sub, STRICT), (STRICT, sub)):
+        config = PolicyConfig(domains=domains)
+        d = decide(config, Scores(0.0, 1.0, 0.0), envelope=Envelope(rcpt_tos=("x@sub.finance.test",)))
+        assert (d.verdict, d.action) == (Verdict.SPAM, Action.ACCEPT), domains
+        parent = decide(config, Scores(0.6, 0.4, 0.0), envelope=Envelope(rcpt_tos=("x@finance.test",)))
+        assert parent.action is Action.QUARANTINE, domains  # STRICT's own recipients keep STRICT
 
 
 def test_policy_from_parsed_toml_config() -> None:

@@ -102,12 +102,13 @@ set, replace that class's thresholds as a whole (a `None` field there disables t
 documents). `reject` is never taken from the metadata: rejecting needs an explicit configuration.
 
 Per recipient domain (`PolicyConfig.domains`): a `DomainRule` matches a recipient whose domain is the
-rule's domain or a subdomain of it; its `spam` / `bec` thresholds replace the global ones for that
-recipient, its `bulk_action` replaces `policy.bulk.action`, and `action_override` replaces any action
-other than accept (so "tag" means "never quarantine here", bulk mail included). An after-queue filter
-returns one answer per message, so a message to several recipients takes the *strictest* answer over
-all of them (recipients without a rule use the global thresholds): one recipient's relaxed rule must not
-let mail through to the others. Ties go to the first recipient.
+rule's domain or a subdomain of it (the most specific rule that matches applies, whatever the
+order); its `spam` / `bec` thresholds replace the global ones for that recipient, its `bulk_action`
+replaces `policy.bulk.action`, and `action_override` replaces any action other than accept (so "tag"
+means "never quarantine here", bulk mail included). An after-queue filter returns one answer per
+message, so a message to several recipients takes the *strictest* answer over all of them (recipients
+without a rule use the global thresholds): one recipient's relaxed rule must not let mail through to
+the others. Ties go to the first recipient.
 
 On scanning errors the gateway applies `on_error`; nothing here raises for a message.
 """
@@ -358,9 +359,10 @@ class Policy:
             ),
         )
         cuts = self.default_rules.cuts
-        self.domain_rules = tuple(
-            replace(self._domain_rules(r, spam, bec, bulk), cuts=cuts) for r in config.domains
-        )
+        built = [replace(self._domain_rules(r, spam, bec, bulk), cuts=cuts) for r in config.domains]
+        # the most specific domain first, whatever the file's order: finance.corp.test's own rule must
+        # not be shadowed by a corp.test rule written above it (ties keep the file's order)
+        self.domain_rules = tuple(sorted(built, key=lambda r: -(r.domain or "").count(".")))
         raw = config.lists
         self.lists = Lists(
             allow_senders=frozenset(normalised(raw.allow_senders)),
@@ -406,7 +408,8 @@ class Policy:
         return self._protected
 
     def rules_for(self, recipient: str) -> RuleSet:
-        """The first DomainRule matching the recipient's domain (or a parent domain), else the global set."""
+        """The most specific DomainRule matching the recipient's domain (or a parent domain), else the
+        global set."""
         domain = domain_of(recipient)
         if domain and not domain.isascii():  # an SMTPUTF8 recipient: the rules are in A-labels
             domain = normalised((domain,))[0]
