@@ -58,24 +58,32 @@ PROTECTED = PolicyConfig(protected_domains=("example.com",))
     ("policy", "pct", "held"),
     [("quarantine", 0, False), ("reject", 0, True), ("quarantine", 100, True), ("none", 0, False)],
 )
-def test_pct_outside_the_sample_steps_the_policy_down(policy: str, pct: int, held: bool) -> None:
+def test_pct_outside_the_sample_steps_the_dmarc_rule_down(policy: str, pct: int, held: bool) -> None:
     """RFC 7489 6.6.4: p=quarantine; pct=0 (how a domain asks mailing lists to rewrite From) asks that
-    no failing message be held; before, it was acted on as if pct were 100."""
+    no failing message be held; before, the DMARC rule acted as if pct were 100. As evidence of a spoof
+    of a protected domain the failure still counts."""
     results = AuthResults((DkimResult("mailer.test", "s1", "pass"),),
                           DmarcResult("fail", "example.com", policy, pct=pct))  # type: ignore[arg-type]
-    for config in (PROTECTED, PolicyConfig(dmarc_fail_action="quarantine")):
-        assert (decide(results, config).action is Action.QUARANTINE) == held, (policy, pct, config)
+    d = decide(results, PolicyConfig(dmarc_fail_action="quarantine"))
+    assert (d.action is Action.QUARANTINE) == held, d.reasons
+    if not held and policy != "none":
+        assert d.reasons[-1].endswith(f"outside its pct={pct} sample: not acted on")
+    spoof = decide(results, PROTECTED)
+    assert (spoof.action is Action.QUARANTINE) == (policy != "none")
 
 
-def test_pct_samples_by_message_id() -> None:
-    """pct=50: about half of the failing messages are held to p=, the others to the next policy down;
-    the same message (a retry) is always drawn the same way."""
+def test_pct_draws_at_random_not_from_the_message() -> None:
+    """The share held is the record's pct, drawn at random: a hash of the Message-ID would let the
+    sender choose a Message-ID outside the sample."""
     from milter.policy.dmarc import enforced_policy
 
-    dmarc = DmarcResult("fail", "example.com", "quarantine", pct=50)
-    drawn = [enforced_policy(dmarc, f"<{i}@example.com>") for i in range(2000)]
-    assert 900 < drawn.count("quarantine") < 1100 and set(drawn) == {"quarantine", "none"}
-    assert all(enforced_policy(dmarc, f"<{i}@example.com>") == drawn[i] for i in range(50))
+    dmarc = DmarcResult("fail", "example.com", "quarantine", pct=30)
+    assert [enforced_policy(dmarc, d) for d in (0.0, 29.9, 30.0, 99.9)] == [
+        "quarantine", "quarantine", "none", "none"]
+    results = AuthResults((), dmarc)
+    held = sum(decide(results, PolicyConfig(dmarc_fail_action="quarantine")).action is Action.QUARANTINE
+               for _ in range(2000))
+    assert 450 < held < 750  # 30 % of 2,000, give or take four standard deviations
 
 
 def test_protected_domain_failing_enforced_dmarc_is_bec() -> None:

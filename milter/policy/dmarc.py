@@ -9,13 +9,16 @@ rule here acts on it, and the DMARC rule says why in a reason. A chain from an u
 failed chain, or a sealer that recorded dmarc=fail changes nothing. A trusted chain that could not be
 checked because a key lookup failed transiently is treated as DMARC temperror is: not acted on.
 
-pct= (RFC 7489 6.6.4): failing mail outside the record's sample is held to the next policy down
-(`enforced_policy`), so p=quarantine; pct=0 disowns nothing and p=reject; pct=0 still disowns.
+pct= (RFC 7489 6.6.4) governs what the DMARC rule does (`dmarc_fail`): failing mail outside the
+record's sample, drawn at random, gets the next policy down (`enforced_policy`), so under p=quarantine;
+pct=0 the rule only gives a reason, and under p=reject; pct=0 it still acts. As evidence that the owner
+disowns the message (a spoof of a protected domain, an allow entry not applied, no bulk verdict), a
+failure counts whatever pct says.
 """
 
 from __future__ import annotations
 
-import zlib
+import random
 from typing import TYPE_CHECKING
 
 from milter.policy.table import Context, Hit, from_mailboxes, in_domain
@@ -35,9 +38,7 @@ def direct_failure(ctx: Context) -> str | None:
     if auth is None or ctx.internal:
         return None
     dmarc = auth.dmarc
-    if dmarc.result != "fail":
-        return None
-    if enforced_policy(dmarc, ctx.summary.message_id) not in ("quarantine", "reject"):
+    if dmarc.result != "fail" or dmarc.policy not in ("quarantine", "reject"):
         return None
     return f"From domain {dmarc.from_domain} fails DMARC (p={dmarc.policy}; {auth.summary()})"
 
@@ -46,16 +47,12 @@ def direct_failure(ctx: Context) -> str | None:
 _STEP_DOWN = {"reject": "quarantine", "quarantine": "none"}
 
 
-def enforced_policy(dmarc: DmarcResult, message_id: str | None) -> str | None:
-    """The policy a failing message is held to: p= for the record's pct= share of failing mail, the
-    next one down for the rest (pct=0, the usual "make mailing lists rewrite From" setting, asks that
-    no failing message be quarantined). The share is drawn from the Message-ID, so a retry or a copy
-    of the message is judged the same way."""
-    pct = dmarc.pct
-    if pct >= 100:
-        return dmarc.policy
-    drawn = zlib.crc32((message_id or "").encode("utf-8", "surrogateescape")) % 100
-    if pct > 0 and drawn < pct:
+def enforced_policy(dmarc: DmarcResult, draw: float) -> str | None:
+    """The policy the receiver enforces on a failing message: p= for the record's pct= share of
+    failing mail, the next one down for the rest (pct=0, the usual "make mailing lists rewrite From"
+    setting, asks that no failing message be quarantined). `draw` is uniform in [0, 100): random, not a
+    hash of anything in the message, whose sender would then choose to fall outside the sample."""
+    if dmarc.pct >= 100 or draw < dmarc.pct:
         return dmarc.policy
     return _STEP_DOWN.get(dmarc.policy or "", dmarc.policy)
 
@@ -134,5 +131,7 @@ def dmarc_fail(ctx: Context) -> Hit | None:
         return Hit(forgiven)  # a reason only: the record of why the failure was not acted on
     if ctx.dmarc_fail_action is None:
         return Hit(why)
+    if enforced_policy(auth.dmarc, random.random() * 100) not in ("quarantine", "reject"):
+        return Hit(f"{why}; outside its pct={auth.dmarc.pct} sample: not acted on")
     # a floor: with "quarantine" configured, an earlier rule's tag does not let the message out
     return Hit(why, Verdict.SPAM, ctx.dmarc_fail_action, floor=True)
