@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from milter.errors import ConfigError
+from milter.names import ascii_domain
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "current.onnx"
 
@@ -458,7 +459,7 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
     if pol.on_error not in ("tempfail", "accept"):
         raise ConfigError("policy.on_error", f"must be 'tempfail' or 'accept', got {pol.on_error!r}")
     _check_networks("policy.internal_networks", pol.internal_networks)
-    _check_domains("policy.protected_domains", pol.protected_domains)
+    pol = replace(pol, protected_domains=_domains("policy.protected_domains", pol.protected_domains))
     if pol.dmarc_fail_action not in ("none", "tag", "quarantine"):
         got = pol.dmarc_fail_action
         raise ConfigError("policy.dmarc_fail_action", f"must be 'none', 'tag' or 'quarantine', got {got!r}")
@@ -470,8 +471,8 @@ def _policy(raw: Mapping[str, Any]) -> PolicyConfig:
         lists: Lists = _simple(Lists, "policy.lists", _table("policy.lists", raw["lists"]), Lists())
         for ip_key in ("allow_ips", "deny_ips"):
             _check_networks(f"policy.lists.{ip_key}", getattr(lists, ip_key))
-        for domain_key in ("allow_domains", "deny_domains"):
-            _check_domains(f"policy.lists.{domain_key}", getattr(lists, domain_key))
+        lists = replace(lists, allow_domains=_domains("policy.lists.allow_domains", lists.allow_domains),
+                        deny_domains=_domains("policy.lists.deny_domains", lists.deny_domains))
         for sender_key in ("allow_senders", "deny_senders"):
             _check_addresses(f"policy.lists.{sender_key}", getattr(lists, sender_key))
         pol = replace(pol, lists=lists)
@@ -660,8 +661,7 @@ def _reputation(raw: Mapping[str, Any]) -> ReputationConfig:
     rep: ReputationConfig = _simple(
         ReputationConfig, "reputation", {k: v for k, v in raw.items() if k != "zone"}, ReputationConfig()
     )
-    _check_domains("reputation.skip_domains", rep.skip_domains)
-    rep = replace(rep, skip_domains=tuple(d.strip().rstrip(".").lower() for d in rep.skip_domains))
+    rep = replace(rep, skip_domains=_domains("reputation.skip_domains", rep.skip_domains))
     if rep.timeout <= 0:
         raise ConfigError("reputation.timeout", f"must be more than 0 seconds, got {rep.timeout!r}")
     zones = raw.get("zone", [])
@@ -748,17 +748,6 @@ _ENTRY_DOMAIN = re.compile(r"(?=.{1,253}$)[\w-]{1,63}(?:\.[\w-]{1,63})*")
 _DOMAIN_HINT = "a domain name such as 'example.com' (its subdomains are included; no '@' or wildcards)"
 
 
-def ascii_domain(name: str) -> str:
-    """A domain name as mail and DNS carry it: A-labels for one written in Unicode (bücher.de ->
-    xn--bcher-kva.de); an ASCII name unchanged. ValueError when it has no such form."""
-    if name.isascii():
-        return name
-    try:
-        return name.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise ValueError(f"{name!r} has no ASCII (IDNA) form: {exc}") from None
-
-
 def _domain_name(key: str, value: str) -> str:
     """One domain entry, normalised as the policy compares it (trimmed, lower case, no final dot, in
     A-labels: the From domains of real mail are punycode, so a Unicode entry would match nothing)."""
@@ -771,11 +760,10 @@ def _domain_name(key: str, value: str) -> str:
         raise ConfigError(key, str(exc)) from None
 
 
-def _check_domains(key: str, entries: tuple[str, ...]) -> None:
-    """Every non-blank entry a domain name (blank ones are skipped by the policy, as before)."""
-    for i, entry in enumerate(entries):
-        if entry.strip():
-            _domain_name(f"{key}[{i}]", entry)
+def _domains(key: str, entries: tuple[str, ...]) -> tuple[str, ...]:
+    """Domain entries checked (`_domain_name`) and stored as compared; blank ones dropped, as the
+    policy always skipped them."""
+    return tuple(_domain_name(f"{key}[{i}]", e) for i, e in enumerate(entries) if e.strip())
 
 
 def _check_addresses(key: str, entries: tuple[str, ...]) -> None:

@@ -351,6 +351,11 @@ def _finish_interrupted_swap(directory: Path) -> str | None:
         name = journal.read_text().strip()
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:  # unreadable or not text: nothing to finish from
+        log.error("cannot read the interrupted-swap journal %s (%s): current files left as they are",
+                  journal, exc)
+        journal.unlink(missing_ok=True)
+        return None
     src = directory / HISTORY / f"{name}.onnx"
     if _SAFE_NAME.match(name) and src.is_file() and src.with_suffix(".json").is_file():
         _swap(directory, src, src.with_suffix(".json"), name)

@@ -513,9 +513,10 @@ def test_a_failure_that_may_pass_is_tried_again_at_the_next_poll(tmp_path: Path)
         follower = FleetFollower(FleetSettings("n1", live.parent, 1.0), store, slot, reloader, metrics,
                                  executor)
         await follower.poll()
-        assert slot.name == MODEL_NAME and store.errors == [None]  # deferred: not reported as refused
+        assert slot.name == MODEL_NAME  # deferred: reported at check-in as such, not as refused
+        assert store.errors[-1] is not None and store.errors[-1].startswith("not serving fleet-v2 yet")
         await follower.poll()
-        assert slot.name == "fleet-v2" and calls[0] == 2
+        assert slot.name == "fleet-v2" and calls[0] == 2 and store.errors[-1] is None
 
     asyncio.run(main())
     executor.shutdown()

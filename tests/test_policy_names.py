@@ -56,7 +56,7 @@ def test_a_domain_written_in_unicode_matches_the_mail_of_that_domain() -> None:
     message of the site's own colleagues (xn--bcher-kva.de read as a lookalike of it), and a denied
     one matched nothing."""
     protected = parse_config({"policy": {"protected_domains": ["Bücher.de."]}}).policy
-    assert protected.protected_domains == ("Bücher.de.",)  # the config keeps what the admin wrote
+    assert protected.protected_domains == (IDN,)  # stored as compared, for every reader of the config
     genuine = decide(protected, f"Bob <bob@{IDN}>", auth=_dmarc("pass"))
     assert genuine.action is Action.ACCEPT, genuine.reasons
     spoofed = decide(protected, f"Bob <bob@{IDN}>", auth=_dmarc("fail"))
@@ -91,3 +91,23 @@ def test_a_learned_sender_does_not_silence_a_blocklist() -> None:
     # unlisted, the labels still cap the model's quarantine at tag
     d = policy.decide(Scores(0.02, 0.95, 0.03), _bulletin(auth=auth), env)
     assert d.action is Action.TAG and "learned sender" in d.reasons[0]
+
+
+def test_unicode_names_are_read_the_way_a_reader_and_the_owner_mean_them() -> None:
+    """UTS #46, not Python's IDNA 2003 codec (which maps ß to ss: straße.de is strasse.de, someone
+    else's); a protected domain in A-labels is still the name a reader sees for lookalikes; an SMTPUTF8
+    sender's Unicode domain meets an entry written in Unicode; no recipient makes the rules raise."""
+    cfg = parse_config({"policy": {"lists": {"deny_domains": ["straße.de"]}}}).policy
+    assert cfg.lists.deny_domains == ("xn--strae-oqa.de",)
+    protected = parse_config({"policy": {"protected_domains": ["bücher.de"]}}).policy
+    lookalike = decide(protected, "Bob <bob@bucher.de>")
+    assert (lookalike.verdict, lookalike.action) == (Verdict.BEC, Action.QUARANTINE), lookalike.reasons
+    denied = parse_config({"policy": {"lists": {"deny_domains": ["bücher.de"],
+                                                "deny_senders": ["jörg@bücher.de"]}}}).policy
+    assert decide(denied, "x <x@y.test>", mail_from="<x@Bücher.de>").action is Action.QUARANTINE
+    assert decide(denied, "x <x@y.test>", mail_from=f"<jörg@{IDN}.>").action is Action.QUARANTINE
+    policy = Policy(parse_config({"policy": {"domain": [{"domain": "bücher.de", "action_override": "tag"}]}}
+                                 ).policy, META)
+    for odd in ("a@\u3000", "a@", "@", "a@b\udcff.test", "a@xn--.test", f"a@sub.{IDN}."):
+        policy.rules_for(odd)  # never raises
+    assert policy.rules_for("a@sub.bücher.de").domain == IDN

@@ -19,6 +19,7 @@ import numpy.typing as npt
 from milter.features import content, headers, identity, lexicon, sender, text
 from milter.features.context import Context, Protected, build
 from milter.features.summary import Extracted, MessageSummary
+from milter.names import as_carried
 from milter.parse import ParsedMessage, parse
 from milter.types import Envelope
 
@@ -106,8 +107,9 @@ def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected |
 
 
 def _rootless(name: str) -> str:
-    """An address or host name without the DNS root's trailing dot (the same name to every MTA)."""
-    return name.rstrip(".")
+    """An address or host name as mail carries it: without the DNS root's trailing dot (the same name
+    to every MTA), its domain in A-labels (an SMTPUTF8 sender's bücher.de is xn--bcher-kva.de)."""
+    return as_carried(name)
 
 
 def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float32]) -> MessageSummary:

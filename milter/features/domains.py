@@ -151,7 +151,9 @@ def _targets(protected: tuple[str, ...]) -> tuple[_Target, ...]:
     accidental near-matches and are left out."""
     targets = []
     for target in protected:
-        name = target.split(".", 1)[0]
+        # compared as a reader sees it: a protected domain in A-labels (xn--bcher-kva.de) has the name
+        # "bücher", which bucher.de imitates; its own A-label is no name anyone reads
+        name = to_unicode(target).split(".", 1)[0]
         if len(name) >= 4:
             targets.append(_Target(target, name, skeleton(name), 1 if len(name) < 9 else 2, frozenset(name)))
     return tuple(targets)

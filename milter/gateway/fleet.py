@@ -108,6 +108,7 @@ class FleetFollower:
         self._metrics = metrics
         self._executor = executor
         self._failed: tuple[str, str] | None = None  # (digest, why) of the fleet model that failed here
+        self._deferred_why: tuple[str, str] | None = None  # (digest, why) of the last deferred try
         self._outage = False
         self._task: asyncio.Task[None] | None = None
 
@@ -169,7 +170,7 @@ class FleetFollower:
             why = result.reason or "reload failed"
             self._refused(fleet, why) if result.model_fault else self._deferred(fleet, why)
             return
-        self._failed = None
+        self._failed = self._deferred_why = None
         self._metrics.registry_adoptions.labels("ok").inc()
         log.info(kv("fleet_model_adopted", model=fleet.name, previous=result.old))
 
@@ -179,7 +180,9 @@ class FleetFollower:
         log.error(kv("fleet_model_refused", model=fleet.name, serving=self._slot.name, error=why[:200]))
 
     def _deferred(self, fleet: CurrentModel, why: str) -> None:
-        """Not adopted this time for a reason that may pass: tried again at the next poll."""
+        """Not adopted this time for a reason that may pass: tried again at the next poll, and reported
+        at every check-in meanwhile (a full disk or a read-only folder would otherwise pass unseen)."""
+        self._deferred_why = (fleet.onnx_sha256, why[:ERROR_LENGTH])
         self._metrics.registry_adoptions.labels("deferred").inc()
         log.warning(kv("fleet_model_deferred", model=fleet.name, serving=self._slot.name, error=why[:200]))
 
@@ -187,6 +190,10 @@ class FleetFollower:
         error = None
         if fleet is not None and self._failed is not None and self._failed[0] == fleet.onnx_sha256:
             error = f"cannot serve {fleet.name}: {self._failed[1]}"
+        elif fleet is not None and (deferred := self._deferred_why) is not None and (
+            deferred[0] == fleet.onnx_sha256 != served_digest(self._slot)
+        ):
+            error = f"not serving {fleet.name} yet (tried again at every poll): {deferred[1]}"
         status = NodeStatus(
             node=self._settings.node, model=self._slot.name, onnx_sha256=served_digest(self._slot),
             last_checkin=datetime.now(UTC), last_error=error, pid=os.getpid(), host=socket.gethostname(),

@@ -85,7 +85,7 @@ def _finish_swap(config: Config) -> None:
 
     try:
         recover(model_dir(config.model.path))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.warning("cannot check %s for an interrupted model swap: %s", model_dir(config.model.path), exc)
 
 

@@ -125,6 +125,7 @@ from milter.config import BULK_ACTIONS, HISTORY_SIGNALS, ClassThresholds, Domain
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
 from milter.features.summary import Extracted
+from milter.names import compared
 from milter.policy.abused_tld import abused_tld_sender, abused_tlds
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.bulk import bulk_sender
@@ -398,7 +399,7 @@ class Policy:
             spam=Ladder.build("spam", rule.spam or spam),
             bec=Ladder.build("bec", rule.bec or bec),
             action_override=override,
-            domain=normalised((rule.domain,))[0] if rule.domain.strip() else rule.domain,
+            domain=compared(rule.domain),
             bulk_action=bulk,
         )
 
@@ -410,9 +411,7 @@ class Policy:
     def rules_for(self, recipient: str) -> RuleSet:
         """The most specific DomainRule matching the recipient's domain (or a parent domain), else the
         global set."""
-        domain = domain_of(recipient)
-        if domain and not domain.isascii():  # an SMTPUTF8 recipient: the rules are in A-labels
-            domain = normalised((domain,))[0]
+        domain = domain_of(recipient)  # as the rules are written: A-labels, no root dot
         for rules in self.domain_rules:
             if rules.domain is not None and in_domain(domain, (rules.domain,)) is not None:
                 return rules
@@ -456,5 +455,5 @@ def _clean_address(address: str | None) -> str | None:
     sender `bad@evil.test` denied); the null sender <> is no address."""
     if not address:
         return None
-    text = address.strip().strip("<>").strip().lower().rstrip(".")
+    text = compared(address.strip().strip("<>"))
     return text if "@" in text else None

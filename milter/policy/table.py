@@ -3,7 +3,6 @@ data (`Ladder`, `RuleSet`), normalised lists, and the small helpers the rules sh
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -11,7 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from milter.config import DEFAULT_LEARNED_SENDER_LABELS, ClassThresholds, ascii_domain
+from milter.config import DEFAULT_LEARNED_SENDER_LABELS, ClassThresholds
 from milter.errors import ConfigError
 from milter.features import Protected
 
@@ -23,6 +22,7 @@ from milter.features.identity import contains_name as contains_name
 from milter.features.identity import name_tokens as name_tokens
 from milter.features.lexicon import SUSPICIOUS_TLDS
 from milter.features.summary import MessageSummary
+from milter.names import compared
 from milter.types import Action, Envelope, Scores, Verdict, wanted_label
 
 if TYPE_CHECKING:  # milter.history imports the policy's helpers' modules: keep this one type-only
@@ -254,10 +254,11 @@ def from_mailboxes(summary: MessageSummary) -> tuple[tuple[str, str | None], ...
 
 
 def domain_of(address: str) -> str | None:
+    """An address's domain as the rules compare it (milter.names.compared), or None."""
     _, at, domain = address.rpartition("@")
     if not at:
         return None
-    return domain.lower().rstrip(".") or None
+    return compared(domain) or None
 
 
 
@@ -310,14 +311,6 @@ def parse_networks(key: str, entries: Iterable[str], table: str = "policy.lists"
 
 
 def normalised(entries: Iterable[str]) -> tuple[str, ...]:
-    """List entries (domains, or addresses) as the rules compare them: trimmed, lower case, without the
-    root's trailing dot, and a domain (an address's domain part) in A-labels, as mail carries it."""
-    return tuple(_entry(e) for e in entries if e.strip())
-
-
-def _entry(text: str) -> str:
-    local, at, domain = text.strip().lower().rstrip(".").rpartition("@")
-    # config.py refuses an entry with no ASCII form; one built in code stays as written (matches nothing)
-    with contextlib.suppress(ValueError):
-        domain = ascii_domain(domain)
-    return f"{local}{at}{domain}"
+    """List entries (domains, or addresses) as the rules compare them (milter.names.compared: trimmed,
+    lower case, no root dot, domains in A-labels); blank entries dropped."""
+    return tuple(compared(e) for e in entries if e.strip())
