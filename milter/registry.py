@@ -359,6 +359,9 @@ def _finish_interrupted_swap(directory: Path) -> str | None:
     src = directory / HISTORY / f"{name}.onnx"
     if _SAFE_NAME.match(name) and src.is_file() and src.with_suffix(".json").is_file():
         _swap(directory, src, src.with_suffix(".json"), name)
+        logged = _logged_names(directory)
+        if not logged or logged[-1] != name:  # killed before it was logged: rollback reads the log
+            _record_change(directory, None, name, "recovered")
         log.warning("finished an interrupted swap to model %s (from history)", name)
         return name
     log.error("an interrupted swap names model %r, which %s does not hold: current files left as they are",

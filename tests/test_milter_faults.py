@@ -222,6 +222,19 @@ def test_a_silent_data_phase_is_no_timeout() -> None:
 
     assert asyncio.run(_bare_filter(mta)) == (b"c", b"")
 
+    def aborted_then_idle(port: int) -> Packet:
+        """A message's headers, then ABORT (the client said RSET), then a pause as long as the client
+        likes before the next message: the short timer of a message in progress must end with it."""
+        with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT) as sock:
+            sock.sendall(_pk(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
+            assert _recv(sock)[0] == b"O"
+            sock.sendall(ENVELOPE + _pk(b"L", b"Subject\x00 first\x00") + _pk(b"A"))
+            time.sleep(gap)
+            sock.sendall(ENVELOPE + CONTENT)
+            return _recv(sock)
+
+    assert asyncio.run(_bare_filter(aborted_then_idle)) == (b"c", b"")
+
 
 def test_what_cannot_be_healthy_keeps_the_short_timer() -> None:
     """A connection that never negotiates, a packet begun and never finished (stalled, or a byte at a

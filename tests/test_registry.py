@@ -455,6 +455,8 @@ def test_a_swap_killed_half_way_is_finished_before_the_next_load(
     assert (models / JOURNAL).read_text().strip() == "model-b"
     assert recover(models) == "model-b"
     assert current_pair(models) == b.pair() and not (models / JOURNAL).exists()
+    last = json.loads((models / HISTORY / LOG).read_text().splitlines()[-1])
+    assert (last["name"], last["action"]) == ("model-b", "recovered")  # the log says how it came
     assert validate(models / CURRENT_ONNX, SAMPLES).name == "model-b"
     assert recover(models) is None  # nothing left to finish
 

@@ -145,8 +145,8 @@ class MilterConnection(asyncio.Protocol):
             except ProtocolError as exc:
                 self._drop(f"protocol error: {exc}")
                 return
-            if self._session.streaming and self._idle_after != self._settings.packet_timeout:
-                self._arm_idle()  # the message's headers began: the rest must follow without a pause
+            if self._wanted_timeout() != self._idle_after:
+                self._arm_idle()  # headers began (the rest follows at once), or an abort ended them
             if isinstance(command, codec.OptNeg):
                 s = self._session
                 log.debug(kv("milter_negotiated", peer=self.peer, version=s.version,
@@ -245,10 +245,13 @@ class MilterConnection(asyncio.Protocol):
         self._disarm_idle()
         if self._busy:
             return
+        self._idle_after = self._wanted_timeout()
+        self._idle = asyncio.get_running_loop().call_later(self._idle_after, self._timed_out)
+
+    def _wanted_timeout(self) -> float:
         short = (self._write_paused or bool(self._decoder.buffered) or not self._heard
                  or self._session.streaming)
-        self._idle_after = self._settings.packet_timeout if short else self._settings.idle_timeout
-        self._idle = asyncio.get_running_loop().call_later(self._idle_after, self._timed_out)
+        return self._settings.packet_timeout if short else self._settings.idle_timeout
 
     def _disarm_idle(self) -> None:
         if self._idle is not None:
