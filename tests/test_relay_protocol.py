@@ -505,7 +505,8 @@ def test_gateway_answers_553_5_6_7_to_an_address_the_downstream_cannot_take(
 ) -> None:
     """Through a real gateway: its client speaks SMTPUTF8 (the gateway offers it), the downstream does
     not. The non-ASCII recipient alone is refused at the end of DATA; with an ASCII one beside it, the
-    message is delivered to that one."""
+    message is delivered to that one, and the sender gets a delivery report naming the other (from
+    <>, status 5.6.7: milter.gateway.dsn)."""
 
     async def send_utf8(port: int, raw: bytes, rcpts: list[str]) -> tuple[int, str]:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, start_tls=False)
@@ -525,7 +526,10 @@ def test_gateway_answers_553_5_6_7_to_an_address_the_downstream_cannot_take(
             code, text = await send_utf8(gw.address[1], make_message("utf8-mixed@test"), [RCPT, UTF8_RCPT])
             # named in the reply, in ASCII (a reply is ASCII unless the session negotiated otherwise)
             assert code == 250 and "<zo?@rcpt.test> (553)" in text
-            assert [message_id(m) for m in fake.received] == ["<utf8-mixed@test>"]
+            assert message_id(fake.received[0]) == "<utf8-mixed@test>" and len(fake.received) == 2
+            report = fake.received[1]
+            assert b"report-type=delivery-status" in report and b"Status: 5.6.7" in report
+            assert f"Final-Recipient: utf-8; {UTF8_RCPT}".encode() in report
             assert "utf8-alone@test" not in quarantined_ids(store)
 
     run_gateway_scenario(tmp_path, free_port, scenario, sink_up=False)
