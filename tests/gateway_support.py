@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -289,3 +291,22 @@ def run_gateway_scenario(
 
     asyncio.run(main())
     return store
+
+
+def dribble(sock: socket.socket, every: float, limit: float) -> float:
+    """Send one more byte every `every` seconds until the peer closes; the seconds that took. Fails the
+    test if the peer keeps the connection past `limit` seconds (a dribbled packet must not hold it)."""
+    started = time.monotonic()
+    sock.settimeout(every)
+    while True:
+        try:
+            if sock.recv(1) == b"":
+                break
+        except TimeoutError:
+            pass
+        try:
+            sock.sendall(b"x")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        assert time.monotonic() - started < limit, "a dribbled packet kept the connection open"
+    return time.monotonic() - started

@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_support import QUARANTINE_SENDER, Outcome, Sink, account, config_for, load_scanner, open_store
+from gateway_support import (
+    QUARANTINE_SENDER,
+    Outcome,
+    Sink,
+    account,
+    config_for,
+    dribble,
+    load_scanner,
+    open_store,
+)
 
 from bench.abuse import (
     OPENING,
@@ -450,18 +459,7 @@ def test_milter_unending_packet(
             if i == 0:
                 assert sock.recv(1) == b""
             else:
-                sock.settimeout(0.25)
-                while True:  # one more byte of the packet every quarter second
-                    try:
-                        if sock.recv(1) == b"":
-                            break
-                    except TimeoutError:
-                        pass
-                    try:
-                        sock.sendall(b"x")
-                    except (BrokenPipeError, ConnectionResetError):
-                        break
-                    assert time.monotonic() - started < COMMAND_TIMEOUT + SLACK, "dribbled packet kept open"
+                dribble(sock, 0.25, COMMAND_TIMEOUT + SLACK)  # a byte of the packet every quarter second
             return time.monotonic() - started
 
     with under_attack() as honest:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from gateway_support import QUARANTINE_SENDER, TEST_POLICY, load_scanner, run_gateway_scenario
+from gateway_support import QUARANTINE_SENDER, TEST_POLICY, dribble, load_scanner, run_gateway_scenario
 
 from milter.classifier import Classifier
 from milter.errors import ModelError
@@ -253,20 +253,7 @@ def test_what_cannot_be_healthy_keeps_the_short_timer() -> None:
             sock.sendall(_pk(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
             assert _recv(sock)[0] == b"O"
             sock.sendall(ENVELOPE + struct.pack("!I", 1000) + b"L")
-            started = time.monotonic()
-            sock.settimeout(0.1)
-            while True:  # one more byte of the packet every tenth of a second
-                try:
-                    if sock.recv(1) == b"":
-                        break
-                except TimeoutError:
-                    pass
-                try:
-                    sock.sendall(b"x")
-                except (BrokenPipeError, ConnectionResetError):
-                    break
-                assert time.monotonic() - started < IDLE_TIMEOUT / 2, "a dribbled packet kept the connection"
-            dribbled = time.monotonic() - started
+            dribbled = dribble(sock, 0.1, IDLE_TIMEOUT / 2)  # a byte of the packet every tenth of a second
         with socket.create_connection(("127.0.0.1", port), timeout=IDLE_TIMEOUT) as sock:
             sock.sendall(_pk(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
             assert _recv(sock)[0] == b"O"

@@ -436,6 +436,20 @@ def _kill_before_json(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     return lambda: monkeypatch.setattr("milter.registry.os.replace", real)
 
 
+def _promotion_killed_half_way(
+    tmp_path: Path, models: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Candidate, Candidate]:
+    """model-a promoted, then the promotion of model-b killed between current.onnx and current.json."""
+    a = make_candidate(tmp_path / "c", "model-a", "2024-05-01T00:00:00+00:00")
+    b = make_candidate(tmp_path / "c", "model-b", "2024-05-02T00:00:00+00:00")
+    promote(models, a.onnx, samples=SAMPLES)
+    undo = _kill_before_json(monkeypatch)
+    with pytest.raises(_Killed):
+        promote(models, b.onnx, samples=SAMPLES)
+    undo()
+    return a, b
+
+
 def test_a_swap_killed_half_way_is_finished_before_the_next_load(
     tmp_path: Path, models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -444,13 +458,7 @@ def test_a_swap_killed_half_way_is_finished_before_the_next_load(
     first lets the next load (`recover`, as a gateway calls it) or registry operation finish it."""
     from milter.registry import JOURNAL, recover
 
-    a = make_candidate(tmp_path / "c", "model-a", "2024-05-01T00:00:00+00:00")
-    b = make_candidate(tmp_path / "c", "model-b", "2024-05-02T00:00:00+00:00")
-    promote(models, a.onnx, samples=SAMPLES)
-    undo = _kill_before_json(monkeypatch)
-    with pytest.raises(_Killed):
-        promote(models, b.onnx, samples=SAMPLES)
-    undo()
+    a, b = _promotion_killed_half_way(tmp_path, models, monkeypatch)
     assert current_pair(models) == (b.onnx.read_bytes(), a.json.read_bytes())  # two models' files
     assert (models / JOURNAL).read_text().strip() == "model-b"
     assert recover(models) == "model-b"
@@ -476,13 +484,7 @@ def test_a_gateway_finishes_an_interrupted_swap_before_it_loads(
     from milter.config import Config, ModelConfig, StoreConfig
     from milter.gateway.workers import load
 
-    a = make_candidate(tmp_path / "c", "model-a", "2024-05-01T00:00:00+00:00")
-    b = make_candidate(tmp_path / "c", "model-b", "2024-05-02T00:00:00+00:00")
-    promote(models, a.onnx, samples=SAMPLES)
-    undo = _kill_before_json(monkeypatch)
-    with pytest.raises(_Killed):
-        promote(models, b.onnx, samples=SAMPLES)
-    undo()
+    _promotion_killed_half_way(tmp_path, models, monkeypatch)
     config = Config(model=ModelConfig(path=models / CURRENT_ONNX, explain=False),
                     store=StoreConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
     loaded = load(config)
