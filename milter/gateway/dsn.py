@@ -8,7 +8,8 @@ be lost and the sender never told (RFC 5321 section 6.1: after a 250 the receive
 delivery failure itself). This builds that report, to the envelope sender, from the null sender:
 
 * the human-readable part: which recipients, and the downstream's reply for each;
-* `message/delivery-status`: Reporting-MTA (our hostname), Arrival-Date, and per recipient
+* `message/delivery-status` (`message/global-delivery-status` where a recipient is not ASCII, RFC
+  6533): Reporting-MTA (our hostname), Arrival-Date, and per recipient
   Final-Recipient, Action: failed, Status (the reply's enhanced status code, else 5.0.0),
   Remote-MTA (the downstream) and Diagnostic-Code (its reply, one line);
 * `text/rfc822-headers`: the refused message's header block (cut at MAX_HEADERS bytes), so that the
@@ -104,9 +105,12 @@ def build_dsn(
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
         "\r\n"
     )
+    # RFC 6533: a report that names a non-ASCII address is a message/global-delivery-status
+    ascii_only = all(r.recipient.isascii() for r in refused)
+    status_type = "delivery-status" if ascii_only else "global-delivery-status"
     parts = [
         "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + human,
-        "Content-Type: message/delivery-status\r\n\r\n" + per_message + per_recipient,
+        f"Content-Type: message/{status_type}\r\n\r\n" + per_message + per_recipient,
     ]
     body = "".join(f"--{boundary}\r\n{part}\r\n" for part in parts).encode("utf-8", "surrogateescape")
     headers_part = (f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n").encode() + header_block(raw)
