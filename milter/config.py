@@ -774,13 +774,17 @@ def _check_addresses(key: str, entries: tuple[str, ...]) -> None:
         if not text:
             continue
         local, at, domain = text.rpartition("@")
-        if not at or not local or any(c.isspace() or c in "<>*" for c in local) or (
-            _ENTRY_DOMAIN.fullmatch(domain.rstrip(".").lower()) is None
-        ):
-            hint = " (a whole domain goes in the _domains list)" if not at else ""
-            raise ConfigError(
-                f"{key}[{i}]", f"must be an address such as 'jane@example.com'{hint}, got {entry!r}"
-            )
+        if at and local and not any(c.isspace() or c in "<>*" for c in local):
+            try:
+                # the domain part as a domain entry is checked: a name, and one with an A-label form
+                _domain_name(key, domain)
+                continue
+            except ConfigError:
+                pass
+        hint = " (a whole domain goes in the _domains list)" if not at else ""
+        raise ConfigError(
+            f"{key}[{i}]", f"must be an address such as 'jane@example.com'{hint}, got {entry!r}"
+        )
 
 
 def _is_ip(text: str) -> bool:

@@ -118,6 +118,8 @@ def test_nameserver_entries() -> None:
         ({"policy": {"lists": {"deny_senders": ["<bad@evil.test>"]}}}, "policy.lists.deny_senders[0]"),
         ({"policy": {"lists": {"deny_senders": ["*@evil.test"]}}}, "policy.lists.deny_senders[0]"),
         ({"policy": {"lists": {"allow_senders": ["jane@"]}}}, "policy.lists.allow_senders[0]"),
+        # a domain part with no A-label form: mail never carries it, so the entry could match nobody
+        ({"policy": {"lists": {"deny_senders": ["bad@bü_cher.test"]}}}, "policy.lists.deny_senders[0]"),
         ({"reputation": {"skip_domains": ["google.com", "https://a.test"]}}, "reputation.skip_domains[1]"),
     ],
 )
@@ -138,7 +140,8 @@ def test_what_the_new_checks_let_through() -> None:
             "bec": {"tag": False, "quarantine": 0.6, "reject": 0.99},
             "protected_domains": ["Example.COM.", "bücher.example", ""],
             "lists": {"deny_domains": ["xyz", "mail_relay.example.net"],
-                      "allow_senders": [" Jane.Doe+news@Example.com ", "\"odd@name\"@example.org"]},
+                      "allow_senders": [" Jane.Doe+news@Example.com ", "\"odd@name\"@example.org",
+                                        "jane@bücher.example"]},
             "domain": [{"domain": " Lab.Example.com. ", "spam": {"quarantine": 0.4}}],
         },
         "server": {"max_message_size": 0, "scan_timeout": 0, "workers": 1, "hostname": "localhost"},

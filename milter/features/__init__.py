@@ -106,12 +106,6 @@ def extract(raw: bytes, envelope: Envelope | None = None, protected: Protected |
     return Extracted(vector=vector, summary=summarise(parsed, ctx, vector), signals=tuple(signals))
 
 
-def _rootless(name: str) -> str:
-    """An address or host name as mail carries it: without the DNS root's trailing dot (the same name
-    to every MTA), its domain in A-labels (an SMTPUTF8 sender's bücher.de is xn--bcher-kva.de)."""
-    return as_carried(name)
-
-
 def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float32]) -> MessageSummary:
     s = ctx.sender
     msgid = parsed.get("message-id")
@@ -119,12 +113,13 @@ def summarise(parsed: ParsedMessage, ctx: Context, vector: npt.NDArray[np.float3
     return MessageSummary(
         message_id=msgid.strip() if msgid else None,
         subject=parsed.subject or None,
-        # without the root's trailing dot ("example.com."), as the policy's lists and protected domains
-        # are written: with it, a spoof of a protected domain or a denied sender matched nothing
-        from_addr=_rootless(s.addr) if s else None,
+        # as mail carries them (`as_carried`): without the root's trailing dot ("example.com."), as the
+        # policy's lists and protected domains are written (with it, a spoof of a protected domain or a
+        # denied sender matched nothing), and an SMTPUTF8 sender's bücher.de as xn--bcher-kva.de
+        from_addr=as_carried(s.addr) if s else None,
         from_display=s.display if s else None,
-        from_domain=(_rootless(s.host) or None) if s else None,
-        reply_to_addr=_rootless(ctx.reply_to.addr) if ctx.reply_to else None,
+        from_domain=(as_carried(s.host) or None) if s else None,
+        reply_to_addr=as_carried(ctx.reply_to.addr) if ctx.reply_to else None,
         to_addrs=tuple(addr for _, addr in parsed.addresses("to")[:50]),
         date=parsed.get("date"),
         defects=parsed.defects,
