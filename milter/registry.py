@@ -57,7 +57,7 @@ from milter.classifier import (
     read_tensor_graph,
     tensor_graph_path,
 )
-from milter.errors import ModelError
+from milter.errors import ConfigError, ModelError
 from milter.explain import Explainer, explainer_path
 from milter.features import SCHEMA
 
@@ -600,6 +600,23 @@ def rollback(directory: Path, to: str | None = None, samples: Sequence[bytes] | 
 
 def model_dir(model_path: Path) -> Path:
     """The registry directory of a configured model path (its folder)."""
+    return model_path.parent
+
+
+def registry_dir(model_path: Path) -> Path:
+    """The folder the registry installs models into for a gateway configured with `model_path`.
+    ConfigError naming `model.path` unless that path is the folder's current.onnx: promote, rollback
+    and the nightly retrain install a model as current.onnx, so for a gateway serving any other file
+    they would install models it never loads, and the retrain would compare its challenger with a
+    model that serves no mail (or with none, promoting a worse one uncompared). Such a gateway pins
+    its model; the registry's commands then take an explicit folder (--dir, --models-dir)."""
+    if model_path.name != CURRENT_ONNX:
+        raise ConfigError(
+            "model.path",
+            f"names {model_path.name!r}, but the registry installs models as {CURRENT_ONNX} beside it, "
+            f"which this gateway would not load: set model.path to {model_path.parent / CURRENT_ONNX} "
+            "(or name the models folder explicitly to act on it anyway)",
+        )
     return model_path.parent
 
 

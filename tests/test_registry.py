@@ -316,6 +316,22 @@ def test_cli_dir_defaults_to_config_model_folder(tmp_path: Path) -> None:
     assert current_pair(tmp_path / "var" / "models") == a.pair()
 
 
+def test_a_gateway_pinned_to_another_file_is_not_installed_into(tmp_path: Path) -> None:
+    """model.path naming another file than current.onnx: the gateway serves that file, so a promote
+    or rollback through its config would install a current.onnx it never loads. Refused, naming the
+    key; listing still works, and --dir still acts on the folder when asked to."""
+    a = make_candidate(tmp_path / "cand", "model-a", "2024-05-01T00:00:00+00:00")
+    cfg = tmp_path / "milter.toml"
+    cfg.write_text('[model]\npath = "var/models/site.onnx"\n')
+    for args in (["promote", "--config", str(cfg), str(a.onnx)], ["rollback", "--config", str(cfg)]):
+        res = CliRunner().invoke(model, args)
+        assert res.exit_code == 1 and "'model.path'" in res.output and "current.onnx" in res.output
+    assert not (tmp_path / "var" / "models" / "current.onnx").exists()
+    assert CliRunner().invoke(model, ["list", "--config", str(cfg)]).exit_code == 0
+    res = CliRunner().invoke(model, ["promote", "--dir", str(tmp_path / "var" / "models"), str(a.onnx)])
+    assert res.exit_code == 0 and current_pair(tmp_path / "var" / "models") == a.pair()
+
+
 def test_the_explainer_travels_with_its_model(tmp_path: Path, models: Path) -> None:
     """Promotion installs and archives the explainer beside the graph; rolling back to a model from
     before explanations leaves no stale explainer of another model current."""

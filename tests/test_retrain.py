@@ -364,6 +364,22 @@ def test_the_gate_allows_a_recall_change_within_its_own_noise_only() -> None:
     assert rt.compare(champ, within, 0.0005, 0.002).promote
 
 
+def test_a_gateway_pinned_to_another_file_stops_the_retrain(tmp_path: Path) -> None:
+    """A config whose model.path is not current.onnx: the retrain would defend and replace a
+    current.onnx the gateway never loads (with none there, promote uncompared). It stops before any
+    work, naming the key; --models-dir still names a folder explicitly."""
+    from milter.errors import ConfigError
+
+    cfg = tmp_path / "milter.toml"
+    cfg.write_text(f'[model]\npath = "models/site.onnx"\n[store]\nurl = "sqlite:///{tmp_path}/q.db"\n')
+    with pytest.raises(ConfigError, match=r"current\.onnx") as info:
+        rt.run(rt.parse_args(["--config", str(cfg), "--no-progress"]))
+    assert info.value.key == "model.path"
+    assert not (tmp_path / "models").exists()
+    explicit = rt.parse_args(["--config", str(cfg), "--models-dir", str(tmp_path)])
+    assert rt._locations(explicit)[1] == tmp_path
+
+
 def test_a_champion_that_cannot_be_loaded_stops_the_run_unless_it_is_of_another_schema(
     tmp_path: Path,
 ) -> None:

@@ -58,7 +58,7 @@ from milter.commands.model_fleet import promote as fleet_promote
 from milter.config import load_config
 from milter.errors import MilterError, SchemaMismatchError
 from milter.features import Protected
-from milter.registry import promote
+from milter.registry import promote, registry_dir
 from milter.store import Store
 from milter.types import CLASS_NAMES, VERDICTS, Envelope, label_class
 from training import model as mdl
@@ -628,7 +628,7 @@ def _load_champion(models_dir: Path) -> tuple[Classifier | None, str | None]:
 def _locations(args: argparse.Namespace) -> tuple[str, Path, Protected, bool]:
     """Store URL, models folder, protected identities, and whether the fleet's registry is the store's."""
     cfg = load_config(args.config)
-    models_dir = args.models_dir or cfg.model.path.parent
+    models_dir = args.models_dir or registry_dir(cfg.model.path)  # ConfigError: a pinned model
     protected = Protected(domains=cfg.policy.protected_domains, names=cfg.policy.protected_names)
     return args.db or cfg.store.url, models_dir, protected, cfg.model.registry == "store"
 

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from milter.config import load_config
 from milter.errors import ConfigError, ModelError, StoreError
-from milter.registry import ModelInfo, describe_metrics, list_models, model_dir, promote, rollback
+from milter.registry import ModelInfo, describe_metrics, list_models, promote, registry_dir, rollback
 
 if TYPE_CHECKING:
     from milter.store import Store
@@ -31,11 +31,15 @@ if TYPE_CHECKING:
 RELOAD_HINT = "a running gateway keeps its model until reloaded (systemctl reload milter)"
 
 
-def _directory(dir_opt: Path | None, config_path: Path | None) -> Path:
+def _directory(dir_opt: Path | None, config_path: Path | None, installs: bool = True) -> Path:
+    """--dir, or the folder of the config's model.path; one that `installs` (promote, rollback) only
+    when model.path is that folder's current.onnx (`registry_dir`): else the gateway would not load
+    what they install."""
     if dir_opt is not None:
         return dir_opt
     try:
-        return model_dir(load_config(config_path).model.path)
+        model_path = load_config(config_path).model.path
+        return registry_dir(model_path) if installs else model_path.parent
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -100,7 +104,7 @@ def list_cmd(dir_opt: Path | None, config_path: Path | None, as_json: bool) -> N
             if not as_json:
                 _console().print(model_fleet.models_table(published))
             return
-    directory = _directory(dir_opt, config_path)
+    directory = _directory(dir_opt, config_path, installs=False)
     try:
         rows = list_models(directory)
     except ModelError as exc:
