@@ -18,7 +18,7 @@ changes as a handful of upserts, never a GROUP BY over the whole table:
 * `keys`       correspondent key                    -> Tally  (the whole organisation)
 * `names`      normalised display name -> {address -> Tally}: which addresses a name came from
 * `locals`     local part ("jane.doe", "mjones7") -> {registrable domain -> Tally}, outside free-mail
-* `reply_tos`  addresses seen in Reply-To           -> Tally
+* `reply_tos`  Reply-To address -> {sender -> Tally}: which senders named it as their Reply-To
 
 A correspondent *key* is its registrable domain, or for a free-mail provider the address itself
 (`milter.policy.table.sender_key`): one gmail.com user writing to us says nothing about the next one. The
@@ -42,6 +42,7 @@ until the entries in front of it age; a gateway observes in arrival order, where
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -64,20 +65,41 @@ _DAY = 86_400.0
 #: letters or more. Role addresses (info, sales, billing) are shared by thousands of unrelated
 #: organisations, so they identify nobody.
 _PERSONAL_LOCAL = re.compile(r"^[a-z]{2,}(?:[._-][a-z]{2,})+$")
+#: Mailboxes that only machines write from: a bounce's "Mail Delivery System" names no person.
+_SYSTEM_LOCALS = frozenset({"mailer-daemon", "mailerdaemon", "mail-daemon", "postmaster"})
+#: Letters of other scripts that look like Latin ones, after casefolding (so an upper-case look-alike,
+#: Cyrillic В for B, is listed by its lower case, в). A hand-made table, not Unicode's confusables.txt:
+#: no confusables package is installed and this code must not fetch data at run time; the names compared
+#: here are people's names, where these few letters are what an attacker swaps in. Both sides of every
+#: comparison (the learned name and the new one) go through it, so a real Cyrillic or Greek name still
+#: matches itself; that it also matches its Latin look-alike is the point.
+_CONFUSABLES = str.maketrans({
+    # Cyrillic
+    "а": "a", "в": "b", "е": "e", "һ": "h", "н": "h", "і": "i", "ј": "j", "к": "k", "ӏ": "l", "м": "m",
+    "о": "o", "р": "p", "ԛ": "q", "г": "r", "ѕ": "s", "т": "t", "у": "y", "ү": "y", "х": "x", "с": "c",
+    "ԁ": "d", "ԝ": "w",
+    # Greek
+    "α": "a", "β": "b", "ε": "e", "ζ": "z", "η": "n", "ι": "i", "κ": "k", "μ": "u", "ν": "v", "ο": "o",
+    "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "γ": "y",
+    # Armenian
+    "ո": "n", "ս": "u", "օ": "o", "հ": "h", "ց": "g",
+    # Latin letters outside ASCII that read as ASCII ones
+    "ı": "i", "ɡ": "g", "ɑ": "a", "ℓ": "l",
+})
 
 
 @dataclass(frozen=True)
 class HistoryLimits:
     """How much history a site keeps. An entry costs about 360 bytes in memory (tracemalloc, strings
-    included, 220,000 entries); the defaults bound a history at 2 x 200,000 pairs + 3 x 100,000
-    correspondents + 2 x 50,000 identities x up to 8 members: 1.5 M entries, about 0.5 GiB at worst. The
+    included, 220,000 entries); the defaults bound a history at 2 x 200,000 pairs + 2 x 100,000
+    correspondents + 3 x 50,000 identities x up to 8 members: 1.8 M entries, about 0.65 GiB at worst. The
     Enron replay (six mailboxes, three years, one history) ends with 6,247 entries, about 2 MiB."""
 
     max_age_days: float = 400.0  # longer than a year: yearly invoices and renewals stay known
     max_pairs: int = 200_000  # per pair table (address x our user, key x our user)
-    max_correspondents: int = 100_000  # per correspondent table (addresses, keys, Reply-Tos)
-    max_identities: int = 50_000  # display names, local parts
-    max_per_identity: int = 8  # addresses per display name, domains per local part
+    max_correspondents: int = 100_000  # per correspondent table (addresses, keys)
+    max_identities: int = 50_000  # display names, local parts, Reply-Tos
+    max_per_identity: int = 8  # addresses per display name, domains per local part, senders per Reply-To
 
 
 def limits_of(config: HistoryConfig) -> HistoryLimits:
@@ -127,7 +149,8 @@ KINDS = ("pair", "key_pair", "address", "key", "reply_to", "name", "local")
 class HistoryRow:
     """One entry of one table, as the store keeps it (table `history`, milter.store.models). `key` and
     `member` per kind: pair and key_pair (correspondent address or key, our user's address); address,
-    key, reply_to (the address or key, ''); name (normalised display name, address); local (local part,
+    key (the address or key, ''); reply_to (the Reply-To address, the sender that named it; '' in rows
+    written before it was kept per sender); name (normalised display name, address); local (local part,
     registrable domain)."""
 
     kind: str
@@ -153,17 +176,40 @@ class MessageFacts:
     reply_to: str = ""  # first Reply-To addr-spec ('' when none)
     language: frozenset[str] = frozenset()  # lexicon.LANGUAGE groups in subject + body
     list_mail: bool = False  # a mailing list's copy (List-Id / List-Post)
+    # A machine wrote it (`machine_mail`): a bounce, an auto-reply, a read receipt. Its display name
+    # ("Mail Delivery System") and local part are the software's, not a person's.
+    machine: bool = False
 
 
-def facts_from_summary(summary: MessageSummary, recipients: Iterable[str]) -> MessageFacts:
-    """The facts of a message as feature extraction summarised it: one definition for gateway and replay."""
+def machine_mail(sender: str, auto_report: bool = False, mail_from: str | None = None) -> bool:
+    """Mail from software, not a person: a report or auto-reply (`MessageSummary.auto_report`), the
+    null envelope sender (`mail_from` ''; None: not known, as offline), or a MAILER-DAEMON / postmaster
+    mailbox. Every MTA's bounces carry the same few display names, so learning them would tie "Mail
+    Delivery System" to one MTA and tag every other MTA's bounce as a borrowed name."""
+    if auto_report or (mail_from is not None and not mail_from.strip().strip("<>")):
+        return True
+    return is_system_mailbox(sender)
+
+
+def is_system_mailbox(address: str) -> bool:
+    """MAILER-DAEMON@ or postmaster@ (any case): an MTA's own mailbox."""
+    return address.rpartition("@")[0].lower() in _SYSTEM_LOCALS
+
+
+def facts_from_summary(
+    summary: MessageSummary, recipients: Iterable[str], mail_from: str | None = None
+) -> MessageFacts:
+    """The facts of a message as feature extraction summarised it: one definition for gateway and replay.
+    `mail_from`: the envelope sender where known ('' the null sender), for `machine_mail`."""
+    sender = (summary.from_addr or "").lower()
     return MessageFacts(
-        sender=(summary.from_addr or "").lower(),
+        sender=sender,
         display=summary.from_display or "",
         recipients=addresses(recipients),
         reply_to=(summary.reply_to_addr or "").lower(),
         language=summary.language,
         list_mail=summary.list_mail,
+        machine=machine_mail(sender, summary.auto_report, mail_from),
     )
 
 
@@ -171,9 +217,11 @@ def stored_facts(
     from_addr: str | None, from_display: str | None, recipients: Iterable[str], reply_to: str | None
 ) -> MessageFacts:
     """The facts of a message from its stored verdict row (`milter history rebuild`, a release): what
-    `facts_from_summary` made of it at the gateway, from the columns that keep it."""
-    return MessageFacts(sender=(from_addr or "").lower(), display=from_display or "",
-                        recipients=addresses(recipients), reply_to=(reply_to or "").lower())
+    `facts_from_summary` made of it at the gateway, from the columns that keep it (the row keeps neither
+    the envelope sender nor whether it was a report: only a system mailbox marks it `machine` here)."""
+    sender = (from_addr or "").lower()
+    return MessageFacts(sender=sender, display=from_display or "", recipients=addresses(recipients),
+                        reply_to=(reply_to or "").lower(), machine=machine_mail(sender))
 
 
 def addresses(recipients: Iterable[str]) -> tuple[str, ...]:
@@ -183,12 +231,26 @@ def addresses(recipients: Iterable[str]) -> tuple[str, ...]:
 
 def normal_name(display: str) -> str:
     """A display name as a person reads it: case, punctuation, word order and initials ignored, so
-    "Kitchen, Louise" is "Louise Kitchen" and "Vince J. Kaminski" is "Vince Kaminski". '' for a name of
+    "Kitchen, Louise" is "Louise Kitchen" and "Vince J. Kaminski" is "Vince Kaminski"; and what a reader
+    cannot see ignored too (`seen_as`), so "Jаnе Doe" in Cyrillic letters is Jane Doe. '' for a name of
     fewer than two words (a first name or "Support" identifies nobody) or one showing an address."""
+    display = seen_as(display)
     if "@" in display:
         return ""
     words = sorted(t for t in name_tokens(display) if len(t) > 1 and not t.isdigit())
     return " ".join(words) if len(words) >= 2 else ""
+
+
+def seen_as(text: str) -> str:
+    """`text` as a reader sees it, for comparing names: compatibility forms folded (fullwidth Ｊ is J),
+    accents and invisible format characters (soft hyphen, zero-width joiner) dropped, and the Cyrillic and
+    Greek letters that look Latin made Latin (`_CONFUSABLES`). Here, not in milter.features.identity:
+    the model's features read names through that module, and their values must not change."""
+    if text.isascii():
+        return text  # nothing to fold, and most names are ASCII: the common case costs nothing
+    decomposed = unicodedata.normalize("NFKD", text)
+    kept = "".join(c for c in decomposed if unicodedata.category(c) not in ("Mn", "Cf"))
+    return unicodedata.normalize("NFC", kept).casefold().translate(_CONFUSABLES)
 
 
 def personal_local(address: str) -> str:
@@ -249,15 +311,14 @@ class CorrespondenceHistory:
         self.key_pairs: OrderedDict[tuple[str, str], Tally] = OrderedDict()
         self.addresses: OrderedDict[str, Tally] = OrderedDict()
         self.keys: OrderedDict[str, Tally] = OrderedDict()
-        self.reply_tos: OrderedDict[str, Tally] = OrderedDict()
+        self.reply_tos: OrderedDict[str, dict[str, Tally]] = OrderedDict()
         self.names: OrderedDict[str, dict[str, Tally]] = OrderedDict()
         self.locals: OrderedDict[str, dict[str, Tally]] = OrderedDict()
 
     def __len__(self) -> int:
         """Entries held, all tables together (what the limits bound)."""
-        nested = sum(len(v) for v in self.names.values()) + sum(len(v) for v in self.locals.values())
-        return (len(self.pairs) + len(self.key_pairs) + len(self.addresses) + len(self.keys)
-                + len(self.reply_tos) + nested)
+        nested = sum(len(v) for t in (self.names, self.locals, self.reply_tos) for v in t.values())
+        return len(self.pairs) + len(self.key_pairs) + len(self.addresses) + len(self.keys) + nested
 
     # --- writing -------------------------------------------------------------------------------------
 
@@ -276,7 +337,8 @@ class CorrespondenceHistory:
             for rcpt in facts.recipients:
                 self._pair(facts.sender, rcpt, now, outbound=False)
             correspondents = (facts.sender,)
-            self._inbound_identity(facts, now)
+            if not facts.machine:  # a bounce's name, local part and Reply-To are its software's
+                self._inbound_identity(facts, now)
         # organisation level: a message counts once however many of our users (or of theirs) it went to
         lim = self.limits
         for addr in dict.fromkeys(correspondents):
@@ -284,7 +346,7 @@ class CorrespondenceHistory:
         for key in dict.fromkeys(filter(None, map(sender_key, correspondents))):
             _bump(self.keys, key, now, outbound, lim.max_correspondents)
         # the name teaches who it belongs to either way: our own people's names come from their sent mail
-        if name := normal_name(facts.display):
+        if not facts.machine and (name := normal_name(facts.display)):
             self._bump_identity(self.names, name, facts.sender, now)
         self.expire(now)
 
@@ -294,10 +356,11 @@ class CorrespondenceHistory:
             _bump(self.key_pairs, (key, ours), now, outbound, self.limits.max_pairs)
 
     def _inbound_identity(self, facts: MessageFacts, now: float) -> None:
-        """What an inbound message teaches besides the pairs: its Reply-To, where the sender's local part
-        lives."""
-        if facts.reply_to and facts.reply_to != facts.sender:
-            _bump(self.reply_tos, facts.reply_to, now, False, self.limits.max_correspondents)
+        """What an inbound message teaches besides the pairs: that this sender names its Reply-To (kept
+        per sender: one sender's Reply-To vouches for no other's), where the sender's local part lives.
+        A list's Reply-To is the list's, and List-Id costs a sender nothing: it teaches no Reply-To."""
+        if facts.reply_to and facts.reply_to != facts.sender and not facts.list_mail:
+            self._bump_identity(self.reply_tos, facts.reply_to, facts.sender, now)
         self._local(facts.sender, now)
 
     def _local(self, correspondent: str, now: float) -> None:
@@ -331,11 +394,11 @@ class CorrespondenceHistory:
     def rows(self) -> Iterator[HistoryRow]:
         """Every entry as a store row (see `HistoryRow`)."""
         flat: tuple[tuple[str, OrderedDict[str, Tally]], ...] = (
-            ("address", self.addresses), ("key", self.keys), ("reply_to", self.reply_tos))
+            ("address", self.addresses), ("key", self.keys))
         paired: tuple[tuple[str, OrderedDict[tuple[str, str], Tally]], ...] = (
             ("pair", self.pairs), ("key_pair", self.key_pairs))
         nested: tuple[tuple[str, OrderedDict[str, dict[str, Tally]]], ...] = (
-            ("name", self.names), ("local", self.locals))
+            ("name", self.names), ("local", self.locals), ("reply_to", self.reply_tos))
         for kind, pairs in paired:
             for (key, member), t in pairs.items():
                 yield HistoryRow(kind, key, member, t.first_seen, t.last_seen, t.inbound, t.outbound)
@@ -355,11 +418,12 @@ class CorrespondenceHistory:
         if row.kind in ("pair", "key_pair"):
             pairs = self.pairs if row.kind == "pair" else self.key_pairs
             _set(pairs, (row.key, row.member), row.tally, add, lim.max_pairs)
-        elif row.kind in ("address", "key", "reply_to"):
-            flat = {"address": self.addresses, "key": self.keys, "reply_to": self.reply_tos}[row.kind]
+        elif row.kind in ("address", "key"):
+            flat = self.addresses if row.kind == "address" else self.keys
             _set(flat, row.key, row.tally, add, lim.max_correspondents)
-        elif row.kind in ("name", "local"):
-            table = self.names if row.kind == "name" else self.locals
+        elif row.kind in ("name", "local", "reply_to"):
+            # a reply_to row written before Reply-Tos were kept per sender has member '': no sender's
+            table = {"name": self.names, "local": self.locals, "reply_to": self.reply_tos}[row.kind]
             members = table.get(row.key)
             if members is None:
                 members = table[row.key] = {}
@@ -387,8 +451,7 @@ class CorrespondenceHistory:
         _expire(self.key_pairs, cutoff)
         _expire(self.addresses, cutoff)
         _expire(self.keys, cutoff)
-        _expire(self.reply_tos, cutoff)
-        for nested in (self.names, self.locals):
+        for nested in (self.names, self.locals, self.reply_tos):
             while nested and max(t.last_seen for t in next(iter(nested.values())).values()) < cutoff:
                 nested.popitem(last=False)
 
@@ -402,7 +465,8 @@ class CorrespondenceHistory:
         name = normal_name(facts.display)
         local = sender.rpartition("@")[0]
         display = facts.display
-        protected = next((p for p in protected_names if display and contains_name(display, p)), "")
+        shown = seen_as(display)  # a protected name in look-alike letters is still that name
+        protected = next((p for p in protected_names if shown and contains_name(shown, seen_as(p))), "")
         seen_for_protected = self.names.get(normal_name(protected), {}) if protected else {}
         return HistoryView(
             sender=sender,
@@ -422,8 +486,14 @@ class CorrespondenceHistory:
         )
 
     def _reply_to_seen(self, facts: MessageFacts) -> bool:
+        """No Reply-To, or one our users have written to, or one this sender has named before in mail
+        the history learned from. Not an address that merely wrote to us: one innocuous message from
+        it would otherwise vouch for it as any hijacked vendor's Reply-To."""
         rt = facts.reply_to
-        return not rt or rt == facts.sender or rt in self.addresses or rt in self.reply_tos
+        if not rt or rt == facts.sender:
+            return True
+        written = self.addresses.get(rt)
+        return (written is not None and written.outbound > 0) or facts.sender in self.reply_tos.get(rt, {})
 
 
 def _bump(table: OrderedDict[K, Tally], key: K, now: float, outbound: bool, cap: int) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from milter.features.context import Protected
 from milter.features.domains import edit_distance, in_domain, lookalike_of, skeleton
 from milter.features.lexicon import FREEMAIL
-from milter.history import HistoryView, MessageFacts, domain_of, personal_local
+from milter.history import HistoryView, MessageFacts, domain_of, is_system_mailbox, personal_local
 
 Signal = Callable[[MessageFacts, HistoryView, Protected], "str | None"]
 
@@ -68,6 +68,8 @@ def display_name_new_address(facts: MessageFacts, view: HistoryView, protected: 
         return f"display name shows protected person {person!r}; {facts.sender} never wrote as them"
     if view.name_messages < KNOWN_NAME_MESSAGES or facts.sender in view.name_addresses:
         return None
+    if facts.machine and _system_name(view):
+        return None  # a bounce's "Mail Delivery System", learned by a history from before `machine_mail`
     seen = ", ".join(sorted(view.name_addresses, key=view.name_addresses.__getitem__, reverse=True)[:_SHOWN])
     return f"display name {facts.display!r} has come from {seen}, never from {facts.sender}"
 
@@ -76,9 +78,14 @@ def correspondent_elsewhere(facts: MessageFacts, view: HistoryView, protected: P
     """A known correspondent's display name or local part from a lookalike of their domain, or from
     free-mail when they wrote from an organisation's domain: a vendor thread continued from vend0r.com,
     the CFO writing from gmail. At free-mail only a local part that names a person counts (jane.doe@,
-    not info@: role addresses at gmail.com are anyone's)."""
+    not info@: role addresses at gmail.com are anyone's). Not for a MAILER-DAEMON's or postmaster's
+    bounce whose name only such mailboxes wore: every MTA's has the same local part and display name,
+    and no correspondent. Other machine mail is judged: Auto-Submitted or MAIL FROM:<> costs a forger
+    nothing."""
     domain = domain_of(facts.sender)
     if not _judged(facts, protected) or not domain:
+        return None
+    if facts.machine and is_system_mailbox(facts.sender) and _system_name(view):
         return None
     free = domain in FREEMAIL
     name_homes: frozenset[str] = frozenset()
@@ -172,3 +179,10 @@ def evaluate(facts: MessageFacts, view: HistoryView, protected: Protected) -> di
     """Every signal that fires: name -> reason."""
     fired = ((name, signal(facts, view, protected)) for name, signal in SIGNALS)
     return {name: reason for name, reason in fired if reason is not None}
+
+
+def _system_name(view: HistoryView) -> bool:
+    """The display name was only ever worn by MAILER-DAEMON / postmaster mailboxes: a bounce's name
+    ("Mail Delivery System"), learned by a history from before machine mail taught no names. A
+    person's name borrowed by machine-looking mail (an auto-reply header costs nothing) is not."""
+    return all(is_system_mailbox(addr) for addr in view.name_addresses)

@@ -24,6 +24,7 @@ from milter.features.summary import MessageSummary
 from milter.gateway.history import HistoryKeeper
 from milter.gateway.metrics import GatewayMetrics
 from milter.gateway.server import Gateway
+from milter.history import HistoryLimits
 from milter.scan import ScanResult
 from milter.store import Store
 from milter.store.models import HISTORY
@@ -137,6 +138,55 @@ def test_the_journal_is_bounded_while_the_store_is_down(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+class DownStore:
+    """A store whose history writes all fail (the journal is kept), for the keeper's own costs."""
+
+    def history_apply(self, rows: Any) -> int:
+        raise RuntimeError("store down")
+
+    def history_rows(self, since: float | None = None) -> list[Any]:
+        return []
+
+    def history_purge(self, before: float) -> int:
+        return 0
+
+
+def test_the_journal_keeps_a_name_s_addresses_as_the_history_does() -> None:
+    """While the store is down, a common display name's addresses pile up in the journal; each message
+    scans them on the event loop, so the journal keeps as many as the history (max_per_identity)."""
+    async def main() -> None:
+        k = keeper(DownStore())  # type: ignore[arg-type]
+        assert await k.load()
+        for n in range(200):
+            k.learn(delivered(f"p{n}@s{n}.test", "Pat Smith"), ENV)
+            if n % 50 == 49:
+                assert await k.flush() == 0  # fails: the journal is kept for the next try
+        members = k._journal.names["pat smith"]
+        assert len(members) == HistoryLimits().max_per_identity
+        assert "p199@s199.test" in members  # the newest are the ones kept
+        assert len(k._journal.addresses) == 200  # the deltas of every sender are all still there
+    asyncio.run(main())
+
+
+def test_a_bounce_s_name_is_not_learned_by_the_keeper(url: str) -> None:
+    """The keeper gives the history the envelope: a null sender is a machine's mail."""
+    async def main() -> None:
+        with Store.open(url) as store:
+            k = keeper(store)
+            assert await k.load()
+            bounce = Envelope(mail_from="", rcpt_tos=(OUR,))
+            k.learn(delivered("bounces@mx.partner.test", "Mail Delivery System"), bounce)
+            k.learn(delivered("bounces@mx.partner.test", "Mail Delivery System"), bounce)
+            k.learn(delivered("jane.doe@vendor.test", "Jane Doe"), Envelope(mail_from="j@vendor.test",
+                                                                             rcpt_tos=(OUR,)))
+            await k.flush()
+            names = {r.key for r in store.history_rows() if r.kind == "name"}
+            assert names == {"doe jane"}
+            found = k.lookup(summary("bounces@mx.other.test", "Mail Delivery System"), bounce, ())
+            assert found is not None and found.facts.machine
+    asyncio.run(main())
+
+
 # --- end to end over SMTP -----------------------------------------------------------------------------
 
 POLICY = replace(TEST_POLICY, internal_networks=(), protected_domains=("rcpt.test",))
@@ -201,7 +251,8 @@ def test_a_borrowed_name_is_tagged_and_the_history_survives_a_restart(
 
     asyncio.run(main())
     rows = store.history_sources()
-    assert [r.teaches for r in rows] == [True, True, True, True]  # history tags still teach
+    # the real mail teaches; the borrowed name's tags do not (the attacker's next message is tagged too)
+    assert [r.teaches for r in rows] == [True, True, False, False]
     store.close()
 
 

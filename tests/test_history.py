@@ -7,6 +7,7 @@ import email
 import email.policy
 import hashlib
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -17,10 +18,14 @@ from milter.features.context import Protected
 from milter.history import (
     CorrespondenceHistory,
     HistoryLimits,
+    HistoryRow,
     HistoryView,
     MessageFacts,
+    machine_mail,
     normal_name,
     personal_local,
+    seen_as,
+    stored_facts,
 )
 from milter.history_signals import (
     correspondent_elsewhere,
@@ -173,6 +178,109 @@ def test_reply_to_seen() -> None:
     assert not h.lookup(inbound("a@b.com", reply_to="pay@gmail.com")).reply_to_seen
     h.observe(inbound("a@b.com", reply_to="pay@gmail.com"), day(0), outbound=False)
     assert h.lookup(inbound("a@b.com", reply_to="pay@gmail.com")).reply_to_seen
+    # named by a@b.com, not by anyone else: one sender's Reply-To vouches for no other's
+    assert not h.lookup(inbound("c@d.com", reply_to="pay@gmail.com")).reply_to_seen
+
+
+def test_an_address_that_only_wrote_to_us_is_no_seen_reply_to() -> None:
+    """The primer: one innocuous message from the future Reply-To makes it no 'exchanged mail'."""
+    h = CorrespondenceHistory()
+    h.observe(inbound("j.doe.accounts@outlook.com", display="J Doe"), day(0), outbound=False)
+    hijacked = inbound("jane.doe@vendor.com", display="Jane Doe", reply_to="j.doe.accounts@outlook.com")
+    assert not h.lookup(hijacked).reply_to_seen
+    assert reply_to_unseen(hijacked, h.lookup(hijacked), OURS)
+    h.observe(MessageFacts(ALICE, "Alice", ("j.doe.accounts@outlook.com",)), day(1), outbound=True)
+    assert h.lookup(hijacked).reply_to_seen  # our users write to it: a real correspondent
+
+
+def test_a_list_copy_teaches_no_reply_to() -> None:
+    """List-Id costs nothing, and list copies are exempt from reply_to_unseen: it must not prime it."""
+    h = CorrespondenceHistory()
+    primer = MessageFacts("jane.doe@vendor.com", "Jane Doe", (ALICE,), "pay@evil.com", list_mail=True)
+    h.observe(primer, day(0), outbound=False)
+    assert not h.lookup(inbound("jane.doe@vendor.com", reply_to="pay@evil.com")).reply_to_seen
+
+
+def test_reply_tos_go_to_the_store_per_sender_and_back() -> None:
+    h = CorrespondenceHistory()
+    h.observe(inbound("a@b.com", reply_to="pay@gmail.com"), day(0), outbound=False)
+    rows = [r for r in h.rows() if r.kind == "reply_to"]
+    assert [(r.key, r.member, r.inbound) for r in rows] == [("pay@gmail.com", "a@b.com", 1)]
+    loaded = CorrespondenceHistory()
+    for row in h.rows():
+        loaded.put(row)
+    assert loaded.lookup(inbound("a@b.com", reply_to="pay@gmail.com")).reply_to_seen
+    assert len(loaded) == len(h)
+    old = CorrespondenceHistory()  # a row written before Reply-Tos were kept per sender: no one's
+    old.put(HistoryRow("reply_to", "pay@gmail.com", "", 1.0, day(0).timestamp(), 1, 0))
+    assert not old.lookup(inbound("a@b.com", reply_to="pay@gmail.com")).reply_to_seen
+
+
+@pytest.mark.parametrize("disguised", [
+    "J\u0430n\u0435 Doe",  # Cyrillic a and e
+    "\uff2aane Doe",  # fullwidth J
+    "Jane Do\u00ade",  # soft hyphen
+    "Ja\u200dne Doe",  # zero-width joiner
+    "Jane\u0301 Doe",  # a combining accent
+    "\u0408\u0430\u0578e D\u03bf\u0435",  # Cyrillic J, a, e; Armenian n; Greek o
+    "JANE DOE",
+])
+def test_a_name_in_look_alike_letters_is_the_same_name(disguised: str) -> None:
+    assert normal_name(disguised) == "doe jane"
+    h = known_vendor()
+    spoof = inbound("jane.doe.ap@outlook.com", display=disguised)
+    reason = display_name_new_address(spoof, h.lookup(spoof), OURS) or ""
+    assert "never from jane.doe.ap@outlook.com" in reason
+    ceo = Protected(domains=OURS.domains, names=("Jane Doe",))
+    view = CorrespondenceHistory().lookup(spoof, ceo.names)
+    assert view.protected_name == "Jane Doe"
+    assert "protected person" in (display_name_new_address(spoof, view, ceo) or "")
+
+
+def test_folding_leaves_other_names_apart() -> None:
+    assert seen_as("Jane Doe") == "Jane Doe"  # ASCII untouched (name_tokens casefolds it)
+    assert normal_name("José García") == normal_name("Jose Garcia") == "garcia jose"
+    assert normal_name("Jane Dое") != normal_name("Jane Dot")
+    assert normal_name("Ｊａｎｅ＠evil.test") == ""  # a fullwidth @ still shows an address
+
+
+def test_machine_mail_teaches_no_names_and_is_not_judged_by_them() -> None:
+    h = CorrespondenceHistory()
+    for n, host in enumerate(("mx1.partner-a.com", "mx1.partner-a.com")):
+        bounce = MessageFacts(f"mailer-daemon@{host}", "Mail Delivery System", (ALICE,), machine=True)
+        h.observe(bounce, day(n), outbound=False)
+    assert not h.names and not h.locals
+    assert h.lookup(inbound("someone@partner-a.com")).key is not None  # the domain is still known
+    # a history learned before machine mail was told apart: its bounces are still not judged
+    h.observe(inbound("mailer-daemon@mx1.partner-a.com", display="Mail Delivery System"), day(2), False)
+    h.observe(inbound("mailer-daemon@mx1.partner-a.com", display="Mail Delivery System"), day(3), False)
+    other = MessageFacts("mailer-daemon@mail.partner-b.com", "Mail Delivery System", (ALICE,), machine=True)
+    assert display_name_new_address(other, h.lookup(other), OURS) is None
+    assert correspondent_elsewhere(other, h.lookup(other), OURS) is None
+    as_person = replace(other, machine=False)
+    assert display_name_new_address(as_person, h.lookup(as_person), OURS)  # what the flag prevents
+
+
+def test_machine_looking_mail_borrowing_a_person_s_name_is_still_judged() -> None:
+    """Auto-Submitted, a report's structure or MAIL FROM:<> cost a forger nothing: machine mail that
+    wears a correspondent's name from a new address is judged as a person's mail would be. It teaches
+    nothing either way."""
+    h = CorrespondenceHistory()
+    for n in range(3):
+        h.observe(inbound("jane.doe@vendor.test", display="Jane Doe"), day(n), outbound=False)
+    forged = MessageFacts("jane.doe.vendor@gmail.com", "Jane Doe", (ALICE,), machine=True)
+    assert display_name_new_address(forged, h.lookup(forged), OURS)
+    lookalike = MessageFacts("jane.doe@vendor-test.com", "Jane Doe", (ALICE,), machine=True)
+    assert correspondent_elsewhere(lookalike, h.lookup(lookalike), OURS)
+
+
+def test_what_counts_as_machine_mail() -> None:
+    assert machine_mail("mailer-daemon@mx.test") and machine_mail("POSTMASTER@mx.test")
+    assert machine_mail("jane@vendor.test", auto_report=True)
+    assert machine_mail("jane@vendor.test", mail_from="") and machine_mail("jane@vendor.test", mail_from="<>")
+    assert not machine_mail("jane@vendor.test", mail_from=None)  # not known (an offline scan)
+    assert not machine_mail("jane@vendor.test", mail_from="jane@vendor.test")
+    assert stored_facts("MAILER-DAEMON@mx.test", "Mail Delivery System", (ALICE,), None).machine
 
 
 # --- the signals -------------------------------------------------------------------------------------

@@ -303,7 +303,9 @@ def test_invalid_network_names_the_key() -> None:
 
 @pytest.mark.parametrize(
     "display",
-    ["Jane Smith", "jane  SMITH", "Jane Smith, CEO", "Smith, Jane", "CEO - Robert Brown (mobile)"],
+    ["Jane Smith", "jane  SMITH", "Jane Smith, CEO", "Smith, Jane", "CEO - Robert Brown (mobile)",
+     # the name to the eye: Cyrillic а and е, fullwidth letters, a soft hyphen, a zero-width joiner
+     "J\u0430n\u0435 Smith", "\uff2a\uff41\uff4e\uff45 Smith", "Jane Smi\u00adth", "Ja\u200dne Smith"],
 )
 def test_protected_name_from_outside_domain_is_bec(display: str) -> None:
     d = decide(PROTECTED, ext=extracted("jane.smith.ceo@gmail.com", display))

@@ -358,6 +358,52 @@ def test_rebuild_dry_run_writes_nothing(url: str, verdicts: Store) -> None:
     assert _lines(dry.output)[2:] == _lines(wet.output)[2:]  # the same table of entries per kind
 
 
+def _learned(store: Store, sender: str, days_ago: float, *, label: str | None = None) -> None:
+    """A verdict received `days_ago`, and what a gateway learned from it then."""
+    when = datetime.now(UTC) - timedelta(days=days_ago)
+    result = make_result(Verdict.HAM, Action.ACCEPT, teaches=True, from_addr=sender, from_display="Some Body")
+    pk = store.record(result, Envelope(mail_from=sender, rcpt_tos=("bob@corp.test",)), None, DIGEST,
+                      received_at=when)
+    if label is not None:
+        assert store.set_label(pk, label, "test") == 1
+    history = CorrespondenceHistory()
+    history.observe(MessageFacts(sender, "Some Body", ("bob@corp.test",)), when, outbound=False)
+    store.history_apply(list(history.rows()))
+
+
+def test_rebuild_refuses_to_forget_what_retention_deleted_the_verdicts_of(url: str, store: Store) -> None:
+    _learned(store, "old@vendor.test", 100)  # its verdict goes with the 30-day retention
+    _learned(store, "kept@labelled.test", 200, label="ham")  # labelled verdicts stay
+    _learned(store, "new@vendor.test", 1)
+    store.purge(30)
+    before = sorted((r.kind, r.key, r.member) for r in store.history_rows())
+    refused = CliRunner().invoke(main, ["history", "rebuild", "--db", url])
+    assert refused.exit_code == 1, refused.output
+    line = " ".join(refused.output.split())
+    # old@vendor.test's own entries (address, pair, name, local part); vendor.test stays known via new@
+    assert "the rebuild would drop 4 history entries last seen from" in line
+    assert "nothing written (--force replaces it)" in line
+    assert sorted((r.kind, r.key, r.member) for r in store.history_rows()) == before
+    dry = CliRunner().invoke(main, ["history", "rebuild", "--dry-run", "--db", url])
+    assert dry.exit_code == 0 and "would drop 4 history entries" in " ".join(dry.output.split())
+    forced = CliRunner().invoke(main, ["history", "rebuild", "--force", "--db", url])
+    assert forced.exit_code == 0, forced.output
+    assert "replaced anyway (--force)" in " ".join(forced.output.split())
+    addresses = {r.key for r in store.history_rows() if r.kind == "address"}
+    assert addresses == {"kept@labelled.test", "new@vendor.test"}
+
+
+def test_rebuild_drops_what_a_label_took_back_without_asking(url: str, store: Store) -> None:
+    """Entries the verdicts still cover but that no longer teach (labelled bec since) go: what a rebuild
+    is for."""
+    _learned(store, "a@vendor.test", 2)
+    _learned(store, "fake@evil.test", 1, label="bec")
+    result = CliRunner().invoke(main, ["history", "rebuild", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "would drop" not in result.output
+    assert {r.key for r in store.history_rows() if r.kind == "address"} == {"a@vendor.test"}
+
+
 def test_stats_prints_the_counts(url: str, store: Store) -> None:
     day = datetime(2026, 2, 3, 12, tzinfo=UTC).timestamp()
     store.history_apply([_row("a@x.test", day, day), _row("b@x.test", day, day + 86_400),

@@ -10,11 +10,12 @@ on a message's path:
   the messages judged without it, and the failure is logged once per outage. Loading is retried every
   `refresh_seconds`.
 * **Learning**: a delivered message that `teaches` (milter.policy: ham, bulk, or tagged only for being
-  new) is observed twice: into the history the lookups read, and into a *journal* of what this process
-  learned since its last write. Every `flush_seconds` the journal is written as additive upserts in
-  one transaction (`Store.history_apply`: counts added, first / last seen widened), apart from the
-  verdict rows, so a history write that fails never costs a verdict row and the reverse. A failed
-  write keeps the journal for the next one (up to `max_entries` rows; past that it is dropped, logged).
+  new; milter.policy.history says which tags) is observed twice: into the history the lookups read,
+  and into a *journal* of what this process learned since its last write. Every `flush_seconds` the
+  journal is written as additive upserts in one transaction (`Store.history_apply`: counts added,
+  first / last seen widened), apart from the verdict rows, so a history write that fails never costs
+  a verdict row and the reverse. A failed write keeps the journal for the next one (up to
+  `max_entries` rows; past that it is dropped, logged).
 * **Several processes and nodes** share the store: each writes deltas, never totals, so nothing one
   writes is overwritten by another, and every `refresh_seconds` each reads the rows changed since its
   last read (`last_seen` from a minute before it, for clock skew) and adopts them, adding back what
@@ -104,9 +105,13 @@ class HistoryKeeper:
 
     def _new_journal(self) -> CorrespondenceHistory:
         # Never aged, never capped below what a flush interval can hold: it holds deltas, not a history.
+        # Except members per identity: every observation of a name scans its members (milter.history), so
+        # while the store is down a common name's thousands of addresses would make each message slower
+        # on the loop. The history keeps `max_per_identity` of them, so more deltas there serve nobody.
         n = self._limits.max_pairs
         return CorrespondenceHistory(HistoryLimits(max_age_days=36_500.0, max_pairs=n, max_correspondents=n,
-                                                   max_identities=n, max_per_identity=n))
+                                                   max_identities=n,
+                                                   max_per_identity=self._limits.max_per_identity))
 
     @property
     def ready(self) -> bool:
@@ -123,7 +128,7 @@ class HistoryKeeper:
             self._metrics.history_unknown.inc()
             return None
         try:
-            facts = facts_from_summary(summary, envelope.rcpt_tos)
+            facts = facts_from_summary(summary, envelope.rcpt_tos, envelope.mail_from)
             return HistoryLookup(facts, history.lookup(facts, protected_names))
         except Exception as exc:  # a bug here must cost the history's opinion, never the message
             self._metrics.errors.labels("history").inc()
@@ -135,7 +140,7 @@ class HistoryKeeper:
         if not result.teaches:
             return
         try:
-            facts = facts_from_summary(result.summary, envelope.rcpt_tos)
+            facts = facts_from_summary(result.summary, envelope.rcpt_tos, envelope.mail_from)
             when = datetime.fromtimestamp(self._clock(), UTC)
             if self._history is not None:
                 self._history.observe(facts, when, result.outbound)

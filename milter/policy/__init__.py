@@ -124,12 +124,13 @@ from typing import TYPE_CHECKING, Any
 from milter.config import BULK_ACTIONS, HISTORY_SIGNALS, ClassThresholds, DomainRule, PolicyConfig
 from milter.errors import ConfigError, ModelError
 from milter.features import Protected
-from milter.features.summary import Extracted
+from milter.features.summary import Extracted, MessageSummary
+from milter.history import machine_mail
 from milter.names import compared
 from milter.policy.abused_tld import abused_tld_sender, abused_tlds
 from milter.policy.bec import bank_details_change, disguised_sender_money, gift_card_request
 from milter.policy.bulk import bulk_sender
-from milter.policy.dmarc import dmarc_fail, several_from_protected, spoofed_protected_domain
+from milter.policy.dmarc import dmarc_fail, refuted_by_dmarc, several_from_protected, spoofed_protected_domain
 from milter.policy.form import fake_reply, no_mailbox, several_from
 from milter.policy.history import (
     history_correspondent_elsewhere,
@@ -240,7 +241,8 @@ def evaluate(ctx: Context, rules: Iterable[Rule] = RULES) -> Decision:
     hits = [hit for rule in rules if (hit := rule(ctx)) is not None]
     decider = next((h for h in hits if h.action is not None), None)
     if decider is None:
-        return Decision(Verdict.HAM, Action.ACCEPT, tuple(h.reason for h in hits), teaches=True)
+        notes = tuple(h.reason for h in hits)
+        return Decision(Verdict.HAM, Action.ACCEPT, notes, teaches=_teaches(ctx, hits, Action.ACCEPT))
     decider = _raised(decider, hits)
     assert decider.verdict is not None and decider.action is not None
     action = decider.action
@@ -249,7 +251,7 @@ def evaluate(ctx: Context, rules: Iterable[Rule] = RULES) -> Decision:
     if override is not None and action is not Action.ACCEPT and override is not action:
         reasons.insert(1, f"recipient domain {ctx.rules.domain} rule: {action.value} -> {override.value}")
         action = override
-    return Decision(decider.verdict, action, tuple(reasons), teaches=_teaches(decider, action))
+    return Decision(decider.verdict, action, tuple(reasons), teaches=_teaches(ctx, hits, action))
 
 
 def _raised(decider: Hit, hits: list[Hit]) -> Hit:
@@ -264,13 +266,26 @@ def _raised(decider: Hit, hits: list[Hit]) -> Hit:
     return next(stricter, decider)
 
 
-def _teaches(decider: Hit, action: Action) -> bool:
+def _teaches(ctx: Context, hits: list[Hit], action: Action) -> bool:
     """Whether the correspondence history may learn from the message once delivered: wanted mail
-    (ham, bulk), or mail tagged only for being new (`Hit.novel`). Never what the model or a content rule
-    found bad, never held mail: an attacker must not become a known correspondent by writing twice."""
-    if action not in (Action.ACCEPT, Action.TAG):
+    (ham, bulk), or mail tagged only for being new (`Hit.novel`: milter.policy.history says which).
+    Never held mail, and never mail that any rule found bad, whether or not that rule decided: a history
+    tag decides before the DMARC rule and after an allow entry, and neither may make an attacker a known
+    correspondent by writing twice. Never mail whose From domain disowns it (DMARC fails under
+    p=quarantine / reject, even where `dmarc_fail_action` is "none"): whoever sent it, the history would
+    learn it as that domain's."""
+    if action not in (Action.ACCEPT, Action.TAG) or refuted_by_dmarc(ctx) is not None:
         return False
-    return decider.novel or decider.verdict in (Verdict.HAM, Verdict.BULK)
+    return all(h.verdict in (None, Verdict.HAM, Verdict.BULK) or h.novel for h in hits)
+
+
+def _automatic(summary: MessageSummary, envelope: Envelope) -> bool:
+    """Mail no person wrote (an out-of-office reply, a bounce, a newsletter): from our users it is no
+    sign that they correspond with its recipients. An attacker who writes once from a lookalike domain
+    gets an auto-reply back, or subscribes that address to our newsletter; counted as our users writing
+    there, it would switch the lookalike check off for that domain."""
+    sender = (summary.from_addr or "").lower()
+    return machine_mail(sender, summary.auto_report, envelope.mail_from) or bool(summary.bulk_evidence)
 
 
 # --- the public object -------------------------------------------------------------------------------
@@ -446,8 +461,11 @@ class Policy:
         prefix = self.config.subject_prefix if decision.action is Action.TAG else None
         # our users' mail to their correspondents: from our clients, From one of our domains
         ours = in_domain(domain_of(summary.from_addr or "") or "", self._protected.domains) is not None
+        outbound = internal and ours
+        # our software's mail (auto-replies, bounces, newsletters) is outbound, but teaches nothing
+        teaches = decision.teaches and not (outbound and _automatic(summary, envelope))
         return Decision(decision.verdict, decision.action, decision.reasons + signals, prefix,
-                        teaches=decision.teaches, outbound=internal and ours)
+                        teaches=teaches, outbound=outbound)
 
 
 def _clean_address(address: str | None) -> str | None:

@@ -5,9 +5,18 @@ Each rule asks its signal about the message and what the site's history knew bef
 for it: "note" adds the signal's reason and decides nothing, "tag" tags the message as `bec` (subject
 prefix and verdict headers; it is still delivered). None of them quarantines: on the Enron replay each
 signal fires on more than 0.1 % of real ham from outside the organisation (docs/bec-history.md), which
-is issue 17's bar for holding mail. A tag from here marks the hit `novel`: the message is tagged for who
-sent it, not for what it says, so the history still learns from it once delivered (`Decision.teaches`);
-otherwise a new supplier's invoices would be tagged for ever.
+is issue 17's bar for holding mail.
+
+What a tag from here lets the history learn (`Hit.novel`, read by `Decision.teaches`):
+
+* a plain first contact (`first_contact_org`, `first_contact_recipient`) is tagged only for being new,
+  so it teaches once delivered: otherwise a new supplier's invoices would be tagged for ever;
+* a borrowed name, a correspondent writing from elsewhere (lookalike, free-mail), a new Reply-To or
+  first contact talking money is tagged for looking like BEC, so it teaches nothing by itself: the
+  attacker's second message must meet the same tag. It teaches once our users have written to the
+  sender's address (their reply is outbound mail, which the history learns from), or when an admin
+  labels or releases it as ham (`milter history rebuild`, `milter quarantine release`). A new Reply-To
+  stops being new once our users write to it; their writing to the sender vouches for no Reply-To.
 
 They sit after the model's ladders and the allow and bulk rules in `RULES`: the first hit with an action
 decides, and a tag must never pre-empt a quarantine the model or a content rule would have made. An
@@ -18,6 +27,8 @@ gateway whose history table cannot be read: "unknown", logged and counted there)
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from milter.history_signals import (
     Signal,
@@ -31,6 +42,15 @@ from milter.history_signals import (
 from milter.policy.table import Context, Hit
 from milter.types import Action, Verdict
 
+if TYPE_CHECKING:
+    from milter.history import HistoryLookup
+
+
+#: Signals that say only "new": their tag does not stop the history learning the sender (module docstring).
+_NEW_ONLY = frozenset({"first_contact_org", "first_contact_recipient"})
+#: Signals about the sender's identity, whose tag the history may learn once our users write to it.
+_ANSWERED_TEACHES = frozenset({"display_name_new_address", "correspondent_elsewhere"})
+
 
 def _judge(ctx: Context, name: str, signal: Signal) -> Hit | None:
     known = ctx.history
@@ -41,8 +61,16 @@ def _judge(ctx: Context, name: str, signal: Signal) -> Hit | None:
     if reason is None:
         return None
     if mode == "tag":
-        return Hit(reason, Verdict.BEC, Action.TAG, novel=True)
+        return Hit(reason, Verdict.BEC, Action.TAG, novel=_may_teach(name, known))
     return Hit(reason)
+
+
+def _may_teach(name: str, known: HistoryLookup) -> bool:
+    """Whether a tag from signal `name` still lets the history learn the message (module docstring)."""
+    if name in _NEW_ONLY:
+        return True
+    written = known.view.address
+    return name in _ANSWERED_TEACHES and written is not None and written.outbound > 0
 
 
 def history_first_contact_org(ctx: Context) -> Hit | None:
