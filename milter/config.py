@@ -603,7 +603,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         _check_networks("server.xforward_hosts", server.xforward_hosts)
         cfg = replace(cfg, server=server)
     if "store" in raw:
-        cfg = replace(cfg, store=_simple(StoreConfig, "store", _table("store", raw["store"]), StoreConfig()))
+        cfg = replace(cfg, store=_store(_table("store", raw["store"])))
     if "auth" in raw:
         cfg = replace(cfg, auth=_auth(_table("auth", raw["auth"])))
     if "reputation" in raw:
@@ -625,6 +625,19 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
             f"({cfg.server.scan_timeout:g} s), or a DNS outage would fail every scan",
         )
     return cfg
+
+
+#: store.retention_days bounds: 0 put purge's cutoff at "now" (read by many as "keep forever", it
+#: deleted every unlabelled verdict and held message); past 100 years the cutoff date overflows.
+RETENTION_DAYS_MAX = 36_500
+
+
+def _store(raw: Mapping[str, Any]) -> StoreConfig:
+    store: StoreConfig = _simple(StoreConfig, "store", raw, StoreConfig())
+    if not 1 <= store.retention_days <= RETENTION_DAYS_MAX:
+        raise ConfigError("store.retention_days", f"must be 1 to {RETENTION_DAYS_MAX} days, got "
+                          f"{store.retention_days} (0 would purge every message, even one held a second ago)")
+    return store
 
 
 #: [server] counts that must be at least 1: no worker serves nothing, a batch of none scores nothing

@@ -58,6 +58,9 @@ def test_nameserver_entries() -> None:
         ({"server": {"mode": "sideways"}}, "server.mode"),
         ({"server": {"xforward_hosts": ["127.0.0.1", "localhost"]}}, "server.xforward_hosts[1]"),
         ({"store": {"retention_days": -1}}, "store.retention_days"),
+        # 0 made `quarantine purge` delete every held message, even one quarantined a second ago
+        ({"store": {"retention_days": 0}}, "store.retention_days"),
+        ({"store": {"retention_days": 36_501}}, "store.retention_days"),  # the cutoff date overflowed
         ({"serverr": {}}, "serverr"),
         ({"policy": {"domain": [{"spam": {"tag": 0.1}}]}}, "policy.domain[0].domain"),
         ({"policy": {"dmarc_fail_action": "reject"}}, "policy.dmarc_fail_action"),

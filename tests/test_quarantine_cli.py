@@ -157,6 +157,7 @@ def test_bad_or_unreachable_db_exits_1_without_traceback(db: str, free_port: obj
 
 
 def test_missing_message_exits_1(tmp_path: Path) -> None:
+    Store.open(f"sqlite:///{tmp_path}/x.db").close()  # an existing store (a missing one: exit 1 too)
     result = CliRunner().invoke(main, ["quarantine", "show", "42", "--db", f"sqlite:///{tmp_path}/x.db"])
     assert result.exit_code == 1 and "no message with id 42" in result.stderr
 

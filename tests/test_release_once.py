@@ -308,7 +308,9 @@ def test_delete_refuses_while_a_release_holds_the_claim(store: Store, url: str) 
     assert store.claim_release(id, "t1").claimed
     assert store.delete([id]) == 0
     result = CliRunner().invoke(main, ["quarantine", "delete", "--db", url, str(id)])
-    assert result.exit_code == 0 and result.stdout.strip() == "deleted 0 of 1"
+    # the admin is told which one was kept and why (a silent exit 0 hid it)
+    assert result.exit_code == 1 and result.stdout.strip() == "deleted 0 of 1"
+    assert "being released" in result.stderr
     assert store.get_raw(id) == _raw("del@x")
     _age_claim(store, id, CLAIM_TIMEOUT_S + 60)  # its release died: the claim no longer protects it
     assert store.delete([id]) == 1

@@ -9,10 +9,10 @@ Scripts can trust the exit status: 0 ok, 1 error (one clear line on stderr, neve
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,13 +23,20 @@ from rich.text import Text
 
 from milter.commands import quarantine_view as view
 from milter.commands.quarantine_release import ReleaseOutcome, release
-from milter.config import Config, host_port, load_config
+from milter.config import RETENTION_DAYS_MAX, Config, host_port, load_config
 from milter.errors import ConfigError, StoreError
 from milter.parse import parse
 from milter.store import MessageRow, Store
 from milter.types import VERDICTS
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Bounds on numbers from the command line: beyond them SQLite cannot even bind the value (64-bit
+# INTEGER), and a date that far back overflows; both ended in a traceback, not one line and exit 2.
+MAX_INT64 = 2**63 - 1
+MAX_ID = 2**31 - 1  # messages.id is an INTEGER: 32 bits on PostgreSQL ("integer out of range" above)
+MessageId = click.IntRange(1, MAX_ID)
+PER_DAY = {"m": 24 * 60, "h": 24, "d": 1}  # --since units in a day
 
 
 def _store_options(func: F) -> F:
@@ -69,7 +76,9 @@ def _console() -> Console:
 def _open(db_url: str | None, config_path: Path | None) -> Store:
     url = db_url or _config_store(config_path)[0]
     try:
-        return Store.open(url)
+        # must exist: these commands review what the gateway stored; creating an empty store instead
+        # (a relative default URL in the wrong folder, a mistyped --db) showed "quarantine is empty"
+        return Store.open(url, must_exist=True)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -80,7 +89,11 @@ def _parse_since(value: str | None) -> datetime | None:
         return None
     units = {"m": "minutes", "h": "hours", "d": "days"}
     if value[:-1].isdigit() and value[-1:] in units:
-        return datetime.now(UTC) - timedelta(**{units[value[-1]]: int(value[:-1])})
+        amount = int(value[:-1])
+        # compared before any timedelta is made: a large one overflowed with a traceback
+        if amount > RETENTION_DAYS_MAX * PER_DAY[value[-1]]:
+            raise click.BadParameter(f"an age must be at most {RETENTION_DAYS_MAX} days")
+        return datetime.now(UTC) - timedelta(**{units[value[-1]]: amount})
     try:
         when = datetime.fromisoformat(value)
     except ValueError as exc:
@@ -98,8 +111,8 @@ def quarantine() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--since", help="Only messages received since (ISO 8601 or an age: 24h, 7d).")
 @click.option("--verdict", type=click.Choice(VERDICTS))
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--limit", type=click.IntRange(1, MAX_INT64), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(0, MAX_INT64), default=0)
 @click.option("--recipient", metavar="ADDR", help="Only messages with ADDR among the envelope recipients.")
 @click.option("--sender", metavar="ADDR", help="Only messages whose envelope sender or From is ADDR.")
 @click.option("--reason", metavar="TEXT",
@@ -129,7 +142,7 @@ def list_cmd(
         )
     if as_json:
         for row in rows:
-            click.echo(json.dumps(row.as_json(), ensure_ascii=False))
+            click.echo(view.json_text(row.as_json()))
     else:
         _console().print(_table(rows))
 
@@ -139,6 +152,8 @@ def _call(func: Callable[[], Any]) -> Any:
         return func()
     except StoreError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OverflowError as exc:  # a number the database cannot bind; the options bound most of them
+        raise click.ClickException(f"number out of range: {exc}") from exc
 
 
 def _table(rows: list[MessageRow]) -> Table:
@@ -164,12 +179,13 @@ def _table(rows: list[MessageRow]) -> Table:
 @quarantine.command("show")
 @_store_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with the same facts.")
-@click.argument("message", type=int)
+@click.argument("message", type=MessageId)
 def show_cmd(db_url: str | None, config_path: Path | None, as_json: bool, message: int) -> None:
     """One message for review: envelope, headers, verdict, a safe text preview, and why it was held.
 
     The preview is the text/plain part, or the HTML converted to text (never rendered), with control
-    characters and terminal escapes removed. "Why" lists the policy rules that fired and the model's
+    characters and terminal escapes removed, in a frame (text in a message cannot pass for the lines
+    after it). "Why" lists the policy rules that fired and the model's
     exact per-feature contributions (TreeSHAP) to its score, in words: those stored with the verdict, or
     for an older verdict computed from its stored vector by the current model ([model] path in --config).
     """
@@ -181,7 +197,7 @@ def show_cmd(db_url: str | None, config_path: Path | None, as_json: bool, messag
         vector = _call(lambda: store.get_vector(message))
     facts = _show_facts(row, raw, vector, _config(config_path).model.path)
     if as_json:
-        click.echo(json.dumps(facts, ensure_ascii=False, indent=2))
+        click.echo(view.json_text(facts, indent=2))
     else:
         _print_show(_console(), row, facts)
 
@@ -192,9 +208,10 @@ def _show_facts(row: MessageRow, raw: bytes | None, vector: Any, model_path: Pat
     if raw is not None:
         parsed = parse(raw)
         text, source = view.preview(parsed)
-        facts.update(headers=view.headers(parsed), preview=text, preview_source=source)
+        facts.update(headers=view.headers(parsed), preview=text, preview_source=source,
+                     raw_size=len(raw), parts=view.parts(parsed))
     else:
-        facts.update(headers={}, preview=None, preview_source=None)
+        facts.update(headers={}, preview=None, preview_source=None, raw_size=None, parts=None)
     facts["why"] = view.explain_row(row, raw, vector, model_path).as_json()
     return facts
 
@@ -240,8 +257,18 @@ def _print_show(console: Console, row: MessageRow, facts: dict[str, Any]) -> Non
     console.print(_kv_table("headers", shown))
     source = facts["preview_source"]
     console.print(Text(f"preview from {source or 'no text body'}:", style="bold"))
-    console.print(Text(facts["preview"] or "(quarantined bytes not available)"))
+    console.print(view.framed(_preview_text(facts)))
     _print_why(console, row, facts["why"])
+
+
+def _preview_text(facts: dict[str, Any]) -> str:
+    """The preview, or why there is none: no bytes (deleted, never held) is not the same as bytes with
+    no text in them (an image-only or attachment-only message), which a reviewer can still `raw`."""
+    if facts["raw_size"] is None:
+        return "(quarantined bytes not available)"
+    if facts["preview"]:
+        return str(facts["preview"])
+    return f"(no text to preview: {facts['raw_size']} bytes; {view.describe_parts(facts['parts'])})"
 
 
 def _print_why(console: Console, row: MessageRow, why: dict[str, Any]) -> None:
@@ -276,7 +303,7 @@ def _print_why(console: Console, row: MessageRow, why: dict[str, Any]) -> None:
 @click.option("--downstream", metavar="HOST:PORT", help="Deliver here [default: server.downstream].")
 @click.option("--no-label", is_flag=True, help="Do not label released messages ham.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per id.")
-@click.argument("messages", type=int, nargs=-1, required=True)
+@click.argument("messages", type=MessageId, nargs=-1, required=True)
 def release_cmd(
     db_url: str | None,
     config_path: Path | None,
@@ -323,7 +350,7 @@ def release_cmd(
 def _print_release(outcomes: list[ReleaseOutcome], as_json: bool) -> None:
     if as_json:
         for o in outcomes:
-            click.echo(json.dumps(o.as_json(), ensure_ascii=False))
+            click.echo(view.json_text(o.as_json()))
         return
     table = Table("id", "result", "labelled", "detail")
     for o in outcomes:
@@ -339,7 +366,7 @@ def _print_release(outcomes: list[ReleaseOutcome], as_json: bool) -> None:
 
 @quarantine.command("raw")
 @_store_options
-@click.argument("message", type=int)
+@click.argument("message", type=MessageId)
 def raw_cmd(db_url: str | None, config_path: Path | None, message: int) -> None:
     """Write the quarantined bytes to stdout (e.g. `| sendmail -i -- RCPT` to release by hand)."""
     with _open(db_url, config_path) as store:
@@ -352,17 +379,41 @@ def raw_cmd(db_url: str | None, config_path: Path | None, message: int) -> None:
 
 @quarantine.command("delete")
 @_store_options
-@click.argument("messages", type=int, nargs=-1, required=True)
+@click.argument("messages", type=MessageId, nargs=-1, required=True)
 def delete_cmd(db_url: str | None, config_path: Path | None, messages: tuple[int, ...]) -> None:
     """Delete the bytes of quarantined messages (their verdicts stay).
 
     A message being released right now (here or on another node) is not deleted: the release would
     deliver it and find it deleted. Once that release has ended it is released, or held again and can
     be deleted. An abandoned release (its process died) stops protecting the message after 10 minutes.
+    Ids not deleted are named with why, and the exit status is then 1.
     """
+    wanted = tuple(dict.fromkeys(messages))  # an id given twice is deleted once
     with _open(db_url, config_path) as store:
-        n = _call(lambda: store.delete(messages))
-    click.echo(f"deleted {n} of {len(messages)}")
+        before = {pk: _call(partial(store.get, pk)) for pk in wanted}
+        n = _call(lambda: store.delete(wanted))
+        after = {pk: _call(partial(store.get, pk)) for pk in wanted}
+    click.echo(f"deleted {n} of {len(wanted)}")
+    skipped = [f"{pk} ({_not_deleted_why(before[pk], after[pk])})" for pk in wanted
+               if not _just_deleted(before[pk], after[pk])]
+    if skipped:
+        raise click.ClickException(f"not deleted: {', '.join(skipped)}")
+
+
+def _just_deleted(before: MessageRow | None, after: MessageRow | None) -> bool:
+    if before is None or after is None:
+        return False
+    return before.deleted_at is None and after.deleted_at is not None
+
+
+def _not_deleted_why(before: MessageRow | None, after: MessageRow | None) -> str:
+    if before is None or after is None:
+        return "no such message"
+    if not before.quarantined:
+        return "not quarantined"
+    if before.deleted_at is not None:
+        return "already deleted"
+    return "being released right now; try again once that release has ended"
 
 
 @quarantine.command("label")
@@ -373,7 +424,11 @@ def delete_cmd(db_url: str | None, config_path: Path | None, messages: tuple[int
 def label_cmd(db_url: str | None, config_path: Path | None, source: str, message: str, label: str) -> None:
     """Label MESSAGE (row id, or Message-ID for every copy) as ham, bulk, spam or bec for retraining
     (bulk is wanted mail: it trains the model as ham and vouches for its sender like ham)."""
-    ref: int | str = int(message) if message.isdigit() else message
+    ref: int | str = message
+    if message.isdigit():
+        ref = int(message)
+        if ref > MAX_ID:  # no row has such an id, and the database cannot even compare it
+            raise click.ClickException(f"no message matches {message!r}")
     with _open(db_url, config_path) as store:
         n = _call(lambda: store.set_label(ref, label, source))
     if n == 0:
@@ -383,7 +438,8 @@ def label_cmd(db_url: str | None, config_path: Path | None, source: str, message
 
 @quarantine.command("purge")
 @_store_options
-@click.option("--days", type=click.IntRange(min=0), help="Retention in days [default: store.retention_days].")
+@click.option("--days", type=click.IntRange(1, RETENTION_DAYS_MAX),
+              help="Retention in days [default: store.retention_days]; 0 would purge everything.")
 def purge_cmd(db_url: str | None, config_path: Path | None, days: int | None) -> None:
     """Delete verdicts and quarantined messages older than the retention (labelled verdicts stay)."""
     if days is None:
@@ -433,7 +489,7 @@ def stats_cmd(
         daily = _call(lambda: store.daily_volumes(days))
     if as_json:
         click.echo(
-            json.dumps(
+            view.json_text(
                 {
                     "messages": st.messages,
                     "quarantined": st.quarantined,
@@ -485,7 +541,7 @@ def _stats_why(
 
         report = why_report.aggregate(why_report.paged(fetch), since, days, verdict)
     if as_json:
-        click.echo(json.dumps(report.as_json(top), ensure_ascii=False))
+        click.echo(view.json_text(report.as_json(top)))
     else:
         why_report.render(_console(), report, top)
 

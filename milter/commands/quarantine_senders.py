@@ -9,13 +9,13 @@ a sender's mail was only tagged, and end the credit by labelling one of its mess
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 from rich.table import Table
 from rich.text import Text
 
+from milter.commands import quarantine_view as view
 from milter.commands.quarantine import _call, _config, _console, _open, _store_options
 from milter.policy.table import LearnedSenders
 
@@ -37,12 +37,14 @@ def senders_cmd(db_url: str | None, config_path: Path | None, as_json: bool, sho
     shown = [e for e in entries if show_all or e[2]]
     if as_json:
         for key, labels, vouched in shown:
-            click.echo(json.dumps({"sender": key, "ham": labels.ham, "unwanted": labels.unwanted,
-                                   "vouched": vouched}))
+            click.echo(view.json_text({"sender": key, "ham": labels.ham, "unwanted": labels.unwanted,
+                                       "vouched": vouched}))
         return
     table = Table("sender", "ham/bulk labels", "spam/bec labels", "vouched")
     for key, labels, vouched in shown:
-        table.add_row(Text(key), str(labels.ham), str(labels.unwanted), "yes" if vouched else "no")
+        # the key is the From address or domain of stored mail: sender text, escapes and all
+        sender = Text(view.safe_line(key))
+        table.add_row(sender, str(labels.ham), str(labels.unwanted), "yes" if vouched else "no")
     console = _console()
     console.print(table)
     state = f"policy.learned_sender_labels = {min_ham}" + ("" if min_ham else ": off")

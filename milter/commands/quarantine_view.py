@@ -7,6 +7,7 @@ the cursor, retitle the terminal or hide text), and the caller prints it without
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from rich import box
+from rich.panel import Panel
+from rich.text import Text
 from selectolax.lexbor import LexborHTMLParser
 
 from milter.errors import ModelError
@@ -38,20 +42,55 @@ _ESCAPES = re.compile(
 )
 
 
+# Letters and symbols that render as nothing: spam pads with them, and a line of them read as blank to
+# a reviewer but not to str.strip(), so the preview kept them as content. Made spaces; the Unicode line
+# and paragraph separators become the newlines they are.
+_INVISIBLE = str.maketrans({
+    "\u2800": " ",  # BRAILLE PATTERN BLANK
+    "\u3164": " ",  # HANGUL FILLER
+    "\u115f": " ",  # HANGUL CHOSEONG FILLER
+    "\u1160": " ",  # HANGUL JUNGSEONG FILLER
+    "\uffa0": " ",  # HALFWIDTH HANGUL FILLER
+    "\u2028": "\n",
+    "\u2029": "\n",
+})
+
+
+_UNSAFE = ("Cc", "Cf", "Cs", "Co")  # control, format, surrogate, private use
+
+
 def safe_text(value: str) -> str:
     """`value` without escape sequences or control/format characters (newlines and tabs kept).
 
     Format characters (Cf) go too: bidi overrides can make a preview read differently from its bytes.
+    Invisible fillers (_INVISIBLE) become spaces.
     """
-    value = _ESCAPES.sub("", value.replace("\r\n", "\n").replace("\r", "\n"))
+    value = _ESCAPES.sub("", value.replace("\r\n", "\n").replace("\r", "\n")).translate(_INVISIBLE)
     return "".join(
         ch for ch in value
-        if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co")
+        if ch in "\n\t" or unicodedata.category(ch) not in _UNSAFE
     ).replace("\t", "    ")
 
 
 def safe_line(value: str) -> str:
     return " ".join(safe_text(value).split())
+
+
+def json_text(obj: object, indent: int | None = None) -> str:
+    """`obj` as JSON for --json output: non-ASCII text as is, but control and format characters
+    (C1 such as U+009B, bidi overrides, zero-width) as \\uXXXX escapes. json.dumps escapes only C0,
+    and a script printing a field would hand a terminal the raw escape or reordering."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent)
+    # a raw newline can only be the indentation's: json.dumps escapes those inside strings
+    return "".join(
+        json.dumps(ch)[1:-1] if ch != "\n" and unicodedata.category(ch) in _UNSAFE else ch for ch in text
+    )
+
+
+def framed(preview_text: str) -> Panel:
+    """The preview inside a frame: every line, wrapped ones too, starts with the frame's "│ ", so text
+    in the message cannot pass for the lines `show` prints after it (a forged "why: the policy")."""
+    return Panel(Text(preview_text), box=box.SQUARE, expand=False, padding=(0, 1))
 
 
 # Tags after which a browser starts a new line; U+2028 marks the spot through the parser, because
@@ -96,14 +135,46 @@ def _squeeze_blank(lines: list[str]) -> list[str]:
     return out
 
 
+def parts(parsed: ParsedMessage) -> dict[str, object]:
+    """What the message is made of, for a preview with no text: content types and attachments."""
+    return {
+        "content_types": list(dict.fromkeys(parsed.content_types)),
+        "attachments": [{"filename": safe_line(a.filename), "content_type": a.content_type, "size": a.size}
+                        for a in parsed.attachments],
+    }
+
+
+def describe_parts(found: object) -> str:
+    """`parts` in words: "parts: multipart/mixed, application/pdf; attachments: inv.pdf (..., 14 bytes)"."""
+    if not isinstance(found, dict):
+        return "no parts"
+    types = ", ".join(safe_line(str(t)) for t in found.get("content_types", ())) or "none"
+    files = [f"{a['filename'] or '(no name)'} ({safe_line(str(a['content_type']))}, {a['size']} bytes)"
+             for a in found.get("attachments", ())]
+    return f"parts: {types}" + (f"; attachments: {', '.join(files)}" if files else "")
+
+
 def headers(parsed: ParsedMessage) -> dict[str, str]:
     """The headers a reviewer wants, decoded and made safe; absent ones are left out."""
     found: dict[str, str] = {}
     for name in SHOWN_HEADERS:
         values = parsed.get_all(name)
         if values:
-            found[name] = safe_line(", ".join(decode_words(v) for v in values))[:1000]
+            found[name] = safe_line(", ".join(decode_words(_raw_utf8(v)) for v in values))[:1000]
     return found
+
+
+def _raw_utf8(value: str) -> str:
+    """A header value with its raw 8-bit bytes read as UTF-8 (RFC 6532 headers, SMTPUTF8 mail).
+
+    The parser keeps such bytes as surrogate escapes, and decode_words turns each into "?": "Grüße" read
+    "Gr????e". Bytes that are no UTF-8 become U+FFFD. The stored Subject and From (`list`) are made by
+    the parser's own cleaning before the store sees them, so only `show`, which reads the bytes, gains.
+    """
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte: leave it to decode_words
+        return value
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,24 @@
 """`milter report --as ham|bulk|spam|bec FILE.eml...`: feed a user's "this was a mistake" into the
 learning loop (bulk: a wanted newsletter; like ham it trains the model's ham class).
 
-For each file, the reported message is matched to its stored verdict by Message-ID and labelled there
-(every copy, label source "user-report"). When the store never saw it (delivered before the gateway,
-or scanned elsewhere), it is scanned now and stored as a labelled example with its feature vector.
-A file forwarded "as attachment" (one message/rfc822 part) reports the message inside; the outer
-Message-ID is tried too, in case the reported message itself merely carried an attachment.
+For each file, the reported message is matched to its stored verdicts by Message-ID *and* From
+address (a phish that copies a real message's Message-ID must not label the real one) and labelled
+there (every copy, label source "user-report"). A copy an admin labelled (`quarantine label`, a
+release: any source but a report's) keeps the admin's label, and the line says so. When the store never
+saw it (delivered before the gateway, or scanned elsewhere), it is scanned now and stored as a labelled
+example with its feature vector. A file forwarded "as attachment" (one message/rfc822 part) reports the
+message inside, and only it: the forward itself is the user's own mail, which the gateway may have
+stored too (--no-unwrap reports a message that merely carried a message as an attachment).
 
 One line per file (`matched` / `stored` / `error`), or with --json one object per line:
-  {"path", "result": "matched"|"stored"|"error", "label", "message_id", "rows" | "id" | "error"}
+  {"path", "result": "matched"|"stored"|"error", "label", "message_id", "rows" [+ "kept", "kept_labels"]
+   | "id" | "error"}
+("rows": stored verdicts labelled now; "kept": those that kept an admin's label, "kept_labels" which.)
 Exit status: 0 when every file was recorded, 1 when any failed, 2 for bad usage.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from email import policy
 from email.message import Message
@@ -23,10 +27,10 @@ from pathlib import Path
 
 import click
 
+from milter.commands import quarantine_view as view
 from milter.config import Config, load_config
 from milter.errors import ConfigError, MilterError
-from milter.features import SCHEMA
-from milter.parse import parse
+from milter.features import SCHEMA, extract
 from milter.scan import Scanner, build_scanner, prepare
 from milter.store import Store
 from milter.store.labels import record_labelled
@@ -44,23 +48,31 @@ class Outcome:
     rows: int | None = None  # matched: how many stored verdicts were labelled
     id: int | None = None  # stored: the new row
     error: str | None = None
+    kept: int | None = None  # matched: stored verdicts that kept the label an admin gave
+    kept_labels: tuple[tuple[str, str], ...] = ()  # (label, source) of those
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {"path": self.path, "result": self.result, "label": self.label,
                                   "message_id": self.message_id}
-        for key in ("rows", "id", "error"):
+        for key in ("rows", "id", "error", "kept"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.kept:
+            out["kept_labels"] = [{"label": lab, "source": src} for lab, src in self.kept_labels]
         return out
 
     def line(self) -> str:
+        # the Message-ID and the errors quote the sender's text: no terminal escapes through here
+        mid = view.safe_line(self.message_id or "no Message-ID")
         if self.result == "matched":
-            return (f"matched {self.path}: {self.message_id} labelled {self.label} "
-                    f"({self.rows} stored verdict(s))")
+            text = f"matched {self.path}: {mid} labelled {self.label} ({self.rows} stored verdict(s))"
+            if self.kept:
+                labels = ", ".join(f"{lab} by {src}" for lab, src in self.kept_labels)
+                text += f"; {self.kept} kept the label an admin gave ({view.safe_line(labels)})"
+            return text
         if self.result == "stored":
-            what = self.message_id or "no Message-ID"
-            return f"stored  {self.path}: {what} as labelled example #{self.id} ({self.label})"
-        return f"error   {self.path}: {self.error}"
+            return f"stored  {self.path}: {mid} as labelled example #{self.id} ({self.label})"
+        return f"error   {self.path}: {view.safe_line(self.error or '')}"
 
 
 def forwarded_inner(raw: bytes) -> bytes | None:
@@ -78,10 +90,11 @@ def forwarded_inner(raw: bytes) -> bytes | None:
     return None
 
 
-def message_id(raw: bytes) -> str | None:
-    """The Message-ID as the gateway stores it (milter.features.summarise: the header, stripped)."""
-    value = parse(raw).get("message-id")
-    return (value.strip() or None) if value else None
+def identity(raw: bytes) -> tuple[str | None, str | None]:
+    """(Message-ID, From address) exactly as the gateway stored them: milter.features.summarise's, the
+    header stripped and the first From's addr-spec with its domain as carried (A-labels)."""
+    summary = extract(raw).summary
+    return (summary.message_id or None), summary.from_addr
 
 
 class Reporter:
@@ -110,15 +123,15 @@ class Reporter:
 
     def _report(self, path: str, raw: bytes) -> Outcome:
         inner = forwarded_inner(raw) if self.unwrap else None
+        # Once a forwarded message is found, the outer one is never labelled: it is the user's own
+        # forward (internal mail is stored too), and labelling it taught that their forwards are spam.
         reported = inner if inner is not None else raw
-        candidates = [reported] if inner is None else [inner, raw]
-        for msg in candidates:
-            mid = message_id(msg)
-            if mid is None:
-                continue
-            n = self.store.set_label(mid, self.label, self.source)
-            if n:
-                return Outcome(path, "matched", self.label, message_id=mid, rows=n)
+        mid, from_addr = identity(reported)
+        if mid is not None:
+            done = self.store.label_reported(mid, from_addr, self.label, self.source)
+            if done.labelled or done.kept:
+                return Outcome(path, "matched", self.label, message_id=mid, rows=done.labelled,
+                               kept=done.kept, kept_labels=done.kept_labels)
         scanner = self.scanner()
         envelope = Envelope()
         ext = prepare(reported, envelope, scanner.policy.protected)
@@ -144,7 +157,8 @@ def report(label: str, db_url: str | None, config_path: Path | None, as_json: bo
     """Label reported FILE.eml... for retraining: matched by Message-ID, else scanned and stored."""
     try:
         cfg = load_config(config_path)
-        store = Store.open(db_url or cfg.store.url)
+        # must exist: a label stored in a new, stray store (the default URL is relative) is lost
+        store = Store.open(db_url or cfg.store.url, must_exist=True)
     except (ConfigError, MilterError) as exc:
         raise click.ClickException(str(exc)) from exc
     failed = 0
@@ -153,5 +167,5 @@ def report(label: str, db_url: str | None, config_path: Path | None, as_json: bo
         for path in files:
             outcome = reporter.report(path)
             failed += outcome.result == "error"
-            click.echo(json.dumps(outcome.as_json(), ensure_ascii=False) if as_json else outcome.line())
+            click.echo(view.json_text(outcome.as_json()) if as_json else outcome.line())
     click.get_current_context().exit(1 if failed else 0)

@@ -35,10 +35,15 @@ def _is_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:")
 
 
+def is_memory_or_uri(url: URL) -> bool:
+    """A SQLite URL that names no plain file path: in memory, or a `file:` URI."""
+    return _is_memory(url) or bool(url.database and url.database.startswith("file:"))
+
+
 def _prepare_sqlite_path(url: URL) -> None:
     """Create the folder of a SQLite file (OSError when that is impossible)."""
     db = url.database
-    if db and not _is_memory(url) and not db.startswith("file:"):
+    if db and not is_memory_or_uri(url):
         Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -84,12 +89,18 @@ def _install_sqlite_events(engine: Engine, busy_timeout_ms: int) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url_text: str, busy_timeout_ms: int = 10_000, connect_timeout_s: int = 10) -> Engine:
-    """Engine for `url_text`; raises SQLAlchemyError (bad URL, unknown driver) or OSError."""
+def make_engine(
+    url_text: str, busy_timeout_ms: int = 10_000, connect_timeout_s: int = 10, create: bool = True
+) -> Engine:
+    """Engine for `url_text`; raises SQLAlchemyError (bad URL, unknown driver) or OSError.
+
+    `create`: make the folder of a SQLite file (the gateway's first start); False for commands that
+    must find an existing store, where a mistyped path must not leave folders behind."""
     url = make_url(url_text)
     kwargs: dict[str, Any] = {"hide_parameters": True}  # no message content in error texts or logs
     if url.get_backend_name() == "sqlite":
-        _prepare_sqlite_path(url)
+        if create:
+            _prepare_sqlite_path(url)
         if _is_memory(url):
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
         engine = create_engine(url, **kwargs)

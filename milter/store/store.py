@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import (
     ColumnElement,
@@ -25,6 +28,8 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    inspect,
+    not_,
     or_,
     select,
     update,
@@ -36,7 +41,7 @@ from milter.errors import StoreError
 from milter.store import history as history_sql
 from milter.store import registry as registry_sql
 from milter.store import release as release_sql
-from milter.store.engine import WRITE_OPTION, describe, make_engine, safe_url
+from milter.store.engine import WRITE_OPTION, describe, is_memory_or_uri, make_engine, safe_url
 from milter.store.mapping import (
     MAX_INDEXED,
     clean,
@@ -46,7 +51,7 @@ from milter.store.mapping import (
     to_row,
     vector_from_bytes,
 )
-from milter.store.migrate import upgrade
+from milter.store.migrate import alembic_config, current_revision, upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
 from milter.store.registry import CurrentModel, ModelFiles, NodeStatus, PublishedModel
 from milter.store.rows import (
@@ -66,6 +71,19 @@ if TYPE_CHECKING:
     from milter.scan import ScanResult
 
 PURGE_BATCH = 2000  # rows per purge transaction: short write locks, so record() never waits long
+#: Label sources a user report may overwrite: other reports. Every other source (`quarantine label`'s
+#: "cli" or --source, "release") is an admin's judgement, which a user's report must not undo.
+REPORT_SOURCE = "user-report"
+VERSION_TABLE = "alembic_version"
+
+
+@dataclass(frozen=True)
+class ReportLabels:
+    """What `Store.label_reported` did: rows labelled, and rows whose admin label it kept."""
+
+    labelled: int
+    kept: int
+    kept_labels: tuple[tuple[str, str], ...] = ()  # distinct (label, source) of the kept rows
 
 
 def _now() -> datetime:
@@ -94,19 +112,33 @@ class Store:
         self._write = sessionmaker(self._writer, expire_on_commit=False)
 
     @classmethod
-    def open(cls, url: str, busy_timeout_ms: int = 10_000, connect_timeout_s: int = 10) -> Store:
-        """Connect and bring the schema to the shipped head revision; StoreError on any failure."""
+    def open(
+        cls, url: str, busy_timeout_ms: int = 10_000, connect_timeout_s: int = 10, must_exist: bool = False
+    ) -> Store:
+        """Connect and bring the schema to the shipped head revision; StoreError on any failure.
+
+        `must_exist`: for the review commands, which read and label a store the gateway filled. Opening
+        creates and migrates whatever the URL names, so a wrong working directory (the default URL is
+        relative) or a mistyped --db gave an empty new store: "quarantine is empty", or a user's label
+        stored where nobody reads it. With it, a missing SQLite file (nothing created, not even its
+        folder) or a database without a store's schema is a StoreError instead.
+        """
         where = safe_url(url)
         try:
-            engine = make_engine(url, busy_timeout_ms, connect_timeout_s)
+            engine = make_engine(url, busy_timeout_ms, connect_timeout_s, create=not must_exist)
         except (SQLAlchemyError, OSError, ImportError) as exc:
             raise StoreError(f"cannot open store {where}: {describe(exc)}") from exc
         try:
+            if must_exist:
+                _check_is_store(engine, where)
             with engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:
                 upgrade(conn)
         except (SQLAlchemyError, OSError, CommandError) as exc:
             engine.dispose()
-            raise StoreError(f"cannot open store {where}: {describe(exc)}") from exc
+            raise StoreError(f"cannot open store {where}: {_open_failure(engine, exc)}") from exc
+        except StoreError:
+            engine.dispose()
+            raise
         return cls(engine)
 
     def close(self) -> None:
@@ -234,14 +266,46 @@ class Store:
         # a Message-ID is looked up as it was stored (mapping.clean: no NUL, undecodable bytes replaced,
         # cut at MAX_INDEXED); raw, an 8-bit or a long one matched nothing or could not even be sent
         cond = Message.id == ref if isinstance(ref, int) else Message.message_id == clean(ref, MAX_INDEXED)
-        stmt = update(Message).where(cond).values(label=label, label_source=source, labelled_at=_now())
+        # label_source is VARCHAR(64): a longer --source failed on PostgreSQL (SQLite does not check)
+        values = {"label": label, "label_source": clean(source, 64), "labelled_at": _now()}
+        stmt = update(Message).where(cond).values(**values)
         with _guard("cannot set label"), self._write.begin() as s:
             return _rowcount(s.execute(stmt))
 
+    def label_reported(self, message_id: str, from_addr: str | None, label: str, source: str) -> ReportLabels:
+        """Label a user-reported message: the stored verdicts with its Message-ID *and* its From address.
+
+        The Message-ID alone is not the message: phishing kits copy a real message's ID, and a report of
+        the phish then labelled the real one too (ending its sender's vouched-for credit). A row an admin
+        labelled (any source but a report's: REPORT_SOURCE or `source`) keeps its label; how many did,
+        and with which labels, comes back so the reporter can say so.
+        """
+        if label not in VERDICTS:
+            raise ValueError(f"label must be one of {', '.join(VERDICTS)}, got {label!r}")
+        source = clean(source, 64) or ""
+        same_from = (
+            Message.from_addr.is_(None)
+            if from_addr is None
+            else func.lower(Message.from_addr) == func.lower(clean(from_addr))
+        )
+        match = (Message.message_id == clean(message_id, MAX_INDEXED), same_from)
+        by_report = or_(Message.label.is_(None), Message.label_source.in_((REPORT_SOURCE, source)))
+        stmt = update(Message).where(*match, by_report).values(label=label, label_source=source,
+                                                                labelled_at=_now())
+        kept = select(Message.label, Message.label_source, func.count()).where(*match, not_(by_report))
+        with _guard("cannot set label"), self._write.begin() as s:
+            n = _rowcount(s.execute(stmt))
+            kept_rows = s.execute(kept.group_by(Message.label, Message.label_source)).all()
+        return ReportLabels(
+            labelled=n, kept=sum(int(c) for _, _, c in kept_rows),
+            kept_labels=tuple((str(lab), str(src)) for lab, src, _ in kept_rows),
+        )
+
     def purge(self, older_than_days: int) -> PurgeCounts:
         """Delete verdicts and quarantined bytes older than the retention; labelled verdicts stay."""
-        if older_than_days < 0:
-            raise ValueError("older_than_days must not be negative")
+        # 0 days put the cutoff at now: everything went, a message held a second ago included
+        if older_than_days < 1:
+            raise ValueError("older_than_days must be at least 1")
         cutoff = _now() - timedelta(days=older_than_days)
         held = exists().where(Quarantine.message_pk == Message.id)
         pick = (
@@ -257,8 +321,11 @@ class Store:
                     ids = list(s.scalars(pick))
                     if not ids:
                         break
-                    held_rows = delete(Quarantine).where(Quarantine.message_pk.in_(ids))
+                    # bytes an admin deleted earlier are not purged now: only held rows count
+                    in_batch = Quarantine.message_pk.in_(ids)
+                    held_rows = delete(Quarantine).where(in_batch, Quarantine.deleted_at.is_(None))
                     quarantined += _rowcount(s.execute(held_rows))
+                    s.execute(delete(Quarantine).where(in_batch))
                     gone = delete(Message).where(Message.id.in_(ids), Message.label.is_(None))
                     messages += _rowcount(s.execute(gone))
         return PurgeCounts(messages=messages, quarantined=quarantined)
@@ -406,10 +473,15 @@ class Store:
     def daily_volumes(self, days: int) -> list[tuple[str, str, str, int]]:
         """(UTC day, action, verdict, count) for the last `days` days, newest day first.
 
-        Grouped in SQL by `date(received_at)`, which SQLite and PostgreSQL both have.
+        Grouped in SQL by `date(received_at)`, which SQLite and PostgreSQL both have. PostgreSQL takes
+        the date of a timestamptz in the session's TimeZone (the server's default), so there the value
+        is converted to UTC first; SQLite stores UTC already.
         """
         since = _now() - timedelta(days=days)
-        day = func.date(Message.received_at)
+        when: Any = Message.received_at
+        if self.engine.dialect.name == "postgresql":
+            when = func.timezone("UTC", Message.received_at)
+        day = func.date(when)
         stmt = (
             select(day, Message.action, Message.verdict, func.count())
             .where(Message.received_at >= since)
@@ -526,7 +598,8 @@ def _stats(s: Session) -> StoreStats:
         select(func.count(Message.id), func.min(Message.received_at), func.max(Message.received_at))
     ).one()
     n_quarantine = select(func.count()).select_from(Quarantine)
-    held = s.scalar(n_quarantine.where(Quarantine.deleted_at.is_(None)))
+    # held: still waiting for a decision; a released message keeps its bytes but is no longer held
+    held = s.scalar(n_quarantine.where(Quarantine.deleted_at.is_(None), Quarantine.released_at.is_(None)))
     released = s.scalar(n_quarantine.where(Quarantine.released_at.is_not(None)))
     labelled = s.scalar(select(func.count()).select_from(Message).where(Message.label.is_not(None)))
     by_verdict = _counts(s, Message.verdict)
@@ -536,3 +609,40 @@ def _stats(s: Session) -> StoreStats:
         labelled=int(labelled or 0), by_verdict=by_verdict, by_action=by_action,
         oldest=oldest, newest=newest,
     )
+
+
+def _check_is_store(engine: Engine, where: str) -> None:
+    """StoreError unless `engine` reaches an existing store (see Store.open's `must_exist`)."""
+    database = engine.url.database
+    if engine.url.get_backend_name() == "sqlite" and database and not is_memory_or_uri(engine.url):
+        # as sqlite3 resolves it: relative to the working directory, no ~ expansion
+        path = Path(database).absolute()
+        if not path.is_file():
+            raise StoreError(f"no store at {path}: the file does not exist (check --db, MILTER_STORE_URL "
+                             "or the config's store.url; the gateway creates its store)")
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(VERSION_TABLE):
+            raise StoreError(f"no store at {where}: the database holds no mailsift store "
+                             f"(no {VERSION_TABLE} table)")
+
+
+def _open_failure(engine: Engine, exc: BaseException) -> str:
+    """Why opening failed, in words; a schema from a newer mailsift said as such (Alembic's own text,
+    "Can't locate revision", reads like a corrupt store)."""
+    if isinstance(exc, CommandError):
+        newer = _unknown_revision(engine)
+        if newer is not None:
+            return (f"this store was migrated by a newer mailsift (revision {newer}); "
+                    "run that version, or give this one a store of its own")
+    return describe(exc)
+
+
+def _unknown_revision(engine: Engine) -> str | None:
+    """The store's schema revision when this code does not know it; None otherwise or unreadable."""
+    try:
+        with engine.connect() as conn:
+            revision = current_revision(conn)
+    except SQLAlchemyError:
+        return None
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    return revision if revision is not None and revision not in known else None
