@@ -593,6 +593,12 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         _host_port("server.downstream", server.downstream)
         if server.milter_listen is not None:
             milter_address(server.milter_listen, "server.milter_listen")
+        if server.metrics_listen is not None and server.metrics_listen.strip() in ("", "off"):
+            server = replace(server, metrics_listen=None)  # TOML has no null: "" or "off" turn it off
+        elif server.metrics_listen is not None:
+            # checked here, not first when the workers bind it: check-config said OK and every worker
+            # died at start, restarted each second
+            _host_port("server.metrics_listen", server.metrics_listen)
         if not server.listen and server.milter_listen is None:
             raise ConfigError("server.listen", "is empty and server.milter_listen is unset: nothing to serve")
         if server.milter_quarantine not in ("discard", "hold"):

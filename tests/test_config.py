@@ -124,6 +124,9 @@ def test_nameserver_entries() -> None:
         # a domain part with no A-label form: mail never carries it, so the entry could match nobody
         ({"policy": {"lists": {"deny_senders": ["bad@bü_cher.test"]}}}, "policy.lists.deny_senders[0]"),
         ({"reputation": {"skip_domains": ["google.com", "https://a.test"]}}, "reputation.skip_domains[1]"),
+        # checked before start: a worker that cannot bind it died, and was restarted every second
+        ({"server": {"metrics_listen": "127.0.0.1"}}, "server.metrics_listen"),
+        ({"server": {"metrics_listen": "127.0.0.1:99999"}}, "server.metrics_listen"),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
@@ -266,3 +269,11 @@ def test_the_example_brands_table_parses_once_uncommented() -> None:
     got = dict(parse_config(tomllib.loads(block)).policy.brands)
     assert got["Medicare"] == ("cms.gov", "hhs.gov", "ssa.gov")
     assert got["Consumer Cellular"] == ()
+
+
+@pytest.mark.parametrize("text", ["", "off", " off "])
+def test_metrics_listen_is_turned_off_with_an_empty_value_or_off(text: str) -> None:
+    """TOML has no null: "" and "off" (as --metrics-listen takes) turn the endpoint off."""
+    assert parse_config({"server": {"metrics_listen": text}}).server.metrics_listen is None
+    kept = parse_config({"server": {"metrics_listen": "127.0.0.1:9930"}}).server.metrics_listen
+    assert kept == "127.0.0.1:9930"
