@@ -102,6 +102,15 @@ class HistoryLimits:
     max_per_identity: int = 8  # addresses per display name, domains per local part, senders per Reply-To
 
 
+def stored_caps(limits: HistoryLimits) -> dict[str, int]:
+    """Rows per kind the shared table keeps (`Store.history_trim`): what a history with these limits
+    can hold, so trimming never drops what a gateway would keep."""
+    identities = limits.max_identities * limits.max_per_identity
+    return {"pair": limits.max_pairs, "key_pair": limits.max_pairs, "address": limits.max_correspondents,
+            "key": limits.max_correspondents, "name": identities, "local": identities,
+            "reply_to": identities}
+
+
 def limits_of(config: HistoryConfig) -> HistoryLimits:
     """The bounds `[policy.history]` sets (one definition for the gateway and `milter history rebuild`):
     `max_entries` per pair and correspondent table, a quarter of it for identities (each holds up to

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -122,6 +123,29 @@ def test_unknown_until_loaded_and_when_the_table_is_gone(
     asyncio.run(main())
 
 
+def test_the_hourly_purge_trims_the_table_to_what_a_history_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows for more senders than `max_entries` (a history keeps no more): the keeper's hourly purge
+    deletes the oldest from the store, so the table, and every start's read of it, stays bounded."""
+    async def main() -> None:
+        with Store.open(f"sqlite:///{tmp_path}/h.db") as store:
+            k = keeper(store, max_entries=20)
+            assert await k.load()
+            for n in range(30):
+                k.learn(delivered(f"p{n}@s{n}.test"), ENV)
+                assert await k.flush() > 0  # one at a time: each a later last_seen
+            caplog.set_level(logging.INFO, "milter.gateway")
+            def addresses() -> list[str]:
+                return [r.key for r in store.history_rows() if r.kind == "address"]
+
+            assert len(addresses()) == 30
+            await k._purge(time.time())
+            assert len(addresses()) == 20 and "p29@s29.test" in addresses()
+            assert any("history_trimmed" in r.getMessage() for r in caplog.records)
+    asyncio.run(main())
+
+
 def test_the_journal_is_bounded_while_the_store_is_down(tmp_path: Path) -> None:
     async def main() -> None:
         with Store.open(f"sqlite:///{tmp_path}/h.db") as store:
@@ -148,6 +172,9 @@ class DownStore:
         return []
 
     def history_purge(self, before: float) -> int:
+        return 0
+
+    def history_trim(self, caps: Any) -> int:
         return 0
 
 

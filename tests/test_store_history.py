@@ -135,6 +135,32 @@ def test_purge_deletes_entries_not_seen_since(store: Store, monkeypatch: pytest.
     assert store.history_purge(400.0) == 0
 
 
+def test_trim_keeps_the_newest_entries_of_each_kind(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table is bounded by size too, not only by age: per kind the entries seen last are kept
+    (as many as a gateway's history can hold), the others go, in several short transactions."""
+    monkeypatch.setattr(history_sql, "PURGE_BATCH", 2)
+    store.history_apply([_row(f"a{i}@x.test", 1.0, 100.0 + i) for i in range(7)])
+    store.history_apply([_row("n", 1.0, 50.0 + i, kind="name", member=f"m{i}@x.test") for i in range(3)])
+    assert store.history_trim({"address": 3, "name": 5, "pair": 1}) == 4
+    rows = store.history_rows()
+    assert sorted(r.key for r in rows if r.kind == "address") == ["a4@x.test", "a5@x.test", "a6@x.test"]
+    assert len([r for r in rows if r.kind == "name"]) == 3  # under its cap: untouched
+    assert store.history_trim({"address": 3}) == 0
+    store.history_apply([_row(f"t{i}@x.test", 1.0, 999.0) for i in range(3)])  # ties at the cut stay
+    assert store.history_trim({"address": 2}) == 3
+    assert sorted(r.key for r in store.history_rows() if r.kind == "address") == [
+        "t0@x.test", "t1@x.test", "t2@x.test"]
+
+
+def test_the_stored_caps_hold_what_a_history_keeps() -> None:
+    from milter.history import HistoryLimits, stored_caps
+
+    limits = HistoryLimits(max_pairs=10, max_correspondents=7, max_identities=3, max_per_identity=8)
+    caps = stored_caps(limits)
+    assert caps == {"pair": 10, "key_pair": 10, "address": 7, "key": 7, "name": 24, "local": 24,
+                    "reply_to": 24}
+
+
 def test_replace_drops_everything_else(store: Store) -> None:
     store.history_apply([_row("a@x.test", 1.0, 2.0, inbound=7), _row("gone@x.test", 1.0, 2.0)])
     assert store.history_replace([_row("a@x.test", 3.0, 4.0, inbound=1), _row("new@x.test", 5.0, 6.0)]) == 2

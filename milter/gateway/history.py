@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -48,6 +48,7 @@ from milter.history import (
     HistoryRow,
     facts_from_summary,
     limits_of,
+    stored_caps,
 )
 from milter.types import Envelope
 
@@ -70,6 +71,8 @@ class HistoryStore(Protocol):
     def history_rows(self, since: float | None = None) -> list[HistoryRow]: ...
 
     def history_purge(self, before: float) -> int: ...
+
+    def history_trim(self, caps: Mapping[str, int]) -> int: ...
 
 
 def load_history(rows: Iterable[HistoryRow], limits: HistoryLimits, now: float) -> CorrespondenceHistory:
@@ -264,6 +267,15 @@ class HistoryKeeper:
             return
         if gone:
             log.info(kv("history_purged", rows=gone))
+        try:
+            trimmed = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._store.history_trim, stored_caps(self._limits)
+            )
+        except Exception as exc:
+            self._unavailable("trim", exc)
+            return
+        if trimmed:
+            log.info(kv("history_trimmed", rows=trimmed))
 
     def _unavailable(self, what: str, exc: Exception) -> None:
         self._metrics.errors.labels("history").inc()

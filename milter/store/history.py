@@ -14,7 +14,7 @@ Own module: store.py is the verdict store's API and long enough; the Store metho
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -147,21 +147,43 @@ def _lock_order(dialect: str) -> list[ColumnElement[str]]:
 def purge(writer: Engine, before: float, batch: int | None = None) -> int:
     """Delete the entries last seen before `before` (POSIX seconds), `batch` (PURGE_BATCH) a
     transaction; how many."""
+    return _delete_batches(writer, [HISTORY.c.last_seen < before], PURGE_BATCH if batch is None else batch)
+
+
+def trim(writer: Engine, caps: Mapping[str, int], batch: int | None = None) -> int:
+    """Per kind, delete all but the `caps[kind]` entries last seen most recently (ties at the cut are
+    kept: never more than were asked to go), `batch` a transaction; how many. The age purge alone
+    bounded the table by time only: a site accepting mail from ever new senders grew it without end,
+    and every gateway start read all of it."""
     batch = PURGE_BATCH if batch is None else batch
     c = HISTORY.c
+    gone = 0
+    for kind, cap in caps.items():
+        if cap < 1:
+            gone += _delete_batches(writer, [c.kind == kind], batch)
+            continue
+        with writer.connect() as conn:  # the cap-th newest: older ones go
+            newest = select(c.last_seen).where(c.kind == kind).order_by(c.last_seen.desc())
+            cut = conn.execute(newest.offset(cap - 1).limit(1)).scalar()
+        if cut is None:
+            continue
+        gone += _delete_batches(writer, [c.kind == kind, c.last_seen < float(cut)], batch)
+    return gone
+
+
+def _delete_batches(writer: Engine, where: list[ColumnElement[bool]], batch: int) -> int:
+    """Delete the rows matching `where`, `batch` per transaction, locked in primary-key order."""
+    c = HISTORY.c
     pick = (
-        select(c.kind, c.key, c.member)
-        .where(c.last_seen < before)
-        .order_by(*_lock_order(writer.dialect.name))
-        .limit(batch)
-        .with_for_update()  # locks in the order above (SQLite: ignored, the write lock covers it)
+        select(c.kind, c.key, c.member).where(*where).order_by(*_lock_order(writer.dialect.name))
+        .limit(batch).with_for_update()  # locks in that order (SQLite: ignored, its write lock covers it)
     )
     gone = 0
     while True:
         with writer.begin() as conn:
             keys = [(str(k), str(key), str(m)) for k, key, m in conn.execute(pick)]
             if keys:
-                stmt = delete(HISTORY).where(tuple_(c.kind, c.key, c.member).in_(keys), c.last_seen < before)
+                stmt = delete(HISTORY).where(tuple_(c.kind, c.key, c.member).in_(keys), *where)
                 result = conn.execute(stmt)
                 gone += int(result.rowcount) if isinstance(result, CursorResult) else 0
         if len(keys) < batch:

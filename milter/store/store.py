@@ -7,7 +7,7 @@ bound to a session or a thread escapes. Every database failure surfaces as Store
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -512,6 +512,12 @@ class Store:
         """Delete the entries last seen before `before` (POSIX seconds), in short transactions; how many."""
         with _guard("cannot purge correspondence history"):
             return history_sql.purge(self._writer, before)
+
+    def history_trim(self, caps: Mapping[str, int]) -> int:
+        """Keep per kind only the `caps[kind]` entries seen most recently, in short transactions; how
+        many went (`milter.history.stored_caps`)."""
+        with _guard("cannot trim correspondence history"):
+            return history_sql.trim(self._writer, caps)
 
     def history_replace(self, rows: Iterable[HistoryRow]) -> int:
         """Replace the whole history with `rows` in one transaction (a failure keeps the old one); how
