@@ -14,16 +14,21 @@ multiparts, 100,000 headers, 10,000 parts, a 20 MB body of one-byte lines) took 
 the worst case is linear and small; a budget that cut in is recorded as a `Budget*` defect, which is
 a feature (`mime_defects`) and a reason, because a message that hits the limits is itself a signal.
 No corpus message under the limits reads differently: they are set far above real mail.
+
+What is read of the parsed message afterwards is linear too, with the stdlib's results: MIME parameters
+(`split_params`) and RFC 2047 encoded words that never end (`decode_words`; `MAX_RESCAN`, a
+`BudgetEncodedWords` defect, bounds what is left). tests/test_slow_inputs.py holds each such slow path.
 """
 
 from __future__ import annotations
 
 import email.header
 import email.utils
+import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.policy import EmailPolicy
 
@@ -54,6 +59,59 @@ class Limits:
 LIMITS = Limits()
 
 
+def split_params(value: str) -> list[str]:
+    """`email.message._parseparam` in linear time: the same list for every input.
+
+    The stdlib's splitter re-counts the quotes from the start of the rest for every ';' it meets and
+    copies the rest for every parameter, so a ';' per byte inside one open quote cost n^2: a 100 kB
+    part header line took 5 s, 400 kB 97 s (parts' header lines are not in any budget, and a cut top-level
+    value is still the whole one in the parser's `Message`). Here the quote count runs on from the last
+    ';' (a '\\"' pair cannot straddle a ';', so the counts add up) and the rest is never copied.
+    """
+    out: list[str] = []
+    start = 0  # the stdlib's `s` is value[start:] after each ';' it drops
+    n = len(value)
+    while True:
+        end = value.find(";", start)
+        open_quotes, counted = 0, start
+        # a ';' at the very start of the rest ends the parameter even inside quotes, as in the stdlib
+        while end > start:
+            open_quotes += value.count('"', counted, end) - value.count('\\"', counted, end)
+            if open_quotes % 2 == 0:
+                break
+            counted = end
+            end = value.find(";", end + 1)
+        if end < 0:
+            end = n
+        out.append(_param(value[start:end]))
+        if end >= n:
+            return out
+        start = end + 1
+
+
+def _param(f: str) -> str:
+    if "=" in f:
+        i = f.index("=")
+        f = f[:i].strip().lower() + "=" + f[i + 1 :].strip()
+    return f.strip()
+
+
+class _LinearParamsMessage(EmailMessage):
+    """The parser's message class: every parameter read (the parser's own `get_boundary`, our charset
+    and filename reads) goes through `_get_params_preserve`; only its splitter is replaced."""
+
+    def _get_params_preserve(self, failobj: object, header: str) -> object:
+        missing = object()
+        value = self.get(header, missing)
+        if value is missing:
+            return failobj
+        params: list[tuple[str, str]] = []
+        for p in split_params(str(value)):
+            name, eq, val = p.partition("=")
+            params.append((name.strip(), val.strip()) if eq else (p.strip(), ""))
+        return email.utils.decode_params(params)
+
+
 class _RawHeaderPolicy(EmailPolicy):
     """policy.default, except header values are handed back as raw strings.
 
@@ -66,7 +124,7 @@ class _RawHeaderPolicy(EmailPolicy):
         return value
 
 
-_PARSER = BytesParser(policy=_RawHeaderPolicy())
+_PARSER = BytesParser(policy=_RawHeaderPolicy(message_factory=_LinearParamsMessage))
 
 
 @dataclass(frozen=True)
@@ -130,14 +188,101 @@ def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
         return email.utils.getaddresses(values)
 
 
+# RFC 2047 decoding, in linear time with the stdlib's result. `email.header.decode_header`'s regex reads
+# from each "=?" to the first "?=" after it (on its line); a start that has none reads to the line's end
+# and fails, so n of them on one line cost n^2: an unterminated 256 kB filename took 33 s, a 64 kB Subject
+# 2 s. Such a start can never match and its text is kept as written, so it is disarmed before the call (a
+# stand-in character between "=" and "?", removed from the result) and the result stays the same.
+
+#: Characters the regex may still scan in vain for one value (`rescan_cost`, ~8 ms). Only hostile values
+#: keep such starts: lines also split at a character other than "\n" (decode_header splits at \x1c too,
+#: its regex reads over it), or every stand-in used. Past it, the value is kept undecoded (a
+#: `BudgetEncodedWords` defect); no corpus value comes near it.
+MAX_RESCAN = 2_000_000
+#: ASCII controls that are neither space nor a line break to `str` (a us-ascii round trip keeps them).
+_STAND_INS = tuple(map(chr, (*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F)))
+
+
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words; undecodable input comes back as readable text."""
     if "=?" not in value:
         return _clean(value)
-    try:
-        return _clean(str(email.header.make_header(email.header.decode_header(value))))
-    except Exception:  # bad charsets, broken base64: keep the raw text
+    armed, stand_in = _disarm(value)
+    if stand_in and rescan_cost(armed) <= MAX_RESCAN:
+        decoded = _decode_header(armed)
+        if decoded is None:
+            return _clean(value)
+        if decoded.count(stand_in) == armed.count(stand_in):  # none came out of an encoded word
+            return _clean(decoded.replace(stand_in, ""))
+    if rescan_cost(value) > MAX_RESCAN:
         return _clean(value)
+    decoded = _decode_header(value)
+    return _clean(value if decoded is None else decoded)
+
+
+def words_over_budget(value: str) -> bool:
+    """Whether `decode_words` keeps `value` undecoded because decoding it would cost too much."""
+    if "=?" not in value:
+        return False
+    armed, stand_in = _disarm(value)
+    return not (stand_in and rescan_cost(armed) <= MAX_RESCAN) and rescan_cost(value) > MAX_RESCAN
+
+
+def _decode_header(value: str) -> str | None:
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:  # bad charsets, broken base64: the caller keeps the raw text
+        return None
+
+
+def _disarm(value: str) -> tuple[str, str]:
+    """`value` with a stand-in character between the "=" and "?" of each encoded-word start that cannot
+    match, and that character ("" when no start needed it, or every stand-in occurs in `value`).
+
+    A start cannot match when no "?=" follows its "=?charset?q?" before the next "\n" (the regex's `.`
+    stops there; its charset may run over one, so a start is judged by where that part ends). Each
+    `find` below only moves forward, so this reads `value` a few times, whatever it holds.
+    """
+    cut: list[int] = []  # where a stand-in goes
+    end = len(value)
+    close = newline = -1  # the first "?=" / "\n" at or after the last start's code: reused until passed
+    at = value.find("=?")
+    while at >= 0:
+        mark = value.find("?", at + 2)  # the charset ends at the first "?"
+        if mark >= 0 and value[mark + 1 : mark + 3] in ("q?", "Q?", "b?", "B?"):
+            text = mark + 3  # the encoded text starts here, up to the first "?=" on this line
+            if close < text:
+                close = _find(value, "?=", text)
+            if newline < text:
+                newline = _find(value, "\n", text)
+            if close >= newline:
+                cut.append(at + 1)
+        at = value.find("=?", at + 2)
+    stand_in = next((c for c in _STAND_INS if c not in value), "") if cut else ""
+    if not stand_in:
+        return value, ""
+    bounds = [0, *cut, end]
+    return stand_in.join(value[a:b] for a, b in itertools.pairwise(bounds)), stand_in
+
+
+def _find(value: str, sub: str, start: int) -> int:
+    """`value.find`, with len(value) for none."""
+    found = value.find(sub, start)
+    return len(value) if found < 0 else found
+
+
+_START = re.compile(r"=\?[^?]*\?[qQbB]\?")  # the start of an encoded word, as decode_header's regex reads it
+
+
+def rescan_cost(value: str) -> int:
+    """How many characters `email.header.decode_header` scans in vain on `value`, give or take a half:
+    from each start after its line's last "?=" (one with a "?=" after it matches and is consumed) to the
+    line's end."""
+    cost = 0
+    for line in value.splitlines():  # as decode_header splits
+        tail = line[line.rfind("?=") + 2 :] if "?=" in line else line
+        cost += sum(1 for _ in _START.finditer(tail)) * len(tail)
+    return cost
 
 
 def _clean(value: str) -> str:
@@ -213,10 +358,12 @@ def trim(data: bytes, limits: Limits = LIMITS) -> tuple[bytes, tuple[str, ...]]:
     if data.count(b"\n", head_end, cut) > limits.parse_lines:
         cut = _after_nth(data, b"\n", limits.parse_lines, cut, head_end)
         cuts.append("BudgetLines")
-    for name, at in (
-        ("BudgetMultiparts", _nth_find(data[:cut].lower(), b"boundary", limits.multiparts + 1, 0, cut)),
-        ("BudgetDelimiters", _nth_boundary_line(data, limits.delimiters + 1, max(head_end - 1, 0), cut)),
-    ):
+    multiparts = _nth_find(data[:cut].lower(), b"boundary", limits.multiparts + 1, 0, cut)
+    # The delimiters counted are those of the boundaries declared before the multiparts cut, at most
+    # `multiparts` of them: one regex of every "boundary=" in 4 MB (body text too) took seconds to compile.
+    declared = cut if multiparts is None else _line_start(data, multiparts + 1)
+    delimiters = _nth_boundary_line(data, limits.delimiters + 1, max(head_end - 1, 0), cut, declared)
+    for name, at in (("BudgetMultiparts", multiparts), ("BudgetDelimiters", delimiters)):
         if at is not None:  # cut before the line that holds the occurrence
             cut = min(cut, _line_start(data, at + 1))
             cuts.append(name)
@@ -231,8 +378,9 @@ def _line_start(data: bytes, pos: int) -> int:
 _BOUNDARY = re.compile(rb'boundary\s*=\s*"?(?=([^"\s;]{1,200}))')
 
 
-def _nth_boundary_line(data: bytes, n: int, start: int, end: int) -> int | None:
-    """Where the n-th line that opens or closes a declared boundary starts (its newline), or None.
+def _nth_boundary_line(data: bytes, n: int, start: int, end: int, declared: int) -> int | None:
+    """Where the n-th line in data[start:end] that opens or closes a boundary declared in data[:declared]
+    starts (its newline), or None.
 
     Lines starting "--" that are no boundary (patches, signatures) cost the parser nothing extra,
     so they are not counted: counted in C first, and only a message with that many is looked at
@@ -241,7 +389,7 @@ def _nth_boundary_line(data: bytes, n: int, start: int, end: int) -> int | None:
     if data.count(b"\n--", start, end) < n:
         return None
     # found in the lower-cased copy (a literal prefix the regex engine skips to), read in the original
-    names = {data[m.end() : m.end() + len(m.group(1))] for m in _BOUNDARY.finditer(data[:end].lower())}
+    names = {data[m.end() : m.end() + len(m.group(1))] for m in _BOUNDARY.finditer(data[:declared].lower())}
     if not names:
         return None
     alternatives = b"|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
@@ -304,7 +452,9 @@ def _from_message(msg: Message, raw_size: int, cuts: tuple[str, ...], limits: Li
         defects.update(type(d).__name__ for d in part.defects)
     if stack:
         defects.add("TooManyParts")
-    subject = next((decode_words(v) for k, v in headers if k == "subject"), "")
+    raw_subject = next((v for k, v in headers if k == "subject"), "")
+    _check_words(raw_subject, defects)
+    subject = decode_words(raw_subject)
     markup = _html_budget("\n".join(html)[:MAX_BODY_CHARS], limits, defects)
     return ParsedMessage(
         headers=headers,
@@ -333,7 +483,7 @@ def _leaf(
     attachments: list[Attachment],
     defects: set[str],
 ) -> None:
-    filename = _filename(part)
+    filename = _filename(part, defects)
     disposition = (part.get_content_disposition() or "").lower()
     is_body = not filename and disposition != "attachment" and ctype in ("text/plain", "text/html")
     try:
@@ -380,12 +530,18 @@ def _binary(payload: bytes, part: Message) -> bool:
     return not charset.startswith(_WIDE_CHARSETS)
 
 
-def _filename(part: Message) -> str:
+def _filename(part: Message, defects: set[str]) -> str:
     try:
-        name = part.get_filename() or ""
+        name = str(part.get_filename() or "")
     except Exception:
         return ""
-    return decode_words(str(name))
+    _check_words(name, defects)
+    return decode_words(name)
+
+
+def _check_words(value: str, defects: set[str]) -> None:
+    if words_over_budget(value):
+        defects.add("BudgetEncodedWords")
 
 
 def _decode_text(part: Message, payload: bytes, defects: set[str]) -> str:

@@ -110,6 +110,28 @@ def idn_garbage(count: int) -> bytes:
     return _base(b"Content-Type: text/plain; charset=utf-8\r\n", b" ".join(hosts))
 
 
+def _subject(subject: bytes, body: bytes = b"hello\r\n") -> bytes:
+    return _base(body=body).replace(b"Subject: x\r\n", b"Subject: " + subject + b"\r\n", 1)
+
+
+def part_header(line: bytes) -> bytes:
+    """One part whose header holds `line` (part headers are in no budget of their own)."""
+    return _base(_ctype(b"multipart/mixed; boundary=B"), _multipart(b"B", [line + b"\r\n\r\nhello"]))
+
+
+def list_unsubscribe(uris: int, headers: int = 4) -> bytes:
+    """RFC 8058 one-click headers whose List-Unsubscribe values open `uris` "<" and never close one."""
+    value = b"<http://a" * uris
+    return _base(b"".join(_header("List-Unsubscribe", value) for _ in range(headers))
+                 + b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
+
+
+def boundary_names(count: int, delimiters: int = 1001) -> bytes:
+    """`count` distinct boundary declarations in the body text, after enough "--" lines to count them."""
+    lines = b"".join(b"boundary=%098d\r\n" % i for i in range(count))
+    return _base(b"Content-Type: text/plain\r\n", b"--x\r\n" * delimiters + lines)
+
+
 @dataclass(frozen=True)
 class Attack:
     """A named hostile message and the budgets (`parse.Limits`) that must cut in on it."""
@@ -171,6 +193,30 @@ ATTACKS: dict[str, Attack] = {
     "empty": Attack(lambda: b""),
     "no-header-end": Attack(lambda: b"From: a@example.com\r\nX: " + b"y" * 3_000_000,
                             _budgets("HeaderBlock")),
+    # Slow paths the budgets above did not cover (seconds to minutes before; see each fix's comment):
+    # ';' in an open quote of a part's parameter (the stdlib splitter: 400 kB took 97 s)
+    "param-semicolons-400kb": Attack(
+        lambda: part_header(b'Content-Type: text/plain; name="' + b";" * 400_000)),
+    "filename-semicolons-400kb": Attack(
+        lambda: part_header(b'Content-Disposition: attachment; filename="' + b";" * 400_000 + b'"')),
+    "top-level-param-semicolons": Attack(lambda: _base(_ctype(b'text/plain; x="' + b";" * 250_000 + b'"')),
+                                         _budgets("HeaderValue")),
+    # encoded words that never end, in a part's filename (256 kB: 33 s) and in the Subject (64 kB: 2 s);
+    # and ended only after a line break that decode_header splits at and its regex does not (\x1c)
+    "filename-encoded-words-256kb": Attack(
+        lambda: part_header(b'Content-Disposition: attachment; filename="' + b"=?x?q?a " * 32_000 + b'"')),
+    "subject-encoded-words-64kb": Attack(lambda: _subject(b"=?x?q?a " * 8_000)),
+    "subject-encoded-words-odd-line": Attack(lambda: _subject(b"=?x?q?a " * 8_000 + b"\x1c?="),
+                                             _budgets("EncodedWords")),
+    # "<img" and never a '>' (100 kB: 15 s), in the HTML read for image domains (300 kB)
+    "html-img-unclosed": Attack(lambda: html(b"<img " * 60_000)),
+    # four List-Unsubscribe headers of "<http://a" and never a '>' (252 kB: 32 s)
+    "list-unsubscribe-unclosed": Attack(lambda: list_unsubscribe(7_000)),
+    # one dotted word as long as the text read (a host name pattern backtracked: 1.5 s)
+    "dotted-word-12k": Attack(lambda: _subject(b"verify your password login",
+                                               b"http://x.example/ " + b"a." * 6_000 + b"\r\n")),
+    # every "boundary=" of the body became one alternative of a regex compiled per message (4 s)
+    "boundary-names-20000": Attack(lambda: boundary_names(20_000), _budgets("Multiparts")),
 }
 
 
