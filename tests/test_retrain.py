@@ -194,7 +194,16 @@ def test_campaign_is_learned_from_twenty_admin_labels(
     result = rt.run(rt.parse_args(tolerant))
     report = json.loads((result.report_dir / "retrain.json").read_text())
     assert result.promoted, result.reason
-    assert report["data"]["labels"]["train"] == 16 and report["data"]["labels"]["held_back"] == 4
+    # one in five held back, a campaign's identical copies together: none is judged on a row it was
+    # trained on (campaign variants can share one feature vector)
+    held_back = report["data"]["labels"]["held_back"]
+    assert report["data"]["labels"]["train"] + held_back == N_LABELS and 1 <= held_back <= 6
+    with Store.open(db) as store:
+        labelled = rt.load_labelled(store, features, Protected())
+    train_rows, recent_rows = labelled.split(5)
+    assert len(recent_rows) == held_back
+    trained = {labelled.X[i].tobytes() for i in train_rows}
+    assert not any(labelled.X[i].tobytes() in trained for i in recent_rows)
     # both models were scored as the gateway scores them, loaded from their files (CPU build here)
     assert report["scored_with"] == {
         "champion": "the tree-ensemble graph on CPUExecutionProvider",
@@ -257,7 +266,9 @@ def test_a_worse_challenger_is_refused(tmp_path: Path, baseline: tuple[Path, Pat
     assert (report_dir / "candidate" / "current.onnx").is_file()  # kept for inspection
 
 
-def test_stale_vectors_are_recomputed_from_raw_bytes_or_skipped(tmp_path: Path) -> None:
+def test_stale_vectors_are_recomputed_from_raw_bytes_or_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     raws = [m.path.read_bytes() for m in _some_ham(2) + _some_spam(3)]
     results = [_result(raw) for raw in raws]
     with Store.open(f"sqlite:///{tmp_path / 'store.db'}") as store:
@@ -272,6 +283,9 @@ def test_stale_vectors_are_recomputed_from_raw_bytes_or_skipped(tmp_path: Path) 
         labelled = rt.load_labelled(store, features, Protected())
     assert dict(labelled.counts) == {"stored": 1, "recomputed": 1, "skipped_no_raw": 2, "failed": 0}
     assert labelled.ids == (current, old_held)
+    # labels lost to training for good are said, not only counted in the report
+    assert any(r.levelname == "WARNING" and "2 labelled message(s) not used" in r.getMessage()
+               for r in caplog.records)
     assert labelled.y.tolist() == [CLASS_NAMES.index("ham")] * 2
     np.testing.assert_array_equal(labelled.X[1], extract(raws[1]).vector)
 
@@ -308,10 +322,26 @@ def _result(raw: bytes) -> ScanResult:
 
 def test_every_fifth_label_by_id_is_held_back() -> None:
     ids = (3, 4, 5, 9, 10, 11, 15, 21)
-    labels = rt.Labelled(ids, np.zeros((8, 1), np.float32), np.zeros(8, np.int64), {})
+    vectors = np.arange(8, dtype=np.float32).reshape(8, 1)  # eight different messages
+    labels = rt.Labelled(ids, vectors, np.zeros(8, np.int64), {})
     train, recent = labels.split(5)
     assert [ids[i] for i in recent] == [5, 10, 15] and len(train) == 5
     assert labels.split(0)[1].size == 0
+
+
+def test_copies_of_one_message_are_held_back_together() -> None:
+    """Copies (the same vector, or the same Message-ID) share one role, that of their first id: split
+    id by id, a copy trained on sat in the held-back set and the gate measured memorisation."""
+    ids = (4, 5, 6, 7, 10, 12, 13)
+    vectors = np.array([[1], [1], [2], [3], [1], [4], [5]], np.float32)  # ids 4, 5, 10: one message
+    mids = (None, None, "<a@x>", None, None, "<b@x>", "<b@x>")  # 12 and 13: one Message-ID
+    labels = rt.Labelled(ids, vectors, np.zeros(7, np.int64), {}, mids)
+    train, recent = labels.split(4)
+    # first ids: 4 (4, 5, 10) held back; 6, 7 trained; 12 (12, 13) held back
+    assert [ids[i] for i in recent] == [4, 5, 10, 12, 13]
+    assert [ids[i] for i in train] == [6, 7]
+    train, recent = labels.split(5)  # 5 is a copy of 4: its group trains
+    assert [ids[i] for i in recent] == [] and len(train) == 7
 
 
 def _scored(name: str, not_ham: np.ndarray, y: np.ndarray, spam_cut: float) -> rt.Scored:
@@ -408,3 +438,29 @@ def test_a_champion_that_cannot_be_loaded_stops_the_run_unless_it_is_of_another_
     shutil.copyfile(same.onnx, models / "current.onnx")
     champion, why = _load_champion(models)
     assert champion is not None and why is None
+
+
+def test_a_second_run_on_one_models_folder_stops_at_once(tmp_path: Path) -> None:
+    """The nightly run and a manual one on the same folder: the second stops with a clear error
+    instead of fitting the same labels again and promoting twice; the lock goes with the first run."""
+    from milter.errors import MilterError
+
+    models = tmp_path / "models"
+    busy = pytest.raises(MilterError, match="another milter-retrain is running")
+    with rt.one_run_at_a_time(models), busy, rt.one_run_at_a_time(models):
+        pass
+    with rt.one_run_at_a_time(models):  # released: the next night's run starts
+        pass
+
+
+def test_old_candidates_are_pruned_and_their_reports_kept(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    for night in range(1, 8):
+        run = reports / f"retrain-2026120{night}T023000Z"
+        (run / "candidate").mkdir(parents=True)
+        (run / "candidate" / "m.onnx").write_bytes(b"x")
+        (run / "report.md").write_text("r")
+    rt._prune_candidates(reports, 5)
+    kept = sorted(p.parent.name for p in reports.glob("*/candidate"))
+    assert kept == [f"retrain-2026120{n}T023000Z" for n in range(3, 8)]
+    assert len(list(reports.glob("*/report.md"))) == 7

@@ -25,6 +25,7 @@ from training import model as mdl
 from training.corpora import (
     CorporaError,
     Message,
+    attach_dates,
     available_corpora,
     dedupe,
     ensure_unpacked,
@@ -475,3 +476,47 @@ def test_infinite_split_thresholds_stay_infinite_in_the_export() -> None:
     assert not any(v == float(np.finfo(np.float32).max) for v in floors.values())
     assert mdl.lightgbm_threshold(1e300) == np.inf and mdl.lightgbm_threshold(-1e300) == -np.inf
     assert mdl.lightgbm_threshold(2.5) == 2.5
+
+
+def _dated(tmp: Path, n: int, tag: str) -> list[Message]:
+    out = []
+    for i in range(n):
+        path = tmp / f"{tag}{i}.eml"
+        path.write_bytes(f"From: a{i}@{tag}.test\nDate: Mon, 7 Dec 2026 10:00:00 +0000\n\nx\n".encode())
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        out.append(Message("c", "c", "ham", 0, sha, path, i, None))
+    return out
+
+
+def _slow_attach(msgs: list[Message], cache: Path, pause: float, start: float) -> None:
+    """In a child: attach_dates with its cache write slowed (a 65,000-row cache on a busy disk)."""
+    import time
+
+    real = np.savez
+
+    def slow(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        time.sleep(pause)
+
+    time.sleep(start)
+    setattr(np, "savez", slow)  # noqa: B010 - this child process only (forked)
+    attach_dates(msgs, cache, processes=1)
+
+
+def test_two_runs_writing_one_headers_cache_both_finish(tmp_path: Path) -> None:
+    """The nightly retrain and a manual milter-train on one cache folder: each writes the headers cache
+    under a name of its own (one shared temporary name made the slower run's rename fail: exit 1)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    cache = tmp_path / "cache"
+    a = ctx.Process(target=_slow_attach, args=(_dated(tmp_path, 5, "a"), cache, 1.0, 0.0))
+    b = ctx.Process(target=_slow_attach, args=(_dated(tmp_path, 5, "b"), cache, 0.0, 0.5))
+    a.start()
+    b.start()
+    a.join(30)
+    b.join(30)
+    assert (a.exitcode, b.exitcode) == (0, 0)
+    assert [p.name for p in cache.iterdir()] == ["headers.npz"]  # no temporary left behind
+    dated = attach_dates(_dated(tmp_path, 5, "a"), cache, processes=1)
+    assert all(m.date is not None and m.sender.endswith("@a.test") for m in dated)

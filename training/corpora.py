@@ -8,11 +8,13 @@ index, sha256 and the sender's ``Date`` header (only used to order the time spli
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import re
 import subprocess
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -240,15 +242,23 @@ def attach_dates(messages: Sequence[Message], cache_dir: Path, processes: int = 
             )
         known.update(zip((m.sha256 for m in todo), found, strict=True))
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / "headers.tmp.npz"
         shas = sorted(known)
-        np.savez(
-            tmp,
-            sha256=np.array(shas, dtype="U64"),
-            ts=np.array([known[s][0] for s in shas]),
-            sender=np.array([known[s][1] for s in shas], dtype=str),
-        )
-        os.replace(tmp, path)
+        # a name of this process's own: two runs on one cache (the nightly retrain beside a manual
+        # milter-train) shared "headers.tmp.npz", and the second rename found it gone
+        fd, tmp_name = tempfile.mkstemp(prefix="headers.", suffix=".tmp.npz", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as tmp:
+                np.savez(
+                    tmp,
+                    sha256=np.array(shas, dtype="U64"),
+                    ts=np.array([known[s][0] for s in shas]),
+                    sender=np.array([known[s][1] for s in shas], dtype=str),
+                )
+            os.replace(tmp_name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
     out = []
     for m in messages:
         ts, sender = known[m.sha256]

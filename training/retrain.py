@@ -36,9 +36,11 @@ Exit status: 0 when a model was promoted or cleanly refused (systemd then reload
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -181,16 +183,55 @@ class Labelled:
     X: FloatArray
     y: IntArray
     counts: Mapping[str, int]  # stored / recomputed / skipped_no_raw / failed
+    message_ids: tuple[str | None, ...] = ()  # per row where known (stale rows: None)
 
     def split(self, every: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-        """(train rows, recent rows): labels whose store id is a multiple of `every` are held back.
+        """(train rows, recent rows): the copies of one message are held back together, when the
+        smallest store id among them is a multiple of `every`.
 
-        By id, not by rank, so a label keeps its role from one night to the next: the champion (last
-        night's challenger) never trained on the labels it is now judged on.
+        Copies: rows with the same feature vector or the same Message-ID (a label by Message-ID marks
+        every stored copy; a reported message without one is stored again at each report). Split one
+        by one, copies landed on both sides and the recent-labels check scored the challenger on rows
+        it had trained on. By id, not by rank, so a label keeps its role from one night to the next:
+        the champion (last night's challenger) never trained on the labels it is now judged on.
         """
         ids = np.asarray(self.ids, dtype=np.int64)
-        recent = ids % every == 0 if every > 0 else np.zeros(len(ids), dtype=bool)
+        if every <= 0:
+            return np.arange(len(ids)), np.zeros(0, dtype=np.intp)
+        first = _copies_first_id(ids, self.X, self.message_ids)
+        recent = first % every == 0
         return np.flatnonzero(~recent), np.flatnonzero(recent)
+
+
+def _copies_first_id(
+    ids: npt.NDArray[np.int64], X: FloatArray, message_ids: Sequence[str | None]
+) -> npt.NDArray[np.int64]:
+    """For each row, the smallest id among its copies (same vector bytes or same Message-ID,
+    transitively: a small union-find over the labels, a few thousand rows at most)."""
+    parent = list(range(len(ids)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    seen: dict[object, int] = {}
+    for i in range(len(ids)):
+        keys: list[object] = [("vector", X[i].tobytes())]
+        mid = message_ids[i] if i < len(message_ids) else None
+        if mid:
+            keys.append(("message-id", mid.strip()))
+        for key in keys:
+            j = seen.setdefault(key, i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    first = ids.copy()
+    for i in range(len(ids)):
+        r = root(i)
+        first[r] = min(first[r], ids[i])
+    return np.array([first[root(i)] for i in range(len(ids))], dtype=np.int64)
 
 
 #: (store id, raw bytes, envelope) of stored messages -> (store id, vector or None, error or None)
@@ -225,9 +266,11 @@ def load_labelled(
     """Current vectors as stored; stale ones recomputed (`recompute`) from raw bytes when held, else
     skipped."""
     digest = features.SCHEMA.digest
+    stored = store.labelled_examples(digest)
     rows: dict[int, tuple[FloatArray, str]] = {
-        e.id: (np.asarray(e.vector, dtype=np.float32), e.label) for e in store.labelled_examples(digest)
+        e.id: (np.asarray(e.vector, dtype=np.float32), e.label) for e in stored
     }
+    message_id = {e.id: e.message_id for e in stored}
     counts = {"stored": len(rows), "recomputed": 0, "skipped_no_raw": 0, "failed": 0}
     width = len(features.SCHEMA.names)
     held: list[tuple[int, bytes, Envelope]] = []
@@ -238,6 +281,14 @@ def load_labelled(
             continue
         held.append((stale.id, stale.raw, stale.envelope))
         label_of[stale.id] = stale.label
+    if counts["skipped_no_raw"]:
+        # their vectors are of an older feature schema and their bytes went with the quarantine's
+        # retention (store.retention_days): these labels are lost to training from now on
+        log.warning(
+            "%d labelled message(s) not used: stored with an older feature schema and their bytes "
+            "already purged (store.retention_days), so their features cannot be recomputed",
+            counts["skipped_no_raw"],
+        )
     for pk, vector, error in (recompute or extract_here(features, protected))(held):
         if vector is None:
             log.error("feature extraction failed for stored message %d: %s", pk, error)
@@ -250,7 +301,7 @@ def load_labelled(
     X = np.stack([rows[i][0] for i in ids]) if ids else np.zeros((0, width), np.float32)
     # a bulk label is wanted mail: it trains the model's ham class (label_class)
     y = np.array([label_class(rows[i][1]) for i in ids], dtype=np.int64)
-    return Labelled(ids, X.astype(np.float32), y, counts)
+    return Labelled(ids, X.astype(np.float32), y, counts, tuple(message_id.get(i) for i in ids))
 
 
 # --- base corpora ---------------------------------------------------------------------------------
@@ -722,9 +773,31 @@ def engine(args: argparse.Namespace, protected: Protected) -> Iterator[Engine]:
         yield Engine(trees, recompute, trees.describe)
 
 
+RUN_LOCK = ".retrain.lock"
+
+
+@contextmanager
+def one_run_at_a_time(models_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the models folder for the whole run: a manual run beside the nightly one
+    would fit the same labels twice, race on the caches and promote twice. The second one stops at
+    once (MilterError, exit 1) rather than wait hours for the first."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with (models_dir / RUN_LOCK).open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MilterError(
+                f"another milter-retrain is running on {models_dir} (it holds {RUN_LOCK}); not started"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run(args: argparse.Namespace) -> RetrainResult:
     url, models_dir, protected, fleet = _locations(args)
-    with engine(args, protected) as eng:
+    with one_run_at_a_time(models_dir), engine(args, protected) as eng:
         return _run(args, eng, url, models_dir, protected, fleet)
 
 
@@ -796,6 +869,7 @@ def _run(
         },
     }
     write_report(report_dir, summary, models, decision)
+    _prune_candidates(report_dir.parent, KEEP_CANDIDATES)
     return RetrainResult(
         decision.promote,
         decision.reason,
@@ -804,6 +878,20 @@ def _run(
         report_dir,
         candidate,
     )
+
+
+#: Runs whose candidate model is kept in their report folder; older ones keep only their report.
+KEEP_CANDIDATES = 5
+
+
+def _prune_candidates(reports: Path, keep: int) -> None:
+    """Delete the candidate models of all but the `keep` newest runs (some 20 MB each, every night:
+    gigabytes a year beside the store). A promoted one lives on in the registry's history/; a refused
+    one is kept a few nights for a look. Reports (report.md, summary) stay."""
+    runs = sorted(p for p in reports.glob("retrain-*") if (p / "candidate").is_dir())
+    for old in runs[:-keep] if keep > 0 else runs:
+        shutil.rmtree(old / "candidate", ignore_errors=True)
+        log.info("removed the candidate model of %s (kept: the %d newest)", old.name, keep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
