@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,6 +83,9 @@ class TimedStore:
 
     def history_purge(self, before: float) -> int:
         return self.store.history_purge(before)
+
+    def history_trim(self, caps: Mapping[str, int]) -> int:
+        return self.store.history_trim(caps)
 
 
 async def run(

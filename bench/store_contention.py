@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -223,6 +223,9 @@ class CountingStore:
 
     def history_purge(self, before: float) -> int:
         return self.store.history_purge(before)
+
+    def history_trim(self, caps: Mapping[str, int]) -> int:
+        return self.store.history_trim(caps)
 
 
 def result_of(ext: Extracted, mid: str, held: bool) -> ScanResult:

@@ -26,9 +26,21 @@ from typing import Any
 
 import pytest
 from faulty_prepare import CRASH, GROW, HANG, faulty_prepare
-from gateway_support import TEST_POLICY, Sink, account, make_message, run_gateway_scenario, send
+from gateway_support import (
+    TEST_POLICY,
+    Sink,
+    account,
+    config_for,
+    load_scanner,
+    make_message,
+    open_store,
+    run_gateway_scenario,
+    send,
+)
 
+from milter.features import SCHEMA
 from milter.gateway.process import PrepareLimits, PreparePool
+from milter.gateway.procpool import LoopProcessPool
 from milter.gateway.server import Gateway
 from milter.scan import prepare
 from milter.types import Envelope
@@ -120,6 +132,11 @@ def test_a_prepare_process_that_dies_tempfails_its_message_and_a_new_pool_serves
     with caplog.at_level(logging.ERROR, logger="milter.gateway"):
         run_gateway_scenario(tmp_path, free_port, scenario, prepare=faulty_prepare)
     assert "prepare_pool_broken action=restarting" in caplog.text
+    # the message that killed its process is named, with the exit code (faulty_prepare's 70)
+    (died,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prepare_process_died")]
+    assert "exitcode=70" in died and " id=" in died
+    (failed,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scan_failed")]
+    assert died.split(" id=")[1].split()[0] == failed.split(" id=")[1].split()[0]
 
 
 def test_a_prepare_process_over_max_rss_is_retired_without_losing_its_message(
@@ -168,6 +185,51 @@ def test_a_prepare_pool_past_max_jobs_hands_over_to_a_new_one_without_losing_mai
         account([*sent, after], sink, store)
 
     run_gateway_scenario(tmp_path, free_port, scenario, prepare_max_jobs=5)
+
+
+SLOW = b"X-Test-Slow: yes"
+
+
+def slow_prepare(raw: bytes, *args: Any) -> Any:
+    """A legitimately slow message (big HTML, many parts): finite, but it holds its process a while."""
+    if SLOW in raw:
+        time.sleep(2.0)
+    return prepare(raw, *args)
+
+
+def test_a_deadline_that_passes_while_the_job_waits_for_a_process_recycles_nothing(
+    tmp_path: Path, free_port: Ports
+) -> None:
+    """One prepare process: the second slow message waits 2 s for it, then runs 2 s; its 3 s deadline
+    passes 1 s into its run. It times out, but its process is not stuck and is not replaced."""
+    url = f"sqlite:///{tmp_path}/gw.db"
+
+    def one_process() -> LoopProcessPool:
+        return LoopProcessPool(1, multiprocessing.get_context("spawn"))
+
+    async def main() -> None:
+        sink = Sink()
+        cfg = config_for(free_port(), await sink.start(free_port()), url, scan_timeout=3.0)
+        store = open_store(url)
+        gw = Gateway(cfg, load_scanner(cfg.policy), store, prepare=slow_prepare,
+                     schema_digest=SCHEMA.digest, prepare_pool=one_process)
+        await gw.start()
+        try:
+            first, second = await asyncio.gather(
+                *(send(gw.address[1], make_message(f"slow{i}@test", extra=SLOW.decode() + "\r\n"))
+                  for i in range(2))
+            )
+            assert (first.code, second.code) == (250, 451)
+            # served by the same process once the second job is done with it: nothing was killed
+            assert (await send(gw.address[1], make_message("after@test"))).code == 250
+            assert sample(gw, "milter_scan_timeouts_total") == 1
+            assert sample(gw, "milter_prepare_recycles_total", reason="scan_timeout") == 0
+        finally:
+            await gw.close(grace=10)
+            await sink.stop()
+            store.close()
+
+    asyncio.run(main())
 
 
 class _NoProcesses(ThreadPoolExecutor):

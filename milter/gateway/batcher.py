@@ -9,17 +9,27 @@ Waiting for company is worth it only when company is coming. Sessions announce a
 prepare it (`expect`); a batch waits up to `max_wait` only while announced items are still on their
 way, and goes as soon as they have all arrived or `max_items` are pending. A lone message is scored at
 once: a fixed wait would add `max_wait` to every message on a quiet gateway and buy nothing.
+
+A batch that fails is scored again item by item, so one message that makes the model or the policy
+raise fails alone, not with every message that happened to share its batch. A batch call that never
+returns cannot be interrupted (a thread cannot be killed); `busy_for` says how long the running one
+has taken, for the health check to report a wedged scorer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 from milter.gateway.background import stop
+from milter.gateway.logfmt import kv
+
+log = logging.getLogger("milter.gateway")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,10 +55,16 @@ class MicroBatcher(Generic[T, R]):
         self._ready = asyncio.Event()  # a whole batch is pending, or nothing more is on its way
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milter-batch")
         self._task: asyncio.Task[None] | None = None
+        self._call_started: float | None = None  # monotonic start of the batch call running now
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def busy_for(self) -> float:
+        """Seconds the running batch call has taken so far; 0 while none runs."""
+        started = self._call_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def start(self) -> None:
         if self._task is None:
@@ -95,7 +111,14 @@ class MicroBatcher(Generic[T, R]):
         self._pending.append((item, fut))
         self._wakeup.set()
         self._check_ready()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # its caller gave up (a deadline): while the batch thread is wedged, nothing else would
+            # ever take it out of the queue, and abandoned items (whole messages) would pile up there.
+            # By identity: items are not comparable (arrays), and equal ones may be pending twice.
+            self._pending = [entry for entry in self._pending if entry[1] is not fut]
+            raise
 
     def _check_ready(self) -> None:
         if len(self._pending) >= self._max_items or self._expected <= 0:
@@ -122,14 +145,53 @@ class MicroBatcher(Generic[T, R]):
             if self._on_batch is not None:
                 self._on_batch(len(live))
             try:
-                results = await loop.run_in_executor(self._executor, self._fn, [i for i, _ in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(live)}")
-            except Exception as exc:  # every waiter gets the batch's error, the loop goes on
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                results = await self._call(loop, [i for i, _ in live])
+            except Exception as exc:
+                if len(live) == 1:
+                    _fail(live[0][1], exc)
+                    continue
+                log.warning(
+                    kv(
+                        "batch_failed",
+                        items=len(live),
+                        error=type(exc).__name__,
+                        detail=str(exc)[:200],
+                        action="scoring_alone",
+                    )
+                )
+                await self._score_alone(loop, live)
                 continue
             for (_, fut), result in zip(live, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, items: list[T]) -> Sequence[R]:
+        """The batch function in its thread, timed for `busy_for`."""
+        self._call_started = time.monotonic()
+        try:
+            results = await loop.run_in_executor(self._executor, self._fn, items)
+        finally:
+            self._call_started = None
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)}")
+        return results
+
+    async def _score_alone(
+        self, loop: asyncio.AbstractEventLoop, live: list[tuple[T, asyncio.Future[R]]]
+    ) -> None:
+        """A failed batch's items one at a time: only the item that fails on its own gets an error."""
+        for item, fut in live:
+            if fut.done():  # its caller gave up meanwhile
+                continue
+            try:
+                (result,) = await self._call(loop, [item])
+            except Exception as exc:
+                _fail(fut, exc)
+                continue
+            if not fut.done():
+                fut.set_result(result)
+
+
+def _fail(fut: asyncio.Future[R], exc: Exception) -> None:
+    if not fut.done():  # its caller may have given up meanwhile
+        fut.set_exception(exc)

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
@@ -36,7 +36,7 @@ from milter.gateway.dsn import build_dsn
 from milter.gateway.headers import rewrite
 from milter.gateway.logfmt import kv
 from milter.gateway.metrics import GatewayMetrics
-from milter.gateway.procpool import LoopProcessPool
+from milter.gateway.procpool import LoopProcessPool, PoolBroken, ProcessDied
 from milter.gateway.recorder import GroupCommit, VerdictRecorder
 from milter.gateway.relay import Delivered, Downstream, needed_options
 from milter.gateway.xforward import XForward
@@ -57,11 +57,16 @@ T = TypeVar("T")
 Pool = LoopProcessPool | Executor
 
 
-async def in_pool(pool: Pool, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in `pool`, awaited on the running loop."""
+async def in_pool(
+    pool: Pool, fn: Callable[..., T], *args: Any, started: Callable[[], object] | None = None
+) -> T:
+    """`fn(*args)` in `pool`, awaited on the running loop. `started` is called when a process takes
+    the job; an Executor does not say when, so for one it is called at once."""
     if isinstance(pool, LoopProcessPool):
-        result: T = await pool.call(fn, *args)
+        result: T = await pool.call(fn, *args, started=started)
         return result
+    if started is not None:
+        started()
     return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 REJECT_CODE = "550 5.7.1"
@@ -130,6 +135,8 @@ class StoreLike(Protocol):
 
     def history_purge(self, before: float) -> int: ...
 
+    def history_trim(self, caps: Mapping[str, int]) -> int: ...
+
 
 PrepareFn = Callable[..., "Extracted"]
 
@@ -155,22 +162,32 @@ class ProcessorSettings:
     hostname: str = "milter.localdomain"  # ours (server.hostname): the Reporting-MTA of our reports
 
 
-class _Progress:
-    """How many of a message's jobs are in the prepare pool: a deadline that passes while one is
-    there means a stuck process, which is replaced; one that passes waiting on DNS or the model not."""
+#: At the deadline, a job that has run in its process for this share of server.scan_timeout is stuck
+#: at once; one that started later gets the whole scan_timeout in its process before it is judged.
+STUCK_SHARE = 0.9
 
-    __slots__ = ("in_pool", "pool")
 
-    def __init__(self) -> None:
-        self.in_pool = 0
-        self.pool: Pool | None = None  # the pool the latest job went to
+class Progress:
+    """A message's jobs in the prepare pool: how many a process is running now (counted until the job
+    really ends, even after its caller gave up), in which pool, since when. A job that runs in its
+    process for a whole scan_timeout means a stuck process, which is replaced; time spent waiting for a
+    free process (overload), or on DNS or the model, does not count."""
 
-    async def pooled(self, job: Awaitable[T], pool: Pool) -> T:
-        self.in_pool += 1
+    __slots__ = ("in_process", "msg_id", "pool", "since")
+
+    def __init__(self, msg_id: str | None = None) -> None:
+        self.msg_id = msg_id  # named in the log line of a job whose process died under it
+        self.in_process = 0
+        self.pool: Pool | None = None  # the pool of the latest job a process took
+        self.since = 0.0  # monotonic time a process took that job
+
+    def started(self, pool: Pool) -> None:
+        self.in_process += 1
         self.pool = pool
-        result = await job  # no finally: a job cancelled by the deadline is still in its process
-        self.in_pool -= 1
-        return result
+        self.since = time.monotonic()
+
+    def finished(self) -> None:
+        self.in_process -= 1
 
 
 class ModelSlot:
@@ -295,7 +312,10 @@ class PrepareLimits:
 class PreparePool:
     """The process pool for `prepare`, replaced whole when it must be:
 
-    * a process died (BrokenProcessPool): a new pool, the messages it held are tempfailed;
+    * a process died (BrokenProcessPool): a new pool; the message whose job that process ran is
+      tempfailed (logged with its id and the exit code), the jobs that only waited or ran in the other
+      processes are run again once on the new pool, as is a job that found the pool already broken
+      (a process that died while idle);
     * a process's memory passed `max_rss` after a job: the pool is retired gracefully (its processes
       finish the jobs they hold, then exit) and a new one takes the next jobs: nothing is lost;
     * the pool ran `max_jobs` jobs: a new pool is started and warmed up while the old one goes on
@@ -323,39 +343,80 @@ class PreparePool:
         self._limits = limits or PrepareLimits()
         self._metrics = metrics
         self._pool = factory()
-        self._retired: dict[Pool, tuple[BaseProcess, ...]] = {}
+        self._retired: dict[Pool, tuple[BaseProcess, ...]] = {}  # to be killed (or killed)
+        # retired gracefully (max_jobs, max_rss): left to finish their jobs, unless one is stuck there
+        self._draining: dict[Pool, tuple[BaseProcess, ...]] = {}
         self._last_memory_recycle = -math.inf
         self._jobs = 0  # on the current pool
         self._successor: asyncio.Task[None] | None = None  # warming `_warming` up to take over
         self._warming: Pool | None = None
+        self._closed = False  # at shutdown a broken pool is neither replaced nor its jobs run again
 
     async def run(
-        self, raw: bytes, envelope: Envelope, protected: Any, evidence: Evidence | None = None
+        self, raw: bytes, envelope: Envelope, protected: Any, evidence: Evidence | None = None,
+        progress: Progress | None = None,
     ) -> Extracted:
-        result: Extracted = await self._call(self._prepare, raw, envelope, protected, evidence)
+        result: Extracted = await self._call(
+            progress or Progress(), self._prepare, raw, envelope, protected, evidence
+        )
         return result
 
-    async def verify(self, raw: bytes, evidence: Evidence) -> AuthResults:
+    async def verify(self, raw: bytes, evidence: Evidence, progress: Progress | None = None) -> AuthResults:
         """DKIM verification and DMARC evaluation of gathered evidence, in the pool (RSA, body hashes)."""
-        result: AuthResults = await self._call(evaluate_evidence, raw, evidence)
+        result: AuthResults = await self._call(progress or Progress(), evaluate_evidence, raw, evidence)
         return result
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, progress: Progress, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in the current pool. A job the pool broke under without being its cause (it
+        waited, its process was killed with the pool, or the pool was already broken when it came) is
+        run once more on the new pool; only the job whose own process died is failed."""
         for attempt in (1, 2):
             pool = self._pool
             try:
-                result, rss = await in_pool(pool, measured, fn, *args)
-            except BrokenProcessPool:
-                if pool in self._retired and attempt == 1:
-                    continue  # killed with a pool we retired: not this message's fault, run it again
+                result, rss = await self._attempt(pool, progress, fn, *args)
+            except BrokenProcessPool as exc:
+                if self._closed:
+                    raise
                 if pool is self._pool:  # the first session to notice replaces it
                     log.error(kv("prepare_pool_broken", action="restarting"))
                     self._replace("broken", kill_after=None)
+                if attempt == 1 and (isinstance(exc, PoolBroken) or pool in self._retired):
+                    log.info(kv("prepare_job_retried", id=progress.msg_id, error=type(exc).__name__))
+                    continue  # not this message's fault: run it again
+                if isinstance(exc, ProcessDied):
+                    log.error(kv("prepare_process_died", id=progress.msg_id, pid=exc.pid,
+                                 exitcode=exc.exitcode, action="tempfail"))
                 raise
             self._check_memory(rss)
             self._count_job(pool)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _attempt(pool: Pool, progress: Progress, fn: Callable[..., Any], *args: Any) -> Any:
+        """One try of the job in `pool`, counted in `progress` from when a process takes it until it
+        ends there: a caller that gives up (the deadline) does not end a job a process runs."""
+        taken = False
+
+        def started() -> None:
+            nonlocal taken
+            taken = True
+            progress.started(pool)
+
+        def ended(task: asyncio.Future[Any]) -> None:
+            if not task.cancelled():
+                task.exception()  # seen here: nobody may await a job whose caller gave up
+            if taken:
+                progress.finished()
+
+        job = asyncio.ensure_future(in_pool(pool, measured, fn, *args, started=started))
+        job.add_done_callback(ended)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if not taken:
+                job.cancel()  # still waiting for a process: it need not run at all
+            raise
 
     def _check_memory(self, rss: int) -> None:
         if self._metrics is not None:
@@ -406,11 +467,19 @@ class PreparePool:
 
     def abandon(self, pool: Pool) -> None:
         """A job in `pool` overran its deadline: new jobs go to a new pool; the old one is killed after
-        the grace. A pool already replaced (another stuck job's) is left to its own kill."""
-        if pool is not self._pool:
+        the grace. A pool already replaced for a stuck job is left to its own kill; one retired
+        gracefully (max_jobs, max_rss) would wait for the stuck job for ever, so its kill is set now."""
+        grace = self._limits.kill_grace
+        if self._closed:
+            return  # everything is being killed already
+        if pool is self._pool:
+            log.warning(kv("prepare_pool_recycled", reason="scan_timeout", kill_after=grace))
+            self._replace("scan_timeout", kill_after=grace)
             return
-        log.warning(kv("prepare_pool_recycled", reason="scan_timeout", kill_after=self._limits.kill_grace))
-        self._replace("scan_timeout", kill_after=self._limits.kill_grace)
+        processes = self._draining.pop(pool, None)
+        if processes is not None:
+            log.warning(kv("prepare_pool_kill_scheduled", reason="scan_timeout", kill_after=grace))
+            self._kill_later(pool, processes, grace)
 
     def _replace(self, reason: str, kill_after: float | None) -> None:
         self._install(self._factory(), reason, kill_after)
@@ -426,8 +495,20 @@ class PreparePool:
         processes = _processes(old)  # read first: shutdown() drops the executor's reference to them
         old.shutdown(wait=False)  # the jobs it holds still run; its processes exit after them
         if kill_after is not None:
-            self._retired[old] = processes
-            asyncio.get_running_loop().call_later(kill_after, self._kill_retired, old)
+            self._kill_later(old, processes, kill_after)
+        else:
+            self._forget_drained()
+            self._draining[old] = processes  # kept so that a stuck job found there can still be killed
+
+    def _kill_later(self, pool: Pool, processes: tuple[BaseProcess, ...], delay: float) -> None:
+        self._retired[pool] = processes
+        asyncio.get_running_loop().call_later(delay, self._kill_retired, pool)
+
+    def _forget_drained(self) -> None:
+        """Drop the gracefully retired pools whose processes have all exited."""
+        for pool, processes in list(self._draining.items()):
+            if not any(p.is_alive() for p in processes):
+                del self._draining[pool]
 
     def _kill_retired(self, pool: Pool) -> None:
         _kill(self._retired.get(pool, ()))
@@ -439,16 +520,17 @@ class PreparePool:
         those of retired pools still finishing their jobs."""
         pools = [self._pool, *([self._warming] if self._warming is not None else [])]
         procs = [p for pool in pools for p in _processes(pool)]
-        procs += [p for retired in self._retired.values() for p in retired]
+        procs += [p for retired in (*self._retired.values(), *self._draining.values()) for p in retired]
         return sorted({p.pid for p in procs if p.pid is not None and p.is_alive()})
 
     def close(self) -> None:
+        self._closed = True
         if self._successor is not None:
             self._successor.cancel()
         if self._warming is not None:
             self._warming.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        for processes in self._retired.values():
+        for processes in (*self._retired.values(), *self._draining.values()):
             _kill(processes)
 
 
@@ -506,9 +588,16 @@ class MessageProcessor:
         self.quarantine = GroupCommit(
             lambda items: store.record_batch(items, s.schema_digest, s.keep_vector), store_executor
         )
+        self._stages: dict[str, str] = {}  # message id -> where it is (named if a stop abandons it)
+
+    def stage(self, msg_id: str) -> str:
+        """Where the message `msg_id` is now: scan, relay, delivered (relayed, its reply not yet
+        given), quarantine; or done."""
+        return self._stages.get(msg_id, "done")
 
     async def handle(self, msg: Inbound) -> str:
         self.metrics.pending.inc()
+        self._stages[msg.id] = "scan"
         try:
             reply = await self._handle(msg)
         except Exception as exc:  # a bug must still end in a 4xx, never a lost message or a hang
@@ -516,6 +605,7 @@ class MessageProcessor:
             self.metrics.errors.labels("internal").inc()
             reply = smtp_reply(exc)
         finally:
+            self._stages.pop(msg.id, None)
             self.metrics.pending.dec()
             if len(msg.raw) > TRIM_AFTER:
                 trim_heap()  # the worker held the SMTP session's copy of it, line by line
@@ -559,7 +649,7 @@ class MessageProcessor:
         """Scan under server.scan_timeout; past it ScanTimeout, and a prepare process still working on
         the message is replaced (PreparePool.abandon): a stuck job must not hold a process for ever."""
         limit = self.settings.scan_timeout
-        progress = _Progress()
+        progress = Progress(msg.id)
         if not limit:
             return await self._scan(msg, progress)
         deadline = asyncio.timeout(limit)
@@ -570,27 +660,43 @@ class MessageProcessor:
             if not deadline.expired():
                 raise  # a timeout of something inside, not ours
             self.metrics.scan_timeouts.inc()
-            stuck = progress.in_pool > 0
+            in_prepare = progress.in_process > 0  # a job only queued for a process is not there
             log.error(kv("scan_timeout", id=msg.id, queue_id=msg.envelope.queue_id, size=len(msg.raw),
-                         limit=limit, in_prepare=stuck))
-            if stuck and progress.pool is not None:
-                self.prepare.abandon(progress.pool)
+                         limit=limit, in_prepare=in_prepare))
+            if in_prepare:
+                self._watch_stuck(progress, limit)
             raise ScanTimeout(f"scan passed server.scan_timeout = {limit:g} s") from None
 
-    async def _scan(self, msg: Inbound, progress: _Progress) -> ScanResult:
+    def _watch_stuck(self, progress: Progress, limit: float) -> None:
+        """A job of a timed-out message is in a prepare process: its pool is abandoned once that job
+        has run there for `limit` seconds (now, if it nearly has; else when it will have, if it has
+        not ended by then). A job that only waited its turn for most of the deadline is not stuck."""
+        ran = time.monotonic() - progress.since
+        if ran >= limit * STUCK_SHARE:
+            self._abandon(progress, progress.since)
+            return
+        asyncio.get_running_loop().call_later(limit - ran, self._abandon, progress, progress.since)
+
+    def _abandon(self, progress: Progress, since: float) -> None:
+        if progress.in_process == 0 or progress.since != since or progress.pool is None:
+            return  # the job ended meanwhile (or another took its place): not stuck
+        log.warning(kv("prepare_job_stuck", id=progress.msg_id,
+                       seconds=round(time.monotonic() - since, 1)))
+        self.prepare.abandon(progress.pool)
+
+    async def _scan(self, msg: Inbound, progress: Progress) -> ScanResult:
         # The protected identities come from the configuration, not the model, so a reload between
         # prepare and scoring cannot make them disagree with the policy that decides.
         protected = self.model.scanner.policy.protected
-        pool = self.prepare.current
         if self.auth is None:
             with self.batcher.expect() as submit:
-                ext = await progress.pooled(self.prepare.run(msg.raw, msg.envelope, protected), pool)
+                ext = await self.prepare.run(msg.raw, msg.envelope, protected, progress=progress)
                 return await submit((ext, msg.envelope, self._history(ext, msg, protected.names)))
         # Parse and features in the pool while the DNS lookups run on the loop (bounded by
         # auth.timeout); the message is announced to the batcher only once its answers are in (a batch
         # waits a moment for announced messages, not for DNS).
-        job = self.prepare.run(msg.raw, msg.envelope, protected)
-        prepared = asyncio.ensure_future(progress.pooled(job, pool))
+        job = self.prepare.run(msg.raw, msg.envelope, protected, progress=progress)
+        prepared = asyncio.ensure_future(job)
         # The blocklists need the parse (link domains): asked as soon as it is in, beside the rest of
         # the DKIM / DMARC lookups and the verification, and awaited before the batcher is told.
         listed = asyncio.ensure_future(self._blocklists(prepared, msg)) if self.auth.blocklists else None
@@ -602,7 +708,7 @@ class MessageProcessor:
             with self.batcher.expect() as submit:
                 ext = await prepared
                 if evidence is not None:
-                    auth = await progress.pooled(self._verify(msg, evidence), self.prepare.current)
+                    auth = await self._verify(msg, evidence, progress)
                     ext = replace(ext, summary=replace(ext.summary, auth=auth))
                 if reputation is not None:
                     ext = replace(ext, summary=replace(ext.summary, reputation=reputation))
@@ -634,10 +740,11 @@ class MessageProcessor:
         """What the correspondence history knows of this sender (on the loop, which owns it)."""
         return self.history.lookup(ext.summary, msg.envelope, names) if self.history is not None else None
 
-    async def _verify(self, msg: Inbound, evidence: Evidence) -> AuthResults:
+    async def _verify(self, msg: Inbound, evidence: Evidence, progress: Progress) -> AuthResults:
         if not evidence.plan.needs_crypto:  # DMARC over the answers alone: microseconds, here
             return evaluate_evidence(msg.raw, evidence)
-        return await self.prepare.verify(msg.raw, evidence)  # RSA and body hashes (DKIM, ARC): in the pool
+        # RSA and body hashes (DKIM, ARC): in the pool
+        return await self.prepare.verify(msg.raw, evidence, progress)
 
     def _count_auth(self, ext: Extracted) -> None:
         auth = ext.summary.auth
@@ -666,6 +773,7 @@ class MessageProcessor:
         return await self._relay(msg, result, [category_header(result)], None, "accept")
 
     async def _quarantine(self, msg: Inbound, result: ScanResult) -> str:
+        self._at(msg, "quarantine")
         try:
             row = await self.quarantine.commit(result, msg.envelope, msg.raw)
         except Exception as exc:
@@ -695,6 +803,7 @@ class MessageProcessor:
         authserv_id = self.auth.authserv_id if self.auth is not None else None
         out = rewrite(msg.raw, self.with_auth_header(result, headers), prefix, authserv_id)
         started = time.perf_counter()
+        self._at(msg, "relay")
         try:
             delivered = await self.downstream.deliver(
                 out, msg.envelope.mail_from or "", msg.envelope.rcpt_tos, msg.mail_options, msg.xforward
@@ -713,6 +822,7 @@ class MessageProcessor:
             )
             return reply
         self.metrics.delivery_seconds.observe(time.perf_counter() - started)
+        self._at(msg, "delivered")  # from here a message cut off by a stop would arrive twice
         for refusal in delivered.refused:
             log.warning(
                 kv(
@@ -755,6 +865,10 @@ class MessageProcessor:
         log.info(kv("dsn_sent", id=msg.id, rcpt=sender, refused=len(delivered.refused)))
         return None
 
+    def _at(self, msg: Inbound, stage: str) -> None:
+        if msg.id in self._stages:  # handled by `handle` (the milter's actor keeps no stages)
+            self._stages[msg.id] = stage
+
     async def record_later(self, msg: Inbound, result: ScanResult) -> None:
         """Queue the verdict of a delivered message; written in batches without holding up the reply."""
         self.recorder.start()
@@ -791,6 +905,7 @@ class MessageProcessor:
                 rcpts=len(msg.envelope.rcpt_tos),
                 size=len(msg.raw),
                 verdict=verdict,
+                model=result.model if result is not None else None,  # which model scored it (reloads)
                 action=action,
                 scores=scores,
                 reply=reply,

@@ -15,8 +15,10 @@ this is the small one the gateway needs, with those semantics kept where `Prepar
   traceback as the cause) comes back to the awaiting caller;
 * each process runs one job at a time; jobs wait in order for a free process; a caller that stops
   waiting (a deadline) leaves its job to finish, and the result is dropped;
-* a process that dies breaks the pool: every job it held or that was waiting fails with
-  `BrokenProcessPool`, the other processes are killed, and later calls raise it at once;
+* a process that dies breaks the pool: its own job fails with `ProcessDied` (once its exit code is
+  known), every other job it held or that was waiting fails with `PoolBroken` (not its fault: a caller
+  may run it again elsewhere), the other processes are killed, and later calls raise `PoolBroken` at
+  once; both are `BrokenProcessPool`;
 * `shutdown(wait=False)` refuses new jobs and lets the processes finish what they hold and what waits
   (unless `cancel_futures`), then they exit; `wait=True` closes every process's socket (the child then
   exits) and joins them;
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import logging
 import pickle
 import signal
 import socket
@@ -47,12 +50,36 @@ from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from milter.gateway.logfmt import kv
+
+log = logging.getLogger("milter.gateway")
+
 _HEAD = struct.Struct("!Q")
 # Bytes asked of the socket per read. A result is a few KB; recv allocates what is asked before it
 # trims, and past glibc's mmap threshold (128 KiB) that allocation would be an mmap per result.
 _READ = 1 << 16
 _JOIN_TIMEOUT = 5.0  # seconds `shutdown(wait=True)` gives a process to exit before killing it
 _REAP_INTERVAL, _REAP_TRIES = 0.5, 240  # a retired child's exit is looked for this often, this long
+# A dead child's socket reads end of file a moment before the kernel makes it a zombie: its exit code
+# is looked for this often, this many times, before its job is failed without one.
+_EXIT_INTERVAL, _EXIT_TRIES = 0.01, 100
+
+
+class PoolBroken(BrokenProcessPool):
+    """The pool broke, but not in this job's process: the job (waiting, or held by a process that was
+    killed with the pool) can be run again on another pool."""
+
+
+class ProcessDied(BrokenProcessPool):
+    """The process running this job died (or was killed) under it."""
+
+    def __init__(self, message: str, pid: int | None = None, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the extra arguments survive pickling
+        return (type(self), (str(self), self.pid, self.exitcode))
 
 
 class RemoteTraceback(Exception):
@@ -70,6 +97,7 @@ class RemoteTraceback(Exception):
 class _Job:
     frame: memoryview | None  # length and pickle, as sent; dropped once handed to the socket
     future: asyncio.Future[Any]
+    started: Callable[[], object] | None = None  # told when a process takes the job (not while it waits)
 
 
 @dataclass(eq=False)
@@ -113,11 +141,14 @@ class LoopProcessPool:
         """The processes started (none before the first job)."""
         return tuple(w.process for w in self._workers)
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` in one of the processes; raises what it raised, BrokenProcessPool if the pool
-        broke, RuntimeError after `shutdown`."""
+    async def call(
+        self, fn: Callable[..., Any], *args: Any, started: Callable[[], object] | None = None
+    ) -> Any:
+        """`fn(*args)` in one of the processes; raises what it raised, `ProcessDied` if its process
+        died, `PoolBroken` if the pool broke otherwise, RuntimeError after `shutdown`. `started` is
+        called (on the loop) when a process takes the job: until then it only waits its turn."""
         if self._broken is not None:
-            raise BrokenProcessPool(self._broken)
+            raise PoolBroken(self._broken)
         if self._shut:
             raise RuntimeError("cannot schedule new jobs after shutdown")
         loop = asyncio.get_running_loop()
@@ -125,7 +156,7 @@ class LoopProcessPool:
             raise RuntimeError("a LoopProcessPool serves the event loop that started it")
         if not self._workers:
             self._start(loop)
-        job = _Job(_frame((fn, args)), loop.create_future())
+        job = _Job(_frame((fn, args)), loop.create_future(), started)
         self._waiting.append(job)
         self._dispatch()
         return await job.future
@@ -195,6 +226,8 @@ class LoopProcessPool:
             worker.job = job
             frame, job.frame = job.frame, None  # a big message is not kept twice while its job runs
             assert frame is not None
+            if job.started is not None:
+                job.started()
             self._send(worker, frame)
         if self._shut and not self._waiting:
             for worker in self._idle:
@@ -266,21 +299,49 @@ class LoopProcessPool:
         self._dispatch()
 
     def _died(self, worker: _Worker) -> None:
-        """A process's socket closed under us: it died (or was killed). The pool is broken."""
+        """A process's socket closed under us: it died (or was killed). The pool is broken; only the
+        job that process held is its victim, the others fail with `PoolBroken` to be run again."""
         if worker.closed:
             return
-        code = worker.process.exitcode
+        own, worker.job = worker.job, None
         self._broken = (
-            "a pool process terminated abruptly"
-            + (f" (exit code {code})" if code is not None else "")
-            + "; the process pool is not usable any more"
+            f"a pool process (pid {worker.process.pid}) terminated abruptly; the process pool is not "
+            "usable any more"
         )
+        self._close(worker)  # before the others are killed: their deaths are not this one's
         for w in self._workers:
             self._close(w)
             if w.process.is_alive():
                 w.process.kill()
             self._reap(w.process, _REAP_TRIES)
         self._fail_all(self._broken)
+        self._report_death(worker.process, own, _EXIT_TRIES)
+
+    def _report_death(self, process: BaseProcess, job: _Job | None, tries: int) -> None:
+        """Log the dead process's exit code and fail its job with it, once the kernel has it (polled:
+        `is_alive` collects an exited child without blocking the loop)."""
+        loop = self._loop
+        if process.is_alive() and tries > 0 and loop is not None and not loop.is_closed():
+            loop.call_later(_EXIT_INTERVAL, self._report_death, process, job, tries - 1)
+            return
+        code = process.exitcode
+        log.error(
+            kv(
+                "pool_process_died",
+                pid=process.pid,
+                exitcode=code,
+                job="running" if job is not None else "idle",
+            )
+        )
+        if job is not None and not job.future.done():
+            job.future.set_exception(
+                ProcessDied(
+                    f"the pool process (pid {process.pid}) running this job terminated abruptly"
+                    + (f" (exit code {code})" if code is not None else ""),
+                    process.pid,
+                    code,
+                )
+            )
 
     def _fail_all(self, why: str) -> None:
         jobs = [w.job for w in self._workers if w.job is not None] + list(self._waiting)
@@ -290,7 +351,7 @@ class LoopProcessPool:
             w.job = None
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(BrokenProcessPool(why))
+                job.future.set_exception(PoolBroken(why))
 
     def _reap(self, process: BaseProcess, tries: int) -> None:
         """Collect a retired child's exit status once it has exited (`is_alive` waits for it without

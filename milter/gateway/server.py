@@ -56,6 +56,8 @@ from milter.gateway.procpool import LoopProcessPool
 from milter.gateway.relay import DEFAULT_POOL_SIZE, Downstream
 from milter.gateway.reload import ModelReloader, ReloadResult, load_checked
 from milter.gateway.session import TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, GatewaySMTP
+from milter.protocol import codec
+from milter.protocol.session import Decision, Message
 from milter.registry import model_dir
 from milter.types import Envelope
 
@@ -66,6 +68,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("milter.gateway")
 
 WARMUP_MESSAGE = b"From: warmup@localhost\r\nSubject: warmup\r\n\r\nwarmup\r\n"
+#: The answer to a transaction begun (MAIL) or completed (DATA) once the gateway is stopping: the drain
+#: waits for the messages it already has, and a new one would be cut off by its end (RFC 5321 4.3.2).
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+#: /healthz reports a model batch that has run longer than server.scan_timeout (or than this, with no
+#: scan_timeout): every message waits behind it, and each one times out; it cannot be interrupted.
+BATCH_STUCK_AFTER = 60.0
 
 
 class _Busy(asyncio.Protocol):
@@ -250,7 +258,26 @@ class _Handler:
         envelope.rcpt_options.extend(options)
         return "250 OK"
 
+    async def handle_MAIL(
+        self, server: GatewaySMTP, session: Session, envelope: SMTPEnvelope, address: str, options: list[str]
+    ) -> str:
+        """aiosmtpd's own MAIL handling, unless the gateway is stopping: then 421 and the session ends."""
+        if self._gateway.stopping:
+            return self._refuse(server, session, "MAIL")
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    def _refuse(self, server: GatewaySMTP, session: Session, command: str) -> str:
+        log.info(kv("transaction_refused", peer=session.peer, command=command, reason="stopping"))
+        # after the reply is written (aiosmtpd writes it when this hook returns, before it yields)
+        if server.transport is not None:
+            asyncio.get_running_loop().call_soon(server.transport.close)
+        return SHUTTING_DOWN
+
     async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: SMTPEnvelope) -> str:
+        if self._gateway.stopping:  # the sender keeps the message; the drain cannot promise to finish it
+            return self._refuse(server, session, "DATA")
         raw = envelope.original_content or b""
         msg = Inbound(
             id=new_message_id(),
@@ -263,7 +290,7 @@ class _Handler:
         try:
             # Once the message is complete it is processed to the end even if the client disconnects:
             # cancelling halfway through a relay would leave its outcome unknown.
-            return await asyncio.shield(self._gateway.track(self._gateway.processor.handle(msg)))
+            return await asyncio.shield(self._gateway.track(self._gateway.processor.handle(msg), msg.id))
         finally:
             server.resume_timeout()
 
@@ -372,7 +399,8 @@ class Gateway:
         self._heap = HeapKeeper(srv.heap_trim_interval, self.metrics)
         self._handler = _Handler(self)
         self._sessions: set[GatewaySMTP | MilterConnection] = set()
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self._inflight: dict[asyncio.Task[Any], str | None] = {}  # message tasks -> message id
+        self.stopping = False  # close() began: new transactions are refused
         self._server: asyncio.Server | None = None
         self._milter_server: asyncio.Server | None = None
         self._metrics_server: MetricsServer | None = None
@@ -484,10 +512,17 @@ class Gateway:
             return "milter listener closed"
         if not self.batcher.running:
             return "model batcher stopped"
+        busy, limit = self.batcher.busy_for(), self.config.server.scan_timeout or BATCH_STUCK_AFTER
+        if busy > limit:  # a model or policy call that never returns: every message now times out
+            return f"model batch running for {busy:.0f} s (limit {limit:g} s)"
         return None
 
     async def close(self, grace: float = 30.0) -> None:
-        """Stop accepting, let messages in progress finish (up to `grace` s), then close everything."""
+        """Stop accepting, let messages in progress finish (up to `grace` s), then close everything.
+        Open sessions get 421 to a new transaction meanwhile; a message still unfinished at the
+        deadline is logged (`message_abandoned`): its client gets no reply and will send it again."""
+        self.stopping = True
+        deadline = asyncio.get_running_loop().time() + grace
         for server in (self._server, self._milter_server):
             if server is not None:
                 server.close()
@@ -495,9 +530,7 @@ class Gateway:
             await self.fleet.close()  # before the reloader: a poll may be about to request a reload
         await self.reloader.close()
         await self._heap.close()
-        if self._inflight:
-            log.info(kv("draining", messages=len(self._inflight)))
-            await asyncio.wait(self._inflight, timeout=grace)
+        await self._drain(deadline)
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()
@@ -517,13 +550,37 @@ class Gateway:
         if self._registry_executor is not None:
             self._registry_executor.shutdown(wait=True)
 
+    async def _drain(self, deadline: float) -> None:
+        """Wait for every message in progress, including one that began after the stop (its DATA was
+        already complete), until none is left or the deadline passes."""
+        loop = asyncio.get_running_loop()
+        if self._inflight:
+            log.info(kv("draining", messages=len(self._inflight)))
+        while self._inflight and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._inflight), timeout=left)
+        for task, msg_id in list(self._inflight.items()):
+            stage = self.processor.stage(msg_id) if msg_id is not None else "milter"
+            log.error(kv("message_abandoned", id=msg_id, stage=stage, reason="shutdown grace passed",
+                         task=task.get_name()))
+
     # -- sessions ----------------------------------------------------------------------------------
 
-    def track(self, coro: Any) -> asyncio.Task[Any]:
+    def track(self, coro: Any, msg_id: str | None = None) -> asyncio.Task[Any]:
+        """Run a message's coroutine as a task the stop drains (`msg_id` names it if abandoned)."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._inflight[task] = msg_id
+        task.add_done_callback(self._untrack)
         return task
+
+    def _untrack(self, task: asyncio.Task[Any]) -> None:
+        self._inflight.pop(task, None)
+
+    async def _milter_decide(self, message: Message) -> Decision:
+        """The milter's decision, unless the gateway is stopping: then a tempfail, the MTA keeps it."""
+        if self.stopping:
+            log.info(kv("transaction_refused", command="milter", reason="stopping"))
+            return Decision(codec.ReplyCode(SHUTTING_DOWN))
+        return await self.milter.decide(message)
 
     def _over_limit(self) -> bool:
         limit = self.config.server.max_sessions
@@ -542,7 +599,7 @@ class Gateway:
             self.metrics.sessions.set(len(self._sessions))
 
         conn = MilterConnection(
-            self._milter_settings, self.milter.decide, self.track, closed,
+            self._milter_settings, self._milter_decide, self.track, closed,
             on_error=lambda: self.metrics.errors.labels("milter_protocol").inc(),
         )
         self._sessions.add(conn)

@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from multiprocessing.synchronize import Event as EventType
+from typing import Any, NoReturn
 
 from milter import errors
 from milter.config import Config, host_port
@@ -43,6 +44,9 @@ from milter.gateway.server import Gateway, bind_milter, tcp_socket
 log = logging.getLogger("milter.gateway.workers")
 
 RESTART_DELAY = 1.0
+#: A worker that dies this many times in a row before it listens will not start (a bad setting only
+#: found while starting, a port taken): the parent gives up, exit 1, rather than restart it for ever.
+MAX_EARLY_DEATHS = 3
 # Signals whose default action ends the process but which mean something else here (SIGHUP: reload,
 # SIGUSR2: memory report): blocked from a process's start until its handler is installed.
 HELD = frozenset({signal.SIGHUP, signal.SIGUSR2})
@@ -174,8 +178,9 @@ async def serve_gateway(
     sock: socket.socket | None,
     worker_index: int = 0,
     milter_sock: socket.socket | None = None,
+    listening: EventType | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    """Serve until SIGTERM or SIGINT, then stop gracefully. `listening` is set once it serves."""
     from milter.scan import prepare
 
     gateway = Gateway(
@@ -197,6 +202,8 @@ async def serve_gateway(
     gc.collect()
     gc.freeze()
     await gateway.start(sock, milter_sock)
+    if listening is not None:
+        listening.set()
     loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     reporter = MemoryReporter()
     loop.add_signal_handler(signal.SIGUSR2, _log_memory, reporter, worker_index, gateway)
@@ -226,7 +233,13 @@ def run_single(config: Config) -> None:
     asyncio.run(serve_gateway(config, loaded, sock, milter_sock=milter_socket(config, reuse_port=False)))
 
 
-def _worker_main(config: Config, index: int, log_level: int, shared: socket.socket | None = None) -> None:
+def _worker_main(
+    config: Config,
+    index: int,
+    log_level: int,
+    shared: socket.socket | None = None,
+    listening: EventType | None = None,
+) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # already, from the parent; kept explicit
     fix_mmap_threshold()  # before any thread has a heap of its own
     logging.basicConfig(
@@ -238,7 +251,9 @@ def _worker_main(config: Config, index: int, log_level: int, shared: socket.sock
     loaded = load(config)
     sock = smtp_socket(config, reuse_port=True)
     msock = milter_socket(config, reuse_port=True, shared=shared)
-    asyncio.run(serve_gateway(config, loaded, sock, worker_index=index, milter_sock=msock))
+    asyncio.run(
+        serve_gateway(config, loaded, sock, worker_index=index, milter_sock=msock, listening=listening)
+    )
 
 
 def run_workers(config: Config, log_level: int) -> None:
@@ -252,10 +267,14 @@ def run_workers(config: Config, log_level: int) -> None:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
     procs: dict[int, BaseProcess] = {}
+    listening: dict[int, EventType] = {}  # set by each worker once it serves
 
     def start(index: int) -> BaseProcess:
+        listening[index] = ctx.Event()
         proc = ctx.Process(
-            target=_worker_main, args=(config, index, log_level, shared), name=f"milter-worker-{index}"
+            target=_worker_main,
+            args=(config, index, log_level, shared, listening[index]),
+            name=f"milter-worker-{index}",
         )
         # The child inherits the signal mask: blocked, a SIGHUP during its start-up waits for its handler.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
@@ -305,6 +324,7 @@ def run_workers(config: Config, log_level: int) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+    early_deaths = dict.fromkeys(procs, 0)  # per worker: deaths in a row before it listened
     while procs:
         wait([p.sentinel for p in procs.values()], timeout=1.0)
         for index, proc in list(procs.items()):
@@ -312,10 +332,45 @@ def run_workers(config: Config, log_level: int) -> None:
                 continue
             proc.join()
             del procs[index]
-            if not stopping:
-                log.error(kv("worker_died", worker=index, exitcode=proc.exitcode, action="restarting"))
-                time.sleep(RESTART_DELAY)
-                procs[index] = start(index)
+            if stopping:
+                continue
+            early_deaths[index] = 0 if listening[index].is_set() else early_deaths[index] + 1
+            if early_deaths[index] >= MAX_EARLY_DEATHS:
+                _give_up(procs, index, proc.exitcode, early_deaths[index])
+            log.error(kv("worker_died", worker=index, exitcode=proc.exitcode, action="restarting"))
+            time.sleep(RESTART_DELAY)
+            if stopping:  # SIGTERM during the delay: on_signal did not know of this worker
+                log.info(kv("worker_not_restarted", worker=index, reason="stopping"))
+                continue
+            procs[index] = start(index)
+            if stopping:  # SIGTERM while it started, before on_signal could see it in procs
+                _send(procs[index], signal.SIGTERM)
+
+
+def _give_up(procs: dict[int, BaseProcess], index: int, exitcode: int | None, deaths: int) -> NoReturn:
+    """A worker keeps dying before it listens: stop the others gracefully and fail (exit 1), so that
+    the service manager reports a failed start instead of a gateway restarting a worker for ever."""
+    log.error(
+        kv(
+            "worker_crashloop",
+            worker=index,
+            exitcode=exitcode,
+            deaths=deaths,
+            action="giving_up",
+            hint="see the worker's error above",
+        )
+    )
+    for proc in procs.values():
+        _send(proc, signal.SIGTERM)
+    for proc in procs.values():
+        proc.join(STOP_GRACE + 10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    raise MilterError(
+        f"worker {index} died {deaths} times in a row before it was listening (last exit code "
+        f"{exitcode}); giving up"
+    )
 
 
 def _send(proc: BaseProcess, signum: int) -> bool:
