@@ -194,6 +194,8 @@ def test_campaign_is_learned_from_twenty_admin_labels(
     result = rt.run(rt.parse_args(tolerant))
     report = json.loads((result.report_dir / "retrain.json").read_text())
     assert result.promoted, result.reason
+    last = json.loads((result.report_dir.parent / rt.LAST_RUN).read_text())
+    assert (last["outcome"], last["challenger"]) == ("promoted", result.challenger)
     # one in five held back, a campaign's identical copies together: none is judged on a row it was
     # trained on (campaign variants can share one feature vector)
     held_back = report["data"]["labels"]["held_back"]
@@ -254,8 +256,10 @@ def test_a_worse_challenger_is_refused(tmp_path: Path, baseline: tuple[Path, Pat
     code = rt.main(_args(tmp_path, models, db, baseline[1]))
     assert code == 0  # a refusal is a clean outcome: systemd reloads, nothing changed
     assert {p.name: _sha(p) for p in models.rglob("*") if p.is_file()} == before
-    (report_dir,) = (tmp_path / "reports").iterdir()
+    (report_dir,) = (tmp_path / "reports").glob("retrain-*")
     report = json.loads((report_dir / "retrain.json").read_text())
+    last = json.loads((tmp_path / "reports" / rt.LAST_RUN).read_text())
+    assert (last["outcome"], last["reason"]) == ("refused", report["decision"]["reason"])
     assert report["decision"]["promote"] is False
     # Which check catches the poisoning depends on the corpora (with the 2025-26 corpora it is the ham
     # FPR, before them spam recall): any check may, but the reason must name every one that failed.
@@ -464,3 +468,22 @@ def test_old_candidates_are_pruned_and_their_reports_kept(tmp_path: Path) -> Non
     kept = sorted(p.parent.name for p in reports.glob("*/candidate"))
     assert kept == [f"retrain-2026120{n}T023000Z" for n in range(3, 8)]
     assert len(list(reports.glob("*/report.md"))) == 7
+
+
+def test_a_failed_run_is_recorded_where_monitoring_can_read_it(tmp_path: Path) -> None:
+    """A night that fails (here: a damaged current model) leaves `reports/last-run.json` saying so,
+    with the reason: before, it was in the journal only. main() still exits 1."""
+    from test_registry import make_candidate
+
+    models = tmp_path / "models"
+    models.mkdir()
+    same = make_candidate(tmp_path / "c", "this-schema", "2024-05-02T00:00:00+00:00")
+    shutil.copyfile(same.json, models / "current.json")
+    (models / "current.onnx").write_bytes(same.onnx.read_bytes()[:4096])
+    reports = tmp_path / "reports"
+    argv = ["--models-dir", str(models), "--db", f"sqlite:///{tmp_path / 'q.db'}", "--report", str(reports),
+            "--no-progress"]
+    assert rt.main(argv) == 1
+    last = json.loads((reports / rt.LAST_RUN).read_text())
+    assert last["outcome"] == "error" and "cannot be loaded" in last["reason"]
+    assert last["finished"].endswith("+00:00")

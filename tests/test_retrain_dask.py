@@ -221,7 +221,10 @@ def test_a_bad_scheduler_address_fails_fast_with_a_clear_message(
     assert time.monotonic() - t0 < dr.CONNECT_TIMEOUT_S + 10
     err = capsys.readouterr().err
     assert "cannot reach the Dask scheduler" in err and address in err
-    assert not (tmp_path / "reports").exists()  # failed before any data was loaded or fitted
+    # failed before any data was loaded or fitted: no run's report, only the outcome for monitoring
+    assert not list((tmp_path / "reports").glob("retrain-*"))
+    last = json.loads((tmp_path / "reports" / rt.LAST_RUN).read_text())
+    assert last["outcome"] == "error" and "cannot reach the Dask scheduler" in last["reason"]
 
 
 def test_local_spec_is_checked() -> None:

@@ -40,6 +40,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -795,10 +796,41 @@ def one_run_at_a_time(models_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: In the reports folder: how the last run ended, for a monitoring check (a failed night was in the
+#: journal only).
+LAST_RUN = "last-run.json"
+
+
+def reports_dir(args: argparse.Namespace, models_dir: Path) -> Path:
+    return args.report or models_dir.parent / "reports"
+
+
 def run(args: argparse.Namespace) -> RetrainResult:
     url, models_dir, protected, fleet = _locations(args)
-    with one_run_at_a_time(models_dir), engine(args, protected) as eng:
-        return _run(args, eng, url, models_dir, protected, fleet)
+    try:
+        with one_run_at_a_time(models_dir), engine(args, protected) as eng:
+            result = _run(args, eng, url, models_dir, protected, fleet)
+    except Exception as exc:
+        write_last_run(reports_dir(args, models_dir), {"outcome": "error", "reason": str(exc)})
+        raise
+    write_last_run(reports_dir(args, models_dir), {
+        "outcome": "promoted" if result.promoted else "refused", "reason": result.reason,
+        "challenger": result.challenger, "champion": result.champion, "report": str(result.report_dir),
+    })
+    return result
+
+
+def write_last_run(reports: Path, fields: Mapping[str, Any]) -> None:
+    """`reports/last-run.json`: the outcome (promoted, refused, error), its reason and when, written
+    atomically; a failure to write it is logged, never the run's outcome."""
+    record = {"finished": datetime.now(UTC).isoformat(timespec="seconds"), **fields}
+    try:
+        reports.mkdir(parents=True, exist_ok=True)
+        tmp = reports / f".{LAST_RUN}.{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, reports / LAST_RUN)
+    except OSError as exc:
+        log.error("cannot write %s: %s", reports / LAST_RUN, exc)
 
 
 def _run(
@@ -826,7 +858,7 @@ def _run(
         labels.y[recent_rows],
     )
     champion, missing = _load_champion(models_dir)
-    report_dir = (args.report or models_dir.parent / "reports") / f"retrain-{started:%Y%m%dT%H%M%SZ}"
+    report_dir = reports_dir(args, models_dir) / f"retrain-{started:%Y%m%dT%H%M%SZ}"
     # written first so that the challenger is loaded and scored as the gateway will load it (its files
     # and digests checked, the graph picked by provider), not from the bytes in memory
     candidate, _ = write_model(
