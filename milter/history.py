@@ -262,6 +262,12 @@ def seen_as(text: str) -> str:
     return unicodedata.normalize("NFC", kept).casefold().translate(_CONFUSABLES)
 
 
+def shows_name(display: str, name: str) -> bool:
+    """Whether display name `display` shows the person `name` to a reader: `contains_name` over both
+    as seen (`seen_as`), so a protected name in look-alike letters is still that name."""
+    return contains_name(seen_as(display), seen_as(name))
+
+
 def personal_local(address: str) -> str:
     """The local part when it names a person ("jane.doe"), else ''."""
     local = address.rpartition("@")[0].lower()
@@ -474,8 +480,7 @@ class CorrespondenceHistory:
         name = normal_name(facts.display)
         local = sender.rpartition("@")[0]
         display = facts.display
-        shown = seen_as(display)  # a protected name in look-alike letters is still that name
-        protected = next((p for p in protected_names if shown and contains_name(shown, seen_as(p))), "")
+        protected = next((p for p in protected_names if display and shows_name(display, p)), "")
         seen_for_protected = self.names.get(normal_name(protected), {}) if protected else {}
         return HistoryView(
             sender=sender,

@@ -40,7 +40,6 @@ import fcntl
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -69,6 +68,7 @@ from training.artifacts import write_model
 from training.corpora import CorporaError, default_corpora_src
 from training.dataset import TEST, TRAIN, VAL, Dataset
 from training.evaluate import Metrics, sliced_metrics
+from training.report import write_atomic
 from training.thresholds import HAM, Probs, Thresholds, decide, spam_score, threshold_for_fpr
 from training.train import _features, export_and_evaluate, fit_setup, load_dataset, repo_root
 from training.train import parse_args as train_defaults
@@ -807,16 +807,20 @@ def reports_dir(args: argparse.Namespace, models_dir: Path) -> Path:
 
 def run(args: argparse.Namespace) -> RetrainResult:
     url, models_dir, protected, fleet = _locations(args)
-    try:
-        with one_run_at_a_time(models_dir), engine(args, protected) as eng:
-            result = _run(args, eng, url, models_dir, protected, fleet)
-    except Exception as exc:
-        write_last_run(reports_dir(args, models_dir), {"outcome": "error", "reason": str(exc)})
-        raise
-    write_last_run(reports_dir(args, models_dir), {
-        "outcome": "promoted" if result.promoted else "refused", "reason": result.reason,
-        "challenger": result.challenger, "champion": result.champion, "report": str(result.report_dir),
-    })
+    reports = reports_dir(args, models_dir)
+    # the outcome is recorded under the lock: a run refused because another holds it records nothing,
+    # or a manual try beside the nightly run would report an error for a night that is going fine
+    with one_run_at_a_time(models_dir):
+        try:
+            with engine(args, protected) as eng:
+                result = _run(args, eng, url, models_dir, protected, fleet)
+        except Exception as exc:
+            write_last_run(reports, {"outcome": "error", "reason": str(exc)})
+            raise
+        write_last_run(reports, {
+            "outcome": "promoted" if result.promoted else "refused", "reason": result.reason,
+            "challenger": result.challenger, "champion": result.champion, "report": str(result.report_dir),
+        })
     return result
 
 
@@ -826,9 +830,7 @@ def write_last_run(reports: Path, fields: Mapping[str, Any]) -> None:
     record = {"finished": datetime.now(UTC).isoformat(timespec="seconds"), **fields}
     try:
         reports.mkdir(parents=True, exist_ok=True)
-        tmp = reports / f".{LAST_RUN}.{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, reports / LAST_RUN)
+        write_atomic(reports / LAST_RUN, json.dumps(record, indent=1) + "\n")
     except OSError as exc:
         log.error("cannot write %s: %s", reports / LAST_RUN, exc)
 

@@ -168,7 +168,10 @@ class FleetFollower:
         result = await self._reloader.reload()
         if not result.ok:
             why = result.reason or "reload failed"
-            self._refused(fleet, why) if result.model_fault else self._deferred(fleet, why)
+            if result.model_fault:
+                self._refused(fleet, why)
+            else:
+                self._deferred(fleet, why)
             return
         self._failed = self._deferred_why = None
         self._metrics.registry_adoptions.labels("ok").inc()

@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from milter.features.domains import lookalike_of
-from milter.history import seen_as
+from milter.history import shows_name
 from milter.policy.dmarc import unproven
 from milter.policy.table import (
     ADDR_IN_TEXT,
     Context,
     Hit,
     Ladder,
-    contains_name,
     domain_of,
     from_mailboxes,
     in_domain,
@@ -50,9 +49,9 @@ def impersonated_name(ctx: Context) -> Hit | None:
     (`from_mailboxes`: "x, Jane Smith <jane@evil.test>" shows Jane Smith second)."""
     for display, domain in _shown_from_outside(ctx):
         for name in ctx.protected.names:
-            # as a reader sees them (`seen_as`): "Jаne Doe" in Cyrillic letters, fullwidth or with a
-            # soft hyphen inside is the protected name to the eye, and was let through
-            if contains_name(seen_as(display), seen_as(name)):
+            # as a reader sees them: "Jаne Doe" in Cyrillic letters, fullwidth or with a soft hyphen
+            # inside is the protected name to the eye, and was let through
+            if shows_name(display, name):
                 return Hit(
                     f"From display name {display!r} is protected person {name} "
                     f"but the From domain {domain or '(none)'} is not a protected domain",

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import (
     ColumnElement,
@@ -51,7 +50,7 @@ from milter.store.mapping import (
     to_row,
     vector_from_bytes,
 )
-from milter.store.migrate import alembic_config, current_revision, upgrade
+from milter.store.migrate import current_revision, known_revisions, upgrade
 from milter.store.models import MESSAGES, QUARANTINE, Message, Quarantine
 from milter.store.registry import CurrentModel, ModelFiles, NodeStatus, PublishedModel
 from milter.store.rows import (
@@ -650,5 +649,4 @@ def _unknown_revision(engine: Engine) -> str | None:
             revision = current_revision(conn)
     except SQLAlchemyError:
         return None
-    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-    return revision if revision is not None and revision not in known else None
+    return revision if revision is not None and revision not in known_revisions() else None
