@@ -25,7 +25,11 @@ from milter.types import Envelope
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "3"
+# 4: the same columns, read as a reader sees the message (words across inline tags, comments and
+# invisible characters, links as browsers follow them, obfuscated hiding styles, NUL-padded HTML,
+# trailing blank lines ignored): values moved for most messages (55,876 of the corpora's 65,653), and a
+# model fitted on version 3 changes 436 of its flags on them, so it is refused, not fed them.
+SCHEMA_VERSION = "4"
 #: Link domains the summary keeps for the domain blocklists (milter.auth.dnsbl.MAX_LINK_DOMAINS; not
 #: imported: milter.auth imports this package).
 LINK_DOMAINS = 10

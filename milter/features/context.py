@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from selectolax.lexbor import LexborHTMLParser
 
 from milter.features.domains import registrable, split_host
+from milter.features.links import browser_href, canonical_host
+from milter.features.visible import visible_text
 from milter.parse import ParsedMessage
 from milter.types import Envelope
 
@@ -16,7 +18,9 @@ MAX_HTML = 300_000
 MAX_LINKS = 500
 MAX_OTHER_FROMS = 10  # From addresses after the first kept for the policy (a hostile header lists thousands)
 URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s<>"'()\[\]{}|\\^`]+""")
-_HOST_RE = re.compile(r"(?i)^(?:https?://)?(?:[^@/?#]*@)?(\[[^\]]+\]|[^:/?#]+)(?::(\d+))?")
+# the userinfo ends at the authority's last "@", as browsers read it ("https://paypal.com@x@evil.example/"
+# opens evil.example); one anchored greedy run, so still linear
+_HOST_RE = re.compile(r"(?i)^(?:https?://)?(?:[^/?#]*@)?(\[[^\]]+\]|[^:/?#]+)(?::(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def address(display: str, addr: str) -> Address:
 
 def parse_link(url: str, text: str = "") -> Link:
     m = _HOST_RE.match(url.strip())
-    host = (m.group(1) if m else "").lower().strip("[]")
+    host = canonical_host((m.group(1) if m else "").lower().strip("[]"))
     port = m.group(2) if m else None
     return Link(url=url, host=host, domain=split_host(host)[1], text=text.strip(), port=port)
 
@@ -84,14 +88,13 @@ def build(parsed: ParsedMessage, envelope: Envelope, protected: Protected) -> Co
     if tree is not None:
         for node in tree.css("script, style, head"):
             node.decompose()
-        body = tree.body
-        html_text = body.text(separator=" ") if body is not None else ""
         for a in tree.css("a[href]"):
-            href = (a.attributes.get("href") or "").strip()
-            if href.lower().startswith(("http://", "https://", "www.")):
+            href = browser_href(a.attributes.get("href") or "")  # as the browser reads it
+            if href is not None:
                 links.append(parse_link(href, a.text(deep=True)))
                 if len(links) == MAX_LINKS:
                     break
+        html_text = visible_text(tree)  # after the links: it unwraps the <a> elements
     # the features read the first MAX_LINKS links: none past them is parsed (a budget, like parse.Limits)
     for m in itertools.islice(URL_RE.finditer(parsed.text[:100_000]), max(MAX_LINKS - len(links), 0)):
         links.append(parse_link(m.group(0).rstrip(".,;:!?")))
